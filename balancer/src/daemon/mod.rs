@@ -1,0 +1,1 @@
+//! `vmbalancer run`: the tick loop, action journal, control socket and configuration.

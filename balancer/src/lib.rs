@@ -1,0 +1,25 @@
+//! vmbalancer keeps KVM virtual machines NUMA-local.
+//!
+//! The crate is organised around one boundary to the world:
+//!
+//! - [`model`]: plain data. A [`model::Snapshot`] of the host (topology, VMs, their
+//!   vCPUs and memory per node, telemetry) and a [`model::Plan`] of actions with
+//!   reasons.
+//! - [`engine`]: the pure policy engine. Snapshot in, plan out; no I/O, no clock,
+//!   no randomness.
+//! - [`host`]: the boundary. An [`host::Observer`] builds snapshots and an
+//!   [`host::Applier`] carries out actions. Behind it sit the real Linux host
+//!   ([`host::linux`]), the simulated host ([`host::sim`]) and the log-only applier
+//!   ([`host::logonly`]) used by `trace` and `--dry-run`, so every mode runs the
+//!   same code path.
+//! - [`telemetry`]: loads the eBPF programs and drains their maps into the snapshot.
+//! - [`daemon`]: the tick loop, journal, control socket and configuration of
+//!   `vmbalancer run`.
+//! - [`cli`]: the `vmbalancer` subcommands.
+
+pub mod cli;
+pub mod daemon;
+pub mod engine;
+pub mod host;
+pub mod model;
+pub mod telemetry;

@@ -1,0 +1,21 @@
+//! Plain data shared by every part of vmbalancer.
+//!
+//! Observation fills a [`Snapshot`]; the engine reads it and writes a [`Plan`];
+//! appliers carry the plan out. Nothing in this module does I/O, so the same types
+//! describe a real Linux host, a simulated one, and captured test fixtures.
+//! Units are in field names: `_bytes`, `_pages`, `_ns`, `_pct`.
+
+mod idset;
+mod plan;
+mod snapshot;
+mod topology;
+mod vm;
+
+pub use idset::{CpuId, CpuSet, IdSet, IdSetParseError, NodeId, NodeSet};
+pub use plan::{Action, ActionOutcome, Plan, PlannedAction, Reason};
+pub use snapshot::{HostSettings, KsmState, Snapshot};
+pub use topology::{HugePagePool, Node, NodeMemory, Topology};
+pub use vm::{
+    GuestCell, HotRegion, MemoryBacking, Pinning, ThreadKind, Vcpu, VcpuTelemetry, Vm, VmId,
+    VmMemory,
+};

@@ -1,0 +1,1 @@
+//! Helpers shared by vmbalancer's test programs and integration tests.
