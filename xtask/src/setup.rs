@@ -1,10 +1,333 @@
-//! `cargo xtask setup`: installs what building and testing need.
+//! `cargo xtask setup`: installs what building and testing need, idempotently.
+//!
+//! Three things cannot be assumed on a fresh machine:
+//! 1. `rust-src` for the nightly toolchain (`-Z build-std=core` rebuilds `core` for
+//!    `bpfel-unknown-none`);
+//! 2. a `bpf-linker` that reads the bitcode of the nightly's own LLVM. Prebuilt
+//!    binaries follow a different LLVM, so it is built from crates.io against the
+//!    `libLLVM` shipped inside the nightly sysroot;
+//! 3. the Debian packages the tests and the lab use.
+//!
+//! Every step first checks whether its result is already there (and works), so a
+//! second run does nothing and says so. A step that fails names itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// Debian packages the build, the tests and the lab need.
+/// - build-essential, pkg-config: the C toolchain `cargo install bpf-linker` links with;
+/// - systemd: `systemd-analyze verify` checks the unit in `cargo xtask test`;
+/// - util-linux: `mount` for tracefs;
+/// - qemu-system-x86, busybox-static, cpio: the multi-node NUMA lab guest;
+/// - numad, numactl: the baseline balancer and the placement tool the lab compares with.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "build-essential",
+    "pkg-config",
+    "systemd",
+    "util-linux",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "numad",
+    "numactl",
+];
+
+/// The bpf-linker release known to build against LLVM 22 with `--features llvm-22`.
+const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Arguments of `cargo xtask setup`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Install bpf-linker under this prefix (`DIR/bin/bpf-linker`) instead of cargo's
+    /// default. Used to exercise the install path without touching the real one.
+    #[arg(long, value_name = "DIR")]
+    pub bpf_linker_root: Option<PathBuf>,
+    /// Skip the Debian packages (for machines where apt is not available).
+    #[arg(long)]
+    pub no_apt: bool,
+}
 
-pub fn main(_args: Args) -> anyhow::Result<()> {
-    eprintln!("xtask setup: nothing to install");
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let mut done: Vec<String> = Vec::new();
+    step("rust-src for nightly", || rust_src(&mut done))?;
+    step("bpf-linker", || {
+        bpf_linker(args.bpf_linker_root.as_deref(), &mut done)
+    })?;
+    if !args.no_apt {
+        step("Debian packages", || debian_packages(&mut done))?;
+    }
+    if done.is_empty() {
+        eprintln!("xtask setup: everything is already present, nothing was done");
+    } else {
+        for d in &done {
+            eprintln!("xtask setup: did: {d}");
+        }
+    }
     Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    f().with_context(|| format!("setup step `{name}` failed"))
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask setup: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn rust_src(done: &mut Vec<String>) -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("is rustup installed, with a `nightly` toolchain?")?;
+    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    done.push("installed rust-src for the nightly toolchain".into());
+    Ok(())
+}
+
+/// The nightly's LLVM: its major version and the path of its shared library.
+struct NightlyLlvm {
+    major: u32,
+    lib: PathBuf,
+}
+
+fn nightly_llvm() -> anyhow::Result<NightlyLlvm> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let version = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .map(str::trim)
+        .context("`rustc +nightly -vV` prints no LLVM version")?;
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot parse LLVM version {version:?}"))?;
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    // The sysroot ships `libLLVM.so.<major>.<minor>-rust-<rustc version>` (and on some
+    // releases `libLLVM-<major>-rust-...so`); prefer the versioned soname.
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}")))
+        })
+        .collect();
+    if candidates.is_empty() {
+        candidates = std::fs::read_dir(&libdir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("libLLVM-{major}")))
+            })
+            .collect();
+    }
+    candidates.sort();
+    let lib = candidates.pop().with_context(|| {
+        format!(
+            "no libLLVM for LLVM {major} in {} (is the nightly toolchain complete?)",
+            libdir.display()
+        )
+    })?;
+    Ok(NightlyLlvm { major, lib })
+}
+
+/// Where the LLVM prefix for bpf-linker lives: next to the installed binary
+/// (`$CARGO_HOME/vmbalancer-llvm` by default, `DIR/vmbalancer-llvm` with `--root DIR`).
+fn llvm_prefix(root: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(r) = root {
+        return Ok(r.join("vmbalancer-llvm"));
+    }
+    let cargo_home = match std::env::var_os("CARGO_HOME") {
+        Some(h) => PathBuf::from(h),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").context("neither CARGO_HOME nor HOME is set")?)
+                .join(".cargo")
+        }
+    };
+    Ok(cargo_home.join("vmbalancer-llvm"))
+}
+
+fn bpf_linker_path(root: Option<&Path>) -> PathBuf {
+    match root {
+        Some(r) => r.join("bin/bpf-linker"),
+        None => PathBuf::from("bpf-linker"),
+    }
+}
+
+/// A bpf-linker "works" when it starts (so its libLLVM loads) and is linked against
+/// the nightly's libLLVM (its soname appears in the binary's dynamic section).
+/// `--version` does not print the LLVM version, hence the soname check.
+fn bpf_linker_works(bin: &Path, llvm: &NightlyLlvm) -> bool {
+    let runs = Command::new(bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !runs {
+        return false;
+    }
+    let Some(path) = resolve_in_path(bin) else {
+        return false;
+    };
+    let Some(soname) = llvm.lib.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let Ok(bytes) = std::fs::read(&path) else {
+        return false;
+    };
+    bytes.windows(soname.len()).any(|w| w == soname.as_bytes())
+}
+
+/// `which`: a bare name is looked up in PATH, a path is taken as is.
+fn resolve_in_path(bin: &Path) -> Option<PathBuf> {
+    if bin.components().count() > 1 {
+        return Some(bin.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+fn bpf_linker(root: Option<&Path>, done: &mut Vec<String>) -> anyhow::Result<()> {
+    let llvm = nightly_llvm()?;
+    let bin = bpf_linker_path(root);
+    if bpf_linker_works(&bin, &llvm) {
+        return Ok(());
+    }
+    // LLVM_PREFIX/lib/libLLVM.so -> the nightly's libLLVM; llvm-sys links against it
+    // and records LLVM_PREFIX/lib as the binary's RUNPATH, so the directory must
+    // outlive the build and also hold the library's soname.
+    let prefix = llvm_prefix(root)?.join(format!("llvm-{}", llvm.major));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let soname = llvm
+        .lib
+        .file_name()
+        .context("libLLVM path has no file name")?;
+    for name in [std::ffi::OsStr::new("libLLVM.so"), soname] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm.lib, &link)
+            .with_context(|| format!("linking {} -> {}", link.display(), llvm.lib.display()))?;
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "+nightly",
+        "install",
+        "--locked",
+        "--force",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+    ])
+    .arg(format!("llvm-{}", llvm.major))
+    .env("LLVM_PREFIX", &prefix);
+    if let Some(r) = root {
+        cmd.arg("--root").arg(r);
+    }
+    // Do not let the outer `cargo xtask` invocation leak its settings into the build.
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd)?;
+    if !bpf_linker_works(&bin, &llvm) {
+        bail!(
+            "{} was installed but does not run against {}",
+            bin.display(),
+            llvm.lib.display()
+        );
+    }
+    done.push(format!(
+        "built bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {} ({})",
+        llvm.major,
+        llvm.lib.display()
+    ));
+    Ok(())
+}
+
+fn debian_packages(done: &mut Vec<String>) -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!(
+            "missing Debian packages {} and not root: run `sudo apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    done.push(format!("installed Debian packages: {}", missing.join(" ")));
+    Ok(())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${db:Status-Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
+}
+
+/// Effective uid 0, read from /proc so xtask needs no libc dependency.
+pub fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
 }

@@ -1,0 +1,3 @@
+//! One module per kernel hook.
+
+pub mod sched_migrate_task;
