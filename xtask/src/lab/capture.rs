@@ -11,17 +11,19 @@ pub fn write_tree(dir: &Path, files: &[(String, String)]) -> anyhow::Result<()> 
     if files.is_empty() {
         bail!("the guest captured no files");
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    for (rel, data) in files {
-        let rel_path = Path::new(rel);
-        if rel_path
+    for (rel, _) in files {
+        if Path::new(rel)
             .components()
             .any(|c| !matches!(c, Component::Normal(_)))
         {
             bail!("refusing captured path {rel:?}");
         }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    for (rel, data) in files {
+        let rel_path = Path::new(rel);
         let dst = dir.join(rel_path);
         if let Some(p) = dst.parent() {
             std::fs::create_dir_all(p)?;
