@@ -1,0 +1,235 @@
+//! Starts and stops the fake VMs, with the cgroups and sysctls around them.
+//!
+//! VMs go into libvirt-style scopes (`machine.slice/machine-qemu\x2dN\x2dNAME.scope`)
+//! so cgroup-aware discovery sees the same layout as on a libvirt host.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use vmbalancer_tests::lab::scenario::{CgroupMode, Scenario, VmInstance};
+use vmbalancer_tests::lab::truth::NodeInfo;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// A started fake VM.
+pub struct RunningVm {
+    pub name: String,
+    pub pid: u32,
+    pub vcpus: u32,
+    pub progress: PathBuf,
+    child: Child,
+}
+
+fn write(path: impl AsRef<Path>, value: &str) -> anyhow::Result<()> {
+    let path = path.as_ref();
+    fs::write(path, value).with_context(|| format!("writing {value:?} to {}", path.display()))
+}
+
+fn mount(fstype: &str, source: &str, target: &str, options: Option<&str>) -> anyhow::Result<()> {
+    fs::create_dir_all(target)?;
+    let mut cmd = Command::new("mount");
+    cmd.args(["-t", fstype]);
+    if let Some(o) = options {
+        cmd.args(["-o", o]);
+    }
+    let status = cmd
+        .args([source, target])
+        .status()
+        .context("running mount")?;
+    if !status.success() {
+        bail!("mount -t {fstype} {source} {target} failed");
+    }
+    Ok(())
+}
+
+/// Mounts the scenario's cgroup hierarchy and creates `machine.slice`.
+pub fn setup_cgroups(mode: CgroupMode) -> anyhow::Result<()> {
+    match mode {
+        CgroupMode::V2 => {
+            mount("cgroup2", "cgroup2", CGROUP_ROOT, None)?;
+            write(
+                format!("{CGROUP_ROOT}/cgroup.subtree_control"),
+                "+cpuset +cpu",
+            )?;
+            fs::create_dir_all(format!("{CGROUP_ROOT}/machine.slice"))?;
+            write(
+                format!("{CGROUP_ROOT}/machine.slice/cgroup.subtree_control"),
+                "+cpuset +cpu",
+            )?;
+        }
+        CgroupMode::V1Cpuset => {
+            mount("tmpfs", "cgroup", CGROUP_ROOT, None)?;
+            let dir = format!("{CGROUP_ROOT}/cpuset");
+            mount("cgroup", "cpuset", &dir, Some("cpuset"))?;
+            make_v1_cpuset(&dir, "machine.slice")?;
+        }
+    }
+    Ok(())
+}
+
+/// v1 cpusets start empty: copy the parent's CPUs and memory nodes.
+fn make_v1_cpuset(parent: &str, child: &str) -> anyhow::Result<String> {
+    let dir = format!("{parent}/{child}");
+    fs::create_dir_all(&dir)?;
+    for f in ["cpuset.cpus", "cpuset.mems"] {
+        let v = fs::read_to_string(format!("{parent}/{f}"))?;
+        write(format!("{dir}/{f}"), v.trim())?;
+    }
+    Ok(dir)
+}
+
+fn scope_name(vm: &VmInstance) -> String {
+    format!("machine-qemu\\x2d{}\\x2d{}.scope", vm.id, vm.name)
+}
+
+fn join_cgroup(mode: CgroupMode, vm: &VmInstance, pid: u32) -> anyhow::Result<()> {
+    let dir = match mode {
+        CgroupMode::V2 => {
+            let d = format!("{CGROUP_ROOT}/machine.slice/{}", scope_name(vm));
+            fs::create_dir_all(&d)?;
+            d
+        }
+        CgroupMode::V1Cpuset => make_v1_cpuset(
+            &format!("{CGROUP_ROOT}/cpuset/machine.slice"),
+            &scope_name(vm),
+        )?,
+    };
+    write(format!("{dir}/cgroup.procs"), &pid.to_string())
+}
+
+fn sysctl(path: &str, value: &str) -> anyhow::Result<()> {
+    write(format!("/proc/sys/{}", path.replace('.', "/")), value)
+}
+
+/// Turns automatic NUMA balancing off (balancers turn it on), applies the
+/// scenario's sysctls and reserves huge pages for hugetlb-backed VMs.
+pub fn setup_sysctls(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<()> {
+    sysctl("kernel.numa_balancing", "0")?;
+    for (k, v) in &scenario.sysctl {
+        sysctl(k, v)?;
+    }
+    let huge_mib: u64 = scenario
+        .instances()
+        .iter()
+        .filter(|v| v.spec.hugetlb)
+        .map(|v| v.spec.memory_mib.div_ceil(2) * 2)
+        .sum();
+    if huge_mib > 0 {
+        // Enough on every node for any placement, within each node's 2 GiB.
+        let per_node = (huge_mib / 2).min(768);
+        for n in nodes {
+            write(
+                format!(
+                    "/sys/devices/system/node/node{}/hugepages/hugepages-2048kB/nr_hugepages",
+                    n.id
+                ),
+                &per_node.to_string(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
+    let s = &vm.spec;
+    let phases: Vec<String> = s
+        .phases
+        .iter()
+        .map(|p| format!("{}:{}", p.at_s, p.duty_pct))
+        .collect();
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("guest={},debug-threads=on", vm.name),
+        "-machine".into(),
+        "pc-q35-7.2,accel=kvm".into(),
+        "-smp".into(),
+        format!("{},sockets=1,cores={},threads=1", s.vcpus, s.vcpus),
+        "-m".into(),
+        format!("{}M", s.memory_mib),
+        "-uuid".into(),
+        format!("00000000-0000-4000-8000-{:012x}", vm.id),
+        "-nodefaults".into(),
+        "-lab-placement".into(),
+        s.placement.name().into(),
+        "-lab-node".into(),
+        s.node.to_string(),
+        "-lab-chunk-mib".into(),
+        s.chunk_mib.to_string(),
+        "-lab-hot-fraction".into(),
+        s.hot_fraction.to_string(),
+        "-lab-hot-pct".into(),
+        s.hot_access_pct.to_string(),
+        "-lab-phases".into(),
+        phases.join(","),
+        "-lab-progress".into(),
+        progress.display().to_string(),
+    ];
+    if s.hugetlb {
+        args.push("-lab-hugetlb".into());
+    }
+    args
+}
+
+/// Starts every VM of the scenario as `/usr/bin/qemu-kvm` (the fake VM).
+pub fn start_all(scenario: &Scenario, _nodes: &[NodeInfo]) -> anyhow::Result<Vec<RunningVm>> {
+    fs::create_dir_all("/run/lab")?;
+    let mut out = Vec::new();
+    for vm in scenario.instances() {
+        let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
+        let _ = fs::remove_file(&progress);
+        let child = Command::new("/usr/bin/qemu-kvm")
+            .args(qemu_args(&vm, &progress))
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting fake VM {}", vm.name))?;
+        let pid = child.id();
+        if vm.spec.cgroup {
+            join_cgroup(scenario.cgroup, &vm, pid)?;
+        }
+        out.push(RunningVm {
+            name: vm.name.clone(),
+            pid,
+            vcpus: vm.spec.vcpus,
+            progress,
+            child,
+        });
+    }
+    Ok(out)
+}
+
+/// Waits until every VM placed its memory (its progress file appeared).
+pub fn wait_ready(vms: &[RunningVm], limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let waiting: Vec<&str> = vms
+            .iter()
+            .filter(|v| !v.progress.exists())
+            .map(|v| v.name.as_str())
+            .collect();
+        if waiting.is_empty() {
+            crate::emit(&vmbalancer_tests::lab::protocol::Record::Event {
+                source: "harness".into(),
+                text: format!(
+                    "{} VMs placed their memory in {:.1} s",
+                    vms.len(),
+                    start.elapsed().as_secs_f64()
+                ),
+            });
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!("VMs {waiting:?} did not place their memory within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn stop_all(vms: Vec<RunningVm>) {
+    for mut vm in vms {
+        let _ = vm.child.kill();
+        let _ = vm.child.wait();
+    }
+}

@@ -1,0 +1,511 @@
+//! The scenario format: what a lab run starts, measures and asserts.
+//!
+//! Scenarios are data (TOML files under `tests/scenarios/`), so a new NUMA behaviour
+//! is proven by writing a file, not code, and the same scenario can run under every
+//! balancer for a comparison. Every field has a documented default.
+//!
+//! ```toml
+//! description = "8 VMs x 2 vCPUs, memory scattered over all nodes"
+//! balancer = "none"            # none | autonuma | numad | vmbalancer
+//! duration_s = 60              # how long the VMs run once started
+//! sample_every_s = 5           # ground-truth sampling period
+//! cgroup = "v2"                # v2 | v1-cpuset: which cgroup hierarchy to mount
+//! timeout_s = 400              # host side: kill the guest after this long
+//!
+//! [numad]
+//! args = ["-i", "5"]           # numad options (it runs in the foreground, -F)
+//! [vmbalancer]
+//! args = ["run"]               # vmbalancer arguments; `--config FILE` is added
+//! config = "..."               # when set, written to a file passed with --config
+//!
+//! [[vms]]
+//! name = "vm"                  # with count > 1: vm1, vm2, ...
+//! count = 8
+//! vcpus = 2
+//! memory_mib = 256
+//! placement = "scattered"      # node | scattered | interleave | default
+//! node = 0                     # for placement = "node"
+//! chunk_mib = 4                # scattered: chunk size placed round-robin
+//! hot_fraction = 0.25          # share of memory touched most
+//! hot_access_pct = 95          # share of touches going to the hot set
+//! hugetlb = false              # back memory with MAP_HUGETLB (2 MiB pages)
+//! phases = [ { at_s = 0, duty_pct = 100 } ]
+//!
+//! [[assert]]                   # see [`Assertion`]
+//! kind = "nodes"
+//! equals = 4
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading a scenario.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("cannot read scenario: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("invalid scenario TOML: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid scenario: {0}")]
+    Invalid(String),
+}
+
+/// Which balancer runs during the scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balancer {
+    /// Nothing balances (kernel.numa_balancing=0).
+    #[default]
+    None,
+    /// Kernel automatic NUMA balancing (kernel.numa_balancing=1).
+    Autonuma,
+    /// The `numad` daemon.
+    Numad,
+    /// `vmbalancer` with the scenario's arguments and configuration.
+    Vmbalancer,
+}
+
+impl Balancer {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "none" => Some(Self::None),
+            "autonuma" => Some(Self::Autonuma),
+            "numad" => Some(Self::Numad),
+            "vmbalancer" => Some(Self::Vmbalancer),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Autonuma => "autonuma",
+            Self::Numad => "numad",
+            Self::Vmbalancer => "vmbalancer",
+        }
+    }
+}
+
+/// Which cgroup hierarchy the guest mounts at /sys/fs/cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CgroupMode {
+    /// The unified hierarchy (cgroup2) with the cpuset controller enabled.
+    #[default]
+    #[serde(rename = "v2")]
+    V2,
+    /// A cgroup v1 cpuset hierarchy at /sys/fs/cgroup/cpuset (hybrid hosts).
+    #[serde(rename = "v1-cpuset")]
+    V1Cpuset,
+}
+
+/// Initial placement of a fake VM's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// First touch by an unpinned thread: wherever the kernel puts it.
+    #[default]
+    Default,
+    /// All memory on `node`.
+    Node,
+    /// Chunks of `chunk_mib` placed on each node in turn.
+    Scattered,
+    /// Interleaved page by page over all nodes.
+    Interleave,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Node => "node",
+            Self::Scattered => "scattered",
+            Self::Interleave => "interleave",
+        }
+    }
+}
+
+/// From `at_s` seconds after start, vCPUs are busy `duty_pct` % of the time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    pub at_s: f64,
+    pub duty_pct: f64,
+}
+
+/// One kind of fake VM, started `count` times.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmSpec {
+    pub name: String,
+    pub count: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub placement: Placement,
+    pub node: u32,
+    pub chunk_mib: u64,
+    pub hot_fraction: f64,
+    pub hot_access_pct: f64,
+    pub hugetlb: bool,
+    pub phases: Vec<Phase>,
+    /// Put the VM in a libvirt-style cgroup `machine.slice/machine-qemu\x2dN\x2dNAME.scope`.
+    pub cgroup: bool,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        Self {
+            name: "vm".into(),
+            count: 1,
+            vcpus: 2,
+            memory_mib: 256,
+            placement: Placement::Default,
+            node: 0,
+            chunk_mib: 4,
+            hot_fraction: 0.25,
+            hot_access_pct: 95.0,
+            hugetlb: false,
+            phases: vec![Phase {
+                at_s: 0.0,
+                duty_pct: 100.0,
+            }],
+            cgroup: true,
+        }
+    }
+}
+
+/// One fake VM instance after expanding `count`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmInstance {
+    /// 1-based, as libvirt numbers domains.
+    pub id: u32,
+    pub name: String,
+    pub spec: VmSpec,
+}
+
+/// Settings of the numad balancer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NumadSpec {
+    pub args: Vec<String>,
+}
+
+impl Default for NumadSpec {
+    fn default() -> Self {
+        Self {
+            args: vec!["-i".into(), "5".into(), "-l".into(), "6".into()],
+        }
+    }
+}
+
+/// Settings of the vmbalancer balancer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmbalancerSpec {
+    pub args: Vec<String>,
+    /// Configuration file content; when set it is written to a file and
+    /// `--config FILE` is appended to `args`.
+    pub config: Option<String>,
+}
+
+impl Default for VmbalancerSpec {
+    fn default() -> Self {
+        Self {
+            args: vec!["run".into()],
+            config: None,
+        }
+    }
+}
+
+/// What is compared for a sampled value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Which {
+    /// The page-weighted mean over all VMs.
+    #[default]
+    Mean,
+    /// The worst VM.
+    Min,
+}
+
+/// A checked claim. Boot-time kinds run before any VM starts; run-time kinds are
+/// evaluated on the samples after the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Assertion {
+    /// The number of online NUMA nodes.
+    Nodes { equals: usize },
+    /// The SLIT distance matrix (one row per node).
+    Distances { matrix: Vec<Vec<u32>> },
+    /// A path exists in the guest.
+    PathExists { path: String },
+    /// A shell command (busybox sh -c) exits with `exit`. With `allow_failure`, a
+    /// mismatch is reported but does not fail the scenario (for capabilities that
+    /// are still being built, so the step lights up once they work).
+    Command {
+        run: String,
+        #[serde(default)]
+        exit: i32,
+        #[serde(default = "default_command_timeout")]
+        timeout_s: f64,
+        #[serde(default)]
+        allow_failure: bool,
+        /// When true the command runs after the VMs started (before sampling).
+        #[serde(default)]
+        with_vms: bool,
+    },
+    /// Locality at the last sample is at least `min` (0..1).
+    Locality {
+        min: f64,
+        #[serde(default)]
+        which: Which,
+    },
+    /// Locality at the last sample is at most `max` (0..1): proves a baseline
+    /// really starts badly placed.
+    LocalityAtMost {
+        max: f64,
+        #[serde(default)]
+        which: Which,
+    },
+    /// Pages migrated during the run (numa_pages_migrated + pgmigrate_success
+    /// deltas, whichever is larger) is within bounds.
+    PagesMigrated {
+        #[serde(default)]
+        min: Option<u64>,
+        #[serde(default)]
+        max: Option<u64>,
+    },
+    /// Every VM reported progress (its vCPUs did work).
+    WorkDone { min_touches_per_vcpu_s: f64 },
+}
+
+fn default_command_timeout() -> f64 {
+    60.0
+}
+
+impl Assertion {
+    /// A short name for reports.
+    pub fn label(&self) -> String {
+        match self {
+            Assertion::Nodes { equals } => format!("nodes == {equals}"),
+            Assertion::Distances { .. } => "SLIT distances".into(),
+            Assertion::PathExists { path } => format!("exists {path}"),
+            Assertion::Command { run, exit, .. } => format!("`{run}` exits {exit}"),
+            Assertion::Locality { min, which } => format!("locality {which:?} >= {min}"),
+            Assertion::LocalityAtMost { max, which } => {
+                format!("locality {which:?} <= {max}")
+            }
+            Assertion::PagesMigrated { min, max } => {
+                format!("pages migrated in [{min:?}, {max:?}]")
+            }
+            Assertion::WorkDone {
+                min_touches_per_vcpu_s,
+            } => format!("work >= {min_touches_per_vcpu_s} touches/vCPU/s"),
+        }
+    }
+
+    /// True for kinds checked before VMs start.
+    pub fn is_boot_time(&self) -> bool {
+        match self {
+            Assertion::Nodes { .. }
+            | Assertion::Distances { .. }
+            | Assertion::PathExists { .. } => true,
+            Assertion::Command { with_vms, .. } => !with_vms,
+            _ => false,
+        }
+    }
+}
+
+/// A whole scenario file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scenario {
+    pub description: String,
+    pub balancer: Balancer,
+    pub duration_s: f64,
+    pub sample_every_s: f64,
+    pub cgroup: CgroupMode,
+    /// Host side: the guest is killed after this many seconds.
+    pub timeout_s: f64,
+    /// Balancers `cargo xtask lab demo`/`--compare` use when none are given.
+    pub compare: Vec<Balancer>,
+    pub numad: NumadSpec,
+    pub vmbalancer: VmbalancerSpec,
+    pub vms: Vec<VmSpec>,
+    #[serde(rename = "assert")]
+    pub assertions: Vec<Assertion>,
+    /// Extra sysctls written before the run (`"vm.foo" = "1"`).
+    pub sysctl: BTreeMap<String, String>,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Self {
+            description: String::new(),
+            balancer: Balancer::None,
+            duration_s: 60.0,
+            sample_every_s: 5.0,
+            cgroup: CgroupMode::V2,
+            timeout_s: 300.0,
+            compare: vec![Balancer::None, Balancer::Autonuma, Balancer::Numad],
+            numad: NumadSpec::default(),
+            vmbalancer: VmbalancerSpec::default(),
+            vms: Vec::new(),
+            assertions: Vec::new(),
+            sysctl: BTreeMap::new(),
+        }
+    }
+}
+
+impl Scenario {
+    pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
+        let s: Scenario = toml::from_str(text).map_err(ScenarioError::Parse)?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(ScenarioError::Read)?;
+        Self::from_toml(&text)
+    }
+
+    fn validate(&self) -> Result<(), ScenarioError> {
+        let bad = |m: String| Err(ScenarioError::Invalid(m));
+        if self.sample_every_s.is_nan() || self.sample_every_s <= 0.0 {
+            return bad(format!(
+                "sample_every_s must be > 0, got {}",
+                self.sample_every_s
+            ));
+        }
+        if self.duration_s.is_nan() || self.duration_s < 0.0 {
+            return bad(format!("duration_s must be >= 0, got {}", self.duration_s));
+        }
+        for vm in &self.vms {
+            if vm.vcpus == 0 || vm.memory_mib == 0 || vm.count == 0 {
+                return bad(format!(
+                    "VM {:?}: vcpus, memory_mib and count must be > 0",
+                    vm.name
+                ));
+            }
+            if !(0.0..=1.0).contains(&vm.hot_fraction) {
+                return bad(format!("VM {:?}: hot_fraction must be in 0..=1", vm.name));
+            }
+            if !(0.0..=100.0).contains(&vm.hot_access_pct) {
+                return bad(format!(
+                    "VM {:?}: hot_access_pct must be in 0..=100",
+                    vm.name
+                ));
+            }
+            if vm.chunk_mib == 0 {
+                return bad(format!("VM {:?}: chunk_mib must be > 0", vm.name));
+            }
+            if vm.phases.is_empty()
+                || vm
+                    .phases
+                    .iter()
+                    .any(|p| !(0.0..=100.0).contains(&p.duty_pct))
+            {
+                return bad(format!("VM {:?}: phases need duty_pct in 0..=100", vm.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Expands `count` into named instances (`vm1`, `vm2`, ... when count > 1).
+    pub fn instances(&self) -> Vec<VmInstance> {
+        let mut out = Vec::new();
+        for spec in &self.vms {
+            for i in 1..=spec.count {
+                let name = if spec.count > 1 {
+                    format!("{}{i}", spec.name)
+                } else {
+                    spec.name.clone()
+                };
+                out.push(VmInstance {
+                    id: out.len() as u32 + 1,
+                    name,
+                    spec: spec.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Sample times in seconds after the VMs started, ending at `duration_s`.
+    pub fn sample_times_s(&self) -> Vec<f64> {
+        let mut out = Vec::new();
+        let mut t = 0.0;
+        while t < self.duration_s - 1e-9 {
+            out.push(t);
+            t += self.sample_every_s;
+        }
+        out.push(self.duration_s);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        description = "x"
+        balancer = "numad"
+        duration_s = 20
+        sample_every_s = 10
+        [[vms]]
+        name = "vm"
+        count = 2
+        placement = "scattered"
+        phases = [ { at_s = 0, duty_pct = 50 }, { at_s = 10, duty_pct = 100 } ]
+        [[assert]]
+        kind = "nodes"
+        equals = 4
+        [[assert]]
+        kind = "command"
+        run = "true"
+        allow_failure = true
+        [[assert]]
+        kind = "locality"
+        min = 0.9
+        which = "min"
+    "#;
+
+    #[test]
+    fn parses_and_expands() {
+        let s = Scenario::from_toml(EXAMPLE).unwrap();
+        assert_eq!(s.balancer, Balancer::Numad);
+        let vms = s.instances();
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[0].name, "vm1");
+        assert_eq!(vms[1].id, 2);
+        assert_eq!(vms[0].spec.placement, Placement::Scattered);
+        assert_eq!(s.sample_times_s(), vec![0.0, 10.0, 20.0]);
+        assert!(s.assertions[0].is_boot_time());
+        assert!(s.assertions[1].is_boot_time());
+        assert!(!s.assertions[2].is_boot_time());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Scenario::from_toml("sample_every_s = 0").is_err());
+        assert!(Scenario::from_toml("[[vms]]\nhot_fraction = 2.0").is_err());
+        assert!(Scenario::from_toml("bogus = 1").is_err());
+        assert!(Scenario::from_toml("[[assert]]\nkind = \"nope\"").is_err());
+    }
+
+    #[test]
+    fn every_committed_scenario_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Scenario::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no scenarios in {}", dir.display());
+    }
+}

@@ -1,0 +1,260 @@
+//! Ground-truth readers: what the kernel itself says, from /proc and /sys.
+//!
+//! The lab judges a balancer by these numbers, so they are read here with our own
+//! small parsers rather than through vmbalancer's host layer: a bug there must not
+//! be able to hide itself. Every reader takes a root directory, so the parsers run
+//! on captured fixture trees in tests.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// Errors reading ground truth.
+#[derive(Debug, thiserror::Error)]
+pub enum TruthError {
+    #[error("reading {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("parsing {what}: {detail}")]
+    Parse { what: String, detail: String },
+}
+
+fn read(root: &Path, rel: &str) -> Result<String, TruthError> {
+    let path = root.join(rel.trim_start_matches('/'));
+    fs::read_to_string(&path).map_err(|source| TruthError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn parse_err(what: &str, detail: impl Into<String>) -> TruthError {
+    TruthError::Parse {
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Parses the kernel list format (`0-3,8,10-11`).
+pub fn parse_list(text: &str) -> Result<Vec<u32>, TruthError> {
+    let mut out = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let bad = || parse_err("cpu/node list", format!("{text:?}"));
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let a: u32 = a.parse().map_err(|_| bad())?;
+                let b: u32 = b.parse().map_err(|_| bad())?;
+                if b < a {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(out)
+}
+
+/// One online NUMA node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: u32,
+    pub cpus: Vec<u32>,
+    /// SLIT row: distance to every online node, in node order.
+    pub distances: Vec<u32>,
+}
+
+/// Reads the online nodes, their CPUs and distances.
+pub fn read_nodes(root: &Path) -> Result<Vec<NodeInfo>, TruthError> {
+    let online = parse_list(&read(root, "sys/devices/system/node/online")?)?;
+    let mut nodes = Vec::new();
+    for id in online {
+        let dir = format!("sys/devices/system/node/node{id}");
+        let cpus = parse_list(&read(root, &format!("{dir}/cpulist"))?)?;
+        let distances = read(root, &format!("{dir}/distance"))?
+            .split_whitespace()
+            .map(|d| d.parse().map_err(|_| parse_err("node distance", d)))
+            .collect::<Result<_, _>>()?;
+        nodes.push(NodeInfo {
+            id,
+            cpus,
+            distances,
+        });
+    }
+    Ok(nodes)
+}
+
+/// Maps a CPU number to the index (into `nodes`) of the node holding it.
+pub fn cpu_to_node(nodes: &[NodeInfo]) -> BTreeMap<u32, usize> {
+    let mut map = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for &c in &n.cpus {
+            map.insert(c, i);
+        }
+    }
+    map
+}
+
+/// Sums a `numa_maps` file into bytes per node (index = node id), honouring
+/// `kernelpagesize_kB` (hugetlb mappings count 2 MiB pages).
+pub fn numa_maps_bytes_per_node(text: &str, n_nodes: usize) -> Vec<u64> {
+    let mut out = vec![0u64; n_nodes];
+    for line in text.lines() {
+        let page_kb = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("kernelpagesize_kB="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(4);
+        for word in line.split_whitespace() {
+            let Some(rest) = word.strip_prefix('N') else {
+                continue;
+            };
+            let Some((node, count)) = rest.split_once('=') else {
+                continue;
+            };
+            if let (Ok(node), Ok(count)) = (node.parse::<usize>(), count.parse::<u64>())
+                && node < n_nodes
+            {
+                out[node] += count * page_kb * 1024;
+            }
+        }
+    }
+    out
+}
+
+/// The fields of `/proc/PID/task/TID/stat` the lab uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskStat {
+    /// Field 39: the CPU the task last ran on.
+    pub processor: u32,
+    /// Fields 14 + 15: user + system time, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// Parses a stat line. The comm (field 2) may hold spaces and parentheses
+/// (`CPU 0/KVM`), so fields are counted after the LAST `)`.
+pub fn parse_task_stat(text: &str) -> Result<TaskStat, TruthError> {
+    let rest = text
+        .rfind(')')
+        .map(|i| &text[i + 1..])
+        .ok_or_else(|| parse_err("stat", "no `)` after comm"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state).
+    let get = |field: usize| -> Result<u64, TruthError> {
+        fields
+            .get(field - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| parse_err("stat", format!("field {field} missing in {text:?}")))
+    };
+    Ok(TaskStat {
+        processor: get(39)? as u32,
+        cpu_ticks: get(14)? + get(15)?,
+    })
+}
+
+/// `/proc/vmstat` as a map.
+pub fn parse_vmstat(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn read_vmstat(root: &Path) -> Result<BTreeMap<String, u64>, TruthError> {
+    Ok(parse_vmstat(&read(root, "proc/vmstat")?))
+}
+
+/// The vCPU threads of a qemu-like process: (tid, vCPU index) for every thread
+/// named `CPU n/KVM`.
+pub fn vcpu_threads(root: &Path, pid: u32) -> Result<Vec<(u32, u32)>, TruthError> {
+    let dir = root.join(format!("proc/{pid}/task"));
+    let entries = fs::read_dir(&dir).map_err(|source| TruthError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(comm) = fs::read_to_string(e.path().join("comm")) else {
+            continue; // the thread exited
+        };
+        if let Some(idx) = parse_vcpu_comm(comm.trim()) {
+            out.push((tid, idx));
+        }
+    }
+    out.sort_by_key(|&(_, idx)| idx);
+    Ok(out)
+}
+
+/// `CPU 3/KVM` -> 3.
+pub fn parse_vcpu_comm(comm: &str) -> Option<u32> {
+    comm.strip_prefix("CPU ")?
+        .strip_suffix("/KVM")?
+        .parse()
+        .ok()
+}
+
+pub fn read_numa_maps(root: &Path, pid: u32) -> Result<String, TruthError> {
+    read(root, &format!("proc/{pid}/numa_maps"))
+}
+
+pub fn read_task_stat(root: &Path, pid: u32, tid: u32) -> Result<TaskStat, TruthError> {
+    parse_task_stat(&read(root, &format!("proc/{pid}/task/{tid}/stat"))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists() {
+        assert_eq!(parse_list("0-2,5\n").unwrap(), vec![0, 1, 2, 5]);
+        assert_eq!(parse_list("").unwrap(), Vec::<u32>::new());
+        assert!(parse_list("3-1").is_err());
+        assert!(parse_list("x").is_err());
+    }
+
+    #[test]
+    fn numa_maps_honours_page_size() {
+        let text = "7f00 default anon=10 dirty=10 N0=6 N2=4 kernelpagesize_kB=4\n\
+                    7f80 default file=/anon_hugepage\\040(deleted) huge dirty=3 N1=3 kernelpagesize_kB=2048\n\
+                    5600 default file=/usr/bin/x mapped=2 N3=2 kernelpagesize_kB=4\n";
+        let b = numa_maps_bytes_per_node(text, 4);
+        assert_eq!(b, vec![6 * 4096, 3 * 2048 * 1024, 4 * 4096, 2 * 4096]);
+    }
+
+    #[test]
+    fn stat_with_odd_comm() {
+        let mut line = String::from("42 (CPU 1/KVM) (x) S");
+        // fields 4..=38 then processor (39)
+        for f in 4..=52 {
+            let v = match f {
+                14 => 100,
+                15 => 23,
+                39 => 5,
+                _ => 0,
+            };
+            line.push_str(&format!(" {v}"));
+        }
+        let s = parse_task_stat(&line).unwrap();
+        assert_eq!(s.processor, 5);
+        assert_eq!(s.cpu_ticks, 123);
+        assert!(parse_task_stat("42 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn vcpu_names() {
+        assert_eq!(parse_vcpu_comm("CPU 12/KVM"), Some(12));
+        assert_eq!(parse_vcpu_comm("IO mon_iothread"), None);
+    }
+
+    #[test]
+    fn vmstat() {
+        let m = parse_vmstat("numa_pages_migrated 12\npgmigrate_success 30\n");
+        assert_eq!(m["numa_pages_migrated"], 12);
+        assert_eq!(m["pgmigrate_success"], 30);
+    }
+}
