@@ -36,20 +36,20 @@ fn try_sched_migrate_task(ctx: &TracePointContext) -> Result<u32, u32> {
     let tid: i32 = unsafe { ctx.read_at(layout.pid_offset as usize) }.map_err(|_| 0u32)?;
     let tid = tid as u32;
     // SAFETY: the map value is not kept beyond this call.
-    if unsafe { TRACKED.get(&tid) }.is_none() {
+    if unsafe { TRACKED.get(tid) }.is_none() {
         return Ok(0);
     }
     let orig: i32 = unsafe { ctx.read_at(layout.orig_cpu_offset as usize) }.map_err(|_| 0u32)?;
     let dest: i32 = unsafe { ctx.read_at(layout.dest_cpu_offset as usize) }.map_err(|_| 0u32)?;
     let cross = node_of(orig) != node_of(dest);
 
-    let counts = match MIGRATIONS.get_ptr_mut(&tid) {
+    let counts = match MIGRATIONS.get_ptr_mut(tid) {
         Some(p) => p,
         None => {
             let zero = MigrationCounts::default();
             // BPF_NOEXIST: another CPU may have inserted it meanwhile; fine either way.
-            let _ = MIGRATIONS.insert(&tid, &zero, 1);
-            match MIGRATIONS.get_ptr_mut(&tid) {
+            let _ = MIGRATIONS.insert(tid, zero, 1);
+            match MIGRATIONS.get_ptr_mut(tid) {
                 Some(p) => p,
                 None => {
                     // Only when the map is full: a configuration problem, not a hot path.
