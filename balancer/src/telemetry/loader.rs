@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::Array,
-    programs::{FEntry, RawTracePoint, TracePoint},
+    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
 };
 use balancer_common::{
     FaultAddressLayout, MAX_CPUS, NumaMoveLayout, SchedMigrateLayout, SchedSwitchLayout, globals,
@@ -237,7 +237,29 @@ impl Telemetry {
         features.push((Feature::OnCpuTime, s));
         let s = match attach_fentry(&mut ebpf, &btf, "task_numa_fault") {
             Ok(()) => FeatureState::Active,
-            Err(e) => FeatureState::Unavailable(e.to_string()),
+            Err(fentry) => {
+                // Some kernels refuse fentry (no BPF trampoline, security policy);
+                // a kprobe on the same function counts the same.
+                match attach_kprobe(&mut ebpf, "task_numa_fault_kprobe", "task_numa_fault") {
+                    Ok(()) => {
+                        tracing::info!(reason = %fentry, "task_numa_fault: fentry refused, using a kprobe");
+                        FeatureState::Active
+                    }
+                    Err(kprobe) => {
+                        let kprobe = if !opts
+                            .sys_root
+                            .join("bus/event_source/devices/kprobe")
+                            .exists()
+                        {
+                            "kprobe fallback: this kernel has no kprobes (CONFIG_KPROBES)"
+                                .to_owned()
+                        } else {
+                            kprobe.to_string()
+                        };
+                        FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
+                    }
+                }
+            }
         };
         features.push((Feature::NumaHintingFaults, s));
         let s = optional(
@@ -362,6 +384,22 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<(), TelemetryErr
     p.load().map_err(|e| classify_program_error(name, &e))?;
     p.attach(name)
         .map_err(|e| classify_program_error(name, &e))?;
+    Ok(())
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), TelemetryError> {
+    let prog_err = |reason: String| TelemetryError::Program {
+        program: program.to_owned(),
+        reason,
+    };
+    let p: &mut KProbe = ebpf
+        .program_mut(program)
+        .ok_or_else(|| prog_err("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    p.load().map_err(|e| classify_program_error(program, &e))?;
+    p.attach(function, 0)
+        .map_err(|e| classify_program_error(program, &e))?;
     Ok(())
 }
 
@@ -534,6 +572,41 @@ mod tests {
         assert_eq!(parse_release("garbage"), None);
         assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
         assert!(parse_release("6.1.0").unwrap() >= MIN_KERNEL);
+    }
+
+    #[test]
+    fn capabilities_from_proc_status() {
+        let root = std::env::temp_dir().join(format!("vmbalancer-caps-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("self")).unwrap();
+        let check = |cap_eff: &str| {
+            std::fs::write(
+                root.join("self/status"),
+                format!("Name:\ttest\nCapInh:\t0000000000000000\nCapEff:\t{cap_eff}\n"),
+            )
+            .unwrap();
+            check_privileges(&root)
+        };
+        assert!(check("000001ffffffffff").is_ok(), "root");
+        assert!(check("000000c000000000").is_ok(), "CAP_BPF + CAP_PERFMON");
+        assert!(check("0000000000200000").is_ok(), "CAP_SYS_ADMIN");
+        assert!(matches!(
+            check("0000008000000000"),
+            Err(TelemetryError::MissingCapability)
+        ));
+        assert!(matches!(
+            check("0000000000000000"),
+            Err(TelemetryError::MissingCapability)
+        ));
+        std::fs::create_dir_all(root.join("sys/kernel")).unwrap();
+        std::fs::write(root.join("sys/kernel/osrelease"), "5.4.0-1-amd64\n").unwrap();
+        let e = check_kernel_version(&root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kernel 5.4.0-1-amd64 is too old: vmbalancer needs Linux 5.8 or newer"
+        );
+        std::fs::write(root.join("sys/kernel/osrelease"), "6.1.0-30-amd64\n").unwrap();
+        assert!(check_kernel_version(&root).is_ok());
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

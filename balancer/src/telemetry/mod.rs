@@ -130,3 +130,62 @@ impl ProgramCost {
         }
     }
 }
+
+impl ThreadTelemetry {
+    /// The model's view of this thread, with per-node vectors reordered to follow
+    /// `node_ids` (the ids of `Topology::nodes`, in order). Our vectors are indexed
+    /// by node id; the model's by position in the topology.
+    pub fn to_vcpu_telemetry(&self, node_ids: &[u32]) -> crate::model::VcpuTelemetry {
+        let pick = |v: &[u64]| -> Vec<u64> {
+            node_ids
+                .iter()
+                .map(|&id| v.get(id as usize).copied().unwrap_or(0))
+                .collect()
+        };
+        crate::model::VcpuTelemetry {
+            run_ns_per_node: pick(&self.on_cpu_ns_by_node),
+            migrations: self.migrations,
+            cross_node_migrations: self.cross_node_migrations,
+            numa_faults_per_node: pick(&self.numa_faults_by_mem_node),
+            numa_faults_remote: self.numa_faults_remote,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_telemetry_follows_topology_order() {
+        let t = ThreadTelemetry {
+            migrations: 5,
+            cross_node_migrations: 2,
+            on_cpu_ns_by_node: vec![10, 0, 30],
+            numa_faults_by_mem_node: vec![1, 2, 3],
+            numa_faults_remote: 4,
+            ..Default::default()
+        };
+        // A host whose nodes are 0 and 2 (node 1 offline), listed in that order.
+        let v = t.to_vcpu_telemetry(&[0, 2]);
+        assert_eq!(v.run_ns_per_node, vec![10, 30]);
+        assert_eq!(v.numa_faults_per_node, vec![1, 3]);
+        assert_eq!(
+            (v.migrations, v.cross_node_migrations, v.numa_faults_remote),
+            (5, 2, 4)
+        );
+        // Nodes beyond what the programs count read as zero.
+        assert_eq!(t.to_vcpu_telemetry(&[7]).run_ns_per_node, vec![0]);
+    }
+
+    #[test]
+    fn cost_per_event() {
+        let c = ProgramCost {
+            program: "p".into(),
+            run_count: 4,
+            run_time_ns: 1000,
+        };
+        assert_eq!(c.ns_per_event(), 250.0);
+        assert_eq!(ProgramCost::default().ns_per_event(), 0.0);
+    }
+}
