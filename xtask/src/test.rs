@@ -1,21 +1,32 @@
-//! `cargo xtask test`: everything the README's test command runs.
+//! `cargo xtask test`: everything the README's test command runs, in the order that
+//! fails fastest: formatting, clippy (userspace with the stable toolchain, the eBPF
+//! crate with the nightly for `bpfel-unknown-none`), `systemd-analyze verify` of the
+//! unit, then unit and integration tests (the eBPF integration tests need root; CI
+//! runs as root, elsewhere they skip with a message).
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, bail};
+
+use crate::build::{self, cargo, run_step};
 
 /// Arguments of `cargo xtask test`.
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
 pub fn main(_args: Args) -> anyhow::Result<()> {
-    step(
-        "format",
-        Command::new("cargo").args(["fmt", "--all", "--check"]),
+    let ebpf_dir = build::workspace_root().join("balancer-ebpf");
+    run_step("format", cargo().args(["fmt", "--all", "--check"]))?;
+    run_step(
+        "format (eBPF crate)",
+        cargo()
+            .current_dir(&ebpf_dir)
+            .args(["fmt", "--all", "--check"]),
     )?;
-    step(
+    run_step(
         "clippy",
-        Command::new("cargo").args([
+        cargo().args([
             "clippy",
             "--workspace",
             "--all-targets",
@@ -24,17 +35,78 @@ pub fn main(_args: Args) -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
-    step("tests", Command::new("cargo").args(["test", "--workspace"]))?;
+    run_step("clippy (eBPF crate)", &mut ebpf_clippy(&ebpf_dir))?;
+    // `cargo test` below builds the binary too; build it first for the unit check.
+    build::build(false)?;
+    verify_unit()?;
+    run_step("tests", cargo().args(["test", "--workspace"]))?;
+    eprintln!("xtask test: all steps passed");
     Ok(())
 }
 
-fn step(name: &str, cmd: &mut Command) -> anyhow::Result<()> {
-    eprintln!("xtask test: {name}: {cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("{name}: could not start {cmd:?}"))?;
-    if !status.success() {
-        bail!("{name} failed ({status})");
+/// Clippy on the eBPF crate needs the same toolchain and target as its build.
+fn ebpf_clippy(ebpf_dir: &Path) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(ebpf_dir)
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        // The outer `cargo xtask` sets these for the stable toolchain.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("CARGO");
+    cmd
+}
+
+/// Installs into a temporary root and runs `systemd-analyze verify` on the unit, with
+/// `ExecStart` pointing at the installed binary (verify checks that it exists).
+/// Any diagnostic about our unit fails the step.
+fn verify_unit() -> anyhow::Result<()> {
+    let root = std::env::temp_dir().join(format!("vmbalancer-verify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    crate::install::install_files(&root, &build::binary_path(false))?;
+    let unit = root.join("lib/systemd/system/vmbalancer.service");
+    let text = std::fs::read_to_string(&unit)?;
+    let binary = root.join("usr/sbin/vmbalancer");
+    let patched = text.replace("/usr/sbin/vmbalancer", &binary.display().to_string());
+    // verify wants the unit name to match the file name.
+    let checked = root.join("vmbalancer.service");
+    std::fs::write(&checked, patched)?;
+    eprintln!("xtask: unit: systemd-analyze verify {}", checked.display());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&checked)
+        .output()
+        .context("could not run systemd-analyze (is the `systemd` package installed? run `cargo xtask setup`)")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // systemd-analyze also reports problems of unrelated units on the host; keep ours.
+    let ours: Vec<&str> = text.lines().filter(|l| l.contains("vmbalancer")).collect();
+    let _ = std::fs::remove_dir_all(&root);
+    if !out.status.success() || !ours.is_empty() {
+        bail!(
+            "step `unit` failed: systemd-analyze verify ({}):\n{}",
+            out.status,
+            if ours.is_empty() {
+                text.clone()
+            } else {
+                ours.join("\n")
+            }
+        );
     }
     Ok(())
 }

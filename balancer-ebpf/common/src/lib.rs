@@ -7,5 +7,7 @@
 //! feature they implement `aya::Pod`.
 #![no_std]
 
+pub mod layouts;
 pub mod maps;
+pub use layouts::*;
 pub use maps::*;

@@ -24,32 +24,94 @@ pub struct MigrationCounts {
     pub cross_node: u64,
 }
 
-/// Where the fields of the `sched:sched_migrate_task` record sit, in bytes from the
-/// start of the record. Read from the tracepoint's `format` file at load time and
-/// written into the program's global [`SCHED_MIGRATE_LAYOUT_SYMBOL`] before loading:
-/// the layout differs between kernel versions.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SchedMigrateLayout {
-    /// Offset of `pid_t pid` (the migrated thread id).
-    pub pid_offset: u32,
-    /// Offset of `int orig_cpu`.
-    pub orig_cpu_offset: u32,
-    /// Offset of `int dest_cpu`.
-    pub dest_cpu_offset: u32,
-    /// 1 once userspace filled the record; the program does nothing while it is 0.
-    pub valid: u32,
-}
-
-/// Name of the global holding the [`SchedMigrateLayout`].
-pub const SCHED_MIGRATE_LAYOUT_SYMBOL: &str = "SCHED_MIGRATE_LAYOUT";
-
 /// Capacity of the tracked-thread map (threads of all VMs on the host).
 pub const MAX_TRACKED_THREADS: u32 = 16384;
 /// Capacity of the CPU -> NUMA node table (the kernel's NR_CPUS upper bound is 8192).
 pub const MAX_CPUS: u32 = 8192;
 /// Node of a CPU the table does not know (offline or beyond the table).
 pub const UNKNOWN_NODE: u32 = u32::MAX;
+/// NUMA nodes the per-node counters have room for; events on higher nodes are
+/// counted in the totals only.
+pub const MAX_NODES: usize = 16;
+/// Capacity of the hot-region LRU map (2 MiB regions over all tracked VMs).
+pub const MAX_HOT_REGIONS: u32 = 16384;
+/// log2 of the hot-region size: 2 MiB, the transparent huge page size on x86-64.
+pub const REGION_SHIFT: u32 = 21;
+/// Capacity of the per-VM event map.
+pub const MAX_VMS: u32 = 1024;
+
+/// Which CPU runs a tracked thread right now (per-CPU array, one slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OnCpuState {
+    /// Thread switched in, 0 when the CPU runs an untracked thread.
+    pub tid: u32,
+    /// NUMA node of this CPU.
+    pub node: u32,
+    /// `bpf_ktime_get_ns()` at switch-in.
+    pub since_ns: u64,
+}
+
+/// On-CPU time of one tracked thread by the node of the CPU (key: thread id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OnCpuTime {
+    pub ns_by_node: [u64; MAX_NODES],
+    /// All on-CPU time, including nodes beyond [`MAX_NODES`] and unknown CPUs.
+    pub total_ns: u64,
+}
+
+/// NUMA hinting faults of one tracked thread (`task_numa_fault`, key: thread id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NumaFaults {
+    /// Faults by the node of the faulting memory.
+    pub faults_by_mem_node: [u64; MAX_NODES],
+    /// Faults on memory local to the CPU that faulted (`TNF_FAULT_LOCAL`).
+    pub local_faults: u64,
+    /// Faults on memory of another node.
+    pub remote_faults: u64,
+    /// Pages the kernel migrated because of these faults (`TNF_MIGRATED`).
+    pub migrated_pages: u64,
+    /// Pages covered by the faults.
+    pub pages: u64,
+}
+
+/// Kind of address in a [`RegionKey`].
+pub const REGION_KIND_HVA: u32 = 0;
+/// Guest physical address (`kvm:kvm_page_fault`).
+pub const REGION_KIND_GPA: u32 = 1;
+
+/// A 2 MiB region of one VM's memory (key of the hot-region LRU map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionKey {
+    pub vm_pid: u32,
+    /// [`REGION_KIND_HVA`] (qemu virtual address) or [`REGION_KIND_GPA`].
+    pub kind: u32,
+    /// Address >> [`REGION_SHIFT`].
+    pub region: u64,
+}
+
+/// Faults in one region seen by one CPU (per-CPU LRU map value). The node of the
+/// faults is the node of the CPU, so userspace sums the CPUs by node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionFaults {
+    pub faults: u64,
+    /// `bpf_ktime_get_ns()` of the last fault on this CPU.
+    pub last_seen_ns: u64,
+}
+
+/// Kernel NUMA balancing moves of a VM's threads (per-CPU hash, key: VM pid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmNumaEvents {
+    /// `sched:sched_move_numa`: a thread moved to its preferred node.
+    pub move_numa: u64,
+    /// `sched:sched_swap_numa`: a thread swapped with one on another node.
+    pub swap_numa: u64,
+}
 
 /// Map names, shared so the two sides cannot drift apart.
 pub mod names {
@@ -59,16 +121,36 @@ pub mod names {
     pub const CPU_NODE: &str = "CPU_NODE";
     /// `HashMap<u32 tid, MigrationCounts>`, filled by `sched_migrate_task`.
     pub const MIGRATIONS: &str = "MIGRATIONS";
+    /// `PerCpuArray<OnCpuState>` (one slot), `sched_switch` state.
+    pub const ON_CPU_STATE: &str = "ON_CPU_STATE";
+    /// `HashMap<u32 tid, OnCpuTime>`, filled by `sched_switch`.
+    pub const ON_CPU: &str = "ON_CPU";
+    /// `HashMap<u32 tid, NumaFaults>`, filled by `task_numa_fault`.
+    pub const NUMA_FAULTS: &str = "NUMA_FAULTS";
+    /// `LruPerCpuHashMap<RegionKey, RegionFaults>`, filled by the page fault programs.
+    pub const HOT_REGIONS: &str = "HOT_REGIONS";
+    /// `PerCpuHashMap<u32 vm_pid, VmNumaEvents>`, filled by `sched_{move,swap}_numa`.
+    pub const VM_NUMA_EVENTS: &str = "VM_NUMA_EVENTS";
 }
 
 const _: () = assert!(core::mem::size_of::<TrackedThread>() == 8);
 const _: () = assert!(core::mem::size_of::<MigrationCounts>() == 16);
-const _: () = assert!(core::mem::size_of::<SchedMigrateLayout>() == 16);
+const _: () = assert!(core::mem::size_of::<OnCpuState>() == 16);
+const _: () = assert!(core::mem::size_of::<OnCpuTime>() == 8 * (MAX_NODES + 1));
+const _: () = assert!(core::mem::size_of::<NumaFaults>() == 8 * (MAX_NODES + 4));
+const _: () = assert!(core::mem::size_of::<RegionKey>() == 16);
+const _: () = assert!(core::mem::size_of::<RegionFaults>() == 16);
+const _: () = assert!(core::mem::size_of::<VmNumaEvents>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain old data, `#[repr(C)]`, no padding (sizes asserted above).
     unsafe impl aya::Pod for super::TrackedThread {}
     unsafe impl aya::Pod for super::MigrationCounts {}
-    unsafe impl aya::Pod for super::SchedMigrateLayout {}
+    unsafe impl aya::Pod for super::OnCpuState {}
+    unsafe impl aya::Pod for super::OnCpuTime {}
+    unsafe impl aya::Pod for super::NumaFaults {}
+    unsafe impl aya::Pod for super::RegionKey {}
+    unsafe impl aya::Pod for super::RegionFaults {}
+    unsafe impl aya::Pod for super::VmNumaEvents {}
 }

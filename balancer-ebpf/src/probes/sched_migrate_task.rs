@@ -4,9 +4,9 @@
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::warn;
-use balancer_common::{MigrationCounts, SchedMigrateLayout, UNKNOWN_NODE};
+use balancer_common::SchedMigrateLayout;
 
-use crate::{CPU_NODE, MIGRATIONS, TRACKED};
+use crate::{get_or_insert, node_of, tracked, MIGRATIONS};
 
 /// Field offsets of the record on the running kernel, written by userspace from the
 /// tracepoint's `format` file before the program is loaded.
@@ -35,29 +35,17 @@ fn try_sched_migrate_task(ctx: &TracePointContext) -> Result<u32, u32> {
     // SAFETY: offsets come from the running kernel's format file; read_at checks them.
     let tid: i32 = unsafe { ctx.read_at(layout.pid_offset as usize) }.map_err(|_| 0u32)?;
     let tid = tid as u32;
-    // SAFETY: the map value is not kept beyond this call.
-    if unsafe { TRACKED.get(&tid) }.is_none() {
+    if tracked(tid).is_none() {
         return Ok(0);
     }
     let orig: i32 = unsafe { ctx.read_at(layout.orig_cpu_offset as usize) }.map_err(|_| 0u32)?;
     let dest: i32 = unsafe { ctx.read_at(layout.dest_cpu_offset as usize) }.map_err(|_| 0u32)?;
-    let cross = node_of(orig) != node_of(dest);
+    let cross = node_of(orig as u32) != node_of(dest as u32);
 
-    let counts = match MIGRATIONS.get_ptr_mut(&tid) {
-        Some(p) => p,
-        None => {
-            let zero = MigrationCounts::default();
-            // BPF_NOEXIST: another CPU may have inserted it meanwhile; fine either way.
-            let _ = MIGRATIONS.insert(&tid, &zero, 1);
-            match MIGRATIONS.get_ptr_mut(&tid) {
-                Some(p) => p,
-                None => {
-                    // Only when the map is full: a configuration problem, not a hot path.
-                    warn!(ctx, "MIGRATIONS map full, tid {} not counted", tid);
-                    return Err(0);
-                }
-            }
-        }
+    let Some(counts) = get_or_insert(&MIGRATIONS, tid) else {
+        // Only when the map is full: a configuration problem, not a hot path.
+        warn!(ctx, "MIGRATIONS map full, tid {} not counted", tid);
+        return Err(0);
     };
     // SAFETY: `counts` points into a live map value. Plain increments are enough:
     // the kernel serialises `set_task_cpu()` per task (it holds the task's pi_lock or
@@ -70,12 +58,4 @@ fn try_sched_migrate_task(ctx: &TracePointContext) -> Result<u32, u32> {
         }
     }
     Ok(0)
-}
-
-/// NUMA node of a CPU, [`UNKNOWN_NODE`] when the table does not know it.
-fn node_of(cpu: i32) -> u32 {
-    if cpu < 0 {
-        return UNKNOWN_NODE;
-    }
-    CPU_NODE.get(cpu as u32).copied().unwrap_or(UNKNOWN_NODE)
 }

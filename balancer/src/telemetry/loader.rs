@@ -7,17 +7,18 @@
 use std::path::{Path, PathBuf};
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap},
-    programs::TracePoint,
+    Btf, Ebpf, EbpfLoader,
+    maps::Array,
+    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
 };
 use balancer_common::{
-    MAX_CPUS, MigrationCounts, SCHED_MIGRATE_LAYOUT_SYMBOL, SchedMigrateLayout, TrackedThread,
+    FaultAddressLayout, MAX_CPUS, NumaMoveLayout, SchedMigrateLayout, SchedSwitchLayout, globals,
     names,
 };
 
 use super::{
-    Feature, FeatureState, ProgramCost, TelemetryError, ThreadTelemetry, topology, tracefs::Tracefs,
+    Feature, FeatureState, TelemetryError, topology,
+    tracefs::{Tracefs, TracepointFormat},
 };
 
 /// The eBPF object built by `balancer/build.rs`, embedded in the binary.
@@ -48,13 +49,18 @@ impl Default for LoadOptions {
     }
 }
 
-/// The loaded and attached eBPF programs and their maps.
+/// The loaded and attached eBPF programs and their maps. The read API is in
+/// `telemetry::maps`.
 ///
 /// Dropping it detaches and unloads everything.
 pub struct Telemetry {
-    ebpf: Ebpf,
+    pub(super) ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    features: Vec<(Feature, FeatureState)>,
+    pub(super) features: Vec<(Feature, FeatureState)>,
+    /// NUMA node of each possible CPU (index: CPU), `None` when offline/unknown.
+    pub(super) cpu_node: Vec<Option<u32>>,
+    /// Number of nodes the per-node vectors of the read API have.
+    pub(super) node_count: usize,
     /// Keeps `kernel.bpf_stats_enabled` on while we live (None if the kernel refused).
     _stats: Option<std::os::fd::OwnedFd>,
 }
@@ -63,12 +69,98 @@ impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Telemetry")
             .field("features", &self.features)
+            .field("node_count", &self.node_count)
             .finish_non_exhaustive()
     }
 }
 
+/// Layouts of every tracepoint, each available or not (with the reason).
+struct Layouts {
+    migrate: SchedMigrateLayout,
+    switch: Result<SchedSwitchLayout, String>,
+    page_fault_user: Result<FaultAddressLayout, String>,
+    kvm_page_fault: Result<FaultAddressLayout, String>,
+    move_numa: Result<NumaMoveLayout, String>,
+    swap_numa: Result<NumaMoveLayout, String>,
+}
+
+impl Layouts {
+    fn read(
+        tracefs: &Tracefs,
+        btf: &super::btf::Btf,
+        sys_root: &Path,
+    ) -> Result<Self, TelemetryError> {
+        let migrate = tracefs.format("sched", "sched_migrate_task")?;
+        let migrate = (|| -> Result<_, String> {
+            Ok(SchedMigrateLayout {
+                pid_offset: migrate.offset_of("pid", 4)?,
+                orig_cpu_offset: migrate.offset_of("orig_cpu", 4)?,
+                dest_cpu_offset: migrate.offset_of("dest_cpu", 4)?,
+                valid: 1,
+            })
+        })()
+        .map_err(|reason| TelemetryError::BadFormat {
+            path: tracefs.format_path("sched", "sched_migrate_task"),
+            reason,
+        })?;
+        let optional = |sys: &str, event: &str| -> Result<TracepointFormat, String> {
+            tracefs.format(sys, event).map_err(|e| e.to_string())
+        };
+        let switch = btf
+            .member_offset("task_struct", "pid")
+            .map(|task_pid_offset| SchedSwitchLayout {
+                task_pid_offset,
+                valid: 1,
+            });
+        let page_fault_user = optional("exceptions", "page_fault_user").and_then(|f| {
+            Ok(FaultAddressLayout {
+                address_offset: f.offset_of("address", 8)?,
+                valid: 1,
+            })
+        });
+        let kvm_page_fault = if sys_root.join("module/kvm").is_dir() {
+            optional("kvm", "kvm_page_fault").and_then(|f| {
+                Ok(FaultAddressLayout {
+                    address_offset: f
+                        .offset_of("fault_address", 8)
+                        .or_else(|_| f.offset_of("address", 8))?,
+                    valid: 1,
+                })
+            })
+        } else {
+            Err("the kvm module is not loaded".to_owned())
+        };
+        let move_numa = optional("sched", "sched_move_numa").and_then(|f| {
+            Ok(NumaMoveLayout {
+                src_pid_offset: f.offset_of("pid", 4)?,
+                dst_pid_offset: 0,
+                valid: 1,
+                _pad: 0,
+            })
+        });
+        let swap_numa = optional("sched", "sched_swap_numa").and_then(|f| {
+            Ok(NumaMoveLayout {
+                src_pid_offset: f.offset_of("src_pid", 4)?,
+                dst_pid_offset: f.offset_of("dst_pid", 4)?,
+                valid: 1,
+                _pad: 0,
+            })
+        });
+        Ok(Self {
+            migrate,
+            switch,
+            page_fault_user,
+            kvm_page_fault,
+            move_numa,
+            swap_numa,
+        })
+    }
+}
+
 impl Telemetry {
-    /// Loads and attaches every program the running kernel supports.
+    /// Loads and attaches every program the running kernel supports. The migration
+    /// counter is required; any other hook missing on this kernel only disables its
+    /// feature (see [`Telemetry::features`]).
     pub fn load() -> Result<Self, TelemetryError> {
         Self::load_with(&LoadOptions::default())
     }
@@ -76,44 +168,137 @@ impl Telemetry {
     pub fn load_with(opts: &LoadOptions) -> Result<Self, TelemetryError> {
         check_privileges(&opts.proc_root)?;
         check_kernel_version(&opts.proc_root)?;
-        let btf =
-            aya::Btf::parse_file(&opts.btf_path, aya::Endianness::default()).map_err(|e| {
-                TelemetryError::NoBtf {
-                    path: opts.btf_path.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+        let btf = Btf::parse_file(&opts.btf_path, aya::Endianness::default()).map_err(|e| {
+            TelemetryError::NoBtf {
+                path: opts.btf_path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         let tracefs = Tracefs::find_or_mount()?;
         raise_memlock_limit();
+        let kernel_types = super::btf::Btf::from_file(&opts.btf_path)?;
+        let layouts = Layouts::read(&tracefs, &kernel_types, &opts.sys_root)?;
 
-        let migrate = tracefs.format("sched", "sched_migrate_task")?;
-        let bad = |reason: String| TelemetryError::BadFormat {
-            path: tracefs.format_path("sched", "sched_migrate_task"),
-            reason,
-        };
-        let layout = SchedMigrateLayout {
-            pid_offset: migrate.offset_of("pid", 4).map_err(bad)?,
-            orig_cpu_offset: migrate.offset_of("orig_cpu", 4).map_err(bad)?,
-            dest_cpu_offset: migrate.offset_of("dest_cpu", 4).map_err(bad)?,
-            valid: 1,
-        };
-
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(Some(&btf))
-            .override_global(SCHED_MIGRATE_LAYOUT_SYMBOL, &layout, true)
+            .override_global(globals::SCHED_MIGRATE, &layouts.migrate, true);
+        // Programs whose layout is unknown keep `valid == 0` and are not attached.
+        if let Ok(l) = &layouts.switch {
+            loader.override_global(globals::SCHED_SWITCH, l, true);
+        }
+        if let Ok(l) = &layouts.page_fault_user {
+            loader.override_global(globals::PAGE_FAULT_USER, l, true);
+        }
+        if let Ok(l) = &layouts.kvm_page_fault {
+            loader.override_global(globals::KVM_PAGE_FAULT, l, true);
+        }
+        if let Ok(l) = &layouts.move_numa {
+            loader.override_global(globals::SCHED_MOVE_NUMA, l, true);
+        }
+        if let Ok(l) = &layouts.swap_numa {
+            loader.override_global(globals::SCHED_SWAP_NUMA, l, true);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| classify_load_error(&e.to_string()))?;
 
-        fill_cpu_nodes(&mut ebpf, &opts.sys_root)?;
+        let table = topology::cpu_nodes(&opts.sys_root)?;
+        fill_cpu_nodes(&mut ebpf, &table)?;
 
         let mut features = Vec::new();
-        let state = attach_tracepoint(
+        // Required: without it there is no telemetry worth running.
+        attach_tracepoint(
             &mut ebpf,
             "sched_migrate_task",
             "sched",
             "sched_migrate_task",
         )?;
-        features.push((Feature::Migrations, state));
+        features.push((Feature::Migrations, FeatureState::Active));
+        let optional = |ebpf: &mut Ebpf,
+                        layout_ok: Result<(), String>,
+                        program: &str,
+                        sys: &str,
+                        event: &str| {
+            let state = layout_ok.and_then(|()| {
+                attach_tracepoint(ebpf, program, sys, event).map_err(|e| e.to_string())
+            });
+            match state {
+                Ok(()) => FeatureState::Active,
+                Err(reason) => FeatureState::Unavailable(reason),
+            }
+        };
+        let s = match ok(&layouts.switch).and_then(|()| {
+            attach_raw_tracepoint(&mut ebpf, "sched_switch").map_err(|e| e.to_string())
+        }) {
+            Ok(()) => FeatureState::Active,
+            Err(reason) => FeatureState::Unavailable(reason),
+        };
+        features.push((Feature::OnCpuTime, s));
+        let s = match attach_fentry(&mut ebpf, &btf, "task_numa_fault") {
+            Ok(()) => FeatureState::Active,
+            Err(fentry) => {
+                // Some kernels refuse fentry (no BPF trampoline, security policy);
+                // a kprobe on the same function counts the same.
+                match attach_kprobe(&mut ebpf, "task_numa_fault_kprobe", "task_numa_fault") {
+                    Ok(()) => {
+                        tracing::info!(reason = %fentry, "task_numa_fault: fentry refused, using a kprobe");
+                        FeatureState::Active
+                    }
+                    Err(kprobe) => {
+                        let kprobe = if !opts
+                            .sys_root
+                            .join("bus/event_source/devices/kprobe")
+                            .exists()
+                        {
+                            "kprobe fallback: this kernel has no kprobes (CONFIG_KPROBES)"
+                                .to_owned()
+                        } else {
+                            kprobe.to_string()
+                        };
+                        FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
+                    }
+                }
+            }
+        };
+        features.push((Feature::NumaHintingFaults, s));
+        let s = optional(
+            &mut ebpf,
+            ok(&layouts.page_fault_user),
+            "page_fault_user",
+            "exceptions",
+            "page_fault_user",
+        );
+        features.push((Feature::UserPageFaults, s));
+        let s = optional(
+            &mut ebpf,
+            ok(&layouts.kvm_page_fault),
+            "kvm_page_fault",
+            "kvm",
+            "kvm_page_fault",
+        );
+        features.push((Feature::KvmPageFaults, s));
+        let moves = optional(
+            &mut ebpf,
+            ok(&layouts.move_numa),
+            "sched_move_numa",
+            "sched",
+            "sched_move_numa",
+        );
+        let swaps = optional(
+            &mut ebpf,
+            ok(&layouts.swap_numa),
+            "sched_swap_numa",
+            "sched",
+            "sched_swap_numa",
+        );
+        let s = match (moves, swaps) {
+            (FeatureState::Active, FeatureState::Active) => FeatureState::Active,
+            (FeatureState::Unavailable(r), _) | (_, FeatureState::Unavailable(r)) => {
+                FeatureState::Unavailable(r)
+            }
+        };
+        features.push((Feature::NumaBalancingMoves, s));
 
         // After loading: initialised before, aya-log breaks program loading.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -126,93 +311,51 @@ impl Telemetry {
         let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot enable BPF run-time statistics; cost() will read zeroes");
+                tracing::warn!(error = %e, "cannot enable BPF run-time statistics; cost() reads zeroes");
                 None
             }
         };
         for (feature, state) in &features {
-            tracing::info!(feature = feature.name(), state = ?state, "eBPF telemetry feature");
+            match state {
+                FeatureState::Active => {
+                    tracing::info!(feature = feature.name(), "eBPF feature active")
+                }
+                FeatureState::Unavailable(reason) => {
+                    tracing::warn!(feature = feature.name(), %reason, "eBPF feature unavailable")
+                }
+            }
         }
+        let max_cpu = table.iter().map(|(c, _)| *c as usize).max().unwrap_or(0);
+        let mut cpu_node = vec![None; max_cpu + 1];
+        for (cpu, node) in &table {
+            cpu_node[*cpu as usize] = Some(*node);
+        }
+        let node_count = table
+            .iter()
+            .map(|(_, n)| *n as usize + 1)
+            .max()
+            .unwrap_or(1)
+            .min(balancer_common::MAX_NODES);
         Ok(Self {
             ebpf,
             logger,
             features,
+            cpu_node,
+            node_count,
             _stats: stats,
         })
     }
 
-    /// Starts watching thread `tid`.
-    pub fn track(&mut self, tid: u32, thread: TrackedThread) -> Result<(), TelemetryError> {
-        let map = self
-            .ebpf
-            .map_mut(names::TRACKED)
-            .ok_or_else(|| TelemetryError::map(names::TRACKED, "missing from the object"))?;
-        let mut map: HashMap<_, u32, TrackedThread> =
-            HashMap::try_from(map).map_err(|e| TelemetryError::map(names::TRACKED, e))?;
-        map.insert(tid, thread, 0)
-            .map_err(|e| TelemetryError::map(names::TRACKED, e))
-    }
-
-    /// Stops watching thread `tid` and forgets its counters. Unknown tids are fine.
-    pub fn untrack(&mut self, tid: u32) -> Result<(), TelemetryError> {
-        remove_key::<TrackedThread>(&mut self.ebpf, names::TRACKED, tid)?;
-        remove_key::<MigrationCounts>(&mut self.ebpf, names::MIGRATIONS, tid)
-    }
-
-    /// Tracked thread ids, in no particular order.
-    pub fn tracked(&self) -> Result<Vec<u32>, TelemetryError> {
-        let map = self
-            .ebpf
-            .map(names::TRACKED)
-            .ok_or_else(|| TelemetryError::map(names::TRACKED, "missing from the object"))?;
-        let map: HashMap<_, u32, TrackedThread> =
-            HashMap::try_from(map).map_err(|e| TelemetryError::map(names::TRACKED, e))?;
-        map.keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TelemetryError::map(names::TRACKED, e))
-    }
-
-    /// Everything the programs counted for thread `tid` since it was tracked
-    /// (zeroes when nothing happened yet or the thread is not tracked).
-    pub fn read_thread(&self, tid: u32) -> Result<ThreadTelemetry, TelemetryError> {
-        let map = self
-            .ebpf
-            .map(names::MIGRATIONS)
-            .ok_or_else(|| TelemetryError::map(names::MIGRATIONS, "missing from the object"))?;
-        let map: HashMap<_, u32, MigrationCounts> =
-            HashMap::try_from(map).map_err(|e| TelemetryError::map(names::MIGRATIONS, e))?;
-        let counts = match map.get(&tid, 0) {
-            Ok(c) => c,
-            Err(aya::maps::MapError::KeyNotFound) => MigrationCounts::default(),
-            Err(e) => return Err(TelemetryError::map(names::MIGRATIONS, e)),
-        };
-        Ok(ThreadTelemetry {
-            migrations: counts.migrations,
-            cross_node_migrations: counts.cross_node,
-        })
-    }
-
-    /// Which features are active on this kernel (and why not, for the others).
+    /// Which features are active on this kernel, and why the others are not.
     pub fn features(&self) -> &[(Feature, FeatureState)] {
         &self.features
     }
 
-    /// Run time per program as measured by the kernel (`kernel.bpf_stats_enabled`).
-    pub fn cost(&self) -> Result<Vec<ProgramCost>, TelemetryError> {
-        let mut out = Vec::new();
-        for (name, program) in self.ebpf.programs() {
-            let info = program.info().map_err(|e| TelemetryError::Program {
-                program: name.to_owned(),
-                reason: e.to_string(),
-            })?;
-            out.push(ProgramCost {
-                program: name.to_owned(),
-                run_count: info.run_count(),
-                run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
-            });
-        }
-        out.sort_by(|a, b| a.program.cmp(&b.program));
-        Ok(out)
+    /// Whether `feature` is active.
+    pub fn has(&self, feature: Feature) -> bool {
+        self.features
+            .iter()
+            .any(|(f, s)| *f == feature && *s == FeatureState::Active)
     }
 
     /// Forwards pending log records of the programs to `tracing` (via `log`). Cheap;
@@ -224,16 +367,57 @@ impl Telemetry {
     }
 }
 
-fn remove_key<V: aya::Pod>(ebpf: &mut Ebpf, name: &str, tid: u32) -> Result<(), TelemetryError> {
-    let Some(map) = ebpf.map_mut(name) else {
-        return Ok(());
+fn ok<T>(r: &Result<T, String>) -> Result<(), String> {
+    r.as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<(), TelemetryError> {
+    let prog_err = |reason: String| TelemetryError::Program {
+        program: name.to_owned(),
+        reason,
     };
-    let mut map: HashMap<_, u32, V> =
-        HashMap::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
-    match map.remove(&tid) {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(TelemetryError::map(name, e)),
-    }
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or_else(|| prog_err("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    p.load().map_err(|e| classify_program_error(name, &e))?;
+    p.attach(name)
+        .map_err(|e| classify_program_error(name, &e))?;
+    Ok(())
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), TelemetryError> {
+    let prog_err = |reason: String| TelemetryError::Program {
+        program: program.to_owned(),
+        reason,
+    };
+    let p: &mut KProbe = ebpf
+        .program_mut(program)
+        .ok_or_else(|| prog_err("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    p.load().map_err(|e| classify_program_error(program, &e))?;
+    p.attach(function, 0)
+        .map_err(|e| classify_program_error(program, &e))?;
+    Ok(())
+}
+
+fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, function: &str) -> Result<(), TelemetryError> {
+    let prog_err = |reason: String| TelemetryError::Program {
+        program: function.to_owned(),
+        reason,
+    };
+    let p: &mut FEntry = ebpf
+        .program_mut(function)
+        .ok_or_else(|| prog_err("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    p.load(function, btf)
+        .map_err(|e| classify_program_error(function, &e))?;
+    p.attach()
+        .map_err(|e| classify_program_error(function, &e))?;
+    Ok(())
 }
 
 fn attach_tracepoint(
@@ -241,7 +425,7 @@ fn attach_tracepoint(
     program: &str,
     system: &str,
     event: &str,
-) -> Result<FeatureState, TelemetryError> {
+) -> Result<(), TelemetryError> {
     let prog_err = |reason: String| TelemetryError::Program {
         program: program.to_owned(),
         reason,
@@ -254,11 +438,10 @@ fn attach_tracepoint(
     tp.load().map_err(|e| classify_program_error(program, &e))?;
     tp.attach(system, event)
         .map_err(|e| classify_program_error(program, &e))?;
-    Ok(FeatureState::Active)
+    Ok(())
 }
 
-fn fill_cpu_nodes(ebpf: &mut Ebpf, sys_root: &Path) -> Result<(), TelemetryError> {
-    let table = topology::cpu_nodes(sys_root)?;
+fn fill_cpu_nodes(ebpf: &mut Ebpf, table: &[(u32, u32)]) -> Result<(), TelemetryError> {
     let map = ebpf
         .map_mut(names::CPU_NODE)
         .ok_or_else(|| TelemetryError::map(names::CPU_NODE, "missing from the object"))?;
@@ -285,10 +468,9 @@ fn fill_cpu_nodes(ebpf: &mut Ebpf, sys_root: &Path) -> Result<(), TelemetryError
 }
 
 fn classify_program_error(program: &str, e: &aya::programs::ProgramError) -> TelemetryError {
+    // Privileges were checked before loading: an EPERM here is the kernel refusing
+    // this hook (e.g. lockdown, a function that cannot be traced), so keep its text.
     let text = e.to_string();
-    if is_permission_error(&text) {
-        return TelemetryError::MissingCapability;
-    }
     if text.contains("tracefs") {
         return TelemetryError::NoTracefs { reason: text };
     }
@@ -323,7 +505,8 @@ fn classify_load_error(text: &str) -> TelemetryError {
 }
 
 fn is_permission_error(text: &str) -> bool {
-    text.contains("Operation not permitted") || text.contains("Permission denied")
+    // EPERM only: the verifier rejects invalid programs with EACCES ("Permission denied").
+    text.contains("Operation not permitted")
 }
 
 /// CAP_BPF (39) and CAP_PERFMON (38), or CAP_SYS_ADMIN (21), in the effective set.
@@ -389,6 +572,41 @@ mod tests {
         assert_eq!(parse_release("garbage"), None);
         assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
         assert!(parse_release("6.1.0").unwrap() >= MIN_KERNEL);
+    }
+
+    #[test]
+    fn capabilities_from_proc_status() {
+        let root = std::env::temp_dir().join(format!("vmbalancer-caps-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("self")).unwrap();
+        let check = |cap_eff: &str| {
+            std::fs::write(
+                root.join("self/status"),
+                format!("Name:\ttest\nCapInh:\t0000000000000000\nCapEff:\t{cap_eff}\n"),
+            )
+            .unwrap();
+            check_privileges(&root)
+        };
+        assert!(check("000001ffffffffff").is_ok(), "root");
+        assert!(check("000000c000000000").is_ok(), "CAP_BPF + CAP_PERFMON");
+        assert!(check("0000000000200000").is_ok(), "CAP_SYS_ADMIN");
+        assert!(matches!(
+            check("0000008000000000"),
+            Err(TelemetryError::MissingCapability)
+        ));
+        assert!(matches!(
+            check("0000000000000000"),
+            Err(TelemetryError::MissingCapability)
+        ));
+        std::fs::create_dir_all(root.join("sys/kernel")).unwrap();
+        std::fs::write(root.join("sys/kernel/osrelease"), "5.4.0-1-amd64\n").unwrap();
+        let e = check_kernel_version(&root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kernel 5.4.0-1-amd64 is too old: vmbalancer needs Linux 5.8 or newer"
+        );
+        std::fs::write(root.join("sys/kernel/osrelease"), "6.1.0-30-amd64\n").unwrap();
+        assert!(check_kernel_version(&root).is_ok());
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
