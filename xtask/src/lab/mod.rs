@@ -174,6 +174,7 @@ pub struct RunResult {
     pub ok: bool,
     pub summary: Option<results::Summary>,
     pub captures: Vec<(String, String)>,
+    pub samples: Vec<results::Sample>,
     pub boot_s: f64,
     pub init_s: Option<f64>,
 }
@@ -267,11 +268,13 @@ impl Lab {
         let mut ok = None;
         let mut summary = None;
         let mut captures = Vec::new();
+        let mut samples = Vec::new();
         for line in &boot.lines {
             match results::parse(line) {
                 Some(results::Record::Done { ok: o, .. }) => ok = Some(o),
                 Some(results::Record::Summary(s)) => summary = Some(s),
                 Some(results::Record::Capture { path, data }) => captures.push((path, data)),
+                Some(results::Record::Sample(s)) => samples.push(s),
                 _ => {}
             }
         }
@@ -279,6 +282,7 @@ impl Lab {
             ok: ok.unwrap_or(false),
             summary,
             captures,
+            samples,
             boot_s: boot.elapsed.as_secs_f64(),
             init_s: boot.init_after.map(|d| d.as_secs_f64()),
         };
@@ -351,6 +355,7 @@ fn compare_runs(
     name: &str,
     balancers: &[String],
     out: Option<&Path>,
+    show_before_after: bool,
 ) -> anyhow::Result<()> {
     let s = load_scenario(&lab.paths, name)?;
     let balancers = if balancers.is_empty() {
@@ -367,6 +372,9 @@ fn compare_runs(
             r.boot_s,
             r.init_s.map_or("?".into(), |t| format!("{t:.1} s"))
         ));
+        if show_before_after {
+            println!("\n{}", compare::before_after(b, &r.samples));
+        }
         let summary = r
             .summary
             .with_context(|| format!("the {b} run of {name} reported no summary"))?;
@@ -418,7 +426,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         return lab.shell();
     }
     if let Some(name) = &args.compare {
-        return compare_runs(&lab, name, &args.balancers, args.out.as_deref());
+        return compare_runs(&lab, name, &args.balancers, args.out.as_deref(), false);
     }
     match first {
         Some("capture") => {
@@ -449,7 +457,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             println!(
                 "vmbalancer lab demo: fake VMs scattered over 4 NUMA nodes, one boot per balancer."
             );
-            compare_runs(&lab, "demo", &args.balancers, None)
+            compare_runs(&lab, "demo", &args.balancers, args.out.as_deref(), true)
         }
         _ => run_with(&lab, &args.scenarios, args.balancer.as_deref()),
     }
