@@ -15,6 +15,7 @@
 //! - `cargo xtask lab --compare scattered --balancers none,autonuma,numad [--out FILE]`
 //! - `cargo xtask lab capture [SCENARIO] [--capture-at-s S] [--capture-vms N]`
 //! - `cargo xtask lab demo`
+//! - `cargo xtask lab ci` (what CI runs: [`CI_SCENARIOS`])
 
 mod capture;
 mod compare;
@@ -34,7 +35,7 @@ pub use kernel::KernelGen;
 /// Arguments of `cargo xtask lab`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Scenarios to run (names of tests/scenarios/*.toml), or `capture` / `demo`.
+    /// Scenarios to run (names of tests/scenarios/*.toml), or `capture` / `demo` / `ci`.
     pub scenarios: Vec<String>,
     /// List the scenarios and exit.
     #[arg(long)]
@@ -322,16 +323,27 @@ impl Lab {
     }
 }
 
-/// Runs scenarios by name; fails if any fails. The library entry point for other
-/// xtask steps (CI runs `cargo xtask lab boot --kernel 6.1`, which ends up here).
-#[allow(dead_code)]
-pub fn run_named(
-    names: &[String],
-    kernel_gen: KernelGen,
-    balancer: Option<&str>,
-) -> anyhow::Result<()> {
-    let lab = Lab::prepare(kernel_gen, false, None)?;
-    run_with(&lab, names, balancer)
+/// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`). Add the
+/// vmbalancer scenarios to the 6.1 list as they appear.
+pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
+    (KernelGen::V6_1, &["boot", "placement"]),
+    (KernelGen::V6_12, &["boot"]),
+];
+
+/// The lab's CI step: every scenario of [`CI_SCENARIOS`] on its kernel. Fails if
+/// any fails. Callable from other xtask steps as `crate::lab::ci()`.
+pub fn ci() -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    for (generation, names) in CI_SCENARIOS {
+        let lab = Lab::prepare(*generation, false, None)?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        run_with(&lab, &names, None)?;
+    }
+    eprintln!(
+        "lab: CI scenarios passed in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn run_with(lab: &Lab, names: &[String], balancer: Option<&str>) -> anyhow::Result<()> {
@@ -420,6 +432,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let first = args.scenarios.first().map(String::as_str);
     if first.is_none() && args.compare.is_none() && !args.shell {
         bail!("name a scenario (see --list), or use --compare, --shell, `capture` or `demo`");
+    }
+    if first == Some("ci") {
+        return ci();
     }
     let lab = Lab::prepare(args.kernel, args.verbose, args.timeout_s)?;
     if args.shell {
