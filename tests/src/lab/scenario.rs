@@ -278,6 +278,13 @@ pub enum Assertion {
     },
     /// Every VM reported progress (its vCPUs did work).
     WorkDone { min_touches_per_vcpu_s: f64 },
+    /// At the first sample (right after placement), at least `min_share` of VM
+    /// `vm`'s memory is on `node`: proves initial placement and numa_maps reading.
+    MemoryOnNode {
+        vm: String,
+        node: usize,
+        min_share: f64,
+    },
 }
 
 fn default_command_timeout() -> f64 {
@@ -302,6 +309,11 @@ impl Assertion {
             Assertion::WorkDone {
                 min_touches_per_vcpu_s,
             } => format!("work >= {min_touches_per_vcpu_s} touches/vCPU/s"),
+            Assertion::MemoryOnNode {
+                vm,
+                node,
+                min_share,
+            } => format!("{vm}: >= {min_share} of memory on node {node} at start"),
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use super::results::Summary;
+use super::results::{Sample, Summary};
 
 /// At most this many locality columns; times in between are still used for the
 /// time-to-target columns.
@@ -66,6 +66,38 @@ pub fn table(rows: &[Summary]) -> String {
             r.cpu_balance,
             r.touches_per_vcpu_s,
             r.work_touches as f64 / base
+        );
+    }
+    out
+}
+
+fn mib_per_node(bytes: &[u64]) -> String {
+    let v: Vec<String> = bytes.iter().map(|b| format!("{:>3}", b >> 20)).collect();
+    v.join("/")
+}
+
+/// Per VM: where its vCPUs ran most and its memory per node (MiB), at the first
+/// and the last sample of one run.
+pub fn before_after(balancer: &str, samples: &[Sample]) -> String {
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return format!("{balancer}: no samples\n");
+    };
+    let mut out = format!(
+        "{balancer}: before (t={:.0}s) -> after (t={:.0}s): vCPU node, MiB per node, locality\n",
+        first.t_s, last.t_s
+    );
+    for (a, b) in first.vms.iter().zip(&last.vms) {
+        let node = |n: Option<usize>| n.map_or("-".into(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "  {:<6} node {} [{}] {:>4.0}%  ->  node {} [{}] {:>4.0}%",
+            a.name,
+            node(a.main_node),
+            mib_per_node(&a.bytes_per_node),
+            a.locality * 100.0,
+            node(b.main_node),
+            mib_per_node(&b.bytes_per_node),
+            b.locality * 100.0
         );
     }
     out

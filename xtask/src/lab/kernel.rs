@@ -57,7 +57,11 @@ pub fn ensure(target_dir: &Path, generation: KernelGen) -> anyhow::Result<PathBu
     if let Some(apt) = &apt {
         apt.add_options(&mut download);
     }
-    download.arg("download").arg(&package).current_dir(&dir);
+    // apt's `_apt` user cannot write into target/; download as the caller.
+    download
+        .args(["-o", "APT::Sandbox::User=root", "download"])
+        .arg(&package)
+        .current_dir(&dir);
     run_checked("apt-get download (kernel image)", &mut download)?;
     let deb = fs::read_dir(&dir)?
         .filter_map(Result::ok)

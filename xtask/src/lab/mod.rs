@@ -15,6 +15,7 @@
 //! - `cargo xtask lab --compare scattered --balancers none,autonuma,numad [--out FILE]`
 //! - `cargo xtask lab capture [SCENARIO] [--capture-at-s S] [--capture-vms N]`
 //! - `cargo xtask lab demo`
+//! - `cargo xtask lab ci` (what CI runs: [`CI_SCENARIOS`])
 
 mod capture;
 mod compare;
@@ -34,7 +35,7 @@ pub use kernel::KernelGen;
 /// Arguments of `cargo xtask lab`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Scenarios to run (names of tests/scenarios/*.toml), or `capture` / `demo`.
+    /// Scenarios to run (names of tests/scenarios/*.toml), or `capture` / `demo` / `ci`.
     pub scenarios: Vec<String>,
     /// List the scenarios and exit.
     #[arg(long)]
@@ -174,6 +175,7 @@ pub struct RunResult {
     pub ok: bool,
     pub summary: Option<results::Summary>,
     pub captures: Vec<(String, String)>,
+    pub samples: Vec<results::Sample>,
     pub boot_s: f64,
     pub init_s: Option<f64>,
 }
@@ -267,11 +269,13 @@ impl Lab {
         let mut ok = None;
         let mut summary = None;
         let mut captures = Vec::new();
+        let mut samples = Vec::new();
         for line in &boot.lines {
             match results::parse(line) {
                 Some(results::Record::Done { ok: o, .. }) => ok = Some(o),
                 Some(results::Record::Summary(s)) => summary = Some(s),
                 Some(results::Record::Capture { path, data }) => captures.push((path, data)),
+                Some(results::Record::Sample(s)) => samples.push(s),
                 _ => {}
             }
         }
@@ -279,6 +283,7 @@ impl Lab {
             ok: ok.unwrap_or(false),
             summary,
             captures,
+            samples,
             boot_s: boot.elapsed.as_secs_f64(),
             init_s: boot.init_after.map(|d| d.as_secs_f64()),
         };
@@ -318,16 +323,27 @@ impl Lab {
     }
 }
 
-/// Runs scenarios by name; fails if any fails. The library entry point for other
-/// xtask steps (CI runs `cargo xtask lab boot --kernel 6.1`, which ends up here).
-#[allow(dead_code)]
-pub fn run_named(
-    names: &[String],
-    kernel_gen: KernelGen,
-    balancer: Option<&str>,
-) -> anyhow::Result<()> {
-    let lab = Lab::prepare(kernel_gen, false, None)?;
-    run_with(&lab, names, balancer)
+/// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`). Add the
+/// vmbalancer scenarios to the 6.1 list as they appear.
+pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
+    (KernelGen::V6_1, &["boot", "placement"]),
+    (KernelGen::V6_12, &["boot"]),
+];
+
+/// The lab's CI step: every scenario of [`CI_SCENARIOS`] on its kernel. Fails if
+/// any fails. Callable from other xtask steps as `crate::lab::ci()`.
+pub fn ci() -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    for (generation, names) in CI_SCENARIOS {
+        let lab = Lab::prepare(*generation, false, None)?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        run_with(&lab, &names, None)?;
+    }
+    eprintln!(
+        "lab: CI scenarios passed in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn run_with(lab: &Lab, names: &[String], balancer: Option<&str>) -> anyhow::Result<()> {
@@ -351,6 +367,7 @@ fn compare_runs(
     name: &str,
     balancers: &[String],
     out: Option<&Path>,
+    show_before_after: bool,
 ) -> anyhow::Result<()> {
     let s = load_scenario(&lab.paths, name)?;
     let balancers = if balancers.is_empty() {
@@ -367,6 +384,9 @@ fn compare_runs(
             r.boot_s,
             r.init_s.map_or("?".into(), |t| format!("{t:.1} s"))
         ));
+        if show_before_after {
+            println!("\n{}", compare::before_after(b, &r.samples));
+        }
         let summary = r
             .summary
             .with_context(|| format!("the {b} run of {name} reported no summary"))?;
@@ -413,12 +433,15 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     if first.is_none() && args.compare.is_none() && !args.shell {
         bail!("name a scenario (see --list), or use --compare, --shell, `capture` or `demo`");
     }
+    if first == Some("ci") {
+        return ci();
+    }
     let lab = Lab::prepare(args.kernel, args.verbose, args.timeout_s)?;
     if args.shell {
         return lab.shell();
     }
     if let Some(name) = &args.compare {
-        return compare_runs(&lab, name, &args.balancers, args.out.as_deref());
+        return compare_runs(&lab, name, &args.balancers, args.out.as_deref(), false);
     }
     match first {
         Some("capture") => {
@@ -449,7 +472,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             println!(
                 "vmbalancer lab demo: fake VMs scattered over 4 NUMA nodes, one boot per balancer."
             );
-            compare_runs(&lab, "demo", &args.balancers, None)
+            compare_runs(&lab, "demo", &args.balancers, args.out.as_deref(), true)
         }
         _ => run_with(&lab, &args.scenarios, args.balancer.as_deref()),
     }

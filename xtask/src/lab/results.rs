@@ -25,7 +25,6 @@ pub struct Summary {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[allow(dead_code)] // mirrored for completeness of the protocol
 pub struct VmTruth {
     pub name: String,
     pub main_node: Option<usize>,

@@ -156,6 +156,32 @@ pub fn run_check(a: &Assertion, summary: &Summary, samples: &[Sample]) -> Option
             };
             outcome(a, rate >= *min_touches_per_vcpu_s, detail)
         }
+        Assertion::MemoryOnNode {
+            vm,
+            node,
+            min_share,
+        } => {
+            let found = samples
+                .first()
+                .and_then(|s| s.vms.iter().find(|v| &v.name == vm));
+            match found {
+                Some(v) => {
+                    let total: u64 = v.bytes_per_node.iter().sum();
+                    let on = v.bytes_per_node.get(*node).copied().unwrap_or(0);
+                    let share = if total == 0 {
+                        0.0
+                    } else {
+                        on as f64 / total as f64
+                    };
+                    outcome(
+                        a,
+                        share >= *min_share,
+                        format!("{share:.3} of {} MiB on node {node}", total >> 20),
+                    )
+                }
+                None => outcome(a, false, format!("no VM named {vm}")),
+            }
+        }
         _ => return None,
     })
 }
