@@ -1,2 +1,415 @@
-//! The pure policy engine: a [`Snapshot`](crate::model::Snapshot) in, a
-//! [`Plan`](crate::model::Plan) out. No I/O, no clock, no randomness.
+//! The pure policy engine: a [`Snapshot`] (plus the engine's own plain-data
+//! [`EngineState`] from the previous decision and an [`EngineConfig`]) in, a [`Plan`]
+//! (actions with [`Reason`]s, refusals with [`RefusalReason`]s) and the next state out.
+//! No I/O, no clock (time is `Snapshot::now_ns`), no randomness, no hash-order
+//! dependence: the same inputs always give the same plan, so the daemon, the simulator
+//! and dry runs share it and tests can pin its behaviour.
+//!
+//! # Units
+//! The engine places *units*: a whole VM, or, for a VM with two or more guest NUMA
+//! cells, each cell on its own (its vCPUs and its memory). A unit has a *home*: one
+//! node, or the nearest set of nodes when it is wider than any node.
+//!
+//! # One decision, in order
+//! 1. **Adopt or place.** A unit the engine has not seen is adopted as it is when its
+//!    vCPUs are already confined to some nodes (someone placed it, e.g. a restarted
+//!    daemon). Otherwise it is *placed* ([`placement`]): the node with the most free
+//!    CPU capacity after placing it, among nodes with free memory plus headroom (and
+//!    free huge pages of its page size); KSM partners and sibling cells (by SLIT
+//!    distance) tip the choice. Wider than every node: the nearest set of nodes,
+//!    grown by distance from the freest node. Operator-pinned VMs are never moved,
+//!    only reported; their load still counts.
+//! 2. **Resolve probations** ([`probation`]). A unit moved CPU-first is re-examined
+//!    once its probation window has passed: if moving it back would not bring the
+//!    imbalance above the threshold, the need went away and it is *reverted* (CPUs back
+//!    to where its memory still is: zero bytes moved); otherwise it *commits* and its
+//!    memory starts to follow.
+//! 3. **Rebalance CPU** ([`rebalance`]). Load of a node = CPU demand of the units homed
+//!    there; the cost of a placement is `sum(load^2 / capacity)` over nodes, which is
+//!    lowest when load ratios are equal. Act only when the spread of load ratios
+//!    exceeds `imbalance_threshold_pct` of the mean and the busiest node is busy. Every
+//!    candidate move of a unit off the busiest node must lower the cost without
+//!    overshooting; among moves gaining at least a quarter of the best gain, the one
+//!    with the fewest bytes to move per unit of gain wins (the cheapest to move).
+//!    When no single move helps, 1-for-1 and 1-for-2 swaps between the busiest and the
+//!    idlest node are searched. Units in probation or moved within the hysteresis
+//!    window are not candidates, so nothing flaps. Moves are CPU-only (probation).
+//! 4. **Migrate memory lazily** ([`migration`]). Settled units below their locality
+//!    target get one `MigrateMemory` per decision: from the remote node holding most of
+//!    their memory to their home, hot regions first at `hot_rate_bytes_per_s`, then the
+//!    rest at `cold_rate_bytes_per_s`, within a host-wide budget, stopping at the
+//!    target (the coldest remainder may stay).
+//!
+//! # Safety ([`safety`])
+//! Memory is never planned onto a node whose free memory would fall below the
+//! headroom, nor a huge-page VM onto a node without free huge pages of its size; such
+//! moves are refused with a reason in [`Plan::refusals`], as are pinned VMs, KSM
+//! merging across nodes and moves blocked by hysteresis.
+//!
+//! # Complexity
+//! Building the view is O(VMs x nodes). Each move search is O(units on the busiest
+//! node x nodes), swaps O(K^3) with K = `swap_candidates`; at most
+//! `max_moves_per_tick` searches per decision.
+
+mod config;
+mod migration;
+mod placement;
+mod probation;
+mod rebalance;
+mod safety;
+mod state;
+mod view;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::EngineConfig;
+pub use state::{EngineState, EngineStats, Phase, UnitKey, UnitState};
+
+use crate::model::{
+    Action, ActionOutcome, CpuSet, NodeId, Plan, PlannedAction, Reason, Refusal, RefusalReason,
+    Snapshot,
+};
+use view::{NodeView, UnitView, mask_nodes};
+
+/// The engine with its carried state. Deterministic: see the module doc.
+#[derive(Clone, Debug, Default)]
+pub struct Engine {
+    cfg: EngineConfig,
+    state: EngineState,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Self {
+        Self {
+            cfg,
+            state: EngineState::default(),
+        }
+    }
+
+    /// Resumes from a saved state (e.g. the daemon's journal).
+    pub fn with_state(cfg: EngineConfig, state: EngineState) -> Self {
+        Self { cfg, state }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn state(&self) -> &EngineState {
+        &self.state
+    }
+
+    /// One decision. Updates the carried state and returns the plan.
+    pub fn plan(&mut self, snap: &Snapshot) -> Plan {
+        let state = std::mem::take(&mut self.state);
+        let (plan, state) = decide(&self.cfg, state, snap);
+        self.state = state;
+        plan
+    }
+
+    /// Feeds back what the host did with an action, so state follows reality: a
+    /// refused CPU move is undone in the engine's books, moved bytes are counted.
+    pub fn record_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
+        let stats = &mut self.state.stats;
+        match (&action.action, outcome) {
+            (Action::MigrateMemory { .. }, ActionOutcome::Done { moved_bytes })
+            | (Action::MigrateMemory { .. }, ActionOutcome::Partial { moved_bytes, .. }) => {
+                stats.migrated_bytes += moved_bytes;
+            }
+            (_, ActionOutcome::VmGone) => {
+                self.state.units.retain(|k, _| k.vm != action.vm);
+            }
+            (Action::SetCpus { .. }, ActionOutcome::Refused { .. }) => {
+                stats.refused_actions += 1;
+                for (_, u) in self.state.units.range_mut(
+                    UnitKey {
+                        vm: action.vm,
+                        cell: None,
+                    }..=UnitKey {
+                        vm: action.vm,
+                        cell: Some(u32::MAX),
+                    },
+                ) {
+                    if let Phase::Probation { from, .. } = &u.phase {
+                        u.home = from.clone();
+                        u.phase = Phase::Settled;
+                    }
+                }
+            }
+            (_, ActionOutcome::Refused { .. }) => stats.refused_actions += 1,
+            _ => {}
+        }
+    }
+}
+
+/// The pure decision function behind [`Engine::plan`].
+pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (Plan, EngineState) {
+    let nn = snap.topology.nodes.len();
+    if nn == 0 || nn > 64 {
+        return (Plan::default(), state);
+    }
+    let dt_ns = match state.last_now_ns {
+        Some(prev) if snap.now_ns > prev => {
+            (snap.now_ns - prev).clamp(cfg.tick_ns, 5 * cfg.tick_ns)
+        }
+        _ => cfg.tick_ns,
+    };
+    state.last_now_ns = Some(snap.now_ns);
+    let (units, nodes, _masker) = view::build(snap);
+    // Forget units that no longer exist.
+    let live: std::collections::BTreeSet<UnitKey> = units.iter().map(|u| u.key).collect();
+    state.units.retain(|k, _| live.contains(k));
+    let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
+    ctx.report_host();
+    ctx.classify();
+    ctx.place_new();
+    ctx.resolve_probations();
+    ctx.rebalance();
+    ctx.migrate();
+    (ctx.plan, ctx.state)
+}
+
+/// Working data of one decision.
+pub(crate) struct Ctx<'a> {
+    pub cfg: &'a EngineConfig,
+    pub snap: &'a Snapshot,
+    pub now: u64,
+    pub dt_ns: u64,
+    pub units: Vec<UnitView>,
+    pub nodes: Vec<NodeView>,
+    /// CPU demand per node index.
+    pub load: Vec<f64>,
+    /// Per unit: home mask when managed, where it runs when not.
+    pub home: Vec<u64>,
+    pub managed: Vec<bool>,
+    /// Units still waiting for initial placement.
+    pub pending: Vec<usize>,
+    /// Bytes promised to each node by this plan.
+    pub reserved: Vec<u64>,
+    /// Units acted on in this plan (one action kind per unit per decision).
+    pub touched: Vec<bool>,
+    pub committed_now: Vec<bool>,
+    pub plan: Plan,
+    pub state: EngineState,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(
+        cfg: &'a EngineConfig,
+        snap: &'a Snapshot,
+        dt_ns: u64,
+        units: Vec<UnitView>,
+        nodes: Vec<NodeView>,
+        state: EngineState,
+    ) -> Self {
+        let n = units.len();
+        let nn = nodes.len();
+        Self {
+            cfg,
+            snap,
+            now: snap.now_ns,
+            dt_ns,
+            units,
+            nodes,
+            load: vec![0.0; nn],
+            home: vec![0; n],
+            managed: vec![false; n],
+            pending: Vec::new(),
+            reserved: vec![0; nn],
+            touched: vec![false; n],
+            committed_now: vec![false; n],
+            plan: Plan::default(),
+            state,
+        }
+    }
+
+    pub fn node_id(&self, idx: usize) -> NodeId {
+        self.snap.topology.nodes[idx].id
+    }
+
+    pub fn node_idx(&self, id: NodeId) -> Option<usize> {
+        self.snap.topology.node_index(id)
+    }
+
+    pub fn dist(&self, a: usize, b: usize) -> u32 {
+        if a == b {
+            return 10;
+        }
+        self.snap
+            .topology
+            .distance
+            .get(a)
+            .and_then(|r| r.get(b))
+            .copied()
+            .unwrap_or(20)
+    }
+
+    pub fn mask_of_ids(&self, ids: &[NodeId]) -> u64 {
+        ids.iter()
+            .filter_map(|&id| self.node_idx(id))
+            .fold(0, |m, i| m | 1 << i)
+    }
+
+    pub fn ids_of_mask(&self, mask: u64) -> Vec<NodeId> {
+        mask_nodes(mask).map(|i| self.node_id(i)).collect()
+    }
+
+    pub fn cpus_of_mask(&self, mask: u64) -> CpuSet {
+        mask_nodes(mask).fold(CpuSet::new(), |acc, i| {
+            acc.union(&self.snap.topology.nodes[i].cpus)
+        })
+    }
+
+    /// Adds (`sign = 1`) or removes (`-1`) a unit's demand spread over `mask`.
+    pub fn add_load(&mut self, mask: u64, demand: f64, sign: f64) {
+        let cap: f64 = mask_nodes(mask).map(|i| self.nodes[i].cap).sum();
+        if cap <= 0.0 {
+            return;
+        }
+        for i in mask_nodes(mask) {
+            self.load[i] += sign * demand * self.nodes[i].cap / cap;
+        }
+    }
+
+    /// `sum(load^2/cap)`: lowest when load ratios are equal.
+    pub fn cost_of(&self, load: &[f64]) -> f64 {
+        load.iter()
+            .zip(&self.nodes)
+            .filter(|(_, n)| n.cap > 0.0)
+            .map(|(l, n)| l * l / n.cap)
+            .sum()
+    }
+
+    /// Spread of load ratios as a share of the mean ratio, in percent, with the busiest
+    /// and idlest node indices and the busiest ratio.
+    pub fn imbalance(&self, load: &[f64]) -> (f64, usize, usize, f64) {
+        let (mut hi, mut lo) = (usize::MAX, usize::MAX);
+        let (mut rhi, mut rlo) = (f64::MIN, f64::MAX);
+        let (mut tl, mut tc) = (0.0, 0.0);
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.cap <= 0.0 {
+                continue;
+            }
+            let r = load[i] / n.cap;
+            tl += load[i];
+            tc += n.cap;
+            if r > rhi {
+                rhi = r;
+                hi = i;
+            }
+            if r < rlo {
+                rlo = r;
+                lo = i;
+            }
+        }
+        if hi == usize::MAX {
+            return (0.0, 0, 0, 0.0);
+        }
+        let mean = (tl / tc).max(0.05);
+        ((rhi - rlo) / mean * 100.0, hi, lo, rhi)
+    }
+
+    pub fn refuse(&mut self, vm: Option<u32>, why: RefusalReason) {
+        self.plan.refusals.push(Refusal { vm, why });
+    }
+
+    pub fn push(&mut self, u: usize, action: Action, reason: Reason) {
+        self.touched[u] = true;
+        self.plan.actions.push(PlannedAction {
+            vm: self.units[u].key.vm,
+            action,
+            reason,
+        });
+    }
+
+    /// A CPU move of unit `u` to `mask` (the action only; books are the caller's).
+    pub fn set_cpus(&mut self, u: usize, mask: u64, reason: Reason) {
+        let cpus = self.cpus_of_mask(mask);
+        let vcpus = self.units[u].vcpus.clone();
+        self.push(u, Action::SetCpus { vcpus, cpus }, reason);
+    }
+
+    /// Host-wide conditions worth reporting.
+    fn report_host(&mut self) {
+        let ksm = &self.snap.settings.ksm;
+        if ksm.running && ksm.merge_across_nodes {
+            self.refuse(
+                None,
+                RefusalReason::KsmMergesAcrossNodes {
+                    pages_sharing: ksm.pages_sharing,
+                },
+            );
+        }
+        if self.snap.settings.numa_balancing {
+            self.refuse(None, RefusalReason::NumaBalancingOn);
+        }
+    }
+
+    /// Decides for every unit whether it is managed (and its home), pinned, or new,
+    /// and books the load of everything but the new ones.
+    fn classify(&mut self) {
+        let all_mask: u64 = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].cap > 0.0)
+            .fold(0, |m, i| m | 1 << i);
+        for u in 0..self.units.len() {
+            let unit = &self.units[u];
+            let vm = &self.snap.vms[unit.vm_idx];
+            if unit.pinned {
+                // Where its vCPUs really run, for the load.
+                let mask = unit.affinity_mask;
+                let remote = if unit.resident_bytes == 0 {
+                    0.0
+                } else {
+                    let local: u64 = mask_nodes(mask)
+                        .map(|i| unit.bytes_per_node.get(i).copied().unwrap_or(0))
+                        .sum();
+                    100.0 * (1.0 - local as f64 / unit.resident_bytes as f64)
+                };
+                let first_unit = unit
+                    .key
+                    .cell
+                    .is_none_or(|c| vm.cells.first().is_some_and(|f| f.id == c));
+                let (vm_id, d) = (unit.key.vm, unit.demand);
+                if first_unit {
+                    self.refuse(
+                        Some(vm_id),
+                        RefusalReason::OperatorPinned { remote_pct: remote },
+                    );
+                }
+                self.home[u] = mask;
+                self.add_load(mask, d, 1.0);
+                continue;
+            }
+            if let Some(st) = self.state.units.get(&unit.key) {
+                let mask = self.mask_of_ids(&st.home);
+                if mask != 0 {
+                    self.home[u] = mask;
+                    self.managed[u] = true;
+                    let d = unit.demand;
+                    self.add_load(mask, d, 1.0);
+                    continue;
+                }
+            }
+            let aff = unit.affinity_mask;
+            if aff != 0 && aff & all_mask != all_mask {
+                // Already confined to some nodes: adopt as is.
+                let home = self.ids_of_mask(aff);
+                self.state.units.insert(
+                    unit.key,
+                    UnitState {
+                        home,
+                        phase: Phase::Settled,
+                        last_move_ns: None,
+                    },
+                );
+                self.home[u] = aff;
+                self.managed[u] = true;
+                let d = unit.demand;
+                self.add_load(aff, d, 1.0);
+            } else {
+                self.pending.push(u);
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@ mod topology;
 mod vm;
 
 pub use idset::{CpuId, CpuSet, IdSet, IdSetParseError, NodeId, NodeSet};
-pub use plan::{Action, ActionOutcome, Plan, PlannedAction, Reason};
+pub use plan::{Action, ActionOutcome, Plan, PlannedAction, Reason, Refusal, RefusalReason};
 pub use snapshot::{HostSettings, KsmState, Snapshot};
 pub use topology::{HugePagePool, Node, NodeMemory, Topology};
 pub use vm::{

@@ -8,6 +8,43 @@ use super::{CpuSet, NodeId, VmId};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub actions: Vec<PlannedAction>,
+    /// Decisions the engine considered and refused, and conditions it only reports
+    /// (operator pinning, KSM merging across nodes). Shown by status and trace.
+    #[serde(default)]
+    pub refusals: Vec<Refusal>,
+}
+
+/// Something the engine would have done (or warns about) but did not do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The VM concerned; `None` for host-wide reports.
+    pub vm: Option<VmId>,
+    pub why: RefusalReason,
+}
+
+/// Why the engine refused or only reported. Data, so it can be counted and shown.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// The VM is pinned by the operator (or excluded): reported, never moved.
+    OperatorPinned { remote_pct: f64 },
+    /// No node (or set of nodes) has the free memory plus headroom the VM needs.
+    NoNodeWithMemory { need_bytes: u64 },
+    /// The target node lacks free huge pages of the VM's page size.
+    NoHugePages { node: NodeId, page_size_bytes: u64 },
+    /// A memory move was refused: the target would fall below its free-memory headroom.
+    TargetMemoryFull {
+        node: NodeId,
+        free_bytes: u64,
+        headroom_bytes: u64,
+    },
+    /// The VM was moved too recently (hysteresis window).
+    Hysteresis { until_ns: u64 },
+    /// KSM merges pages across nodes (`merge_across_nodes=1`), pulling memory remote.
+    KsmMergesAcrossNodes { pages_sharing: u64 },
+    /// Automatic NUMA balancing is on and may fight the engine's placements.
+    NumaBalancingOn,
+    /// An imbalance exceeds the threshold but no move or swap reduces it.
+    NoImprovingMove { imbalance_pct: f64 },
 }
 
 /// One action with the VM it concerns and why.
@@ -54,6 +91,17 @@ pub enum Reason {
     ProbationReverted { node: NodeId },
     /// Memory is being brought local to where the VM runs.
     Locality { locality_pct: f64, target_pct: f64 },
+    /// Two VMs exchange nodes (or one for two) because no single move helped.
+    Swap {
+        with: Vec<VmId>,
+        from: NodeId,
+        to: NodeId,
+        imbalance_pct: f64,
+    },
+    /// A VM (or guest cell) too big for one node placed on the nearest set of nodes.
+    SpanNodes { nodes: Vec<NodeId> },
+    /// Kept next to the VMs it shares KSM pages with (`merge_across_nodes=0`).
+    KsmGrouping { node: NodeId },
 }
 
 /// What happened when an action was applied, read back from the host.

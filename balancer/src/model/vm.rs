@@ -26,6 +26,16 @@ pub struct Vm {
     pub cgroup: Option<String>,
     /// Nodes the VM's memory may be allocated on (`cpuset.mems` or `Mems_allowed_list`).
     pub mems_allowed: NodeSet,
+    /// VMs this one shares KSM pages with and how many pages (when known; empty else).
+    #[serde(default)]
+    pub ksm_shared_pages: Vec<(VmId, u64)>,
+}
+
+impl Vm {
+    /// Sum of the vCPUs' CPU demand, in CPUs.
+    pub fn cpu_demand(&self) -> f64 {
+        self.vcpus.iter().map(|v| v.cpu_demand).sum()
+    }
 }
 
 /// One vCPU thread.
@@ -105,6 +115,13 @@ pub struct GuestCell {
     pub memory_bytes: u64,
     /// `host-nodes=` of its memory backend, if the command line binds it.
     pub host_nodes: Option<NodeSet>,
+    /// Bytes of this cell's memory resident on each node, indexed like
+    /// `Topology::nodes` (empty when unknown).
+    #[serde(default)]
+    pub bytes_per_node: Vec<u64>,
+    /// Host virtual address range `(start, len)` of the cell's memory backend, when known.
+    #[serde(default)]
+    pub addr_range: Option<(u64, u64)>,
 }
 
 /// Whether an operator already placed the VM by hand.

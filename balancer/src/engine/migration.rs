@@ -1,0 +1,159 @@
+//! Lazy memory migration for settled units below their locality target.
+//!
+//! Each decision a unit gets at most one `MigrateMemory`: from the non-home node
+//! holding most of its memory to the home node (the roomiest home node when it
+//! spans). While hot regions of the unit sit on that node they are listed, hottest
+//! first, and the per-VM rate is `hot_rate_bytes_per_s`; afterwards the rest moves at
+//! `cold_rate_bytes_per_s`. A move never exceeds what is left to reach the target
+//! (the coldest remainder stays), the room above the target's headroom, or what is
+//! left of the host-wide budget. Units with remote hot memory go first, then the
+//! least local, so the budget buys the most locality.
+
+use crate::model::{Action, Reason};
+
+use super::view::mask_nodes;
+use super::{Ctx, Phase};
+
+impl Ctx<'_> {
+    pub(super) fn migrate(&mut self) {
+        let secs = self.dt_ns as f64 / 1e9;
+        let mut host_budget = (self.cfg.host_rate_bytes_per_s as f64 * secs) as u64;
+        let target = self.cfg.locality_target_pct / 100.0;
+        // (has remote hot, locality, unit)
+        let mut todo: Vec<(bool, f64, usize)> = Vec::new();
+        for u in 0..self.units.len() {
+            if !self.managed[u] || self.touched[u] {
+                continue;
+            }
+            let Some(st) = self.state.units.get(&self.units[u].key) else {
+                continue;
+            };
+            if !matches!(st.phase, Phase::Settled) {
+                continue;
+            }
+            let unit = &self.units[u];
+            if unit.resident_bytes == 0 {
+                continue;
+            }
+            let home = self.home[u];
+            let local: u64 = mask_nodes(home).map(|n| unit.bytes_per_node[n]).sum();
+            let loc = local as f64 / unit.resident_bytes as f64;
+            if loc >= target {
+                continue;
+            }
+            let hot = !self.remote_hot(u, home).is_empty();
+            todo.push((hot, loc, u));
+        }
+        todo.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then(a.1.total_cmp(&b.1))
+                .then(self.units[a.2].key.cmp(&self.units[b.2].key))
+        });
+        for (_, loc, u) in todo {
+            if host_budget == 0 {
+                break;
+            }
+            let home = self.home[u];
+            let unit = &self.units[u];
+            let Some(src) = (0..self.nodes.len())
+                .filter(|&n| home & (1 << n) == 0 && unit.bytes_per_node[n] > 0)
+                .max_by(|&a, &b| {
+                    unit.bytes_per_node[a]
+                        .cmp(&unit.bytes_per_node[b])
+                        .then(b.cmp(&a))
+                })
+            else {
+                continue;
+            };
+            let Some(dst) = mask_nodes(home).max_by(|&a, &b| {
+                self.room_on(u, a)
+                    .cmp(&self.room_on(u, b))
+                    .then(self.dist(src, b).cmp(&self.dist(src, a)))
+                    .then(b.cmp(&a))
+            }) else {
+                continue;
+            };
+            let regions = self.remote_hot_on(u, src);
+            let rate = if regions.is_empty() {
+                self.cfg.cold_rate_bytes_per_s
+            } else {
+                self.cfg.hot_rate_bytes_per_s
+            };
+            let unit = &self.units[u];
+            let to_target = ((target - loc) * unit.resident_bytes as f64)
+                .ceil()
+                .max(0.0) as u64;
+            let mut max_bytes = ((rate as f64 * secs) as u64)
+                .min(unit.bytes_per_node[src])
+                .min(to_target.max(1 << 20))
+                .min(host_budget);
+            let room = self.room_on(u, dst);
+            if room == 0 {
+                if let Err(why) = self.memory_fits(u, dst, 1) {
+                    let vm = unit.key.vm;
+                    self.refuse(Some(vm), why);
+                }
+                continue;
+            }
+            max_bytes = max_bytes.min(room);
+            if max_bytes == 0 {
+                continue;
+            }
+            host_budget -= max_bytes;
+            self.reserved[dst] += max_bytes;
+            let reason = if self.committed_now[u] {
+                Reason::ProbationCommitted {
+                    node: self.node_id(dst),
+                }
+            } else {
+                Reason::Locality {
+                    locality_pct: loc * 100.0,
+                    target_pct: self.cfg.locality_target_pct,
+                }
+            };
+            self.state.stats.migrate_actions += 1;
+            self.state.stats.migrate_planned_bytes += max_bytes;
+            let (from, to) = (self.node_id(src), self.node_id(dst));
+            self.push(
+                u,
+                Action::MigrateMemory {
+                    from,
+                    to,
+                    regions,
+                    max_bytes,
+                },
+                reason,
+            );
+        }
+    }
+
+    /// Hot regions of unit `u` outside `home`, hottest first.
+    fn remote_hot(&self, u: usize, home: u64) -> Vec<(u64, u64)> {
+        self.hot_regions_where(u, |n| home & (1 << n) == 0)
+    }
+
+    fn remote_hot_on(&self, u: usize, src: usize) -> Vec<(u64, u64)> {
+        self.hot_regions_where(u, |n| n == src)
+    }
+
+    fn hot_regions_where(&self, u: usize, on: impl Fn(usize) -> bool) -> Vec<(u64, u64)> {
+        let unit = &self.units[u];
+        let vm = &self.snap.vms[unit.vm_idx];
+        let mut regs: Vec<&crate::model::HotRegion> = vm
+            .hot_regions
+            .iter()
+            .filter(|r| r.heat > 0.0)
+            .filter(|r| {
+                unit.addr_range
+                    .is_none_or(|(s, l)| r.start_addr >= s && r.start_addr < s.saturating_add(l))
+            })
+            .filter(|r| self.node_idx(r.node).is_some_and(&on))
+            .collect();
+        regs.sort_by(|a, b| {
+            b.heat
+                .total_cmp(&a.heat)
+                .then(a.start_addr.cmp(&b.start_addr))
+        });
+        regs.iter().map(|r| (r.start_addr, r.len_bytes)).collect()
+    }
+}

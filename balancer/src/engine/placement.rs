@@ -1,0 +1,173 @@
+//! Initial placement of units the engine has not seen and that nobody confined.
+//!
+//! Units are placed biggest first (CPU demand estimate, then memory, then key, so the
+//! order is deterministic). A unit fits a node when the node has free memory plus
+//! headroom (or free huge pages of its size) for the part of its memory not already
+//! there, and enough CPUs for its demand. Among fitting nodes the score is the CPU
+//! capacity left after placing it (as a ratio of the node), plus a bonus for KSM
+//! pages shared with units already there (`merge_across_nodes=0` only; a GiB of
+//! shared pages is worth 15 % of a node's CPUs, at most 30 %),
+//! minus a small penalty per unit of SLIT distance to the unit's sibling cells. With
+//! no fitting node the unit spans: starting from the freest node with memory, the
+//! nearest nodes are added until CPUs and memory suffice. If memory cannot fit at all
+//! the unit is left where it runs and the refusal is reported.
+
+use crate::model::{Reason, RefusalReason};
+
+use super::view::mask_nodes;
+use super::{Ctx, Phase, UnitState};
+
+impl Ctx<'_> {
+    fn demand_estimate(&self, u: usize) -> f64 {
+        let unit = &self.units[u];
+        unit.demand
+            .max(unit.nvcpus as f64 * self.cfg.new_vcpu_demand)
+    }
+
+    /// KSM pages unit `u`'s VM shares with managed units homed on node index `n`.
+    pub fn ksm_affinity(&self, u: usize, n: usize) -> u64 {
+        let ksm = &self.snap.settings.ksm;
+        if !self.cfg.ksm_grouping || ksm.merge_across_nodes {
+            return 0;
+        }
+        let vm = &self.snap.vms[self.units[u].vm_idx];
+        if vm.ksm_shared_pages.is_empty() {
+            return 0;
+        }
+        let mut pages = 0;
+        for (other, p) in &vm.ksm_shared_pages {
+            let on_n = self.units.iter().enumerate().any(|(j, o)| {
+                o.key.vm == *other && self.managed[j] && self.home[j] & (1 << n) != 0
+            });
+            if on_n {
+                pages += p;
+            }
+        }
+        pages
+    }
+
+    pub(super) fn place_new(&mut self) {
+        let mut order = std::mem::take(&mut self.pending);
+        order.sort_by(|&a, &b| {
+            let (da, db) = (self.demand_estimate(a), self.demand_estimate(b));
+            db.total_cmp(&da)
+                .then(self.units[b].need_bytes.cmp(&self.units[a].need_bytes))
+                .then(self.units[a].key.cmp(&self.units[b].key))
+        });
+        for u in order {
+            self.place_one(u);
+        }
+    }
+
+    fn place_one(&mut self, u: usize) {
+        let d = self.demand_estimate(u);
+        let nn = self.nodes.len();
+        let mut best: Option<(f64, usize, bool)> = None;
+        for n in 0..nn {
+            let cap = self.nodes[n].cap;
+            if cap <= 0.0 || cap < d {
+                continue;
+            }
+            if self.memory_fits(u, n, self.bytes_to_bring(u, n)).is_err() {
+                continue;
+            }
+            let mut score = (cap - self.load[n] - d) / cap;
+            let ksm = self.ksm_affinity(u, n);
+            score += (0.15 * ksm as f64 * 4096.0 / (1u64 << 30) as f64).min(0.3);
+            score -= self.sibling_distance_penalty(u, n);
+            if best.is_none_or(|(s, _, _)| score > s + 1e-12) {
+                best = Some((score, n, ksm > 0));
+            }
+        }
+        let key = self.units[u].key;
+        let mask = match best {
+            Some((_, n, ksm)) => {
+                let reason = if ksm {
+                    Reason::KsmGrouping {
+                        node: self.node_id(n),
+                    }
+                } else {
+                    Reason::InitialPlacement {
+                        node: self.node_id(n),
+                    }
+                };
+                self.set_cpus(u, 1 << n, reason);
+                self.reserved[n] += self.bytes_to_bring(u, n).min(self.room_on(u, n));
+                1u64 << n
+            }
+            None => match self.span(u, d) {
+                Some(mask) => {
+                    let nodes = self.ids_of_mask(mask);
+                    self.set_cpus(u, mask, Reason::SpanNodes { nodes });
+                    mask
+                }
+                None => {
+                    let need = self.units[u].need_bytes;
+                    self.refuse(
+                        Some(key.vm),
+                        RefusalReason::NoNodeWithMemory { need_bytes: need },
+                    );
+                    let aff = self.units[u].affinity_mask;
+                    let dem = self.units[u].demand;
+                    self.home[u] = aff;
+                    self.add_load(aff, dem, 1.0);
+                    return;
+                }
+            },
+        };
+        self.state.stats.placements += 1;
+        self.state.units.insert(
+            key,
+            UnitState {
+                home: self.ids_of_mask(mask),
+                phase: Phase::Settled,
+                last_move_ns: None,
+            },
+        );
+        self.home[u] = mask;
+        self.managed[u] = true;
+        self.add_load(mask, self.units[u].demand, 1.0);
+    }
+
+    /// Penalty for placing a cell far from its sibling cells already placed.
+    fn sibling_distance_penalty(&self, u: usize, n: usize) -> f64 {
+        let me = &self.units[u];
+        if me.key.cell.is_none() {
+            return 0.0;
+        }
+        let mut p = 0.0;
+        for (j, o) in self.units.iter().enumerate() {
+            if j != u && o.key.vm == me.key.vm && self.managed[j] {
+                for h in mask_nodes(self.home[j]) {
+                    p += 0.01 * (self.dist(n, h).saturating_sub(10)) as f64;
+                }
+            }
+        }
+        p
+    }
+
+    /// The nearest set of nodes holding `d` CPUs of demand and the unit's memory.
+    fn span(&mut self, u: usize, d: f64) -> Option<u64> {
+        let nn = self.nodes.len();
+        let need = self.units[u].need_bytes;
+        let seed = (0..nn)
+            .filter(|&n| self.nodes[n].cap > 0.0)
+            .max_by(|&a, &b| {
+                let fa = self.nodes[a].cap - self.load[a];
+                let fb = self.nodes[b].cap - self.load[b];
+                fa.total_cmp(&fb).then(b.cmp(&a))
+            })?;
+        let mut order: Vec<usize> = (0..nn).collect();
+        order.sort_by_key(|&n| (self.dist(seed, n), n != seed, n));
+        let (mut mask, mut cap, mut room) = (0u64, 0.0, 0u64);
+        for n in order {
+            mask |= 1 << n;
+            cap += self.nodes[n].cap - self.load[n].min(self.nodes[n].cap);
+            room += self.room_on(u, n) + self.units[u].bytes_per_node.get(n).copied().unwrap_or(0);
+            if cap >= d && room >= need {
+                return Some(mask);
+            }
+        }
+        (room >= need).then_some(mask)
+    }
+}

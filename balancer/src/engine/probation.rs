@@ -1,0 +1,87 @@
+//! CPU-first probation. A rebalancing move only changes where a unit's vCPUs run;
+//! its memory stays where it was. Once `probation_ns` has passed the engine asks
+//! whether the need lasted: it imagines moving the unit back and, if the imbalance
+//! would then stay within the threshold (or nobody would be busy), the need went away
+//! and the CPUs go back to where the memory still is: the whole episode moved zero
+//! bytes. Otherwise the move commits and lazy migration brings the memory along.
+//! A commit whose home can no longer take the memory (headroom, huge pages) reverts
+//! instead, with the refusal reported.
+
+use crate::model::Reason;
+
+use super::{Ctx, Phase};
+
+impl Ctx<'_> {
+    pub(super) fn resolve_probations(&mut self) {
+        for u in 0..self.units.len() {
+            if !self.managed[u] || self.touched[u] {
+                continue;
+            }
+            let key = self.units[u].key;
+            let Some(st) = self.state.units.get(&key) else {
+                continue;
+            };
+            let Phase::Probation { since_ns, from } = st.phase.clone() else {
+                continue;
+            };
+            if self.now < since_ns.saturating_add(self.cfg.probation_ns) {
+                continue;
+            }
+            let from_mask = self.mask_of_ids(&from);
+            let home_mask = self.home[u];
+            let d = self.units[u].demand;
+            // Imagine the revert.
+            let mut trial = self.load.clone();
+            spread(&self.nodes, &mut trial, home_mask, d, -1.0);
+            spread(&self.nodes, &mut trial, from_mask, d, 1.0);
+            let (imb, _, _, busiest) = self.imbalance(&trial);
+            let need_gone = from_mask != 0
+                && (imb <= self.cfg.imbalance_threshold_pct
+                    || busiest * 100.0 < self.cfg.busy_floor_pct
+                    || self.cost_of(&trial) <= self.cost_of(&self.load) + 1e-9);
+            let mut commit_blocked = None;
+            if !need_gone {
+                for n in super::view::mask_nodes(home_mask) {
+                    let bring = self.bytes_to_bring(u, n) / home_mask.count_ones() as u64;
+                    if let Err(why) = self.memory_fits(u, n, bring) {
+                        commit_blocked = Some(why);
+                        break;
+                    }
+                }
+            }
+            if need_gone || commit_blocked.is_some() {
+                if let Some(why) = commit_blocked {
+                    self.refuse(Some(key.vm), why);
+                }
+                let from_ids = from.clone();
+                self.load = trial;
+                self.home[u] = from_mask;
+                if let Some(st) = self.state.units.get_mut(&key) {
+                    st.home = from_ids.clone();
+                    st.phase = Phase::Settled;
+                    st.last_move_ns = Some(self.now);
+                }
+                self.state.stats.reverts += 1;
+                let node = from_ids.first().copied().unwrap_or(0);
+                self.set_cpus(u, from_mask, Reason::ProbationReverted { node });
+            } else {
+                if let Some(st) = self.state.units.get_mut(&key) {
+                    st.phase = Phase::Settled;
+                }
+                self.state.stats.commits += 1;
+                self.committed_now[u] = true;
+            }
+        }
+    }
+}
+
+/// Adds `sign * d` spread over the nodes of `mask` in proportion to capacity.
+pub(super) fn spread(nodes: &[super::NodeView], load: &mut [f64], mask: u64, d: f64, sign: f64) {
+    let cap: f64 = super::view::mask_nodes(mask).map(|i| nodes[i].cap).sum();
+    if cap <= 0.0 {
+        return;
+    }
+    for i in super::view::mask_nodes(mask) {
+        load[i] += sign * d * nodes[i].cap / cap;
+    }
+}

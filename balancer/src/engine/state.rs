@@ -1,0 +1,58 @@
+//! What the engine remembers between decisions, as plain data: for every placement
+//! unit (a VM, or one guest NUMA cell of a big VM) its home nodes, its probation phase
+//! and when it last moved. Nothing else carries over, so a decision depends only on
+//! (snapshot, this state, config).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{NodeId, VmId};
+
+/// A unit of placement: a whole VM (`cell: None`) or one of its guest NUMA cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct UnitKey {
+    pub vm: VmId,
+    pub cell: Option<u32>,
+}
+
+/// Where a unit is in its move life cycle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Home is final; memory follows lazily until the locality target is met.
+    Settled,
+    /// CPUs moved to `home` at `since_ns`; memory still where it was (`from`).
+    Probation { since_ns: u64, from: Vec<NodeId> },
+}
+
+/// Engine memory of one unit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnitState {
+    /// Nodes whose CPUs the unit runs on (one node unless it spans).
+    pub home: Vec<NodeId>,
+    pub phase: Phase,
+    /// Last rebalancing move (or revert), for the hysteresis window.
+    pub last_move_ns: Option<u64>,
+}
+
+/// Counters the engine keeps for status and the simulator's report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStats {
+    pub placements: u64,
+    pub moves: u64,
+    pub swaps: u64,
+    pub commits: u64,
+    pub reverts: u64,
+    pub migrate_actions: u64,
+    pub migrate_planned_bytes: u64,
+    pub migrated_bytes: u64,
+    pub refused_actions: u64,
+}
+
+/// Everything carried from one decision to the next.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineState {
+    pub last_now_ns: Option<u64>,
+    pub units: BTreeMap<UnitKey, UnitState>,
+    pub stats: EngineStats,
+}

@@ -1,0 +1,723 @@
+//! Table-style tests of the engine's behaviours, then randomized property tests
+//! (seeded, so failures reproduce) of its invariants.
+
+use super::*;
+use crate::host::sim::rng::Rng;
+use crate::model::{
+    GuestCell, HotRegion, HugePagePool, KsmState, MemoryBacking, Pinning, Topology, Vcpu, Vm,
+    VmMemory,
+};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+const S: u64 = 1_000_000_000;
+
+fn topo(nodes: u32, cpus: u32, mem_gib: u64) -> Topology {
+    Topology::uniform(nodes, cpus, mem_gib * GIB)
+}
+
+/// A VM of `vcpus` vCPUs of `demand` each, confined to `node` (None: all CPUs), with
+/// `bytes` per node.
+fn vm(pid: u32, vcpus: u32, demand: f64, node: Option<u32>, bytes: &[u64], t: &Topology) -> Vm {
+    let aff = match node {
+        Some(n) => t.node(n).unwrap().cpus.clone(),
+        None => t.all_cpus(),
+    };
+    Vm {
+        pid,
+        name: format!("vm{pid}"),
+        vcpus: (0..vcpus)
+            .map(|i| Vcpu {
+                index: i,
+                tid: pid * 100 + i,
+                affinity: aff.clone(),
+                last_cpu: aff.first(),
+                cpu_demand: demand,
+                ..Default::default()
+            })
+            .collect(),
+        memory: VmMemory {
+            bytes_per_node: bytes.to_vec(),
+            configured_bytes: bytes.iter().sum::<u64>().max(GIB),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn snap(now_s: u64, topology: Topology, vms: Vec<Vm>) -> Snapshot {
+    Snapshot {
+        now_ns: now_s * S,
+        topology,
+        vms,
+        settings: Default::default(),
+    }
+}
+
+fn set_cpus_of(plan: &Plan, pid: u32) -> Vec<(CpuSet, Reason)> {
+    plan.actions
+        .iter()
+        .filter(|a| a.vm == pid)
+        .filter_map(|a| match &a.action {
+            Action::SetCpus { cpus, .. } => Some((cpus.clone(), a.reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn migrations(plan: &Plan) -> Vec<(u32, NodeId, NodeId, u64, usize)> {
+    plan.actions
+        .iter()
+        .filter_map(|a| match &a.action {
+            Action::MigrateMemory {
+                from,
+                to,
+                max_bytes,
+                regions,
+            } => Some((a.vm, *from, *to, *max_bytes, regions.len())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Applies CPU moves of a plan to the VMs' affinities (a stand-in host).
+fn apply_cpus(vms: &mut [Vm], plan: &Plan) {
+    for a in &plan.actions {
+        if let Action::SetCpus { vcpus, cpus } = &a.action {
+            let vm = vms.iter_mut().find(|v| v.pid == a.vm).unwrap();
+            for v in &mut vm.vcpus {
+                if vcpus.as_ref().is_none_or(|l| l.contains(&v.index)) {
+                    v.affinity = cpus.clone();
+                    v.last_cpu = cpus.first();
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn initial_placement_best_fit() {
+    // (case, free GiB per node, existing VM demand on node 0, hugepages free per node,
+    //  expected node)
+    type Case = (&'static str, [u64; 2], f64, Option<[u64; 2]>, u32);
+    let cases: &[Case] = &[
+        ("empty host: lowest id", [32, 32], 0.0, None, 0),
+        ("node 0 busy: node 1", [32, 32], 6.0, None, 1),
+        (
+            "node 1 has no memory: node 0 though busy",
+            [32, 0],
+            6.0,
+            None,
+            0,
+        ),
+        (
+            "hugepages only on node 1",
+            [32, 32],
+            0.0,
+            Some([0, 4096]),
+            1,
+        ),
+    ];
+    for (name, free, busy, huge, want) in cases {
+        let mut t = topo(2, 8, 32);
+        for (i, n) in t.nodes.iter_mut().enumerate() {
+            n.memory.free_bytes = free[i] * GIB;
+            if let Some(h) = huge {
+                n.memory.hugepages = vec![HugePagePool {
+                    page_size_bytes: 2 * MIB,
+                    total_pages: 4096,
+                    free_pages: h[i],
+                }];
+            }
+        }
+        let mut vms = Vec::new();
+        if *busy > 0.0 {
+            vms.push(vm(1, 8, busy / 8.0, Some(0), &[GIB, 0], &t));
+        }
+        let mut new = vm(2, 2, 0.0, None, &[0, 0], &t);
+        new.memory.configured_bytes = 2 * GIB;
+        if huge.is_some() {
+            new.memory.backing = MemoryBacking::HugeTlb {
+                page_size_bytes: 2 * MIB,
+            };
+        }
+        vms.push(new);
+        let want_cpus = t.node(*want).unwrap().cpus.clone();
+        let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vms));
+        let got = set_cpus_of(&plan, 2);
+        assert_eq!(got.len(), 1, "{name}: {plan:?}");
+        assert_eq!(got[0].0, want_cpus, "{name}");
+        assert!(
+            matches!(got[0].1, Reason::InitialPlacement { node } if node == *want),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn no_memory_anywhere_is_refused_and_reported() {
+    let mut t = topo(2, 8, 4);
+    for n in &mut t.nodes {
+        n.memory.free_bytes = GIB;
+    }
+    let mut v = vm(1, 2, 1.0, None, &[0, 0], &t);
+    v.memory.configured_bytes = 16 * GIB;
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vec![v]));
+    assert!(plan.actions.is_empty());
+    assert!(
+        plan.refusals
+            .iter()
+            .any(|r| matches!(r.why, RefusalReason::NoNodeWithMemory { .. }))
+    );
+}
+
+#[test]
+fn big_vm_spans_the_nearest_nodes() {
+    let mut t = topo(4, 8, 32);
+    t.distance = vec![
+        vec![10, 16, 22, 22],
+        vec![16, 10, 22, 22],
+        vec![22, 22, 10, 16],
+        vec![22, 22, 16, 10],
+    ];
+    // Node 0 a bit busy so the freest node is 1; its nearest is 0.
+    let small = vm(1, 2, 1.0, Some(0), &[GIB, 0, 0, 0], &t);
+    let big = vm(2, 12, 0.9, None, &[0, 0, 0, 0], &t);
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t.clone(), vec![small, big]));
+    let got = set_cpus_of(&plan, 2);
+    assert_eq!(got.len(), 1, "{plan:?}");
+    match &got[0].1 {
+        Reason::SpanNodes { nodes } => {
+            assert_eq!(nodes.len(), 2);
+            assert_eq!(
+                t.distance(nodes[0], nodes[1]),
+                16,
+                "nearest pair, got {nodes:?}"
+            );
+        }
+        r => panic!("expected SpanNodes, got {r:?}"),
+    }
+}
+
+#[test]
+fn guest_cells_are_placed_as_units_near_each_other() {
+    let mut t = topo(4, 8, 32);
+    t.distance = vec![
+        vec![10, 16, 22, 22],
+        vec![16, 10, 22, 22],
+        vec![22, 22, 10, 16],
+        vec![22, 22, 16, 10],
+    ];
+    let mut big = vm(1, 12, 0.9, None, &[0, 0, 0, 0], &t);
+    big.cells = (0..2)
+        .map(|c| GuestCell {
+            id: c,
+            vcpus: (c * 6..c * 6 + 6).collect(),
+            memory_bytes: 8 * GIB,
+            ..Default::default()
+        })
+        .collect();
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t.clone(), vec![big]));
+    let sets: Vec<(Option<Vec<u32>>, CpuSet)> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match &a.action {
+            Action::SetCpus { vcpus, cpus } => Some((vcpus.clone(), cpus.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sets.len(), 2, "{plan:?}");
+    assert_eq!(sets[0].0.as_ref().unwrap().len(), 6);
+    let n0 = t.node_of_cpu(sets[0].1.first().unwrap()).unwrap();
+    let n1 = t.node_of_cpu(sets[1].1.first().unwrap()).unwrap();
+    assert_ne!(n0, n1);
+    assert_eq!(t.distance(n0, n1), 16, "cells on near nodes");
+}
+
+#[test]
+fn rebalances_only_above_threshold() {
+    // (case, demand per vCPU on node 0's VMs, VMs on node 0, VMs on node 1, expect move)
+    let cases: &[(&str, f64, u32, u32, bool)] = &[
+        ("balanced", 1.0, 2, 2, false),
+        ("3 vs 1 VMs, all busy", 1.0, 3, 1, true),
+        ("imbalanced but idle", 0.2, 3, 1, false),
+        ("5 vs 3, 4-vCPU VMs on 16 CPUs", 1.0, 5, 3, true),
+    ];
+    for (name, d, on0, on1, want) in cases {
+        let t = topo(2, 8, 64);
+        let mut vms = Vec::new();
+        for i in 0..*on0 {
+            vms.push(vm(
+                10 + i,
+                if *on0 == 5 { 2 } else { 4 },
+                *d,
+                Some(0),
+                &[GIB, 0],
+                &t,
+            ));
+        }
+        for i in 0..*on1 {
+            vms.push(vm(
+                20 + i,
+                if *on0 == 5 { 2 } else { 4 },
+                *d,
+                Some(1),
+                &[0, GIB],
+                &t,
+            ));
+        }
+        let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vms));
+        let moved = plan
+            .actions
+            .iter()
+            .any(|a| matches!(a.reason, Reason::CpuImbalance { .. } | Reason::Swap { .. }));
+        assert_eq!(moved, *want, "{name}: {plan:?}");
+    }
+}
+
+#[test]
+fn moves_the_cheapest_vm() {
+    let t = topo(2, 8, 64);
+    let vms = vec![
+        vm(1, 4, 1.0, Some(0), &[24 * GIB, 0], &t),
+        vm(2, 4, 1.0, Some(0), &[GIB, 0], &t),
+        vm(3, 4, 1.0, Some(0), &[8 * GIB, 0], &t),
+    ];
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vms));
+    let moved: Vec<u32> = plan
+        .actions
+        .iter()
+        .filter(|a| matches!(a.reason, Reason::CpuImbalance { .. }))
+        .map(|a| a.vm)
+        .collect();
+    assert_eq!(moved, vec![2], "{plan:?}");
+    // CPU first: nothing migrates on the move itself.
+    assert!(migrations(&plan).is_empty());
+}
+
+#[test]
+fn swaps_when_no_single_move_helps() {
+    // Node 0: two 6-CPU VMs (12); node 1: 5 + 4 (9). Any single move overshoots or
+    // does not lower the cost; swapping a 6 for the 5 does.
+    let t = topo(2, 8, 64);
+    let vms = vec![
+        vm(1, 6, 1.0, Some(0), &[GIB, 0], &t),
+        vm(2, 6, 1.0, Some(0), &[GIB, 0], &t),
+        vm(3, 5, 1.0, Some(1), &[0, GIB], &t),
+        vm(4, 4, 1.0, Some(1), &[0, GIB], &t),
+    ];
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vms));
+    let swaps: Vec<u32> = plan
+        .actions
+        .iter()
+        .filter(|a| matches!(a.reason, Reason::Swap { .. }))
+        .map(|a| a.vm)
+        .collect();
+    assert_eq!(swaps.len(), 2, "{plan:?}");
+    assert!(swaps.contains(&3));
+}
+
+/// Runs the engine for `secs` seconds on a two-node host where VM 1..=3 start on node
+/// 0 and VM 4 on node 1; `demand(t, pid)` gives the vCPU demand. Returns all plans.
+fn run_two_nodes(cfg: EngineConfig, secs: u64, demand: impl Fn(u64, u32) -> f64) -> Vec<Plan> {
+    let t = topo(2, 8, 64);
+    let mut vms = vec![
+        vm(1, 4, 1.0, Some(0), &[2 * GIB, 0], &t),
+        vm(2, 4, 1.0, Some(0), &[2 * GIB, 0], &t),
+        vm(3, 4, 1.0, Some(0), &[2 * GIB, 0], &t),
+        vm(4, 4, 1.0, Some(1), &[0, 2 * GIB], &t),
+    ];
+    for v in &mut vms {
+        v.hot_regions = vec![HotRegion {
+            start_addr: v.pid as u64 * GIB,
+            len_bytes: 400 * MIB,
+            node: if v.pid == 4 { 1 } else { 0 },
+            heat: 10.0,
+        }];
+    }
+    let mut e = Engine::new(cfg);
+    let mut plans = Vec::new();
+    for s in 0..secs {
+        for v in &mut vms {
+            let d = demand(s, v.pid);
+            v.vcpus.iter_mut().for_each(|c| c.cpu_demand = d);
+        }
+        let plan = e.plan(&snap(s, t.clone(), vms.clone()));
+        apply_cpus(&mut vms, &plan);
+        // Apply migrations: move bytes (hot region first).
+        for (pid, from, to, bytes, _) in migrations(&plan) {
+            let v = vms.iter_mut().find(|v| v.pid == pid).unwrap();
+            let b = bytes.min(v.memory.bytes_per_node[from as usize]);
+            v.memory.bytes_per_node[from as usize] -= b;
+            v.memory.bytes_per_node[to as usize] += b;
+            v.hot_regions.iter_mut().for_each(|r| r.node = to);
+        }
+        plans.push(plan);
+    }
+    plans
+}
+
+#[test]
+fn probation_commits_when_the_need_lasts_then_memory_follows() {
+    let plans = run_two_nodes(EngineConfig::default(), 40, |_, _| 1.0);
+    let moved: Vec<u32> = plans[0]
+        .actions
+        .iter()
+        .filter(|a| matches!(a.reason, Reason::CpuImbalance { .. }))
+        .map(|a| a.vm)
+        .collect();
+    assert_eq!(moved.len(), 1, "{:?}", plans[0]);
+    let pid = moved[0];
+    // No memory during probation (10 s).
+    for p in &plans[1..10] {
+        assert!(migrations(p).iter().all(|m| m.0 != pid), "{p:?}");
+    }
+    // Commit at 10 s: the first migration carries the commit, hot region first.
+    let m10 = migrations(&plans[10]);
+    assert!(
+        m10.iter().any(|m| m.0 == pid && m.4 == 1),
+        "{:?}",
+        plans[10]
+    );
+    assert!(
+        plans[10]
+            .actions
+            .iter()
+            .any(|a| a.vm == pid && matches!(a.reason, Reason::ProbationCommitted { .. }))
+    );
+    // Hot at 256 MiB/s, then cold at 64 MiB/s, until 95 % local.
+    assert_eq!(m10.iter().find(|m| m.0 == pid).unwrap().3, 256 * MIB);
+    let later: Vec<u64> = plans[11..]
+        .iter()
+        .flat_map(migrations)
+        .filter(|m| m.0 == pid)
+        .map(|m| m.3)
+        .collect();
+    assert!(later.iter().all(|&b| b <= 64 * MIB), "{later:?}");
+    let total: u64 = 256 * MIB + later.iter().sum::<u64>();
+    let target = (0.95 * (2 * GIB) as f64) as u64;
+    assert!(total >= target && total < 2 * GIB, "moved {total}");
+}
+
+#[test]
+fn probation_reverts_a_short_burst_without_moving_memory() {
+    // VMs 1-3 burst for 5 s (shorter than the 10 s probation), then go nearly idle.
+    let plans = run_two_nodes(EngineConfig::default(), 40, |t, pid| {
+        if pid <= 3 && t >= 5 { 0.1 } else { 1.0 }
+    });
+    let moved: Vec<u32> = plans[0]
+        .actions
+        .iter()
+        .filter(|a| matches!(a.reason, Reason::CpuImbalance { .. }))
+        .map(|a| a.vm)
+        .collect();
+    assert_eq!(moved.len(), 1);
+    assert!(
+        plans[10]
+            .actions
+            .iter()
+            .any(|a| a.vm == moved[0] && matches!(a.reason, Reason::ProbationReverted { node: 0 }))
+    );
+    assert!(
+        plans.iter().all(|p| migrations(p).is_empty()),
+        "no bytes for a burst"
+    );
+}
+
+#[test]
+fn hysteresis_blocks_moving_back_and_forth() {
+    // Imbalance flips every 3 s; a VM may move at most once per 30 s window.
+    let cfg = EngineConfig::default();
+    let hyst = cfg.hysteresis_ns / S;
+    let plans = run_two_nodes(cfg, 120, |t, pid| {
+        let phase = (t / 3) % 2 == 0;
+        match (pid, phase) {
+            (4, true) => 0.1,
+            (4, false) => 1.0,
+            (_, true) => 1.0,
+            (_, false) => 0.3,
+        }
+    });
+    let mut last: std::collections::BTreeMap<u32, u64> = Default::default();
+    for (s, p) in plans.iter().enumerate() {
+        for a in &p.actions {
+            if matches!(a.reason, Reason::CpuImbalance { .. } | Reason::Swap { .. }) {
+                if let Some(prev) = last.get(&a.vm) {
+                    assert!(
+                        s as u64 - prev >= hyst,
+                        "vm {} moved at {prev} and {s}",
+                        a.vm
+                    );
+                }
+                last.insert(a.vm, s as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn memory_never_planned_onto_a_full_node() {
+    let mut t = topo(2, 8, 64);
+    t.nodes[0].memory.free_bytes = 100 * MIB; // below the 512 MiB headroom
+    // VM confined to node 0 with its memory on node 1: migration would go to node 0.
+    let v = vm(1, 2, 1.0, Some(0), &[0, 2 * GIB], &t);
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vec![v]));
+    assert!(migrations(&plan).is_empty(), "{plan:?}");
+    assert!(
+        plan.refusals
+            .iter()
+            .any(|r| matches!(r.why, RefusalReason::TargetMemoryFull { node: 0, .. }))
+    );
+}
+
+#[test]
+fn pinned_vms_are_reported_never_moved() {
+    let t = topo(2, 8, 64);
+    let mut vms = vec![
+        vm(1, 8, 1.0, Some(0), &[GIB, GIB], &t),
+        vm(2, 8, 1.0, Some(0), &[GIB, 0], &t),
+    ];
+    for v in &mut vms {
+        v.pinning = Pinning::Operator {
+            why: "vcpupin".into(),
+        };
+    }
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vms));
+    assert!(plan.actions.is_empty(), "{plan:?}");
+    let pinned: Vec<f64> = plan
+        .refusals
+        .iter()
+        .filter_map(|r| match r.why {
+            RefusalReason::OperatorPinned { remote_pct } => Some(remote_pct),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pinned, vec![50.0, 0.0]);
+}
+
+#[test]
+fn ksm_merge_across_nodes_is_reported_and_grouping_used_otherwise() {
+    let t = topo(2, 8, 64);
+    let mut s = snap(0, t.clone(), vec![]);
+    s.settings.ksm = KsmState {
+        running: true,
+        merge_across_nodes: true,
+        pages_sharing: 1000,
+    };
+    let plan = Engine::new(EngineConfig::default()).plan(&s);
+    assert!(plan.refusals.iter().any(|r| matches!(
+        r.why,
+        RefusalReason::KsmMergesAcrossNodes {
+            pages_sharing: 1000
+        }
+    )));
+    // merge_across_nodes=0: a new VM sharing pages with VM 1 (node 1) joins it even
+    // though node 0 is a little freer.
+    let a = vm(1, 2, 1.0, Some(1), &[0, GIB], &t);
+    let b = vm(2, 1, 1.0, Some(0), &[GIB, 0], &t);
+    let mut c = vm(3, 2, 0.0, None, &[0, 0], &t);
+    c.ksm_shared_pages = vec![(1, 262_144)];
+    let mut s = snap(0, t.clone(), vec![a, b, c]);
+    s.settings.ksm.running = true;
+    let plan = Engine::new(EngineConfig::default()).plan(&s);
+    let got = set_cpus_of(&plan, 3);
+    assert!(
+        matches!(got[0].1, Reason::KsmGrouping { node: 1 }),
+        "{plan:?}"
+    );
+}
+
+#[test]
+fn host_budget_bounds_migration() {
+    // 8 VMs, all memory remote: per plan at most host_rate x tick bytes.
+    let t = topo(2, 64, 256);
+    let vms: Vec<Vm> = (0..8)
+        .map(|i| vm(i + 1, 1, 0.5, Some(0), &[0, 4 * GIB], &t))
+        .collect();
+    let cfg = EngineConfig::default();
+    let plan = Engine::new(cfg.clone()).plan(&snap(0, t, vms));
+    let total: u64 = migrations(&plan).iter().map(|m| m.3).sum();
+    assert_eq!(total, cfg.host_rate_bytes_per_s);
+    assert!(
+        migrations(&plan)
+            .iter()
+            .all(|m| m.3 <= cfg.cold_rate_bytes_per_s)
+    );
+}
+
+#[test]
+fn outcome_feedback_undoes_a_refused_move() {
+    let t = topo(2, 8, 64);
+    let vms = vec![
+        vm(1, 4, 1.0, Some(0), &[GIB, 0], &t),
+        vm(2, 4, 1.0, Some(0), &[GIB, 0], &t),
+        vm(3, 4, 1.0, Some(0), &[GIB, 0], &t),
+    ];
+    let mut e = Engine::new(EngineConfig::default());
+    let plan = e.plan(&snap(0, t, vms));
+    let a = plan
+        .actions
+        .iter()
+        .find(|a| matches!(a.reason, Reason::CpuImbalance { .. }))
+        .unwrap();
+    e.record_outcome(
+        a,
+        &ActionOutcome::Refused {
+            why: "EPERM".into(),
+        },
+    );
+    let st = &e.state().units[&UnitKey {
+        vm: a.vm,
+        cell: None,
+    }];
+    assert_eq!(st.home, vec![0]);
+    assert_eq!(st.phase, Phase::Settled);
+}
+
+#[test]
+fn decisions_are_deterministic() {
+    let s = crate::host::sim::bench::snapshot(200, 4, 1);
+    let a = Engine::new(EngineConfig::default()).plan(&s);
+    let b = Engine::new(EngineConfig::default()).plan(&s);
+    assert_eq!(a, b);
+}
+
+// ---- Properties over random hosts (seeded) ----
+
+fn random_host(rng: &mut Rng) -> (Topology, Vec<Vm>) {
+    let nodes = 2 + rng.below(7) as u32;
+    let cpus = 4 + rng.below(12) as u32;
+    let mut t = topo(nodes, cpus, 16 + rng.below(48) as u64);
+    for n in &mut t.nodes {
+        n.memory.free_bytes = (rng.f64() * n.memory.total_bytes as f64) as u64;
+    }
+    let nvms = 1 + rng.below(40);
+    let vms = (0..nvms)
+        .map(|i| {
+            let node = match rng.below(3) {
+                0 => None,
+                _ => Some(rng.below(nodes as usize) as u32),
+            };
+            let bytes: Vec<u64> = (0..nodes)
+                .map(|_| (rng.f64() * 3.0 * GIB as f64) as u64)
+                .collect();
+            let mut v = vm(
+                i as u32 + 1,
+                1 + rng.below(8) as u32,
+                rng.f64(),
+                node,
+                &bytes,
+                &t,
+            );
+            if rng.below(10) == 0 {
+                v.pinning = Pinning::Operator { why: "test".into() };
+            }
+            let picks: Vec<(u32, f64)> = (0..nodes)
+                .map(|n| (n, rng.f64()))
+                .filter(|(_, h)| *h < 0.5)
+                .collect();
+            v.hot_regions = picks
+                .into_iter()
+                .map(|(n, heat)| HotRegion {
+                    start_addr: (i as u64) << 32 | (n as u64) << 28,
+                    len_bytes: 64 * MIB,
+                    node: n,
+                    heat: heat + 0.01,
+                })
+                .collect();
+            v
+        })
+        .collect();
+    (t, vms)
+}
+
+#[test]
+fn property_invariants_hold_on_random_hosts() {
+    let cfg = EngineConfig::default();
+    for seed in 0..60 {
+        let mut rng = Rng::new(seed);
+        let (t, mut vms) = random_host(&mut rng);
+        let mut e = Engine::new(cfg.clone());
+        let mut last_move: std::collections::BTreeMap<(u32, Option<Vec<u32>>), u64> =
+            Default::default();
+        for s in 0..90u64 {
+            // Demand wanders.
+            for v in &mut vms {
+                if rng.below(10) == 0 {
+                    let d = rng.f64();
+                    v.vcpus.iter_mut().for_each(|c| c.cpu_demand = d);
+                }
+            }
+            let sn = snap(s, t.clone(), vms.clone());
+            let plan = e.plan(&sn);
+            // 1. No vCPU double-booked: each (vm, vcpu) in at most one SetCpus, and a
+            //    SetCpus never names CPUs outside the host or an empty set.
+            let mut seen = std::collections::BTreeSet::new();
+            for a in &plan.actions {
+                if let Action::SetCpus { vcpus, cpus } = &a.action {
+                    assert!(
+                        !cpus.is_empty() && cpus.is_subset(&t.all_cpus()),
+                        "seed {seed}"
+                    );
+                    let vm = sn.vms.iter().find(|v| v.pid == a.vm).unwrap();
+                    for v in &vm.vcpus {
+                        if vcpus.as_ref().is_none_or(|l| l.contains(&v.index)) {
+                            assert!(
+                                seen.insert((a.vm, v.index)),
+                                "seed {seed} s {s}: vcpu twice"
+                            );
+                        }
+                    }
+                }
+            }
+            // 2. Memory never planned onto a node without room above the headroom.
+            let mut to_node = vec![0u64; t.nodes.len()];
+            for (_, _, to, b, _) in migrations(&plan) {
+                to_node[to as usize] += b;
+            }
+            for (i, n) in t.nodes.iter().enumerate() {
+                if to_node[i] > 0 {
+                    assert!(
+                        to_node[i] + cfg.free_headroom_bytes <= n.memory.free_bytes,
+                        "seed {seed} s {s}: node {i} gets {} with free {}",
+                        to_node[i],
+                        n.memory.free_bytes
+                    );
+                }
+            }
+            // 3. Budgets: host total and per VM rate.
+            let total: u64 = to_node.iter().sum();
+            assert!(
+                total <= cfg.host_rate_bytes_per_s,
+                "seed {seed}: host budget"
+            );
+            for (_, _, _, b, _) in migrations(&plan) {
+                assert!(b <= cfg.hot_rate_bytes_per_s, "seed {seed}: vm rate");
+            }
+            // 4. Pinned VMs get no actions.
+            for a in &plan.actions {
+                let vm = sn.vms.iter().find(|v| v.pid == a.vm).unwrap();
+                assert_eq!(vm.pinning, Pinning::None, "seed {seed}: pinned VM acted on");
+            }
+            // 5. No flapping: rebalancing moves of a unit are a hysteresis window apart.
+            for a in &plan.actions {
+                if let (
+                    Action::SetCpus { vcpus, .. },
+                    Reason::CpuImbalance { .. } | Reason::Swap { .. },
+                ) = (&a.action, &a.reason)
+                {
+                    let key = (a.vm, vcpus.clone());
+                    if let Some(prev) = last_move.get(&key) {
+                        assert!(
+                            (s - prev) * S >= cfg.hysteresis_ns,
+                            "seed {seed}: vm {} moved at {prev} and {s}",
+                            a.vm
+                        );
+                    }
+                    last_move.insert(key, s);
+                }
+            }
+            apply_cpus(&mut vms, &plan);
+        }
+    }
+}

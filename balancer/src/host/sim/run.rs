@@ -1,0 +1,113 @@
+//! Runs a policy over a scenario on the simulated host and summarises the run.
+
+use serde::Serialize;
+
+use crate::host::Observer;
+use crate::model::{Action, Reason};
+
+use super::SimHost;
+use super::perf::PerfParams;
+use super::policies::Policy;
+use super::scenario::Scenario;
+
+/// Summary of one policy on one scenario.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    pub scenario: String,
+    pub policy: String,
+    /// Mean aggregate throughput over the run, MB/s.
+    pub throughput_mb_s: f64,
+    /// Throughput as a share of the oracle's, when the oracle ran.
+    pub pct_of_oracle: Option<f64>,
+    /// CPU-weighted share of memory accesses that were off-node, percent.
+    pub remote_pct: f64,
+    /// Mean off-node accesses, millions per second.
+    pub offnode_m_s: f64,
+    /// Bytes moved between nodes by page migration, GiB.
+    pub migrated_gib: f64,
+    /// Rebalancing moves (initial placements excluded).
+    pub moves: u64,
+    /// Probation reverts.
+    pub reverts: u64,
+    /// First second at which the 10 s moving average reached 95 % of the final
+    /// throughput (mean of the last 10 % of the run).
+    pub time_to_95_s: u32,
+}
+
+/// Runs `policy` on `scenario` with model `params`.
+pub fn run(scenario: &Scenario, params: &PerfParams, policy: &mut dyn Policy) -> RunResult {
+    let mut host = SimHost::new(
+        scenario.clone(),
+        params.clone(),
+        policy.keeps_initial_binding(),
+    );
+    let (mut moves, mut reverts) = (0u64, 0u64);
+    for _ in 0..scenario.duration_s {
+        let snap = match host.observe() {
+            Ok(s) => s,
+            Err(never) => match never {},
+        };
+        for a in policy.tick(&mut host, &snap) {
+            if let Action::SetCpus { .. } = a.action {
+                match a.reason {
+                    Reason::CpuImbalance { .. } | Reason::Swap { .. } => moves += 1,
+                    Reason::ProbationReverted { .. } => reverts += 1,
+                    _ => {}
+                }
+            }
+        }
+        host.step();
+    }
+    summarise(scenario, policy.name(), &host, moves, reverts)
+}
+
+fn summarise(s: &Scenario, policy: &str, host: &SimHost, moves: u64, reverts: u64) -> RunResult {
+    let tp = &host.series.throughput_mb_s;
+    let n = tp.len().max(1) as f64;
+    let mean = tp.iter().sum::<f64>() / n;
+    let tail = (tp.len() / 10).max(1);
+    let fin = tp[tp.len() - tail..].iter().sum::<f64>() / tail as f64;
+    let mut t95 = tp.len() as u32;
+    for i in 0..tp.len() {
+        let lo = i.saturating_sub(9);
+        let avg = tp[lo..=i].iter().sum::<f64>() / (i - lo + 1) as f64;
+        if avg >= 0.95 * fin {
+            t95 = i as u32;
+            break;
+        }
+    }
+    RunResult {
+        scenario: s.name.clone(),
+        policy: policy.to_string(),
+        throughput_mb_s: mean,
+        pct_of_oracle: None,
+        remote_pct: 100.0 * host.series.offnode_share.iter().sum::<f64>() / n,
+        offnode_m_s: host.series.offnode_m_s.iter().sum::<f64>() / n,
+        migrated_gib: host.series.migrated_bytes / (1u64 << 30) as f64,
+        moves,
+        reverts,
+        time_to_95_s: t95,
+    }
+}
+
+/// Runs several policies and fills in `pct_of_oracle`.
+pub fn run_all(
+    scenario: &Scenario,
+    params: &PerfParams,
+    policies: &mut [Box<dyn Policy>],
+) -> Vec<RunResult> {
+    let mut out: Vec<RunResult> = policies
+        .iter_mut()
+        .map(|p| run(scenario, params, p.as_mut()))
+        .collect();
+    if let Some(o) = out
+        .iter()
+        .find(|r| r.policy == "oracle")
+        .map(|r| r.throughput_mb_s)
+    {
+        for r in &mut out {
+            r.pct_of_oracle = Some(100.0 * r.throughput_mb_s / o);
+        }
+    }
+    out
+}
