@@ -26,6 +26,12 @@ pub struct Vm {
     pub cgroup: Option<String>,
     /// Nodes the VM's memory may be allocated on (`cpuset.mems` or `Mems_allowed_list`).
     pub mems_allowed: NodeSet,
+    /// CPU demand of all the VM's threads in CPUs (1.0 = one full CPU) over the last
+    /// observation interval.
+    pub cpu_demand: f64,
+    /// The kernel's own NUMA task moves of the VM's threads (`sched_move_numa`,
+    /// `sched_swap_numa`), cumulative, from telemetry.
+    pub kernel_numa_moves: u64,
 }
 
 /// One vCPU thread.
@@ -75,6 +81,12 @@ pub struct VmMemory {
     pub configured_bytes: u64,
     /// Age of `bytes_per_node`: when it was last read exactly (observer's clock).
     pub measured_at_ns: u64,
+    /// Resident memory of the process that is not guest RAM (qemu heap, stacks,
+    /// libraries, video RAM), indexed like `Topology::nodes`.
+    pub overhead_bytes_per_node: Vec<u64>,
+    /// Host virtual address ranges `(start, len)` of guest RAM, for mapping guest
+    /// fault addresses and planning region moves.
+    pub guest_ranges: Vec<(u64, u64)>,
 }
 
 impl VmMemory {
