@@ -21,11 +21,12 @@ pub fn is_qemu(comm: &str, exe_basename: Option<&str>, argv0: Option<&str>) -> b
 }
 
 /// Classifies a thread of a qemu process by its name (`-name ...,debug-threads=on`
-/// names vCPU threads `CPU n/KVM` and I/O threads `IO <id>`).
+/// names vCPU threads `CPU n/KVM` (`CPU n/TCG` under emulation) and I/O threads
+/// `IO <id>`).
 pub fn classify_thread(pid: u32, tid: u32, comm: &str) -> ThreadKind {
     if let Some(n) = comm
         .strip_prefix("CPU ")
-        .and_then(|r| r.strip_suffix("/KVM"))
+        .and_then(|r| r.strip_suffix("/KVM").or_else(|| r.strip_suffix("/TCG")))
         .and_then(|n| n.parse().ok())
     {
         return ThreadKind::Vcpu(n);

@@ -114,7 +114,13 @@ pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, String> {
         }
     }
     if !have_page_size {
-        return Err("truncated: no kernelpagesize_kB".into());
+        // The kernel prints only `ADDR POLICY [file=..|heap|stack]` for a mapping with
+        // no resident pages (e.g. a PROT_NONE guard); counts without a page size are a
+        // truncated line.
+        if !m.pages_per_node.is_empty() || m.anon_pages > 0 {
+            return Err("truncated: page counts without kernelpagesize_kB".into());
+        }
+        m.page_size_bytes = 4096;
     }
     Ok(m)
 }

@@ -279,7 +279,10 @@ impl LinuxObserver {
                 );
             }
             Err(e) if e.is_vanished() => self.counters.vanished_mid_read += 1,
-            Err(e) => tracing::debug!(pid, error = %e, "cannot read a qemu process"),
+            Err(e) => {
+                tracing::debug!(pid, error = %e, "cannot read a qemu process");
+                self.counters.vms_skipped += 1;
+            }
         }
     }
 
