@@ -155,3 +155,23 @@ fn observer_notices_start_and_exit_without_rescanning() {
     let s = o.observe().unwrap();
     assert!(s.vms.iter().all(|v| v.pid != pid), "exited VM dropped");
 }
+
+#[test]
+fn captured_live_tree_reads_back_the_same() {
+    let vm = MiniQemu::start("capture");
+    let out = std::env::temp_dir().join(format!("vmb-live-capture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let st = Command::new(env!("CARGO_BIN_EXE_capture_fixture"))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut o = LinuxObserver::new(HostPaths::under(&out), ObserverConfig::default()).unwrap();
+    let s = o.observe().unwrap();
+    let got = s.vms.iter().find(|v| v.pid == vm.pid).expect("captured VM");
+    let tids: Vec<(u32, u32)> = got.vcpus.iter().map(|v| (v.index, v.tid)).collect();
+    assert_eq!(tids, vm.vcpu_tids());
+    assert_eq!(got.memory.bytes_per_node[0], 64 * MIB);
+    assert_eq!(got.name, vm.name);
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -335,3 +335,69 @@ fn malformed_host_files_are_clear_errors() {
     assert!(err.contains("cpu/online"), "{err}");
     let _ = std::fs::remove_dir_all(root);
 }
+
+/// Checks a captured tree against the `expected.json` written when it was captured:
+/// same VMs, same vCPU threads, guest bytes per node within 2 %.
+fn check_against_expected(root: &Path) {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap())
+            .unwrap();
+    let (_, s) = observe(root).unwrap_or_else(|e| panic!("{}: {e}", root.display()));
+    let want = expected["vms"].as_array().unwrap();
+    assert_eq!(s.vms.len(), want.len(), "{}: VM count", root.display());
+    for (vm, w) in s.vms.iter().zip(want) {
+        assert_eq!(vm.pid as u64, w["pid"].as_u64().unwrap());
+        assert_eq!(vm.name, w["name"].as_str().unwrap());
+        let vcpus: Vec<[u32; 2]> = vm.vcpus.iter().map(|v| [v.index, v.tid]).collect();
+        let want_vcpus: Vec<[u32; 2]> = serde_json::from_value(w["vcpus"].clone()).unwrap();
+        assert_eq!(
+            vcpus,
+            want_vcpus,
+            "{}: vCPUs of {}",
+            root.display(),
+            vm.name
+        );
+        let want_bytes: Vec<u64> = serde_json::from_value(w["bytes_per_node"].clone()).unwrap();
+        assert_eq!(vm.memory.bytes_per_node.len(), want_bytes.len());
+        for (got, want) in vm.memory.bytes_per_node.iter().zip(&want_bytes) {
+            let tol = (*want as f64 * 0.02) as u64 + (1 << 21);
+            assert!(
+                got.abs_diff(*want) <= tol,
+                "{}: {} bytes {got} vs {want}",
+                root.display(),
+                vm.name
+            );
+        }
+    }
+}
+
+#[test]
+fn capture_tool_reproduces_a_tree() {
+    let out = std::env::temp_dir().join(format!("vmb-capture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let st = Command::new(env!("CARGO_BIN_EXE_capture_fixture"))
+        .arg(&out)
+        .arg("--from")
+        .arg(fixture("handmade-4node"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    check_against_expected(&out);
+    let (_, s) = observe(&out).unwrap();
+    assert_eq!(s.vms.len(), 2);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Every tree captured in the lab (`tests/fixtures/lab-*`) parses and matches what the
+/// observer saw when it was captured.
+#[test]
+fn lab_captured_trees_match_their_expectations() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let lab = p.file_name().unwrap().to_string_lossy().starts_with("lab-");
+        if lab && p.join("expected.json").exists() {
+            check_against_expected(&p);
+        }
+    }
+}

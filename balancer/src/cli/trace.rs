@@ -111,8 +111,8 @@ fn open_telemetry() -> Box<dyn TelemetrySource> {
 
 pub fn main(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.interval.is_finite() && args.interval >= 0.0,
-        "--interval must be a non-negative number of seconds"
+        args.interval.is_finite() && (0.0..=86_400.0).contains(&args.interval),
+        "--interval must be a number of seconds between 0 and 86400"
     );
     let paths = match &args.root {
         Some(root) => HostPaths::under(root),
