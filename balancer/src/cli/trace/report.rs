@@ -465,3 +465,110 @@ pub fn warnings(s: &Snapshot, vms: &[&Vm]) -> Vec<Warning> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CpuSet, HotRegion, VcpuTelemetry, VmMemory};
+
+    fn snapshot(now_ns: u64, run: [u64; 2], cross: u64, faults: [u64; 2], remote: u64) -> Snapshot {
+        let vcpu = Vcpu {
+            index: 0,
+            tid: 11,
+            affinity: CpuSet::parse_list("0-3").unwrap(),
+            last_cpu: Some(2),
+            cpu_demand: 0.5,
+            telemetry: VcpuTelemetry {
+                run_ns_per_node: run.to_vec(),
+                migrations: cross * 2,
+                cross_node_migrations: cross,
+                numa_faults_per_node: faults.to_vec(),
+                numa_faults_remote: remote,
+            },
+        };
+        Snapshot {
+            now_ns,
+            topology: Topology::uniform(2, 2, 8 << 30),
+            vms: vec![Vm {
+                pid: 10,
+                name: "a".into(),
+                vcpus: vec![vcpu],
+                memory: VmMemory {
+                    bytes_per_node: vec![1 << 30, 3 << 30],
+                    configured_bytes: 4 << 30,
+                    ..Default::default()
+                },
+                hot_regions: vec![HotRegion {
+                    start_addr: 0x7f00_0000_0000,
+                    len_bytes: 2 << 20,
+                    node: 1,
+                    heat: 12.34,
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn ctx(available: bool) -> ReportContext<'static> {
+        ReportContext {
+            time_unix_ms: 0,
+            telemetry: TelemetryStatus {
+                available,
+                reason: (!available).then(|| "test".to_string()),
+                features: Vec::new(),
+            },
+            rescan_reason: None,
+            counters: ObserverCounters::default(),
+            filters: &[],
+        }
+    }
+
+    #[test]
+    fn telemetry_rates_and_run_time_locality() {
+        let prev = snapshot(0, [0, 0], 0, [0, 0], 0);
+        // Over 2 s: ran 3/4 of the time on node 0, 4 cross-node migrations,
+        // 10 hinting faults of which 6 remote.
+        let cur = snapshot(2_000_000_000, [3_000, 1_000], 4, [4, 6], 6);
+        let r = build(Some(&prev), &cur, ctx(true));
+        let vm = &r.vms[0];
+        assert_eq!(vm.cross_node_migrations_per_s, Some(2.0));
+        assert_eq!(vm.migrations_per_s, Some(4.0));
+        assert_eq!(vm.remote_fault_pct, Some(60.0));
+        assert_eq!(vm.vcpus[0].run_pct_per_node, Some(vec![75.0, 25.0]));
+        // 75 % of run time on node 0 (1/4 of memory) + 25 % on node 1 (3/4).
+        assert_eq!(vm.locality_pct, Some(37.5));
+        assert_eq!(vm.hot_regions[0].start_addr, "0x7f0000000000");
+        assert_eq!(r.interval_s, 2.0);
+
+        // Without telemetry: no invented numbers; locality from the last CPU (node 1).
+        let r = build(Some(&prev), &cur, ctx(false));
+        let vm = &r.vms[0];
+        assert_eq!(vm.cross_node_migrations_per_s, None);
+        assert_eq!(vm.remote_fault_pct, None);
+        assert_eq!(vm.vcpus[0].run_pct_per_node, None);
+        assert_eq!(vm.vcpus[0].node, Some(1));
+    }
+
+    #[test]
+    fn seed_002_warning_and_filters() {
+        let mut s = snapshot(0, [0, 0], 0, [0, 0], 0);
+        s.vms[0].vcpus[0].last_cpu = Some(0);
+        let vms: Vec<&Vm> = s.vms.iter().collect();
+        let w = warnings(&s, &vms);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].kind, "memory_remote_from_vcpus");
+        assert!(
+            w[0].message.contains("75% of its memory"),
+            "{}",
+            w[0].message
+        );
+        // Memory local: no warning.
+        s.vms[0].memory.bytes_per_node = vec![3 << 30, 1 << 30];
+        let vms: Vec<&Vm> = s.vms.iter().collect();
+        assert!(warnings(&s, &vms).is_empty());
+        assert!(selected(&s.vms[0], &["10".into()]));
+        assert!(selected(&s.vms[0], &["a".into()]));
+        assert!(!selected(&s.vms[0], &["b".into(), "11".into()]));
+    }
+}

@@ -368,14 +368,23 @@ impl LinuxObserver {
         known.sampled_at_ns = Some(now_ns);
 
         // cgroup: the process's group is the emulator group in libvirt layouts.
-        let (cgroup_path, cpuset) = match cgroup::read_task_cgroup(&paths, pid, None)? {
-            Some(cg) => {
-                let cpuset = cgroup::read_cpuset(&paths, &cg)?;
-                let (vm_group, role) = cgroup::split_libvirt_path(&cg.path);
-                let in_vm_scope = role.is_some() || cgroup::machine_scope_name(&cg.path).is_some();
-                (in_vm_scope.then_some(vm_group), cpuset)
+        let cg = cgroup::read_task_cgroup(&paths, pid, None).and_then(|cg| {
+            let Some(cg) = cg else {
+                return Ok((None, None));
+            };
+            let cpuset = cgroup::read_cpuset(&paths, &cg)?;
+            let (vm_group, role) = cgroup::split_libvirt_path(&cg.path);
+            let in_vm_scope = role.is_some() || cgroup::machine_scope_name(&cg.path).is_some();
+            Ok((in_vm_scope.then_some(vm_group), cpuset))
+        });
+        let (cgroup_path, cpuset) = match cg {
+            Ok(x) => x,
+            Err(e) if e.is_vanished() => return Err(e),
+            Err(e) => {
+                // A cgroup that cannot be read hides the cpuset, not the VM.
+                tracing::debug!(pid, error = %e, "cannot read the VM's cgroup");
+                (None, None)
             }
-            None => (None, None),
         };
         let name = known
             .config
