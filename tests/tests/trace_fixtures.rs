@@ -401,3 +401,30 @@ fn lab_captured_trees_match_their_expectations() {
         }
     }
 }
+
+/// A tree laid out like the lab's captures: cgroups under `sys/fs/cgroup`, no `maps`,
+/// no per-thread `status`. Same VMs, threads and memory; unknown affinities are empty.
+#[test]
+fn lab_layout_without_maps_or_thread_status() {
+    let root = scratch_copy("handmade-2node", "lablayout");
+    std::fs::create_dir_all(root.join("sys/fs")).unwrap();
+    std::fs::rename(root.join("cgroup"), root.join("sys/fs/cgroup")).unwrap();
+    for pid in [2001, 3001] {
+        std::fs::remove_file(root.join(format!("proc/{pid}/maps"))).unwrap();
+        for e in std::fs::read_dir(root.join(format!("proc/{pid}/task"))).unwrap() {
+            std::fs::remove_file(e.unwrap().path().join("status")).unwrap();
+        }
+    }
+    let (_, s) = observe(&root).unwrap();
+    assert_eq!(s.vms.len(), 2);
+    let db = &s.vms[0];
+    assert_eq!(db.vcpus.len(), 2);
+    assert!(db.vcpus[0].affinity.is_empty());
+    assert_eq!(db.memory.bytes_per_node, vec![0, 2 * GIB]);
+    assert_eq!(
+        db.cgroup.as_deref(),
+        Some("/machine.slice/machine-qemu\\x2d1\\x2ddb.scope")
+    );
+    assert_eq!(s.vms[1].memory.bytes_per_node, vec![256 * MIB, 768 * MIB]);
+    let _ = std::fs::remove_dir_all(root);
+}

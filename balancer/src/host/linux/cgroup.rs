@@ -96,10 +96,16 @@ pub fn cgroup_dir(paths: &HostPaths, cg: &TaskCgroup) -> PathBuf {
     match cg.version {
         CgroupVersion::V1 => paths.cgroup.join("cpuset").join(rel),
         CgroupVersion::V2 => {
-            if paths.cgroup.join("cgroup.controllers").exists() {
-                paths.cgroup.join(rel)
+            // Unified mount at the root, or the hybrid layout's `unified/`.
+            let direct = paths.cgroup.join(rel);
+            let hybrid = paths.cgroup.join("unified").join(rel);
+            if paths.cgroup.join("cgroup.controllers").exists()
+                || direct.exists()
+                || !hybrid.exists()
+            {
+                direct
             } else {
-                paths.cgroup.join("unified").join(rel)
+                hybrid
             }
         }
     }

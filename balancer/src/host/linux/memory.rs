@@ -74,14 +74,24 @@ fn is_ram_candidate(m: &NumaMapping, mem_paths: &[String]) -> bool {
 /// Splits a process's mappings into guest RAM and overhead.
 ///
 /// `configured_bytes` is `-m` (0 when unknown: the single largest candidate is taken);
-/// `mem_paths` are the `mem-path`s of file backends.
+/// `mem_paths` are the `mem-path`s of file backends. Mapping sizes come from `maps`;
+/// when `maps` is empty (a capture without it) resident sizes stand in for them.
 pub fn select_guest_ram(
     maps: &[MapsEntry],
     numa: &[NumaMapping],
     configured_bytes: u64,
     mem_paths: &[String],
 ) -> Result<MemoryReading, String> {
-    let len_of: HashMap<u64, u64> = maps.iter().map(|e| (e.start_addr, e.len_bytes())).collect();
+    let len_of: HashMap<u64, u64> = if maps.is_empty() {
+        numa.iter()
+            .map(|m| {
+                let resident = m.bytes_per_node().map(|b| b.values().sum()).unwrap_or(0);
+                (m.start_addr, resident)
+            })
+            .collect()
+    } else {
+        maps.iter().map(|e| (e.start_addr, e.len_bytes())).collect()
+    };
     let mut candidates: Vec<(usize, u64)> = numa
         .iter()
         .enumerate()

@@ -64,12 +64,19 @@ impl HostPaths {
         }
     }
 
-    /// A fixture tree holding `proc/`, `sys/` and `cgroup/`.
+    /// A fixture tree holding `proc/`, `sys/` and `cgroup/`; a tree mirroring the
+    /// host's own paths (`sys/fs/cgroup/`, as the lab's captures do) works too.
     pub fn under(root: &Path) -> Self {
+        let cgroup = root.join("cgroup");
+        let mirrored = root.join("sys/fs/cgroup");
         Self {
             proc: root.join("proc"),
             sys: root.join("sys"),
-            cgroup: root.join("cgroup"),
+            cgroup: if !cgroup.exists() && mirrored.exists() {
+                mirrored
+            } else {
+                cgroup
+            },
         }
     }
 

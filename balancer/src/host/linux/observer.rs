@@ -347,6 +347,11 @@ impl LinuxObserver {
                 ThreadKind::Vcpu(index) => {
                     let affinity = match procfs::read_task_status(proc, pid, tid) {
                         Ok(s) => s.cpus_allowed,
+                        // The thread exited; or, in a capture without the file, the
+                        // affinity is unknown (empty).
+                        Err(e) if e.is_vanished() && task_exists(proc, pid, tid) => {
+                            Default::default()
+                        }
                         Err(e) if e.is_vanished() => continue,
                         Err(e) => return Err(e),
                     };
@@ -407,7 +412,12 @@ impl LinuxObserver {
                 .chain(known.config.mem_path.clone())
                 .collect();
             let started = monotonic_ns();
-            let maps = read_maps(proc, pid)?;
+            let maps = match read_maps(proc, pid) {
+                Ok(m) => m,
+                // A capture without `maps`: sizes fall back to resident sizes.
+                Err(e) if e.is_vanished() && !paths.is_live_proc() => Vec::new(),
+                Err(e) => return Err(e),
+            };
             let numa = read_numa_maps(proc, pid)?;
             let cost = monotonic_ns().saturating_sub(started);
             let reading = select_guest_ram(&maps, &numa, configured_bytes, &mem_paths)
@@ -467,6 +477,15 @@ impl LinuxObserver {
             kernel_numa_moves: 0,
         })
     }
+}
+
+/// Whether a thread's directory is there (tells a missing file from an exited thread).
+fn task_exists(proc: &std::path::Path, pid: u32, tid: u32) -> bool {
+    proc.join(pid.to_string())
+        .join("task")
+        .join(tid.to_string())
+        .join("stat")
+        .exists()
 }
 
 impl Observer for LinuxObserver {
