@@ -1,9 +1,159 @@
-//! `vmbalancer trace`.
+//! `vmbalancer trace`: the host as the balancer sees it, changing nothing.
+//!
+//! Trace runs the same observer as the daemon ([`LinuxObserver`]) and no applier at all
+//! (it is the log-only mode without even a plan): it only reads procfs, sysfs and
+//! cgroupfs, and the eBPF maps when telemetry is available. Every `--interval` it
+//! prints, per VM, its guest memory per node (like `numastat -c qemu-kvm`), CPU use,
+//! locality, where each vCPU runs, and from telemetry the remote-fault share, the
+//! cross-node migrations per second and the hottest regions; node totals in a footer;
+//! then warnings in plain words. Without telemetry it says why and shows the rest.
+//!
+//! Options: `--once` samples for `--interval` seconds, prints one report and exits;
+//! `--json` prints one JSON object per interval on one line; `--vm NAME|PID` (repeat
+//! for several) keeps only those VMs; `--root DIR` reads a fixture tree holding
+//! `proc/`, `sys/` and `cgroup/` instead of the live host.
+//!
+//! # JSON schema (version 1)
+//!
+//! One object per line. Byte counts are bytes; `*_pct` are percentages (0-100, CPU use
+//! 100 = one CPU); arrays named `*_per_node` are aligned with `nodes`. Fields that only
+//! eBPF telemetry can fill are `null` when it is unavailable.
+//!
+//! ```text
+//! {
+//!   "schema": 1,
+//!   "time_unix_ms": u64,
+//!   "interval_s": f64,                 // time between the two observations compared
+//!   "telemetry": { "available": bool, "reason": string|null,
+//!                  "features": [ { "name": string, "available": bool,
+//!                                  "reason": string|null, "ns_per_event": f64|null } ] },
+//!   "discovery": { "new_process_detection": "proc connector"|"rescan",
+//!                  "rescan_reason": string|null,
+//!                  "counters": { "observations", "full_scans", "proc_events",
+//!                                "proc_event_overflows", "vms_found", "vms_exited",
+//!                                "vms_skipped", "vanished_mid_read", "numa_maps_reads",
+//!                                "numa_maps_read_ns_total": u64 } },
+//!   "settings": { "numa_balancing": bool, "ksm_running": bool,
+//!                 "ksm_merge_across_nodes": bool, "ksm_pages_sharing": u64 },
+//!   "nodes": [ { "id": u32, "cpus": "0-3,8", "mem_total_bytes": u64,
+//!                "mem_free_bytes": u64, "file_bytes": u64,
+//!                "hugepages": [ { "page_size_bytes", "total_pages", "free_pages" } ],
+//!                "vm_bytes": u64,        // guest RAM of the listed VMs on the node
+//!                "vcpus": u32 } ],       // listed vCPUs that last ran on the node
+//!   "vms": [ {
+//!     "pid": u32, "name": string,
+//!     "pinning": "none"|"operator"|"excluded", "pinning_reason": string|null,
+//!     "cgroup": string|null,            // the VM's own group (libvirt scope)
+//!     "backing": "anonymous"|"memfd"|"file"|"hugetlb-<size>kB",
+//!     "configured_bytes": u64,          // -m
+//!     "memory_bytes_per_node": [u64],   // guest RAM resident per node (numa_maps)
+//!     "memory_bytes": u64,
+//!     "overhead_bytes_per_node": [u64], // the rest of the process's resident memory
+//!     "memory_age_s": f64,              // numa_maps is read at a bounded rate
+//!     "cpu_pct": f64,                   // all threads, from /proc stat deltas
+//!     "locality_pct": f64|null,         // guest RAM on the nodes the vCPUs ran on
+//!     "remote_fault_pct": f64|null,     // telemetry: remote NUMA hinting faults
+//!     "cross_node_migrations_per_s": f64|null, "migrations_per_s": f64|null,
+//!     "kernel_numa_moves_per_s": f64|null,
+//!     "vcpus": [ { "index": u32, "tid": u32, "cpu": u32|null, "node": u32|null,
+//!                  "affinity": "0-7", "cpu_pct": f64,
+//!                  "run_pct_per_node": [f64]|null, "run_ns_total": u64|null,
+//!                  "migrations": u64|null, "cross_node_migrations": u64|null } ],
+//!     "other_threads": [u32],
+//!     "hot_regions": [ { "start_addr": "0x7f..", "len_bytes": u64, "node": u32,
+//!                        "heat": f64 } ]    // hottest first, at most 5
+//!   } ],
+//!   "warnings": [ { "kind": "memory_remote_from_vcpus"|"autonuma_with_pinning"|
+//!                           "ksm_across_nodes"|"vm_wider_than_node",
+//!                   "vm": u32|null, "message": string } ]
+//! }
+//! ```
+
+mod render;
+mod report;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+
+use crate::host::Observer;
+use crate::host::linux::{HostPaths, LinuxObserver, NoTelemetry, ObserverConfig, TelemetrySource};
 
 /// Arguments of `vmbalancer trace`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Seconds between two reports (and the sampling time of `--once`).
+    #[arg(long, default_value_t = 2.0)]
+    pub interval: f64,
+    /// Sample for one interval, print one report and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Print one JSON object per interval (schema in the module documentation).
+    #[arg(long)]
+    pub json: bool,
+    /// Show only this VM (name or qemu pid); repeat for several.
+    #[arg(long = "vm", value_name = "NAME|PID")]
+    pub vms: Vec<String>,
+    /// Read a captured tree holding proc/, sys/ and cgroup/ instead of the live host.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+}
 
-pub fn main(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`vmbalancer trace` is not available in this build yet")
+/// The telemetry trace asks for. The eBPF loader plugs in here; until it can load on
+/// this host, trace says why and works from procfs alone.
+fn open_telemetry() -> Box<dyn TelemetrySource> {
+    Box::new(NoTelemetry::new(
+        "the eBPF programs are not loaded by this build",
+    ))
+}
+
+pub fn main(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.interval.is_finite() && (0.0..=86_400.0).contains(&args.interval),
+        "--interval must be a number of seconds between 0 and 86400"
+    );
+    let paths = match &args.root {
+        Some(root) => HostPaths::under(root),
+        None => HostPaths::system(),
+    };
+    let mut observer = LinuxObserver::new(paths, ObserverConfig::default())
+        .context("reading the host topology")?
+        .with_telemetry(open_telemetry());
+    let mut prev = observer.observe().context("observing the host")?;
+    let live_table = !args.json && !args.once && std::io::stdout().is_terminal();
+    loop {
+        std::thread::sleep(Duration::from_secs_f64(args.interval));
+        let cur = observer.observe().context("observing the host")?;
+        let report = report::build(
+            Some(&prev),
+            &cur,
+            report::ReportContext {
+                time_unix_ms: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                telemetry: observer.telemetry_status(),
+                rescan_reason: observer.proc_events_unavailable(),
+                counters: observer.counters().clone(),
+                filters: &args.vms,
+            },
+        );
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            serde_json::to_writer(&mut out, &report)?;
+            writeln!(out)?;
+        } else {
+            if live_table {
+                // Clear the screen and go home: a refreshing table.
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
+            write!(out, "{}", render::render(&report))?;
+        }
+        out.flush()?;
+        if args.once {
+            return Ok(());
+        }
+        prev = cur;
+    }
 }

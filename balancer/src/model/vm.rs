@@ -29,6 +29,12 @@ pub struct Vm {
     /// VMs this one shares KSM pages with and how many pages (when known; empty else).
     #[serde(default)]
     pub ksm_shared_pages: Vec<(VmId, u64)>,
+    /// CPU demand of all the VM's threads in CPUs (1.0 = one full CPU) over the last
+    /// observation interval.
+    pub threads_cpu_demand: f64,
+    /// The kernel's own NUMA task moves of the VM's threads (`sched_move_numa`,
+    /// `sched_swap_numa`), cumulative, from telemetry.
+    pub kernel_numa_moves: u64,
 }
 
 impl Vm {
@@ -85,6 +91,12 @@ pub struct VmMemory {
     pub configured_bytes: u64,
     /// Age of `bytes_per_node`: when it was last read exactly (observer's clock).
     pub measured_at_ns: u64,
+    /// Resident memory of the process that is not guest RAM (qemu heap, stacks,
+    /// libraries, video RAM), indexed like `Topology::nodes`.
+    pub overhead_bytes_per_node: Vec<u64>,
+    /// Host virtual address ranges `(start, len)` of guest RAM, for mapping guest
+    /// fault addresses and planning region moves.
+    pub guest_ranges: Vec<(u64, u64)>,
 }
 
 impl VmMemory {

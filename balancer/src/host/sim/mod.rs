@@ -749,7 +749,7 @@ impl Observer for SimHost {
             let ncells = vm.cells.len();
             let cell_span = (g.mem_gib * GIB) as u64 / ncells as u64;
             let base = GUEST_BASE + i as u64 * (1u64 << 40);
-            let vcpus = vm
+            let vcpus: Vec<Vcpu> = vm
                 .vcpus
                 .iter()
                 .enumerate()
@@ -813,6 +813,7 @@ impl Observer for SimHost {
                     .collect(),
                 None => Vec::new(),
             };
+            let threads_cpu_demand: f64 = vcpus.iter().map(|v| v.cpu_demand).sum();
             vms.push(Vm {
                 pid: vm.pid,
                 name: vm.name.clone(),
@@ -829,6 +830,7 @@ impl Observer for SimHost {
                     },
                     configured_bytes: (g.mem_gib * GIB) as u64,
                     measured_at_ns: self.t as u64 * 1_000_000_000,
+                    ..Default::default()
                 },
                 cells,
                 pinning: if g.operator_pinned {
@@ -844,6 +846,8 @@ impl Observer for SimHost {
                     .filter(|n| vm.mems_allowed & (1 << n) != 0)
                     .collect(),
                 ksm_shared_pages,
+                threads_cpu_demand,
+                kernel_numa_moves: 0,
             });
         }
         let any_ksm = self.scenario.vms.iter().any(|g| g.ksm_group.is_some());

@@ -1,0 +1,174 @@
+//! The human-readable table of `vmbalancer trace`: memory per node per VM in MiB (the
+//! layout of `numastat -c qemu-kvm`), then CPU use, locality and where each vCPU runs,
+//! node totals in a footer, and warnings in plain words.
+
+use std::fmt::Write;
+
+use super::report::TraceReport;
+
+fn mib(b: u64) -> u64 {
+    (b + (1 << 19)) >> 20
+}
+
+fn opt(x: Option<f64>, suffix: &str) -> String {
+    x.map_or_else(|| "-".to_string(), |v| format!("{v:.1}{suffix}"))
+}
+
+/// Renders one report as text.
+pub fn render(r: &TraceReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "vmbalancer trace: {} VM(s), {} node(s), interval {:.1} s (observe only: nothing is changed)",
+        r.vms.len(),
+        r.nodes.len(),
+        r.interval_s
+    );
+    if r.telemetry.available {
+        let off: Vec<String> = r
+            .telemetry
+            .features
+            .iter()
+            .filter(|f| !f.available)
+            .map(|f| {
+                format!(
+                    "{} ({})",
+                    f.name,
+                    f.reason.as_deref().unwrap_or("unavailable")
+                )
+            })
+            .collect();
+        if off.is_empty() {
+            let _ = writeln!(o, "eBPF telemetry: on");
+        } else {
+            let _ = writeln!(o, "eBPF telemetry: on, without {}", off.join(", "));
+        }
+    } else {
+        let _ = writeln!(
+            o,
+            "eBPF telemetry: unavailable ({}); showing what procfs gives",
+            r.telemetry.reason.as_deref().unwrap_or("unknown reason")
+        );
+    }
+    let _ = writeln!(o);
+    let _ = write!(o, "{:>8} {:<16}", "PID", "VM");
+    for n in &r.nodes {
+        let _ = write!(o, " {:>8}", format!("Node {}", n.id));
+    }
+    let _ = writeln!(
+        o,
+        " {:>8} {:>7} {:>7} {:>7} {:>7}  Pinned",
+        "Total", "CPU%", "Local%", "Rem.flt", "XNmig/s"
+    );
+    let _ = writeln!(o, "{:>8} (MiB)", "");
+    for vm in &r.vms {
+        let _ = write!(o, "{:>8} {:<16}", vm.pid, truncate(&vm.name, 16));
+        for b in &vm.memory_bytes_per_node {
+            let _ = write!(o, " {:>8}", mib(*b));
+        }
+        let _ = writeln!(
+            o,
+            " {:>8} {:>7.1} {:>7} {:>7} {:>7}  {}",
+            mib(vm.memory_bytes),
+            vm.cpu_pct,
+            opt(vm.locality_pct, ""),
+            opt(vm.remote_fault_pct, "%"),
+            opt(vm.cross_node_migrations_per_s, ""),
+            vm.pinning
+        );
+        let vcpus: Vec<String> = vm
+            .vcpus
+            .iter()
+            .map(|v| {
+                format!(
+                    "{}:tid {} cpu {} node {} {:.0}%",
+                    v.index,
+                    v.tid,
+                    v.cpu.map_or("-".into(), |c| c.to_string()),
+                    v.node.map_or("-".into(), |n| n.to_string()),
+                    v.cpu_pct
+                )
+            })
+            .collect();
+        for chunk in vcpus.chunks(3) {
+            let _ = writeln!(o, "{:>8}   vCPU {}", "", chunk.join(" | "));
+        }
+        let _ = writeln!(
+            o,
+            "{:>8}   {} backing, {} MiB configured, overhead {} MiB, memory read {:.1} s ago",
+            "",
+            vm.backing,
+            mib(vm.configured_bytes),
+            mib(vm.overhead_bytes_per_node.iter().sum()),
+            vm.memory_age_s
+        );
+        if let Some(why) = &vm.pinning_reason {
+            let _ = writeln!(o, "{:>8}   pinned: {why}", "");
+        }
+        for h in vm.hot_regions.iter().take(3) {
+            let _ = writeln!(
+                o,
+                "{:>8}   hot {} +{} MiB on node {} (heat {:.1})",
+                "",
+                h.start_addr,
+                mib(h.len_bytes),
+                h.node,
+                h.heat
+            );
+        }
+    }
+    let _ = write!(o, "{:>8} {:<16}", "", "VMs total");
+    for n in &r.nodes {
+        let _ = write!(o, " {:>8}", mib(n.vm_bytes));
+    }
+    let _ = writeln!(o);
+    let _ = write!(o, "{:>8} {:<16}", "", "Node free");
+    for n in &r.nodes {
+        let _ = write!(o, " {:>8}", mib(n.mem_free_bytes));
+    }
+    let _ = writeln!(o);
+    let _ = write!(o, "{:>8} {:<16}", "", "Node total");
+    for n in &r.nodes {
+        let _ = write!(o, " {:>8}", mib(n.mem_total_bytes));
+    }
+    let _ = writeln!(o);
+    let _ = write!(o, "{:>8} {:<16}", "", "vCPUs on node");
+    for n in &r.nodes {
+        let _ = write!(o, " {:>8}", n.vcpus);
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "\nautoNUMA: {}  KSM: {}{}",
+        if r.settings.numa_balancing {
+            "on"
+        } else {
+            "off"
+        },
+        if r.settings.ksm_running {
+            "running"
+        } else {
+            "off"
+        },
+        if r.settings.ksm_running && r.settings.ksm_merge_across_nodes {
+            " (merging across nodes)"
+        } else {
+            ""
+        }
+    );
+    if !r.warnings.is_empty() {
+        let _ = writeln!(o, "\nWarnings:");
+        for w in &r.warnings {
+            let _ = writeln!(o, "  - {}", w.message);
+        }
+    }
+    o
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).chain(std::iter::once('~')).collect()
+    }
+}

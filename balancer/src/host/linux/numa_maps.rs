@@ -1,0 +1,294 @@
+//! Parsers of `/proc/PID/numa_maps` and `/proc/PID/maps`.
+//!
+//! numa_maps is the only exact per-node page count the kernel gives for a process, but
+//! reading it walks the page tables of every mapping under the mmap lock, so callers
+//! ([`super::memory`]) bound how often it is read. Counts are in pages of
+//! `kernelpagesize_kB` each, which is 4 KiB for normal memory and the huge page size for
+//! hugetlb mappings: multiplying by it is what makes hugetlbfs-backed guests visible
+//! (numad counts RSS and misses them).
+//!
+//! numa_maps has no end address, so the mapping sizes come from `maps` (which takes the
+//! lock but walks no page tables) and the two are joined on the start address.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::HostError;
+use crate::model::NodeId;
+
+/// What a mapping maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum MappingKind {
+    /// Anonymous memory (no file, not heap or stack).
+    #[default]
+    Anon,
+    Heap,
+    Stack,
+    /// A file; memfd files read `/memfd:NAME (deleted)`.
+    File(String),
+}
+
+/// One line of numa_maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NumaMapping {
+    pub start_addr: u64,
+    /// Memory policy (`default`, `bind:0-1`, `interleave:0-3`, `prefer:1`...).
+    pub policy: String,
+    pub kind: MappingKind,
+    /// hugetlb mapping (`huge` flag).
+    pub huge: bool,
+    pub anon_pages: u64,
+    /// Resident pages per node, in pages of `page_size_bytes`.
+    pub pages_per_node: BTreeMap<NodeId, u64>,
+    /// `kernelpagesize_kB` in bytes.
+    pub page_size_bytes: u64,
+}
+
+impl NumaMapping {
+    /// Resident bytes per node. Checked: absurd counts are an error, not a wrap.
+    pub fn bytes_per_node(&self) -> Result<BTreeMap<NodeId, u64>, String> {
+        self.pages_per_node
+            .iter()
+            .map(|(&n, &p)| {
+                p.checked_mul(self.page_size_bytes)
+                    .map(|b| (n, b))
+                    .ok_or_else(|| {
+                        format!("N{n}={p} pages of {} bytes overflows", self.page_size_bytes)
+                    })
+            })
+            .collect()
+    }
+
+    /// A memfd mapping (`/memfd:...`).
+    pub fn is_memfd(&self) -> bool {
+        matches!(&self.kind, MappingKind::File(f) if f.starts_with("/memfd:"))
+    }
+}
+
+fn num(t: &str, what: &str) -> Result<u64, String> {
+    t.parse()
+        .map_err(|_| format!("{what}: not an unsigned number: {t:?}"))
+}
+
+/// Parses one numa_maps line.
+pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, String> {
+    let mut tokens = line.split_ascii_whitespace();
+    let addr = tokens.next().ok_or("empty line")?;
+    let start_addr =
+        u64::from_str_radix(addr, 16).map_err(|_| format!("bad start address {addr:?}"))?;
+    let policy = tokens.next().ok_or("truncated: no policy")?.to_string();
+    let mut m = NumaMapping {
+        start_addr,
+        policy,
+        ..Default::default()
+    };
+    let mut have_page_size = false;
+    for t in tokens {
+        match t.split_once('=') {
+            None => match t {
+                "heap" => m.kind = MappingKind::Heap,
+                "stack" => m.kind = MappingKind::Stack,
+                "huge" => m.huge = true,
+                _ => {} // unknown flags from newer kernels
+            },
+            Some(("file", f)) => m.kind = MappingKind::File(f.replace("\\040", " ")),
+            Some(("anon", v)) => m.anon_pages = num(v, "anon")?,
+            Some(("kernelpagesize_kB", v)) => {
+                let kb = num(v, "kernelpagesize_kB")?;
+                m.page_size_bytes = kb
+                    .checked_mul(1024)
+                    .filter(|&b| b > 0)
+                    .ok_or_else(|| format!("absurd kernelpagesize_kB={v}"))?;
+                have_page_size = true;
+            }
+            Some((k, v))
+                if k.len() > 1
+                    && k.starts_with('N')
+                    && k[1..].bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                let node: NodeId = k[1..].parse().map_err(|_| format!("bad node in {t:?}"))?;
+                let pages = num(v, k)?;
+                *m.pages_per_node.entry(node).or_default() += pages;
+            }
+            Some(_) => {} // dirty=, mapped=, mapmax=, active=, writeback=, swapcache=...
+        }
+    }
+    if !have_page_size {
+        // The kernel prints only `ADDR POLICY [file=..|heap|stack]` for a mapping with
+        // no resident pages (e.g. a PROT_NONE guard); counts without a page size are a
+        // truncated line.
+        if !m.pages_per_node.is_empty() || m.anon_pages > 0 {
+            return Err("truncated: page counts without kernelpagesize_kB".into());
+        }
+        m.page_size_bytes = 4096;
+    }
+    Ok(m)
+}
+
+/// Parses a whole numa_maps file; the first bad line fails it (with its number), since
+/// a half-read file would under-count a VM's memory silently.
+pub fn parse_numa_maps(text: &str) -> Result<Vec<NumaMapping>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| parse_numa_maps_line(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect()
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapsEntry {
+    pub start_addr: u64,
+    pub end_addr: u64,
+    pub perms: String,
+    pub path: String,
+}
+
+impl MapsEntry {
+    pub fn len_bytes(&self) -> u64 {
+        self.end_addr.saturating_sub(self.start_addr)
+    }
+}
+
+/// Parses one maps line: `start-end perms offset dev inode [path]`.
+pub fn parse_maps_line(line: &str) -> Result<MapsEntry, String> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next().ok_or("empty line")?;
+    let (s, e) = range
+        .split_once('-')
+        .ok_or_else(|| format!("bad range {range:?}"))?;
+    let start_addr = u64::from_str_radix(s, 16).map_err(|_| format!("bad start {s:?}"))?;
+    let end_addr = u64::from_str_radix(e, 16).map_err(|_| format!("bad end {e:?}"))?;
+    if end_addr < start_addr {
+        return Err(format!("range {range:?} ends before it starts"));
+    }
+    let perms = it.next().ok_or("truncated: no perms")?.to_string();
+    let _offset = it.next().ok_or("truncated: no offset")?;
+    let _dev = it.next().ok_or("truncated: no device")?;
+    let _inode = it.next().ok_or("truncated: no inode")?;
+    let path = it.next().unwrap_or("").trim().to_string();
+    Ok(MapsEntry {
+        start_addr,
+        end_addr,
+        perms,
+        path,
+    })
+}
+
+pub fn parse_maps(text: &str) -> Result<Vec<MapsEntry>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| parse_maps_line(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect()
+}
+
+/// Reads a per-process file without a size limit (numa_maps of a process with many
+/// mappings is large); "no such process" becomes [`HostError::Vanished`].
+fn read_big(path: &Path, pid: u32) -> Result<String, HostError> {
+    match std::fs::read(path) {
+        Ok(b) if b.is_empty() => Err(HostError::Vanished { pid }),
+        Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Err(source) => {
+            let e = HostError::Io {
+                path: path.to_path_buf(),
+                source,
+            };
+            Err(if e.is_vanished() {
+                HostError::Vanished { pid }
+            } else {
+                e
+            })
+        }
+    }
+}
+
+/// Reads and parses `/proc/PID/numa_maps`.
+pub fn read_numa_maps(proc: &Path, pid: u32) -> Result<Vec<NumaMapping>, HostError> {
+    let path = proc.join(pid.to_string()).join("numa_maps");
+    let text = read_big(&path, pid)?;
+    parse_numa_maps(&text).map_err(|w| HostError::parse(&path, w))
+}
+
+/// Reads and parses `/proc/PID/maps`.
+pub fn read_maps(proc: &Path, pid: u32) -> Result<Vec<MapsEntry>, HostError> {
+    let path = proc.join(pid.to_string()).join("maps");
+    let text = read_big(&path, pid)?;
+    parse_maps(&text).map_err(|w| HostError::parse(&path, w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_real_lines() {
+        let m = parse_numa_maps_line(
+            "7f3c40000000 bind:1 file=/dev/hugepages/libvirt/qemu/1-vm/qemu_back_mem.x huge \
+             dirty=1024 N1=1024 kernelpagesize_kB=2048",
+        )
+        .unwrap();
+        assert!(m.huge);
+        assert_eq!(m.policy, "bind:1");
+        assert_eq!(m.bytes_per_node().unwrap()[&1], 2 << 30);
+
+        let m = parse_numa_maps_line(
+            "7f0000000000 default anon=16384 dirty=16384 active=0 N0=10000 N1=6384 kernelpagesize_kB=4",
+        )
+        .unwrap();
+        assert_eq!(m.kind, MappingKind::Anon);
+        assert_eq!(m.bytes_per_node().unwrap()[&0], 10000 * 4096);
+
+        let m = parse_numa_maps_line(
+            "7f1000000000 default file=/memfd:pc.ram\\040(deleted) dirty=3 N0=3 kernelpagesize_kB=4",
+        )
+        .unwrap();
+        assert!(m.is_memfd());
+        // An untouched mapping has no N entries.
+        let m = parse_numa_maps_line("7f2000000000 default kernelpagesize_kB=4").unwrap();
+        assert!(m.pages_per_node.is_empty());
+    }
+
+    #[test]
+    fn refuses_malformed_numa_maps() {
+        assert!(parse_numa_maps_line("").is_err());
+        assert!(parse_numa_maps_line("zzzz default N0=1 kernelpagesize_kB=4").is_err());
+        assert!(
+            parse_numa_maps_line("7f00")
+                .unwrap_err()
+                .contains("truncated")
+        );
+        assert!(
+            parse_numa_maps_line("7f00 default anon=3 N0=3")
+                .unwrap_err()
+                .contains("kernelpagesize")
+        );
+        assert!(
+            parse_numa_maps_line("7f00 default N0=99999999999999999999999 kernelpagesize_kB=4")
+                .is_err()
+        );
+        assert!(parse_numa_maps_line("7f00 default N0=x kernelpagesize_kB=4").is_err());
+        assert!(parse_numa_maps_line("7f00 default N0=1 kernelpagesize_kB=0").is_err());
+        let m = parse_numa_maps_line("7f00 default N0=18446744073709551615 kernelpagesize_kB=4")
+            .unwrap();
+        assert!(m.bytes_per_node().is_err());
+        let err =
+            parse_numa_maps("7f00 default kernelpagesize_kB=4\n7f01 default N0=\n").unwrap_err();
+        assert!(err.starts_with("line 2"), "{err}");
+    }
+
+    #[test]
+    fn parses_maps() {
+        let e = parse_maps_line(
+            "7f3c40000000-7f3cc0000000 rw-s 00000000 00:2f 1234 /dev/hugepages/q/mem (deleted)",
+        )
+        .unwrap();
+        assert_eq!(e.len_bytes(), 2 << 30);
+        assert_eq!(e.path, "/dev/hugepages/q/mem (deleted)");
+        let e = parse_maps_line("7f00-8f00 rw-p 00000000 00:00 0 ").unwrap();
+        assert_eq!(e.path, "");
+        assert!(parse_maps_line("8f00-7f00 rw-p 0 00:00 0").is_err());
+        assert!(parse_maps_line("7f00-8f00 rw-p").is_err());
+        assert!(parse_maps_line("7f00").is_err());
+    }
+}

@@ -1,0 +1,550 @@
+//! [`LinuxObserver`]: the real host behind [`Observer`].
+//!
+//! Observation must be cheap enough to run every tick on a host with hundreds of
+//! processes and VMs with hundreds of GiB, so it is incremental:
+//!
+//! - the topology's shape is read once (and on each full rescan); node memory, KSM and
+//!   NUMA balancing settings are re-read every tick (a few small sysfs files);
+//! - known VMs are kept with their parsed command line; every tick re-reads only their
+//!   cheap files (`stat`, `status`, thread `comm`/`stat`, `cgroup`);
+//! - new and exited VMs are found from process connector events
+//!   ([`super::proc_events`]) without walking `/proc`; a full walk runs at start, every
+//!   [`ObserverConfig::full_rescan_interval_ns`], after lost events, and every tick
+//!   when the connector is unavailable (no `CAP_NET_ADMIN`, a fixture tree);
+//! - numa_maps is read at most at the rate [`super::memory::MemoryPolicy`] allows.
+//!
+//! A VM that vanishes mid-read is left out silently (counted); a VM whose files do not
+//! parse is skipped for that tick with a debug line (counted); neither fails the
+//! observation.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use super::cgroup;
+use super::discovery::{self, BackendKind, QemuConfig};
+use super::memory::{MemoryPolicy, MemoryTracker, select_guest_ram};
+use super::numa_maps::{read_maps, read_numa_maps};
+use super::pinning::{self, PinningInput};
+use super::proc_events::{ProcEvent, ProcEvents};
+use super::telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, TrackedVm};
+use super::{HostError, HostPaths, monotonic_ns, procfs, topology};
+use crate::host::Observer;
+use crate::model::{NodeSet, Snapshot, ThreadKind, Topology, Vcpu, Vm, VmMemory};
+
+/// Settings of the observer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ObserverConfig {
+    pub memory: MemoryPolicy,
+    /// Full `/proc` walk at least this often, even when events arrive.
+    pub full_rescan_interval_ns: u64,
+    /// Subscribe to the process connector (only on the live `/proc`).
+    pub use_proc_events: bool,
+}
+
+impl Default for ObserverConfig {
+    fn default() -> Self {
+        Self {
+            memory: MemoryPolicy::default(),
+            full_rescan_interval_ns: 30_000_000_000,
+            use_proc_events: true,
+        }
+    }
+}
+
+/// What the observer did, for `trace`, `status` and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ObserverCounters {
+    pub observations: u64,
+    pub full_scans: u64,
+    pub proc_events: u64,
+    pub proc_event_overflows: u64,
+    pub vms_found: u64,
+    pub vms_exited: u64,
+    /// VMs left out of one observation because their files did not parse.
+    pub vms_skipped: u64,
+    /// VMs or threads that exited between two reads.
+    pub vanished_mid_read: u64,
+    pub numa_maps_reads: u64,
+    pub numa_maps_read_ns_total: u64,
+}
+
+/// Per-thread state kept between observations.
+#[derive(Clone, Debug)]
+struct ThreadState {
+    cpu_ticks: u64,
+}
+
+/// A qemu process being followed.
+#[derive(Clone, Debug)]
+struct KnownVm {
+    starttime_ticks: u64,
+    comm: String,
+    config: QemuConfig,
+    threads: HashMap<u32, ThreadState>,
+    cpu_ticks: u64,
+    sampled_at_ns: Option<u64>,
+}
+
+/// The observer of the real Linux host.
+pub struct LinuxObserver {
+    paths: HostPaths,
+    config: ObserverConfig,
+    topology: Topology,
+    known: BTreeMap<u32, KnownVm>,
+    events: Option<ProcEvents>,
+    events_unavailable: Option<String>,
+    last_full_scan_ns: Option<u64>,
+    memory: MemoryTracker,
+    telemetry: Box<dyn TelemetrySource>,
+    counters: ObserverCounters,
+    managed: HashSet<u32>,
+    ticks_per_s: u64,
+}
+
+impl std::fmt::Debug for LinuxObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinuxObserver")
+            .field("paths", &self.paths)
+            .field("known_vms", &self.known.keys().collect::<Vec<_>>())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinuxObserver {
+    /// Reads the topology and, on the live `/proc`, subscribes to process events.
+    /// Telemetry starts as [`NoTelemetry`]; see [`Self::with_telemetry`].
+    pub fn new(paths: HostPaths, config: ObserverConfig) -> Result<Self, HostError> {
+        let topology = topology::read_topology(&paths)?;
+        let (events, events_unavailable) = if !config.use_proc_events {
+            (None, Some("disabled by configuration".to_string()))
+        } else if !paths.is_live_proc() {
+            (None, Some("not the live /proc".to_string()))
+        } else {
+            match ProcEvents::subscribe() {
+                Ok(e) => (Some(e), None),
+                Err(e) => {
+                    tracing::info!(error = %e, "process connector unavailable; rescanning /proc every tick");
+                    (None, Some(format!("process connector: {e}")))
+                }
+            }
+        };
+        Ok(Self {
+            memory: MemoryTracker::new(config.memory.clone()),
+            paths,
+            config,
+            topology,
+            known: BTreeMap::new(),
+            events,
+            events_unavailable,
+            last_full_scan_ns: None,
+            telemetry: Box::new(NoTelemetry::new("no telemetry source attached")),
+            counters: ObserverCounters::default(),
+            managed: HashSet::new(),
+            ticks_per_s: procfs::clock_ticks_per_s(),
+        })
+    }
+
+    /// Attaches an eBPF telemetry source.
+    pub fn with_telemetry(mut self, telemetry: Box<dyn TelemetrySource>) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    pub fn telemetry_status(&self) -> TelemetryStatus {
+        self.telemetry.status()
+    }
+
+    pub fn counters(&self) -> &ObserverCounters {
+        &self.counters
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn paths(&self) -> &HostPaths {
+        &self.paths
+    }
+
+    /// Why new VMs are found by rescanning rather than from events, if they are.
+    pub fn proc_events_unavailable(&self) -> Option<&str> {
+        self.events_unavailable.as_deref()
+    }
+
+    /// Tells the observer that `bytes` of VM `pid`'s guest RAM moved from node `from`
+    /// to node `to`, so its memory view stays right until numa_maps is read again.
+    pub fn note_migration(&mut self, pid: u32, from: u32, to: u32, bytes: u64) {
+        self.memory.note_migration(pid, from, to, bytes);
+    }
+
+    /// Marks VM `pid` as placed by the balancer: its narrowed affinity or cpuset is no
+    /// longer taken as an operator's pinning.
+    pub fn mark_managed(&mut self, pid: u32) {
+        self.managed.insert(pid);
+    }
+
+    fn discover(&mut self, now_ns: u64) {
+        let mut full = self.events.is_none()
+            || self
+                .last_full_scan_ns
+                .is_none_or(|t| now_ns.saturating_sub(t) >= self.config.full_rescan_interval_ns);
+        let mut candidates = BTreeSet::new();
+        if let Some(ev) = &mut self.events {
+            match ev.drain() {
+                Ok(d) => {
+                    if d.overflowed {
+                        self.counters.proc_event_overflows += 1;
+                        full = true;
+                    }
+                    self.counters.proc_events += d.events.len() as u64;
+                    for e in d.events {
+                        match e {
+                            ProcEvent::Exec { pid, tgid } | ProcEvent::Comm { pid, tgid, .. }
+                                if pid == tgid =>
+                            {
+                                candidates.insert(tgid);
+                            }
+                            ProcEvent::Exit { pid, tgid } if pid == tgid => {
+                                if self.known.remove(&tgid).is_some() {
+                                    self.counters.vms_exited += 1;
+                                }
+                                candidates.remove(&tgid);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "process connector failed; falling back to /proc rescans");
+                    self.events_unavailable = Some(format!("process connector: {e}"));
+                    self.events = None;
+                    full = true;
+                }
+            }
+        }
+        if full {
+            self.counters.full_scans += 1;
+            self.last_full_scan_ns = Some(now_ns);
+            match procfs::list_pids(&self.paths.proc) {
+                Ok(pids) => {
+                    let alive: BTreeSet<u32> = pids.iter().copied().collect();
+                    let before = self.known.len();
+                    self.known.retain(|pid, _| alive.contains(pid));
+                    self.counters.vms_exited += (before - self.known.len()) as u64;
+                    candidates = alive;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list processes"),
+            }
+        }
+        for pid in candidates {
+            if !self.known.contains_key(&pid) {
+                self.consider(pid);
+            }
+        }
+    }
+
+    /// Checks whether `pid` is qemu and starts following it if so.
+    fn consider(&mut self, pid: u32) {
+        let proc = &self.paths.proc;
+        let Ok(comm) = procfs::read_comm(proc, pid) else {
+            return;
+        };
+        let exe = procfs::read_exe_basename(proc, pid);
+        if !discovery::is_qemu(&comm, exe.as_deref(), None) {
+            return;
+        }
+        let found = procfs::read_stat(proc, pid).and_then(|stat| {
+            let argv = procfs::read_cmdline(proc, pid)?;
+            Ok((stat, argv))
+        });
+        match found {
+            Ok((stat, argv)) => {
+                let config = discovery::parse_qemu_cmdline(&argv);
+                for w in &config.warnings {
+                    tracing::debug!(pid, warning = %w, "qemu command line");
+                }
+                tracing::debug!(pid, name = ?config.name, "found a qemu process");
+                self.counters.vms_found += 1;
+                self.known.insert(
+                    pid,
+                    KnownVm {
+                        starttime_ticks: stat.starttime_ticks,
+                        comm,
+                        config,
+                        threads: HashMap::new(),
+                        cpu_ticks: stat.cpu_ticks(),
+                        sampled_at_ns: None,
+                    },
+                );
+            }
+            Err(e) if e.is_vanished() => self.counters.vanished_mid_read += 1,
+            Err(e) => {
+                tracing::debug!(pid, error = %e, "cannot read a qemu process");
+                self.counters.vms_skipped += 1;
+            }
+        }
+    }
+
+    /// Re-reads one known VM.
+    fn sample(&mut self, pid: u32, now_ns: u64) -> Result<Vm, HostError> {
+        let paths = self.paths.clone();
+        let proc = &paths.proc;
+        let host_cpus = self.topology.all_cpus();
+        let host_mems: NodeSet = self
+            .topology
+            .nodes
+            .iter()
+            .filter(|n| n.memory.total_bytes > 0)
+            .map(|n| n.id)
+            .collect();
+        let ticks_per_s = self.ticks_per_s as f64;
+        let Some(known) = self.known.get_mut(&pid) else {
+            return Err(HostError::Vanished { pid });
+        };
+        let stat = procfs::read_stat(proc, pid)?;
+        if stat.starttime_ticks != known.starttime_ticks || stat.state == 'Z' {
+            // The pid was reused, or the process is a zombie.
+            return Err(HostError::Vanished { pid });
+        }
+        let status = procfs::read_status(proc, pid)?;
+        let dt_s = known
+            .sampled_at_ns
+            .map(|t| now_ns.saturating_sub(t) as f64 / 1e9)
+            .filter(|&d| d > 0.0);
+        let demand = |now: u64, before: Option<u64>| -> f64 {
+            match (dt_s, before) {
+                (Some(dt), Some(b)) => now.saturating_sub(b) as f64 / ticks_per_s / dt,
+                _ => 0.0,
+            }
+        };
+        let vm_demand = demand(
+            stat.cpu_ticks(),
+            known.sampled_at_ns.map(|_| known.cpu_ticks),
+        );
+        let mut vcpus = Vec::new();
+        let mut other_threads = Vec::new();
+        let mut threads = HashMap::new();
+        for tid in procfs::list_tasks(proc, pid)? {
+            let read = procfs::read_task_comm(proc, pid, tid)
+                .and_then(|c| Ok((c, procfs::read_task_stat(proc, pid, tid)?)));
+            let (comm, tstat) = match read {
+                Ok(x) => x,
+                Err(e) if e.is_vanished() => {
+                    self.counters.vanished_mid_read += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let before = known.threads.get(&tid).map(|t| t.cpu_ticks);
+            threads.insert(
+                tid,
+                ThreadState {
+                    cpu_ticks: tstat.cpu_ticks(),
+                },
+            );
+            match discovery::classify_thread(pid, tid, &comm) {
+                ThreadKind::Vcpu(index) => {
+                    let affinity = match procfs::read_task_status(proc, pid, tid) {
+                        Ok(s) => s.cpus_allowed,
+                        // The thread exited; or, in a capture without the file, the
+                        // affinity is unknown (empty).
+                        Err(e) if e.is_vanished() && task_exists(proc, pid, tid) => {
+                            Default::default()
+                        }
+                        Err(e) if e.is_vanished() => continue,
+                        Err(e) => return Err(e),
+                    };
+                    vcpus.push(Vcpu {
+                        index,
+                        tid,
+                        affinity,
+                        last_cpu: tstat.processor,
+                        cpu_demand: demand(tstat.cpu_ticks(), before),
+                        telemetry: Default::default(),
+                    });
+                }
+                _ => other_threads.push(tid),
+            }
+        }
+        vcpus.sort_by_key(|v| v.index);
+        known.threads = threads;
+        known.cpu_ticks = stat.cpu_ticks();
+        known.sampled_at_ns = Some(now_ns);
+
+        // cgroup: the process's group is the emulator group in libvirt layouts.
+        let cg = cgroup::read_task_cgroup(&paths, pid, None).and_then(|cg| {
+            let Some(cg) = cg else {
+                return Ok((None, None));
+            };
+            let cpuset = cgroup::read_cpuset(&paths, &cg)?;
+            let (vm_group, role) = cgroup::split_libvirt_path(&cg.path);
+            let in_vm_scope = role.is_some() || cgroup::machine_scope_name(&cg.path).is_some();
+            Ok((in_vm_scope.then_some(vm_group), cpuset))
+        });
+        let (cgroup_path, cpuset) = match cg {
+            Ok(x) => x,
+            Err(e) if e.is_vanished() => return Err(e),
+            Err(e) => {
+                // A cgroup that cannot be read hides the cpuset, not the VM.
+                tracing::debug!(pid, error = %e, "cannot read the VM's cgroup");
+                (None, None)
+            }
+        };
+        let name = known
+            .config
+            .name
+            .clone()
+            .or_else(|| cgroup_path.as_deref().and_then(cgroup::machine_scope_name))
+            .unwrap_or_else(|| known.comm.clone());
+
+        // Memory, at the policy's rate.
+        let configured_bytes = known.config.mem_bytes.unwrap_or(0);
+        if self.memory.due(pid, configured_bytes, now_ns) {
+            let mem_paths: Vec<String> = known
+                .config
+                .backends
+                .iter()
+                .filter_map(|b| match &b.kind {
+                    BackendKind::File { mem_path } => Some(mem_path.clone()),
+                    _ => None,
+                })
+                .chain(known.config.mem_path.clone())
+                .collect();
+            let started = monotonic_ns();
+            let maps = match read_maps(proc, pid) {
+                Ok(m) => m,
+                // A capture without `maps`: sizes fall back to resident sizes.
+                Err(e) if e.is_vanished() && !paths.is_live_proc() => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            let numa = read_numa_maps(proc, pid)?;
+            let cost = monotonic_ns().saturating_sub(started);
+            let reading = select_guest_ram(&maps, &numa, configured_bytes, &mem_paths)
+                .map_err(|w| HostError::parse(&proc.join(pid.to_string()).join("numa_maps"), w))?;
+            self.memory.store(pid, reading, now_ns, cost);
+            self.counters.numa_maps_reads += 1;
+            self.counters.numa_maps_read_ns_total += cost;
+        }
+        let tracked = self.memory.get(pid).cloned().unwrap_or_default();
+        let per_node = |m: &BTreeMap<u32, u64>| -> Vec<u64> {
+            self.topology
+                .nodes
+                .iter()
+                .map(|n| m.get(&n.id).copied().unwrap_or(0))
+                .collect()
+        };
+        let backing = match tracked.reading.observed_backing.clone() {
+            // numa_maps knows the real huge page size and memfd-ness.
+            Some(b @ crate::model::MemoryBacking::HugeTlb { .. }) => b,
+            Some(crate::model::MemoryBacking::Anonymous) | None => known.config.backing(),
+            Some(b) => b,
+        };
+        let memory = VmMemory {
+            bytes_per_node: per_node(&tracked.reading.guest_bytes_per_node),
+            backing,
+            configured_bytes,
+            measured_at_ns: tracked.read_at_ns,
+            overhead_bytes_per_node: per_node(&tracked.reading.overhead_bytes_per_node),
+            guest_ranges: tracked.reading.guest_ranges.clone(),
+        };
+
+        let pinning = pinning::detect(&PinningInput {
+            host_cpus: &host_cpus,
+            host_mem_nodes: &host_mems,
+            vcpu_affinities: vcpus.iter().map(|v| &v.affinity).collect(),
+            cgroup_mems: cpuset.as_ref().map(|c| &c.mems),
+            cmdline_binding: known.config.strict_memory_binding(),
+            managed: self.managed.contains(&pid),
+        });
+        let mems_allowed = cpuset
+            .as_ref()
+            .map(|c| c.effective_mems.clone())
+            .filter(|m| !m.is_empty())
+            .unwrap_or(status.mems_allowed);
+        Ok(Vm {
+            pid,
+            name,
+            vcpus,
+            other_threads,
+            memory,
+            cells: known.config.cells.clone(),
+            pinning,
+            hot_regions: Vec::new(),
+            cgroup: cgroup_path,
+            mems_allowed,
+            threads_cpu_demand: vm_demand,
+            kernel_numa_moves: 0,
+            ksm_shared_pages: Vec::new(),
+        })
+    }
+}
+
+/// Whether a thread's directory is there (tells a missing file from an exited thread).
+fn task_exists(proc: &std::path::Path, pid: u32, tid: u32) -> bool {
+    proc.join(pid.to_string())
+        .join("task")
+        .join(tid.to_string())
+        .join("stat")
+        .exists()
+}
+
+impl Observer for LinuxObserver {
+    type Error = HostError;
+
+    fn observe(&mut self) -> Result<Snapshot, HostError> {
+        let now_ns = monotonic_ns();
+        self.counters.observations += 1;
+        topology::refresh_node_memory(&self.paths, &mut self.topology)?;
+        let settings = topology::read_settings(&self.paths)?;
+        if self.last_full_scan_ns.is_some()
+            && self.events.is_some()
+            && now_ns.saturating_sub(self.last_full_scan_ns.unwrap_or(0))
+                >= self.config.full_rescan_interval_ns
+        {
+            // The shape can change on hotplug; re-read it with the full rescan.
+            match topology::read_topology(&self.paths) {
+                Ok(t) => self.topology = t,
+                Err(e) => tracing::warn!(error = %e, "cannot re-read the topology"),
+            }
+        }
+        self.discover(now_ns);
+        let mut vms = Vec::new();
+        let pids: Vec<u32> = self.known.keys().copied().collect();
+        for pid in pids {
+            match self.sample(pid, now_ns) {
+                Ok(vm) => vms.push(vm),
+                Err(e) if e.is_vanished() => {
+                    tracing::debug!(pid, "VM exited");
+                    self.known.remove(&pid);
+                    self.counters.vms_exited += 1;
+                    self.counters.vanished_mid_read += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(pid, error = %e, "skipping a VM this tick");
+                    self.counters.vms_skipped += 1;
+                }
+            }
+        }
+        let known = &self.known;
+        self.memory.retain(|pid| known.contains_key(&pid));
+        self.managed.retain(|pid| known.contains_key(pid));
+        let tracked: Vec<TrackedVm> = vms
+            .iter()
+            .map(|vm| TrackedVm {
+                pid: vm.pid,
+                vcpus: vm.vcpus.iter().map(|v| (v.index, v.tid)).collect(),
+                other_threads: vm.other_threads.clone(),
+            })
+            .collect();
+        self.telemetry.track(&tracked);
+        let mut snapshot = Snapshot {
+            now_ns,
+            topology: self.topology.clone(),
+            vms,
+            settings,
+        };
+        self.telemetry.fill(&mut snapshot);
+        Ok(snapshot)
+    }
+}

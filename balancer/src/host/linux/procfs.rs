@@ -1,0 +1,322 @@
+//! Readers of `/proc/PID/...` and `/proc/PID/task/TID/...`.
+//!
+//! These are the cheap files, re-read every observation: they do not take the mmap
+//! lock or walk page tables. Each parser takes the file's text so that malformed input
+//! is tested without a file system; each reader maps "no such process" to
+//! [`HostError::Vanished`], because processes exit between any two reads.
+
+use std::path::Path;
+
+use super::{HostError, read_small};
+use crate::model::CpuSet;
+
+/// The fields of `/proc/PID/stat` (or `task/TID/stat`) the observer uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskStat {
+    pub pid: u32,
+    pub comm: String,
+    pub state: char,
+    /// User and system time in clock ticks (`USER_HZ`).
+    pub utime_ticks: u64,
+    pub stime_ticks: u64,
+    /// Start time after boot in clock ticks: with the pid it identifies a process
+    /// across pid reuse.
+    pub starttime_ticks: u64,
+    /// CPU the task last ran on.
+    pub processor: Option<u32>,
+}
+
+impl TaskStat {
+    pub fn cpu_ticks(&self) -> u64 {
+        self.utime_ticks.saturating_add(self.stime_ticks)
+    }
+}
+
+/// Parses `/proc/PID/stat`. The comm is in parentheses and may itself hold spaces and
+/// parentheses, so fields are counted from the LAST `)`.
+pub fn parse_stat(s: &str) -> Result<TaskStat, String> {
+    let open = s.find('(').ok_or("no '(' before comm")?;
+    let close = s.rfind(')').ok_or("no ')' after comm")?;
+    if close < open {
+        return Err("')' before '('".into());
+    }
+    let pid = s[..open]
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad pid {:?}", s[..open].trim()))?;
+    let comm = s[open + 1..close].to_string();
+    let rest: Vec<&str> = s[close + 1..].split_ascii_whitespace().collect();
+    // rest[0] is field 3 (state); field N is rest[N - 3].
+    let field = |n: usize| -> Result<u64, String> {
+        let t = rest
+            .get(n - 3)
+            .ok_or_else(|| format!("truncated: field {n} missing"))?;
+        t.parse()
+            .map_err(|_| format!("field {n}: not an unsigned number: {t:?}"))
+    };
+    let state = rest
+        .first()
+        .and_then(|t| t.chars().next())
+        .ok_or("truncated: no state")?;
+    Ok(TaskStat {
+        pid,
+        comm,
+        state,
+        utime_ticks: field(14)?,
+        stime_ticks: field(15)?,
+        starttime_ticks: field(22)?,
+        processor: field(39).ok().and_then(|p| u32::try_from(p).ok()),
+    })
+}
+
+/// The fields of `/proc/PID/status` the observer uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskStatus {
+    pub name: String,
+    pub tgid: u32,
+    /// The task's affinity as the scheduler applies it (cpuset included).
+    pub cpus_allowed: CpuSet,
+    pub mems_allowed: CpuSet,
+    pub vm_rss_bytes: u64,
+}
+
+/// Parses `/proc/PID/status`. `Tgid` and `Cpus_allowed_list` are required.
+pub fn parse_status(s: &str) -> Result<TaskStatus, String> {
+    let mut out = TaskStatus::default();
+    let (mut have_tgid, mut have_cpus) = (false, false);
+    for line in s.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match key {
+            "Name" => out.name = value.to_string(),
+            "Tgid" => {
+                out.tgid = value.parse().map_err(|_| format!("bad Tgid {value:?}"))?;
+                have_tgid = true;
+            }
+            "Cpus_allowed_list" => {
+                out.cpus_allowed = CpuSet::parse_list(value).map_err(|e| e.to_string())?;
+                have_cpus = true;
+            }
+            "Mems_allowed_list" => {
+                out.mems_allowed = CpuSet::parse_list(value).map_err(|e| e.to_string())?;
+            }
+            "VmRSS" => {
+                let kb: u64 = value
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad VmRSS {value:?}"))?;
+                out.vm_rss_bytes = kb.saturating_mul(1024);
+            }
+            _ => {}
+        }
+    }
+    if !have_tgid {
+        return Err("no Tgid line".into());
+    }
+    if !have_cpus {
+        return Err("no Cpus_allowed_list line".into());
+    }
+    Ok(out)
+}
+
+/// Splits `/proc/PID/cmdline` (NUL-separated) into arguments.
+pub fn parse_cmdline(raw: &[u8]) -> Vec<String> {
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    if raw.is_empty() {
+        return Vec::new();
+    }
+    raw.split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+fn pid_dir(proc: &Path, pid: u32) -> std::path::PathBuf {
+    proc.join(pid.to_string())
+}
+
+fn task_dir(proc: &Path, pid: u32, tid: u32) -> std::path::PathBuf {
+    pid_dir(proc, pid).join("task").join(tid.to_string())
+}
+
+/// Maps a read error of a per-process file: gone means the process exited.
+fn vanished(pid: u32) -> impl Fn(HostError) -> HostError {
+    move |e| {
+        if e.is_vanished() {
+            HostError::Vanished { pid }
+        } else {
+            e
+        }
+    }
+}
+
+fn read_proc_file(path: &Path, pid: u32) -> Result<String, HostError> {
+    let s = read_small(path).map_err(vanished(pid))?;
+    if s.is_empty() {
+        // An exiting task's files read as empty.
+        return Err(HostError::Vanished { pid });
+    }
+    Ok(s)
+}
+
+/// Reads and parses `/proc/PID/stat`.
+pub fn read_stat(proc: &Path, pid: u32) -> Result<TaskStat, HostError> {
+    let path = pid_dir(proc, pid).join("stat");
+    let s = read_proc_file(&path, pid)?;
+    parse_stat(&s).map_err(|w| HostError::parse(&path, w))
+}
+
+/// Reads and parses `/proc/PID/task/TID/stat`.
+pub fn read_task_stat(proc: &Path, pid: u32, tid: u32) -> Result<TaskStat, HostError> {
+    let path = task_dir(proc, pid, tid).join("stat");
+    let s = read_proc_file(&path, tid)?;
+    parse_stat(&s).map_err(|w| HostError::parse(&path, w))
+}
+
+/// Reads and parses `/proc/PID/status`.
+pub fn read_status(proc: &Path, pid: u32) -> Result<TaskStatus, HostError> {
+    let path = pid_dir(proc, pid).join("status");
+    let s = read_proc_file(&path, pid)?;
+    parse_status(&s).map_err(|w| HostError::parse(&path, w))
+}
+
+/// Reads and parses `/proc/PID/task/TID/status`.
+pub fn read_task_status(proc: &Path, pid: u32, tid: u32) -> Result<TaskStatus, HostError> {
+    let path = task_dir(proc, pid, tid).join("status");
+    let s = read_proc_file(&path, tid)?;
+    parse_status(&s).map_err(|w| HostError::parse(&path, w))
+}
+
+/// Reads `/proc/PID/comm` (the process's main thread name).
+pub fn read_comm(proc: &Path, pid: u32) -> Result<String, HostError> {
+    let s = read_proc_file(&pid_dir(proc, pid).join("comm"), pid)?;
+    Ok(s.trim_end_matches('\n').to_string())
+}
+
+/// Reads `/proc/PID/task/TID/comm` (a thread's name, e.g. `CPU 0/KVM`).
+pub fn read_task_comm(proc: &Path, pid: u32, tid: u32) -> Result<String, HostError> {
+    let s = read_proc_file(&task_dir(proc, pid, tid).join("comm"), tid)?;
+    Ok(s.trim_end_matches('\n').to_string())
+}
+
+/// Reads `/proc/PID/cmdline`. Kernel threads and zombies have an empty one.
+pub fn read_cmdline(proc: &Path, pid: u32) -> Result<Vec<String>, HostError> {
+    let path = pid_dir(proc, pid).join("cmdline");
+    let raw = std::fs::read(&path).map_err(|source| {
+        vanished(pid)(HostError::Io {
+            path: path.clone(),
+            source,
+        })
+    })?;
+    Ok(parse_cmdline(&raw))
+}
+
+/// The basename of `/proc/PID/exe`, if readable (it is not for kernel threads).
+pub fn read_exe_basename(proc: &Path, pid: u32) -> Option<String> {
+    let target = std::fs::read_link(pid_dir(proc, pid).join("exe")).ok()?;
+    let name = target.file_name()?.to_string_lossy().into_owned();
+    // A replaced binary reads as "qemu-kvm (deleted)".
+    Some(name.trim_end_matches(" (deleted)").to_string())
+}
+
+/// Numeric entries of a directory, sorted (pids in `/proc`, tids in `task/`).
+fn numeric_entries(dir: &Path) -> Result<Vec<u32>, HostError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| HostError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut ids: Vec<u32> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Every process id in `/proc`.
+pub fn list_pids(proc: &Path) -> Result<Vec<u32>, HostError> {
+    numeric_entries(proc)
+}
+
+/// Every thread id of a process.
+pub fn list_tasks(proc: &Path, pid: u32) -> Result<Vec<u32>, HostError> {
+    numeric_entries(&pid_dir(proc, pid).join("task")).map_err(vanished(pid))
+}
+
+/// `USER_HZ`: the unit of the tick counts in `stat`.
+pub fn clock_ticks_per_s() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as u64 } else { 100 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "4242 (qemu-kvm) S 1 4242 4242 0 -1 4194560 5000 0 0 0 \
+        1500 250 0 0 20 0 7 0 123456 4000000000 20000 18446744073709551615 1 1 0 0 0 0 0 \
+        4096 0 0 0 0 17 3 0 0 0 0 0";
+
+    #[test]
+    fn parses_stat() {
+        let s = parse_stat(STAT).unwrap();
+        assert_eq!(s.pid, 4242);
+        assert_eq!(s.comm, "qemu-kvm");
+        assert_eq!(s.state, 'S');
+        assert_eq!((s.utime_ticks, s.stime_ticks), (1500, 250));
+        assert_eq!(s.starttime_ticks, 123456);
+        assert_eq!(s.processor, Some(3));
+    }
+
+    #[test]
+    fn stat_comm_with_spaces_and_parens() {
+        let line = STAT.replace("(qemu-kvm)", "(CPU 0/KVM) (x))");
+        let s = parse_stat(&line).unwrap();
+        assert_eq!(s.comm, "CPU 0/KVM) (x)");
+        assert_eq!(s.processor, Some(3));
+    }
+
+    #[test]
+    fn stat_malformed() {
+        assert!(parse_stat("").is_err());
+        assert!(parse_stat("12 (x").is_err());
+        assert!(
+            parse_stat("12 (x) S 1 2 3")
+                .unwrap_err()
+                .contains("truncated")
+        );
+        let huge = STAT.replace(" 1500 ", " 99999999999999999999999 ");
+        assert!(parse_stat(&huge).unwrap_err().contains("field 14"));
+        // Old kernels without field 39: no processor, still fine.
+        let short: Vec<&str> = STAT.split(' ').take(30).collect();
+        assert_eq!(parse_stat(&short.join(" ")).unwrap().processor, None);
+    }
+
+    #[test]
+    fn parses_status() {
+        let s = "Name:\tCPU 1/KVM\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\n\
+                 VmRSS:\t  65536 kB\nCpus_allowed:\tff\nCpus_allowed_list:\t0-7\n\
+                 Mems_allowed:\t3\nMems_allowed_list:\t0-1\n";
+        let st = parse_status(s).unwrap();
+        assert_eq!(st.name, "CPU 1/KVM");
+        assert_eq!(st.tgid, 4242);
+        assert_eq!(st.cpus_allowed.to_string(), "0-7");
+        assert_eq!(st.mems_allowed.to_string(), "0-1");
+        assert_eq!(st.vm_rss_bytes, 64 << 20);
+        assert!(parse_status("Name:\tx\n").is_err());
+        assert!(parse_status("Tgid:\t1\nCpus_allowed_list:\t0-\n").is_err());
+        assert!(parse_status("Tgid:\t99999999999\nCpus_allowed_list:\t0\n").is_err());
+    }
+
+    #[test]
+    fn parses_cmdline() {
+        assert_eq!(
+            parse_cmdline(b"qemu-kvm\0-name\0guest=a\0"),
+            vec!["qemu-kvm", "-name", "guest=a"]
+        );
+        assert!(parse_cmdline(b"").is_empty());
+    }
+}

@@ -1,0 +1,261 @@
+//! The host's NUMA shape from sysfs, and the host-wide settings that change balancing.
+//!
+//! Sources: `devices/system/node/{online,nodeN/{cpulist,distance,meminfo,hugepages}}`,
+//! `devices/system/cpu/{online,cpuN/topology/thread_siblings_list}`,
+//! `kernel/mm/ksm/{run,merge_across_nodes,pages_sharing}` and
+//! `/proc/sys/kernel/numa_balancing`. The shape (nodes, CPUs, distances) changes only on
+//! hotplug; the memory figures change all the time, so [`refresh_node_memory`] re-reads
+//! just those.
+
+use std::path::Path;
+
+use super::{HostError, HostPaths, read_idset, read_small, read_u64};
+use crate::model::{CpuSet, HostSettings, HugePagePool, KsmState, Node, NodeMemory, Topology};
+
+fn node_dir(sys: &Path) -> std::path::PathBuf {
+    sys.join("devices/system/node")
+}
+
+/// Reads the whole topology: nodes with CPUs or memory, SMT siblings, distances, memory.
+/// A host without `devices/system/node` (kernel without NUMA) is one node 0 holding
+/// every online CPU and `/proc/meminfo`.
+pub fn read_topology(paths: &HostPaths) -> Result<Topology, HostError> {
+    let sys = &paths.sys;
+    let online_cpus = read_idset(&sys.join("devices/system/cpu/online"))?;
+    let nodes_dir = node_dir(sys);
+    if !nodes_dir.exists() {
+        return single_node_fallback(paths, online_cpus);
+    }
+    let online_nodes = read_idset(&nodes_dir.join("online"))?;
+    let mut nodes = Vec::new();
+    let mut rows = Vec::new();
+    for id in online_nodes.iter() {
+        let dir = nodes_dir.join(format!("node{id}"));
+        let cpus = read_idset(&dir.join("cpulist"))?.intersection(&online_cpus);
+        let memory = read_node_memory(&dir, id)?;
+        if cpus.is_empty() && memory.total_bytes == 0 {
+            continue;
+        }
+        let smt_siblings = cpus
+            .iter()
+            .map(|cpu| read_siblings(sys, cpu))
+            .collect::<Result<Vec<_>, _>>()?;
+        let distance_path = dir.join("distance");
+        let row: Vec<u32> = read_small(&distance_path)?
+            .split_ascii_whitespace()
+            .map(|t| t.parse::<u32>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| HostError::parse(&distance_path, "distances must be numbers"))?;
+        if row.len() <= online_nodes.iter().max().unwrap_or(0) as usize {
+            // The row is indexed by node id over all possible ids up to the highest
+            // online one; shorter means a truncated file.
+            return Err(HostError::parse(
+                &distance_path,
+                format!("{} distances for nodes up to {}", row.len(), online_nodes),
+            ));
+        }
+        rows.push(row);
+        nodes.push(Node {
+            id,
+            cpus,
+            smt_siblings,
+            memory,
+        });
+    }
+    // Keep only the columns of the kept nodes, in node order.
+    let distance = rows
+        .iter()
+        .map(|row| nodes.iter().map(|n| row[n.id as usize]).collect())
+        .collect();
+    Ok(Topology { nodes, distance })
+}
+
+fn single_node_fallback(paths: &HostPaths, cpus: CpuSet) -> Result<Topology, HostError> {
+    let meminfo_path = paths.proc.join("meminfo");
+    let text = read_small(&meminfo_path)?;
+    let memory = parse_meminfo(&text, None).map_err(|w| HostError::parse(&meminfo_path, w))?;
+    let smt_siblings = cpus
+        .iter()
+        .map(|cpu| read_siblings(&paths.sys, cpu))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Topology {
+        nodes: vec![Node {
+            id: 0,
+            cpus,
+            smt_siblings,
+            memory,
+        }],
+        distance: vec![vec![10]],
+    })
+}
+
+fn read_siblings(sys: &Path, cpu: u32) -> Result<CpuSet, HostError> {
+    let path = sys.join(format!(
+        "devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+    ));
+    match read_idset(&path) {
+        Ok(s) if !s.is_empty() => Ok(s),
+        Ok(_) => Ok(std::iter::once(cpu).collect()),
+        // Some virtual machines lack the topology directory: each CPU its own core.
+        Err(e) if e.is_vanished() => Ok(std::iter::once(cpu).collect()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Parses a node meminfo (`Node 0 MemTotal:  24563832 kB`) or, with `node == None`,
+/// `/proc/meminfo` (`MemTotal:  24563832 kB`). MemTotal and MemFree are required.
+pub fn parse_meminfo(text: &str, node: Option<u32>) -> Result<NodeMemory, String> {
+    let mut mem = NodeMemory::default();
+    let (mut total, mut free) = (false, false);
+    for line in text.lines() {
+        let mut rest = line.trim();
+        if let Some(n) = node {
+            let prefix = format!("Node {n} ");
+            match rest.strip_prefix(&prefix) {
+                Some(r) => rest = r.trim_start(),
+                None => continue,
+            }
+        }
+        let Some((key, value)) = rest.split_once(':') else {
+            continue;
+        };
+        let field = match key {
+            "MemTotal" => &mut mem.total_bytes,
+            "MemFree" => &mut mem.free_bytes,
+            "FilePages" | "Cached" => &mut mem.file_bytes,
+            _ => continue,
+        };
+        let v = value.trim();
+        let kb: u64 = v
+            .strip_suffix("kB")
+            .unwrap_or(v)
+            .trim()
+            .parse()
+            .map_err(|_| format!("{key}: not a number of kB: {v:?}"))?;
+        *field = kb
+            .checked_mul(1024)
+            .ok_or_else(|| format!("{key}: {kb} kB overflows"))?;
+        total |= key == "MemTotal";
+        free |= key == "MemFree";
+    }
+    if !total || !free {
+        return Err("MemTotal or MemFree missing".into());
+    }
+    Ok(mem)
+}
+
+fn read_node_memory(dir: &Path, id: u32) -> Result<NodeMemory, HostError> {
+    let path = dir.join("meminfo");
+    let text = read_small(&path)?;
+    let mut mem = parse_meminfo(&text, Some(id)).map_err(|w| HostError::parse(&path, w))?;
+    mem.hugepages = read_hugepages(&dir.join("hugepages"))?;
+    Ok(mem)
+}
+
+/// Reads `hugepages/hugepages-<size>kB/{nr,free}_hugepages`, one pool per size,
+/// smallest size first. No directory means no huge pages.
+fn read_hugepages(dir: &Path) -> Result<Vec<HugePagePool>, HostError> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut pools = Vec::new();
+    for entry in rd.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(kb) = name
+            .strip_prefix("hugepages-")
+            .and_then(|s| s.strip_suffix("kB"))
+        else {
+            continue;
+        };
+        let kb: u64 = kb
+            .parse()
+            .map_err(|_| HostError::parse(&entry.path(), "bad huge page size in name"))?;
+        pools.push(HugePagePool {
+            page_size_bytes: kb.saturating_mul(1024),
+            total_pages: read_u64(&entry.path().join("nr_hugepages"))?,
+            free_pages: read_u64(&entry.path().join("free_hugepages"))?,
+        });
+    }
+    pools.sort_by_key(|p| p.page_size_bytes);
+    Ok(pools)
+}
+
+/// Re-reads the live memory figures of the nodes of `topology`.
+pub fn refresh_node_memory(paths: &HostPaths, topology: &mut Topology) -> Result<(), HostError> {
+    let dir = node_dir(&paths.sys);
+    if !dir.exists() {
+        let path = paths.proc.join("meminfo");
+        let text = read_small(&path)?;
+        if let Some(n) = topology.nodes.first_mut() {
+            n.memory = parse_meminfo(&text, None).map_err(|w| HostError::parse(&path, w))?;
+        }
+        return Ok(());
+    }
+    for node in &mut topology.nodes {
+        node.memory = read_node_memory(&dir.join(format!("node{}", node.id)), node.id)?;
+    }
+    Ok(())
+}
+
+/// Reads KSM and automatic NUMA balancing. Missing files (KSM or NUMA balancing not
+/// built into the kernel) read as "off".
+pub fn read_settings(paths: &HostPaths) -> Result<HostSettings, HostError> {
+    let opt = |path: &Path| -> Result<Option<u64>, HostError> {
+        match read_u64(path) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_vanished() => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    let ksm = paths.sys.join("kernel/mm/ksm");
+    // numa_balancing: bit 0 = NUMA_BALANCING_NORMAL (the balancing that moves tasks and
+    // pages between nodes); bit 1 = memory tiering only.
+    let numa_balancing = opt(&paths.proc.join("sys/kernel/numa_balancing"))?.unwrap_or(0);
+    Ok(HostSettings {
+        numa_balancing: numa_balancing & 1 != 0,
+        ksm: KsmState {
+            // run: 0 stopped, 1 running, 2 stopped and unmerged.
+            running: opt(&ksm.join("run"))?.unwrap_or(0) == 1,
+            merge_across_nodes: opt(&ksm.join("merge_across_nodes"))?.unwrap_or(0) == 1,
+            pages_sharing: opt(&ksm.join("pages_sharing"))?.unwrap_or(0),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_node_meminfo() {
+        let text = "Node 1 MemTotal:       16315912 kB\nNode 1 MemFree:        12000000 kB\n\
+                    Node 1 MemUsed:         4315912 kB\nNode 1 FilePages:        1000000 kB\n\
+                    Node 1 HugePages_Total:     0\n";
+        let m = parse_meminfo(text, Some(1)).unwrap();
+        assert_eq!(m.total_bytes, 16315912 * 1024);
+        assert_eq!(m.free_bytes, 12000000 * 1024);
+        assert_eq!(m.file_bytes, 1000000 * 1024);
+        // Lines of another node are not ours.
+        assert!(parse_meminfo(text, Some(0)).is_err());
+    }
+
+    #[test]
+    fn refuses_malformed_meminfo() {
+        assert!(parse_meminfo("Node 0 MemTotal: 12 kB\n", Some(0)).is_err());
+        assert!(parse_meminfo("Node 0 MemTotal: x kB\nNode 0 MemFree: 1 kB\n", Some(0)).is_err());
+        assert!(
+            parse_meminfo(
+                "Node 0 MemTotal: 99999999999999999999 kB\nNode 0 MemFree: 1 kB\n",
+                Some(0)
+            )
+            .is_err()
+        );
+        assert!(
+            parse_meminfo(
+                "Node 0 MemTotal: 18446744073709551615 kB\nNode 0 MemFree: 1 kB\n",
+                Some(0)
+            )
+            .is_err()
+        );
+    }
+}
