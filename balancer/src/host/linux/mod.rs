@@ -2,3 +2,5 @@
 //!
 //! Every reader takes a root directory instead of assuming `/`, so tests read trees
 //! captured from real multi-node machines (`tests/fixtures/`).
+
+pub mod actuate;
