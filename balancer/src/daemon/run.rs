@@ -126,6 +126,18 @@ pub struct TickReport {
     pub refused_by_config: usize,
 }
 
+/// A policy that never acts: the daemon observes, serves status and advice, and
+/// changes nothing. Used until a balancing policy is plugged in.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoActions;
+
+impl Policy for NoActions {
+    fn plan(&mut self, _snapshot: &Snapshot) -> Plan {
+        Plan::default()
+    }
+    fn feedback(&mut self, _action: &PlannedAction, _outcome: &ActionOutcome) {}
+}
+
 /// Whether the configuration lets the daemon move `vm`, and why not.
 pub fn manage_verdict(cfg: &Config, vm: &Vm) -> Result<(), String> {
     if cfg.manages(vm) {
