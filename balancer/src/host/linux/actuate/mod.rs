@@ -441,6 +441,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rate_limit_spaces_batches_and_stops_on_cancel() {
+        let mut a = LinuxApplier::new(ApplierConfig {
+            rate_limit_bytes_per_s: 4 << 20,
+            ..ApplierConfig::default()
+        });
+        let t0 = Instant::now();
+        assert!(a.wait_for_budget());
+        a.spend(1 << 20); // 250 ms of budget
+        assert!(a.wait_for_budget());
+        a.spend(1 << 20);
+        assert!(a.wait_for_budget());
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(490), "{waited:?}");
+        assert!(waited < Duration::from_millis(900), "{waited:?}");
+        // A stop request ends the wait at once, whatever budget is left.
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut a = a.with_cancel(flag.clone());
+        a.spend(64 << 20);
+        flag.store(true, Ordering::Relaxed);
+        let t1 = Instant::now();
+        assert!(!a.wait_for_budget());
+        assert!(t1.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
     fn start_time_of_this_process() {
         let proc_root = Path::new("/proc");
         let me = std::process::id();
