@@ -92,7 +92,14 @@ pub fn migrate(
     };
     let page = a.page_size_bytes;
     let moved_bytes = tally.verified_pages * page;
-    let left_bytes = tally.left_pages * page;
+    // Windows after the budget ran out were not scanned: estimate what is left there
+    // from the snapshot (whole-VM moves only; named regions were scanned as needed).
+    let mut left_bytes = tally.left_pages * page;
+    if regions.is_empty()
+        && let Some(b) = from_bytes
+    {
+        left_bytes = left_bytes.max(b.saturating_sub(moved_bytes));
+    }
     // Narrow only after a whole-VM move left nothing on the source.
     if regions.is_empty() && tally.left_pages == 0 && !tally.cancelled {
         narrow_mems(a, &widened, from, to);
@@ -247,9 +254,10 @@ pub fn vm_ranges(proc_root: &Path, pid: u32) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// `cpuset.mems` widened for a move: the groups and their sets before.
+/// `cpuset.mems` of the VM's groups around a move: each group, its set before and
+/// whether the move widened it.
 struct Widened {
-    groups: Vec<(PathBuf, crate::model::NodeSet)>,
+    groups: Vec<(PathBuf, crate::model::NodeSet, bool)>,
     /// v1 groups whose `memory_migrate` was 1 and is held at 0 for the move.
     migrate_was_on: Vec<PathBuf>,
 }
@@ -280,6 +288,7 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
             continue;
         };
         if cur.contains(to) {
+            w.groups.push((dir, cur, false));
             continue;
         }
         if fs.memory_migrate(&dir).ok().flatten() == Some(true) {
@@ -295,7 +304,7 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
             undo_widen(a, &w);
             return Err(format!("widening {} mems: {e}", dir.display()));
         }
-        w.groups.push((dir, cur));
+        w.groups.push((dir, cur, true));
     }
     Ok(w)
 }
@@ -304,8 +313,8 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
 /// move pages on v1 (memory_migrate held at 0); on v2 it moves back what reached the
 /// target, which is the revert asked for.
 fn undo_widen(a: &mut LinuxApplier, w: &Widened) {
-    for (dir, before) in w.groups.iter().rev() {
-        if cgroup::write_set(dir, SetKind::Mems, before).is_err() {
+    for (dir, before, changed) in w.groups.iter().rev() {
+        if *changed && cgroup::write_set(dir, SetKind::Mems, before).is_err() {
             a.counters.cgroups_gone += 1;
         }
     }
@@ -323,10 +332,13 @@ fn restore_migrate_flag(a: &LinuxApplier, w: &Widened) {
 /// After a complete move: the source leaves the groups' mems (unless it was the
 /// only node, which cannot happen as the target was added), children first.
 fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
-    for (dir, before) in w.groups.iter().rev() {
+    for (dir, before, _) in w.groups.iter().rev() {
         let mut narrow = before.clone();
         narrow.remove(from);
         narrow.insert(to);
+        if cgroup::read_set(dir, SetKind::Mems).is_ok_and(|cur| cur == narrow) {
+            continue;
+        }
         if cgroup::write_set(dir, SetKind::Mems, &narrow).is_err() {
             a.counters.cgroups_gone += 1;
         }
@@ -351,6 +363,76 @@ fn gone_or(e: nix::Error, t: &mut Tally) -> Result<(), Gone> {
     Ok(())
 }
 
+/// Moves `pages` (all on `from`) to `to` and reads the result back. Returns (pages
+/// now on `to`, pages still elsewhere).
+///
+/// The status array is not trusted alone: with transparent huge pages, moving one
+/// address moves its whole 2 MiB page, and the kernel reports the other addresses of
+/// that huge page as busy (or not at all when it stops early on a failure). What
+/// counts is where each page is afterwards, so the batch is queried again, and pages
+/// still on the source (transiently busy, e.g. under I/O) are tried once more.
+fn move_batch(
+    pid: u32,
+    pages: &[u64],
+    from: NodeId,
+    to: NodeId,
+    t: &mut Tally,
+) -> Result<(u64, u64), Gone> {
+    let mut todo: Vec<u64> = pages.to_vec();
+    let mut moved = 0u64;
+    // Pages that neither moved nor stayed on the source in the first attempt.
+    let mut failed_elsewhere = 0u64;
+    for attempt in 0..2 {
+        if todo.is_empty() {
+            break;
+        }
+        let nodes = vec![to as i32; todo.len()];
+        // A value the kernel never writes: entries it did not reach stay visible.
+        let mut st = vec![i32::MIN; todo.len()];
+        if let Err(e) = sys::move_pages(pid, &todo, Some(&nodes), &mut st) {
+            gone_or(e, t)?;
+        }
+        let after = match query(pid, &todo) {
+            Ok(s) => s,
+            Err(e) => {
+                gone_or(e, t)?;
+                return Ok((moved, todo.len() as u64));
+            }
+        };
+        let mut stuck = 0u64;
+        // Only pages still on the source are worth a second try.
+        let mut retry = Vec::new();
+        for ((p, now), reported) in todo.iter().zip(&after).zip(&st) {
+            if *now == to as i32 {
+                moved += 1;
+                continue;
+            }
+            stuck += 1;
+            if *now == from as i32 {
+                retry.push(*p);
+            }
+            if *reported < 0 && *reported != i32::MIN && t.first_error.is_empty() {
+                t.first_error = nix::Error::from_raw(-*reported).to_string();
+            }
+        }
+        if attempt == 1 || retry.is_empty() {
+            if stuck > 0 && t.first_error.is_empty() {
+                t.first_error = "pages stayed on the source node".into();
+            }
+            return Ok((moved, stuck + failed_elsewhere));
+        }
+        stuck -= retry.len() as u64;
+        failed_elsewhere += stuck;
+        todo = retry;
+    }
+    Ok((moved, todo.len() as u64 + failed_elsewhere))
+}
+
+/// Windows of this many bytes, aligned to it, are scanned and moved one at a time.
+/// A multiple of the 2 MiB huge page size, so a transparent huge page never
+/// straddles two windows and its pages are counted in the window that moved it.
+const WINDOW_BYTES: u64 = 32 << 20;
+
 fn batched_move(
     a: &mut LinuxApplier,
     vm: &Vm,
@@ -360,18 +442,24 @@ fn batched_move(
     max_bytes: u64,
 ) -> Result<Tally, Gone> {
     let page = a.page_size_bytes;
-    let batch = a.cfg.batch_pages.max(1);
+    let batch = a.cfg.batch_pages.max(1) as usize;
     let budget_pages = max_bytes.div_ceil(page);
     let mut t = Tally::default();
+    // Pages moved so far by this action, as seen batch by batch (for the budget and
+    // the rate limit); the totals in `t` come from a read-back per window.
     let mut moved_pages = 0u64;
-    for &(start, len) in ranges {
-        let first = start / page * page;
+    'ranges: for &(start, len) in ranges {
         let end = start.saturating_add(len);
-        let mut addr = first;
+        let mut addr = start / page * page;
         while addr < end {
-            let n = ((end - addr).div_ceil(page)).min(batch);
-            let pages: Vec<u64> = (0..n).map(|i| addr + i * page).collect();
-            addr += n * page;
+            if moved_pages >= budget_pages || t.cancelled {
+                break 'ranges;
+            }
+            let win_end = ((addr / WINDOW_BYTES + 1) * WINDOW_BYTES).min(end);
+            let pages: Vec<u64> = (0..(win_end - addr).div_ceil(page))
+                .map(|i| addr + i * page)
+                .collect();
+            addr = win_end.div_ceil(page) * page;
             let status = match query(vm.pid, &pages) {
                 Ok(s) => s,
                 Err(e) => {
@@ -388,52 +476,51 @@ fn batched_move(
             if on_src.is_empty() {
                 continue;
             }
-            if moved_pages >= budget_pages {
-                t.left_pages += on_src.len() as u64;
-                continue;
-            }
-            if !a.wait_for_budget() {
-                t.cancelled = true;
-                t.left_pages += on_src.len() as u64;
-                return Ok(t);
-            }
-            let take = (on_src.len() as u64).min(budget_pages - moved_pages) as usize;
-            let (now, later) = on_src.split_at(take);
-            t.left_pages += later.len() as u64;
-            let nodes = vec![to as i32; now.len()];
-            let mut st = vec![0i32; now.len()];
-            if let Err(e) = sys::move_pages(vm.pid, now, Some(&nodes), &mut st) {
-                gone_or(e, &mut t)?;
-                t.failed_pages += now.len() as u64;
-                t.left_pages += now.len() as u64;
-                continue;
-            }
-            a.spend(now.len() as u64 * page);
-            let mut ok: Vec<u64> = Vec::with_capacity(now.len());
-            for (p, s) in now.iter().zip(&st) {
-                if *s == to as i32 {
-                    ok.push(*p);
-                } else if *s < 0 {
-                    t.failed_pages += 1;
-                    t.left_pages += 1;
-                    if t.first_error.is_empty() {
-                        t.first_error = nix::Error::from_raw(-*s).to_string();
-                    }
+            for chunk in on_src.chunks(batch) {
+                if moved_pages >= budget_pages {
+                    break;
                 }
+                if !a.wait_for_budget() {
+                    t.cancelled = true;
+                    break;
+                }
+                let take = ((budget_pages - moved_pages) as usize).min(chunk.len());
+                let chunk = &chunk[..take];
+                // Some may have moved with a huge page of the previous batch.
+                let now = match query(vm.pid, chunk) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        gone_or(e, &mut t)?;
+                        continue;
+                    }
+                };
+                let already = now.iter().filter(|n| **n == to as i32).count() as u64;
+                let still: Vec<u64> = chunk
+                    .iter()
+                    .zip(&now)
+                    .filter(|(_, n)| **n == from as i32)
+                    .map(|(p, _)| *p)
+                    .collect();
+                let (moved, stuck) = move_batch(vm.pid, &still, from, to, &mut t)?;
+                t.failed_pages += stuck;
+                moved_pages += already + moved;
+                a.spend((already + moved) * page);
+                let (vmid, done) = (vm.pid, (t.verified_pages + moved_pages) * page);
+                set_progress(a, |p| {
+                    if let Some(p) = p.as_mut().filter(|p| p.vm == vmid) {
+                        p.moved_bytes = done.min(p.max_bytes);
+                    }
+                });
             }
-            moved_pages += ok.len() as u64;
-            // Read back: where the moved pages are now.
-            match query(vm.pid, &ok) {
-                Ok(s) => t.verified_pages += s.iter().filter(|n| **n == to as i32).count() as u64,
+            // Read back the window: where its source pages are now.
+            match query(vm.pid, &on_src) {
+                Ok(after) => {
+                    t.verified_pages += after.iter().filter(|n| **n == to as i32).count() as u64;
+                    t.left_pages += after.iter().filter(|n| **n == from as i32).count() as u64;
+                }
                 Err(e) => gone_or(e, &mut t)?,
             }
-            let (vmid, moved, left) = (vm.pid, t.verified_pages * page, t.left_pages * page);
-            set_progress(a, |p| {
-                if let Some(p) = p.as_mut().filter(|p| p.vm == vmid) {
-                    p.moved_bytes = moved;
-                    p.left_bytes = p.left_bytes.max(left);
-                }
-            });
+            moved_pages = moved_pages.max(t.verified_pages);
         }
     }
     Ok(t)
