@@ -1,1 +1,111 @@
 //! `vmbalancer run`: the tick loop, action journal, control socket and configuration.
+//!
+//! Why it is split this way: the loop ([`run`]) only sequences observe -> plan ->
+//! journal -> apply -> read back -> feedback; what it talks to sits behind traits, so
+//! the same loop drives the real host, a fake host in tests, and `--dry-run`:
+//! - [`crate::host::Observer`] builds snapshots;
+//! - [`crate::host::Applier`] changes the host; [`Actuator`] adds what the daemon
+//!   needs beyond one action (adoption, restore, counters, progress);
+//! - [`Policy`] turns a snapshot into a plan and learns from outcomes.
+//!
+//! Everything else is a small module with one job: [`config`] (TOML + flags),
+//! [`journal`] (moves in flight, crash recovery), [`control`] (root-only unix
+//! socket), [`status`] (the document `vmbalancer status` shows), [`notify`]
+//! (sd_notify), [`prometheus`] (optional metrics), [`advice`] (numad-compatible
+//! placement advice, pure) and [`hostview`] (a minimal host reader for advice).
+
+pub mod advice;
+pub mod config;
+pub mod control;
+pub mod hostview;
+pub mod journal;
+pub mod notify;
+pub mod prometheus;
+pub mod run;
+pub mod status;
+
+use crate::host::Applier;
+use crate::host::linux::actuate::{
+    LinuxApplier, MigrationProgress, OriginalSets, QuietCounters, RestoreWhat,
+};
+use crate::host::logonly::LogOnly;
+use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot, Vm};
+
+/// The decision-maker the loop consults every tick. The engine implements it; tests
+/// use scripted policies.
+pub trait Policy {
+    /// Plans this tick's actions from a snapshot (pure: no I/O, no clock).
+    fn plan(&mut self, snapshot: &Snapshot) -> Plan;
+    /// What happened to an action, as read back from the host.
+    fn feedback(&mut self, action: &PlannedAction, outcome: &ActionOutcome);
+    /// Probation timers running, for status.
+    fn probations(&self) -> Vec<status::Probation> {
+        Vec::new()
+    }
+}
+
+/// What the daemon needs from an applier beyond applying single actions.
+pub trait Actuator: Applier {
+    /// Records the VM's current sets before its first change; `None` when the VM is
+    /// gone. Appliers that change nothing return an empty record.
+    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets>;
+    /// Takes over a record from the journal of an earlier run.
+    fn readopt(&mut self, original: OriginalSets);
+    /// Puts back recorded sets.
+    fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome;
+    /// Whether the recorded process is still the same one (not a reused pid).
+    fn alive(&self, original: &OriginalSets) -> bool;
+    /// Forgets an exited VM.
+    fn forget(&mut self, vm: u32);
+    fn counters(&self) -> QuietCounters;
+    fn progress(&self) -> Option<MigrationProgress>;
+}
+
+impl Actuator for LinuxApplier {
+    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
+        LinuxApplier::adopt(self, vm).cloned()
+    }
+    fn readopt(&mut self, original: OriginalSets) {
+        self.insert_original(original);
+    }
+    fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
+        LinuxApplier::restore(self, original, what)
+    }
+    fn alive(&self, original: &OriginalSets) -> bool {
+        self.same_process(original)
+    }
+    fn forget(&mut self, vm: u32) {
+        LinuxApplier::forget(self, vm);
+    }
+    fn counters(&self) -> QuietCounters {
+        LinuxApplier::counters(self).clone()
+    }
+    fn progress(&self) -> Option<MigrationProgress> {
+        self.progress_handle().lock().ok().and_then(|p| p.clone())
+    }
+}
+
+/// `--dry-run`: nothing is adopted, restored or moved.
+impl Actuator for LogOnly {
+    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
+        Some(OriginalSets {
+            vm: vm.pid,
+            ..Default::default()
+        })
+    }
+    fn readopt(&mut self, _original: OriginalSets) {}
+    fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
+        tracing::info!(vm = original.vm, ?what, "would restore original sets");
+        ActionOutcome::LoggedOnly
+    }
+    fn alive(&self, _original: &OriginalSets) -> bool {
+        false
+    }
+    fn forget(&mut self, _vm: u32) {}
+    fn counters(&self) -> QuietCounters {
+        QuietCounters::default()
+    }
+    fn progress(&self) -> Option<MigrationProgress> {
+        None
+    }
+}

@@ -16,8 +16,10 @@
 //! - [`memory`]: guest RAM per node, read at a bounded rate;
 //! - [`proc_events`]: the netlink process connector (exec/exit/comm events);
 //! - [`telemetry_input`]: the interface through which eBPF telemetry joins a snapshot;
-//! - [`observer`]: [`LinuxObserver`], the incremental [`Observer`](super::Observer).
+//! - [`observer`]: [`LinuxObserver`], the incremental [`Observer`](super::Observer);
+//! - [`actuate`]: the Linux [`Applier`](super::Applier): CPU sets and page moves.
 
+pub mod actuate;
 pub mod cgroup;
 pub mod discovery;
 pub mod memory;

@@ -1,0 +1,475 @@
+//! The daemon's configuration: `/etc/vmbalancer/config.toml`, then CLI flags on top.
+//!
+//! Why a strict parser: a typo in a config key that silently falls back to a default
+//! would make the daemon balance VMs the operator meant to exclude. So unknown keys and
+//! bad values are errors that name the key, and nothing on the host is touched before
+//! the configuration is valid. Every field has a default (see `config.example.toml`,
+//! which a unit test proves equal to [`Config::default`]), so an empty file is valid.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{CpuSet, Vm};
+
+/// Where the daemon looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmbalancer/config.toml";
+
+/// The shipped example: every field with its default and what it does.
+pub const EXAMPLE_TOML: &str = include_str!("config.example.toml");
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+/// What to do with VMs an operator pinned by hand (vcpupin, numatune, taskset).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PinnedVms {
+    /// Report them, never move them.
+    #[default]
+    Leave,
+    /// Balance them like any other VM.
+    Balance,
+}
+
+/// Selects VMs by pid (a TOML integer) or by name (a string, `*` matches any run).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VmSelector {
+    Pid(u32),
+    Name(String),
+}
+
+impl VmSelector {
+    pub fn matches(&self, vm: &Vm) -> bool {
+        match self {
+            VmSelector::Pid(pid) => vm.pid == *pid,
+            VmSelector::Name(pattern) => glob_match(pattern, &vm.name),
+        }
+    }
+}
+
+/// `*` matches any (possibly empty) run of characters; everything else literally.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    if !name.ends_with(last) {
+        return false;
+    }
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The whole configuration. Field docs state the default; `config.example.toml` says
+/// the same for operators.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Time between two observe-plan-apply rounds, milliseconds. Default 1000.
+    pub tick_ms: u64,
+    /// A node counts as busy above this share of its CPUs in use, percent. Default 85.
+    pub target_utilisation_pct: u32,
+    /// Memory is moved while a VM has less than this share local, percent. Default 90.
+    pub target_locality_pct: u32,
+    /// Balance only these VMs (pids or name patterns); empty = all VMs. Default [].
+    pub include_vms: Vec<VmSelector>,
+    /// Never touch these VMs (pids or name patterns); wins over include. Default [].
+    pub exclude_vms: Vec<VmSelector>,
+    /// CPUs never given to VMs, kernel list format (`0,8-9`). Default "" (none).
+    pub reserved_cpus: CpuSet,
+    /// Upper bound of page migration, bytes per second, all VMs together.
+    /// Default 268435456 (256 MiB/s).
+    pub migration_rate_limit_bytes_per_s: u64,
+    /// Pages per move_pages call; shutdown stops a move between two batches. Default 512.
+    pub migration_batch_pages: u64,
+    /// Free memory a target node must keep after a move, bytes. Default 536870912.
+    pub memory_headroom_bytes: u64,
+    /// How long a CPU-first move must keep paying off before memory follows,
+    /// milliseconds. Default 10000.
+    pub probation_window_ms: u64,
+    /// "leave" (report only) or "balance" operator-pinned VMs. Default "leave".
+    pub pinned_vms: PinnedVms,
+    /// Put back the CPU sets VMs had when vmbalancer adopted them, on exit. Default true.
+    pub restore_on_exit: bool,
+    /// Journal of moves in flight (survives crashes). Default "/var/lib/vmbalancer".
+    pub state_dir: PathBuf,
+    /// Control socket directory. Default "/run/vmbalancer".
+    pub runtime_dir: PathBuf,
+    /// Prometheus text endpoint, loopback only (`127.0.0.1:9767`); "" = off. Default "".
+    pub prometheus_listen: String,
+    /// Decisions kept for `vmbalancer status`. Default 32.
+    pub status_history: usize,
+    /// Root of procfs, for tests and containers. Default "/proc".
+    pub proc_root: PathBuf,
+    /// Root of sysfs. Default "/sys".
+    pub sys_root: PathBuf,
+    /// Root of the cgroup mount(s). Default "/sys/fs/cgroup".
+    pub cgroup_root: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            tick_ms: 1000,
+            target_utilisation_pct: 85,
+            target_locality_pct: 90,
+            include_vms: Vec::new(),
+            exclude_vms: Vec::new(),
+            reserved_cpus: CpuSet::new(),
+            migration_rate_limit_bytes_per_s: 256 << 20,
+            migration_batch_pages: 512,
+            memory_headroom_bytes: 512 << 20,
+            probation_window_ms: 10_000,
+            pinned_vms: PinnedVms::Leave,
+            restore_on_exit: true,
+            state_dir: PathBuf::from("/var/lib/vmbalancer"),
+            runtime_dir: PathBuf::from("/run/vmbalancer"),
+            prometheus_listen: String::new(),
+            status_history: 32,
+            proc_root: PathBuf::from("/proc"),
+            sys_root: PathBuf::from("/sys"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        }
+    }
+}
+
+/// Command-line values that override the file (`None` = keep the file's value).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub tick_ms: Option<u64>,
+    pub target_utilisation_pct: Option<u32>,
+    pub target_locality_pct: Option<u32>,
+    pub include_vms: Vec<VmSelector>,
+    pub exclude_vms: Vec<VmSelector>,
+    pub reserved_cpus: Option<CpuSet>,
+    pub migration_rate_limit_bytes_per_s: Option<u64>,
+    pub probation_window_ms: Option<u64>,
+    pub pinned_vms: Option<PinnedVms>,
+    pub restore_on_exit: Option<bool>,
+    pub state_dir: Option<PathBuf>,
+    pub runtime_dir: Option<PathBuf>,
+    pub prometheus_listen: Option<String>,
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a file. A missing file at the default path means all defaults; a missing
+    /// file the operator named explicitly is an error.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_toml(&text, &path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    /// Applies CLI flags, then validates the result again.
+    pub fn apply(mut self, o: Overrides) -> Result<Self, ConfigError> {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = o.$f { self.$f = v; } )* };
+        }
+        set!(
+            tick_ms,
+            target_utilisation_pct,
+            target_locality_pct,
+            reserved_cpus,
+            migration_rate_limit_bytes_per_s,
+            probation_window_ms,
+            pinned_vms,
+            restore_on_exit,
+            state_dir,
+            runtime_dir,
+            prometheus_listen
+        );
+        if !o.include_vms.is_empty() {
+            self.include_vms = o.include_vms;
+        }
+        self.exclude_vms.extend(o.exclude_vms);
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks values that parse but make no sense, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, why: String| Err(ConfigError::Invalid { key, why });
+        if !(100..=60_000).contains(&self.tick_ms) {
+            return bad(
+                "tick_ms",
+                format!("{} is outside 100..=60000", self.tick_ms),
+            );
+        }
+        for (key, v) in [
+            ("target_utilisation_pct", self.target_utilisation_pct),
+            ("target_locality_pct", self.target_locality_pct),
+        ] {
+            if !(1..=100).contains(&v) {
+                return bad(key, format!("{v} is outside 1..=100"));
+            }
+        }
+        if self.migration_rate_limit_bytes_per_s < 4096 {
+            return bad(
+                "migration_rate_limit_bytes_per_s",
+                format!(
+                    "{} is below one page per second",
+                    self.migration_rate_limit_bytes_per_s
+                ),
+            );
+        }
+        if !(1..=65_536).contains(&self.migration_batch_pages) {
+            return bad(
+                "migration_batch_pages",
+                format!("{} is outside 1..=65536", self.migration_batch_pages),
+            );
+        }
+        if self.probation_window_ms < self.tick_ms {
+            return bad(
+                "probation_window_ms",
+                format!(
+                    "{} is shorter than one tick ({} ms)",
+                    self.probation_window_ms, self.tick_ms
+                ),
+            );
+        }
+        if self.status_history == 0 || self.status_history > 10_000 {
+            return bad(
+                "status_history",
+                format!("{} is outside 1..=10000", self.status_history),
+            );
+        }
+        for (key, sel) in self
+            .include_vms
+            .iter()
+            .map(|s| ("include_vms", s))
+            .chain(self.exclude_vms.iter().map(|s| ("exclude_vms", s)))
+        {
+            match sel {
+                VmSelector::Pid(0) => return bad(key, "pid 0 is not a VM".into()),
+                VmSelector::Name(n) if n.is_empty() => {
+                    return bad(key, "an empty name matches nothing".into());
+                }
+                _ => {}
+            }
+        }
+        for (key, dir) in [
+            ("state_dir", &self.state_dir),
+            ("runtime_dir", &self.runtime_dir),
+            ("proc_root", &self.proc_root),
+            ("sys_root", &self.sys_root),
+            ("cgroup_root", &self.cgroup_root),
+        ] {
+            if !dir.is_absolute() {
+                return bad(key, format!("{} is not an absolute path", dir.display()));
+            }
+        }
+        self.prometheus_addr()?;
+        Ok(())
+    }
+
+    /// The Prometheus listen address, `None` when the endpoint is off.
+    pub fn prometheus_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.prometheus_listen.is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr =
+            self.prometheus_listen
+                .parse()
+                .map_err(|e| ConfigError::Invalid {
+                    key: "prometheus_listen",
+                    why: format!(
+                        "{:?} is not an IP:port address: {e}",
+                        self.prometheus_listen
+                    ),
+                })?;
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                key: "prometheus_listen",
+                why: format!("{addr} is not a loopback address; metrics stay on the host"),
+            });
+        }
+        Ok(Some(addr))
+    }
+
+    /// Whether the daemon may balance `vm` at all (include/exclude and pinning).
+    pub fn manages(&self, vm: &Vm) -> bool {
+        if self.exclude_vms.iter().any(|s| s.matches(vm)) {
+            return false;
+        }
+        if !self.include_vms.is_empty() && !self.include_vms.iter().any(|s| s.matches(vm)) {
+            return false;
+        }
+        match vm.pinning {
+            crate::model::Pinning::None => true,
+            crate::model::Pinning::Operator { .. } => self.pinned_vms == PinnedVms::Balance,
+            crate::model::Pinning::Excluded => false,
+        }
+    }
+
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.runtime_dir.join("control.sock")
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir.join("journal.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Pinning;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn shipped_example_parses_and_equals_defaults() {
+        assert_eq!(parse(EXAMPLE_TOML).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn example_documents_every_field() {
+        let doc = toml::to_string(&Config::default()).unwrap();
+        for line in doc.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            assert!(
+                EXAMPLE_TOML.contains(&format!("\n{key} = ")),
+                "example lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("tick_ms = 500\ntick_msec = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tick_msec"), "{err}");
+        assert!(err.contains("test.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (text, key) in [
+            ("tick_ms = \"fast\"", "tick_ms"),
+            ("tick_ms = 5", "tick_ms"),
+            ("target_locality_pct = 150", "target_locality_pct"),
+            ("reserved_cpus = \"3-1\"", "reserved_cpus"),
+            ("pinned_vms = \"sometimes\"", "pinned_vms"),
+            ("prometheus_listen = \"0.0.0.0:9767\"", "prometheus_listen"),
+            ("prometheus_listen = \"localhost\"", "prometheus_listen"),
+            ("state_dir = \"relative\"", "state_dir"),
+            ("probation_window_ms = 10", "probation_window_ms"),
+            ("exclude_vms = [0]", "exclude_vms"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn values_and_overrides() {
+        let cfg = parse(
+            "tick_ms = 500\nreserved_cpus = \"0,8-9\"\ninclude_vms = [\"web-*\", 4242]\n\
+             pinned_vms = \"balance\"\nprometheus_listen = \"127.0.0.1:9767\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.tick_ms, 500);
+        assert_eq!(cfg.reserved_cpus.to_string(), "0,8-9");
+        assert_eq!(
+            cfg.include_vms,
+            vec![VmSelector::Name("web-*".into()), VmSelector::Pid(4242)]
+        );
+        assert!(cfg.prometheus_addr().unwrap().is_some());
+        let cfg = cfg
+            .apply(Overrides {
+                tick_ms: Some(2000),
+                exclude_vms: vec![VmSelector::Name("web-db".into())],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(cfg.tick_ms, 2000);
+        let vm = |pid, name: &str, pinning| Vm {
+            pid,
+            name: name.into(),
+            pinning,
+            ..Default::default()
+        };
+        assert!(cfg.manages(&vm(1, "web-1", Pinning::None)));
+        assert!(cfg.manages(&vm(4242, "other", Pinning::None)));
+        assert!(!cfg.manages(&vm(2, "db", Pinning::None)));
+        assert!(!cfg.manages(&vm(3, "web-db", Pinning::None)));
+        let pinned = Pinning::Operator {
+            why: "vcpupin".into(),
+        };
+        assert!(cfg.manages(&vm(4, "web-2", pinned.clone())));
+        let leave = Config::default();
+        assert!(!leave.manages(&vm(4, "web-2", pinned)));
+        let err = Config::default()
+            .apply(Overrides {
+                target_utilisation_pct: Some(0),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("target_utilisation_pct"));
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("a*", "abc"));
+        assert!(glob_match("*c", "abc"));
+        assert!(glob_match("a*b*c", "aXbYc"));
+        assert!(!glob_match("a*b*c", "aXc"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("ab*ba", "aba"));
+        assert!(glob_match("abc", "abc"));
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_named_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/vmb.toml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vmb.toml"));
+    }
+}

@@ -1,0 +1,438 @@
+//! The journal of adopted VMs and actions in flight, in the state directory.
+//!
+//! Why: the daemon can be killed (SIGKILL, OOM, power) between writing a VM's CPU set
+//! and reading it back, or in the middle of a memory move with `cpuset.mems` widened.
+//! Before touching a VM the daemon writes here what the VM had (its original sets) and
+//! which action it is about to apply; after the outcome it clears the action. On the
+//! next start, [`decide`] says per VM whether to finish the action, revert it, or just
+//! keep the record, and [`recover`] does it through the applier. A VM is never left
+//! with an empty or inconsistent set: finishing re-applies a validated target, and
+//! reverting writes sets the kernel accepted before.
+//!
+//! Every write is atomic: a temporary file in the same directory, fsync, rename over
+//! the journal, fsync of the directory; mode 0600 (it names processes and cgroups).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Actuator;
+use crate::host::linux::actuate::{OriginalSets, RestoreWhat};
+use crate::model::{Action, ActionOutcome, CpuSet, NodeSet, PlannedAction, Snapshot, VmId};
+
+const VERSION: u32 = 1;
+
+/// Why the journal could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One adopted VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub original: OriginalSets,
+    pub in_flight: Option<InFlight>,
+}
+
+/// An action that was started and whose outcome was not recorded yet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub action: PlannedAction,
+    /// Observer clock when it started.
+    pub started_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct File {
+    version: u32,
+    entries: BTreeMap<VmId, Entry>,
+}
+
+impl Default for File {
+    fn default() -> Self {
+        Self {
+            version: VERSION,
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
+/// The journal file and its contents.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+impl Journal {
+    /// Opens (creating the state directory, mode 0700) and loads the journal. A journal
+    /// that does not parse is moved aside (`journal.json.corrupt`), never deleted.
+    pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JournalError::Io { path, source }
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(io(state_dir))?;
+        let path = state_dir.join("journal.json");
+        let file = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
+                Ok(f) if f.version == VERSION => f,
+                Ok(f) => {
+                    tracing::warn!(version = f.version, "journal of another version ignored");
+                    let _ = std::fs::rename(&path, path.with_extension("json.old"));
+                    File::default()
+                }
+                Err(e) => {
+                    let aside = path.with_extension("json.corrupt");
+                    tracing::warn!(error = %e, aside = %aside.display(), "journal unreadable, moved aside");
+                    std::fs::rename(&path, &aside).map_err(io(&path))?;
+                    File::default()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        Ok(Self { path, file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn entries(&self) -> &BTreeMap<VmId, Entry> {
+        &self.file.entries
+    }
+
+    /// Records a VM's original sets (kept if already recorded).
+    pub fn adopt(&mut self, original: OriginalSets) -> Result<(), JournalError> {
+        if self.file.entries.contains_key(&original.vm) {
+            return Ok(());
+        }
+        self.file.entries.insert(
+            original.vm,
+            Entry {
+                original,
+                in_flight: None,
+            },
+        );
+        self.save()
+    }
+
+    /// Marks an action as started; call after [`Journal::adopt`] of its VM.
+    pub fn begin(&mut self, action: &PlannedAction, now_ns: u64) -> Result<(), JournalError> {
+        if let Some(e) = self.file.entries.get_mut(&action.vm) {
+            e.in_flight = Some(InFlight {
+                action: action.clone(),
+                started_ns: now_ns,
+            });
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Marks a VM's action as finished.
+    pub fn end(&mut self, vm: VmId) -> Result<(), JournalError> {
+        if let Some(e) = self.file.entries.get_mut(&vm)
+            && e.in_flight.take().is_some()
+        {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Drops a VM (it exited, or was restored for good).
+    pub fn forget(&mut self, vm: VmId) -> Result<(), JournalError> {
+        if self.file.entries.remove(&vm).is_some() {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Result<(), JournalError> {
+        let err = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(&self.file).map_err(|e| err(e.into()))?;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(&bytes).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        drop(f);
+        std::fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the host looks like now, for recovery decisions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostFacts {
+    /// The journaled process still runs (same pid and start time).
+    pub alive: bool,
+    pub online_cpus: CpuSet,
+    /// Nodes that have memory.
+    pub memory_nodes: NodeSet,
+}
+
+/// What to do with one journal entry at start.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Recovery {
+    /// The VM is gone: drop the entry.
+    Forget,
+    /// Nothing was in flight: keep the record for later restores.
+    Keep,
+    /// Apply the interrupted action again (it is idempotent and still valid).
+    Finish(PlannedAction),
+    /// Put back the original sets.
+    Revert(RestoreWhat),
+}
+
+/// Decides finish or revert for one entry. Pure.
+pub fn decide(entry: &Entry, facts: &HostFacts) -> Recovery {
+    if !facts.alive {
+        return Recovery::Forget;
+    }
+    let Some(flight) = &entry.in_flight else {
+        return Recovery::Keep;
+    };
+    match &flight.action.action {
+        Action::SetCpus { cpus, .. } => {
+            if !cpus.is_empty() && cpus.is_subset(&facts.online_cpus) {
+                Recovery::Finish(flight.action.clone())
+            } else {
+                Recovery::Revert(RestoreWhat {
+                    cpus: true,
+                    mems: false,
+                })
+            }
+        }
+        Action::MigrateMemory { to, .. } => {
+            if facts.memory_nodes.contains(*to) {
+                Recovery::Finish(flight.action.clone())
+            } else {
+                Recovery::Revert(RestoreWhat {
+                    cpus: false,
+                    mems: true,
+                })
+            }
+        }
+    }
+}
+
+/// Recovers every journal entry through the actuator. A finish that the host refuses
+/// falls back to a revert. Returns what was done per VM.
+pub fn recover<A: Actuator>(
+    journal: &mut Journal,
+    actuator: &mut A,
+    snapshot: &Snapshot,
+    online_cpus: &CpuSet,
+    memory_nodes: &NodeSet,
+) -> Result<Vec<(VmId, Recovery, ActionOutcome)>, JournalError> {
+    let entries: Vec<Entry> = journal.entries().values().cloned().collect();
+    let mut done = Vec::new();
+    for entry in entries {
+        let vm = entry.original.vm;
+        let facts = HostFacts {
+            alive: actuator.alive(&entry.original),
+            online_cpus: online_cpus.clone(),
+            memory_nodes: memory_nodes.clone(),
+        };
+        let decision = decide(&entry, &facts);
+        let outcome = match &decision {
+            Recovery::Forget => {
+                journal.forget(vm)?;
+                ActionOutcome::VmGone
+            }
+            Recovery::Keep => {
+                actuator.readopt(entry.original.clone());
+                ActionOutcome::Done { moved_bytes: 0 }
+            }
+            Recovery::Finish(action) => {
+                actuator.readopt(entry.original.clone());
+                let out = actuator.apply(snapshot, action);
+                match out {
+                    ActionOutcome::Refused { .. } => {
+                        let what = match action.action {
+                            Action::SetCpus { .. } => RestoreWhat {
+                                cpus: true,
+                                mems: false,
+                            },
+                            Action::MigrateMemory { .. } => RestoreWhat {
+                                cpus: false,
+                                mems: true,
+                            },
+                        };
+                        actuator.restore(&entry.original, what)
+                    }
+                    other => other,
+                }
+            }
+            Recovery::Revert(what) => {
+                actuator.readopt(entry.original.clone());
+                actuator.restore(&entry.original, *what)
+            }
+        };
+        if !matches!(decision, Recovery::Forget) {
+            journal.end(vm)?;
+        }
+        tracing::info!(vm, ?decision, ?outcome, "recovered journal entry");
+        done.push((vm, decision, outcome));
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Reason;
+    use std::os::unix::fs::PermissionsExt;
+
+    pub(crate) fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vmb-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn set_cpus(vm: VmId, cpus: &str) -> PlannedAction {
+        PlannedAction {
+            vm,
+            action: Action::SetCpus {
+                vcpus: None,
+                cpus: CpuSet::parse_list(cpus).unwrap(),
+            },
+            reason: Reason::CpuImbalance {
+                from: 0,
+                to: 1,
+                imbalance_pct: 30.0,
+            },
+        }
+    }
+
+    fn original(vm: VmId) -> OriginalSets {
+        OriginalSets {
+            vm,
+            start_time_ticks: 1234,
+            threads: [(vm, CpuSet::parse_list("0-3").unwrap())].into(),
+            groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn round_trip_is_atomic_and_private() {
+        let dir = temp_dir("journal-rt");
+        let mut j = Journal::open(&dir).unwrap();
+        j.adopt(original(10)).unwrap();
+        j.adopt(original(11)).unwrap();
+        j.begin(&set_cpus(10, "4-7"), 99).unwrap();
+        let mode = std::fs::metadata(j.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!dir.join("journal.json.tmp").exists());
+        let dir_mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+
+        // A new process (after a crash) sees exactly what was written.
+        let j2 = Journal::open(&dir).unwrap();
+        assert_eq!(j2.entries(), j.entries());
+        let e = &j2.entries()[&10];
+        assert_eq!(e.in_flight.as_ref().unwrap().started_ns, 99);
+        assert!(j2.entries()[&11].in_flight.is_none());
+
+        j.end(10).unwrap();
+        j.forget(11).unwrap();
+        let j3 = Journal::open(&dir).unwrap();
+        assert!(j3.entries()[&10].in_flight.is_none());
+        assert!(!j3.entries().contains_key(&11));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_journal_is_kept_aside() {
+        let dir = temp_dir("journal-corrupt");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("journal.json"), b"{ half a jour").unwrap();
+        let j = Journal::open(&dir).unwrap();
+        assert!(j.entries().is_empty());
+        assert_eq!(
+            std::fs::read(dir.join("journal.json.corrupt")).unwrap(),
+            b"{ half a jour"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn recovery_decisions() {
+        let facts = HostFacts {
+            alive: true,
+            online_cpus: CpuSet::parse_list("0-7").unwrap(),
+            memory_nodes: NodeSet::parse_list("0-1").unwrap(),
+        };
+        let entry = |action: Option<PlannedAction>| Entry {
+            original: original(5),
+            in_flight: action.map(|action| InFlight {
+                action,
+                started_ns: 1,
+            }),
+        };
+        let mem = |to| PlannedAction {
+            vm: 5,
+            action: Action::MigrateMemory {
+                from: 0,
+                to,
+                regions: vec![],
+                max_bytes: 1 << 30,
+            },
+            reason: Reason::ProbationCommitted { node: to },
+        };
+        let cpus_back = Recovery::Revert(RestoreWhat {
+            cpus: true,
+            mems: false,
+        });
+        let mems_back = Recovery::Revert(RestoreWhat {
+            cpus: false,
+            mems: true,
+        });
+        let dead = HostFacts {
+            alive: false,
+            ..facts.clone()
+        };
+        for (e, f, want) in [
+            (entry(None), &facts, Recovery::Keep),
+            (entry(Some(set_cpus(5, "4-7"))), &dead, Recovery::Forget),
+            (
+                entry(Some(set_cpus(5, "4-7"))),
+                &facts,
+                Recovery::Finish(set_cpus(5, "4-7")),
+            ),
+            // CPUs went offline meanwhile: back to where the VM was.
+            (entry(Some(set_cpus(5, "6-9"))), &facts, cpus_back.clone()),
+            (entry(Some(set_cpus(5, ""))), &facts, cpus_back),
+            (entry(Some(mem(1))), &facts, Recovery::Finish(mem(1))),
+            (entry(Some(mem(3))), &facts, mems_back),
+        ] {
+            assert_eq!(decide(&e, f), want, "{e:?}");
+        }
+    }
+}

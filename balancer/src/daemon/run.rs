@@ -1,0 +1,613 @@
+//! The daemon: one tick loop, plus the control socket, metrics and sd_notify around it.
+//!
+//! Why a blocking loop inside tokio: actuation is a sequence of syscalls that may
+//! sleep for the migration rate limit, and the policy is plain computation, so the
+//! loop runs on one blocking thread ([`Daemon::run_blocking`]) and the async side
+//! only serves the control socket, the metrics page, signals and the watchdog. They
+//! share a [`SharedState`] (the status document and the last snapshot) and one
+//! cancellation signal ([`Shutdown`]): SIGTERM/SIGINT set it, the loop stops between
+//! ticks, a memory move stops at its next batch boundary (the Linux applier watches
+//! the same flag), and on the way out the original CPU sets are restored when the
+//! configuration asks for it.
+//!
+//! Each tick: observe -> drop exited VMs from the journal -> plan -> for each action:
+//! configuration guard (excluded/pinned VMs are refused here, whatever the policy
+//! says) -> adopt + journal -> apply (reads back) -> journal end -> feedback -> status.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::advice;
+use super::config::Config;
+use super::control::{self, Handler, Request, Response};
+use super::journal::{self, Journal, JournalError};
+use super::notify::{self, Notifier};
+use super::status::{self, Decision, StatusDoc};
+use super::{Actuator, Policy};
+use crate::host::Observer;
+use crate::host::linux::actuate::MigrationProgress;
+use crate::model::{ActionOutcome, NodeSet, Plan, PlannedAction, Snapshot, Vm};
+
+/// The one stop signal, visible to threads (flag + condvar) and tasks (watch).
+#[derive(Clone)]
+pub struct Shutdown {
+    flag: Arc<AtomicBool>,
+    pair: Arc<(Mutex<bool>, Condvar)>,
+    tx: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self {
+            flag: Arc::new(AtomicBool::new(false)),
+            pair: Arc::new((Mutex::new(false), Condvar::new())),
+            tx: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    /// Stops everything (idempotent).
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let (m, cv) = &*self.pair;
+        if let Ok(mut g) = m.lock() {
+            *g = true;
+        }
+        cv.notify_all();
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// The flag itself, for appliers that stop at batch boundaries.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.flag.clone()
+    }
+
+    /// Sleeps up to `d`; true when stopped meanwhile.
+    pub fn wait_timeout(&self, d: Duration) -> bool {
+        let (m, cv) = &*self.pair;
+        let Ok(g) = m.lock() else {
+            return self.is_set();
+        };
+        match cv.wait_timeout_while(g, d, |stopped| !*stopped) {
+            Ok((g, _)) => *g,
+            Err(_) => self.is_set(),
+        }
+    }
+
+    /// Resolves once stopped.
+    pub async fn stopped(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
+
+/// State shared between the loop and the async side.
+#[derive(Default)]
+pub struct Shared {
+    pub status: StatusDoc,
+    pub snapshot: Option<Snapshot>,
+    /// Live progress of the applier's current memory move.
+    pub progress: Option<Arc<Mutex<Option<MigrationProgress>>>>,
+}
+
+pub type SharedState = Arc<Mutex<Shared>>;
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("prometheus endpoint: {0}")]
+    Prometheus(std::io::Error),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+    #[error("the tick loop failed: {0}")]
+    Loop(String),
+}
+
+/// What one tick did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TickReport {
+    pub observed: bool,
+    pub planned: usize,
+    pub applied: usize,
+    pub refused_by_config: usize,
+}
+
+/// A policy that never acts: the daemon observes, serves status and advice, and
+/// changes nothing. Used until a balancing policy is plugged in.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoActions;
+
+impl Policy for NoActions {
+    fn plan(&mut self, _snapshot: &Snapshot) -> Plan {
+        Plan::default()
+    }
+    fn feedback(&mut self, _action: &PlannedAction, _outcome: &ActionOutcome) {}
+}
+
+/// Whether the configuration lets the daemon move `vm`, and why not.
+pub fn manage_verdict(cfg: &Config, vm: &Vm) -> Result<(), String> {
+    if cfg.manages(vm) {
+        return Ok(());
+    }
+    Err(match &vm.pinning {
+        crate::model::Pinning::Operator { why } => format!("pinned by the operator ({why})"),
+        crate::model::Pinning::Excluded => "excluded".into(),
+        crate::model::Pinning::None => "excluded by include_vms/exclude_vms".into(),
+    })
+}
+
+/// The tick loop and what it drives.
+pub struct Daemon<O, A, P> {
+    cfg: Config,
+    observer: O,
+    actuator: A,
+    policy: P,
+    journal: Option<Journal>,
+    shared: SharedState,
+    shutdown: Shutdown,
+    started: Instant,
+    dry_run: bool,
+    observe_failing: bool,
+    heartbeat_ms: Arc<AtomicU64>,
+}
+
+impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
+    /// `journal` is `None` in dry runs (nothing on the host changes, not even the
+    /// state directory).
+    pub fn new(
+        cfg: Config,
+        observer: O,
+        actuator: A,
+        policy: P,
+        journal: Option<Journal>,
+        shutdown: Shutdown,
+        dry_run: bool,
+    ) -> Self {
+        let shared = SharedState::default();
+        if let Ok(mut s) = shared.lock() {
+            s.status.daemon = status::DaemonInfo {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                dry_run,
+                tick_ms: cfg.tick_ms,
+                ..Default::default()
+            };
+        }
+        Self {
+            cfg,
+            observer,
+            actuator,
+            policy,
+            journal,
+            shared,
+            shutdown,
+            started: Instant::now(),
+            dry_run,
+            observe_failing: false,
+            heartbeat_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Gives the status handler live access to the applier's migration progress.
+    pub fn with_progress(self, handle: Arc<Mutex<Option<MigrationProgress>>>) -> Self {
+        if let Ok(mut s) = self.shared.lock() {
+            s.progress = Some(handle);
+        }
+        self
+    }
+
+    pub fn shared(&self) -> SharedState {
+        self.shared.clone()
+    }
+
+    pub fn actuator(&self) -> &A {
+        &self.actuator
+    }
+
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    /// Finishes or reverts what a previous run left in flight.
+    pub fn recover(&mut self) -> Result<Vec<(u32, journal::Recovery, ActionOutcome)>, DaemonError> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(Vec::new());
+        };
+        if journal.entries().is_empty() {
+            return Ok(Vec::new());
+        }
+        let snap = match self.observer.observe() {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(DaemonError::Loop(format!(
+                    "cannot observe the host to recover the journal: {e}"
+                )));
+            }
+        };
+        let online = snap.topology.all_cpus();
+        let mem_nodes: NodeSet = snap
+            .topology
+            .nodes
+            .iter()
+            .filter(|n| n.memory.total_bytes > 0)
+            .map(|n| n.id)
+            .collect();
+        Ok(journal::recover(
+            journal,
+            &mut self.actuator,
+            &snap,
+            &online,
+            &mem_nodes,
+        )?)
+    }
+
+    /// One observe-plan-apply round.
+    pub fn tick(&mut self) -> TickReport {
+        let t0 = Instant::now();
+        let mut report = TickReport::default();
+        let snap = match self.observer.observe() {
+            Ok(s) => {
+                if self.observe_failing {
+                    tracing::info!("host observation works again");
+                }
+                self.observe_failing = false;
+                s
+            }
+            Err(e) => {
+                // One warning per failure streak, not one per tick.
+                if !self.observe_failing {
+                    tracing::warn!(error = %e, "cannot observe the host");
+                } else {
+                    tracing::debug!(error = %e, "cannot observe the host");
+                }
+                self.observe_failing = true;
+                if let Ok(mut s) = self.shared.lock() {
+                    s.status.daemon.observe_errors += 1;
+                }
+                return report;
+            }
+        };
+        report.observed = true;
+        self.forget_exited(&snap);
+
+        let plan: Plan = self.policy.plan(&snap);
+        report.planned = plan.actions.len();
+        let mut decisions = Vec::new();
+        for action in &plan.actions {
+            if self.shutdown.is_set() {
+                break;
+            }
+            let outcome = self.carry_out(&snap, action, &mut report);
+            self.policy.feedback(action, &outcome);
+            decisions.push(Decision {
+                at_ns: snap.now_ns,
+                vm: action.vm,
+                action: action.action.clone(),
+                reason: action.reason.clone(),
+                outcome,
+            });
+        }
+
+        let (cpu_ns, rss) = status::self_usage();
+        let vms = status::vm_statuses(&snap, |vm| manage_verdict(&self.cfg, vm));
+        let probations = self.policy.probations();
+        let counters = self.actuator.counters();
+        if let Ok(mut s) = self.shared.lock() {
+            let keep = self.cfg.status_history;
+            for d in decisions {
+                s.status.push_decision(d, keep);
+            }
+            s.status.vms = vms;
+            s.status.probations = probations;
+            s.status.counters = counters;
+            let d = &mut s.status.daemon;
+            d.ticks += 1;
+            d.uptime_ms = self.started.elapsed().as_millis() as u64;
+            d.last_tick_ns = t0.elapsed().as_nanos() as u64;
+            d.cpu_time_ns = cpu_ns;
+            d.rss_bytes = rss;
+            s.snapshot = Some(snap);
+        }
+        self.heartbeat_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        report
+    }
+
+    fn carry_out(
+        &mut self,
+        snap: &Snapshot,
+        action: &PlannedAction,
+        report: &mut TickReport,
+    ) -> ActionOutcome {
+        let Some(vm) = snap.vms.iter().find(|v| v.pid == action.vm) else {
+            return ActionOutcome::VmGone;
+        };
+        if let Err(why) = manage_verdict(&self.cfg, vm) {
+            report.refused_by_config += 1;
+            tracing::debug!(vm = vm.pid, %why, "action on an unmanaged VM dropped");
+            return ActionOutcome::Refused {
+                why: format!("VM {} is left alone: {why}", vm.pid),
+            };
+        }
+        let Some(original) = self.actuator.adopt(vm) else {
+            return ActionOutcome::VmGone;
+        };
+        if let Some(j) = self.journal.as_mut() {
+            // No journal, no change: a crash must always be recoverable.
+            if let Err(e) = j.adopt(original).and_then(|_| j.begin(action, snap.now_ns)) {
+                tracing::error!(error = %e, "journal not writable, action not applied");
+                return ActionOutcome::Refused {
+                    why: format!("journal not writable: {e}"),
+                };
+            }
+        }
+        report.applied += 1;
+        let outcome = self.actuator.apply(snap, action);
+        tracing::info!(vm = vm.pid, action = ?action.action, reason = ?action.reason, ?outcome, "applied");
+        if let Some(j) = self.journal.as_mut()
+            && let Err(e) = j.end(vm.pid)
+        {
+            tracing::error!(error = %e, "journal not writable");
+        }
+        if outcome == ActionOutcome::VmGone {
+            self.forget(vm.pid);
+        }
+        outcome
+    }
+
+    fn forget(&mut self, vm: u32) {
+        self.actuator.forget(vm);
+        if let Some(j) = self.journal.as_mut()
+            && let Err(e) = j.forget(vm)
+        {
+            tracing::error!(error = %e, "journal not writable");
+        }
+    }
+
+    /// Drops journal entries of VMs that exited.
+    fn forget_exited(&mut self, snap: &Snapshot) {
+        let Some(j) = self.journal.as_ref() else {
+            return;
+        };
+        let gone: Vec<u32> = j
+            .entries()
+            .values()
+            .filter(|e| !snap.vms.iter().any(|v| v.pid == e.original.vm))
+            .filter(|e| !self.actuator.alive(&e.original))
+            .map(|e| e.original.vm)
+            .collect();
+        for vm in gone {
+            tracing::debug!(vm, "VM exited");
+            self.forget(vm);
+        }
+    }
+
+    /// Ticks until the shutdown signal, then [`Daemon::finish`]es.
+    pub fn run_blocking(&mut self, notifier: &Notifier) {
+        let tick = Duration::from_millis(self.cfg.tick_ms);
+        let mut ready = false;
+        while !self.shutdown.is_set() {
+            let start = Instant::now();
+            let r = self.tick();
+            if !ready {
+                let _ = notifier.ready(&format!(
+                    "{}balancing {} VMs",
+                    if self.dry_run { "dry run: " } else { "" },
+                    self.vm_count()
+                ));
+                ready = true;
+            } else if r.applied > 0 {
+                let _ = notifier.status(&format!(
+                    "{} VMs, {} actions applied in the last tick",
+                    self.vm_count(),
+                    r.applied
+                ));
+            }
+            let rest = tick.saturating_sub(start.elapsed());
+            if self.shutdown.wait_timeout(rest) {
+                break;
+            }
+        }
+        let _ = notifier.stopping();
+        self.finish();
+    }
+
+    fn vm_count(&self) -> usize {
+        self.shared.lock().map_or(0, |s| s.status.vms.len())
+    }
+
+    /// On the way out: restores original CPU sets when configured (and forgets those
+    /// VMs in the journal, as nothing of ours is left on them), else keeps the journal
+    /// so a later run can still restore.
+    pub fn finish(&mut self) {
+        if !self.cfg.restore_on_exit || self.dry_run {
+            return;
+        }
+        let Some(j) = self.journal.as_ref() else {
+            return;
+        };
+        let entries: Vec<_> = j.entries().values().map(|e| e.original.clone()).collect();
+        for o in entries {
+            let out = self.actuator.restore(
+                &o,
+                crate::host::linux::actuate::RestoreWhat {
+                    cpus: true,
+                    mems: false,
+                },
+            );
+            tracing::info!(vm = o.vm, ?out, "restored original CPU sets");
+            if matches!(out, ActionOutcome::Done { .. } | ActionOutcome::VmGone)
+                && let Some(j) = self.journal.as_mut()
+                && let Err(e) = j.forget(o.vm)
+            {
+                tracing::error!(error = %e, "journal not writable");
+            }
+        }
+    }
+}
+
+/// Answers control requests from the shared state.
+pub fn handler(shared: SharedState, params: advice::Params) -> Arc<dyn Handler> {
+    Arc::new(move |req: Request| {
+        let Ok(s) = shared.lock() else {
+            return Response::Error {
+                error: "daemon state unavailable".into(),
+            };
+        };
+        match req {
+            Request::Status => {
+                let mut doc = s.status.clone();
+                if let Some(p) = s.progress.as_ref().and_then(|p| p.lock().ok()?.clone()) {
+                    doc.migrations = vec![p];
+                }
+                Response::Status(Box::new(doc))
+            }
+            Request::Advise { cpus, mem_mb } => {
+                let Some(snap) = s.snapshot.as_ref() else {
+                    return Response::Error {
+                        error: "no snapshot yet".into(),
+                    };
+                };
+                let req = advice::Request {
+                    cpus: cpus.max(1),
+                    mem_bytes: mem_mb.saturating_mul(1 << 20),
+                };
+                let load = advice::load_from_vms(snap);
+                Response::Advice {
+                    nodes: advice::advise(snap, &req, &load, &params).to_string(),
+                }
+            }
+        }
+    })
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or `shutdown` from elsewhere): control
+/// socket, optional metrics, sd_notify, and the tick loop on a blocking thread.
+pub async fn run<O, A, P>(mut daemon: Daemon<O, A, P>) -> Result<(), DaemonError>
+where
+    O: Observer + Send + 'static,
+    A: Actuator + Send + 'static,
+    P: Policy + Send + 'static,
+{
+    let cfg = daemon.cfg.clone();
+    let shutdown = daemon.shutdown.clone();
+    let shared = daemon.shared();
+    let params = advice::Params {
+        target_utilisation_pct: cfg.target_utilisation_pct,
+        headroom_bytes: cfg.memory_headroom_bytes,
+        reserved_cpus: cfg.reserved_cpus.clone(),
+    };
+    let socket_path = cfg.control_socket_path();
+    let listener = control::bind(&socket_path)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let s = shutdown.clone();
+        tasks.spawn(async move {
+            control::serve(listener, handler(shared.clone(), params), async move {
+                s.stopped().await
+            })
+            .await;
+            Ok(())
+        });
+    }
+    if let Some(addr) = cfg.prometheus_addr().ok().flatten() {
+        let s = shutdown.clone();
+        let shared = daemon.shared();
+        let page = Arc::new(move || {
+            shared
+                .lock()
+                .map(|s| super::prometheus::render(&s.status))
+                .unwrap_or_default()
+        });
+        let listener_ok = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(DaemonError::Prometheus)?;
+        drop(listener_ok);
+        tasks.spawn(async move {
+            super::prometheus::serve(addr, page, async move { s.stopped().await })
+                .await
+                .map_err(DaemonError::Prometheus)
+        });
+    }
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let s = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+                _ = s.stopped() => {}
+            }
+            s.trigger();
+            Ok(())
+        });
+    }
+    let notifier = Notifier::from_env();
+    if let Some(every) = notify::watchdog_interval() {
+        let s = shutdown.clone();
+        let beat = daemon.heartbeat_ms.clone();
+        let started = daemon.started;
+        let stale_ms = (every.as_millis() as u64 * 2).max(cfg.tick_ms * 3);
+        tasks.spawn(async move {
+            let n = Notifier::from_env();
+            loop {
+                tokio::select! {
+                    _ = s.stopped() => return Ok(()),
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let age = (started.elapsed().as_millis() as u64)
+                    .saturating_sub(beat.load(Ordering::Relaxed));
+                // Only a loop that still ticks keeps the watchdog quiet.
+                if age <= stale_ms {
+                    let _ = n.watchdog();
+                }
+            }
+        });
+    }
+    let looped = tokio::task::spawn_blocking(move || {
+        match daemon.recover() {
+            Ok(done) if !done.is_empty() => {
+                tracing::info!(entries = done.len(), "journal recovered")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "journal recovery failed"),
+        }
+        daemon.run_blocking(&notifier);
+    })
+    .await;
+    shutdown.trigger();
+    let mut first_err = None;
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    if let Err(e) = looped {
+        return Err(DaemonError::Loop(e.to_string()));
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests;

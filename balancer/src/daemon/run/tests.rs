@@ -1,0 +1,389 @@
+//! The loop against a scripted policy, a scripted observer and a recording applier.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::path::PathBuf;
+
+use super::*;
+use crate::host::Applier;
+use crate::host::linux::actuate::{OriginalSets, QuietCounters, RestoreWhat};
+use crate::model::{Action, CpuSet, Pinning, Reason, Topology};
+
+#[derive(Debug)]
+struct Boom;
+impl std::fmt::Display for Boom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sysfs vanished")
+    }
+}
+impl std::error::Error for Boom {}
+
+/// Returns its snapshots in order, then repeats the last; `None` entries fail.
+struct Scripted {
+    snaps: VecDeque<Option<Snapshot>>,
+    last: Option<Snapshot>,
+}
+impl Observer for Scripted {
+    type Error = Boom;
+    fn observe(&mut self) -> Result<Snapshot, Boom> {
+        match self.snaps.pop_front() {
+            Some(Some(s)) => {
+                self.last = Some(s.clone());
+                Ok(s)
+            }
+            Some(None) => Err(Boom),
+            None => self.last.clone().ok_or(Boom),
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct Record {
+    applied: Arc<Mutex<Vec<PlannedAction>>>,
+    restored: Arc<Mutex<Vec<(u32, RestoreWhat)>>>,
+    in_flight_seen: Arc<Mutex<Vec<bool>>>,
+}
+
+struct Fake {
+    rec: Record,
+    outcome: ActionOutcome,
+    alive: BTreeSet<u32>,
+    journal: Option<PathBuf>,
+}
+impl Applier for Fake {
+    fn apply(&mut self, _s: &Snapshot, a: &PlannedAction) -> ActionOutcome {
+        // The journal must name the action before the host changes.
+        if let Some(p) = &self.journal {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            self.rec
+                .in_flight_seen
+                .lock()
+                .unwrap()
+                .push(text.contains("\"in_flight\": {"));
+        }
+        self.rec.applied.lock().unwrap().push(a.clone());
+        self.outcome.clone()
+    }
+}
+impl Actuator for Fake {
+    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
+        self.alive.contains(&vm.pid).then(|| OriginalSets {
+            vm: vm.pid,
+            start_time_ticks: 7,
+            threads: [(vm.pid, CpuSet::parse_list("0-3").unwrap())].into(),
+            groups: vec![],
+        })
+    }
+    fn readopt(&mut self, _o: OriginalSets) {}
+    fn restore(&mut self, o: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
+        self.rec.restored.lock().unwrap().push((o.vm, what));
+        ActionOutcome::Done { moved_bytes: 0 }
+    }
+    fn alive(&self, o: &OriginalSets) -> bool {
+        self.alive.contains(&o.vm)
+    }
+    fn forget(&mut self, _vm: u32) {}
+    fn counters(&self) -> QuietCounters {
+        QuietCounters {
+            refused: 1,
+            ..Default::default()
+        }
+    }
+    fn progress(&self) -> Option<MigrationProgress> {
+        None
+    }
+}
+
+/// Plans one scripted plan per tick and keeps the feedback.
+#[derive(Default)]
+struct ScriptedPolicy {
+    plans: VecDeque<Plan>,
+    feedback: Arc<Mutex<Vec<(u32, ActionOutcome)>>>,
+}
+impl Policy for ScriptedPolicy {
+    fn plan(&mut self, _s: &Snapshot) -> Plan {
+        self.plans.pop_front().unwrap_or_default()
+    }
+    fn feedback(&mut self, a: &PlannedAction, o: &ActionOutcome) {
+        self.feedback.lock().unwrap().push((a.vm, o.clone()));
+    }
+}
+
+fn vm(pid: u32, name: &str, pinning: Pinning) -> Vm {
+    Vm {
+        pid,
+        name: name.into(),
+        pinning,
+        ..Default::default()
+    }
+}
+
+fn snap(vms: Vec<Vm>) -> Snapshot {
+    Snapshot {
+        now_ns: 5,
+        topology: Topology::uniform(2, 2, 8 << 30),
+        vms,
+        ..Default::default()
+    }
+}
+
+fn cpus(vm: u32, list: &str) -> PlannedAction {
+    PlannedAction {
+        vm,
+        action: Action::SetCpus {
+            vcpus: None,
+            cpus: CpuSet::parse_list(list).unwrap(),
+        },
+        reason: Reason::CpuImbalance {
+            from: 0,
+            to: 1,
+            imbalance_pct: 40.0,
+        },
+    }
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmb-run-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn test_config(dir: &std::path::Path) -> Config {
+    Config {
+        tick_ms: 100,
+        probation_window_ms: 1000,
+        state_dir: dir.join("state"),
+        runtime_dir: dir.join("run"),
+        exclude_vms: vec![super::super::config::VmSelector::Name("secret-*".into())],
+        ..Config::default()
+    }
+}
+
+#[test]
+fn tick_applies_guards_journals_and_reports() {
+    let dir = temp("tick");
+    let cfg = test_config(&dir);
+    let journal = Journal::open(&cfg.state_dir).unwrap();
+    let rec = Record::default();
+    let fake = Fake {
+        rec: rec.clone(),
+        outcome: ActionOutcome::Done { moved_bytes: 0 },
+        alive: [1, 2, 3].into(),
+        journal: Some(journal.path().to_path_buf()),
+    };
+    let vms = vec![
+        vm(1, "web", Pinning::None),
+        vm(2, "secret-db", Pinning::None),
+        vm(
+            3,
+            "pinned",
+            Pinning::Operator {
+                why: "vcpupin".into(),
+            },
+        ),
+    ];
+    let observer = Scripted {
+        snaps: [None, Some(snap(vms.clone())), Some(snap(vec![]))].into(),
+        last: None,
+    };
+    let policy = ScriptedPolicy {
+        plans: [Plan {
+            actions: vec![cpus(1, "2-3"), cpus(2, "2-3"), cpus(3, "2-3"), cpus(9, "0")],
+        }]
+        .into(),
+        ..Default::default()
+    };
+    let feedback = policy.feedback.clone();
+    let mut d = Daemon::new(
+        cfg,
+        observer,
+        fake,
+        policy,
+        Some(journal),
+        Shutdown::new(),
+        false,
+    );
+
+    // A failing observation is counted, nothing is planned.
+    assert_eq!(d.tick(), TickReport::default());
+    let r = d.tick();
+    assert_eq!(
+        r,
+        TickReport {
+            observed: true,
+            planned: 4,
+            applied: 1,
+            refused_by_config: 2
+        }
+    );
+    assert_eq!(*rec.applied.lock().unwrap(), vec![cpus(1, "2-3")]);
+    assert_eq!(*rec.in_flight_seen.lock().unwrap(), vec![true]);
+    let fb = feedback.lock().unwrap().clone();
+    assert_eq!(fb.len(), 4);
+    assert_eq!(fb[0], (1, ActionOutcome::Done { moved_bytes: 0 }));
+    assert!(matches!(&fb[1].1, ActionOutcome::Refused { why } if why.contains("excluded")));
+    assert!(matches!(&fb[2].1, ActionOutcome::Refused { why } if why.contains("vcpupin")));
+    assert_eq!(fb[3], (9, ActionOutcome::VmGone));
+    // After the action the journal keeps the original sets but nothing in flight.
+    let j = d.journal().unwrap();
+    assert!(j.entries()[&1].in_flight.is_none());
+    let shared = d.shared();
+    {
+        let s = shared.lock().unwrap();
+        assert_eq!(s.status.daemon.ticks, 1);
+        assert_eq!(s.status.daemon.observe_errors, 1);
+        assert_eq!(s.status.decisions.len(), 4);
+        assert_eq!(s.status.vms.len(), 3);
+        assert!(!s.status.vms[2].managed);
+        assert_eq!(s.status.counters.refused, 1);
+    }
+    // Status and advice through the control handler.
+    let h = handler(shared.clone(), advice::Params::default());
+    assert!(matches!(h.handle(Request::Status), Response::Status(doc) if doc.daemon.ticks == 1));
+    assert_eq!(
+        h.handle(Request::Advise { cpus: 1, mem_mb: 1 }),
+        Response::Advice { nodes: "0".into() }
+    );
+
+    // VM 1 exits: its journal entry goes once the host says it is gone.
+    d.actuator.alive.remove(&1);
+    d.tick();
+    assert!(d.journal().unwrap().entries().is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn crash_recovery_finishes_or_reverts_through_the_actuator() {
+    let dir = temp("recover");
+    let cfg = test_config(&dir);
+    {
+        // The "crashed" run: two VMs adopted, actions in flight.
+        let mut j = Journal::open(&cfg.state_dir).unwrap();
+        let mut fake = Fake {
+            rec: Record::default(),
+            outcome: ActionOutcome::Done { moved_bytes: 0 },
+            alive: [1, 2, 3].into(),
+            journal: None,
+        };
+        for v in [1, 2, 3] {
+            j.adopt(fake.adopt(&vm(v, "x", Pinning::None)).unwrap())
+                .unwrap();
+        }
+        j.begin(&cpus(1, "2-3"), 1).unwrap(); // valid target: finish
+        j.begin(&cpus(2, "6-7"), 1).unwrap(); // CPUs gone: revert
+        j.begin(&cpus(3, "0"), 1).unwrap(); // VM gone: forget
+    }
+    let rec = Record::default();
+    let fake = Fake {
+        rec: rec.clone(),
+        outcome: ActionOutcome::Done { moved_bytes: 0 },
+        alive: [1, 2].into(),
+        journal: None,
+    };
+    let observer = Scripted {
+        snaps: [Some(snap(vec![
+            vm(1, "a", Pinning::None),
+            vm(2, "b", Pinning::None),
+        ]))]
+        .into(),
+        last: None,
+    };
+    let journal = Journal::open(&cfg.state_dir).unwrap();
+    let mut d = Daemon::new(
+        cfg.clone(),
+        observer,
+        fake,
+        ScriptedPolicy::default(),
+        Some(journal),
+        Shutdown::new(),
+        false,
+    );
+    let done = d.recover().unwrap();
+    assert_eq!(done.len(), 3);
+    assert_eq!(*rec.applied.lock().unwrap(), vec![cpus(1, "2-3")]);
+    assert_eq!(
+        *rec.restored.lock().unwrap(),
+        vec![(
+            2,
+            RestoreWhat {
+                cpus: true,
+                mems: false
+            }
+        )]
+    );
+    let j = Journal::open(&cfg.state_dir).unwrap();
+    assert_eq!(j.entries().keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    assert!(j.entries().values().all(|e| e.in_flight.is_none()));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn async_run_serves_status_and_restores_on_shutdown() {
+    let dir = temp("async");
+    let cfg = test_config(&dir);
+    let journal = Journal::open(&cfg.state_dir).unwrap();
+    let rec = Record::default();
+    let fake = Fake {
+        rec: rec.clone(),
+        outcome: ActionOutcome::Done { moved_bytes: 0 },
+        alive: [1].into(),
+        journal: None,
+    };
+    let observer = Scripted {
+        snaps: [Some(snap(vec![vm(1, "web", Pinning::None)]))].into(),
+        last: None,
+    };
+    let policy = ScriptedPolicy {
+        plans: [Plan {
+            actions: vec![cpus(1, "0-1")],
+        }]
+        .into(),
+        ..Default::default()
+    };
+    let shutdown = Shutdown::new();
+    let d = Daemon::new(
+        cfg.clone(),
+        observer,
+        fake,
+        policy,
+        Some(journal),
+        shutdown.clone(),
+        false,
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let handle = rt.spawn(run(d));
+    let sock = cfg.control_socket_path();
+    let mut ticks = 0;
+    for _ in 0..100 {
+        if let Ok(Response::Status(doc)) =
+            control::request(&sock, &Request::Status, Duration::from_secs(2))
+            && doc.daemon.ticks >= 2
+        {
+            ticks = doc.daemon.ticks;
+            assert_eq!(doc.decisions.len(), 1);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ticks >= 2, "the daemon did not tick");
+    shutdown.trigger();
+    rt.block_on(handle).unwrap().unwrap();
+    assert!(!sock.exists(), "socket removed on exit");
+    assert_eq!(rec.applied.lock().unwrap().len(), 1);
+    // restore_on_exit (default true): the adopted VM got its CPUs back.
+    assert_eq!(rec.restored.lock().unwrap().len(), 1);
+    assert!(Journal::open(&cfg.state_dir).unwrap().entries().is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn shutdown_wakes_sleepers() {
+    let s = Shutdown::new();
+    let s2 = s.clone();
+    let t = std::thread::spawn(move || s2.wait_timeout(Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(20));
+    s.trigger();
+    assert!(t.join().unwrap());
+    assert!(s.flag().load(Ordering::SeqCst));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(s.stopped());
+}

@@ -1,0 +1,338 @@
+//! The status document: what `vmbalancer status` prints and Prometheus exports.
+//!
+//! One serde struct, filled by the tick loop and served as JSON over the control
+//! socket, so the human output, `--json` and the metrics all show the same numbers.
+
+use std::collections::VecDeque;
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::host::linux::actuate::{MigrationProgress, QuietCounters};
+use crate::model::{Action, ActionOutcome, CpuSet, NodeId, NodeSet, Reason, Snapshot, VmId};
+
+/// Everything `vmbalancer status` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    pub daemon: DaemonInfo,
+    pub vms: Vec<VmStatus>,
+    pub probations: Vec<Probation>,
+    pub migrations: Vec<MigrationProgress>,
+    /// Most recent last.
+    pub decisions: VecDeque<Decision>,
+    pub counters: QuietCounters,
+    /// Cost of the eBPF programs, when telemetry is loaded.
+    pub ebpf: Option<EbpfCost>,
+}
+
+/// The daemon itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub pid: u32,
+    pub version: String,
+    pub dry_run: bool,
+    pub tick_ms: u64,
+    pub ticks: u64,
+    pub uptime_ms: u64,
+    /// Duration of the last tick (observe + plan + apply).
+    pub last_tick_ns: u64,
+    /// Observations that failed (host-wide errors).
+    pub observe_errors: u64,
+    /// User + system CPU time of the daemon (`/proc/self/stat`).
+    pub cpu_time_ns: u64,
+    /// Resident memory of the daemon (`/proc/self/statm`).
+    pub rss_bytes: u64,
+}
+
+/// One VM.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub pid: VmId,
+    pub name: String,
+    /// Whether vmbalancer may move it (configuration and pinning).
+    pub managed: bool,
+    /// Why not, when it may not.
+    pub unmanaged_why: Option<String>,
+    /// Nodes the VM's vCPUs may run on.
+    pub home_nodes: NodeSet,
+    /// CPUs the VM's vCPUs may run on (union).
+    pub cpus: CpuSet,
+    /// `(node, bytes)` of resident memory.
+    pub memory_bytes_per_node: Vec<(NodeId, u64)>,
+    /// Share of resident memory on the home nodes.
+    pub locality_pct: Option<f64>,
+}
+
+/// A CPU-first move waiting to be committed or reverted.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Probation {
+    pub vm: VmId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub started_ns: u64,
+    pub window_ns: u64,
+    pub remaining_ns: u64,
+}
+
+/// One applied (or refused) action with its reason and outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Observer clock of the tick.
+    pub at_ns: u64,
+    pub vm: VmId,
+    pub action: Action,
+    pub reason: Reason,
+    pub outcome: ActionOutcome,
+}
+
+/// What the eBPF programs cost (from the kernel's run time statistics).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EbpfCost {
+    pub run_time_ns: u64,
+    pub run_count: u64,
+    pub events_lost: u64,
+}
+
+impl StatusDoc {
+    /// Appends a decision, keeping at most `keep`.
+    pub fn push_decision(&mut self, d: Decision, keep: usize) {
+        self.decisions.push_back(d);
+        while self.decisions.len() > keep {
+            self.decisions.pop_front();
+        }
+    }
+}
+
+/// The per-VM view of a snapshot. `managed` tells, per VM, whether the daemon may move
+/// it and why not.
+pub fn vm_statuses(
+    snapshot: &Snapshot,
+    managed: impl Fn(&crate::model::Vm) -> Result<(), String>,
+) -> Vec<VmStatus> {
+    let topo = &snapshot.topology;
+    snapshot
+        .vms
+        .iter()
+        .map(|vm| {
+            let cpus = vm
+                .vcpus
+                .iter()
+                .fold(CpuSet::new(), |acc, v| acc.union(&v.affinity));
+            let home_nodes: NodeSet = topo
+                .nodes
+                .iter()
+                .filter(|n| n.cpus.intersects(&cpus))
+                .map(|n| n.id)
+                .collect();
+            let memory_bytes_per_node: Vec<(NodeId, u64)> = topo
+                .nodes
+                .iter()
+                .zip(&vm.memory.bytes_per_node)
+                .map(|(n, b)| (n.id, *b))
+                .collect();
+            let total: u64 = memory_bytes_per_node.iter().map(|(_, b)| b).sum();
+            let local: u64 = memory_bytes_per_node
+                .iter()
+                .filter(|(n, _)| home_nodes.contains(*n))
+                .map(|(_, b)| b)
+                .sum();
+            let verdict = managed(vm);
+            VmStatus {
+                pid: vm.pid,
+                name: vm.name.clone(),
+                managed: verdict.is_ok(),
+                unmanaged_why: verdict.err(),
+                home_nodes,
+                cpus,
+                memory_bytes_per_node,
+                locality_pct: (total > 0).then(|| 100.0 * local as f64 / total as f64),
+            }
+        })
+        .collect()
+}
+
+/// The daemon's own CPU time and resident memory, from `/proc/self`.
+pub fn self_usage() -> (u64, u64) {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let page = crate::host::linux::actuate::sys::page_size_bytes();
+    let cpu_ns = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s[s.rfind(')')? + 1..].to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15; `rest` starts at field 3.
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks * 1_000_000_000 / hz)
+        })
+        .unwrap_or(0);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |p| p * page);
+    (cpu_ns, rss)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// The human-readable form of `vmbalancer status`.
+pub fn render_text(doc: &StatusDoc) -> String {
+    let mut s = String::new();
+    let d = &doc.daemon;
+    let _ = writeln!(
+        s,
+        "vmbalancer {} (pid {}){}: up {:.0} s, {} ticks of {} ms, last tick {:.2} ms",
+        d.version,
+        d.pid,
+        if d.dry_run { ", DRY RUN" } else { "" },
+        d.uptime_ms as f64 / 1000.0,
+        d.ticks,
+        d.tick_ms,
+        d.last_tick_ns as f64 / 1e6
+    );
+    let _ = writeln!(
+        s,
+        "daemon cost: {:.2} s CPU, {} resident; observe errors {}",
+        d.cpu_time_ns as f64 / 1e9,
+        mib(d.rss_bytes),
+        d.observe_errors
+    );
+    match &doc.ebpf {
+        Some(e) => {
+            let _ = writeln!(
+                s,
+                "eBPF cost: {:.3} s in {} runs, {} events lost",
+                e.run_time_ns as f64 / 1e9,
+                e.run_count,
+                e.events_lost
+            );
+        }
+        None => {
+            let _ = writeln!(s, "eBPF cost: telemetry not loaded");
+        }
+    }
+    let c = &doc.counters;
+    let _ = writeln!(
+        s,
+        "handled quietly: {} VMs gone, {} threads gone, {} cgroups gone; {} refused",
+        c.vm_gone, c.threads_gone, c.cgroups_gone, c.refused
+    );
+    let _ = writeln!(s, "\nVMs ({}):", doc.vms.len());
+    for vm in &doc.vms {
+        let mem: Vec<String> = vm
+            .memory_bytes_per_node
+            .iter()
+            .map(|(n, b)| format!("N{n}={}", mib(*b)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  {:>7} {:<20} home {:<6} cpus {:<10} local {:>5} mem {}{}",
+            vm.pid,
+            vm.name,
+            vm.home_nodes.to_string(),
+            vm.cpus.to_string(),
+            vm.locality_pct.map_or("-".into(), |p| format!("{p:.0}%")),
+            mem.join(" "),
+            vm.unmanaged_why
+                .as_ref()
+                .map_or(String::new(), |w| format!("  [left alone: {w}]"))
+        );
+    }
+    let _ = writeln!(s, "\nProbation ({}):", doc.probations.len());
+    for p in &doc.probations {
+        let _ = writeln!(
+            s,
+            "  vm {} node {} -> {}: {:.1} s of {:.1} s left",
+            p.vm,
+            p.from,
+            p.to,
+            p.remaining_ns as f64 / 1e9,
+            p.window_ns as f64 / 1e9
+        );
+    }
+    let _ = writeln!(s, "\nMigrations in flight ({}):", doc.migrations.len());
+    for m in &doc.migrations {
+        let _ = writeln!(
+            s,
+            "  vm {} node {} -> {}: {} moved, {} left",
+            m.vm,
+            m.from,
+            m.to,
+            mib(m.moved_bytes),
+            mib(m.left_bytes)
+        );
+    }
+    let _ = writeln!(s, "\nLast decisions ({}):", doc.decisions.len());
+    for dcs in doc.decisions.iter().rev() {
+        let _ = writeln!(
+            s,
+            "  vm {}: {:?} because {:?} -> {:?}",
+            dcs.vm, dcs.action, dcs.reason, dcs.outcome
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Topology, Vcpu, Vm, VmMemory};
+
+    #[test]
+    fn vm_view_and_text() {
+        let mut snap = Snapshot {
+            topology: Topology::uniform(2, 2, 8 << 30),
+            ..Default::default()
+        };
+        snap.vms.push(Vm {
+            pid: 42,
+            name: "web".into(),
+            vcpus: vec![Vcpu {
+                affinity: CpuSet::parse_list("2-3").unwrap(),
+                ..Default::default()
+            }],
+            memory: VmMemory {
+                bytes_per_node: vec![1 << 30, 3 << 30],
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let vms = vm_statuses(&snap, |_| Err("excluded".into()));
+        assert_eq!(vms[0].home_nodes.to_string(), "1");
+        assert_eq!(vms[0].locality_pct, Some(75.0));
+        assert!(!vms[0].managed);
+        let mut doc = StatusDoc {
+            vms,
+            ..Default::default()
+        };
+        for i in 0..5 {
+            doc.push_decision(
+                Decision {
+                    at_ns: i,
+                    vm: 42,
+                    action: Action::SetCpus {
+                        vcpus: None,
+                        cpus: CpuSet::parse_list("0-1").unwrap(),
+                    },
+                    reason: Reason::InitialPlacement { node: 0 },
+                    outcome: ActionOutcome::Refused {
+                        why: "node 0 is full".into(),
+                    },
+                },
+                3,
+            );
+        }
+        assert_eq!(doc.decisions.len(), 3);
+        assert_eq!(doc.decisions[0].at_ns, 2);
+        let text = render_text(&doc);
+        assert!(text.contains("left alone: excluded"), "{text}");
+        assert!(text.contains("node 0 is full"), "{text}");
+        let json = serde_json::to_string(&doc).unwrap();
+        assert_eq!(serde_json::from_str::<StatusDoc>(&json).unwrap(), doc);
+        let (cpu, rss) = self_usage();
+        assert!(rss > 0);
+        let _ = cpu;
+    }
+}

@@ -1,0 +1,609 @@
+//! Moving a VM's memory between nodes, and reading the result back.
+//!
+//! Lazy and hot-first: the planned regions are moved in their order (the engine lists
+//! the hottest first), in batches of `batch_pages`, each batch first queried with
+//! move_pages(nodes = NULL) so only pages really on the source node are moved and
+//! counted; the per-page status array tells which ones landed. A shared rate limit
+//! spaces batches, and a shutdown stops between two batches. When the whole VM moves
+//! and its pages on the source fit in one second's budget, one migrate_pages does it.
+//!
+//! While pages move, the VM's `cpuset.mems` (when it has a cpuset group) is widened
+//! to include the target, with v1's `memory_migrate` held at 0, so the guest's new
+//! allocations may land there; it is narrowed (target in, source out) only after a
+//! whole-VM move left nothing behind, because on cgroup v2 narrowing migrates what is
+//! left at once.
+//!
+//! Refusals happen before anything changes: unknown or memory-less target node, not
+//! enough free memory above the headroom, no free huge pages of the VM's size.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::cgroup::{self, SetKind};
+use super::{LinuxApplier, MigrationProgress, sys};
+use crate::model::{ActionOutcome, MemoryBacking, NodeId, Snapshot, Vm};
+
+/// Applies `MigrateMemory`.
+pub fn migrate(
+    a: &mut LinuxApplier,
+    snapshot: &Snapshot,
+    vm: &Vm,
+    from: NodeId,
+    to: NodeId,
+    regions: &[(u64, u64)],
+    max_bytes: u64,
+) -> ActionOutcome {
+    if from == to {
+        return a.refuse(vm.pid, format!("source and target are both node {to}"));
+    }
+    if max_bytes == 0 {
+        return a.refuse(vm.pid, "nothing to move (max_bytes is 0)".into());
+    }
+    let node_dir = a.cfg.sys_root.join(format!("devices/system/node/node{to}"));
+    if !node_dir.is_dir() {
+        return a.refuse(vm.pid, format!("node {to} does not exist on this host"));
+    }
+    let from_bytes = from_node_bytes(snapshot, vm, from);
+    let need_bytes = from_bytes.map_or(max_bytes, |b| b.min(max_bytes));
+    if let Err(why) = check_room(a, snapshot, vm, to, need_bytes, &node_dir) {
+        return a.refuse(vm.pid, why);
+    }
+
+    let ranges = if regions.is_empty() {
+        match vm_ranges(&a.cfg.proc_root, vm.pid) {
+            Ok(r) => r,
+            Err(_) => return a.gone(vm.pid),
+        }
+    } else {
+        regions.to_vec()
+    };
+
+    let widened = match widen_mems(a, vm, to) {
+        Ok(w) => w,
+        Err(why) => return a.refuse(vm.pid, why),
+    };
+
+    set_progress(a, |p| {
+        *p = Some(MigrationProgress {
+            vm: vm.pid,
+            from,
+            to,
+            moved_bytes: 0,
+            left_bytes: from_bytes.unwrap_or(0),
+            max_bytes,
+        })
+    });
+
+    let whole = regions.is_empty()
+        && from_bytes.is_some_and(|b| b <= max_bytes && b <= a.cfg.rate_limit_bytes_per_s);
+    let result = if whole {
+        whole_move(a, vm, from, to, &ranges)
+    } else {
+        batched_move(a, vm, from, to, &ranges, max_bytes)
+    };
+    set_progress(a, |p| *p = None);
+
+    let tally = match result {
+        Ok(t) => t,
+        Err(Gone) => {
+            undo_widen(a, &widened);
+            return a.gone(vm.pid);
+        }
+    };
+    let page = a.page_size_bytes;
+    let moved_bytes = tally.verified_pages * page;
+    // Windows after the budget ran out were not scanned: estimate what is left there
+    // from the snapshot (whole-VM moves only; named regions were scanned as needed).
+    let mut left_bytes = tally.left_pages * page;
+    if regions.is_empty()
+        && let Some(b) = from_bytes
+    {
+        left_bytes = left_bytes.max(b.saturating_sub(moved_bytes));
+    }
+    // Narrow only after a whole-VM move left nothing on the source.
+    if regions.is_empty() && tally.left_pages == 0 && !tally.cancelled {
+        narrow_mems(a, &widened, from, to);
+    }
+    tracing::debug!(
+        vm = vm.pid,
+        from,
+        to,
+        moved_bytes,
+        left_bytes,
+        failed_pages = tally.failed_pages,
+        "memory move"
+    );
+    if tally.cancelled {
+        return ActionOutcome::Partial {
+            moved_bytes,
+            left_bytes,
+            why: "stopped at a batch boundary by shutdown".into(),
+        };
+    }
+    if tally.failed_pages > 0 {
+        if moved_bytes == 0 {
+            return ActionOutcome::Refused {
+                why: format!(
+                    "no page could move to node {to} ({} failed: {})",
+                    tally.failed_pages, tally.first_error
+                ),
+            };
+        }
+        return ActionOutcome::Partial {
+            moved_bytes,
+            left_bytes,
+            why: format!(
+                "{} pages could not move ({})",
+                tally.failed_pages, tally.first_error
+            ),
+        };
+    }
+    if left_bytes > 0 && moved_bytes < max_bytes {
+        return ActionOutcome::Partial {
+            moved_bytes,
+            left_bytes,
+            why: "pages moved back or were not verified on the target".into(),
+        };
+    }
+    ActionOutcome::Done { moved_bytes }
+}
+
+/// The VM exited during the move.
+struct Gone;
+
+#[derive(Debug, Default)]
+struct Tally {
+    /// Pages verified on the target after the move.
+    verified_pages: u64,
+    /// Pages found on the source and not moved (budget, failures).
+    left_pages: u64,
+    failed_pages: u64,
+    first_error: String,
+    cancelled: bool,
+}
+
+fn set_progress(a: &LinuxApplier, f: impl FnOnce(&mut Option<MigrationProgress>)) {
+    if let Ok(mut p) = a.progress.lock() {
+        f(&mut p);
+    }
+}
+
+fn from_node_bytes(snapshot: &Snapshot, vm: &Vm, from: NodeId) -> Option<u64> {
+    let i = snapshot.topology.node_index(from)?;
+    vm.memory.bytes_per_node.get(i).copied()
+}
+
+/// Free memory (and huge pages) on the target, double-checked against the node's
+/// `meminfo` now rather than only the snapshot's possibly older number.
+fn check_room(
+    a: &LinuxApplier,
+    snapshot: &Snapshot,
+    vm: &Vm,
+    to: NodeId,
+    need_bytes: u64,
+    node_dir: &Path,
+) -> Result<(), String> {
+    if let MemoryBacking::HugeTlb { page_size_bytes } = vm.memory.backing {
+        let free_pages = snapshot
+            .topology
+            .node(to)
+            .and_then(|n| {
+                n.memory
+                    .hugepages
+                    .iter()
+                    .find(|h| h.page_size_bytes == page_size_bytes)
+            })
+            .map_or(0, |h| h.free_pages);
+        let need_pages = need_bytes.div_ceil(page_size_bytes.max(1));
+        if free_pages < need_pages {
+            return Err(format!(
+                "node {to} has {free_pages} free huge pages of {page_size_bytes} bytes, \
+                 the move needs {need_pages}"
+            ));
+        }
+        return Ok(());
+    }
+    let snap_free = snapshot.topology.node(to).map(|n| n.memory.free_bytes);
+    let now_free = read_node_free_bytes(node_dir);
+    let free = match (snap_free, now_free) {
+        (Some(s), Some(n)) => s.min(n),
+        (Some(s), None) => s,
+        (None, Some(n)) => n,
+        (None, None) => return Err(format!("node {to} has no readable memory information")),
+    };
+    if free < need_bytes.saturating_add(a.cfg.headroom_bytes) {
+        return Err(format!(
+            "node {to} has {free} bytes free, the move needs {need_bytes} plus {} headroom",
+            a.cfg.headroom_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// `MemFree` of a node's meminfo, in bytes.
+pub fn read_node_free_bytes(node_dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(node_dir.join("meminfo")).ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.split_once("MemFree:")?.1;
+        let kb: u64 = rest.split_whitespace().next()?.parse().ok()?;
+        Some(kb * 1024)
+    })
+}
+
+/// Writable mappings of the process (guest RAM among them), from `/proc/PID/maps`.
+pub fn vm_ranges(proc_root: &Path, pid: u32) -> io::Result<Vec<(u64, u64)>> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("maps"))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
+            && e > s
+        {
+            out.push((s, e - s));
+        }
+    }
+    Ok(out)
+}
+
+/// `cpuset.mems` of the VM's groups around a move: each group, its set before and
+/// whether the move widened it.
+struct Widened {
+    groups: Vec<(PathBuf, crate::model::NodeSet, bool)>,
+    /// v1 groups whose `memory_migrate` was 1 and is held at 0 for the move.
+    migrate_was_on: Vec<PathBuf>,
+}
+
+fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, String> {
+    let mut w = Widened {
+        groups: Vec::new(),
+        migrate_was_on: Vec::new(),
+    };
+    let dirs: Vec<PathBuf> = if let Some((_, g)) = a.vm_groups(vm) {
+        g.all()
+    } else if let Some((fs, dir)) = a.vm_dir(vm) {
+        if fs.has_cpuset(&dir) {
+            vec![dir]
+        } else {
+            Vec::new()
+        }
+    } else {
+        Vec::new()
+    };
+    let Some(fs) = a.cpuset.clone() else {
+        return Ok(w);
+    };
+    // Parents first: a v1 child's mems must stay inside its parent's.
+    for dir in dirs {
+        let Ok(cur) = cgroup::read_set(&dir, SetKind::Mems) else {
+            a.counters.cgroups_gone += 1;
+            continue;
+        };
+        if cur.contains(to) {
+            w.groups.push((dir, cur, false));
+            continue;
+        }
+        if fs.memory_migrate(&dir).ok().flatten() == Some(true) {
+            if let Err(e) = fs.set_memory_migrate(&dir, false) {
+                undo_widen(a, &w);
+                return Err(format!("{}: memory_migrate: {e}", dir.display()));
+            }
+            w.migrate_was_on.push(dir.clone());
+        }
+        let mut wider = cur.clone();
+        wider.insert(to);
+        if let Err(e) = cgroup::write_set(&dir, SetKind::Mems, &wider) {
+            undo_widen(a, &w);
+            return Err(format!("widening {} mems: {e}", dir.display()));
+        }
+        w.groups.push((dir, cur, true));
+    }
+    Ok(w)
+}
+
+/// Puts mems back as they were (children first). Removing the target again cannot
+/// move pages on v1 (memory_migrate held at 0); on v2 it moves back what reached the
+/// target, which is the revert asked for.
+fn undo_widen(a: &mut LinuxApplier, w: &Widened) {
+    for (dir, before, changed) in w.groups.iter().rev() {
+        if *changed && cgroup::write_set(dir, SetKind::Mems, before).is_err() {
+            a.counters.cgroups_gone += 1;
+        }
+    }
+    restore_migrate_flag(a, w);
+}
+
+fn restore_migrate_flag(a: &LinuxApplier, w: &Widened) {
+    if let Some(fs) = a.cpuset.as_ref() {
+        for dir in &w.migrate_was_on {
+            let _ = fs.set_memory_migrate(dir, true);
+        }
+    }
+}
+
+/// After a complete move: the source leaves the groups' mems (unless it was the
+/// only node, which cannot happen as the target was added), children first.
+fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
+    for (dir, before, _) in w.groups.iter().rev() {
+        let mut narrow = before.clone();
+        narrow.remove(from);
+        narrow.insert(to);
+        if cgroup::read_set(dir, SetKind::Mems).is_ok_and(|cur| cur == narrow) {
+            continue;
+        }
+        if cgroup::write_set(dir, SetKind::Mems, &narrow).is_err() {
+            a.counters.cgroups_gone += 1;
+        }
+    }
+    restore_migrate_flag(a, w);
+}
+
+/// Node of each page (`None` = not present or unmapped).
+fn query(pid: u32, pages: &[u64]) -> Result<Vec<i32>, nix::Error> {
+    let mut status = vec![0i32; pages.len()];
+    sys::move_pages(pid, pages, None, &mut status)?;
+    Ok(status)
+}
+
+fn gone_or(e: nix::Error, t: &mut Tally) -> Result<(), Gone> {
+    if e == nix::Error::ESRCH {
+        return Err(Gone);
+    }
+    if t.first_error.is_empty() {
+        t.first_error = e.to_string();
+    }
+    Ok(())
+}
+
+/// Moves `pages` (all on `from`) to `to` and reads the result back. Returns (pages
+/// now on `to`, pages still elsewhere).
+///
+/// The status array is not trusted alone: with transparent huge pages, moving one
+/// address moves its whole 2 MiB page, and the kernel reports the other addresses of
+/// that huge page as busy (or not at all when it stops early on a failure). What
+/// counts is where each page is afterwards, so the batch is queried again, and pages
+/// still on the source (transiently busy, e.g. under I/O) are tried once more.
+fn move_batch(
+    pid: u32,
+    pages: &[u64],
+    from: NodeId,
+    to: NodeId,
+    t: &mut Tally,
+) -> Result<(u64, u64), Gone> {
+    let mut todo: Vec<u64> = pages.to_vec();
+    let mut moved = 0u64;
+    // Pages that neither moved nor stayed on the source in the first attempt.
+    let mut failed_elsewhere = 0u64;
+    for attempt in 0..2 {
+        if todo.is_empty() {
+            break;
+        }
+        let nodes = vec![to as i32; todo.len()];
+        // A value the kernel never writes: entries it did not reach stay visible.
+        let mut st = vec![i32::MIN; todo.len()];
+        if let Err(e) = sys::move_pages(pid, &todo, Some(&nodes), &mut st) {
+            gone_or(e, t)?;
+        }
+        let after = match query(pid, &todo) {
+            Ok(s) => s,
+            Err(e) => {
+                gone_or(e, t)?;
+                return Ok((moved, todo.len() as u64));
+            }
+        };
+        let mut stuck = 0u64;
+        // Only pages still on the source are worth a second try.
+        let mut retry = Vec::new();
+        for ((p, now), reported) in todo.iter().zip(&after).zip(&st) {
+            if *now == to as i32 {
+                moved += 1;
+                continue;
+            }
+            stuck += 1;
+            if *now == from as i32 {
+                retry.push(*p);
+            }
+            if *reported < 0 && *reported != i32::MIN && t.first_error.is_empty() {
+                t.first_error = nix::Error::from_raw(-*reported).to_string();
+            }
+        }
+        if attempt == 1 || retry.is_empty() {
+            if stuck > 0 && t.first_error.is_empty() {
+                t.first_error = "pages stayed on the source node".into();
+            }
+            return Ok((moved, stuck + failed_elsewhere));
+        }
+        stuck -= retry.len() as u64;
+        failed_elsewhere += stuck;
+        todo = retry;
+    }
+    Ok((moved, todo.len() as u64 + failed_elsewhere))
+}
+
+/// Windows of this many bytes, aligned to it, are scanned and moved one at a time.
+/// A multiple of the 2 MiB huge page size, so a transparent huge page never
+/// straddles two windows and its pages are counted in the window that moved it.
+const WINDOW_BYTES: u64 = 32 << 20;
+
+fn batched_move(
+    a: &mut LinuxApplier,
+    vm: &Vm,
+    from: NodeId,
+    to: NodeId,
+    ranges: &[(u64, u64)],
+    max_bytes: u64,
+) -> Result<Tally, Gone> {
+    let page = a.page_size_bytes;
+    let batch = a.cfg.batch_pages.max(1) as usize;
+    let budget_pages = max_bytes.div_ceil(page);
+    let mut t = Tally::default();
+    // Pages moved so far by this action, as seen batch by batch (for the budget and
+    // the rate limit); the totals in `t` come from a read-back per window.
+    let mut moved_pages = 0u64;
+    'ranges: for &(start, len) in ranges {
+        let end = start.saturating_add(len);
+        let mut addr = start / page * page;
+        while addr < end {
+            if moved_pages >= budget_pages || t.cancelled {
+                break 'ranges;
+            }
+            let win_end = ((addr / WINDOW_BYTES + 1) * WINDOW_BYTES).min(end);
+            let pages: Vec<u64> = (0..(win_end - addr).div_ceil(page))
+                .map(|i| addr + i * page)
+                .collect();
+            addr = win_end.div_ceil(page) * page;
+            let status = match query(vm.pid, &pages) {
+                Ok(s) => s,
+                Err(e) => {
+                    gone_or(e, &mut t)?;
+                    continue;
+                }
+            };
+            let on_src: Vec<u64> = pages
+                .iter()
+                .zip(&status)
+                .filter(|(_, s)| **s == from as i32)
+                .map(|(p, _)| *p)
+                .collect();
+            if on_src.is_empty() {
+                continue;
+            }
+            for chunk in on_src.chunks(batch) {
+                if moved_pages >= budget_pages {
+                    break;
+                }
+                if !a.wait_for_budget() {
+                    t.cancelled = true;
+                    break;
+                }
+                let take = ((budget_pages - moved_pages) as usize).min(chunk.len());
+                let chunk = &chunk[..take];
+                // Some may have moved with a huge page of the previous batch.
+                let now = match query(vm.pid, chunk) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        gone_or(e, &mut t)?;
+                        continue;
+                    }
+                };
+                let already = now.iter().filter(|n| **n == to as i32).count() as u64;
+                let still: Vec<u64> = chunk
+                    .iter()
+                    .zip(&now)
+                    .filter(|(_, n)| **n == from as i32)
+                    .map(|(p, _)| *p)
+                    .collect();
+                let (moved, stuck) = move_batch(vm.pid, &still, from, to, &mut t)?;
+                t.failed_pages += stuck;
+                moved_pages += already + moved;
+                a.spend((already + moved) * page);
+                let (vmid, done) = (vm.pid, (t.verified_pages + moved_pages) * page);
+                set_progress(a, |p| {
+                    if let Some(p) = p.as_mut().filter(|p| p.vm == vmid) {
+                        p.moved_bytes = done.min(p.max_bytes);
+                    }
+                });
+            }
+            // Read back the window: where its source pages are now.
+            match query(vm.pid, &on_src) {
+                Ok(after) => {
+                    t.verified_pages += after.iter().filter(|n| **n == to as i32).count() as u64;
+                    t.left_pages += after.iter().filter(|n| **n == from as i32).count() as u64;
+                }
+                Err(e) => gone_or(e, &mut t)?,
+            }
+            moved_pages = moved_pages.max(t.verified_pages);
+        }
+    }
+    Ok(t)
+}
+
+fn whole_move(
+    a: &mut LinuxApplier,
+    vm: &Vm,
+    from: NodeId,
+    to: NodeId,
+    ranges: &[(u64, u64)],
+) -> Result<Tally, Gone> {
+    let mut t = Tally::default();
+    let page = a.page_size_bytes;
+    // Count what is on the source before, so "moved" is read back, not assumed.
+    let before = count_on(vm.pid, ranges, page, a.cfg.batch_pages, from, &mut t)?;
+    if !a.wait_for_budget() {
+        t.cancelled = true;
+        t.left_pages = before;
+        return Ok(t);
+    }
+    match sys::migrate_pages(vm.pid, &sys::one_node(from), &sys::one_node(to)) {
+        Ok(_) => {}
+        Err(e) => gone_or(e, &mut t)?,
+    }
+    a.spend(before * page);
+    let left = count_on(vm.pid, ranges, page, a.cfg.batch_pages, from, &mut t)?;
+    t.left_pages = left;
+    t.verified_pages = before.saturating_sub(left);
+    if left > 0 {
+        t.failed_pages = left;
+        if t.first_error.is_empty() {
+            t.first_error = "migrate_pages left pages behind".into();
+        }
+    }
+    Ok(t)
+}
+
+fn count_on(
+    pid: u32,
+    ranges: &[(u64, u64)],
+    page: u64,
+    batch: u64,
+    node: NodeId,
+    t: &mut Tally,
+) -> Result<u64, Gone> {
+    let mut n = 0;
+    for &(start, len) in ranges {
+        let end = start.saturating_add(len);
+        let mut addr = start / page * page;
+        while addr < end {
+            let k = ((end - addr).div_ceil(page)).min(batch.max(1));
+            let pages: Vec<u64> = (0..k).map(|i| addr + i * page).collect();
+            addr += k * page;
+            match query(pid, &pages) {
+                Ok(s) => n += s.iter().filter(|x| **x == node as i32).count() as u64,
+                Err(e) => gone_or(e, t)?,
+            }
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_node_free_memory_and_own_maps() {
+        let free = read_node_free_bytes(Path::new("/sys/devices/system/node/node0"));
+        assert!(free.unwrap() > 0);
+        let ranges = vm_ranges(Path::new("/proc"), std::process::id()).unwrap();
+        assert!(!ranges.is_empty());
+        assert!(ranges.iter().all(|(_, len)| *len > 0));
+    }
+
+    #[test]
+    fn query_sees_own_touched_page_on_node_0() {
+        let buf = vec![1u8; 1 << 16];
+        let page = sys::page_size_bytes();
+        let addr = (buf.as_ptr() as u64).div_ceil(page) * page;
+        let s = query(std::process::id(), &[addr]).unwrap();
+        assert_eq!(s, vec![0]);
+        drop(buf);
+    }
+}

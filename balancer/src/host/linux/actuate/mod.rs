@@ -1,0 +1,511 @@
+//! The Linux [`Applier`]: changes where VMs run and where their memory is, and reads
+//! every change back from the host before reporting it.
+//!
+//! Why it is built this way:
+//! - CPU sets of libvirt VMs are written to their cgroup's `vcpuN`/`emulator` groups
+//!   (libvirt would undo, and the cpuset may refuse, a plain sched_setaffinity); plain
+//!   qemu processes get sched_setaffinity on every thread ([`cpus`]).
+//! - Memory moves with move_pages in batches, hot regions first and rate-limited, or
+//!   with one migrate_pages when the whole VM moves and fits in one second's budget
+//!   ([`memory`]). While pages move, `cpuset.mems` is widened to old+new so new
+//!   allocations may land on the target, and narrowed only when nothing is left
+//!   behind: on cgroup v2 narrowing would migrate the rest of the VM at once.
+//! - The sets a VM had when vmbalancer first touched it are recorded
+//!   ([`OriginalSets`]) so a revert or a shutdown puts them back, and the daemon's
+//!   journal can do the same after a crash.
+//! - VMs exit and threads come and go at any time. ESRCH, a vanished thread or a
+//!   removed cgroup is counted in [`QuietCounters`] and logged at debug level, and the
+//!   action ends as `VmGone` or with the surviving threads; never as an error storm.
+//! - No set written is ever empty, and a failed multi-step change is rolled back.
+//!
+//! Only the few files actuation needs are read here (cpuset files, `/proc/PID/task`,
+//! `/proc/PID/maps`, a node's `meminfo`, the online CPU list); everything else comes
+//! from the [`Snapshot`]. Every path is under a configurable root.
+
+pub mod cgroup;
+pub mod cpus;
+pub mod memory;
+pub mod sys;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use self::cgroup::{CpusetFs, LibvirtGroups, SetKind};
+use crate::host::Applier;
+use crate::model::{Action, ActionOutcome, CpuSet, NodeSet, PlannedAction, Snapshot, Vm, VmId};
+
+/// Settings of the Linux applier.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApplierConfig {
+    pub proc_root: PathBuf,
+    pub sys_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    /// Page migration budget for all VMs together.
+    pub rate_limit_bytes_per_s: u64,
+    /// Pages per move_pages call.
+    pub batch_pages: u64,
+    /// Free memory a target node must keep after a move.
+    pub headroom_bytes: u64,
+    /// CPUs never given to VMs.
+    pub reserved_cpus: CpuSet,
+}
+
+impl Default for ApplierConfig {
+    fn default() -> Self {
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            sys_root: PathBuf::from("/sys"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            rate_limit_bytes_per_s: 256 << 20,
+            batch_pages: 512,
+            headroom_bytes: 512 << 20,
+            reserved_cpus: CpuSet::new(),
+        }
+    }
+}
+
+/// Things that happen to VMs under us, handled quietly and counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuietCounters {
+    /// Actions that found their VM gone (ESRCH, no `/proc/PID`).
+    pub vm_gone: u64,
+    /// Threads that vanished between listing and acting.
+    pub threads_gone: u64,
+    /// cgroups removed under us.
+    pub cgroups_gone: u64,
+    /// Actions refused before touching the host.
+    pub refused: u64,
+}
+
+/// A cpuset group's sets as first seen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSets {
+    pub dir: PathBuf,
+    pub cpus: CpuSet,
+    pub mems: NodeSet,
+    /// `cpuset.memory_migrate` on cgroup v1.
+    pub memory_migrate: Option<bool>,
+}
+
+/// The CPU and memory sets of a VM when vmbalancer adopted it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginalSets {
+    pub vm: VmId,
+    /// Start time of the process (`/proc/PID/stat` field 22, clock ticks), so a reused
+    /// pid is not mistaken for the VM.
+    pub start_time_ticks: u64,
+    /// Affinity of each thread.
+    pub threads: BTreeMap<u32, CpuSet>,
+    /// The VM's cpuset groups, parents first (empty for plain processes).
+    pub groups: Vec<GroupSets>,
+}
+
+/// What to put back in [`LinuxApplier::restore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoreWhat {
+    pub cpus: bool,
+    pub mems: bool,
+}
+
+/// A memory move in progress, for status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    pub vm: VmId,
+    pub from: u32,
+    pub to: u32,
+    pub moved_bytes: u64,
+    /// Bytes still on `from` in the regions being moved (known after the first pass).
+    pub left_bytes: u64,
+    pub max_bytes: u64,
+}
+
+/// The real Linux applier.
+pub struct LinuxApplier {
+    cfg: ApplierConfig,
+    cpuset: Option<CpusetFs>,
+    originals: BTreeMap<VmId, OriginalSets>,
+    counters: QuietCounters,
+    cancel: Arc<AtomicBool>,
+    progress: Arc<Mutex<Option<MigrationProgress>>>,
+    page_size_bytes: u64,
+    /// Earliest instant the next batch may start (the shared rate limit).
+    next_batch_at: Instant,
+}
+
+impl LinuxApplier {
+    /// A new applier; finds the cpuset interface under `cfg.cgroup_root`.
+    pub fn new(cfg: ApplierConfig) -> Self {
+        let cpuset = CpusetFs::detect(&cfg.cgroup_root);
+        tracing::debug!(?cpuset, "cpuset interface");
+        Self {
+            cfg,
+            cpuset,
+            originals: BTreeMap::new(),
+            counters: QuietCounters::default(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: Arc::new(Mutex::new(None)),
+            page_size_bytes: sys::page_size_bytes(),
+            next_batch_at: Instant::now(),
+        }
+    }
+
+    /// Uses `flag` as the stop signal: a running migration stops at the next batch
+    /// boundary once it is set.
+    pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = flag;
+        self
+    }
+
+    /// The live progress of the current memory move, for status.
+    pub fn progress_handle(&self) -> Arc<Mutex<Option<MigrationProgress>>> {
+        self.progress.clone()
+    }
+
+    pub fn counters(&self) -> &QuietCounters {
+        &self.counters
+    }
+
+    pub fn cpuset_fs(&self) -> Option<&CpusetFs> {
+        self.cpuset.as_ref()
+    }
+
+    /// Sets recorded at adoption, by VM.
+    pub fn originals(&self) -> &BTreeMap<VmId, OriginalSets> {
+        &self.originals
+    }
+
+    /// Takes over originals recorded by an earlier run (from the journal).
+    pub fn insert_original(&mut self, o: OriginalSets) {
+        self.originals.insert(o.vm, o);
+    }
+
+    /// Forgets a VM that exited.
+    pub fn forget(&mut self, vm: VmId) {
+        self.originals.remove(&vm);
+    }
+
+    /// Records the VM's current sets unless already recorded. `None` when the VM is
+    /// gone.
+    pub fn adopt(&mut self, vm: &Vm) -> Option<&OriginalSets> {
+        if !self.originals.contains_key(&vm.pid) {
+            let start_time_ticks = process_start_ticks(&self.cfg.proc_root, vm.pid)?;
+            let mut threads = BTreeMap::new();
+            for tid in list_threads(&self.cfg.proc_root, vm.pid).ok()? {
+                match sys::get_affinity(tid) {
+                    Ok(set) => {
+                        threads.insert(tid, set);
+                    }
+                    Err(_) => self.counters.threads_gone += 1,
+                }
+            }
+            let groups = self
+                .vm_groups(vm)
+                .map(|(_, g)| {
+                    g.all()
+                        .into_iter()
+                        .filter_map(|dir| self.read_group(&dir))
+                        .collect()
+                })
+                .or_else(|| {
+                    let (fs, dir) = self.vm_dir(vm)?;
+                    fs.has_cpuset(&dir)
+                        .then(|| self.read_group(&dir).into_iter().collect())
+                })
+                .unwrap_or_default();
+            tracing::debug!(vm = vm.pid, threads = threads.len(), "adopted VM");
+            self.originals.insert(
+                vm.pid,
+                OriginalSets {
+                    vm: vm.pid,
+                    start_time_ticks,
+                    threads,
+                    groups,
+                },
+            );
+        }
+        self.originals.get(&vm.pid)
+    }
+
+    fn read_group(&self, dir: &Path) -> Option<GroupSets> {
+        let fs = self.cpuset.as_ref()?;
+        Some(GroupSets {
+            dir: dir.to_path_buf(),
+            cpus: cgroup::read_set(dir, SetKind::Cpus).ok()?,
+            mems: cgroup::read_set(dir, SetKind::Mems).ok()?,
+            memory_migrate: fs.memory_migrate(dir).ok().flatten(),
+        })
+    }
+
+    /// The VM's own cpuset group, when it has one.
+    fn vm_dir(&self, vm: &Vm) -> Option<(&CpusetFs, PathBuf)> {
+        let fs = self.cpuset.as_ref()?;
+        let rel = vm.cgroup.as_deref()?;
+        let dir = fs.dir(rel);
+        (dir != fs.mount() && dir.is_dir()).then_some((fs, dir))
+    }
+
+    /// The VM's libvirt per-thread groups, when it has them.
+    fn vm_groups(&self, vm: &Vm) -> Option<(&CpusetFs, LibvirtGroups)> {
+        let (fs, dir) = self.vm_dir(vm)?;
+        LibvirtGroups::find(fs, &dir).map(|g| (fs, g))
+    }
+
+    /// Puts back a VM's original sets. CPU sets: children first on the way down,
+    /// so every write keeps child within parent. `mems` is restored only when asked:
+    /// on cgroup v2 that migrates pages back.
+    pub fn restore(&mut self, o: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
+        if !self.same_process(o) {
+            self.counters.vm_gone += 1;
+            return ActionOutcome::VmGone;
+        }
+        let mut problems = Vec::new();
+        // Parents must first allow what the children get back (they may have been
+        // narrowed by someone else meanwhile), then children, then parents exactly.
+        for kind in [SetKind::Cpus, SetKind::Mems] {
+            let wanted = match kind {
+                SetKind::Cpus => what.cpus,
+                SetKind::Mems => what.mems,
+            };
+            if !wanted {
+                continue;
+            }
+            let value = |g: &GroupSets| match kind {
+                SetKind::Cpus => g.cpus.clone(),
+                SetKind::Mems => g.mems.clone(),
+            };
+            let all: NodeSet = o
+                .groups
+                .iter()
+                .fold(NodeSet::new(), |a, g| a.union(&value(g)));
+            for g in &o.groups {
+                if let Ok(cur) = cgroup::read_set(&g.dir, kind)
+                    && !value(g).is_subset(&cur)
+                    && let Err(e) = cgroup::write_set(&g.dir, kind, &cur.union(&all))
+                {
+                    self.note_io(&g.dir, &e, &mut problems);
+                }
+            }
+            for g in o.groups.iter().rev() {
+                if let Err(e) = cgroup::write_set(&g.dir, kind, &value(g)) {
+                    self.note_io(&g.dir, &e, &mut problems);
+                }
+            }
+        }
+        if what.cpus && o.groups.is_empty() {
+            for (&tid, set) in &o.threads {
+                match sys::set_affinity(tid, set) {
+                    Ok(()) => {}
+                    Err(nix::Error::ESRCH) => self.counters.threads_gone += 1,
+                    Err(e) => problems.push(format!("thread {tid}: {e}")),
+                }
+            }
+        }
+        if problems.is_empty() {
+            ActionOutcome::Done { moved_bytes: 0 }
+        } else {
+            ActionOutcome::Partial {
+                moved_bytes: 0,
+                left_bytes: 0,
+                why: problems.join("; "),
+            }
+        }
+    }
+
+    /// Restores the CPU sets of every adopted VM (shutdown with `restore_on_exit`).
+    pub fn restore_all_cpus(&mut self) -> Vec<(VmId, ActionOutcome)> {
+        let all: Vec<OriginalSets> = self.originals.values().cloned().collect();
+        all.iter()
+            .map(|o| {
+                let what = RestoreWhat {
+                    cpus: true,
+                    mems: false,
+                };
+                (o.vm, self.restore(o, what))
+            })
+            .collect()
+    }
+
+    /// Whether `o.vm` is still the process that was adopted.
+    pub fn same_process(&self, o: &OriginalSets) -> bool {
+        process_start_ticks(&self.cfg.proc_root, o.vm) == Some(o.start_time_ticks)
+    }
+
+    fn note_io(&mut self, dir: &Path, e: &io::Error, problems: &mut Vec<String>) {
+        if e.kind() == io::ErrorKind::NotFound {
+            self.counters.cgroups_gone += 1;
+            tracing::debug!(dir = %dir.display(), "cgroup removed under us");
+        } else {
+            problems.push(format!("{}: {e}", dir.display()));
+        }
+    }
+
+    fn refuse(&mut self, vm: VmId, why: String) -> ActionOutcome {
+        self.counters.refused += 1;
+        tracing::info!(vm, %why, "action refused");
+        ActionOutcome::Refused { why }
+    }
+
+    fn gone(&mut self, vm: VmId) -> ActionOutcome {
+        self.counters.vm_gone += 1;
+        tracing::debug!(vm, "VM exited before or during the action");
+        ActionOutcome::VmGone
+    }
+
+    /// Waits for the rate limit; false when cancelled meanwhile.
+    fn wait_for_budget(&mut self) -> bool {
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= self.next_batch_at {
+                return true;
+            }
+            std::thread::sleep((self.next_batch_at - now).min(Duration::from_millis(20)));
+        }
+    }
+
+    /// Charges `bytes` to the rate limit.
+    fn spend(&mut self, bytes: u64) {
+        let secs = bytes as f64 / self.cfg.rate_limit_bytes_per_s.max(1) as f64;
+        self.next_batch_at = self.next_batch_at.max(Instant::now()) + Duration::from_secs_f64(secs);
+    }
+}
+
+impl Applier for LinuxApplier {
+    fn apply(&mut self, snapshot: &Snapshot, action: &PlannedAction) -> ActionOutcome {
+        let fallback;
+        let vm = match snapshot.vms.iter().find(|v| v.pid == action.vm) {
+            Some(vm) => vm,
+            None => {
+                // Not in the snapshot (e.g. an action from the journal): act on what
+                // the host shows.
+                fallback = Vm {
+                    pid: action.vm,
+                    ..Default::default()
+                };
+                &fallback
+            }
+        };
+        if !self.cfg.proc_root.join(vm.pid.to_string()).is_dir() {
+            return self.gone(vm.pid);
+        }
+        if self.adopt(vm).is_none() {
+            return self.gone(vm.pid);
+        }
+        match &action.action {
+            Action::SetCpus { vcpus, cpus } => {
+                cpus::set_cpus(self, snapshot, vm, vcpus.as_deref(), cpus)
+            }
+            Action::MigrateMemory {
+                from,
+                to,
+                regions,
+                max_bytes,
+            } => memory::migrate(self, snapshot, vm, *from, *to, regions, *max_bytes),
+        }
+    }
+}
+
+/// Thread ids of a process, from `/proc/PID/task`.
+pub fn list_threads(proc_root: &Path, pid: u32) -> io::Result<Vec<u32>> {
+    let mut tids: Vec<u32> = std::fs::read_dir(proc_root.join(pid.to_string()).join("task"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// Field 22 of `/proc/PID/stat` (start time in clock ticks).
+pub fn process_start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// CPUs online on the host (`devices/system/cpu/online`).
+pub fn online_cpus(sys_root: &Path) -> io::Result<CpuSet> {
+    let text = std::fs::read_to_string(sys_root.join("devices/system/cpu/online"))?;
+    CpuSet::parse_list(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_spaces_batches_and_stops_on_cancel() {
+        let mut a = LinuxApplier::new(ApplierConfig {
+            rate_limit_bytes_per_s: 4 << 20,
+            ..ApplierConfig::default()
+        });
+        let t0 = Instant::now();
+        assert!(a.wait_for_budget());
+        a.spend(1 << 20); // 250 ms of budget
+        assert!(a.wait_for_budget());
+        a.spend(1 << 20);
+        assert!(a.wait_for_budget());
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(490), "{waited:?}");
+        assert!(waited < Duration::from_millis(900), "{waited:?}");
+        // A stop request ends the wait at once, whatever budget is left.
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut a = a.with_cancel(flag.clone());
+        a.spend(64 << 20);
+        flag.store(true, Ordering::Relaxed);
+        let t1 = Instant::now();
+        assert!(!a.wait_for_budget());
+        assert!(t1.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn start_time_of_this_process() {
+        let proc_root = Path::new("/proc");
+        let me = std::process::id();
+        let t = process_start_ticks(proc_root, me).unwrap();
+        assert!(t > 0);
+        assert_eq!(process_start_ticks(proc_root, me), Some(t));
+        assert!(list_threads(proc_root, me).unwrap().contains(&me));
+        assert!(!online_cpus(Path::new("/sys")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn adopts_and_restores_own_thread_affinity() {
+        // A helper thread of this test process plays the VM's thread.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            tx.send(nix::unistd::gettid().as_raw() as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let before = sys::get_affinity(tid).unwrap();
+        let mut a = LinuxApplier::new(ApplierConfig::default());
+        let vm = Vm {
+            pid: std::process::id(),
+            ..Default::default()
+        };
+        let o = a.adopt(&vm).unwrap().clone();
+        assert_eq!(o.threads.get(&tid), Some(&before));
+        sys::set_affinity(tid, &CpuSet::parse_list("0").unwrap()).unwrap();
+        let out = a.restore(
+            &o,
+            RestoreWhat {
+                cpus: true,
+                mems: false,
+            },
+        );
+        assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+        assert_eq!(sys::get_affinity(tid).unwrap(), before);
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
+        // Restoring the main test thread's set too is harmless: same values.
+    }
+}

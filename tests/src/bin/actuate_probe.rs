@@ -1,0 +1,308 @@
+//! Checks the Linux applier's memory moves on a host with several NUMA nodes (the
+//! lab guest): hot-first batched move_pages under a rate limit, a whole move with
+//! migrate_pages, cgroup v2 `cpuset.mems` widened during a move and narrowed only
+//! after a complete one, a refusal for a full node, and a stop at a batch boundary.
+//!
+//! Usage: `actuate_probe PATH_TO_actuate_target [CGROUP2_MOUNT]`. Prints one
+//! `PASS name ...` or `FAIL name: why` line per check and exits non-zero on failure.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use balancer::daemon::hostview::read_topology;
+use balancer::host::Applier;
+use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, sys};
+use balancer::model::{
+    Action, ActionOutcome, PlannedAction, Reason, Snapshot, Topology, Vm, VmMemory,
+};
+
+const MIB: u64 = 1 << 20;
+
+struct Target {
+    child: std::process::Child,
+    pid: u32,
+    addr: u64,
+    len: u64,
+}
+
+fn spawn_target(exe: &Path, len: u64) -> Target {
+    let mut child = Command::new(exe)
+        .arg(len.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn target");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    Target {
+        child,
+        pid: f[0] as u32,
+        addr: f[3],
+        len: f[4],
+    }
+}
+
+/// Pages of `[addr, addr+len)` per node id (index = node, last = not present).
+fn pages_per_node(pid: u32, addr: u64, len: u64, nodes: usize) -> Vec<u64> {
+    let page = sys::page_size_bytes();
+    let pages: Vec<u64> = (0..len / page).map(|i| addr + i * page).collect();
+    let mut out = vec![0u64; nodes + 1];
+    for chunk in pages.chunks(512) {
+        let mut st = vec![0i32; chunk.len()];
+        sys::move_pages(pid, chunk, None, &mut st).unwrap();
+        for s in st {
+            if s >= 0 && (s as usize) < nodes {
+                out[s as usize] += 1;
+            } else {
+                out[nodes] += 1;
+            }
+        }
+    }
+    out
+}
+
+fn snapshot(topo: &Topology, t: &Target, cgroup: Option<String>) -> Snapshot {
+    let n = topo.nodes.len();
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    let page = sys::page_size_bytes();
+    Snapshot {
+        topology: topo.clone(),
+        vms: vec![Vm {
+            pid: t.pid,
+            name: "probe".into(),
+            cgroup,
+            memory: VmMemory {
+                bytes_per_node: per[..n].iter().map(|p| p * page).collect(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn migrate(vm: u32, from: u32, to: u32, regions: Vec<(u64, u64)>, max_bytes: u64) -> PlannedAction {
+    PlannedAction {
+        vm,
+        action: Action::MigrateMemory {
+            from,
+            to,
+            regions,
+            max_bytes,
+        },
+        reason: Reason::Locality {
+            locality_pct: 0.0,
+            target_pct: 90.0,
+        },
+    }
+}
+
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn check(&mut self, name: &str, ok: bool, detail: String) {
+        if ok {
+            println!("PASS {name} {detail}");
+        } else {
+            println!("FAIL {name}: {detail}");
+            self.failed = true;
+        }
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let target_exe = PathBuf::from(args.next().expect("usage: actuate_probe TARGET [CGROUP2]"));
+    let cg2 = args.next().map(PathBuf::from);
+    let topo = read_topology(Path::new("/sys")).expect("read nodes");
+    let n = topo.nodes.len();
+    let mut r = Report { failed: false };
+    if n < 4 {
+        println!("FAIL setup: needs 4 NUMA nodes, found {n}");
+        std::process::exit(1);
+    }
+    // First touch on node 0: the probe (and so the target) runs on node 0's CPUs.
+    sys::set_affinity(std::process::id(), &topo.nodes[0].cpus).unwrap();
+    let page = sys::page_size_bytes();
+    let len = 32 * MIB;
+    let t = spawn_target(&target_exe, len);
+    let start = pages_per_node(t.pid, t.addr, t.len, n);
+    r.check(
+        "first-touch",
+        start[0] == len / page,
+        format!("pages per node {start:?}"),
+    );
+
+    // 1. Hot quarter first, batched, rate-limited to 32 MiB/s.
+    let rate = 32 * MIB;
+    let mut a = LinuxApplier::new(ApplierConfig {
+        rate_limit_bytes_per_s: rate,
+        batch_pages: 256,
+        headroom_bytes: 64 * MIB,
+        cgroup_root: cg2.clone().unwrap_or_else(|| "/nonexistent".into()),
+        ..ApplierConfig::default()
+    });
+    let hot = (t.addr, len / 4);
+    let snap = snapshot(&topo, &t, None);
+    let t0 = Instant::now();
+    let out = a.apply(&snap, &migrate(t.pid, 0, 1, vec![hot], len / 4));
+    let took = t0.elapsed();
+    let after = pages_per_node(t.pid, t.addr, t.len, n);
+    let hot_on_1 = pages_per_node(t.pid, hot.0, hot.1, n)[1];
+    r.check(
+        "batched-hot-first",
+        out == ActionOutcome::Done {
+            moved_bytes: len / 4,
+        } && hot_on_1 == len / 4 / page
+            && after[1] - hot_on_1 < 2 * MIB / page,
+        format!("outcome {out:?}, hot pages on node 1: {hot_on_1}, per node {after:?}"),
+    );
+    // 8 MiB at 32 MiB/s: the last batch may start at 7/8 of the budget.
+    let min = Duration::from_secs_f64((len / 4 - 256 * page) as f64 / rate as f64);
+    r.check(
+        "rate-limit",
+        took >= min,
+        format!(
+            "{took:?} for {} MiB at {} MiB/s (min {min:?})",
+            len / 4 / MIB,
+            rate / MIB
+        ),
+    );
+
+    // 2. Whole move of what is left on node 0 (fits one second's budget: migrate_pages).
+    let before = pages_per_node(t.pid, t.addr, t.len, n);
+    let snap = snapshot(&topo, &t, None);
+    let out = a.apply(&snap, &migrate(t.pid, 0, 2, vec![], u64::MAX));
+    let after = pages_per_node(t.pid, t.addr, t.len, n);
+    r.check(
+        "whole-migrate-pages",
+        after[0] == 0
+            && after[2] == before[0]
+            && after[1] == before[1]
+            && matches!(out, ActionOutcome::Done { .. }),
+        format!("outcome {out:?}, per node {after:?}"),
+    );
+
+    // 3. A full node: refused with the reason, nothing moves.
+    let mut tight = LinuxApplier::new(ApplierConfig {
+        headroom_bytes: 1 << 50,
+        ..ApplierConfig::default()
+    });
+    let out = tight.apply(&snap, &migrate(t.pid, 2, 3, vec![], u64::MAX));
+    let same = pages_per_node(t.pid, t.addr, t.len, n) == after;
+    r.check(
+        "full-node-refused",
+        matches!(&out, ActionOutcome::Refused { why } if why.contains("headroom")) && same,
+        format!("{out:?}"),
+    );
+
+    // 4. Stop at a batch boundary: a slow move cancelled after 200 ms.
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut slow = LinuxApplier::new(ApplierConfig {
+        rate_limit_bytes_per_s: 4 * MIB,
+        batch_pages: 64,
+        headroom_bytes: 0,
+        ..ApplierConfig::default()
+    })
+    .with_cancel(flag.clone());
+    let f2 = flag.clone();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        f2.store(true, Ordering::Relaxed);
+    });
+    let snap = snapshot(&topo, &t, None);
+    let out = slow.apply(
+        &snap,
+        &migrate(t.pid, 2, 3, vec![(t.addr, t.len)], u64::MAX),
+    );
+    stopper.join().unwrap();
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    let moved_ok = matches!(&out, ActionOutcome::Partial { moved_bytes, why, .. }
+        if why.contains("batch boundary") && *moved_bytes == per[3] * page && per[3] > 0);
+    r.check(
+        "cancel-at-batch-boundary",
+        moved_ok && per[2] > 0,
+        format!("{out:?}, per node {per:?}"),
+    );
+
+    // 5. cgroup v2: mems widened during the move, narrowed after a complete one.
+    if let Some(cg) = &cg2 {
+        let group = cg.join("vmb-probe");
+        let _ = std::fs::create_dir(&group);
+        let w = |f: &str, v: &str| std::fs::write(group.join(f), v);
+        let all_cpus = topo.all_cpus().to_string();
+        let ok = w("cpuset.cpus", &all_cpus).is_ok()
+            && w("cpuset.mems", "0-3").is_ok()
+            && w("cgroup.procs", &t.pid.to_string()).is_ok()
+            // On v2 this moves everything to node 3 at once: the behaviour the
+            // applier avoids while it moves pages itself.
+            && w("cpuset.mems", "3").is_ok();
+        let per = pages_per_node(t.pid, t.addr, t.len, n);
+        r.check(
+            "v2-mems-change-migrates-all",
+            ok && per[3] == len / page,
+            format!("per node {per:?}"),
+        );
+        let mut a = LinuxApplier::new(ApplierConfig {
+            cgroup_root: cg.clone(),
+            headroom_bytes: 0,
+            ..ApplierConfig::default()
+        });
+        let rel = Some("/vmb-probe".to_string());
+        // Partial (hot region only): mems stays widened to 0+3.
+        let snap = snapshot(&topo, &t, rel.clone());
+        let out = a.apply(
+            &snap,
+            &migrate(t.pid, 3, 0, vec![(t.addr, len / 4)], len / 4),
+        );
+        let mems = std::fs::read_to_string(group.join("cpuset.mems")).unwrap_or_default();
+        let per = pages_per_node(t.pid, t.addr, t.len, n);
+        let hot_on_0 = pages_per_node(t.pid, t.addr, len / 4, n)[0];
+        // Huge pages move whole: up to one 2 MiB page past the region's end follows.
+        let spill = per[0] - hot_on_0;
+        r.check(
+            "v2-widened-during-move",
+            mems.trim() == "0,3"
+                && hot_on_0 == len / 4 / page
+                && spill < 2 * MIB / page
+                && matches!(out, ActionOutcome::Done { .. }),
+            format!("mems {:?}, {out:?}, per node {per:?}", mems.trim()),
+        );
+        // Whole move of the rest: narrowed to the target afterwards.
+        let snap = snapshot(&topo, &t, rel);
+        let out = a.apply(&snap, &migrate(t.pid, 3, 0, vec![], u64::MAX));
+        let mems = std::fs::read_to_string(group.join("cpuset.mems")).unwrap_or_default();
+        let per = pages_per_node(t.pid, t.addr, t.len, n);
+        r.check(
+            "v2-narrowed-after-complete-move",
+            mems.trim() == "0" && per[0] == len / page,
+            format!("mems {:?}, {out:?}, per node {per:?}", mems.trim()),
+        );
+        let _ = std::fs::write(cg.join("cgroup.procs"), t.pid.to_string());
+        let _ = std::fs::remove_dir(&group);
+    }
+
+    let mut t = t;
+    drop(t.child.stdin.take());
+    let _ = t.child.wait();
+    // The target is gone: quiet.
+    let snap = Snapshot {
+        topology: topo.clone(),
+        ..Default::default()
+    };
+    let out = a.apply(&snap, &migrate(t.pid, 0, 1, vec![], MIB));
+    r.check("vm-gone", out == ActionOutcome::VmGone, format!("{out:?}"));
+    std::process::exit(if r.failed { 1 } else { 0 });
+}

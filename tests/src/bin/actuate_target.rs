@@ -1,0 +1,63 @@
+//! A stand-in VM process for actuation tests: two threads and a touched anonymous
+//! mapping. Prints `pid tid_main tid_worker addr len` on stdout, then obeys stdin
+//! lines: `stop-worker` ends the worker thread; end of input exits.
+
+use std::io::{BufRead, Write};
+
+fn main() {
+    let len: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(16 << 20);
+    // SAFETY: a fresh private anonymous mapping; only this process uses it.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap failed");
+    // Touch every page so each one is resident somewhere.
+    // SAFETY: the mapping is `len` bytes long and writable.
+    unsafe { std::ptr::write_bytes(addr as *mut u8, 0x5a, len) };
+
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let worker = std::thread::Builder::new()
+        .name("CPU 1/KVM".into())
+        .spawn(move || {
+            tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            let _ = stop_rx.recv();
+        })
+        .unwrap();
+    let worker_tid = tid_rx.recv().unwrap();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} {} {} {} {}",
+        std::process::id(),
+        nix::unistd::gettid().as_raw(),
+        worker_tid,
+        addr as u64,
+        len
+    )
+    .unwrap();
+    out.flush().unwrap();
+    drop(out);
+    let mut stop = Some(stop_tx);
+    let mut worker = Some(worker);
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim() == "stop-worker" {
+            stop.take();
+            if let Some(w) = worker.take() {
+                w.join().unwrap();
+            }
+            println!("stopped");
+        }
+    }
+}

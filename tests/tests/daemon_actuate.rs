@@ -1,0 +1,427 @@
+//! The Linux applier on this machine, for real (needs root): CPU affinity of a child
+//! process with two threads, move_pages on its memory, refusals, a process that
+//! exits, and a cgroup v1 cpuset group made for the test.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use balancer::host::Applier;
+use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, RestoreWhat, sys};
+use balancer::model::{Action, ActionOutcome, CpuSet, PlannedAction, Reason, Snapshot, Vcpu, Vm};
+
+struct Target {
+    child: Child,
+    pid: u32,
+    tids: [u32; 2],
+    addr: u64,
+    len: u64,
+}
+
+impl Target {
+    fn spawn() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_actuate_target"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        Self {
+            child,
+            pid: f[0] as u32,
+            tids: [f[1] as u32, f[2] as u32],
+            addr: f[3],
+            len: f[4],
+        }
+    }
+
+    fn vm(&self) -> Vm {
+        Vm {
+            pid: self.pid,
+            name: "actuate-target".into(),
+            vcpus: (0..2)
+                .map(|i| Vcpu {
+                    index: i,
+                    tid: self.tids[i as usize],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn stop_worker(&mut self) {
+        writeln!(self.child.stdin.as_mut().unwrap(), "stop-worker").unwrap();
+        let mut line = String::new();
+        BufReader::new(self.child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "stopped");
+    }
+
+    fn exit(mut self) -> u32 {
+        drop(self.child.stdin.take());
+        self.child.wait().unwrap();
+        self.pid
+    }
+}
+
+fn is_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipped: needs root");
+    false
+}
+
+fn host_snapshot(vms: Vec<Vm>) -> Snapshot {
+    Snapshot {
+        topology: balancer::daemon::hostview::read_topology(Path::new("/sys")).unwrap(),
+        vms,
+        ..Default::default()
+    }
+}
+
+fn act(vm: u32, action: Action) -> PlannedAction {
+    PlannedAction {
+        vm,
+        action,
+        reason: Reason::InitialPlacement { node: 0 },
+    }
+}
+
+fn set_cpus(vcpus: Option<Vec<u32>>, cpus: &str) -> Action {
+    Action::SetCpus {
+        vcpus,
+        cpus: CpuSet::parse_list(cpus).unwrap(),
+    }
+}
+
+fn migrate(from: u32, to: u32, regions: Vec<(u64, u64)>, max_bytes: u64) -> Action {
+    Action::MigrateMemory {
+        from,
+        to,
+        regions,
+        max_bytes,
+    }
+}
+
+fn status_list(pid: u32, tid: u32) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn affinity_of_both_threads_is_set_read_back_and_restored() {
+    if !is_root() {
+        return;
+    }
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let t = Target::spawn();
+    let before = sys::get_affinity(t.tids[1]).unwrap();
+    let snap = host_snapshot(vec![t.vm()]);
+    let mut a = LinuxApplier::new(ApplierConfig::default());
+
+    let out = a.apply(&snap, &act(t.pid, set_cpus(None, "1")));
+    assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+    for tid in t.tids {
+        assert_eq!(sys::get_affinity(tid).unwrap().to_string(), "1");
+        assert_eq!(status_list(t.pid, tid), "1");
+    }
+    // One vCPU only.
+    let out = a.apply(&snap, &act(t.pid, set_cpus(Some(vec![0]), "0")));
+    assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+    assert_eq!(status_list(t.pid, t.tids[0]), "0");
+    assert_eq!(status_list(t.pid, t.tids[1]), "1");
+
+    // Refusals change nothing.
+    for (action, why) in [
+        (set_cpus(None, "64"), "not online"),
+        (set_cpus(None, ""), "empty"),
+        (set_cpus(Some(vec![7]), "0"), "vCPU 7"),
+    ] {
+        match a.apply(&snap, &act(t.pid, action)) {
+            ActionOutcome::Refused { why: w } => assert!(w.contains(why), "{w}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(status_list(t.pid, t.tids[1]), "1");
+
+    let o = a.originals()[&t.pid].clone();
+    let out = a.restore(
+        &o,
+        RestoreWhat {
+            cpus: true,
+            mems: false,
+        },
+    );
+    assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+    assert_eq!(sys::get_affinity(t.tids[1]).unwrap(), before);
+    assert_eq!(status_list(t.pid, t.tids[0]), online.trim());
+    assert_eq!(a.counters().refused, 3);
+    t.exit();
+}
+
+#[test]
+fn move_pages_to_node_0_succeeds_and_node_1_is_refused() {
+    if !is_root() {
+        return;
+    }
+    let t = Target::spawn();
+    let page = sys::page_size_bytes();
+    let pages: Vec<u64> = (0..t.len / page).map(|i| t.addr + i * page).collect();
+    // Query: every touched page is on node 0 (this host's only node).
+    let mut status = vec![-1i32; pages.len()];
+    sys::move_pages(t.pid, &pages, None, &mut status).unwrap();
+    assert!(status.iter().all(|s| *s == 0), "{:?}", &status[..8]);
+    // Move to node 0: succeeds, 0 failures, every status is the target node.
+    let nodes = vec![0i32; pages.len()];
+    let mut status = vec![-1i32; pages.len()];
+    let not_moved = sys::move_pages(t.pid, &pages, Some(&nodes), &mut status).unwrap();
+    assert_eq!(not_moved, 0);
+    assert_eq!(status.iter().filter(|s| **s != 0).count(), 0);
+
+    // Node 1 does not exist: the applier refuses before any syscall, with the reason.
+    let snap = host_snapshot(vec![t.vm()]);
+    let mut a = LinuxApplier::new(ApplierConfig::default());
+    let region = vec![(t.addr, t.len)];
+    match a.apply(&snap, &act(t.pid, migrate(0, 1, region.clone(), t.len))) {
+        ActionOutcome::Refused { why } => assert!(why.contains("node 1 does not exist"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // And the kernel agrees, for the whole call.
+    let nodes = vec![1i32; 4];
+    let mut status = vec![0i32; 4];
+    assert_eq!(
+        sys::move_pages(t.pid, &pages[..4], Some(&nodes), &mut status),
+        Err(nix::Error::ENODEV)
+    );
+    match a.apply(&snap, &act(t.pid, migrate(0, 0, region, t.len))) {
+        ActionOutcome::Refused { why } => assert!(why.contains("both node 0"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    t.exit();
+}
+
+/// A sysfs copy where node 1 exists with the given free memory, for refusal paths.
+fn fake_sys(name: &str, node1_free_kb: u64) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("vmb-sys-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let cpu = root.join("devices/system/cpu");
+    std::fs::create_dir_all(&cpu).unwrap();
+    std::fs::copy("/sys/devices/system/cpu/online", cpu.join("online")).unwrap();
+    let n1 = root.join("devices/system/node/node1");
+    std::fs::create_dir_all(&n1).unwrap();
+    std::fs::write(
+        n1.join("meminfo"),
+        format!("Node 1 MemTotal: 8388608 kB\nNode 1 MemFree: {node1_free_kb} kB\n"),
+    )
+    .unwrap();
+    root
+}
+
+#[test]
+fn moves_need_free_memory_plus_headroom_and_count_failed_pages() {
+    if !is_root() {
+        return;
+    }
+    let t = Target::spawn();
+    let snap = host_snapshot(vec![t.vm()]);
+    let region = vec![(t.addr, t.len)];
+
+    // Node 1 "exists" with 100 MiB free; 16 MiB + 512 MiB headroom does not fit.
+    let sys_root = fake_sys("full", 100 << 10);
+    let mut a = LinuxApplier::new(ApplierConfig {
+        sys_root: sys_root.clone(),
+        ..ApplierConfig::default()
+    });
+    match a.apply(&snap, &act(t.pid, migrate(0, 1, region.clone(), t.len))) {
+        ActionOutcome::Refused { why } => {
+            assert!(why.contains("node 1 has 104857600 bytes free"), "{why}");
+            assert!(why.contains("headroom"), "{why}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    std::fs::remove_dir_all(sys_root).unwrap();
+
+    // Enough room on paper: the kernel refuses every page (no such node), the per-page
+    // accounting says so and nothing moved.
+    let sys_root = fake_sys("roomy", 8 << 20);
+    let mut a = LinuxApplier::new(ApplierConfig {
+        sys_root: sys_root.clone(),
+        headroom_bytes: 0,
+        ..ApplierConfig::default()
+    });
+    match a.apply(&snap, &act(t.pid, migrate(0, 1, region, t.len))) {
+        ActionOutcome::Refused { why } => assert!(why.contains("no page could move"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let page = sys::page_size_bytes();
+    let mut status = vec![-1i32; 4];
+    let pages: Vec<u64> = (0..4).map(|i| t.addr + i * page).collect();
+    sys::move_pages(t.pid, &pages, None, &mut status).unwrap();
+    assert_eq!(status, vec![0; 4], "pages stayed on node 0");
+    std::fs::remove_dir_all(sys_root).unwrap();
+    t.exit();
+}
+
+#[test]
+fn exited_processes_and_vanished_threads_are_quiet() {
+    if !is_root() {
+        return;
+    }
+    let mut t = Target::spawn();
+    let vm = t.vm();
+    let snap = host_snapshot(vec![vm.clone()]);
+    let mut a = LinuxApplier::new(ApplierConfig::default());
+    a.adopt(&vm).unwrap();
+    // The worker thread (vCPU 1) ends: acting on it alone finds nothing to move.
+    t.stop_worker();
+    let out = a.apply(&snap, &act(vm.pid, set_cpus(Some(vec![1]), "0")));
+    assert_eq!(out, ActionOutcome::VmGone);
+    assert_eq!(a.counters().threads_gone, 1);
+    // The whole VM still moves (its threads are listed afresh).
+    let out = a.apply(&snap, &act(vm.pid, set_cpus(None, "0")));
+    assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+
+    let pid = t.exit();
+    let gone_before = a.counters().vm_gone;
+    for action in [
+        set_cpus(None, "0"),
+        migrate(0, 0, vec![], 1 << 20),
+        migrate(0, 1, vec![], 1 << 20),
+    ] {
+        assert_eq!(a.apply(&snap, &act(pid, action)), ActionOutcome::VmGone);
+    }
+    assert_eq!(a.counters().vm_gone, gone_before + 3);
+    // The syscall itself says ESRCH.
+    let mut status = [0i32; 1];
+    assert_eq!(
+        sys::move_pages(pid, &[4096], None, &mut status),
+        Err(nix::Error::ESRCH)
+    );
+    // Restoring a VM that exited is quiet too.
+    let o = a.originals()[&pid].clone();
+    let what = RestoreWhat {
+        cpus: true,
+        mems: false,
+    };
+    assert_eq!(a.restore(&o, what), ActionOutcome::VmGone);
+}
+
+/// A cpuset v1 group tree made for one test, removed on drop.
+struct V1Group {
+    dir: PathBuf,
+    tids: Vec<u32>,
+}
+
+impl Drop for V1Group {
+    fn drop(&mut self) {
+        let root = self.dir.parent().unwrap();
+        for tid in &self.tids {
+            let _ = std::fs::write(root.join("tasks"), tid.to_string());
+        }
+        for sub in ["vcpu0", "vcpu1", "emulator"] {
+            let _ = std::fs::remove_dir(self.dir.join(sub));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
+    if !is_root() {
+        return;
+    }
+    let root = Path::new("/sys/fs/cgroup/cpuset");
+    if !root.join("cpuset.cpus").exists() {
+        eprintln!("skipped: no cgroup v1 cpuset hierarchy");
+        return;
+    }
+    let all = std::fs::read_to_string(root.join("cpuset.cpus")).unwrap();
+    let mems = std::fs::read_to_string(root.join("cpuset.mems")).unwrap();
+    if CpuSet::parse_list(&all).unwrap().len() < 2 {
+        eprintln!("skipped: needs 2 CPUs");
+        return;
+    }
+    let t = Target::spawn();
+    let name = format!("vmb-test-{}", std::process::id());
+    let guard = V1Group {
+        dir: root.join(&name),
+        tids: t.tids.to_vec(),
+    };
+    for sub in ["", "vcpu0", "vcpu1", "emulator"] {
+        let d = guard.dir.join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("cpuset.cpus"), all.trim()).unwrap();
+        std::fs::write(d.join("cpuset.mems"), mems.trim()).unwrap();
+    }
+    // libvirt's v1 layout: each vCPU thread in its own group.
+    for (i, tid) in t.tids.iter().enumerate() {
+        std::fs::write(guard.dir.join(format!("vcpu{i}/tasks")), tid.to_string()).unwrap();
+    }
+    let mut vm = t.vm();
+    vm.cgroup = Some(format!("/{name}"));
+    let snap = host_snapshot(vec![vm.clone()]);
+    let mut a = LinuxApplier::new(ApplierConfig::default());
+    assert!(!a.cpuset_fs().unwrap().is_v2());
+
+    let out = a.apply(&snap, &act(vm.pid, set_cpus(Some(vec![1]), "1")));
+    assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+    let read = |p: &str| {
+        std::fs::read_to_string(guard.dir.join(p))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read("vcpu1/cpuset.cpus"), "1");
+    assert_eq!(read("vcpu0/cpuset.cpus"), all.trim());
+    // The kernel applied the group's set to the thread.
+    assert_eq!(status_list(vm.pid, t.tids[1]), "1");
+
+    // Whole VM: all vCPU groups and the emulator group.
+    let out = a.apply(&snap, &act(vm.pid, set_cpus(None, "0")));
+    assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+    for g in ["vcpu0", "vcpu1", "emulator"] {
+        assert_eq!(read(&format!("{g}/cpuset.cpus")), "0");
+    }
+    assert_eq!(status_list(vm.pid, t.tids[0]), "0");
+
+    // Restore: the recorded sets come back, children and parent.
+    let o = a.originals()[&vm.pid].clone();
+    assert_eq!(o.groups.len(), 4);
+    let out = a.restore(
+        &o,
+        RestoreWhat {
+            cpus: true,
+            mems: true,
+        },
+    );
+    assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+    for g in ["vcpu0", "vcpu1", "emulator"] {
+        assert_eq!(read(&format!("{g}/cpuset.cpus")), all.trim());
+    }
+    assert_eq!(status_list(vm.pid, t.tids[1]), all.trim());
+
+    // The group vanishes under us (the VM is being torn down): quiet, no error.
+    drop(guard);
+    assert!(!root.join(&name).exists());
+    let out = a.apply(&snap, &act(vm.pid, set_cpus(None, "1")));
+    assert_eq!(
+        out,
+        ActionOutcome::Done { moved_bytes: 0 },
+        "falls back to threads"
+    );
+    t.exit();
+}

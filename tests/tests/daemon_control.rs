@@ -1,0 +1,98 @@
+//! The control socket refuses non-root users, for real: a forked child drops to uid
+//! 65534 and tries to talk to the daemon's socket (needs root to setuid).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use balancer::daemon::control::{self, Handler, Request, Response};
+
+/// Exit codes of the child.
+const REFUSED_BY_MODE: i32 = 10;
+const REFUSED_BY_PEERCRED: i32 = 11;
+const ANSWERED: i32 = 12;
+const OTHER: i32 = 13;
+
+/// Forks; the child becomes uid/gid 65534, connects and sends a status request.
+fn as_nobody(path: &Path) -> i32 {
+    // SAFETY: the child only makes syscalls and std calls that do not depend on other
+    // threads of the parent, then _exits.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let code = (|| {
+                let nobody = nix::unistd::Uid::from_raw(65534);
+                if nix::unistd::setgid(nix::unistd::Gid::from_raw(65534)).is_err()
+                    || nix::unistd::setuid(nobody).is_err()
+                {
+                    return OTHER;
+                }
+                let mut s = match UnixStream::connect(path) {
+                    Ok(s) => s,
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        return REFUSED_BY_MODE;
+                    }
+                    Err(_) => return OTHER,
+                };
+                let _ = s.write_all(b"{\"cmd\":\"status\"}\n");
+                let mut line = String::new();
+                let _ = BufReader::new(&s).read_line(&mut line);
+                match serde_json::from_str::<Response>(&line) {
+                    Ok(Response::Error { error }) if error.contains("uid 65534") => {
+                        REFUSED_BY_PEERCRED
+                    }
+                    Ok(Response::Status(_)) => ANSWERED,
+                    _ => OTHER,
+                }
+            })();
+            // SAFETY: leaves the child without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            match nix::sys::wait::waitpid(child, None).unwrap() {
+                nix::sys::wait::WaitStatus::Exited(_, code) => code,
+                other => panic!("child ended with {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn non_root_is_refused_by_mode_and_by_peer_credentials() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmb-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The directory is traversable, so only the socket's own mode protects it.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("control.sock");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt.block_on(async { control::bind(&path) }).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let handler: Arc<dyn Handler> = Arc::new(|_r: Request| Response::Status(Box::default()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(control::serve(listener, handler, async {
+        let _ = rx.await;
+    }));
+
+    // Root is answered.
+    let r = control::request(&path, &Request::Status, std::time::Duration::from_secs(5));
+    assert!(matches!(r, Ok(Response::Status(_))), "{r:?}");
+
+    // Mode 0600: the kernel refuses the connection.
+    assert_eq!(as_nobody(&path), REFUSED_BY_MODE);
+
+    // Loosened by mistake: the peer credential check still refuses.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(as_nobody(&path), REFUSED_BY_PEERCRED);
+
+    tx.send(()).unwrap();
+    drop(rt);
+    std::fs::remove_dir_all(dir).unwrap();
+}
