@@ -188,6 +188,7 @@ fn tick_applies_guards_journals_and_reports() {
     let policy = ScriptedPolicy {
         plans: [Plan {
             actions: vec![cpus(1, "2-3"), cpus(2, "2-3"), cpus(3, "2-3"), cpus(9, "0")],
+            ..Default::default()
         }]
         .into(),
         ..Default::default()
@@ -335,6 +336,7 @@ fn async_run_serves_status_and_restores_on_shutdown() {
     let policy = ScriptedPolicy {
         plans: [Plan {
             actions: vec![cpus(1, "0-1")],
+            ..Default::default()
         }]
         .into(),
         ..Default::default()
