@@ -438,6 +438,13 @@ fn hysteresis_blocks_moving_back_and_forth() {
             (_, false) => 0.3,
         }
     });
+    assert!(
+        plans
+            .iter()
+            .flat_map(|p| &p.refusals)
+            .any(|r| matches!(r.why, RefusalReason::Hysteresis { .. })),
+        "a held move is reported"
+    );
     let mut last: std::collections::BTreeMap<u32, u64> = Default::default();
     for (s, p) in plans.iter().enumerate() {
         for a in &p.actions {
@@ -609,6 +616,17 @@ fn random_host(rng: &mut Rng) -> (Topology, Vec<Vm>) {
                 &bytes,
                 &t,
             );
+            if v.vcpus.len() >= 4 && v.vcpus.len().is_multiple_of(2) && rng.below(4) == 0 {
+                let half = v.vcpus.len() as u32 / 2;
+                v.cells = (0..2)
+                    .map(|c| GuestCell {
+                        id: c,
+                        vcpus: (c * half..(c + 1) * half).collect(),
+                        memory_bytes: v.memory.configured_bytes / 2,
+                        ..Default::default()
+                    })
+                    .collect();
+            }
             if rng.below(10) == 0 {
                 v.pinning = Pinning::Operator { why: "test".into() };
             }

@@ -942,6 +942,8 @@ impl Applier for SimHost {
                     .map(|(_, c)| c.on(from))
                     .sum();
                 let bytes = (*max_bytes as f64).min(avail);
+                // As the real applier does with cpuset.mems: the target becomes allowed.
+                self.vms[i].mems_allowed |= 1 << to;
                 if bytes <= 0.0 {
                     return ActionOutcome::Done { moved_bytes: 0 };
                 }
