@@ -38,7 +38,9 @@
 //!    target get one `MigrateMemory` per decision: from the remote node holding most of
 //!    their memory to their home, hot regions first at `hot_rate_bytes_per_s`, then the
 //!    rest at `cold_rate_bytes_per_s`, within a host-wide budget, stopping at the
-//!    target (the coldest remainder may stay).
+//!    target (the coldest remainder may stay). A VM whose previous migration the host
+//!    reported as still running (`ActionOutcome::Partial`) gets nothing new until that
+//!    has drained.
 //!
 //! # Safety (`safety.rs`)
 //! Memory is never planned onto a node whose free memory would fall below the
@@ -113,9 +115,19 @@ impl Engine {
     pub fn record_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
         let stats = &mut self.state.stats;
         match (&action.action, outcome) {
-            (Action::MigrateMemory { .. }, ActionOutcome::Done { moved_bytes })
-            | (Action::MigrateMemory { .. }, ActionOutcome::Partial { moved_bytes, .. }) => {
+            (Action::MigrateMemory { .. }, ActionOutcome::Done { moved_bytes }) => {
                 stats.migrated_bytes += moved_bytes;
+            }
+            (
+                Action::MigrateMemory { .. },
+                ActionOutcome::Partial {
+                    moved_bytes,
+                    left_bytes,
+                    ..
+                },
+            ) => {
+                stats.migrated_bytes += moved_bytes;
+                *self.state.inflight_bytes.entry(action.vm).or_default() += left_bytes;
             }
             (_, ActionOutcome::VmGone) => {
                 self.state.units.retain(|k, _| k.vm != action.vm);
@@ -160,6 +172,9 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     // Forget units that no longer exist.
     let live: std::collections::BTreeSet<UnitKey> = units.iter().map(|u| u.key).collect();
     state.units.retain(|k, _| live.contains(k));
+    state
+        .inflight_bytes
+        .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
     let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
     ctx.report_host();
     ctx.classify();

@@ -582,6 +582,29 @@ fn outcome_feedback_undoes_a_refused_move() {
 }
 
 #[test]
+fn background_migration_blocks_new_ones_until_drained() {
+    let t = topo(2, 8, 64);
+    let v = vm(1, 2, 1.0, Some(0), &[0, 4 * GIB], &t);
+    let mut e = Engine::new(EngineConfig::default());
+    let plan = e.plan(&snap(0, t.clone(), vec![v.clone()]));
+    let a = &plan.actions[0];
+    assert!(matches!(a.action, Action::MigrateMemory { .. }));
+    e.record_outcome(
+        a,
+        &ActionOutcome::Partial {
+            moved_bytes: 0,
+            left_bytes: 600 * MIB,
+            why: "busy".into(),
+        },
+    );
+    // 600 MiB at 256 MiB/s: busy for the next two decisions, free on the third.
+    let got: Vec<usize> = (1..4)
+        .map(|s| migrations(&e.plan(&snap(s, t.clone(), vec![v.clone()]))).len())
+        .collect();
+    assert_eq!(got, vec![0, 0, 1]);
+}
+
+#[test]
 fn decisions_are_deterministic() {
     let s = crate::host::sim::bench::snapshot(200, 4, 1);
     let a = Engine::new(EngineConfig::default()).plan(&s);
