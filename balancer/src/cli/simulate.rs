@@ -154,17 +154,20 @@ fn bench_main(args: &Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("| VMs | nodes | decisions | median ms | p90 ms | actions planned |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| VMs | nodes | decisions | median ms | p90 ms | actions planned | steady-state median ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.3} | {:.3} | {} |",
+            "| {} | {} | {} | {:.3} | {:.3} | {} | {:.3} |",
             r.vms,
             r.nodes,
             r.iterations,
             r.median_us / 1000.0,
             r.p90_us / 1000.0,
-            r.actions
+            r.actions,
+            r.steady_median_us / 1000.0
         );
     }
     Ok(())
