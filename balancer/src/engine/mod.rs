@@ -18,7 +18,10 @@
 //!    free huge pages of its page size); KSM partners and sibling cells (by SLIT
 //!    distance) tip the choice. Wider than every node: the nearest set of nodes,
 //!    grown by distance from the freest node. Operator-pinned VMs are never moved,
-//!    only reported; their load still counts.
+//!    only reported; their load still counts. When a known unit's affinity no
+//!    longer matches its home (someone else changed it, or a dry run applied
+//!    nothing), the observed affinity wins: it is re-adopted (and held for a
+//!    hysteresis window), or placed again if it was widened to every node.
 //! 2. **Resolve probations** (`probation.rs`). A unit moved CPU-first is re-examined
 //!    once its probation window has passed: if moving it back would not bring the
 //!    imbalance above the threshold, the need went away and it is *reverted* (CPUs back
@@ -404,8 +407,30 @@ impl<'a> Ctx<'a> {
                 self.add_load(mask, d, 1.0);
                 continue;
             }
+            let aff = unit.affinity_mask;
             if let Some(st) = self.state.units.get(&unit.key) {
                 let mask = self.mask_of_ids(&st.home);
+                if aff != 0 && mask != 0 && aff != mask {
+                    // Someone else changed the affinity (an operator, a restarted
+                    // libvirt, a dry run that applied nothing): reality wins.
+                    if aff & all_mask == all_mask {
+                        self.state.units.remove(&unit.key);
+                        self.pending.push(u);
+                    } else {
+                        let home = self.ids_of_mask(aff);
+                        let now = self.now;
+                        if let Some(st) = self.state.units.get_mut(&unit.key) {
+                            st.home = home;
+                            st.phase = Phase::Settled;
+                            st.last_move_ns = Some(now);
+                        }
+                        self.home[u] = aff;
+                        self.managed[u] = true;
+                        let d = unit.demand;
+                        self.add_load(aff, d, 1.0);
+                    }
+                    continue;
+                }
                 if mask != 0 {
                     self.home[u] = mask;
                     self.managed[u] = true;
@@ -414,7 +439,6 @@ impl<'a> Ctx<'a> {
                     continue;
                 }
             }
-            let aff = unit.affinity_mask;
             if aff != 0 && aff & all_mask != all_mask {
                 // Already confined to some nodes: adopt as is.
                 let home = self.ids_of_mask(aff);

@@ -605,6 +605,28 @@ fn background_migration_blocks_new_ones_until_drained() {
 }
 
 #[test]
+fn an_affinity_changed_behind_the_engine_is_re_adopted() {
+    let t = topo(2, 8, 64);
+    let mut v = vm(1, 2, 1.0, None, &[0, 0], &t);
+    let mut e = Engine::new(EngineConfig::default());
+    let plan = e.plan(&snap(0, t.clone(), vec![v.clone()]));
+    assert_eq!(set_cpus_of(&plan, 1).len(), 1);
+    // The placement was applied elsewhere (node 1) by someone else.
+    let n1 = t.node(1).unwrap().cpus.clone();
+    v.vcpus.iter_mut().for_each(|c| c.affinity = n1.clone());
+    let plan = e.plan(&snap(1, t.clone(), vec![v.clone()]));
+    assert!(set_cpus_of(&plan, 1).is_empty(), "{plan:?}");
+    assert_eq!(
+        e.state().units[&UnitKey { vm: 1, cell: None }].home,
+        vec![1]
+    );
+    // Widened to every CPU: placed again.
+    v.vcpus.iter_mut().for_each(|c| c.affinity = t.all_cpus());
+    let plan = e.plan(&snap(2, t.clone(), vec![v]));
+    assert_eq!(set_cpus_of(&plan, 1).len(), 1, "{plan:?}");
+}
+
+#[test]
 fn decisions_are_deterministic() {
     let s = crate::host::sim::bench::snapshot(200, 4, 1);
     let a = Engine::new(EngineConfig::default()).plan(&s);
