@@ -161,4 +161,14 @@ mod tests {
         assert_eq!(e.migrated_gib, 0.0);
         assert!(e.reverts > 0 && e.reverts == e.moves, "{e:?}");
     }
+
+    #[test]
+    fn bursts_longer_than_probation_commit_and_memory_follows() {
+        let rows = results("bursty-long");
+        let e = rows.iter().find(|r| r.policy == "vmbalancer").unwrap();
+        assert!(e.migrated_gib > 0.0 && e.reverts == 0, "{e:?}");
+        for p in ["none", "manual", "vmbalanced", "numad"] {
+            assert!(tp(&rows, "vmbalancer") >= tp(&rows, p), "{p}");
+        }
+    }
 }

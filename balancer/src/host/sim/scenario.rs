@@ -157,6 +157,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ),
     ("bursty", include_str!("../../../scenarios/bursty.toml")),
     (
+        "bursty-long",
+        include_str!("../../../scenarios/bursty-long.toml"),
+    ),
+    (
         "memory-heavy",
         include_str!("../../../scenarios/memory-heavy.toml"),
     ),
