@@ -627,6 +627,35 @@ fn an_affinity_changed_behind_the_engine_is_re_adopted() {
 }
 
 #[test]
+fn garbage_demand_and_short_vectors_do_not_panic() {
+    let mut t = topo(3, 4, 8);
+    t.distance = vec![vec![10]]; // truncated SLIT table
+    let mut a = vm(1, 2, f64::NAN, Some(0), &[GIB], &t); // short bytes vector
+    a.vcpus[1].cpu_demand = f64::INFINITY;
+    let mut b = vm(2, 2, -3.0, None, &[], &t);
+    b.cells = vec![
+        GuestCell {
+            id: 0,
+            vcpus: vec![0, 7],
+            bytes_per_node: vec![1],
+            ..Default::default()
+        },
+        GuestCell {
+            id: 1,
+            vcpus: vec![1],
+            ..Default::default()
+        },
+    ];
+    let mut e = Engine::new(EngineConfig::default());
+    for s in 0..3 {
+        e.plan(&snap(s, t.clone(), vec![a.clone(), b.clone()]));
+    }
+    // More than 64 nodes is refused with an empty plan, not a panic.
+    let big = Topology::uniform(65, 1, GIB);
+    assert!(e.plan(&snap(9, big, vec![])).actions.is_empty());
+}
+
+#[test]
 fn decisions_are_deterministic() {
     let s = crate::host::sim::bench::snapshot(200, 4, 1);
     let a = Engine::new(EngineConfig::default()).plan(&s);
