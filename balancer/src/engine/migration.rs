@@ -18,6 +18,17 @@ impl Ctx<'_> {
     pub(super) fn migrate(&mut self) {
         let secs = self.dt_ns as f64 / 1e9;
         let mut host_budget = (self.cfg.host_rate_bytes_per_s as f64 * secs) as u64;
+        // Background migrations still running: assume they drain at the hot rate and
+        // plan nothing new for those VMs meanwhile.
+        let drain = (self.cfg.hot_rate_bytes_per_s as f64 * secs) as u64;
+        let mut busy = std::collections::BTreeSet::new();
+        for (vm, left) in self.state.inflight_bytes.iter_mut() {
+            *left = left.saturating_sub(drain);
+            if *left > 0 {
+                busy.insert(*vm);
+            }
+        }
+        self.state.inflight_bytes.retain(|_, left| *left > 0);
         let target = self.cfg.locality_target_pct / 100.0;
         // (has remote hot, locality, unit)
         let mut todo: Vec<(bool, f64, usize)> = Vec::new();
@@ -28,7 +39,7 @@ impl Ctx<'_> {
             let Some(st) = self.state.units.get(&self.units[u].key) else {
                 continue;
             };
-            if !matches!(st.phase, Phase::Settled) {
+            if !matches!(st.phase, Phase::Settled) || busy.contains(&self.units[u].key.vm) {
                 continue;
             }
             let unit = &self.units[u];

@@ -13,18 +13,21 @@
 //! # One decision, in order
 //! 1. **Adopt or place.** A unit the engine has not seen is adopted as it is when its
 //!    vCPUs are already confined to some nodes (someone placed it, e.g. a restarted
-//!    daemon). Otherwise it is *placed* ([`placement`]): the node with the most free
+//!    daemon). Otherwise it is *placed* (`placement.rs`): the node with the most free
 //!    CPU capacity after placing it, among nodes with free memory plus headroom (and
 //!    free huge pages of its page size); KSM partners and sibling cells (by SLIT
 //!    distance) tip the choice. Wider than every node: the nearest set of nodes,
 //!    grown by distance from the freest node. Operator-pinned VMs are never moved,
-//!    only reported; their load still counts.
-//! 2. **Resolve probations** ([`probation`]). A unit moved CPU-first is re-examined
+//!    only reported; their load still counts. When a known unit's affinity no
+//!    longer matches its home (someone else changed it, or a dry run applied
+//!    nothing), the observed affinity wins: it is re-adopted (and held for a
+//!    hysteresis window), or placed again if it was widened to every node.
+//! 2. **Resolve probations** (`probation.rs`). A unit moved CPU-first is re-examined
 //!    once its probation window has passed: if moving it back would not bring the
 //!    imbalance above the threshold, the need went away and it is *reverted* (CPUs back
 //!    to where its memory still is: zero bytes moved); otherwise it *commits* and its
 //!    memory starts to follow.
-//! 3. **Rebalance CPU** ([`rebalance`]). Load of a node = CPU demand of the units homed
+//! 3. **Rebalance CPU** (`rebalance.rs`). Load of a node = CPU demand of the units homed
 //!    there; the cost of a placement is `sum(load^2 / capacity)` over nodes, which is
 //!    lowest when load ratios are equal. Act only when the spread of load ratios
 //!    exceeds `imbalance_threshold_pct` of the mean and the busiest node is busy. Every
@@ -34,13 +37,15 @@
 //!    When no single move helps, 1-for-1 and 1-for-2 swaps between the busiest and the
 //!    idlest node are searched. Units in probation or moved within the hysteresis
 //!    window are not candidates, so nothing flaps. Moves are CPU-only (probation).
-//! 4. **Migrate memory lazily** ([`migration`]). Settled units below their locality
+//! 4. **Migrate memory lazily** (`migration.rs`). Settled units below their locality
 //!    target get one `MigrateMemory` per decision: from the remote node holding most of
 //!    their memory to their home, hot regions first at `hot_rate_bytes_per_s`, then the
 //!    rest at `cold_rate_bytes_per_s`, within a host-wide budget, stopping at the
-//!    target (the coldest remainder may stay).
+//!    target (the coldest remainder may stay). A VM whose previous migration the host
+//!    reported as still running (`ActionOutcome::Partial`) gets nothing new until that
+//!    has drained.
 //!
-//! # Safety ([`safety`])
+//! # Safety (`safety.rs`)
 //! Memory is never planned onto a node whose free memory would fall below the
 //! headroom, nor a huge-page VM onto a node without free huge pages of its size; such
 //! moves are refused with a reason in [`Plan::refusals`], as are pinned VMs, KSM
@@ -113,9 +118,19 @@ impl Engine {
     pub fn record_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
         let stats = &mut self.state.stats;
         match (&action.action, outcome) {
-            (Action::MigrateMemory { .. }, ActionOutcome::Done { moved_bytes })
-            | (Action::MigrateMemory { .. }, ActionOutcome::Partial { moved_bytes, .. }) => {
+            (Action::MigrateMemory { .. }, ActionOutcome::Done { moved_bytes }) => {
                 stats.migrated_bytes += moved_bytes;
+            }
+            (
+                Action::MigrateMemory { .. },
+                ActionOutcome::Partial {
+                    moved_bytes,
+                    left_bytes,
+                    ..
+                },
+            ) => {
+                stats.migrated_bytes += moved_bytes;
+                *self.state.inflight_bytes.entry(action.vm).or_default() += left_bytes;
             }
             (_, ActionOutcome::VmGone) => {
                 self.state.units.retain(|k, _| k.vm != action.vm);
@@ -160,6 +175,9 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     // Forget units that no longer exist.
     let live: std::collections::BTreeSet<UnitKey> = units.iter().map(|u| u.key).collect();
     state.units.retain(|k, _| live.contains(k));
+    state
+        .inflight_bytes
+        .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
     let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
     ctx.report_host();
     ctx.classify();
@@ -190,6 +208,8 @@ pub(crate) struct Ctx<'a> {
     /// Units acted on in this plan (one action kind per unit per decision).
     pub touched: Vec<bool>,
     pub committed_now: Vec<bool>,
+    /// Unit indices of each VM (for KSM partner look-ups).
+    pub vm_units: std::collections::HashMap<crate::model::VmId, Vec<usize>>,
     pub plan: Plan,
     pub state: EngineState,
 }
@@ -205,6 +225,11 @@ impl<'a> Ctx<'a> {
     ) -> Self {
         let n = units.len();
         let nn = nodes.len();
+        let mut vm_units: std::collections::HashMap<crate::model::VmId, Vec<usize>> =
+            std::collections::HashMap::new();
+        for (i, u) in units.iter().enumerate() {
+            vm_units.entry(u.key.vm).or_default().push(i);
+        }
         Self {
             cfg,
             snap,
@@ -219,6 +244,7 @@ impl<'a> Ctx<'a> {
             reserved: vec![0; nn],
             touched: vec![false; n],
             committed_now: vec![false; n],
+            vm_units,
             plan: Plan::default(),
             state,
         }
@@ -381,8 +407,30 @@ impl<'a> Ctx<'a> {
                 self.add_load(mask, d, 1.0);
                 continue;
             }
+            let aff = unit.affinity_mask;
             if let Some(st) = self.state.units.get(&unit.key) {
                 let mask = self.mask_of_ids(&st.home);
+                if aff != 0 && mask != 0 && aff != mask {
+                    // Someone else changed the affinity (an operator, a restarted
+                    // libvirt, a dry run that applied nothing): reality wins.
+                    if aff & all_mask == all_mask {
+                        self.state.units.remove(&unit.key);
+                        self.pending.push(u);
+                    } else {
+                        let home = self.ids_of_mask(aff);
+                        let now = self.now;
+                        if let Some(st) = self.state.units.get_mut(&unit.key) {
+                            st.home = home;
+                            st.phase = Phase::Settled;
+                            st.last_move_ns = Some(now);
+                        }
+                        self.home[u] = aff;
+                        self.managed[u] = true;
+                        let d = unit.demand;
+                        self.add_load(aff, d, 1.0);
+                    }
+                    continue;
+                }
                 if mask != 0 {
                     self.home[u] = mask;
                     self.managed[u] = true;
@@ -391,7 +439,6 @@ impl<'a> Ctx<'a> {
                     continue;
                 }
             }
-            let aff = unit.affinity_mask;
             if aff != 0 && aff & all_mask != all_mask {
                 // Already confined to some nodes: adopt as is.
                 let home = self.ids_of_mask(aff);

@@ -36,8 +36,9 @@ impl Ctx<'_> {
         }
         let mut pages = 0;
         for (other, p) in &vm.ksm_shared_pages {
-            let on_n = self.units.iter().enumerate().any(|(j, o)| {
-                o.key.vm == *other && self.managed[j] && self.home[j] & (1 << n) != 0
+            let on_n = self.vm_units.get(other).is_some_and(|us| {
+                us.iter()
+                    .any(|&j| self.managed[j] && self.home[j] & (1 << n) != 0)
             });
             if on_n {
                 pages += p;
@@ -136,8 +137,8 @@ impl Ctx<'_> {
             return 0.0;
         }
         let mut p = 0.0;
-        for (j, o) in self.units.iter().enumerate() {
-            if j != u && o.key.vm == me.key.vm && self.managed[j] {
+        for &j in self.vm_units.get(&me.key.vm).into_iter().flatten() {
+            if j != u && self.managed[j] {
                 for h in mask_nodes(self.home[j]) {
                     p += 0.01 * (self.dist(n, h).saturating_sub(10)) as f64;
                 }

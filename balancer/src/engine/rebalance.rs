@@ -30,6 +30,19 @@ impl Ctx<'_> {
             .is_none_or(|t| self.now >= t.saturating_add(self.cfg.hysteresis_ns))
     }
 
+    /// The unit on node `hi` whose hysteresis window ends first, if any is held.
+    fn held_by_hysteresis(&self, hi: usize) -> Option<(u32, u64)> {
+        (0..self.units.len())
+            .filter(|&u| self.managed[u] && self.home[u] == 1 << hi && !self.touched[u])
+            .filter_map(|u| {
+                let st = self.state.units.get(&self.units[u].key)?;
+                let until = st.last_move_ns?.saturating_add(self.cfg.hysteresis_ns);
+                (matches!(st.phase, Phase::Settled) && until > self.now)
+                    .then_some((self.units[u].key.vm, until))
+            })
+            .min_by_key(|&(vm, until)| (until, vm))
+    }
+
     /// Bytes that must move for unit `u` to live on node `n`, plus KSM pages it would
     /// leave behind (as bytes) minus those it would join.
     fn move_bytes(&self, u: usize, from: usize, to: usize) -> f64 {
@@ -56,7 +69,14 @@ impl Ctx<'_> {
             let moved =
                 self.best_single_move(hi, imb) || (self.cfg.swaps && self.best_swap(hi, lo, imb));
             if !moved {
-                self.refuse(None, RefusalReason::NoImprovingMove { imbalance_pct: imb });
+                match self.held_by_hysteresis(hi) {
+                    Some((vm, until_ns)) => {
+                        self.refuse(Some(vm), RefusalReason::Hysteresis { until_ns })
+                    }
+                    None => {
+                        self.refuse(None, RefusalReason::NoImprovingMove { imbalance_pct: imb })
+                    }
+                }
                 return;
             }
         }

@@ -54,5 +54,10 @@ pub struct EngineStats {
 pub struct EngineState {
     pub last_now_ns: Option<u64>,
     pub units: BTreeMap<UnitKey, UnitState>,
+    /// Migration bytes the host reported as still running in the background per VM
+    /// (`ActionOutcome::Partial::left_bytes`). No new migration is planned for a VM
+    /// until this has drained; it is assumed to drain at the hot rate.
+    #[serde(default)]
+    pub inflight_bytes: BTreeMap<VmId, u64>,
     pub stats: EngineStats,
 }

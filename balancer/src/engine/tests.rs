@@ -438,6 +438,13 @@ fn hysteresis_blocks_moving_back_and_forth() {
             (_, false) => 0.3,
         }
     });
+    assert!(
+        plans
+            .iter()
+            .flat_map(|p| &p.refusals)
+            .any(|r| matches!(r.why, RefusalReason::Hysteresis { .. })),
+        "a held move is reported"
+    );
     let mut last: std::collections::BTreeMap<u32, u64> = Default::default();
     for (s, p) in plans.iter().enumerate() {
         for a in &p.actions {
@@ -575,6 +582,80 @@ fn outcome_feedback_undoes_a_refused_move() {
 }
 
 #[test]
+fn background_migration_blocks_new_ones_until_drained() {
+    let t = topo(2, 8, 64);
+    let v = vm(1, 2, 1.0, Some(0), &[0, 4 * GIB], &t);
+    let mut e = Engine::new(EngineConfig::default());
+    let plan = e.plan(&snap(0, t.clone(), vec![v.clone()]));
+    let a = &plan.actions[0];
+    assert!(matches!(a.action, Action::MigrateMemory { .. }));
+    e.record_outcome(
+        a,
+        &ActionOutcome::Partial {
+            moved_bytes: 0,
+            left_bytes: 600 * MIB,
+            why: "busy".into(),
+        },
+    );
+    // 600 MiB at 256 MiB/s: busy for the next two decisions, free on the third.
+    let got: Vec<usize> = (1..4)
+        .map(|s| migrations(&e.plan(&snap(s, t.clone(), vec![v.clone()]))).len())
+        .collect();
+    assert_eq!(got, vec![0, 0, 1]);
+}
+
+#[test]
+fn an_affinity_changed_behind_the_engine_is_re_adopted() {
+    let t = topo(2, 8, 64);
+    let mut v = vm(1, 2, 1.0, None, &[0, 0], &t);
+    let mut e = Engine::new(EngineConfig::default());
+    let plan = e.plan(&snap(0, t.clone(), vec![v.clone()]));
+    assert_eq!(set_cpus_of(&plan, 1).len(), 1);
+    // The placement was applied elsewhere (node 1) by someone else.
+    let n1 = t.node(1).unwrap().cpus.clone();
+    v.vcpus.iter_mut().for_each(|c| c.affinity = n1.clone());
+    let plan = e.plan(&snap(1, t.clone(), vec![v.clone()]));
+    assert!(set_cpus_of(&plan, 1).is_empty(), "{plan:?}");
+    assert_eq!(
+        e.state().units[&UnitKey { vm: 1, cell: None }].home,
+        vec![1]
+    );
+    // Widened to every CPU: placed again.
+    v.vcpus.iter_mut().for_each(|c| c.affinity = t.all_cpus());
+    let plan = e.plan(&snap(2, t.clone(), vec![v]));
+    assert_eq!(set_cpus_of(&plan, 1).len(), 1, "{plan:?}");
+}
+
+#[test]
+fn garbage_demand_and_short_vectors_do_not_panic() {
+    let mut t = topo(3, 4, 8);
+    t.distance = vec![vec![10]]; // truncated SLIT table
+    let mut a = vm(1, 2, f64::NAN, Some(0), &[GIB], &t); // short bytes vector
+    a.vcpus[1].cpu_demand = f64::INFINITY;
+    let mut b = vm(2, 2, -3.0, None, &[], &t);
+    b.cells = vec![
+        GuestCell {
+            id: 0,
+            vcpus: vec![0, 7],
+            bytes_per_node: vec![1],
+            ..Default::default()
+        },
+        GuestCell {
+            id: 1,
+            vcpus: vec![1],
+            ..Default::default()
+        },
+    ];
+    let mut e = Engine::new(EngineConfig::default());
+    for s in 0..3 {
+        e.plan(&snap(s, t.clone(), vec![a.clone(), b.clone()]));
+    }
+    // More than 64 nodes is refused with an empty plan, not a panic.
+    let big = Topology::uniform(65, 1, GIB);
+    assert!(e.plan(&snap(9, big, vec![])).actions.is_empty());
+}
+
+#[test]
 fn decisions_are_deterministic() {
     let s = crate::host::sim::bench::snapshot(200, 4, 1);
     let a = Engine::new(EngineConfig::default()).plan(&s);
@@ -609,6 +690,17 @@ fn random_host(rng: &mut Rng) -> (Topology, Vec<Vm>) {
                 &bytes,
                 &t,
             );
+            if v.vcpus.len() >= 4 && v.vcpus.len().is_multiple_of(2) && rng.below(4) == 0 {
+                let half = v.vcpus.len() as u32 / 2;
+                v.cells = (0..2)
+                    .map(|c| GuestCell {
+                        id: c,
+                        vcpus: (c * half..(c + 1) * half).collect(),
+                        memory_bytes: v.memory.configured_bytes / 2,
+                        ..Default::default()
+                    })
+                    .collect();
+            }
             if rng.below(10) == 0 {
                 v.pinning = Pinning::Operator { why: "test".into() };
             }

@@ -110,7 +110,7 @@ pub fn build(snap: &Snapshot) -> (Vec<UnitView>, Vec<NodeView>, NodeMasker<'_>) 
                 let mut n = 0;
                 for v in vm.vcpus.iter().filter(|v| cell.vcpus.contains(&v.index)) {
                     mask |= masker.mask(&v.affinity);
-                    demand += v.cpu_demand;
+                    demand += sane(v.cpu_demand);
                     n += 1;
                 }
                 let bytes: Vec<u64> = if cell.bytes_per_node.len() == nn {
@@ -153,7 +153,7 @@ pub fn build(snap: &Snapshot) -> (Vec<UnitView>, Vec<NodeView>, NodeMasker<'_>) 
                 vm_idx,
                 vcpus: None,
                 nvcpus: vm.vcpus.len(),
-                demand: vm.cpu_demand(),
+                demand: vm.vcpus.iter().map(|v| sane(v.cpu_demand)).sum(),
                 bytes_per_node: vm_bytes,
                 resident_bytes: resident,
                 need_bytes: vm.memory.configured_bytes.max(resident),
@@ -165,6 +165,11 @@ pub fn build(snap: &Snapshot) -> (Vec<UnitView>, Vec<NodeView>, NodeMasker<'_>) 
         }
     }
     (units, nodes, masker)
+}
+
+/// A demand reading the engine can use: NaN, infinite or negative counts as idle.
+fn sane(d: f64) -> f64 {
+    if d.is_finite() && d > 0.0 { d } else { 0.0 }
 }
 
 /// Node indices of a mask, in increasing order.

@@ -66,6 +66,8 @@ pub enum Action {
     },
     /// Move at most `max_bytes` of the VM's memory from `from` to `to`, the listed
     /// regions (host virtual `(start, len)`) first, hottest first.
+    /// The applier first allows `to` for the VM's memory (`cpuset.mems`) when its
+    /// cgroup restricts it, so new pages can land there too.
     MigrateMemory {
         from: NodeId,
         to: NodeId,

@@ -111,3 +111,64 @@ pub fn run_all(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineConfig;
+    use crate::host::sim::policies::{self, NAMES};
+
+    fn results(name: &str) -> Vec<RunResult> {
+        let s = Scenario::load(name).unwrap();
+        let mut ps: Vec<Box<dyn Policy>> = NAMES
+            .iter()
+            .filter_map(|p| policies::by_name(p, &s, &EngineConfig::default()))
+            .collect();
+        run_all(&s, &PerfParams::default(), &mut ps)
+    }
+
+    fn tp(rows: &[RunResult], p: &str) -> f64 {
+        rows.iter().find(|r| r.policy == p).unwrap().throughput_mb_s
+    }
+
+    #[test]
+    fn same_scenario_same_result() {
+        let a = results("overcommit");
+        let b = results("overcommit");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.throughput_mb_s, y.throughput_mb_s);
+            assert_eq!(x.moves, y.moves);
+        }
+    }
+
+    #[test]
+    fn seed_acceptance() {
+        let r40 = results("seed-40vm");
+        assert!(tp(&r40, "vmbalancer") >= tp(&r40, "manual"));
+        let r20 = results("seed-20vm-squeezed");
+        assert!(tp(&r20, "vmbalancer") >= tp(&r20, "vmbalanced"));
+        for rows in [&r40, &r20] {
+            for p in ["none", "manual", "vmbalanced", "numad"] {
+                assert!(tp(rows, "vmbalancer") >= tp(rows, p), "{p}");
+            }
+        }
+    }
+
+    #[test]
+    fn bursts_shorter_than_probation_move_no_memory() {
+        let rows = results("bursty");
+        let e = rows.iter().find(|r| r.policy == "vmbalancer").unwrap();
+        assert_eq!(e.migrated_gib, 0.0);
+        assert!(e.reverts > 0 && e.reverts == e.moves, "{e:?}");
+    }
+
+    #[test]
+    fn bursts_longer_than_probation_commit_and_memory_follows() {
+        let rows = results("bursty-long");
+        let e = rows.iter().find(|r| r.policy == "vmbalancer").unwrap();
+        assert!(e.migrated_gib > 0.0 && e.reverts == 0, "{e:?}");
+        for p in ["none", "manual", "vmbalanced", "numad"] {
+            assert!(tp(&rows, "vmbalancer") >= tp(&rows, p), "{p}");
+        }
+    }
+}

@@ -157,6 +157,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ),
     ("bursty", include_str!("../../../scenarios/bursty.toml")),
     (
+        "bursty-long",
+        include_str!("../../../scenarios/bursty-long.toml"),
+    ),
+    (
         "memory-heavy",
         include_str!("../../../scenarios/memory-heavy.toml"),
     ),
@@ -171,9 +175,12 @@ pub const BUILTIN: &[(&str, &str)] = &[
 /// Why a scenario could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("reading scenario file {path}: {source}")]
+    #[error(
+        "{path} is not a built-in scenario ({known}) and reading it as a file failed: {source}"
+    )]
     Read {
         path: String,
+        known: String,
         source: std::io::Error,
     },
     #[error("parsing scenario {name}: {source}")]
@@ -193,6 +200,11 @@ impl Scenario {
         }
         let text = std::fs::read_to_string(name_or_path).map_err(|source| ScenarioError::Read {
             path: name_or_path.to_string(),
+            known: BUILTIN
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", "),
             source,
         })?;
         Self::parse(name_or_path, &text)
