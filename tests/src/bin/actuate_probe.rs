@@ -3,7 +3,8 @@
 //! migrate_pages, cgroup v2 `cpuset.mems` widened during a move and narrowed only
 //! after a complete one, a refusal for a full node, and a stop at a batch boundary.
 //!
-//! Usage: `actuate_probe PATH_TO_actuate_target [CGROUP2_MOUNT]`. Prints one
+//! Usage: `actuate_probe PATH_TO_actuate_target [CGROUP_ROOT]` (the folder holding
+//! a cgroup v2 mount with the cpuset controller, or a v1 `cpuset/` hierarchy). Prints one
 //! `PASS name ...` or `FAIL name: why` line per check and exits non-zero on failure.
 
 use std::io::{BufRead, BufReader};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use balancer::daemon::hostview::read_topology;
 use balancer::host::Applier;
+use balancer::host::linux::actuate::cgroup::CpusetFs;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, sys};
 use balancer::model::{
     Action, ActionOutcome, PlannedAction, Reason, Snapshot, Topology, Vm, VmMemory,
@@ -122,9 +124,91 @@ impl Report {
     }
 }
 
+/// The VM's cpuset group (v1 or v2, whichever `root` has) around memory moves.
+fn cgroup_checks(r: &mut Report, topo: &Topology, t: &Target, root: &Path) {
+    let n = topo.nodes.len();
+    let page = sys::page_size_bytes();
+    let len = t.len;
+    let Some(fs) = CpusetFs::detect(root) else {
+        r.check(
+            "cgroup-setup",
+            false,
+            format!("no cpuset under {}", root.display()),
+        );
+        return;
+    };
+    let v = if fs.is_v2() { "v2" } else { "v1" };
+    let group = fs.dir("vmb-probe");
+    let _ = std::fs::create_dir(&group);
+    let w = |f: &str, val: &str| std::fs::write(group.join(f), val);
+    let read = |f: &str| {
+        std::fs::read_to_string(group.join(f))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let all_cpus = topo.all_cpus().to_string();
+    let mut ok = w("cpuset.cpus", &all_cpus).is_ok() && w("cpuset.mems", "0-3").is_ok();
+    if !fs.is_v2() {
+        ok &= w("cpuset.memory_migrate", "1").is_ok();
+    }
+    // A mems change moves everything at once (v2 always, v1 with memory_migrate=1):
+    // the behaviour the applier avoids while it moves pages itself.
+    ok &= w("cgroup.procs", &t.pid.to_string()).is_ok() && w("cpuset.mems", "3").is_ok();
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    r.check(
+        &format!("{v}-mems-change-migrates-all"),
+        ok && per[3] == len / page,
+        format!("per node {per:?}"),
+    );
+    let mut a = LinuxApplier::new(ApplierConfig {
+        cgroup_root: root.to_path_buf(),
+        headroom_bytes: 0,
+        ..ApplierConfig::default()
+    });
+    let rel = Some("/vmb-probe".to_string());
+    // Hot region only: mems stays widened to 0+3 and nothing else moves.
+    let snap = snapshot(topo, t, rel.clone());
+    let out = a.apply(
+        &snap,
+        &migrate(t.pid, 3, 0, vec![(t.addr, len / 4)], len / 4),
+    );
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    let hot_on_0 = pages_per_node(t.pid, t.addr, len / 4, n)[0];
+    // Huge pages move whole: up to one 2 MiB page past the region's end follows.
+    let spill = per[0] - hot_on_0;
+    let flag_back = fs.is_v2() || read("cpuset.memory_migrate") == "1";
+    r.check(
+        &format!("{v}-widened-during-move"),
+        read("cpuset.mems") == "0,3"
+            && hot_on_0 == len / 4 / page
+            && spill < 2 * MIB / page
+            && flag_back
+            && matches!(out, ActionOutcome::Done { .. }),
+        format!(
+            "mems {:?}, memory_migrate restored {flag_back}, {out:?}, per node {per:?}",
+            read("cpuset.mems")
+        ),
+    );
+    // Whole move of the rest: narrowed to the target afterwards.
+    let snap = snapshot(topo, t, rel);
+    let out = a.apply(&snap, &migrate(t.pid, 3, 0, vec![], u64::MAX));
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    r.check(
+        &format!("{v}-narrowed-after-complete-move"),
+        read("cpuset.mems") == "0" && per[0] == len / page,
+        format!("mems {:?}, {out:?}, per node {per:?}", read("cpuset.mems")),
+    );
+    let _ = std::fs::write(fs.mount().join("cgroup.procs"), t.pid.to_string());
+    let _ = std::fs::remove_dir(&group);
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let target_exe = PathBuf::from(args.next().expect("usage: actuate_probe TARGET [CGROUP2]"));
+    let target_exe = PathBuf::from(
+        args.next()
+            .expect("usage: actuate_probe TARGET [CGROUP_ROOT]"),
+    );
     let cg2 = args.next().map(PathBuf::from);
     let topo = read_topology(Path::new("/sys")).expect("read nodes");
     let n = topo.nodes.len();
@@ -237,61 +321,9 @@ fn main() {
         format!("{out:?}, per node {per:?}"),
     );
 
-    // 5. cgroup v2: mems widened during the move, narrowed after a complete one.
-    if let Some(cg) = &cg2 {
-        let group = cg.join("vmb-probe");
-        let _ = std::fs::create_dir(&group);
-        let w = |f: &str, v: &str| std::fs::write(group.join(f), v);
-        let all_cpus = topo.all_cpus().to_string();
-        let ok = w("cpuset.cpus", &all_cpus).is_ok()
-            && w("cpuset.mems", "0-3").is_ok()
-            && w("cgroup.procs", &t.pid.to_string()).is_ok()
-            // On v2 this moves everything to node 3 at once: the behaviour the
-            // applier avoids while it moves pages itself.
-            && w("cpuset.mems", "3").is_ok();
-        let per = pages_per_node(t.pid, t.addr, t.len, n);
-        r.check(
-            "v2-mems-change-migrates-all",
-            ok && per[3] == len / page,
-            format!("per node {per:?}"),
-        );
-        let mut a = LinuxApplier::new(ApplierConfig {
-            cgroup_root: cg.clone(),
-            headroom_bytes: 0,
-            ..ApplierConfig::default()
-        });
-        let rel = Some("/vmb-probe".to_string());
-        // Partial (hot region only): mems stays widened to 0+3.
-        let snap = snapshot(&topo, &t, rel.clone());
-        let out = a.apply(
-            &snap,
-            &migrate(t.pid, 3, 0, vec![(t.addr, len / 4)], len / 4),
-        );
-        let mems = std::fs::read_to_string(group.join("cpuset.mems")).unwrap_or_default();
-        let per = pages_per_node(t.pid, t.addr, t.len, n);
-        let hot_on_0 = pages_per_node(t.pid, t.addr, len / 4, n)[0];
-        // Huge pages move whole: up to one 2 MiB page past the region's end follows.
-        let spill = per[0] - hot_on_0;
-        r.check(
-            "v2-widened-during-move",
-            mems.trim() == "0,3"
-                && hot_on_0 == len / 4 / page
-                && spill < 2 * MIB / page
-                && matches!(out, ActionOutcome::Done { .. }),
-            format!("mems {:?}, {out:?}, per node {per:?}", mems.trim()),
-        );
-        // Whole move of the rest: narrowed to the target afterwards.
-        let snap = snapshot(&topo, &t, rel);
-        let out = a.apply(&snap, &migrate(t.pid, 3, 0, vec![], u64::MAX));
-        let mems = std::fs::read_to_string(group.join("cpuset.mems")).unwrap_or_default();
-        let per = pages_per_node(t.pid, t.addr, t.len, n);
-        r.check(
-            "v2-narrowed-after-complete-move",
-            mems.trim() == "0" && per[0] == len / page,
-            format!("mems {:?}, {out:?}, per node {per:?}", mems.trim()),
-        );
-        let _ = std::fs::write(cg.join("cgroup.procs"), t.pid.to_string());
-        let _ = std::fs::remove_dir(&group);
+    // 5. cpuset.mems widened during the move, narrowed after a complete one.
+    if let Some(root) = &cg2 {
+        cgroup_checks(&mut r, &topo, &t, root);
     }
 
     let mut t = t;

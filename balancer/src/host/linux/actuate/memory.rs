@@ -104,6 +104,8 @@ pub fn migrate(
     if regions.is_empty() && tally.left_pages == 0 && !tally.cancelled {
         narrow_mems(a, &widened, from, to);
     }
+    // memory_migrate goes back as it was found (mems may stay widened).
+    restore_migrate_flag(a, &widened);
     tracing::debug!(
         vm = vm.pid,
         from,
@@ -287,16 +289,17 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
             a.counters.cgroups_gone += 1;
             continue;
         };
-        if cur.contains(to) {
-            w.groups.push((dir, cur, false));
-            continue;
-        }
+        // Held at 0 for the whole move, so no mems write of ours migrates pages.
         if fs.memory_migrate(&dir).ok().flatten() == Some(true) {
             if let Err(e) = fs.set_memory_migrate(&dir, false) {
                 undo_widen(a, &w);
                 return Err(format!("{}: memory_migrate: {e}", dir.display()));
             }
             w.migrate_was_on.push(dir.clone());
+        }
+        if cur.contains(to) {
+            w.groups.push((dir, cur, false));
+            continue;
         }
         let mut wider = cur.clone();
         wider.insert(to);
@@ -329,8 +332,8 @@ fn restore_migrate_flag(a: &LinuxApplier, w: &Widened) {
     }
 }
 
-/// After a complete move: the source leaves the groups' mems (unless it was the
-/// only node, which cannot happen as the target was added), children first.
+/// After a complete move: the source leaves the groups' mems, children first
+/// (memory_migrate is still held at 0 on v1).
 fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
     for (dir, before, _) in w.groups.iter().rev() {
         let mut narrow = before.clone();
@@ -343,7 +346,6 @@ fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
             a.counters.cgroups_gone += 1;
         }
     }
-    restore_migrate_flag(a, w);
 }
 
 /// Node of each page (`None` = not present or unmapped).
