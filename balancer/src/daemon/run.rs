@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::advice;
 use super::config::Config;
 use super::control::{self, Handler, Request, Response};
 use super::journal::{self, Journal, JournalError};
 use super::notify::{self, Notifier};
 use super::status::{self, Decision, StatusDoc};
 use super::{Actuator, Policy};
+use super::{advice, hostview};
 use crate::host::Observer;
 use crate::host::linux::actuate::MigrationProgress;
 use crate::model::{ActionOutcome, NodeSet, Plan, PlannedAction, Snapshot, Vm};
@@ -98,6 +98,8 @@ pub struct Shared {
     pub snapshot: Option<Snapshot>,
     /// Live progress of the applier's current memory move.
     pub progress: Option<Arc<Mutex<Option<MigrationProgress>>>>,
+    /// CPUs in use per node over the last tick (all processes), for advice.
+    pub node_busy_cpus: Option<Vec<f64>>,
 }
 
 pub type SharedState = Arc<Mutex<Shared>>;
@@ -163,6 +165,7 @@ pub struct Daemon<O, A, P> {
     dry_run: bool,
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
+    cpu_sampler: hostview::CpuSampler,
 }
 
 impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
@@ -188,7 +191,6 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             };
         }
         Self {
-            cfg,
             observer,
             actuator,
             policy,
@@ -199,6 +201,8 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             dry_run,
             observe_failing: false,
             heartbeat_ms: Arc::new(AtomicU64::new(0)),
+            cpu_sampler: hostview::CpuSampler::new(&cfg.proc_root),
+            cfg,
         }
     }
 
@@ -310,7 +314,11 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let vms = status::vm_statuses(&snap, |vm| manage_verdict(&self.cfg, vm));
         let probations = self.policy.probations();
         let counters = self.actuator.counters();
+        let busy = self.cpu_sampler.sample(&snap.topology);
         if let Ok(mut s) = self.shared.lock() {
+            if busy.is_some() {
+                s.node_busy_cpus = busy;
+            }
             let keep = self.cfg.status_history;
             for d in decisions {
                 s.status.push_decision(d, keep);
@@ -490,7 +498,12 @@ pub fn handler(shared: SharedState, params: advice::Params) -> Arc<dyn Handler> 
                     cpus: cpus.max(1),
                     mem_bytes: mem_mb.saturating_mul(1 << 20),
                 };
-                let load = advice::load_from_vms(snap);
+                // Measured load of the whole host when known, else the VMs' demand.
+                let load = s
+                    .node_busy_cpus
+                    .clone()
+                    .filter(|b| b.len() == snap.topology.nodes.len())
+                    .unwrap_or_else(|| advice::load_from_vms(snap));
                 Response::Advice {
                     nodes: advice::advise(snap, &req, &load, &params).to_string(),
                 }
