@@ -166,7 +166,11 @@ pub struct Daemon<O, A, P> {
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
     cpu_sampler: hostview::CpuSampler,
+    ebpf_cost: Option<EbpfCostSource>,
 }
+
+/// Reads the eBPF programs' cost once per tick (from telemetry, when loaded).
+pub type EbpfCostSource = Box<dyn FnMut() -> Option<status::EbpfCost> + Send>;
 
 impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     /// `journal` is `None` in dry runs (nothing on the host changes, not even the
@@ -202,6 +206,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             observe_failing: false,
             heartbeat_ms: Arc::new(AtomicU64::new(0)),
             cpu_sampler: hostview::CpuSampler::new(&cfg.proc_root),
+            ebpf_cost: None,
             cfg,
         }
     }
@@ -211,6 +216,12 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         if let Ok(mut s) = self.shared.lock() {
             s.progress = Some(handle);
         }
+        self
+    }
+
+    /// Shows the eBPF programs' cost in status (read once per tick).
+    pub fn with_ebpf_cost(mut self, source: EbpfCostSource) -> Self {
+        self.ebpf_cost = Some(source);
         self
     }
 
@@ -315,7 +326,9 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let probations = self.policy.probations();
         let counters = self.actuator.counters();
         let busy = self.cpu_sampler.sample(&snap.topology);
+        let ebpf = self.ebpf_cost.as_mut().and_then(|f| f());
         if let Ok(mut s) = self.shared.lock() {
+            s.status.ebpf = ebpf;
             if busy.is_some() {
                 s.node_busy_cpus = busy;
             }
