@@ -19,7 +19,7 @@ use balancer::host::Applier;
 use balancer::host::linux::actuate::cgroup::CpusetFs;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, sys};
 use balancer::model::{
-    Action, ActionOutcome, PlannedAction, Reason, Snapshot, Topology, Vm, VmMemory,
+    Action, ActionOutcome, MemoryBacking, PlannedAction, Reason, Snapshot, Topology, Vm, VmMemory,
 };
 
 const MIB: u64 = 1 << 20;
@@ -31,9 +31,10 @@ struct Target {
     len: u64,
 }
 
-fn spawn_target(exe: &Path, len: u64) -> Target {
+fn spawn_target(exe: &Path, len: u64, huge: bool) -> Target {
     let mut child = Command::new(exe)
         .arg(len.to_string())
+        .arg(if huge { "huge" } else { "small" })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -203,6 +204,70 @@ fn cgroup_checks(r: &mut Report, topo: &Topology, t: &Target, root: &Path) {
     let _ = std::fs::remove_dir(&group);
 }
 
+fn set_hugepages(node: u32, n: u64) -> bool {
+    std::fs::write(
+        format!("/sys/devices/system/node/node{node}/hugepages/hugepages-2048kB/nr_hugepages"),
+        n.to_string(),
+    )
+    .is_ok()
+}
+
+fn hugetlb_checks(r: &mut Report, topo: &Topology, exe: &Path) {
+    let n = topo.nodes.len();
+    let huge = 2 * MIB;
+    let ok = set_hugepages(0, 8) && set_hugepages(1, 8) && set_hugepages(2, 0);
+    let len = 8 * MIB;
+    let t = spawn_target(exe, len, true);
+    let mut topo = topo.clone();
+    for node in topo.nodes.iter_mut() {
+        let free = std::fs::read_to_string(format!(
+            "/sys/devices/system/node/node{}/hugepages/hugepages-2048kB/free_hugepages",
+            node.id
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+        node.memory.hugepages = vec![balancer::model::HugePagePool {
+            page_size_bytes: huge,
+            total_pages: free,
+            free_pages: free,
+        }];
+    }
+    let mut snap = snapshot(&topo, &t, None);
+    snap.vms[0].memory.backing = MemoryBacking::HugeTlb {
+        page_size_bytes: huge,
+    };
+    let start = pages_per_node(t.pid, t.addr, t.len, n);
+    let mut a = LinuxApplier::new(ApplierConfig {
+        headroom_bytes: 0,
+        ..ApplierConfig::default()
+    });
+    // The hot region starts inside the first huge page: that page moves whole.
+    let region = (t.addr + 4096, 2 * huge);
+    let out = a.apply(&snap, &migrate(t.pid, 0, 1, vec![region], 4 * MIB));
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    let small = huge / sys::page_size_bytes();
+    r.check(
+        "hugetlb-moved-by-huge-page",
+        ok && start[0] == len / sys::page_size_bytes()
+            && per[1] == 2 * small
+            && out
+                == ActionOutcome::Done {
+                    moved_bytes: 4 * MIB,
+                },
+        format!("start {start:?}, {out:?}, per node {per:?}"),
+    );
+    let out = a.apply(&snap, &migrate(t.pid, 0, 2, vec![], len));
+    r.check(
+        "hugetlb-no-free-huge-pages-refused",
+        matches!(&out, ActionOutcome::Refused { why } if why.contains("free huge pages")),
+        format!("{out:?}"),
+    );
+    let mut t = t;
+    drop(t.child.stdin.take());
+    let _ = t.child.wait();
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let target_exe = PathBuf::from(
@@ -221,7 +286,7 @@ fn main() {
     sys::set_affinity(std::process::id(), &topo.nodes[0].cpus).unwrap();
     let page = sys::page_size_bytes();
     let len = 32 * MIB;
-    let t = spawn_target(&target_exe, len);
+    let t = spawn_target(&target_exe, len, false);
     let start = pages_per_node(t.pid, t.addr, t.len, n);
     r.check(
         "first-touch",
@@ -325,6 +390,9 @@ fn main() {
     if let Some(root) = &cg2 {
         cgroup_checks(&mut r, &topo, &t, root);
     }
+
+    // 6. hugetlbfs-backed memory: moved by huge page, refused without free ones.
+    hugetlb_checks(&mut r, &topo, &target_exe);
 
     let mut t = t;
     drop(t.child.stdin.take());

@@ -74,12 +74,19 @@ pub fn migrate(
         })
     });
 
+    // hugetlbfs pages move whole and only through their first address.
+    let step = match vm.memory.backing {
+        MemoryBacking::HugeTlb { page_size_bytes } if page_size_bytes > a.page_size_bytes => {
+            page_size_bytes
+        }
+        _ => a.page_size_bytes,
+    };
     let whole = regions.is_empty()
         && from_bytes.is_some_and(|b| b <= max_bytes && b <= a.cfg.rate_limit_bytes_per_s);
     let result = if whole {
-        whole_move(a, vm, from, to, &ranges)
+        whole_move(a, vm, from, to, &ranges, step)
     } else {
-        batched_move(a, vm, from, to, &ranges, max_bytes)
+        batched_move(a, vm, from, to, &ranges, max_bytes, step)
     };
     set_progress(a, |p| *p = None);
 
@@ -90,7 +97,7 @@ pub fn migrate(
             return a.gone(vm.pid);
         }
     };
-    let page = a.page_size_bytes;
+    let page = step;
     let moved_bytes = tally.verified_pages * page;
     // Windows after the budget ran out were not scanned: estimate what is left there
     // from the snapshot (whole-VM moves only; named regions were scanned as needed).
@@ -432,7 +439,8 @@ fn move_batch(
 
 /// Windows of this many bytes, aligned to it, are scanned and moved one at a time.
 /// A multiple of the 2 MiB huge page size, so a transparent huge page never
-/// straddles two windows and its pages are counted in the window that moved it.
+/// straddles two windows and its pages are counted in the window that moved it
+/// (larger for hugetlbfs pages: 16 of them).
 const WINDOW_BYTES: u64 = 32 << 20;
 
 fn batched_move(
@@ -442,8 +450,8 @@ fn batched_move(
     to: NodeId,
     ranges: &[(u64, u64)],
     max_bytes: u64,
+    page: u64,
 ) -> Result<Tally, Gone> {
-    let page = a.page_size_bytes;
     let batch = a.cfg.batch_pages.max(1) as usize;
     let budget_pages = max_bytes.div_ceil(page);
     let mut t = Tally::default();
@@ -457,7 +465,8 @@ fn batched_move(
             if moved_pages >= budget_pages || t.cancelled {
                 break 'ranges;
             }
-            let win_end = ((addr / WINDOW_BYTES + 1) * WINDOW_BYTES).min(end);
+            let window = WINDOW_BYTES.max(page * 16);
+            let win_end = ((addr / window + 1) * window).min(end);
             let pages: Vec<u64> = (0..(win_end - addr).div_ceil(page))
                 .map(|i| addr + i * page)
                 .collect();
@@ -534,9 +543,9 @@ fn whole_move(
     from: NodeId,
     to: NodeId,
     ranges: &[(u64, u64)],
+    page: u64,
 ) -> Result<Tally, Gone> {
     let mut t = Tally::default();
-    let page = a.page_size_bytes;
     // Count what is on the source before, so "moved" is read back, not assumed.
     let before = count_on(vm.pid, ranges, page, a.cfg.batch_pages, from, &mut t)?;
     if !a.wait_for_budget() {
