@@ -204,6 +204,55 @@ fn cgroup_checks(r: &mut Report, topo: &Topology, t: &Target, root: &Path) {
     let _ = std::fs::remove_dir(&group);
 }
 
+/// cgroup v2 group with inherited (empty) `cpuset.mems`: a move must not turn it into
+/// `{target}` (which would migrate every page of the VM there at once).
+fn inherited_mems_check(r: &mut Report, topo: &Topology, exe: &Path, root: &Path) {
+    let Some(fs) = CpusetFs::detect(root).filter(|f| f.is_v2()) else {
+        return;
+    };
+    let n = topo.nodes.len();
+    let page = sys::page_size_bytes();
+    let len = 8 * MIB;
+    let t = spawn_target(exe, len, false);
+    let mut a = LinuxApplier::new(ApplierConfig {
+        headroom_bytes: 0,
+        ..ApplierConfig::default()
+    });
+    // Half of it to node 2 first, as a plain process.
+    let snap = snapshot(topo, &t, None);
+    a.apply(
+        &snap,
+        &migrate(t.pid, 0, 2, vec![(t.addr, len / 2)], len / 2),
+    );
+    let group = fs.dir("vmb-inherit");
+    let _ = std::fs::create_dir(&group);
+    let joined = std::fs::write(group.join("cgroup.procs"), t.pid.to_string()).is_ok();
+    let before = pages_per_node(t.pid, t.addr, t.len, n);
+    let snap = snapshot(topo, &t, Some("/vmb-inherit".into()));
+    let out = a.apply(&snap, &migrate(t.pid, 0, 1, vec![], u64::MAX));
+    let after = pages_per_node(t.pid, t.addr, t.len, n);
+    let mems = std::fs::read_to_string(group.join("cpuset.mems")).unwrap_or_default();
+    r.check(
+        "v2-inherited-mems-kept-other-nodes",
+        joined
+            && std::fs::read_to_string(group.join("cpuset.mems")).is_ok()
+            && before[2] >= len / 2 / page
+            && after[2] == before[2]
+            && after[0] == 0
+            && after[1] == before[0]
+            && mems.trim() == "1-3",
+        format!(
+            "before {before:?}, after {after:?}, mems {:?}, {out:?}",
+            mems.trim()
+        ),
+    );
+    let _ = std::fs::write(fs.mount().join("cgroup.procs"), t.pid.to_string());
+    let _ = std::fs::remove_dir(&group);
+    let mut t = t;
+    drop(t.child.stdin.take());
+    let _ = t.child.wait();
+}
+
 fn set_hugepages(node: u32, n: u64) -> bool {
     std::fs::write(
         format!("/sys/devices/system/node/node{node}/hugepages/hugepages-2048kB/nr_hugepages"),
@@ -389,6 +438,7 @@ fn main() {
     // 5. cpuset.mems widened during the move, narrowed after a complete one.
     if let Some(root) = &cg2 {
         cgroup_checks(&mut r, &topo, &t, root);
+        inherited_mems_check(&mut r, &topo, &target_exe, root);
     }
 
     // 6. hugetlbfs-backed memory: moved by huge page, refused without free ones.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use super::cgroup::{self, SetKind};
 use super::{LinuxApplier, MigrationProgress, sys};
-use crate::model::{ActionOutcome, MemoryBacking, NodeId, Snapshot, Vm};
+use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm};
 
 /// Applies `MigrateMemory`.
 pub fn migrate(
@@ -266,7 +266,8 @@ pub fn vm_ranges(proc_root: &Path, pid: u32) -> io::Result<Vec<(u64, u64)>> {
 /// `cpuset.mems` of the VM's groups around a move: each group, its set before and
 /// whether the move widened it.
 struct Widened {
-    groups: Vec<(PathBuf, crate::model::NodeSet, bool)>,
+    /// (group, configured mems before, effective mems before, widened by us)
+    groups: Vec<(PathBuf, NodeSet, NodeSet, bool)>,
     /// v1 groups whose `memory_migrate` was 1 and is held at 0 for the move.
     migrate_was_on: Vec<PathBuf>,
 }
@@ -296,6 +297,7 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
             a.counters.cgroups_gone += 1;
             continue;
         };
+        let eff = cgroup::read_effective(&dir, SetKind::Mems).unwrap_or_else(|_| cur.clone());
         // Held at 0 for the whole move, so no mems write of ours migrates pages.
         if fs.memory_migrate(&dir).ok().flatten() == Some(true) {
             if let Err(e) = fs.set_memory_migrate(&dir, false) {
@@ -304,17 +306,23 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
             }
             w.migrate_was_on.push(dir.clone());
         }
-        if cur.contains(to) {
-            w.groups.push((dir, cur, false));
+        // Judged on the effective set: on v2 an empty (inherited) mems allows every
+        // node of the parent, and writing {to} there would migrate the whole VM.
+        if eff.contains(to) {
+            w.groups.push((dir, cur, eff, false));
             continue;
         }
-        let mut wider = cur.clone();
+        let mut wider = if cur.is_empty() {
+            eff.clone()
+        } else {
+            cur.clone()
+        };
         wider.insert(to);
         if let Err(e) = cgroup::write_set(&dir, SetKind::Mems, &wider) {
             undo_widen(a, &w);
             return Err(format!("widening {} mems: {e}", dir.display()));
         }
-        w.groups.push((dir, cur, true));
+        w.groups.push((dir, cur, eff, true));
     }
     Ok(w)
 }
@@ -323,8 +331,11 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
 /// move pages on v1 (memory_migrate held at 0); on v2 it moves back what reached the
 /// target, which is the revert asked for.
 fn undo_widen(a: &mut LinuxApplier, w: &Widened) {
-    for (dir, before, changed) in w.groups.iter().rev() {
-        if *changed && cgroup::write_set(dir, SetKind::Mems, before).is_err() {
+    let Some(fs) = a.cpuset.clone() else {
+        return;
+    };
+    for (dir, before, _, changed) in w.groups.iter().rev() {
+        if *changed && cgroup::write_recorded(&fs, dir, SetKind::Mems, before).is_err() {
             a.counters.cgroups_gone += 1;
         }
     }
@@ -342,8 +353,10 @@ fn restore_migrate_flag(a: &LinuxApplier, w: &Widened) {
 /// After a complete move: the source leaves the groups' mems, children first
 /// (memory_migrate is still held at 0 on v1).
 fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
-    for (dir, before, _) in w.groups.iter().rev() {
-        let mut narrow = before.clone();
+    // From the effective set before the move: nodes other than the source keep
+    // their pages (narrowing to the target alone would migrate them too on v2).
+    for (dir, _, eff_before, _) in w.groups.iter().rev() {
+        let mut narrow = eff_before.clone();
         narrow.remove(from);
         narrow.insert(to);
         if cgroup::read_set(dir, SetKind::Mems).is_ok_and(|cur| cur == narrow) {
