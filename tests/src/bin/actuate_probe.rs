@@ -27,6 +27,7 @@ const MIB: u64 = 1 << 20;
 struct Target {
     child: std::process::Child,
     pid: u32,
+    tids: [u32; 2],
     addr: u64,
     len: u64,
 }
@@ -50,6 +51,7 @@ fn spawn_target(exe: &Path, len: u64, huge: bool) -> Target {
     Target {
         child,
         pid: f[0] as u32,
+        tids: [f[1] as u32, f[2] as u32],
         addr: f[3],
         len: f[4],
     }
@@ -253,6 +255,100 @@ fn inherited_mems_check(r: &mut Report, topo: &Topology, exe: &Path, root: &Path
     let _ = t.child.wait();
 }
 
+/// libvirt's cgroup v2 layout (`libvirt/vcpuN` and `libvirt/emulator`, threaded):
+/// CPU sets written per vCPU group, read back from the threads, restored as
+/// inherited.
+fn libvirt_v2_cpus_check(r: &mut Report, topo: &Topology, exe: &Path, root: &Path) {
+    use balancer::host::linux::actuate::RestoreWhat;
+    use balancer::model::{CpuSet, Vcpu};
+    let Some(fs) = CpusetFs::detect(root).filter(|f| f.is_v2()) else {
+        return;
+    };
+    let t = spawn_target(exe, MIB, false);
+    let vm_dir = fs.dir("vmb-lv");
+    let lv = vm_dir.join("libvirt");
+    let w = |d: &Path, f: &str, v: &str| std::fs::write(d.join(f), v).is_ok();
+    let mut ok = std::fs::create_dir_all(&lv).is_ok()
+        && w(&vm_dir, "cgroup.subtree_control", "+cpuset")
+        && w(&lv, "cgroup.subtree_control", "+cpuset");
+    for g in ["emulator", "vcpu0", "vcpu1"] {
+        ok &= std::fs::create_dir_all(lv.join(g)).is_ok()
+            && w(&lv.join(g), "cgroup.type", "threaded");
+    }
+    ok &= w(&lv.join("emulator"), "cgroup.procs", &t.pid.to_string())
+        && w(&lv.join("vcpu0"), "cgroup.threads", &t.tids[0].to_string())
+        && w(&lv.join("vcpu1"), "cgroup.threads", &t.tids[1].to_string());
+    let mut snap = snapshot(topo, &t, Some("/vmb-lv".into()));
+    snap.vms[0].vcpus = (0..2)
+        .map(|i| Vcpu {
+            index: i,
+            tid: t.tids[i as usize],
+            ..Default::default()
+        })
+        .collect();
+    let mut a = LinuxApplier::new(ApplierConfig::default());
+    let aff = |tid: u32| {
+        sys::get_affinity(tid)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    };
+    let read = |g: &str| {
+        std::fs::read_to_string(lv.join(g).join("cpuset.cpus"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let set = |vcpus: Option<Vec<u32>>, cpus: &str| PlannedAction {
+        vm: t.pid,
+        action: Action::SetCpus {
+            vcpus,
+            cpus: CpuSet::parse_list(cpus).unwrap(),
+        },
+        reason: Reason::InitialPlacement { node: 0 },
+    };
+    let out1 = a.apply(&snap, &set(Some(vec![1]), "1"));
+    let one = (read("vcpu1"), read("vcpu0"), aff(t.tids[1]), aff(t.tids[0]));
+    let out2 = a.apply(&snap, &set(None, "2-3"));
+    let all = (
+        read("vcpu0"),
+        read("vcpu1"),
+        read("emulator"),
+        aff(t.tids[0]),
+    );
+    let o = a.originals()[&t.pid].clone();
+    let out3 = a.restore(
+        &o,
+        RestoreWhat {
+            cpus: true,
+            mems: false,
+        },
+    );
+    let back = (read("vcpu1"), aff(t.tids[1]));
+    let every = topo.all_cpus().to_string();
+    r.check(
+        "v2-libvirt-vcpu-groups",
+        ok && out1 == ActionOutcome::Done { moved_bytes: 0 }
+            && one == ("1".into(), String::new(), "1".into(), every.clone())
+            && out2 == ActionOutcome::Done { moved_bytes: 0 }
+            && all == ("2-3".into(), "2-3".into(), "2-3".into(), "2-3".into())
+            && out3 == ActionOutcome::Done { moved_bytes: 0 }
+            // Put back as inherited, or as the parent's set where the kernel refuses
+            // to empty a group with tasks.
+            && (back.0.is_empty() || back.0 == every)
+            && back.1 == every,
+        format!("setup {ok}, {out1:?} {one:?}, {out2:?} {all:?}, {out3:?} {back:?}"),
+    );
+    let _ = std::fs::write(fs.mount().join("cgroup.procs"), t.pid.to_string());
+    for g in ["emulator", "vcpu0", "vcpu1"] {
+        let _ = std::fs::remove_dir(lv.join(g));
+    }
+    let _ = std::fs::remove_dir(&lv);
+    let _ = std::fs::remove_dir(&vm_dir);
+    let mut t = t;
+    drop(t.child.stdin.take());
+    let _ = t.child.wait();
+}
+
 fn set_hugepages(node: u32, n: u64) -> bool {
     std::fs::write(
         format!("/sys/devices/system/node/node{node}/hugepages/hugepages-2048kB/nr_hugepages"),
@@ -439,6 +535,7 @@ fn main() {
     if let Some(root) = &cg2 {
         cgroup_checks(&mut r, &topo, &t, root);
         inherited_mems_check(&mut r, &topo, &target_exe, root);
+        libvirt_v2_cpus_check(&mut r, &topo, &target_exe, root);
     }
 
     // 6. hugetlbfs-backed memory: moved by huge page, refused without free ones.

@@ -144,10 +144,18 @@ pub fn write_set(dir: &Path, kind: SetKind, set: &IdSet) -> io::Result<()> {
 
 /// Writes a set recorded earlier (a rollback or restore). On cgroup v2 an empty
 /// configured set means "the parent's" and is put back as such (an empty write
-/// resets it); on v1 an empty set is refused like any other write.
+/// resets it); the kernel refuses that for a group with tasks whose set is not empty
+/// (ENOSPC), and then the parent's effective set is written, which is the same set
+/// today. On v1 an empty set is refused like any other write.
 pub fn write_recorded(fs: &CpusetFs, dir: &Path, kind: SetKind, set: &IdSet) -> io::Result<()> {
     if set.is_empty() && fs.is_v2() {
-        return std::fs::write(dir.join(kind.file()), "\n");
+        return match std::fs::write(dir.join(kind.file()), "\n") {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                let parent = dir.parent().unwrap_or(dir);
+                write_set(dir, kind, &read_effective(parent, kind)?)
+            }
+            other => other,
+        };
     }
     write_set(dir, kind, set)
 }
