@@ -122,8 +122,12 @@ pub fn busy_cpus_per_node(
     let a = cpu_times(proc_root)?;
     std::thread::sleep(sample);
     let b = cpu_times(proc_root)?;
+    Ok(busy_between(&a, &b, topology))
+}
+
+fn busy_between(a: &[(u32, u64, u64)], b: &[(u32, u64, u64)], topology: &Topology) -> Vec<f64> {
     let mut busy = vec![0.0; topology.nodes.len()];
-    for (id, busy_b, total_b) in b {
+    for &(id, busy_b, total_b) in b {
         let Some(&(_, busy_a, total_a)) = a.iter().find(|(i, _, _)| *i == id) else {
             continue;
         };
@@ -139,7 +143,36 @@ pub fn busy_cpus_per_node(
             busy[i] += share;
         }
     }
-    Ok(busy)
+    busy
+}
+
+/// CPU load per node between two calls, for a caller that already ticks (the
+/// daemon): no sleeping, one read of `/proc/stat` per call.
+#[derive(Debug)]
+pub struct CpuSampler {
+    proc_root: PathBuf,
+    prev: Option<Vec<(u32, u64, u64)>>,
+}
+
+impl CpuSampler {
+    pub fn new(proc_root: &Path) -> Self {
+        Self {
+            proc_root: proc_root.to_path_buf(),
+            prev: None,
+        }
+    }
+
+    /// CPUs in use per node since the previous call; `None` on the first call or
+    /// when `/proc/stat` cannot be read.
+    pub fn sample(&mut self, topology: &Topology) -> Option<Vec<f64>> {
+        let now = cpu_times(&self.proc_root).ok()?;
+        let out = self
+            .prev
+            .as_ref()
+            .map(|prev| busy_between(prev, &now, topology));
+        self.prev = Some(now);
+        out
+    }
 }
 
 /// An observer of nodes only (no VM discovery).

@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::advice;
 use super::config::Config;
 use super::control::{self, Handler, Request, Response};
 use super::journal::{self, Journal, JournalError};
 use super::notify::{self, Notifier};
 use super::status::{self, Decision, StatusDoc};
 use super::{Actuator, Policy};
+use super::{advice, hostview};
 use crate::host::Observer;
 use crate::host::linux::actuate::MigrationProgress;
 use crate::model::{ActionOutcome, NodeSet, Plan, PlannedAction, Snapshot, Vm};
@@ -98,6 +98,8 @@ pub struct Shared {
     pub snapshot: Option<Snapshot>,
     /// Live progress of the applier's current memory move.
     pub progress: Option<Arc<Mutex<Option<MigrationProgress>>>>,
+    /// CPUs in use per node over the last tick (all processes), for advice.
+    pub node_busy_cpus: Option<Vec<f64>>,
 }
 
 pub type SharedState = Arc<Mutex<Shared>>;
@@ -163,7 +165,12 @@ pub struct Daemon<O, A, P> {
     dry_run: bool,
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
+    cpu_sampler: hostview::CpuSampler,
+    ebpf_cost: Option<EbpfCostSource>,
 }
+
+/// Reads the eBPF programs' cost once per tick (from telemetry, when loaded).
+pub type EbpfCostSource = Box<dyn FnMut() -> Option<status::EbpfCost> + Send>;
 
 impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     /// `journal` is `None` in dry runs (nothing on the host changes, not even the
@@ -188,7 +195,6 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             };
         }
         Self {
-            cfg,
             observer,
             actuator,
             policy,
@@ -199,6 +205,9 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             dry_run,
             observe_failing: false,
             heartbeat_ms: Arc::new(AtomicU64::new(0)),
+            cpu_sampler: hostview::CpuSampler::new(&cfg.proc_root),
+            ebpf_cost: None,
+            cfg,
         }
     }
 
@@ -207,6 +216,12 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         if let Ok(mut s) = self.shared.lock() {
             s.progress = Some(handle);
         }
+        self
+    }
+
+    /// Shows the eBPF programs' cost in status (read once per tick).
+    pub fn with_ebpf_cost(mut self, source: EbpfCostSource) -> Self {
+        self.ebpf_cost = Some(source);
         self
     }
 
@@ -310,7 +325,13 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let vms = status::vm_statuses(&snap, |vm| manage_verdict(&self.cfg, vm));
         let probations = self.policy.probations();
         let counters = self.actuator.counters();
+        let busy = self.cpu_sampler.sample(&snap.topology);
+        let ebpf = self.ebpf_cost.as_mut().and_then(|f| f());
         if let Ok(mut s) = self.shared.lock() {
+            s.status.ebpf = ebpf;
+            if busy.is_some() {
+                s.node_busy_cpus = busy;
+            }
             let keep = self.cfg.status_history;
             for d in decisions {
                 s.status.push_decision(d, keep);
@@ -490,7 +511,12 @@ pub fn handler(shared: SharedState, params: advice::Params) -> Arc<dyn Handler> 
                     cpus: cpus.max(1),
                     mem_bytes: mem_mb.saturating_mul(1 << 20),
                 };
-                let load = advice::load_from_vms(snap);
+                // Measured load of the whole host when known, else the VMs' demand.
+                let load = s
+                    .node_busy_cpus
+                    .clone()
+                    .filter(|b| b.len() == snap.topology.nodes.len())
+                    .unwrap_or_else(|| advice::load_from_vms(snap));
                 Response::Advice {
                     nodes: advice::advise(snap, &req, &load, &params).to_string(),
                 }

@@ -3,7 +3,8 @@
 //! migrate_pages, cgroup v2 `cpuset.mems` widened during a move and narrowed only
 //! after a complete one, a refusal for a full node, and a stop at a batch boundary.
 //!
-//! Usage: `actuate_probe PATH_TO_actuate_target [CGROUP2_MOUNT]`. Prints one
+//! Usage: `actuate_probe PATH_TO_actuate_target [CGROUP_ROOT]` (the folder holding
+//! a cgroup v2 mount with the cpuset controller, or a v1 `cpuset/` hierarchy). Prints one
 //! `PASS name ...` or `FAIL name: why` line per check and exits non-zero on failure.
 
 use std::io::{BufRead, BufReader};
@@ -15,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use balancer::daemon::hostview::read_topology;
 use balancer::host::Applier;
+use balancer::host::linux::actuate::cgroup::CpusetFs;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, sys};
 use balancer::model::{
-    Action, ActionOutcome, PlannedAction, Reason, Snapshot, Topology, Vm, VmMemory,
+    Action, ActionOutcome, MemoryBacking, PlannedAction, Reason, Snapshot, Topology, Vm, VmMemory,
 };
 
 const MIB: u64 = 1 << 20;
@@ -25,13 +27,15 @@ const MIB: u64 = 1 << 20;
 struct Target {
     child: std::process::Child,
     pid: u32,
+    tids: [u32; 2],
     addr: u64,
     len: u64,
 }
 
-fn spawn_target(exe: &Path, len: u64) -> Target {
+fn spawn_target(exe: &Path, len: u64, huge: bool) -> Target {
     let mut child = Command::new(exe)
         .arg(len.to_string())
+        .arg(if huge { "huge" } else { "small" })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -47,6 +51,7 @@ fn spawn_target(exe: &Path, len: u64) -> Target {
     Target {
         child,
         pid: f[0] as u32,
+        tids: [f[1] as u32, f[2] as u32],
         addr: f[3],
         len: f[4],
     }
@@ -122,9 +127,298 @@ impl Report {
     }
 }
 
+/// The VM's cpuset group (v1 or v2, whichever `root` has) around memory moves.
+fn cgroup_checks(r: &mut Report, topo: &Topology, t: &Target, root: &Path) {
+    let n = topo.nodes.len();
+    let page = sys::page_size_bytes();
+    let len = t.len;
+    let Some(fs) = CpusetFs::detect(root) else {
+        r.check(
+            "cgroup-setup",
+            false,
+            format!("no cpuset under {}", root.display()),
+        );
+        return;
+    };
+    let v = if fs.is_v2() { "v2" } else { "v1" };
+    let group = fs.dir("vmb-probe");
+    let _ = std::fs::create_dir(&group);
+    let w = |f: &str, val: &str| std::fs::write(group.join(f), val);
+    let read = |f: &str| {
+        std::fs::read_to_string(group.join(f))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let all_cpus = topo.all_cpus().to_string();
+    let mut ok = w("cpuset.cpus", &all_cpus).is_ok() && w("cpuset.mems", "0-3").is_ok();
+    if !fs.is_v2() {
+        ok &= w("cpuset.memory_migrate", "1").is_ok();
+    }
+    // A mems change moves everything at once (v2 always, v1 with memory_migrate=1):
+    // the behaviour the applier avoids while it moves pages itself.
+    ok &= w("cgroup.procs", &t.pid.to_string()).is_ok() && w("cpuset.mems", "3").is_ok();
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    r.check(
+        &format!("{v}-mems-change-migrates-all"),
+        ok && per[3] == len / page,
+        format!("per node {per:?}"),
+    );
+    let mut a = LinuxApplier::new(ApplierConfig {
+        cgroup_root: root.to_path_buf(),
+        headroom_bytes: 0,
+        ..ApplierConfig::default()
+    });
+    let rel = Some("/vmb-probe".to_string());
+    // Hot region only: mems stays widened to 0+3 and nothing else moves.
+    let snap = snapshot(topo, t, rel.clone());
+    let out = a.apply(
+        &snap,
+        &migrate(t.pid, 3, 0, vec![(t.addr, len / 4)], len / 4),
+    );
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    let hot_on_0 = pages_per_node(t.pid, t.addr, len / 4, n)[0];
+    // Huge pages move whole: up to one 2 MiB page past the region's end follows.
+    let spill = per[0] - hot_on_0;
+    let flag_back = fs.is_v2() || read("cpuset.memory_migrate") == "1";
+    r.check(
+        &format!("{v}-widened-during-move"),
+        read("cpuset.mems") == "0,3"
+            && hot_on_0 == len / 4 / page
+            && spill < 2 * MIB / page
+            && flag_back
+            && matches!(out, ActionOutcome::Done { .. }),
+        format!(
+            "mems {:?}, memory_migrate restored {flag_back}, {out:?}, per node {per:?}",
+            read("cpuset.mems")
+        ),
+    );
+    // Whole move of the rest: narrowed to the target afterwards.
+    let snap = snapshot(topo, t, rel);
+    let out = a.apply(&snap, &migrate(t.pid, 3, 0, vec![], u64::MAX));
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    r.check(
+        &format!("{v}-narrowed-after-complete-move"),
+        read("cpuset.mems") == "0" && per[0] == len / page,
+        format!("mems {:?}, {out:?}, per node {per:?}", read("cpuset.mems")),
+    );
+    let _ = std::fs::write(fs.mount().join("cgroup.procs"), t.pid.to_string());
+    let _ = std::fs::remove_dir(&group);
+}
+
+/// cgroup v2 group with inherited (empty) `cpuset.mems`: a move must not turn it into
+/// `{target}` (which would migrate every page of the VM there at once).
+fn inherited_mems_check(r: &mut Report, topo: &Topology, exe: &Path, root: &Path) {
+    let Some(fs) = CpusetFs::detect(root).filter(|f| f.is_v2()) else {
+        return;
+    };
+    let n = topo.nodes.len();
+    let page = sys::page_size_bytes();
+    let len = 8 * MIB;
+    let t = spawn_target(exe, len, false);
+    let mut a = LinuxApplier::new(ApplierConfig {
+        headroom_bytes: 0,
+        ..ApplierConfig::default()
+    });
+    // Half of it to node 2 first, as a plain process.
+    let snap = snapshot(topo, &t, None);
+    a.apply(
+        &snap,
+        &migrate(t.pid, 0, 2, vec![(t.addr, len / 2)], len / 2),
+    );
+    let group = fs.dir("vmb-inherit");
+    let _ = std::fs::create_dir(&group);
+    let joined = std::fs::write(group.join("cgroup.procs"), t.pid.to_string()).is_ok();
+    let before = pages_per_node(t.pid, t.addr, t.len, n);
+    let snap = snapshot(topo, &t, Some("/vmb-inherit".into()));
+    let out = a.apply(&snap, &migrate(t.pid, 0, 1, vec![], u64::MAX));
+    let after = pages_per_node(t.pid, t.addr, t.len, n);
+    let mems = std::fs::read_to_string(group.join("cpuset.mems")).unwrap_or_default();
+    r.check(
+        "v2-inherited-mems-kept-other-nodes",
+        joined
+            && std::fs::read_to_string(group.join("cpuset.mems")).is_ok()
+            && before[2] >= len / 2 / page
+            && after[2] == before[2]
+            && after[0] == 0
+            && after[1] == before[0]
+            && mems.trim() == "1-3",
+        format!(
+            "before {before:?}, after {after:?}, mems {:?}, {out:?}",
+            mems.trim()
+        ),
+    );
+    let _ = std::fs::write(fs.mount().join("cgroup.procs"), t.pid.to_string());
+    let _ = std::fs::remove_dir(&group);
+    let mut t = t;
+    drop(t.child.stdin.take());
+    let _ = t.child.wait();
+}
+
+/// libvirt's cgroup v2 layout (`libvirt/vcpuN` and `libvirt/emulator`, threaded):
+/// CPU sets written per vCPU group, read back from the threads, restored as
+/// inherited.
+fn libvirt_v2_cpus_check(r: &mut Report, topo: &Topology, exe: &Path, root: &Path) {
+    use balancer::host::linux::actuate::RestoreWhat;
+    use balancer::model::{CpuSet, Vcpu};
+    let Some(fs) = CpusetFs::detect(root).filter(|f| f.is_v2()) else {
+        return;
+    };
+    let t = spawn_target(exe, MIB, false);
+    let vm_dir = fs.dir("vmb-lv");
+    let lv = vm_dir.join("libvirt");
+    let w = |d: &Path, f: &str, v: &str| std::fs::write(d.join(f), v).is_ok();
+    let mut ok = std::fs::create_dir_all(&lv).is_ok()
+        && w(&vm_dir, "cgroup.subtree_control", "+cpuset")
+        && w(&lv, "cgroup.subtree_control", "+cpuset");
+    for g in ["emulator", "vcpu0", "vcpu1"] {
+        ok &= std::fs::create_dir_all(lv.join(g)).is_ok()
+            && w(&lv.join(g), "cgroup.type", "threaded");
+    }
+    ok &= w(&lv.join("emulator"), "cgroup.procs", &t.pid.to_string())
+        && w(&lv.join("vcpu0"), "cgroup.threads", &t.tids[0].to_string())
+        && w(&lv.join("vcpu1"), "cgroup.threads", &t.tids[1].to_string());
+    let mut snap = snapshot(topo, &t, Some("/vmb-lv".into()));
+    snap.vms[0].vcpus = (0..2)
+        .map(|i| Vcpu {
+            index: i,
+            tid: t.tids[i as usize],
+            ..Default::default()
+        })
+        .collect();
+    let mut a = LinuxApplier::new(ApplierConfig::default());
+    let aff = |tid: u32| {
+        sys::get_affinity(tid)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    };
+    let read = |g: &str| {
+        std::fs::read_to_string(lv.join(g).join("cpuset.cpus"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let set = |vcpus: Option<Vec<u32>>, cpus: &str| PlannedAction {
+        vm: t.pid,
+        action: Action::SetCpus {
+            vcpus,
+            cpus: CpuSet::parse_list(cpus).unwrap(),
+        },
+        reason: Reason::InitialPlacement { node: 0 },
+    };
+    let out1 = a.apply(&snap, &set(Some(vec![1]), "1"));
+    let one = (read("vcpu1"), read("vcpu0"), aff(t.tids[1]), aff(t.tids[0]));
+    let out2 = a.apply(&snap, &set(None, "2-3"));
+    let all = (
+        read("vcpu0"),
+        read("vcpu1"),
+        read("emulator"),
+        aff(t.tids[0]),
+    );
+    let o = a.originals()[&t.pid].clone();
+    let out3 = a.restore(
+        &o,
+        RestoreWhat {
+            cpus: true,
+            mems: false,
+        },
+    );
+    let back = (read("vcpu1"), aff(t.tids[1]));
+    let every = topo.all_cpus().to_string();
+    r.check(
+        "v2-libvirt-vcpu-groups",
+        ok && out1 == ActionOutcome::Done { moved_bytes: 0 }
+            && one == ("1".into(), String::new(), "1".into(), every.clone())
+            && out2 == ActionOutcome::Done { moved_bytes: 0 }
+            && all == ("2-3".into(), "2-3".into(), "2-3".into(), "2-3".into())
+            && out3 == ActionOutcome::Done { moved_bytes: 0 }
+            // Put back as inherited, or as the parent's set where the kernel refuses
+            // to empty a group with tasks.
+            && (back.0.is_empty() || back.0 == every)
+            && back.1 == every,
+        format!("setup {ok}, {out1:?} {one:?}, {out2:?} {all:?}, {out3:?} {back:?}"),
+    );
+    let _ = std::fs::write(fs.mount().join("cgroup.procs"), t.pid.to_string());
+    for g in ["emulator", "vcpu0", "vcpu1"] {
+        let _ = std::fs::remove_dir(lv.join(g));
+    }
+    let _ = std::fs::remove_dir(&lv);
+    let _ = std::fs::remove_dir(&vm_dir);
+    let mut t = t;
+    drop(t.child.stdin.take());
+    let _ = t.child.wait();
+}
+
+fn set_hugepages(node: u32, n: u64) -> bool {
+    std::fs::write(
+        format!("/sys/devices/system/node/node{node}/hugepages/hugepages-2048kB/nr_hugepages"),
+        n.to_string(),
+    )
+    .is_ok()
+}
+
+fn hugetlb_checks(r: &mut Report, topo: &Topology, exe: &Path) {
+    let n = topo.nodes.len();
+    let huge = 2 * MIB;
+    let ok = set_hugepages(0, 8) && set_hugepages(1, 8) && set_hugepages(2, 0);
+    let len = 8 * MIB;
+    let t = spawn_target(exe, len, true);
+    let mut topo = topo.clone();
+    for node in topo.nodes.iter_mut() {
+        let free = std::fs::read_to_string(format!(
+            "/sys/devices/system/node/node{}/hugepages/hugepages-2048kB/free_hugepages",
+            node.id
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+        node.memory.hugepages = vec![balancer::model::HugePagePool {
+            page_size_bytes: huge,
+            total_pages: free,
+            free_pages: free,
+        }];
+    }
+    let mut snap = snapshot(&topo, &t, None);
+    snap.vms[0].memory.backing = MemoryBacking::HugeTlb {
+        page_size_bytes: huge,
+    };
+    let start = pages_per_node(t.pid, t.addr, t.len, n);
+    let mut a = LinuxApplier::new(ApplierConfig {
+        headroom_bytes: 0,
+        ..ApplierConfig::default()
+    });
+    // The hot region starts inside the first huge page: that page moves whole.
+    let region = (t.addr + 4096, 2 * huge);
+    let out = a.apply(&snap, &migrate(t.pid, 0, 1, vec![region], 4 * MIB));
+    let per = pages_per_node(t.pid, t.addr, t.len, n);
+    let small = huge / sys::page_size_bytes();
+    r.check(
+        "hugetlb-moved-by-huge-page",
+        ok && start[0] == len / sys::page_size_bytes()
+            && per[1] == 2 * small
+            && out
+                == ActionOutcome::Done {
+                    moved_bytes: 4 * MIB,
+                },
+        format!("start {start:?}, {out:?}, per node {per:?}"),
+    );
+    let out = a.apply(&snap, &migrate(t.pid, 0, 2, vec![], len));
+    r.check(
+        "hugetlb-no-free-huge-pages-refused",
+        matches!(&out, ActionOutcome::Refused { why } if why.contains("free huge pages")),
+        format!("{out:?}"),
+    );
+    let mut t = t;
+    drop(t.child.stdin.take());
+    let _ = t.child.wait();
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let target_exe = PathBuf::from(args.next().expect("usage: actuate_probe TARGET [CGROUP2]"));
+    let target_exe = PathBuf::from(
+        args.next()
+            .expect("usage: actuate_probe TARGET [CGROUP_ROOT]"),
+    );
     let cg2 = args.next().map(PathBuf::from);
     let topo = read_topology(Path::new("/sys")).expect("read nodes");
     let n = topo.nodes.len();
@@ -137,7 +431,7 @@ fn main() {
     sys::set_affinity(std::process::id(), &topo.nodes[0].cpus).unwrap();
     let page = sys::page_size_bytes();
     let len = 32 * MIB;
-    let t = spawn_target(&target_exe, len);
+    let t = spawn_target(&target_exe, len, false);
     let start = pages_per_node(t.pid, t.addr, t.len, n);
     r.check(
         "first-touch",
@@ -237,62 +531,15 @@ fn main() {
         format!("{out:?}, per node {per:?}"),
     );
 
-    // 5. cgroup v2: mems widened during the move, narrowed after a complete one.
-    if let Some(cg) = &cg2 {
-        let group = cg.join("vmb-probe");
-        let _ = std::fs::create_dir(&group);
-        let w = |f: &str, v: &str| std::fs::write(group.join(f), v);
-        let all_cpus = topo.all_cpus().to_string();
-        let ok = w("cpuset.cpus", &all_cpus).is_ok()
-            && w("cpuset.mems", "0-3").is_ok()
-            && w("cgroup.procs", &t.pid.to_string()).is_ok()
-            // On v2 this moves everything to node 3 at once: the behaviour the
-            // applier avoids while it moves pages itself.
-            && w("cpuset.mems", "3").is_ok();
-        let per = pages_per_node(t.pid, t.addr, t.len, n);
-        r.check(
-            "v2-mems-change-migrates-all",
-            ok && per[3] == len / page,
-            format!("per node {per:?}"),
-        );
-        let mut a = LinuxApplier::new(ApplierConfig {
-            cgroup_root: cg.clone(),
-            headroom_bytes: 0,
-            ..ApplierConfig::default()
-        });
-        let rel = Some("/vmb-probe".to_string());
-        // Partial (hot region only): mems stays widened to 0+3.
-        let snap = snapshot(&topo, &t, rel.clone());
-        let out = a.apply(
-            &snap,
-            &migrate(t.pid, 3, 0, vec![(t.addr, len / 4)], len / 4),
-        );
-        let mems = std::fs::read_to_string(group.join("cpuset.mems")).unwrap_or_default();
-        let per = pages_per_node(t.pid, t.addr, t.len, n);
-        let hot_on_0 = pages_per_node(t.pid, t.addr, len / 4, n)[0];
-        // Huge pages move whole: up to one 2 MiB page past the region's end follows.
-        let spill = per[0] - hot_on_0;
-        r.check(
-            "v2-widened-during-move",
-            mems.trim() == "0,3"
-                && hot_on_0 == len / 4 / page
-                && spill < 2 * MIB / page
-                && matches!(out, ActionOutcome::Done { .. }),
-            format!("mems {:?}, {out:?}, per node {per:?}", mems.trim()),
-        );
-        // Whole move of the rest: narrowed to the target afterwards.
-        let snap = snapshot(&topo, &t, rel);
-        let out = a.apply(&snap, &migrate(t.pid, 3, 0, vec![], u64::MAX));
-        let mems = std::fs::read_to_string(group.join("cpuset.mems")).unwrap_or_default();
-        let per = pages_per_node(t.pid, t.addr, t.len, n);
-        r.check(
-            "v2-narrowed-after-complete-move",
-            mems.trim() == "0" && per[0] == len / page,
-            format!("mems {:?}, {out:?}, per node {per:?}", mems.trim()),
-        );
-        let _ = std::fs::write(cg.join("cgroup.procs"), t.pid.to_string());
-        let _ = std::fs::remove_dir(&group);
+    // 5. cpuset.mems widened during the move, narrowed after a complete one.
+    if let Some(root) = &cg2 {
+        cgroup_checks(&mut r, &topo, &t, root);
+        inherited_mems_check(&mut r, &topo, &target_exe, root);
+        libvirt_v2_cpus_check(&mut r, &topo, &target_exe, root);
     }
+
+    // 6. hugetlbfs-backed memory: moved by huge page, refused without free ones.
+    hugetlb_checks(&mut r, &topo, &target_exe);
 
     let mut t = t;
     drop(t.child.stdin.take());

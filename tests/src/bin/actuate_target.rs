@@ -1,5 +1,5 @@
 //! A stand-in VM process for actuation tests: two threads and a touched anonymous
-//! mapping. Prints `pid tid_main tid_worker addr len` on stdout, then obeys stdin
+//! mapping (`actuate_target [LEN_BYTES] [huge]`, `huge` for hugetlbfs pages). Prints `pid tid_main tid_worker addr len` on stdout, then obeys stdin
 //! lines: `stop-worker` ends the worker thread; end of input exits.
 
 use std::io::{BufRead, Write};
@@ -9,13 +9,14 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(16 << 20);
+    let huge = std::env::args().nth(2).is_some_and(|a| a == "huge");
     // SAFETY: a fresh private anonymous mapping; only this process uses it.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if huge { libc::MAP_HUGETLB } else { 0 },
             -1,
             0,
         )

@@ -202,7 +202,14 @@ fn tick_applies_guards_journals_and_reports() {
         Some(journal),
         Shutdown::new(),
         false,
-    );
+    )
+    .with_ebpf_cost(Box::new(|| {
+        Some(status::EbpfCost {
+            run_time_ns: 1500,
+            run_count: 3,
+            events_lost: 0,
+        })
+    }));
 
     // A failing observation is counted, nothing is planned.
     assert_eq!(d.tick(), TickReport::default());
@@ -236,6 +243,7 @@ fn tick_applies_guards_journals_and_reports() {
         assert_eq!(s.status.vms.len(), 3);
         assert!(!s.status.vms[2].managed);
         assert_eq!(s.status.counters.refused, 1);
+        assert_eq!(s.status.ebpf.as_ref().map(|e| e.run_count), Some(3));
     }
     // Status and advice through the control handler.
     let h = handler(shared.clone(), advice::Params::default());

@@ -100,10 +100,11 @@ impl SetKind {
             Self::Mems => "cpuset.mems",
         }
     }
-    fn effective_file(self) -> &'static str {
+    /// The enforced set: `cpuset.cpus.effective` on v2, `cpuset.effective_cpus` on v1.
+    fn effective_files(self) -> [&'static str; 2] {
         match self {
-            Self::Cpus => "cpuset.effective_cpus",
-            Self::Mems => "cpuset.effective_mems",
+            Self::Cpus => ["cpuset.cpus.effective", "cpuset.effective_cpus"],
+            Self::Mems => ["cpuset.mems.effective", "cpuset.effective_mems"],
         }
     }
 }
@@ -117,13 +118,17 @@ pub fn read_set(dir: &Path, kind: SetKind) -> io::Result<IdSet> {
 /// Reads the set the kernel actually enforces (`effective_*`), falling back to the
 /// configured one where the file does not exist.
 pub fn read_effective(dir: &Path, kind: SetKind) -> io::Result<IdSet> {
-    match std::fs::read_to_string(dir.join(kind.effective_file())) {
-        Ok(text) => {
-            IdSet::parse_list(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    for name in kind.effective_files() {
+        match std::fs::read_to_string(dir.join(name)) {
+            Ok(text) => {
+                return IdSet::parse_list(&text)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => read_set(dir, kind),
-        Err(e) => Err(e),
     }
+    read_set(dir, kind)
 }
 
 /// Writes a set; an empty set is refused here so no caller can empty a group.
@@ -135,6 +140,35 @@ pub fn write_set(dir: &Path, kind: SetKind, set: &IdSet) -> io::Result<()> {
         ));
     }
     std::fs::write(dir.join(kind.file()), format!("{set}\n"))
+}
+
+/// Writes a set recorded earlier (a rollback or restore). On cgroup v2 an empty
+/// configured set means "the parent's" and is put back as such (an empty write
+/// resets it); the kernel refuses that for a group with tasks whose set is not empty
+/// (ENOSPC), and then the parent's effective set is written, which is the same set
+/// today. On v1 an empty set is refused like any other write.
+pub fn write_recorded(fs: &CpusetFs, dir: &Path, kind: SetKind, set: &IdSet) -> io::Result<()> {
+    if set.is_empty() && fs.is_v2() {
+        return match std::fs::write(dir.join(kind.file()), "\n") {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                let parent = dir.parent().unwrap_or(dir);
+                write_set(dir, kind, &read_effective(parent, kind)?)
+            }
+            other => other,
+        };
+    }
+    write_set(dir, kind, set)
+}
+
+/// The set to widen from: the configured one, or on cgroup v2 when that is empty
+/// (inherited), the effective one, so widening never narrows an inherited set.
+pub fn widen_base(dir: &Path, kind: SetKind) -> io::Result<IdSet> {
+    let configured = read_set(dir, kind)?;
+    if configured.is_empty() {
+        read_effective(dir, kind)
+    } else {
+        Ok(configured)
+    }
 }
 
 /// The cpuset groups libvirt made for one VM.
@@ -252,6 +286,17 @@ mod tests {
         write_set(&vm, SetKind::Cpus, &IdSet::parse_list("2-3").unwrap()).unwrap();
         assert_eq!(read_set(&vm, SetKind::Cpus).unwrap().to_string(), "2-3");
         assert_eq!(fs.memory_migrate(&vm).unwrap(), None);
+        // v2: an inherited (empty) set widens from the effective one and is restored
+        // as inherited.
+        let emu = g.emulator.clone().unwrap();
+        std::fs::write(emu.join("cpuset.mems"), "").unwrap();
+        std::fs::write(emu.join("cpuset.mems.effective"), "0-1\n").unwrap();
+        assert_eq!(widen_base(&emu, SetKind::Mems).unwrap().to_string(), "0-1");
+        write_recorded(&fs, &emu, SetKind::Mems, &IdSet::new()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(emu.join("cpuset.mems")).unwrap(),
+            "\n"
+        );
         std::fs::remove_dir_all(root).unwrap();
     }
 
@@ -273,6 +318,7 @@ mod tests {
         assert_eq!(fs.memory_migrate(&vm).unwrap(), Some(true));
         fs.set_memory_migrate(&vm, false).unwrap();
         assert_eq!(fs.memory_migrate(&vm).unwrap(), Some(false));
+        assert!(write_recorded(&fs, &vm, SetKind::Cpus, &IdSet::new()).is_err());
         // A plain group without vcpu children is not a libvirt VM.
         let plain = fs.dir("plain");
         group(&plain, "0-1", "0");

@@ -94,15 +94,24 @@ fn set_cpus_cgroup(
     let mut written: Vec<(PathBuf, CpuSet)> = Vec::new();
     let mut failure: Option<String> = None;
     for parent in &groups.parents {
-        match cgroup::read_set(parent, SetKind::Cpus) {
-            Ok(cur) if cpus.is_subset(&cur) => {}
-            Ok(cur) => match cgroup::write_set(parent, SetKind::Cpus, &cur.union(cpus)) {
-                Ok(()) => written.push((parent.clone(), cur)),
-                Err(e) => {
-                    failure = Some(format!("widening {}: {e}", parent.display()));
+        match cgroup::read_effective(parent, SetKind::Cpus) {
+            Ok(eff) if cpus.is_subset(&eff) => {}
+            Ok(_) => {
+                let (Ok(cur), Ok(base)) = (
+                    cgroup::read_set(parent, SetKind::Cpus),
+                    cgroup::widen_base(parent, SetKind::Cpus),
+                ) else {
+                    failure = Some(format!("reading {}", parent.display()));
                     break;
+                };
+                match cgroup::write_set(parent, SetKind::Cpus, &base.union(cpus)) {
+                    Ok(()) => written.push((parent.clone(), cur)),
+                    Err(e) => {
+                        failure = Some(format!("widening {}: {e}", parent.display()));
+                        break;
+                    }
                 }
-            },
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // The VM's group went away: the VM is exiting.
                 a.counters.cgroups_gone += 1;
@@ -142,8 +151,10 @@ fn set_cpus_cgroup(
     }
     if let Some(why) = failure {
         // Children were written after parents: undo in reverse order.
-        for (dir, before) in written.iter().rev() {
-            let _ = cgroup::write_set(dir, SetKind::Cpus, before);
+        if let Some(fs) = a.cpuset.clone() {
+            for (dir, before) in written.iter().rev() {
+                let _ = cgroup::write_recorded(&fs, dir, SetKind::Cpus, before);
+            }
         }
         return a.refuse(vm.pid, why);
     }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use super::cgroup::{self, SetKind};
 use super::{LinuxApplier, MigrationProgress, sys};
-use crate::model::{ActionOutcome, MemoryBacking, NodeId, Snapshot, Vm};
+use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm};
 
 /// Applies `MigrateMemory`.
 pub fn migrate(
@@ -74,12 +74,19 @@ pub fn migrate(
         })
     });
 
+    // hugetlbfs pages move whole and only through their first address.
+    let step = match vm.memory.backing {
+        MemoryBacking::HugeTlb { page_size_bytes } if page_size_bytes > a.page_size_bytes => {
+            page_size_bytes
+        }
+        _ => a.page_size_bytes,
+    };
     let whole = regions.is_empty()
         && from_bytes.is_some_and(|b| b <= max_bytes && b <= a.cfg.rate_limit_bytes_per_s);
     let result = if whole {
-        whole_move(a, vm, from, to, &ranges)
+        whole_move(a, vm, from, to, &ranges, step)
     } else {
-        batched_move(a, vm, from, to, &ranges, max_bytes)
+        batched_move(a, vm, from, to, &ranges, max_bytes, step)
     };
     set_progress(a, |p| *p = None);
 
@@ -90,7 +97,7 @@ pub fn migrate(
             return a.gone(vm.pid);
         }
     };
-    let page = a.page_size_bytes;
+    let page = step;
     let moved_bytes = tally.verified_pages * page;
     // Windows after the budget ran out were not scanned: estimate what is left there
     // from the snapshot (whole-VM moves only; named regions were scanned as needed).
@@ -104,6 +111,8 @@ pub fn migrate(
     if regions.is_empty() && tally.left_pages == 0 && !tally.cancelled {
         narrow_mems(a, &widened, from, to);
     }
+    // memory_migrate goes back as it was found (mems may stay widened).
+    restore_migrate_flag(a, &widened);
     tracing::debug!(
         vm = vm.pid,
         from,
@@ -257,7 +266,8 @@ pub fn vm_ranges(proc_root: &Path, pid: u32) -> io::Result<Vec<(u64, u64)>> {
 /// `cpuset.mems` of the VM's groups around a move: each group, its set before and
 /// whether the move widened it.
 struct Widened {
-    groups: Vec<(PathBuf, crate::model::NodeSet, bool)>,
+    /// (group, configured mems before, effective mems before, widened by us)
+    groups: Vec<(PathBuf, NodeSet, NodeSet, bool)>,
     /// v1 groups whose `memory_migrate` was 1 and is held at 0 for the move.
     migrate_was_on: Vec<PathBuf>,
 }
@@ -287,10 +297,8 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
             a.counters.cgroups_gone += 1;
             continue;
         };
-        if cur.contains(to) {
-            w.groups.push((dir, cur, false));
-            continue;
-        }
+        let eff = cgroup::read_effective(&dir, SetKind::Mems).unwrap_or_else(|_| cur.clone());
+        // Held at 0 for the whole move, so no mems write of ours migrates pages.
         if fs.memory_migrate(&dir).ok().flatten() == Some(true) {
             if let Err(e) = fs.set_memory_migrate(&dir, false) {
                 undo_widen(a, &w);
@@ -298,13 +306,23 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
             }
             w.migrate_was_on.push(dir.clone());
         }
-        let mut wider = cur.clone();
+        // Judged on the effective set: on v2 an empty (inherited) mems allows every
+        // node of the parent, and writing {to} there would migrate the whole VM.
+        if eff.contains(to) {
+            w.groups.push((dir, cur, eff, false));
+            continue;
+        }
+        let mut wider = if cur.is_empty() {
+            eff.clone()
+        } else {
+            cur.clone()
+        };
         wider.insert(to);
         if let Err(e) = cgroup::write_set(&dir, SetKind::Mems, &wider) {
             undo_widen(a, &w);
             return Err(format!("widening {} mems: {e}", dir.display()));
         }
-        w.groups.push((dir, cur, true));
+        w.groups.push((dir, cur, eff, true));
     }
     Ok(w)
 }
@@ -313,8 +331,11 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
 /// move pages on v1 (memory_migrate held at 0); on v2 it moves back what reached the
 /// target, which is the revert asked for.
 fn undo_widen(a: &mut LinuxApplier, w: &Widened) {
-    for (dir, before, changed) in w.groups.iter().rev() {
-        if *changed && cgroup::write_set(dir, SetKind::Mems, before).is_err() {
+    let Some(fs) = a.cpuset.clone() else {
+        return;
+    };
+    for (dir, before, _, changed) in w.groups.iter().rev() {
+        if *changed && cgroup::write_recorded(&fs, dir, SetKind::Mems, before).is_err() {
             a.counters.cgroups_gone += 1;
         }
     }
@@ -329,11 +350,13 @@ fn restore_migrate_flag(a: &LinuxApplier, w: &Widened) {
     }
 }
 
-/// After a complete move: the source leaves the groups' mems (unless it was the
-/// only node, which cannot happen as the target was added), children first.
+/// After a complete move: the source leaves the groups' mems, children first
+/// (memory_migrate is still held at 0 on v1).
 fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
-    for (dir, before, _) in w.groups.iter().rev() {
-        let mut narrow = before.clone();
+    // From the effective set before the move: nodes other than the source keep
+    // their pages (narrowing to the target alone would migrate them too on v2).
+    for (dir, _, eff_before, _) in w.groups.iter().rev() {
+        let mut narrow = eff_before.clone();
         narrow.remove(from);
         narrow.insert(to);
         if cgroup::read_set(dir, SetKind::Mems).is_ok_and(|cur| cur == narrow) {
@@ -343,7 +366,6 @@ fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
             a.counters.cgroups_gone += 1;
         }
     }
-    restore_migrate_flag(a, w);
 }
 
 /// Node of each page (`None` = not present or unmapped).
@@ -430,7 +452,8 @@ fn move_batch(
 
 /// Windows of this many bytes, aligned to it, are scanned and moved one at a time.
 /// A multiple of the 2 MiB huge page size, so a transparent huge page never
-/// straddles two windows and its pages are counted in the window that moved it.
+/// straddles two windows and its pages are counted in the window that moved it
+/// (larger for hugetlbfs pages: 16 of them).
 const WINDOW_BYTES: u64 = 32 << 20;
 
 fn batched_move(
@@ -440,8 +463,8 @@ fn batched_move(
     to: NodeId,
     ranges: &[(u64, u64)],
     max_bytes: u64,
+    page: u64,
 ) -> Result<Tally, Gone> {
-    let page = a.page_size_bytes;
     let batch = a.cfg.batch_pages.max(1) as usize;
     let budget_pages = max_bytes.div_ceil(page);
     let mut t = Tally::default();
@@ -455,7 +478,8 @@ fn batched_move(
             if moved_pages >= budget_pages || t.cancelled {
                 break 'ranges;
             }
-            let win_end = ((addr / WINDOW_BYTES + 1) * WINDOW_BYTES).min(end);
+            let window = WINDOW_BYTES.max(page * 16);
+            let win_end = ((addr / window + 1) * window).min(end);
             let pages: Vec<u64> = (0..(win_end - addr).div_ceil(page))
                 .map(|i| addr + i * page)
                 .collect();
@@ -532,9 +556,9 @@ fn whole_move(
     from: NodeId,
     to: NodeId,
     ranges: &[(u64, u64)],
+    page: u64,
 ) -> Result<Tally, Gone> {
     let mut t = Tally::default();
-    let page = a.page_size_bytes;
     // Count what is on the source before, so "moved" is read back, not assumed.
     let before = count_on(vm.pid, ranges, page, a.cfg.batch_pages, from, &mut t)?;
     if !a.wait_for_budget() {

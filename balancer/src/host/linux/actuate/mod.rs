@@ -284,15 +284,19 @@ impl LinuxApplier {
                 .iter()
                 .fold(NodeSet::new(), |a, g| a.union(&value(g)));
             for g in &o.groups {
-                if let Ok(cur) = cgroup::read_set(&g.dir, kind)
-                    && !value(g).is_subset(&cur)
-                    && let Err(e) = cgroup::write_set(&g.dir, kind, &cur.union(&all))
+                if let Ok(eff) = cgroup::read_effective(&g.dir, kind)
+                    && !value(g).is_subset(&eff)
+                    && let Ok(base) = cgroup::widen_base(&g.dir, kind)
+                    && let Err(e) = cgroup::write_set(&g.dir, kind, &base.union(&all))
                 {
                     self.note_io(&g.dir, &e, &mut problems);
                 }
             }
+            let Some(fs) = self.cpuset.clone() else {
+                continue;
+            };
             for g in o.groups.iter().rev() {
-                if let Err(e) = cgroup::write_set(&g.dir, kind, &value(g)) {
+                if let Err(e) = cgroup::write_recorded(&fs, &g.dir, kind, &value(g)) {
                     self.note_io(&g.dir, &e, &mut problems);
                 }
             }

@@ -1,0 +1,206 @@
+//! The tick loop with the real Linux applier on a real process (needs root): an
+//! action applied and journaled, a crash with an action in flight, and the next
+//! start finishing or reverting it; restore on exit.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use balancer::daemon::config::Config;
+use balancer::daemon::journal::{Journal, Recovery};
+use balancer::daemon::run::{Daemon, Shutdown};
+use balancer::daemon::{Policy, hostview};
+use balancer::host::Observer;
+use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, sys};
+use balancer::model::{
+    Action, ActionOutcome, CpuSet, Plan, PlannedAction, Reason, Snapshot, Vcpu, Vm,
+};
+
+struct Fixed(Snapshot);
+impl Observer for Fixed {
+    type Error = std::io::Error;
+    fn observe(&mut self) -> Result<Snapshot, std::io::Error> {
+        Ok(self.0.clone())
+    }
+}
+
+struct Once(Vec<Plan>);
+impl Policy for Once {
+    fn plan(&mut self, _s: &Snapshot) -> Plan {
+        self.0.pop().unwrap_or_default()
+    }
+    fn feedback(&mut self, _a: &PlannedAction, _o: &ActionOutcome) {}
+}
+
+fn spawn() -> (Child, u32, [u32; 2]) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_actuate_target"))
+        .arg((1u64 << 20).to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let f: Vec<u32> = line
+        .split_whitespace()
+        .take(3)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (child, f[0], [f[1], f[2]])
+}
+
+fn set_cpus(vm: u32, cpus: &str) -> PlannedAction {
+    PlannedAction {
+        vm,
+        action: Action::SetCpus {
+            vcpus: None,
+            cpus: CpuSet::parse_list(cpus).unwrap(),
+        },
+        reason: Reason::CpuImbalance {
+            from: 0,
+            to: 0,
+            imbalance_pct: 50.0,
+        },
+    }
+}
+
+fn affinity(tids: [u32; 2]) -> Vec<String> {
+    tids.iter()
+        .map(|t| sys::get_affinity(*t).unwrap().to_string())
+        .collect()
+}
+
+fn daemon(state: &Path, snap: &Snapshot, plans: Vec<Plan>) -> Daemon<Fixed, LinuxApplier, Once> {
+    let cfg = Config {
+        state_dir: state.to_path_buf(),
+        runtime_dir: state.join("run"),
+        ..Config::default()
+    };
+    let applier = LinuxApplier::new(ApplierConfig::default());
+    let journal = Journal::open(state).unwrap();
+    Daemon::new(
+        cfg,
+        Fixed(snap.clone()),
+        applier,
+        Once(plans),
+        Some(journal),
+        Shutdown::new(),
+        false,
+    )
+}
+
+#[test]
+fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let online = hostview::read_topology(Path::new("/sys"))
+        .unwrap()
+        .all_cpus();
+    if online.len() < 2 {
+        eprintln!("skipped: needs 2 CPUs");
+        return;
+    }
+    let all = online.to_string();
+    let (mut child, pid, tids) = spawn();
+    let snap = Snapshot {
+        topology: hostview::read_topology(Path::new("/sys")).unwrap(),
+        vms: vec![Vm {
+            pid,
+            name: "recovery-target".into(),
+            vcpus: (0..2)
+                .map(|i| Vcpu {
+                    index: i,
+                    tid: tids[i as usize],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let state: PathBuf = std::env::temp_dir().join(format!("vmb-recovery-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+
+    // Run 1: one action applied, read back, journaled with the original sets.
+    let mut d = daemon(
+        &state,
+        &snap,
+        vec![Plan {
+            actions: vec![set_cpus(pid, "1")],
+        }],
+    );
+    let r = d.tick();
+    assert_eq!(r.applied, 1);
+    assert_eq!(affinity(tids), vec!["1", "1"]);
+    // Crash (no finish): the journal survives with the originals.
+    drop(d);
+    let mut j = Journal::open(&state).unwrap();
+    assert_eq!(
+        j.entries()[&pid].original.threads[&tids[0]].to_string(),
+        all
+    );
+    // ... and, as if killed mid-action, with a move to CPU 0 in flight.
+    j.begin(&set_cpus(pid, "0"), 1).unwrap();
+    drop(j);
+
+    // Run 2: recovery finishes the valid move.
+    let mut d = daemon(&state, &snap, vec![]);
+    let done = d.recover().unwrap();
+    assert_eq!(done.len(), 1);
+    assert!(matches!(done[0].1, Recovery::Finish(_)));
+    assert_eq!(done[0].2, ActionOutcome::Done { moved_bytes: 0 });
+    assert_eq!(affinity(tids), vec!["0", "0"]);
+    drop(d);
+
+    // Run 3: a move in flight onto CPUs that are not online is reverted instead.
+    let mut j = Journal::open(&state).unwrap();
+    j.begin(&set_cpus(pid, "4000"), 1).unwrap();
+    drop(j);
+    let mut d = daemon(&state, &snap, vec![]);
+    let done = d.recover().unwrap();
+    assert!(matches!(done[0].1, Recovery::Revert(_)), "{done:?}");
+    assert_eq!(affinity(tids), vec![all.clone(), all.clone()]);
+    assert!(d.journal().unwrap().entries()[&pid].in_flight.is_none());
+
+    // Restore on exit puts back the originals and clears the journal.
+    let mut d = daemon(
+        &state,
+        &snap,
+        vec![Plan {
+            actions: vec![set_cpus(pid, "1")],
+        }],
+    );
+    d.recover().unwrap();
+    d.tick();
+    assert_eq!(affinity(tids), vec!["1", "1"]);
+    d.finish();
+    assert_eq!(affinity(tids), vec![all.clone(), all]);
+    assert!(Journal::open(&state).unwrap().entries().is_empty());
+
+    // The VM exits: the next start forgets it quietly.
+    let mut j = Journal::open(&state).unwrap();
+    j.adopt(balancer::host::linux::actuate::OriginalSets {
+        vm: pid,
+        start_time_ticks: balancer::host::linux::actuate::process_start_ticks(
+            Path::new("/proc"),
+            pid,
+        )
+        .unwrap(),
+        threads: Default::default(),
+        groups: vec![],
+    })
+    .unwrap();
+    j.begin(&set_cpus(pid, "0"), 1).unwrap();
+    drop(j);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    let mut d = daemon(&state, &snap, vec![]);
+    let done = d.recover().unwrap();
+    assert_eq!(done[0].1, Recovery::Forget);
+    assert!(d.journal().unwrap().entries().is_empty());
+    std::fs::remove_dir_all(&state).unwrap();
+}
