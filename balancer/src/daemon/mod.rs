@@ -20,6 +20,7 @@ pub mod control;
 pub mod hostview;
 pub mod journal;
 pub mod notify;
+pub mod policy;
 pub mod prometheus;
 pub mod run;
 pub mod status;
