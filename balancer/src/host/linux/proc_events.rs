@@ -11,7 +11,7 @@
 //! Wire format (all host-endian): `nlmsghdr` (16 bytes), `cn_msg` (id.idx, id.val, seq,
 //! ack: u32; len, flags: u16 = 20 bytes), then `proc_event`: what u32, cpu u32,
 //! timestamp_ns u64, and the event data (exec: pid, tgid; exit: pid, tgid, code,
-//! signal, parent pid, parent tgid; comm: pid, tgid, comm[16]).
+//! signal, parent pid, parent tgid; comm: pid, tgid, `comm[16]`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
