@@ -324,6 +324,7 @@ fn malformed_host_files_are_clear_errors() {
         err.contains("node1/meminfo") && err.contains("MemTotal"),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(root);
 
     let root = scratch_copy("handmade-2node", "dist");
     std::fs::write(root.join("sys/devices/system/node/node0/distance"), "10\n").unwrap();
