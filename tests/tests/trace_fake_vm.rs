@@ -143,7 +143,9 @@ fn observer_notices_start_and_exit_without_rescanning() {
         .expect("new VM found");
     assert_eq!(found.vcpus.len(), 2);
     assert_eq!(found.memory.bytes_per_node.iter().sum::<u64>(), 64 * MIB);
-    if o.proc_events_unavailable().is_none() {
+    if o.proc_events_unavailable().is_none() && o.counters().proc_event_overflows == 0 {
+        // Found from connector events; a busy host may overflow the socket, and then
+        // the observer rightly rescans.
         assert_eq!(
             o.counters().full_scans,
             scans,

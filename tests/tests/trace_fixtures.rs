@@ -267,6 +267,7 @@ fn malformed_vm_files_skip_that_vm_only() {
     let (o, s) = observe(&root).unwrap();
     assert!(s.vms.is_empty());
     assert_eq!(o.counters().vms_skipped, 2);
+    let _ = std::fs::remove_dir_all(root);
 
     // Missing fields in status; a cmdline that is garbage is still a VM (named by comm
     // or scope), not a failure.
@@ -323,11 +324,13 @@ fn malformed_host_files_are_clear_errors() {
         err.contains("node1/meminfo") && err.contains("MemTotal"),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(root);
 
     let root = scratch_copy("handmade-2node", "dist");
     std::fs::write(root.join("sys/devices/system/node/node0/distance"), "10\n").unwrap();
     let err = observe(&root).unwrap_err().to_string();
     assert!(err.contains("distance"), "{err}");
+    let _ = std::fs::remove_dir_all(root);
 
     let root = scratch_copy("handmade-2node", "online");
     std::fs::write(root.join("sys/devices/system/cpu/online"), "0-\n").unwrap();

@@ -46,24 +46,30 @@ fn main() -> anyhow::Result<()> {
     );
 
     let len = mem_mib << 20;
-    // SAFETY: a fresh private anonymous mapping; checked for MAP_FAILED below.
-    let ptr = unsafe {
+    let page = 4096;
+    // Reserve a guard page on each side (PROT_NONE, as qemu does) so the kernel never
+    // merges guest RAM with a neighbouring anonymous mapping such as a thread stack.
+    // SAFETY: a fresh private anonymous reservation; checked for MAP_FAILED below.
+    let reserved = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            len + 2 * page,
+            libc::PROT_NONE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
     };
     anyhow::ensure!(
-        ptr != libc::MAP_FAILED,
+        reserved != libc::MAP_FAILED,
         "mmap: {}",
         std::io::Error::last_os_error()
     );
+    let ptr = (reserved as usize + page) as *mut libc::c_void;
+    // SAFETY: the range lies inside the reservation made above.
+    let rc = unsafe { libc::mprotect(ptr, len, libc::PROT_READ | libc::PROT_WRITE) };
+    anyhow::ensure!(rc == 0, "mprotect: {}", std::io::Error::last_os_error());
     let base = ptr as usize;
-    let page = 4096;
     for off in (0..len).step_by(page) {
         // SAFETY: off < len, inside the mapping.
         unsafe { ((base + off) as *mut u8).write_volatile(1) };

@@ -132,6 +132,31 @@ pub fn render(r: &TraceReport) -> String {
         let _ = write!(o, " {:>8}", mib(n.mem_total_bytes));
     }
     let _ = writeln!(o);
+    let mut sizes: Vec<u64> = r
+        .nodes
+        .iter()
+        .flat_map(|n| &n.hugepages)
+        .filter(|p| p.total_pages > 0)
+        .map(|p| p.page_size_bytes)
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for size in sizes {
+        let _ = write!(
+            o,
+            "{:>8} {:<16}",
+            "",
+            format!("Huge {} free", human_size(size))
+        );
+        for n in &r.nodes {
+            let pool = n.hugepages.iter().find(|p| p.page_size_bytes == size);
+            let cell = pool.map_or("-".to_string(), |p| {
+                format!("{}/{}", p.free_pages, p.total_pages)
+            });
+            let _ = write!(o, " {cell:>8}");
+        }
+        let _ = writeln!(o);
+    }
     let _ = write!(o, "{:>8} {:<16}", "", "vCPUs on node");
     for n in &r.nodes {
         let _ = write!(o, " {:>8}", n.vcpus);
@@ -163,6 +188,16 @@ pub fn render(r: &TraceReport) -> String {
         }
     }
     o
+}
+
+fn human_size(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{}G", bytes >> 30)
+    } else if bytes >= 1 << 20 {
+        format!("{}M", bytes >> 20)
+    } else {
+        format!("{}K", bytes >> 10)
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -11,7 +11,7 @@
 //! Wire format (all host-endian): `nlmsghdr` (16 bytes), `cn_msg` (id.idx, id.val, seq,
 //! ack: u32; len, flags: u16 = 20 bytes), then `proc_event`: what u32, cpu u32,
 //! timestamp_ns u64, and the event data (exec: pid, tgid; exit: pid, tgid, code,
-//! signal, parent pid, parent tgid; comm: pid, tgid, comm[16]).
+//! signal, parent pid, parent tgid; comm: pid, tgid, `comm[16]`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -83,6 +83,24 @@ impl ProcEvents {
         }
         // SAFETY: raw is a fresh, valid fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Every fork and exit on the host is an event: a large buffer rides out bursts
+        // between two drains (FORCE passes rmem_max with CAP_NET_ADMIN).
+        let size: libc::c_int = 8 << 20;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt reads one c_int.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    &size as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
         // SAFETY: zeroed sockaddr_nl is valid; fields set below.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
