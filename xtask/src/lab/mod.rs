@@ -261,8 +261,11 @@ impl Lab {
             timeout,
             "[guest] ",
             &echo,
-        )?;
-        let console = self.work.join(format!("console-{tag}.log"));
+        )
+        .with_context(|| format!("scenario {} on kernel {}", s.name, self.kernel_gen.label()))?;
+        let console = self
+            .work
+            .join(format!("console-{tag}-{}.log", self.kernel_gen.label()));
         std::fs::write(&console, boot.lines.join("\n"))
             .with_context(|| format!("writing {}", console.display()))?;
         eprintln!("lab: full console log in {}", console.display());
