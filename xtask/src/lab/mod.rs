@@ -380,6 +380,7 @@ fn compare_runs(
     };
     let mut rows = Vec::new();
     let mut timings = Vec::new();
+    let mut before_after = Vec::new();
     for b in &balancers {
         let r = lab.run_scenario(&s, &format!("--balancer {b}"), &format!("{name}-{b}"))?;
         timings.push(format!(
@@ -388,7 +389,9 @@ fn compare_runs(
             r.init_s.map_or("?".into(), |t| format!("{t:.1} s"))
         ));
         if show_before_after {
-            println!("\n{}", compare::before_after(b, &r.samples));
+            let text = compare::before_after(b, &r.samples);
+            println!("\n{text}");
+            before_after.push(text);
         }
         let summary = r
             .summary
@@ -403,11 +406,15 @@ fn compare_runs(
     );
     println!("Boot timings: {}", timings.join("; "));
     if let Some(out) = out {
-        let cmd = format!(
-            "cargo xtask lab --compare {name} --balancers {} --kernel {}",
-            balancers.join(","),
-            lab.kernel_gen.label()
-        );
+        let cmd = if show_before_after {
+            format!("cargo xtask lab demo --kernel {}", lab.kernel_gen.label())
+        } else {
+            format!(
+                "cargo xtask lab --compare {name} --balancers {} --kernel {}",
+                balancers.join(","),
+                lab.kernel_gen.label()
+            )
+        };
         let text = format!(
             "# Lab comparison: scenario `{name}`\n\nCommand:\n\n    {cmd}\n\nScenario: {}\n\
              Guest: kernel {} (Debian), QEMU TCG, 4 nodes x 2 CPUs x 2 GiB, SLIT 10/21/31.\n\n{table}\n\
@@ -421,6 +428,14 @@ fn compare_runs(
             lab.kernel_gen.label(),
             timings.join("; ")
         );
+        let text = if before_after.is_empty() {
+            text
+        } else {
+            format!(
+                "{text}\nBefore and after, per VM:\n\n```\n{}```\n",
+                before_after.join("\n")
+            )
+        };
         std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("lab: wrote {}", out.display());
     }
