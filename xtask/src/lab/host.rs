@@ -69,11 +69,17 @@ pub struct Binaries {
 /// Builds the guest binaries (release: the fake VM's touch loop runs under TCG).
 pub fn build_binaries(workspace: &Path, target_dir: &Path) -> anyhow::Result<Binaries> {
     let release = target_dir.join("release");
+    // vmbalancer-tests depends on the balancer library, whose build script builds
+    // the eBPF programs: without the eBPF toolchain this fails too.
     run_checked(
         "cargo build -p vmbalancer-tests",
         Command::new("cargo")
             .args(["build", "--release", "-p", "vmbalancer-tests", "--bins"])
             .current_dir(workspace),
+    )
+    .context(
+        "building the lab's guest programs failed; if the error names the eBPF \
+         toolchain (nightly, rust-src, bpf-linker), run `cargo xtask setup` first",
     )?;
     let status = Command::new("cargo")
         .args([

@@ -78,10 +78,34 @@ pub fn parse(line: &str) -> Option<Record> {
     serde_json::from_str(json).ok()
 }
 
+/// Drops ANSI escape sequences (the firmware clears the screen on boot).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in '@'..='~'.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
 /// How a console line is shown on the host terminal (`None` hides it).
 pub fn render(line: &str) -> Option<String> {
     let Some(record) = parse(line) else {
-        return Some(line.to_string());
+        return Some(strip_ansi(line));
     };
     Some(match record {
         Record::Start {
@@ -162,5 +186,6 @@ mod tests {
         ));
         assert!(parse("[    0.000000] Linux version 6.1.0").is_none());
         assert_eq!(render("plain").as_deref(), Some("plain"));
+        assert_eq!(render("a\x1b[?7l\x1b[2Jb\x1bcc").as_deref(), Some("abc"));
     }
 }

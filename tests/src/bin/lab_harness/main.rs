@@ -100,8 +100,8 @@ fn run() -> anyhow::Result<bool> {
 
     vms::setup_cgroups(scenario.cgroup)?;
     vms::setup_sysctls(&scenario, &nodes)?;
-    let running = vms::start_all(&scenario, &nodes)?;
-    vms::wait_ready(&running, Duration::from_secs(180))?;
+    let mut running = vms::start_all(&scenario, &nodes)?;
+    vms::wait_ready(&mut running, Duration::from_secs(180))?;
 
     for a in scenario.assertions.iter().filter(|a| {
         !a.is_boot_time()

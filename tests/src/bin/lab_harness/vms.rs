@@ -200,10 +200,19 @@ pub fn start_all(scenario: &Scenario, _nodes: &[NodeInfo]) -> anyhow::Result<Vec
     Ok(out)
 }
 
-/// Waits until every VM placed its memory (its progress file appeared).
-pub fn wait_ready(vms: &[RunningVm], limit: Duration) -> anyhow::Result<()> {
+/// Waits until every VM placed its memory (its progress file appeared); fails
+/// at once if a VM exited (e.g. no huge pages for a hugetlb VM).
+pub fn wait_ready(vms: &mut [RunningVm], limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
+        for vm in vms.iter_mut() {
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                bail!(
+                    "fake VM {} exited during start-up ({status}); see its message above",
+                    vm.name
+                );
+            }
+        }
         let waiting: Vec<&str> = vms
             .iter()
             .filter(|v| !v.progress.exists())

@@ -1,0 +1,270 @@
+//! One prepared lab (packages, kernel, guest programs, base initramfs) and the
+//! runs made with it: a scenario per boot, a list of scenarios, a comparison.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use super::scenarios::{ScenarioFile, load_scenario};
+use super::{KernelGen, Paths, compare, host, initramfs, kernel, qemu, results};
+
+/// Everything prepared once per `cargo xtask lab` invocation.
+pub struct Lab {
+    pub paths: Paths,
+    pub kernel_gen: KernelGen,
+    kernel: PathBuf,
+    base: PathBuf,
+    work: PathBuf,
+    verbose: bool,
+    timeout_override: Option<u64>,
+}
+
+/// One finished guest run.
+pub struct RunResult {
+    pub ok: bool,
+    pub summary: Option<results::Summary>,
+    pub captures: Vec<(String, String)>,
+    pub samples: Vec<results::Sample>,
+    pub boot_s: f64,
+    pub init_s: Option<f64>,
+}
+
+impl Lab {
+    /// Installs packages, fetches the kernel, builds binaries and the base initramfs.
+    pub fn prepare(
+        kernel_gen: KernelGen,
+        verbose: bool,
+        timeout_override: Option<u64>,
+    ) -> anyhow::Result<Self> {
+        let paths = Paths::discover();
+        host::ensure_packages()?;
+        let kernel = kernel::ensure(&paths.target, kernel_gen)?;
+        let bins = host::build_binaries(&paths.workspace, &paths.target)?;
+        let work = paths.target.join("lab").join("work");
+        std::fs::create_dir_all(&work)?;
+        let base = initramfs::build_base(&work, &bins)?;
+        Ok(Self {
+            paths,
+            kernel_gen,
+            kernel,
+            base,
+            work,
+            verbose,
+            timeout_override,
+        })
+    }
+
+    fn initrd(
+        &self,
+        s: &ScenarioFile,
+        harness_args: &str,
+        shell: bool,
+        tag: &str,
+    ) -> anyhow::Result<PathBuf> {
+        initramfs::build_initrd(
+            &self.work,
+            &self.base,
+            &initramfs::RunFiles {
+                scenario_toml: &s.text,
+                harness_args,
+                shell,
+            },
+            tag,
+        )
+    }
+
+    /// Boots the guest once for scenario `s` with extra harness arguments.
+    pub fn run_scenario(
+        &self,
+        s: &ScenarioFile,
+        extra: &str,
+        tag: &str,
+    ) -> anyhow::Result<RunResult> {
+        let args = format!(
+            "--scenario /lab/scenario.toml --name {} --kernel {} {extra}",
+            s.name,
+            self.kernel_gen.label()
+        );
+        let initrd = self.initrd(s, &args, false, tag)?;
+        let timeout = Duration::from_secs(self.timeout_override.unwrap_or(s.timeout_s));
+        eprintln!(
+            "lab: booting kernel {} ({}) for scenario {} ({tag}), timeout {} s",
+            self.kernel_gen.label(),
+            self.kernel.display(),
+            s.name,
+            timeout.as_secs()
+        );
+        let verbose = self.verbose;
+        let seen_init = std::cell::Cell::new(false);
+        let echo = |line: &str| -> Option<String> {
+            if line.contains("@@VMBLAB-INIT@@") {
+                seen_init.set(true);
+            }
+            if !verbose && !seen_init.get() && !line.starts_with("qemu:") {
+                return None; // the kernel's boot log
+            }
+            results::render(line)
+        };
+        let boot = qemu::run(
+            qemu::command(&self.kernel, &initrd, ""),
+            timeout,
+            "[guest] ",
+            &echo,
+        )
+        .with_context(|| format!("scenario {} on kernel {}", s.name, self.kernel_gen.label()))?;
+        let console = self
+            .work
+            .join(format!("console-{tag}-{}.log", self.kernel_gen.label()));
+        std::fs::write(&console, boot.lines.join("\n"))
+            .with_context(|| format!("writing {}", console.display()))?;
+        eprintln!("lab: full console log in {}", console.display());
+        let mut ok = None;
+        let mut summary = None;
+        let mut captures = Vec::new();
+        let mut samples = Vec::new();
+        for line in &boot.lines {
+            match results::parse(line) {
+                Some(results::Record::Done { ok: o, .. }) => ok = Some(o),
+                Some(results::Record::Summary(s)) => summary = Some(s),
+                Some(results::Record::Capture { path, data }) => captures.push((path, data)),
+                Some(results::Record::Sample(s)) => samples.push(s),
+                _ => {}
+            }
+        }
+        let r = RunResult {
+            ok: ok.unwrap_or(false),
+            summary,
+            captures,
+            samples,
+            boot_s: boot.elapsed.as_secs_f64(),
+            init_s: boot.init_after.map(|d| d.as_secs_f64()),
+        };
+        eprintln!(
+            "lab: {} on kernel {}: guest ran {:.1} s (init reached after {}), verdict {}",
+            s.name,
+            self.kernel_gen.label(),
+            r.boot_s,
+            r.init_s.map_or("never".into(), |s| format!("{s:.1} s")),
+            if r.ok { "PASS" } else { "FAIL" }
+        );
+        if ok.is_none() {
+            bail!(
+                "the guest powered off without a verdict for {} (see the console above)",
+                s.name
+            );
+        }
+        Ok(r)
+    }
+
+    pub fn shell(&self) -> anyhow::Result<()> {
+        let s = ScenarioFile {
+            name: "shell".into(),
+            text: std::fs::read_to_string(self.paths.scenarios.join("boot.toml"))
+                .unwrap_or_default(),
+            description: String::new(),
+            timeout_s: 0,
+            compare: Vec::new(),
+        };
+        let initrd = self.initrd(
+            &s,
+            "--scenario /lab/scenario.toml --name boot",
+            true,
+            "shell",
+        )?;
+        qemu::interactive(qemu::command(&self.kernel, &initrd, ""))
+    }
+}
+
+pub fn run_with(lab: &Lab, names: &[String], balancer: Option<&str>) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for name in names {
+        let s = load_scenario(&lab.paths, name)?;
+        let extra = balancer.map_or(String::new(), |b| format!("--balancer {b}"));
+        let r = lab.run_scenario(&s, &extra, name)?;
+        if !r.ok {
+            failed.push(name.clone());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("lab scenario(s) failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+pub fn compare_runs(
+    lab: &Lab,
+    name: &str,
+    balancers: &[String],
+    out: Option<&Path>,
+    show_before_after: bool,
+) -> anyhow::Result<()> {
+    let s = load_scenario(&lab.paths, name)?;
+    let balancers = if balancers.is_empty() {
+        s.compare.clone()
+    } else {
+        balancers.to_vec()
+    };
+    let mut rows = Vec::new();
+    let mut timings = Vec::new();
+    let mut before_after = Vec::new();
+    for b in &balancers {
+        let r = lab.run_scenario(&s, &format!("--balancer {b}"), &format!("{name}-{b}"))?;
+        timings.push(format!(
+            "{b}: guest ran {:.0} s (init after {})",
+            r.boot_s,
+            r.init_s.map_or("?".into(), |t| format!("{t:.1} s"))
+        ));
+        if show_before_after {
+            let text = compare::before_after(b, &r.samples);
+            println!("\n{text}");
+            before_after.push(text);
+        }
+        let summary = r
+            .summary
+            .with_context(|| format!("the {b} run of {name} reported no summary"))?;
+        rows.push(summary);
+    }
+    let table = compare::table(&rows);
+    println!(
+        "\nScenario {name} ({}), kernel {}:\n\n{table}",
+        s.description,
+        lab.kernel_gen.label()
+    );
+    println!("Boot timings: {}", timings.join("; "));
+    if let Some(out) = out {
+        let cmd = if show_before_after {
+            format!("cargo xtask lab demo --kernel {}", lab.kernel_gen.label())
+        } else {
+            format!(
+                "cargo xtask lab --compare {name} --balancers {} --kernel {}",
+                balancers.join(","),
+                lab.kernel_gen.label()
+            )
+        };
+        let text = format!(
+            "# Lab comparison: scenario `{name}`\n\nCommand:\n\n    {cmd}\n\nScenario: {}\n\
+             Guest: kernel {} (Debian), QEMU TCG, 4 nodes x 2 CPUs x 2 GiB, SLIT 10/21/31.\n\n{table}\n\
+             Columns: `loc@Ts` is the page-weighted mean over VMs of the share of each VM's memory on the\n\
+             node where its vCPUs ran most in the preceding interval; `t->0.9` is the first sample at which\n\
+             that mean reached 0.9; pages migrated are /proc/vmstat deltas over the run; CPU balance is\n\
+             least/most loaded node by vCPU time (1 = even), averaged over samples; work is memory touches\n\
+             by the fake VMs' vCPUs, and `work vs first` the ratio to the first row of the same command.\n\n\
+             Boot timings: {}\n",
+            s.description,
+            lab.kernel_gen.label(),
+            timings.join("; ")
+        );
+        let text = if before_after.is_empty() {
+            text
+        } else {
+            format!(
+                "{text}\nBefore and after, per VM:\n\n```\n{}```\n",
+                before_after.join("\n")
+            )
+        };
+        std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("lab: wrote {}", out.display());
+    }
+    Ok(())
+}
