@@ -83,7 +83,10 @@ fn is_root() -> bool {
 
 fn host_snapshot(vms: Vec<Vm>) -> Snapshot {
     Snapshot {
-        topology: balancer::daemon::hostview::read_topology(Path::new("/sys")).unwrap(),
+        topology: balancer::host::linux::topology::read_topology(
+            &balancer::host::linux::HostPaths::system(),
+        )
+        .unwrap(),
         vms,
         ..Default::default()
     }

@@ -6,12 +6,13 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use balancer::daemon::Policy;
 use balancer::daemon::config::Config;
 use balancer::daemon::journal::{Journal, Recovery};
 use balancer::daemon::run::{Daemon, Shutdown};
-use balancer::daemon::{Policy, hostview};
 use balancer::host::Observer;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, sys};
+use balancer::host::linux::{HostPaths, topology::read_topology};
 use balancer::model::{
     Action, ActionOutcome, CpuSet, Plan, PlannedAction, Reason, Snapshot, Vcpu, Vm,
 };
@@ -97,9 +98,7 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
         eprintln!("skipped: needs root");
         return;
     }
-    let online = hostview::read_topology(Path::new("/sys"))
-        .unwrap()
-        .all_cpus();
+    let online = read_topology(&HostPaths::system()).unwrap().all_cpus();
     if online.len() < 2 {
         eprintln!("skipped: needs 2 CPUs");
         return;
@@ -107,7 +106,7 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
     let all = online.to_string();
     let (mut child, pid, tids) = spawn();
     let snap = Snapshot {
-        topology: hostview::read_topology(Path::new("/sys")).unwrap(),
+        topology: read_topology(&HostPaths::system()).unwrap(),
         vms: vec![Vm {
             pid,
             name: "recovery-target".into(),
@@ -131,6 +130,7 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
         &snap,
         vec![Plan {
             actions: vec![set_cpus(pid, "1")],
+            ..Default::default()
         }],
     );
     let r = d.tick();
@@ -172,6 +172,7 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
         &snap,
         vec![Plan {
             actions: vec![set_cpus(pid, "1")],
+            ..Default::default()
         }],
     );
     d.recover().unwrap();

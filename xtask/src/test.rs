@@ -2,7 +2,8 @@
 //! fails fastest: formatting, clippy (userspace with the stable toolchain, the eBPF
 //! crate with the nightly for `bpfel-unknown-none`), `systemd-analyze verify` of the
 //! unit, then unit and integration tests (the eBPF integration tests need root; CI
-//! runs as root, elsewhere they skip with a message).
+//! runs as root, elsewhere they skip with a message), then the lab's CI scenarios on
+//! a 4-node guest kernel.
 
 use std::path::Path;
 use std::process::Command;
@@ -40,6 +41,8 @@ pub fn main(_args: Args) -> anyhow::Result<()> {
     build::build(false)?;
     verify_unit()?;
     run_step("tests", cargo().args(["test", "--workspace"]))?;
+    // NUMA behaviour is proven on a real 4-node kernel: the lab's CI scenarios.
+    crate::lab::ci()?;
     eprintln!("xtask test: all steps passed");
     Ok(())
 }

@@ -14,6 +14,7 @@ use crate::daemon::advice::{self, Params, Request};
 use crate::daemon::config::Config;
 use crate::daemon::control::{self, ClientError, Response};
 use crate::daemon::hostview;
+use crate::host::linux::topology;
 use crate::model::Snapshot;
 
 /// Arguments of `vmbalancer advise`.
@@ -57,7 +58,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             Err(e) => tracing::debug!(error = %e, "daemon unreachable, looking directly"),
         }
     }
-    let topology = hostview::read_topology(&cfg.sys_root).context("reading the NUMA nodes")?;
+    let topology =
+        topology::read_topology(&super::run::host_paths(&cfg)).context("reading the NUMA nodes")?;
     let busy = hostview::busy_cpus_per_node(&cfg.proc_root, &topology, Duration::from_millis(200))
         .context("sampling CPU load")?;
     let snapshot = Snapshot {

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::daemon::config::{Config, Overrides, PinnedVms, VmSelector};
-use crate::daemon::hostview::HostView;
 use crate::daemon::journal::Journal;
-use crate::daemon::run::{Daemon, NoActions, Shutdown, run};
+use crate::daemon::policy::EnginePolicy;
+use crate::daemon::run::{Daemon, Shutdown, run};
 use crate::host::linux::actuate::{ApplierConfig, LinuxApplier};
+use crate::host::linux::{HostPaths, LinuxObserver, ObserverConfig};
 use crate::host::logonly::LogOnly;
 use crate::model::CpuSet;
 
@@ -117,9 +118,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     let shutdown = Shutdown::new();
-    // Node-level observation; VM discovery plugs in behind the same Observer trait.
-    let observer = HostView::new(&cfg.sys_root);
-    let policy = NoActions;
+    let observer = LinuxObserver::new(host_paths(&cfg), ObserverConfig::default())
+        .context("observing the host")?;
+    let policy = EnginePolicy::new(&cfg);
     if args.dry_run {
         let d = Daemon::new(
             cfg,
@@ -161,5 +162,14 @@ pub fn applier_config(cfg: &Config) -> ApplierConfig {
         batch_pages: cfg.migration_batch_pages,
         headroom_bytes: cfg.memory_headroom_bytes,
         reserved_cpus: cfg.reserved_cpus.clone(),
+    }
+}
+
+/// Where the observer reads the host, from the daemon's configuration.
+pub fn host_paths(cfg: &Config) -> HostPaths {
+    HostPaths {
+        proc: cfg.proc_root.clone(),
+        sys: cfg.sys_root.clone(),
+        cgroup: cfg.cgroup_root.clone(),
     }
 }

@@ -1,17 +1,15 @@
-//! A minimal reader of the host for advice: node CPUs, free memory, distances and
-//! CPU load per node, straight from sysfs and `/proc/stat`.
+//! CPU load per node from `/proc/stat`.
 //!
 //! Why it exists: `vmbalancer advise` must answer even when the daemon is not running,
-//! and it only needs the node table, not VM discovery. It is also an [`Observer`] of
-//! a host without VMs, so the daemon can run (and be tested) before full observation
-//! is plugged in. Roots are parameters, so tests read fixture trees.
+//! and numad's advice weighs nodes by how busy their CPUs are, which per-VM demand
+//! does not capture (other processes run too). The daemon samples the same way once
+//! per tick. The root is a parameter, so tests read fixture trees.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::host::Observer;
-use crate::model::{CpuSet, Node, NodeMemory, Snapshot, Topology};
+use crate::model::Topology;
 
 /// Why the host could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -27,69 +25,6 @@ fn read(path: &Path) -> Result<String, HostViewError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Reads the node table under `sys_root` (`devices/system/node/nodeN`).
-pub fn read_topology(sys_root: &Path) -> Result<Topology, HostViewError> {
-    let base = sys_root.join("devices/system/node");
-    let mut ids: Vec<u32> = std::fs::read_dir(&base)
-        .map_err(|source| HostViewError::Io {
-            path: base.clone(),
-            source,
-        })?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
-        .collect();
-    ids.sort_unstable();
-    let mut nodes = Vec::new();
-    let mut distance = Vec::new();
-    for id in ids {
-        let dir = base.join(format!("node{id}"));
-        let cpulist = dir.join("cpulist");
-        let cpus = CpuSet::parse_list(&read(&cpulist)?).map_err(|e| HostViewError::Format {
-            path: cpulist.clone(),
-            why: e.to_string(),
-        })?;
-        let meminfo_path = dir.join("meminfo");
-        let meminfo = read(&meminfo_path)?;
-        let field = |name: &str| -> Option<u64> {
-            meminfo.lines().find_map(|l| {
-                let rest = l.split_once(&format!(" {name}:"))?.1;
-                Some(rest.split_whitespace().next()?.parse::<u64>().ok()? * 1024)
-            })
-        };
-        let (Some(total_bytes), Some(free_bytes)) = (field("MemTotal"), field("MemFree")) else {
-            return Err(HostViewError::Format {
-                path: meminfo_path,
-                why: "no MemTotal/MemFree".into(),
-            });
-        };
-        let row = read(&dir.join("distance"))
-            .ok()
-            .map(|d| {
-                d.split_whitespace()
-                    .filter_map(|v| v.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        distance.push(row);
-        nodes.push(Node {
-            id,
-            smt_siblings: cpus.iter().map(|c| std::iter::once(c).collect()).collect(),
-            cpus,
-            memory: NodeMemory {
-                total_bytes,
-                free_bytes,
-                file_bytes: field("FilePages").unwrap_or(0),
-                hugepages: Vec::new(),
-            },
-        });
-    }
-    // A distance table is only used when it is square and matches the nodes.
-    if distance.iter().any(|r: &Vec<u32>| r.len() != nodes.len()) {
-        distance.clear();
-    }
-    Ok(Topology { nodes, distance })
 }
 
 /// Busy jiffies and total jiffies per CPU from `/proc/stat`.
@@ -175,77 +110,15 @@ impl CpuSampler {
     }
 }
 
-/// An observer of nodes only (no VM discovery).
-#[derive(Debug)]
-pub struct HostView {
-    sys_root: PathBuf,
-    started: Instant,
-}
-
-impl HostView {
-    pub fn new(sys_root: &Path) -> Self {
-        Self {
-            sys_root: sys_root.to_path_buf(),
-            started: Instant::now(),
-        }
-    }
-}
-
-impl Observer for HostView {
-    type Error = HostViewError;
-    fn observe(&mut self) -> Result<Snapshot, HostViewError> {
-        Ok(Snapshot {
-            now_ns: self.started.elapsed().as_nanos() as u64,
-            topology: read_topology(&self.sys_root)?,
-            ..Default::default()
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fixture() -> PathBuf {
-        let root = std::env::temp_dir().join(format!("vmb-hostview-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        for (id, cpus, free_kb) in [(0, "0-1", 1000), (1, "2-3", 3000)] {
-            let d = root.join(format!("devices/system/node/node{id}"));
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("cpulist"), format!("{cpus}\n")).unwrap();
-            std::fs::write(
-                d.join("meminfo"),
-                format!(
-                    "Node {id} MemTotal:       4000 kB\nNode {id} MemFree:        {free_kb} kB\n\
-                     Node {id} FilePages:      10 kB\n"
-                ),
-            )
-            .unwrap();
-            std::fs::write(
-                d.join("distance"),
-                if id == 0 { "10 21\n" } else { "21 10\n" },
-            )
-            .unwrap();
-        }
-        std::fs::create_dir_all(root.join("devices/system/node/possible-not-a-node")).unwrap();
-        root
-    }
-
-    #[test]
-    fn reads_fixture_nodes() {
-        let root = fixture();
-        let t = read_topology(&root).unwrap();
-        assert_eq!(t.nodes.len(), 2);
-        assert_eq!(t.nodes[1].cpus.to_string(), "2-3");
-        assert_eq!(t.nodes[1].memory.free_bytes, 3000 * 1024);
-        assert_eq!(t.nodes[0].memory.file_bytes, 10 * 1024);
-        assert_eq!(t.distance(0, 1), 21);
-        std::fs::remove_dir_all(root).unwrap();
-    }
-
     #[test]
     fn reads_this_host() {
-        let t = read_topology(Path::new("/sys")).unwrap();
+        let t =
+            crate::host::linux::topology::read_topology(&crate::host::linux::HostPaths::system())
+                .unwrap();
         assert!(!t.nodes.is_empty());
         let busy = busy_cpus_per_node(Path::new("/proc"), &t, Duration::from_millis(50)).unwrap();
         assert_eq!(busy.len(), t.nodes.len());

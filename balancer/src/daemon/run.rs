@@ -249,6 +249,10 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         if journal.entries().is_empty() {
             return Ok(Vec::new());
         }
+        // VMs an earlier run adopted are ours: their narrowed sets are not pinning.
+        for &vm in journal.entries().keys() {
+            self.observer.note_adopted(vm);
+        }
         let snap = match self.observer.observe() {
             Ok(s) => s,
             Err(e) => {
@@ -312,6 +316,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             }
             let outcome = self.carry_out(&snap, action, &mut report);
             self.policy.feedback(action, &outcome);
+            self.observer.note_outcome(action, &outcome);
             decisions.push(Decision {
                 at_ns: snap.now_ns,
                 vm: action.vm,
@@ -371,6 +376,9 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let Some(original) = self.actuator.adopt(vm) else {
             return ActionOutcome::VmGone;
         };
+        if !self.dry_run {
+            self.observer.note_adopted(vm.pid);
+        }
         if let Some(j) = self.journal.as_mut() {
             // No journal, no change: a crash must always be recoverable.
             if let Err(e) = j.adopt(original).and_then(|_| j.begin(action, snap.now_ns)) {

@@ -13,7 +13,7 @@ pub mod linux;
 pub mod logonly;
 pub mod sim;
 
-use crate::model::{ActionOutcome, PlannedAction, Snapshot};
+use crate::model::{ActionOutcome, PlannedAction, Snapshot, VmId};
 
 /// Builds snapshots of a host.
 pub trait Observer {
@@ -22,6 +22,14 @@ pub trait Observer {
     /// Observes the host now. Errors are for the host as a whole (e.g. sysfs missing);
     /// a VM that vanishes mid-read is simply left out of the snapshot.
     fn observe(&mut self) -> Result<Snapshot, Self::Error>;
+
+    /// The balancer owns the placement of VM `vm` (it adopted the VM, now or in an
+    /// earlier run): its narrowed CPU or memory sets are no longer an operator's pinning.
+    fn note_adopted(&mut self, _vm: VmId) {}
+
+    /// An action was applied and read back: observers that keep state between
+    /// observations (e.g. memory per node read at a bounded rate) account for it.
+    fn note_outcome(&mut self, _action: &PlannedAction, _outcome: &ActionOutcome) {}
 }
 
 /// Carries out actions on a host.

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use balancer::daemon::hostview::read_topology;
 use balancer::host::Applier;
 use balancer::host::linux::actuate::cgroup::CpusetFs;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, sys};
+use balancer::host::linux::{HostPaths, topology::read_topology};
 use balancer::model::{
     Action, ActionOutcome, MemoryBacking, PlannedAction, Reason, Snapshot, Topology, Vm, VmMemory,
 };
@@ -420,7 +420,7 @@ fn main() {
             .expect("usage: actuate_probe TARGET [CGROUP_ROOT]"),
     );
     let cg2 = args.next().map(PathBuf::from);
-    let topo = read_topology(Path::new("/sys")).expect("read nodes");
+    let topo = read_topology(&HostPaths::system()).expect("read nodes");
     let n = topo.nodes.len();
     let mut r = Report { failed: false };
     if n < 4 {

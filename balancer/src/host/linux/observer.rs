@@ -28,7 +28,10 @@ use super::proc_events::{ProcEvent, ProcEvents};
 use super::telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, TrackedVm};
 use super::{HostError, HostPaths, monotonic_ns, procfs, topology};
 use crate::host::Observer;
-use crate::model::{NodeSet, Snapshot, ThreadKind, Topology, Vcpu, Vm, VmMemory};
+use crate::model::{
+    Action, ActionOutcome, NodeSet, PlannedAction, Snapshot, ThreadKind, Topology, Vcpu, Vm, VmId,
+    VmMemory,
+};
 
 /// Settings of the observer.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -546,5 +549,25 @@ impl Observer for LinuxObserver {
         };
         self.telemetry.fill(&mut snapshot);
         Ok(snapshot)
+    }
+
+    fn note_adopted(&mut self, vm: VmId) {
+        self.mark_managed(vm);
+    }
+
+    fn note_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
+        let moved_bytes = match outcome {
+            ActionOutcome::Done { moved_bytes } | ActionOutcome::Partial { moved_bytes, .. } => {
+                *moved_bytes
+            }
+            _ => return,
+        };
+        match &action.action {
+            Action::SetCpus { .. } => self.mark_managed(action.vm),
+            Action::MigrateMemory { from, to, .. } if moved_bytes > 0 => {
+                self.note_migration(action.vm, *from, *to, moved_bytes)
+            }
+            Action::MigrateMemory { .. } => {}
+        }
     }
 }

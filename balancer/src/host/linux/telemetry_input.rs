@@ -44,7 +44,7 @@ pub struct TelemetryStatus {
 }
 
 /// A source of eBPF-derived data for snapshots.
-pub trait TelemetrySource {
+pub trait TelemetrySource: Send {
     /// What works and what does not.
     fn status(&self) -> TelemetryStatus;
 
