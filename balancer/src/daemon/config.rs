@@ -3,7 +3,7 @@
 //! Why a strict parser: a typo in a config key that silently falls back to a default
 //! would make the daemon balance VMs the operator meant to exclude. So unknown keys and
 //! bad values are errors that name the key, and nothing on the host is touched before
-//! the configuration is valid. Every field has a default (see `config.example.toml`,
+//! the configuration is valid. Every field has a default (see `systemd/config.toml.example`,
 //! which a unit test proves equal to [`Config::default`]), so an empty file is valid.
 
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use crate::model::{CpuSet, Vm};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmbalancer/config.toml";
 
 /// The shipped example: every field with its default and what it does.
-pub const EXAMPLE_TOML: &str = include_str!("config.example.toml");
+pub const EXAMPLE_TOML: &str = include_str!("../../../systemd/config.toml.example");
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +84,7 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     true
 }
 
-/// The whole configuration. Field docs state the default; `config.example.toml` says
+/// The whole configuration. Field docs state the default; `systemd/config.toml.example` says
 /// the same for operators.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
