@@ -131,6 +131,7 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
         &snap,
         vec![Plan {
             actions: vec![set_cpus(pid, "1")],
+            refusals: Vec::new(),
         }],
     );
     let r = d.tick();
@@ -172,6 +173,7 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
         &snap,
         vec![Plan {
             actions: vec![set_cpus(pid, "1")],
+            refusals: Vec::new(),
         }],
     );
     d.recover().unwrap();
