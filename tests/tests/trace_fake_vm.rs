@@ -130,6 +130,68 @@ fn trace_once_json_lists_the_fake_vm() {
 }
 
 #[test]
+fn trace_once_json_shows_ebpf_run_time_of_the_vcpus() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED trace with eBPF: needs root to load eBPF programs (CI runs as root)");
+        return;
+    }
+    let vm = MiniQemu::start("ebpf");
+    let out = Command::new(env!("CARGO_BIN_EXE_vmbalancer_cli"))
+        .args([
+            "trace",
+            "--once",
+            "--json",
+            "--interval",
+            "1",
+            "--vm",
+            &vm.name,
+        ])
+        .output()
+        .expect("run vmbalancer trace");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tel = &r["telemetry"];
+    assert_eq!(
+        tel["available"], true,
+        "root on a 6.x kernel with BTF: {tel}"
+    );
+    let feature = |name: &str| {
+        tel["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("feature {name} listed: {tel}"))
+            .clone()
+    };
+    let on_cpu = feature("on-cpu-time");
+    assert_eq!(on_cpu["available"], true, "{on_cpu}");
+    // sched_switch fires thousands of times a second; the kernel measured its cost.
+    assert!(on_cpu["ns_per_event"].as_f64().unwrap() > 0.0, "{on_cpu}");
+    assert_eq!(feature("migrations")["available"], true);
+
+    let j = &r["vms"][0];
+    assert_eq!(j["pid"], vm.pid);
+    let vcpus = j["vcpus"].as_array().unwrap();
+    assert_eq!(vcpus.len(), 2);
+    for v in vcpus {
+        // Each vCPU writes its 32 MiB every 20 ms: it ran during the interval, and
+        // this host has one node, so all of it on node 0.
+        assert!(v["run_ns_total"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(v["run_pct_per_node"], serde_json::json!([100.0]), "{v}");
+        assert!(v["migrations"].is_u64(), "{v}");
+        assert_eq!(v["cross_node_migrations"], 0, "one node: {v}");
+    }
+    assert!(j["migrations_per_s"].is_f64(), "{j}");
+    assert_eq!(j["cross_node_migrations_per_s"], 0.0, "{j}");
+}
+
+#[test]
 fn observer_notices_start_and_exit_without_rescanning() {
     let mut o = LinuxObserver::new(HostPaths::system(), ObserverConfig::default()).unwrap();
     o.observe().unwrap();
@@ -176,4 +238,105 @@ fn captured_live_tree_reads_back_the_same() {
     assert_eq!(got.memory.bytes_per_node[0], 64 * MIB);
     assert_eq!(got.name, vm.name);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn ebpf_source_heats_faulted_regions_and_decays_them() {
+    use balancer::host::linux::ebpf_source::HEAT_HALF_LIFE_NS;
+    use balancer::host::linux::{EbpfTelemetry, TelemetrySource, TrackedVm};
+    use balancer::model::{Node, Snapshot, Topology, Vcpu, Vm};
+    use balancer::telemetry::Telemetry;
+
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED ebpf source hot regions: needs root to load eBPF programs");
+        return;
+    }
+    let mut src = EbpfTelemetry::new(Telemetry::load().expect("load eBPF telemetry"));
+    // This process plays the VM and one of its threads the vCPU that faults.
+    let pid = std::process::id();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+        go_rx.recv().unwrap();
+        let len = 8 * MIB as usize;
+        // SAFETY: a fresh private anonymous mapping; only this thread touches it. It
+        // is leaked so its pages stay resident while the test queries their node.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // One fault per 4 KiB page, not one per transparent huge page.
+        // SAFETY: the range is the mapping made above.
+        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+        for off in (0..len).step_by(4096) {
+            // SAFETY: off < len, inside the mapping.
+            unsafe { (p as *mut u8).add(off).write_volatile(1) };
+        }
+        (p as u64, len as u64)
+    });
+    let tid = tid_rx.recv().unwrap();
+    src.track(&[TrackedVm {
+        pid,
+        vcpus: vec![(0, tid)],
+        other_threads: Vec::new(),
+    }]);
+    go_tx.send(()).unwrap();
+    let (start, len) = worker.join().unwrap();
+
+    let mut snap = Snapshot {
+        now_ns: 1_000,
+        topology: Topology {
+            nodes: vec![Node {
+                id: 0,
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        vms: vec![Vm {
+            pid,
+            vcpus: vec![Vcpu {
+                index: 0,
+                tid,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    src.fill(&mut snap);
+    let ours = |s: &Snapshot| -> Vec<(u64, f64, u32)> {
+        s.vms[0]
+            .hot_regions
+            .iter()
+            .filter(|r| r.start_addr < start + len && r.start_addr + r.len_bytes > start)
+            .map(|r| (r.start_addr, r.heat, r.node))
+            .collect()
+    };
+    let first = ours(&snap);
+    let heat: f64 = first.iter().map(|r| r.1).sum();
+    // Every page of the mapping faulted once, after tracking began; no decay yet.
+    assert_eq!(heat, (len / 4096) as f64, "{first:?}");
+    assert!(first.len() >= 4, "8 MiB spans at least four 2 MiB regions");
+    assert!(first.iter().all(|r| r.2 == 0), "one node: {first:?}");
+    assert!(snap.vms[0].vcpus[0].telemetry.run_ns_per_node[0] > 0);
+
+    // One half-life later, with no new faults there, the heat has halved.
+    snap.now_ns += HEAT_HALF_LIFE_NS;
+    src.fill(&mut snap);
+    let second = ours(&snap);
+    assert_eq!(second.len(), first.len());
+    for (a, b) in first.iter().zip(&second) {
+        assert_eq!((a.0, a.1 / 2.0), (b.0, b.1));
+    }
+    src.track(&[]);
 }

@@ -10,7 +10,7 @@ use crate::daemon::journal::Journal;
 use crate::daemon::policy::EnginePolicy;
 use crate::daemon::run::{Daemon, Shutdown, run};
 use crate::host::linux::actuate::{ApplierConfig, LinuxApplier};
-use crate::host::linux::{HostPaths, LinuxObserver, ObserverConfig};
+use crate::host::linux::{HostPaths, LinuxObserver, ObserverConfig, ebpf_source};
 use crate::host::logonly::LogOnly;
 use crate::model::CpuSet;
 
@@ -119,7 +119,18 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .context("tokio runtime")?;
     let shutdown = Shutdown::new();
     let observer = LinuxObserver::new(host_paths(&cfg), ObserverConfig::default())
-        .context("observing the host")?;
+        .context("observing the host")?
+        .with_telemetry(ebpf_source::load_or_explain());
+    let telemetry = observer.telemetry_status();
+    match telemetry.reason {
+        Some(why) if !telemetry.available => {
+            tracing::warn!(%why, "eBPF telemetry unavailable: balancing from procfs alone")
+        }
+        _ => tracing::info!(
+            features = ?telemetry.features.iter().filter(|f| f.available).map(|f| &f.name).collect::<Vec<_>>(),
+            "eBPF telemetry loaded"
+        ),
+    }
     let policy = EnginePolicy::new(&cfg);
     if args.dry_run {
         let d = Daemon::new(

@@ -79,7 +79,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 
 use crate::host::Observer;
-use crate::host::linux::{HostPaths, LinuxObserver, NoTelemetry, ObserverConfig, TelemetrySource};
+use crate::host::linux::{
+    HostPaths, LinuxObserver, NoTelemetry, ObserverConfig, TelemetrySource, ebpf_source,
+};
 
 /// Arguments of `vmbalancer trace`.
 #[derive(Debug, clap::Args)]
@@ -101,12 +103,16 @@ pub struct Args {
     pub root: Option<PathBuf>,
 }
 
-/// The telemetry trace asks for. The eBPF loader plugs in here; until it can load on
-/// this host, trace says why and works from procfs alone.
-fn open_telemetry() -> Box<dyn TelemetrySource> {
-    Box::new(NoTelemetry::new(
-        "the eBPF programs are not loaded by this build",
-    ))
+/// The telemetry trace reads: the eBPF programs on the live host, or the reason they
+/// cannot load; a captured tree (`--root`) has no programs to read.
+fn open_telemetry(root: Option<&std::path::Path>) -> Box<dyn TelemetrySource> {
+    match root {
+        Some(root) => Box::new(NoTelemetry::new(format!(
+            "reading the captured tree {}: no live eBPF programs",
+            root.display()
+        ))),
+        None => ebpf_source::load_or_explain(),
+    }
 }
 
 pub fn main(args: Args) -> anyhow::Result<()> {
@@ -120,7 +126,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     };
     let mut observer = LinuxObserver::new(paths, ObserverConfig::default())
         .context("reading the host topology")?
-        .with_telemetry(open_telemetry());
+        .with_telemetry(open_telemetry(args.root.as_deref()));
     let mut prev = observer.observe().context("observing the host")?;
     let live_table = !args.json && !args.once && std::io::stdout().is_terminal();
     loop {

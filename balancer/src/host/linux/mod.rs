@@ -22,6 +22,7 @@
 pub mod actuate;
 pub mod cgroup;
 pub mod discovery;
+pub mod ebpf_source;
 pub mod memory;
 pub mod numa_maps;
 pub mod observer;
@@ -34,6 +35,7 @@ pub mod topology;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use ebpf_source::EbpfTelemetry;
 pub use observer::{LinuxObserver, ObserverConfig, ObserverCounters};
 pub use telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, TrackedVm};
 

@@ -23,8 +23,8 @@ pub struct TrackedVm {
 /// One telemetry feature (a hook) and whether it works on this kernel.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct FeatureStatus {
-    /// e.g. `sched_switch`, `sched_migrate_task`, `task_numa_fault`, `page_fault_user`,
-    /// `kvm_page_fault`, `sched_move_numa`.
+    /// [`Feature::name`](crate::telemetry::Feature::name), e.g. `on-cpu-time`,
+    /// `migrations`, `numa-hinting-faults`, `user-page-faults`.
     pub name: String,
     pub available: bool,
     /// Why not, when not.

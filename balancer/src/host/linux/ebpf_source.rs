@@ -1,0 +1,335 @@
+//! The eBPF programs as the observer's [`TelemetrySource`].
+//!
+//! The programs count per tracked thread and per VM, cumulatively; the observer knows
+//! which threads exist. This adapter keeps the two in step: after each discovery pass
+//! the programs' tracked-thread map is made equal to the discovered threads (new ones
+//! tracked, gone ones untracked and their counters dropped, exited VMs forgotten), and
+//! each snapshot gets the counters of its vCPUs, the kernel's NUMA moves of each VM and
+//! its hot regions.
+//!
+//! Hot regions: the programs count page faults per 2 MiB region and never reset them,
+//! so a region faulted heavily an hour ago would stay "hot" forever. Heat is therefore
+//! kept here: each observation adds the new faults of a region to its heat after
+//! halving the old heat every [`HEAT_HALF_LIFE_NS`] ([`decayed_heat`]); regions whose
+//! heat falls below [`MIN_HEAT`] are dropped. The node of a region is where its pages
+//! are: for the hottest [`NODE_QUERY_REGIONS`] regions it is asked of the kernel with a
+//! query-only move_pages on a sample of their pages; for the others (and when the
+//! query fails) it is the node whose CPUs faulted most in it, which is where the first
+//! touch placed the pages under the default policy.
+//!
+//! Only host-virtual regions (`exceptions:page_fault_user`) are reported. Guest-physical
+//! regions (`kvm:kvm_page_fault`) are counted by the programs but left out: mapping a
+//! guest physical address to a host address needs the VM's memslot layout (guest
+//! physical base, size and host virtual address of each slot), which only KVM and qemu
+//! know (KVM_GET/SET_USER_MEMORY_REGION, qemu's `info mtree`), and no interface this
+//! observer reads provides it.
+
+use std::collections::{HashMap, HashSet};
+
+use super::actuate::sys;
+use super::telemetry_input::{
+    FeatureStatus, NoTelemetry, TelemetrySource, TelemetryStatus, TrackedVm,
+};
+use crate::model::{HotRegion, NodeId, Snapshot, VmId};
+use crate::telemetry::{
+    Feature, FeatureState, ProgramCost, RegionHeat, RegionKind, Telemetry, TrackedThread,
+};
+
+/// Heat halves over this time without new faults.
+pub const HEAT_HALF_LIFE_NS: u64 = 30_000_000_000;
+/// Regions cooler than this are forgotten.
+pub const MIN_HEAT: f64 = 0.5;
+/// How many of a VM's hottest regions get their node from move_pages.
+pub const NODE_QUERY_REGIONS: usize = 8;
+/// Pages of a region sampled by that query (evenly spread).
+const NODE_QUERY_PAGES: u64 = 64;
+
+/// `heat` after `elapsed_ns` of exponential decay with half-life `half_life_ns`,
+/// plus `new_faults` seen since.
+pub fn decayed_heat(heat: f64, elapsed_ns: u64, half_life_ns: u64, new_faults: u64) -> f64 {
+    let halvings = if half_life_ns == 0 {
+        f64::INFINITY
+    } else {
+        elapsed_ns as f64 / half_life_ns as f64
+    };
+    heat * 0.5f64.powf(halvings) + new_faults as f64
+}
+
+/// What this adapter remembers of one region between observations.
+#[derive(Clone, Debug)]
+struct RegionState {
+    /// The programs' cumulative fault count when last read.
+    faults_total: u64,
+    heat: f64,
+    len_bytes: u64,
+    /// Index into `faults_by_node` (a node id) with the most faults.
+    majority_node: NodeId,
+}
+
+/// eBPF telemetry for [`LinuxObserver`](super::LinuxObserver).
+pub struct EbpfTelemetry {
+    telemetry: Telemetry,
+    /// What we put into the tracked-thread map.
+    tracked: HashMap<u32, TrackedThread>,
+    vms: HashSet<VmId>,
+    /// Per VM: region start address -> state.
+    heat: HashMap<VmId, HashMap<u64, RegionState>>,
+    last_fill_ns: Option<u64>,
+}
+
+impl EbpfTelemetry {
+    pub fn new(telemetry: Telemetry) -> Self {
+        Self {
+            telemetry,
+            tracked: HashMap::new(),
+            vms: HashSet::new(),
+            heat: HashMap::new(),
+            last_fill_ns: None,
+        }
+    }
+
+    /// Updates the heat of `vm`'s regions from the programs' current counts and
+    /// returns them hottest first.
+    fn hot_regions(&mut self, vm: VmId, elapsed_ns: u64) -> Vec<HotRegion> {
+        let raw: Vec<RegionHeat> = match self.telemetry.hot_regions(vm) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(vm, error = %e, "reading hot regions");
+                Vec::new()
+            }
+        };
+        let state = self.heat.entry(vm).or_default();
+        let mut seen = HashSet::new();
+        for r in raw.iter().filter(|r| r.kind == RegionKind::HostVirtual) {
+            seen.insert(r.start_addr);
+            let majority_node = (0..r.faults_by_node.len())
+                .max_by_key(|&i| (r.faults_by_node[i], std::cmp::Reverse(i)))
+                .unwrap_or(0) as NodeId;
+            let s = state.entry(r.start_addr).or_insert(RegionState {
+                faults_total: 0,
+                heat: 0.0,
+                len_bytes: r.len_bytes,
+                majority_node,
+            });
+            // A smaller count means the LRU map evicted and re-created the region.
+            let new = if r.faults_total >= s.faults_total {
+                r.faults_total - s.faults_total
+            } else {
+                r.faults_total
+            };
+            s.heat = decayed_heat(s.heat, elapsed_ns, HEAT_HALF_LIFE_NS, new);
+            s.faults_total = r.faults_total;
+            s.majority_node = majority_node;
+        }
+        for (addr, s) in state.iter_mut() {
+            if !seen.contains(addr) {
+                s.heat = decayed_heat(s.heat, elapsed_ns, HEAT_HALF_LIFE_NS, 0);
+            }
+        }
+        state.retain(|_, s| s.heat >= MIN_HEAT);
+        let mut out: Vec<HotRegion> = state
+            .iter()
+            .map(|(&start_addr, s)| HotRegion {
+                start_addr,
+                len_bytes: s.len_bytes,
+                node: s.majority_node,
+                heat: s.heat,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.heat
+                .total_cmp(&a.heat)
+                .then(a.start_addr.cmp(&b.start_addr))
+        });
+        for r in out.iter_mut().take(NODE_QUERY_REGIONS) {
+            if let Some(node) = pages_node(vm, r.start_addr, r.len_bytes) {
+                r.node = node;
+            }
+        }
+        out
+    }
+}
+
+/// The node most sampled pages of a region are on, asked with a query-only
+/// move_pages; `None` when nothing is resident or the query fails.
+fn pages_node(pid: u32, start_addr: u64, len_bytes: u64) -> Option<NodeId> {
+    let page = sys::page_size_bytes();
+    let step = (len_bytes / NODE_QUERY_PAGES).max(page) / page * page;
+    let pages: Vec<u64> = (0..len_bytes / step)
+        .map(|i| start_addr + i * step)
+        .collect();
+    let mut status = vec![0i32; pages.len()];
+    sys::move_pages(pid, &pages, None, &mut status).ok()?;
+    let mut counts: HashMap<i32, usize> = HashMap::new();
+    for s in status.into_iter().filter(|&s| s >= 0) {
+        *counts.entry(s).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(node, n)| (n, std::cmp::Reverse(node)))
+        .map(|(node, _)| node as NodeId)
+}
+
+/// Programs that implement a feature (names in the eBPF object).
+fn programs_of(feature: Feature) -> &'static [&'static str] {
+    match feature {
+        Feature::Migrations => &["sched_migrate_task"],
+        Feature::OnCpuTime => &["sched_switch"],
+        Feature::NumaHintingFaults => &["task_numa_fault", "task_numa_fault_kprobe"],
+        Feature::UserPageFaults => &["page_fault_user"],
+        Feature::KvmPageFaults => &["kvm_page_fault"],
+        Feature::NumaBalancingMoves => &["sched_move_numa", "sched_swap_numa"],
+    }
+}
+
+impl TelemetrySource for EbpfTelemetry {
+    fn status(&self) -> TelemetryStatus {
+        let cost: Vec<ProgramCost> = self.telemetry.cost().unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "reading program cost");
+            Vec::new()
+        });
+        let features: Vec<FeatureStatus> = self
+            .telemetry
+            .features()
+            .iter()
+            .map(|(f, state)| {
+                let (count, ns) = cost
+                    .iter()
+                    .filter(|c| programs_of(*f).contains(&c.program.as_str()))
+                    .fold((0u64, 0u64), |(n, t), c| {
+                        (n + c.run_count, t + c.run_time_ns)
+                    });
+                let ns_per_event = (count > 0).then(|| {
+                    ProgramCost {
+                        program: String::new(),
+                        run_count: count,
+                        run_time_ns: ns,
+                    }
+                    .ns_per_event()
+                });
+                FeatureStatus {
+                    name: f.name().to_owned(),
+                    available: *state == FeatureState::Active,
+                    reason: match state {
+                        FeatureState::Active => None,
+                        FeatureState::Unavailable(r) => Some(r.clone()),
+                    },
+                    ns_per_event,
+                }
+            })
+            .collect();
+        TelemetryStatus {
+            available: features.iter().any(|f| f.available),
+            reason: None,
+            features,
+        }
+    }
+
+    fn track(&mut self, vms: &[TrackedVm]) {
+        let mut wanted: HashMap<u32, TrackedThread> = HashMap::new();
+        for vm in vms {
+            for &(vcpu_index, tid) in &vm.vcpus {
+                wanted.insert(
+                    tid,
+                    TrackedThread {
+                        vm_pid: vm.pid,
+                        vcpu_index,
+                    },
+                );
+            }
+            for &tid in &vm.other_threads {
+                wanted.entry(tid).or_insert(TrackedThread {
+                    vm_pid: vm.pid,
+                    vcpu_index: TrackedThread::NOT_A_VCPU,
+                });
+            }
+        }
+        // The map itself is the truth (it may hold entries from before we started).
+        let mut present: HashSet<u32> = self.telemetry.tracked().map_or_else(
+            |e| {
+                tracing::debug!(error = %e, "listing tracked threads");
+                self.tracked.keys().copied().collect()
+            },
+            |v| v.into_iter().collect(),
+        );
+        present.extend(self.tracked.keys());
+        for tid in present {
+            if !wanted.contains_key(&tid) {
+                if let Err(e) = self.telemetry.untrack(tid) {
+                    tracing::warn!(tid, error = %e, "untracking a thread");
+                }
+                self.tracked.remove(&tid);
+            }
+        }
+        for (&tid, &thread) in &wanted {
+            if self.tracked.get(&tid) == Some(&thread) {
+                continue;
+            }
+            match self.telemetry.track(tid, thread) {
+                Ok(()) => {
+                    self.tracked.insert(tid, thread);
+                }
+                Err(e) => tracing::warn!(tid, error = %e, "tracking a thread"),
+            }
+        }
+        let now: HashSet<VmId> = vms.iter().map(|v| v.pid).collect();
+        for &gone in self.vms.difference(&now) {
+            if let Err(e) = self.telemetry.forget_vm(gone) {
+                tracing::warn!(vm = gone, error = %e, "forgetting an exited VM");
+            }
+            self.heat.remove(&gone);
+        }
+        self.vms = now;
+    }
+
+    fn fill(&mut self, snapshot: &mut Snapshot) {
+        self.telemetry.flush_logs();
+        let node_ids: Vec<u32> = snapshot.topology.nodes.iter().map(|n| n.id).collect();
+        let elapsed_ns = self
+            .last_fill_ns
+            .map_or(0, |t| snapshot.now_ns.saturating_sub(t));
+        self.last_fill_ns = Some(snapshot.now_ns);
+        let regions = self.telemetry.has(Feature::UserPageFaults);
+        for vm in &mut snapshot.vms {
+            for v in &mut vm.vcpus {
+                match self.telemetry.read_thread(v.tid) {
+                    Ok(t) => v.telemetry = t.to_vcpu_telemetry(&node_ids),
+                    Err(e) => tracing::debug!(tid = v.tid, error = %e, "reading a vCPU"),
+                }
+            }
+            match self.telemetry.vm_numa_moves(vm.pid) {
+                Ok(m) => vm.kernel_numa_moves = m.move_numa + m.swap_numa,
+                Err(e) => tracing::debug!(vm = vm.pid, error = %e, "reading NUMA moves"),
+            }
+            if regions {
+                vm.hot_regions = self.hot_regions(vm.pid, elapsed_ns);
+            }
+        }
+    }
+}
+
+/// Loads the eBPF programs of the running kernel as a telemetry source; when they
+/// cannot load, a source that says why (trace prints it, the daemon logs it and
+/// balances from procfs alone).
+pub fn load_or_explain() -> Box<dyn TelemetrySource> {
+    match Telemetry::load() {
+        Ok(t) => Box::new(EbpfTelemetry::new(t)),
+        Err(e) => Box::new(NoTelemetry::new(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heat_halves_per_half_life_and_adds_new_faults() {
+        assert_eq!(decayed_heat(8.0, 0, 10, 0), 8.0);
+        assert_eq!(decayed_heat(8.0, 10, 10, 0), 4.0);
+        assert_eq!(decayed_heat(8.0, 30, 10, 2), 3.0);
+        assert!((decayed_heat(8.0, 5, 10, 0) - 8.0 / 2f64.sqrt()).abs() < 1e-9);
+        // Old heat fades below any threshold; new faults always count in full.
+        assert!(decayed_heat(1e6, 100 * HEAT_HALF_LIFE_NS, HEAT_HALF_LIFE_NS, 0) < MIN_HEAT);
+        assert_eq!(decayed_heat(5.0, 1, 0, 7), 7.0);
+    }
+}
