@@ -309,6 +309,9 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
 
         let plan: Plan = self.policy.plan(&snap);
         report.planned = plan.actions.len();
+        for refusal in &plan.refusals {
+            tracing::debug!(vm = ?refusal.vm, why = ?refusal.why, "policy refused");
+        }
         let mut decisions = Vec::new();
         for action in &plan.actions {
             if self.shutdown.is_set() {

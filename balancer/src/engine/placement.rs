@@ -127,7 +127,10 @@ impl Ctx<'_> {
         );
         self.home[u] = mask;
         self.managed[u] = true;
-        self.add_load(mask, self.units[u].demand, 1.0);
+        // Charge the demand the placement assumed, not the observed one: a VM seen
+        // for the first time has no measured demand yet, and charging 0 would let
+        // every new VM of one decision pile onto the same node.
+        self.add_load(mask, d, 1.0);
     }
 
     /// Penalty for placing a cell far from its sibling cells already placed.

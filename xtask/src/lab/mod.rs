@@ -106,7 +106,10 @@ use scenarios::{list, load_scenario};
 /// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`). Add the
 /// vmbalancer scenarios to the 6.1 list as they appear.
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
-    (KernelGen::V6_1, &["boot", "placement"]),
+    (
+        KernelGen::V6_1,
+        &["boot", "placement", "balance-smoke", "dry-run"],
+    ),
     (KernelGen::V6_12, &["boot"]),
 ];
 
