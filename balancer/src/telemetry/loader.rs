@@ -112,9 +112,22 @@ impl Layouts {
                 task_pid_offset,
                 valid: 1,
             });
+        // Read as a raw tracepoint: the address is the first TP_PROTO argument,
+        // which the format file shows as the first field after the common ones.
         let page_fault_user = optional("exceptions", "page_fault_user").and_then(|f| {
+            let first = f
+                .fields
+                .iter()
+                .find(|x| !x.name.starts_with("common_"))
+                .ok_or("no fields")?;
+            if first.name != "address" || first.size_bytes != 8 {
+                return Err(format!(
+                    "first argument is `{} {}`, expected `unsigned long address`",
+                    first.c_type, first.name
+                ));
+            }
             Ok(FaultAddressLayout {
-                address_offset: f.offset_of("address", 8)?,
+                address_offset: first.offset_bytes,
                 valid: 1,
             })
         });
@@ -262,13 +275,12 @@ impl Telemetry {
             }
         };
         features.push((Feature::NumaHintingFaults, s));
-        let s = optional(
-            &mut ebpf,
-            ok(&layouts.page_fault_user),
-            "page_fault_user",
-            "exceptions",
-            "page_fault_user",
-        );
+        let s = match ok(&layouts.page_fault_user).and_then(|()| {
+            attach_raw_tracepoint(&mut ebpf, "page_fault_user").map_err(|e| e.to_string())
+        }) {
+            Ok(()) => FeatureState::Active,
+            Err(reason) => FeatureState::Unavailable(reason),
+        };
         features.push((Feature::UserPageFaults, s));
         let s = optional(
             &mut ebpf,
