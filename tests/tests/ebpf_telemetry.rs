@@ -133,6 +133,12 @@ fn on_cpu_time_and_page_faults_of_a_tracked_thread() {
         );
     }
 
+    assert!(
+        telemetry.logs_connected(),
+        "aya-log channel must be connected"
+    );
+    telemetry.flush_logs();
+
     let nodes = topology::cpu_nodes(std::path::Path::new("/sys")).unwrap();
     let cpu = nodes[0].0;
     let node = nodes[0].1 as usize;

@@ -370,6 +370,11 @@ impl Telemetry {
             .any(|(f, s)| *f == feature && *s == FeatureState::Active)
     }
 
+    /// Whether the programs' log channel (aya-log) is connected.
+    pub fn logs_connected(&self) -> bool {
+        self.logger.is_some()
+    }
+
     /// Forwards pending log records of the programs to `tracing` (via `log`). Cheap;
     /// call it once per daemon tick. The programs only log on error paths.
     pub fn flush_logs(&mut self) {
@@ -618,6 +623,25 @@ mod tests {
         );
         std::fs::write(root.join("sys/kernel/osrelease"), "6.1.0-30-amd64\n").unwrap();
         assert!(check_kernel_version(&root).is_ok());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn missing_btf_is_named() {
+        let root = std::env::temp_dir().join(format!("vmbalancer-nobtf-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("self")).unwrap();
+        std::fs::create_dir_all(root.join("sys/kernel")).unwrap();
+        std::fs::write(root.join("self/status"), "CapEff:\t000001ffffffffff\n").unwrap();
+        std::fs::write(root.join("sys/kernel/osrelease"), "6.1.0\n").unwrap();
+        let opts = LoadOptions {
+            sys_root: root.clone(),
+            proc_root: root.clone(),
+            btf_path: root.join("no-such-vmlinux"),
+        };
+        let e = Telemetry::load_with(&opts).unwrap_err();
+        assert!(matches!(e, TelemetryError::NoBtf { .. }), "{e}");
+        assert!(e.to_string().contains("CONFIG_DEBUG_INFO_BTF"));
+        assert!(!e.to_string().contains('\n'), "one line");
         std::fs::remove_dir_all(root).unwrap();
     }
 
