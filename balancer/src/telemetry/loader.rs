@@ -219,98 +219,7 @@ impl Telemetry {
         let table = topology::cpu_nodes(&opts.sys_root)?;
         fill_cpu_nodes(&mut ebpf, &table)?;
 
-        let mut features = Vec::new();
-        // Required: without it there is no telemetry worth running.
-        attach_tracepoint(
-            &mut ebpf,
-            "sched_migrate_task",
-            "sched",
-            "sched_migrate_task",
-        )?;
-        features.push((Feature::Migrations, FeatureState::Active));
-        let optional = |ebpf: &mut Ebpf,
-                        layout_ok: Result<(), String>,
-                        program: &str,
-                        sys: &str,
-                        event: &str| {
-            let state = layout_ok.and_then(|()| {
-                attach_tracepoint(ebpf, program, sys, event).map_err(|e| e.to_string())
-            });
-            match state {
-                Ok(()) => FeatureState::Active,
-                Err(reason) => FeatureState::Unavailable(reason),
-            }
-        };
-        let s = match ok(&layouts.switch).and_then(|()| {
-            attach_raw_tracepoint(&mut ebpf, "sched_switch").map_err(|e| e.to_string())
-        }) {
-            Ok(()) => FeatureState::Active,
-            Err(reason) => FeatureState::Unavailable(reason),
-        };
-        features.push((Feature::OnCpuTime, s));
-        let s = match attach_fentry(&mut ebpf, &btf, "task_numa_fault") {
-            Ok(()) => FeatureState::Active,
-            Err(fentry) => {
-                // Some kernels refuse fentry (no BPF trampoline, security policy);
-                // a kprobe on the same function counts the same.
-                match attach_kprobe(&mut ebpf, "task_numa_fault_kprobe", "task_numa_fault") {
-                    Ok(()) => {
-                        tracing::info!(reason = %fentry, "task_numa_fault: fentry refused, using a kprobe");
-                        FeatureState::Active
-                    }
-                    Err(kprobe) => {
-                        let kprobe = if !opts
-                            .sys_root
-                            .join("bus/event_source/devices/kprobe")
-                            .exists()
-                        {
-                            "kprobe fallback: this kernel has no kprobes (CONFIG_KPROBES)"
-                                .to_owned()
-                        } else {
-                            kprobe.to_string()
-                        };
-                        FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
-                    }
-                }
-            }
-        };
-        features.push((Feature::NumaHintingFaults, s));
-        let s = match ok(&layouts.page_fault_user).and_then(|()| {
-            attach_raw_tracepoint(&mut ebpf, "page_fault_user").map_err(|e| e.to_string())
-        }) {
-            Ok(()) => FeatureState::Active,
-            Err(reason) => FeatureState::Unavailable(reason),
-        };
-        features.push((Feature::UserPageFaults, s));
-        let s = optional(
-            &mut ebpf,
-            ok(&layouts.kvm_page_fault),
-            "kvm_page_fault",
-            "kvm",
-            "kvm_page_fault",
-        );
-        features.push((Feature::KvmPageFaults, s));
-        let moves = optional(
-            &mut ebpf,
-            ok(&layouts.move_numa),
-            "sched_move_numa",
-            "sched",
-            "sched_move_numa",
-        );
-        let swaps = optional(
-            &mut ebpf,
-            ok(&layouts.swap_numa),
-            "sched_swap_numa",
-            "sched",
-            "sched_swap_numa",
-        );
-        let s = match (moves, swaps) {
-            (FeatureState::Active, FeatureState::Active) => FeatureState::Active,
-            (FeatureState::Unavailable(r), _) | (_, FeatureState::Unavailable(r)) => {
-                FeatureState::Unavailable(r)
-            }
-        };
-        features.push((Feature::NumaBalancingMoves, s));
+        let features = attach_all(&mut ebpf, &btf, &layouts, &opts.sys_root)?;
 
         // After loading: initialised before, aya-log breaks program loading.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -380,6 +289,83 @@ impl Telemetry {
     pub fn flush_logs(&mut self) {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
+        }
+    }
+}
+
+/// Attaches every program whose hook this kernel has. The migration counter is
+/// required; every other feature is reported as active or unavailable with a reason.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    layouts: &Layouts,
+    sys_root: &Path,
+) -> Result<Vec<(Feature, FeatureState)>, TelemetryError> {
+    fn state(r: Result<(), String>) -> FeatureState {
+        match r {
+            Ok(()) => FeatureState::Active,
+            Err(reason) => FeatureState::Unavailable(reason),
+        }
+    }
+    let tracepoint =
+        |ebpf: &mut Ebpf, layout: Result<(), String>, sys: &str, event: &str| {
+            state(layout.and_then(|()| {
+                attach_tracepoint(ebpf, event, sys, event).map_err(|e| e.to_string())
+            }))
+        };
+    let raw = |ebpf: &mut Ebpf, layout: Result<(), String>, name: &str| {
+        state(layout.and_then(|()| attach_raw_tracepoint(ebpf, name).map_err(|e| e.to_string())))
+    };
+
+    // Required: without it there is no telemetry worth running.
+    attach_tracepoint(ebpf, "sched_migrate_task", "sched", "sched_migrate_task")?;
+    let mut features = vec![(Feature::Migrations, FeatureState::Active)];
+    features.push((
+        Feature::OnCpuTime,
+        raw(ebpf, ok(&layouts.switch), "sched_switch"),
+    ));
+    features.push((
+        Feature::NumaHintingFaults,
+        attach_numa_fault(ebpf, btf, sys_root),
+    ));
+    features.push((
+        Feature::UserPageFaults,
+        raw(ebpf, ok(&layouts.page_fault_user), "page_fault_user"),
+    ));
+    features.push((
+        Feature::KvmPageFaults,
+        tracepoint(ebpf, ok(&layouts.kvm_page_fault), "kvm", "kvm_page_fault"),
+    ));
+    let moves = tracepoint(ebpf, ok(&layouts.move_numa), "sched", "sched_move_numa");
+    let swaps = tracepoint(ebpf, ok(&layouts.swap_numa), "sched", "sched_swap_numa");
+    let numa_moves = match (moves, swaps) {
+        (FeatureState::Active, FeatureState::Active) => FeatureState::Active,
+        (FeatureState::Unavailable(r), _) | (_, FeatureState::Unavailable(r)) => {
+            FeatureState::Unavailable(r)
+        }
+    };
+    features.push((Feature::NumaBalancingMoves, numa_moves));
+    Ok(features)
+}
+
+/// fentry on `task_numa_fault`, or a kprobe where the kernel refuses fentry programs
+/// (no BPF trampoline, a security policy); both count the same.
+fn attach_numa_fault(ebpf: &mut Ebpf, btf: &Btf, sys_root: &Path) -> FeatureState {
+    let Err(fentry) = attach_fentry(ebpf, btf, "task_numa_fault") else {
+        return FeatureState::Active;
+    };
+    match attach_kprobe(ebpf, "task_numa_fault_kprobe", "task_numa_fault") {
+        Ok(()) => {
+            tracing::info!(reason = %fentry, "task_numa_fault: fentry refused, using a kprobe");
+            FeatureState::Active
+        }
+        Err(kprobe) => {
+            let kprobe = if sys_root.join("bus/event_source/devices/kprobe").exists() {
+                kprobe.to_string()
+            } else {
+                "kprobe fallback: this kernel has no kprobes (CONFIG_KPROBES)".to_owned()
+            };
+            FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
         }
     }
 }
