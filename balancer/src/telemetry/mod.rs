@@ -12,12 +12,14 @@ pub mod btf;
 mod error;
 mod loader;
 mod maps;
+mod preflight;
 pub mod topology;
 pub mod tracefs;
 
 pub use balancer_common::TrackedThread;
 pub use error::TelemetryError;
-pub use loader::{LoadOptions, MIN_KERNEL, Telemetry};
+pub use loader::{LoadOptions, Telemetry};
+pub use preflight::MIN_KERNEL;
 
 /// What the programs counted for one thread since it was tracked (cumulative).
 /// Per-node vectors have one entry per NUMA node of the host.
