@@ -181,6 +181,12 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Telemetry>();
+    }
+
+    #[test]
     fn cost_per_event() {
         let c = ProgramCost {
             program: "p".into(),
