@@ -383,8 +383,11 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<(), TelemetryErr
         .try_into()
         .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
     p.load().map_err(|e| classify_program_error(name, &e))?;
-    p.attach(name)
-        .map_err(|e| classify_program_error(name, &e))?;
+    if let Err(e) = p.attach(name) {
+        // Unload so cost() lists only attached programs.
+        let _ = p.unload();
+        return Err(classify_program_error(name, &e));
+    }
     Ok(())
 }
 
@@ -399,8 +402,10 @@ fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), T
         .try_into()
         .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
     p.load().map_err(|e| classify_program_error(program, &e))?;
-    p.attach(function, 0)
-        .map_err(|e| classify_program_error(program, &e))?;
+    if let Err(e) = p.attach(function, 0) {
+        let _ = p.unload();
+        return Err(classify_program_error(program, &e));
+    }
     Ok(())
 }
 
@@ -416,8 +421,10 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, function: &str) -> Result<(), Telem
         .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
     p.load(function, btf)
         .map_err(|e| classify_program_error(function, &e))?;
-    p.attach()
-        .map_err(|e| classify_program_error(function, &e))?;
+    if let Err(e) = p.attach() {
+        let _ = p.unload();
+        return Err(classify_program_error(function, &e));
+    }
     Ok(())
 }
 
@@ -437,8 +444,10 @@ fn attach_tracepoint(
         .try_into()
         .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
     tp.load().map_err(|e| classify_program_error(program, &e))?;
-    tp.attach(system, event)
-        .map_err(|e| classify_program_error(program, &e))?;
+    if let Err(e) = tp.attach(system, event) {
+        let _ = tp.unload();
+        return Err(classify_program_error(program, &e));
+    }
     Ok(())
 }
 
