@@ -19,8 +19,6 @@ pub struct Args {
 }
 
 pub fn main(args: Args) -> anyhow::Result<()> {
-    build::build(args.release)?;
-    let bin = build::binary_path(args.release);
     let wants_help_only = args
         .args
         .iter()
@@ -32,6 +30,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             args.args.join(" ")
         );
     }
+    build::build(args.release)?;
+    let bin = build::binary_path(args.release);
     eprintln!("xtask run: {} {}", bin.display(), args.args.join(" "));
     let status = Command::new(&bin)
         .args(&args.args)

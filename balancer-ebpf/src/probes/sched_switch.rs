@@ -54,7 +54,9 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<i32, i32> {
     let current = unsafe { *state };
     if current.tid != 0 {
         let prev = pid_of(ctx, 1, layout.task_pid_offset)?;
-        if current.tid == prev && now > current.since_ns {
+        // Still tracked: userspace may have untracked it while it ran, and must not
+        // find its counters recreated.
+        if current.tid == prev && now > current.since_ns && tracked(prev).is_some() {
             let elapsed = now - current.since_ns;
             if let Some(t) = get_or_insert(&ON_CPU, current.tid) {
                 // SAFETY: live map value; only the CPU switching this thread out

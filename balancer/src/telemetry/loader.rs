@@ -16,6 +16,7 @@ use balancer_common::{
     names,
 };
 
+use super::preflight::{check_kernel_version, check_privileges, raise_memlock_limit};
 use super::{
     Feature, FeatureState, TelemetryError, topology,
     tracefs::{Tracefs, TracepointFormat},
@@ -24,9 +25,6 @@ use super::{
 /// The eBPF object built by `balancer/build.rs`, embedded in the binary.
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/balancer-ebpf.o"));
-
-/// Oldest kernel supported: CAP_BPF, fentry and BPF global data all exist from 5.8.
-pub const MIN_KERNEL: (u32, u32) = (5, 8);
 
 /// Where loading looks for the kernel's interfaces.
 #[derive(Clone, Debug)]
@@ -112,9 +110,22 @@ impl Layouts {
                 task_pid_offset,
                 valid: 1,
             });
+        // Read as a raw tracepoint: the address is the first TP_PROTO argument,
+        // which the format file shows as the first field after the common ones.
         let page_fault_user = optional("exceptions", "page_fault_user").and_then(|f| {
+            let first = f
+                .fields
+                .iter()
+                .find(|x| !x.name.starts_with("common_"))
+                .ok_or("no fields")?;
+            if first.name != "address" || first.size_bytes != 8 {
+                return Err(format!(
+                    "first argument is `{} {}`, expected `unsigned long address`",
+                    first.c_type, first.name
+                ));
+            }
             Ok(FaultAddressLayout {
-                address_offset: f.offset_of("address", 8)?,
+                address_offset: first.offset_bytes,
                 valid: 1,
             })
         });
@@ -206,99 +217,7 @@ impl Telemetry {
         let table = topology::cpu_nodes(&opts.sys_root)?;
         fill_cpu_nodes(&mut ebpf, &table)?;
 
-        let mut features = Vec::new();
-        // Required: without it there is no telemetry worth running.
-        attach_tracepoint(
-            &mut ebpf,
-            "sched_migrate_task",
-            "sched",
-            "sched_migrate_task",
-        )?;
-        features.push((Feature::Migrations, FeatureState::Active));
-        let optional = |ebpf: &mut Ebpf,
-                        layout_ok: Result<(), String>,
-                        program: &str,
-                        sys: &str,
-                        event: &str| {
-            let state = layout_ok.and_then(|()| {
-                attach_tracepoint(ebpf, program, sys, event).map_err(|e| e.to_string())
-            });
-            match state {
-                Ok(()) => FeatureState::Active,
-                Err(reason) => FeatureState::Unavailable(reason),
-            }
-        };
-        let s = match ok(&layouts.switch).and_then(|()| {
-            attach_raw_tracepoint(&mut ebpf, "sched_switch").map_err(|e| e.to_string())
-        }) {
-            Ok(()) => FeatureState::Active,
-            Err(reason) => FeatureState::Unavailable(reason),
-        };
-        features.push((Feature::OnCpuTime, s));
-        let s = match attach_fentry(&mut ebpf, &btf, "task_numa_fault") {
-            Ok(()) => FeatureState::Active,
-            Err(fentry) => {
-                // Some kernels refuse fentry (no BPF trampoline, security policy);
-                // a kprobe on the same function counts the same.
-                match attach_kprobe(&mut ebpf, "task_numa_fault_kprobe", "task_numa_fault") {
-                    Ok(()) => {
-                        tracing::info!(reason = %fentry, "task_numa_fault: fentry refused, using a kprobe");
-                        FeatureState::Active
-                    }
-                    Err(kprobe) => {
-                        let kprobe = if !opts
-                            .sys_root
-                            .join("bus/event_source/devices/kprobe")
-                            .exists()
-                        {
-                            "kprobe fallback: this kernel has no kprobes (CONFIG_KPROBES)"
-                                .to_owned()
-                        } else {
-                            kprobe.to_string()
-                        };
-                        FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
-                    }
-                }
-            }
-        };
-        features.push((Feature::NumaHintingFaults, s));
-        let s = optional(
-            &mut ebpf,
-            ok(&layouts.page_fault_user),
-            "page_fault_user",
-            "exceptions",
-            "page_fault_user",
-        );
-        features.push((Feature::UserPageFaults, s));
-        let s = optional(
-            &mut ebpf,
-            ok(&layouts.kvm_page_fault),
-            "kvm_page_fault",
-            "kvm",
-            "kvm_page_fault",
-        );
-        features.push((Feature::KvmPageFaults, s));
-        let moves = optional(
-            &mut ebpf,
-            ok(&layouts.move_numa),
-            "sched_move_numa",
-            "sched",
-            "sched_move_numa",
-        );
-        let swaps = optional(
-            &mut ebpf,
-            ok(&layouts.swap_numa),
-            "sched_swap_numa",
-            "sched",
-            "sched_swap_numa",
-        );
-        let s = match (moves, swaps) {
-            (FeatureState::Active, FeatureState::Active) => FeatureState::Active,
-            (FeatureState::Unavailable(r), _) | (_, FeatureState::Unavailable(r)) => {
-                FeatureState::Unavailable(r)
-            }
-        };
-        features.push((Feature::NumaBalancingMoves, s));
+        let features = attach_all(&mut ebpf, &btf, &layouts, &opts.sys_root)?;
 
         // After loading: initialised before, aya-log breaks program loading.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -358,11 +277,93 @@ impl Telemetry {
             .any(|(f, s)| *f == feature && *s == FeatureState::Active)
     }
 
+    /// Whether the programs' log channel (aya-log) is connected.
+    pub fn logs_connected(&self) -> bool {
+        self.logger.is_some()
+    }
+
     /// Forwards pending log records of the programs to `tracing` (via `log`). Cheap;
     /// call it once per daemon tick. The programs only log on error paths.
     pub fn flush_logs(&mut self) {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
+        }
+    }
+}
+
+/// Attaches every program whose hook this kernel has. The migration counter is
+/// required; every other feature is reported as active or unavailable with a reason.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    layouts: &Layouts,
+    sys_root: &Path,
+) -> Result<Vec<(Feature, FeatureState)>, TelemetryError> {
+    fn state(r: Result<(), String>) -> FeatureState {
+        match r {
+            Ok(()) => FeatureState::Active,
+            Err(reason) => FeatureState::Unavailable(reason),
+        }
+    }
+    let tracepoint =
+        |ebpf: &mut Ebpf, layout: Result<(), String>, sys: &str, event: &str| {
+            state(layout.and_then(|()| {
+                attach_tracepoint(ebpf, event, sys, event).map_err(|e| e.to_string())
+            }))
+        };
+    let raw = |ebpf: &mut Ebpf, layout: Result<(), String>, name: &str| {
+        state(layout.and_then(|()| attach_raw_tracepoint(ebpf, name).map_err(|e| e.to_string())))
+    };
+
+    // Required: without it there is no telemetry worth running.
+    attach_tracepoint(ebpf, "sched_migrate_task", "sched", "sched_migrate_task")?;
+    let mut features = vec![(Feature::Migrations, FeatureState::Active)];
+    features.push((
+        Feature::OnCpuTime,
+        raw(ebpf, ok(&layouts.switch), "sched_switch"),
+    ));
+    features.push((
+        Feature::NumaHintingFaults,
+        attach_numa_fault(ebpf, btf, sys_root),
+    ));
+    features.push((
+        Feature::UserPageFaults,
+        raw(ebpf, ok(&layouts.page_fault_user), "page_fault_user"),
+    ));
+    features.push((
+        Feature::KvmPageFaults,
+        tracepoint(ebpf, ok(&layouts.kvm_page_fault), "kvm", "kvm_page_fault"),
+    ));
+    let moves = tracepoint(ebpf, ok(&layouts.move_numa), "sched", "sched_move_numa");
+    let swaps = tracepoint(ebpf, ok(&layouts.swap_numa), "sched", "sched_swap_numa");
+    let numa_moves = match (moves, swaps) {
+        (FeatureState::Active, FeatureState::Active) => FeatureState::Active,
+        (FeatureState::Unavailable(r), _) | (_, FeatureState::Unavailable(r)) => {
+            FeatureState::Unavailable(r)
+        }
+    };
+    features.push((Feature::NumaBalancingMoves, numa_moves));
+    Ok(features)
+}
+
+/// fentry on `task_numa_fault`, or a kprobe where the kernel refuses fentry programs
+/// (no BPF trampoline, a security policy); both count the same.
+fn attach_numa_fault(ebpf: &mut Ebpf, btf: &Btf, sys_root: &Path) -> FeatureState {
+    let Err(fentry) = attach_fentry(ebpf, btf, "task_numa_fault") else {
+        return FeatureState::Active;
+    };
+    match attach_kprobe(ebpf, "task_numa_fault_kprobe", "task_numa_fault") {
+        Ok(()) => {
+            tracing::info!(reason = %fentry, "task_numa_fault: fentry refused, using a kprobe");
+            FeatureState::Active
+        }
+        Err(kprobe) => {
+            let kprobe = if sys_root.join("bus/event_source/devices/kprobe").exists() {
+                kprobe.to_string()
+            } else {
+                "kprobe fallback: this kernel has no kprobes (CONFIG_KPROBES)".to_owned()
+            };
+            FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
         }
     }
 }
@@ -382,8 +383,11 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<(), TelemetryErr
         .try_into()
         .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
     p.load().map_err(|e| classify_program_error(name, &e))?;
-    p.attach(name)
-        .map_err(|e| classify_program_error(name, &e))?;
+    if let Err(e) = p.attach(name) {
+        // Unload so cost() lists only attached programs.
+        let _ = p.unload();
+        return Err(classify_program_error(name, &e));
+    }
     Ok(())
 }
 
@@ -398,8 +402,10 @@ fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), T
         .try_into()
         .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
     p.load().map_err(|e| classify_program_error(program, &e))?;
-    p.attach(function, 0)
-        .map_err(|e| classify_program_error(program, &e))?;
+    if let Err(e) = p.attach(function, 0) {
+        let _ = p.unload();
+        return Err(classify_program_error(program, &e));
+    }
     Ok(())
 }
 
@@ -415,8 +421,10 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, function: &str) -> Result<(), Telem
         .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
     p.load(function, btf)
         .map_err(|e| classify_program_error(function, &e))?;
-    p.attach()
-        .map_err(|e| classify_program_error(function, &e))?;
+    if let Err(e) = p.attach() {
+        let _ = p.unload();
+        return Err(classify_program_error(function, &e));
+    }
     Ok(())
 }
 
@@ -436,8 +444,10 @@ fn attach_tracepoint(
         .try_into()
         .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
     tp.load().map_err(|e| classify_program_error(program, &e))?;
-    tp.attach(system, event)
-        .map_err(|e| classify_program_error(program, &e))?;
+    if let Err(e) = tp.attach(system, event) {
+        let _ = tp.unload();
+        return Err(classify_program_error(program, &e));
+    }
     Ok(())
 }
 
@@ -509,103 +519,26 @@ fn is_permission_error(text: &str) -> bool {
     text.contains("Operation not permitted")
 }
 
-/// CAP_BPF (39) and CAP_PERFMON (38), or CAP_SYS_ADMIN (21), in the effective set.
-fn check_privileges(proc_root: &Path) -> Result<(), TelemetryError> {
-    let status = std::fs::read_to_string(proc_root.join("self/status"))
-        .map_err(|e| TelemetryError::io("reading /proc/self/status", e))?;
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |bit: u32| cap_eff & (1u64 << bit) != 0;
-    if has(21) || (has(39) && has(38)) {
-        Ok(())
-    } else {
-        Err(TelemetryError::MissingCapability)
-    }
-}
-
-fn check_kernel_version(proc_root: &Path) -> Result<(), TelemetryError> {
-    let release = std::fs::read_to_string(proc_root.join("sys/kernel/osrelease"))
-        .map_err(|e| TelemetryError::io("reading the kernel release", e))?;
-    let release = release.trim();
-    let version = parse_release(release);
-    if version.is_some_and(|v| v < MIN_KERNEL) {
-        return Err(TelemetryError::KernelTooOld {
-            found: release.to_owned(),
-            needed: format!("{}.{}", MIN_KERNEL.0, MIN_KERNEL.1),
-        });
-    }
-    Ok(())
-}
-
-/// `6.18.44-foo` -> (6, 18).
-fn parse_release(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (best effort).
-fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain syscall with a valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn kernel_release_parsing() {
-        assert_eq!(parse_release("6.18.44-fc-v669"), Some((6, 18)));
-        assert_eq!(parse_release("5.4.0-150-generic"), Some((5, 4)));
-        assert_eq!(parse_release("6.1"), Some((6, 1)));
-        assert_eq!(parse_release("garbage"), None);
-        assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
-        assert!(parse_release("6.1.0").unwrap() >= MIN_KERNEL);
-    }
-
-    #[test]
-    fn capabilities_from_proc_status() {
-        let root = std::env::temp_dir().join(format!("vmbalancer-caps-{}", std::process::id()));
+    fn missing_btf_is_named() {
+        let root = std::env::temp_dir().join(format!("vmbalancer-nobtf-{}", std::process::id()));
         std::fs::create_dir_all(root.join("self")).unwrap();
-        let check = |cap_eff: &str| {
-            std::fs::write(
-                root.join("self/status"),
-                format!("Name:\ttest\nCapInh:\t0000000000000000\nCapEff:\t{cap_eff}\n"),
-            )
-            .unwrap();
-            check_privileges(&root)
-        };
-        assert!(check("000001ffffffffff").is_ok(), "root");
-        assert!(check("000000c000000000").is_ok(), "CAP_BPF + CAP_PERFMON");
-        assert!(check("0000000000200000").is_ok(), "CAP_SYS_ADMIN");
-        assert!(matches!(
-            check("0000008000000000"),
-            Err(TelemetryError::MissingCapability)
-        ));
-        assert!(matches!(
-            check("0000000000000000"),
-            Err(TelemetryError::MissingCapability)
-        ));
         std::fs::create_dir_all(root.join("sys/kernel")).unwrap();
-        std::fs::write(root.join("sys/kernel/osrelease"), "5.4.0-1-amd64\n").unwrap();
-        let e = check_kernel_version(&root).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "kernel 5.4.0-1-amd64 is too old: vmbalancer needs Linux 5.8 or newer"
-        );
-        std::fs::write(root.join("sys/kernel/osrelease"), "6.1.0-30-amd64\n").unwrap();
-        assert!(check_kernel_version(&root).is_ok());
+        std::fs::write(root.join("self/status"), "CapEff:\t000001ffffffffff\n").unwrap();
+        std::fs::write(root.join("sys/kernel/osrelease"), "6.1.0\n").unwrap();
+        let opts = LoadOptions {
+            sys_root: root.clone(),
+            proc_root: root.clone(),
+            btf_path: root.join("no-such-vmlinux"),
+        };
+        let e = Telemetry::load_with(&opts).unwrap_err();
+        assert!(matches!(e, TelemetryError::NoBtf { .. }), "{e}");
+        assert!(e.to_string().contains("CONFIG_DEBUG_INFO_BTF"));
+        assert!(!e.to_string().contains('\n'), "one line");
         std::fs::remove_dir_all(root).unwrap();
     }
 

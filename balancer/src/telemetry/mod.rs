@@ -12,12 +12,14 @@ pub mod btf;
 mod error;
 mod loader;
 mod maps;
+mod preflight;
 pub mod topology;
 pub mod tracefs;
 
 pub use balancer_common::TrackedThread;
 pub use error::TelemetryError;
-pub use loader::{LoadOptions, MIN_KERNEL, Telemetry};
+pub use loader::{LoadOptions, Telemetry};
+pub use preflight::MIN_KERNEL;
 
 /// What the programs counted for one thread since it was tracked (cumulative).
 /// Per-node vectors have one entry per NUMA node of the host.
@@ -176,6 +178,12 @@ mod tests {
         );
         // Nodes beyond what the programs count read as zero.
         assert_eq!(t.to_vcpu_telemetry(&[7]).run_ns_per_node, vec![0]);
+    }
+
+    #[test]
+    fn telemetry_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Telemetry>();
     }
 
     #[test]
