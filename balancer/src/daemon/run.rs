@@ -27,7 +27,7 @@ use super::{Actuator, Policy};
 use super::{advice, hostview};
 use crate::host::Observer;
 use crate::host::linux::actuate::MigrationProgress;
-use crate::model::{ActionOutcome, NodeSet, Plan, PlannedAction, Snapshot, Vm};
+use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot, Vm};
 
 /// The one stop signal, visible to threads (flag + condvar) and tasks (watch).
 #[derive(Clone)]
@@ -262,13 +262,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             }
         };
         let online = snap.topology.all_cpus();
-        let mem_nodes: NodeSet = snap
-            .topology
-            .nodes
-            .iter()
-            .filter(|n| n.memory.total_bytes > 0)
-            .map(|n| n.id)
-            .collect();
+        let mem_nodes = snap.topology.memory_nodes();
         Ok(journal::recover(
             journal,
             &mut self.actuator,

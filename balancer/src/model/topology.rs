@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{CpuId, CpuSet, NodeId};
+use super::{CpuId, CpuSet, NodeId, NodeSet};
 
 /// Static shape of the host, read once at start and on CPU/memory hotplug.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -67,6 +67,15 @@ impl Topology {
         self.nodes
             .iter()
             .fold(CpuSet::new(), |acc, n| acc.union(&n.cpus))
+    }
+
+    /// Nodes that have memory (CPU-only nodes cannot hold pages).
+    pub fn memory_nodes(&self) -> NodeSet {
+        self.nodes
+            .iter()
+            .filter(|n| n.memory.total_bytes > 0)
+            .map(|n| n.id)
+            .collect()
     }
 
     /// SLIT distance between two nodes; 10 for the same node, and a remote default of 20

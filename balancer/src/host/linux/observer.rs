@@ -29,8 +29,7 @@ use super::telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, Trac
 use super::{HostError, HostPaths, monotonic_ns, procfs, topology};
 use crate::host::Observer;
 use crate::model::{
-    Action, ActionOutcome, NodeSet, PlannedAction, Snapshot, ThreadKind, Topology, Vcpu, Vm, VmId,
-    VmMemory,
+    Action, ActionOutcome, PlannedAction, Snapshot, ThreadKind, Topology, Vcpu, Vm, VmId, VmMemory,
 };
 
 /// Settings of the observer.
@@ -294,13 +293,7 @@ impl LinuxObserver {
         let paths = self.paths.clone();
         let proc = &paths.proc;
         let host_cpus = self.topology.all_cpus();
-        let host_mems: NodeSet = self
-            .topology
-            .nodes
-            .iter()
-            .filter(|n| n.memory.total_bytes > 0)
-            .map(|n| n.id)
-            .collect();
+        let host_mems = self.topology.memory_nodes();
         let ticks_per_s = self.ticks_per_s as f64;
         let Some(known) = self.known.get_mut(&pid) else {
             return Err(HostError::Vanished { pid });
