@@ -15,8 +15,9 @@ use crate::host::sim::{bench, calibrate};
 /// Arguments of `vmbalancer simulate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Scenario name (built in: seed-40vm, seed-20vm-squeezed, bursty, bursty-long,
-    /// memory-heavy, big-vm, overcommit, arrivals; or `all`) or a scenario TOML file.
+    /// Scenario name (built in: seed-40vm, seed-20vm-squeezed, bursty, burst-once,
+    /// bursty-long, memory-heavy, big-vm, overcommit, arrivals; or `all`) or a
+    /// scenario TOML file.
     /// Repeatable.
     #[arg(long, value_name = "NAME|FILE")]
     pub scenario: Vec<String>,

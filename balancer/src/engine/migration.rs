@@ -112,7 +112,9 @@ impl Ctx<'_> {
             }
             host_budget -= max_bytes;
             self.reserved[dst] += max_bytes;
-            let reason = if self.committed_now[u] {
+            let reason = if self.committed_now[u] && self.recurring[u] > 0 {
+                self.recurring_reason(u, self.node_id(dst))
+            } else if self.committed_now[u] {
                 Reason::ProbationCommitted {
                     node: self.node_id(dst),
                 }

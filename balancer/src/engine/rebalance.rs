@@ -132,9 +132,10 @@ impl Ctx<'_> {
             .copied();
         match pick {
             Some((_, _, u, t)) => {
+                let (from, to) = (self.node_id(hi), self.node_id(t));
                 let reason = Reason::CpuImbalance {
-                    from: self.node_id(hi),
-                    to: self.node_id(t),
+                    from,
+                    to,
                     imbalance_pct: imb,
                 };
                 self.move_unit(u, hi, t, reason);
