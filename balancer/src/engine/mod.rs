@@ -215,9 +215,6 @@ pub(crate) struct Ctx<'a> {
     /// Units acted on in this plan (one action kind per unit per decision).
     pub touched: Vec<bool>,
     pub committed_now: Vec<bool>,
-    /// Per unit: earlier reverts behind a probation committed in this decision on a
-    /// recurring burst (0: none). See `recurrence.rs`.
-    pub recurring: Vec<u32>,
     /// Unit indices of each VM (for KSM partner look-ups).
     pub vm_units: std::collections::HashMap<crate::model::VmId, Vec<usize>>,
     pub plan: Plan,
@@ -254,7 +251,6 @@ impl<'a> Ctx<'a> {
             reserved: vec![0; nn],
             touched: vec![false; n],
             committed_now: vec![false; n],
-            recurring: vec![0; n],
             vm_units,
             plan: Plan::default(),
             state,

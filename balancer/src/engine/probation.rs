@@ -84,9 +84,10 @@ impl Ctx<'_> {
             } else {
                 if let Some(st) = self.state.units.get_mut(&key) {
                     st.phase = Phase::Settled;
+                    // Its first migration (now, or when the budget allows) says why.
+                    st.bursts.commit_reverts = recurring;
                 }
                 if recurring > 0 {
-                    self.recurring[u] = recurring;
                     self.state.stats.recurring_commits += 1;
                 }
                 self.state.stats.commits += 1;

@@ -164,6 +164,7 @@ impl Ctx<'_> {
                 from: vec![from_id],
             };
             st.last_move_ns = Some(self.now);
+            st.bursts.commit_reverts = 0;
         }
         self.state.stats.moves += 1;
         self.set_cpus(u, 1 << to, reason);

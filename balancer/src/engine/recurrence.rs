@@ -114,12 +114,15 @@ impl Ctx<'_> {
         load
     }
 
-    /// The reason for an action on recurring unit `u` towards `node`.
-    pub(super) fn recurring_reason(&self, u: usize, node: NodeId) -> Reason {
-        Reason::RecurringBurst {
+    /// The reason of unit `u`'s first migration towards `node` after its probation
+    /// passed on a recurring burst, if that is still to come (and now taken).
+    pub(super) fn take_recurring_reason(&mut self, u: usize, node: NodeId) -> Option<Reason> {
+        let st = self.state.units.get_mut(&self.units[u].key)?;
+        let reverts = std::mem::take(&mut st.bursts.commit_reverts);
+        (reverts > 0).then_some(Reason::RecurringBurst {
             node,
-            reverts: self.recurring[u],
+            reverts,
             window_s: self.cfg.recurrence_window_ns / 1_000_000_000,
-        }
+        })
     }
 }

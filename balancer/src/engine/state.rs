@@ -51,6 +51,10 @@ pub struct BurstMemory {
     pub peak_demand: f64,
     /// When the unit last reached (three quarters of) that peak.
     pub peak_ns: u64,
+    /// Earlier reverts behind a probation committed on a recurring burst whose memory
+    /// has not started to follow yet (its first migration carries the reason); 0:
+    /// none.
+    pub commit_reverts: u32,
 }
 
 /// Counters the engine keeps for status and the simulator's report.
