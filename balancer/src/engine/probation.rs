@@ -5,7 +5,9 @@
 //! and the CPUs go back to where the memory still is: the whole episode moved zero
 //! bytes. Otherwise the move commits and lazy migration brings the memory along.
 //! A commit whose home can no longer take the memory (headroom, huge pages) reverts
-//! instead, with the refusal reported.
+//! instead, with the refusal reported. A unit whose earlier probations were reverted
+//! (it keeps bursting) is judged on the peak view instead of the current load; see
+//! `recurrence.rs`.
 
 use crate::model::Reason;
 

@@ -42,6 +42,7 @@ pub struct UnitState {
 /// What the engine remembers of a unit's bursts: when its probations were reverted
 /// (the need went away) and its recent peak CPU demand.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BurstMemory {
     /// `Snapshot::now_ns` of each reverted probation within the recurrence window,
     /// oldest first.
