@@ -15,8 +15,9 @@ use crate::host::sim::{bench, calibrate};
 /// Arguments of `vmbalancer simulate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Scenario name (built in: seed-40vm, seed-20vm-squeezed, bursty, bursty-long,
-    /// memory-heavy, big-vm, overcommit, arrivals; or `all`) or a scenario TOML file.
+    /// Scenario name (built in: seed-40vm, seed-20vm-squeezed, bursty, burst-once,
+    /// bursty-long, memory-heavy, big-vm, overcommit, arrivals; or `all`) or a
+    /// scenario TOML file.
     /// Repeatable.
     #[arg(long, value_name = "NAME|FILE")]
     pub scenario: Vec<String>,
@@ -156,19 +157,20 @@ fn bench_main(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "| VMs | nodes | decisions | median ms | p90 ms | actions planned | steady-state median ms |"
+        "| VMs | nodes | decisions | median ms | p90 ms | actions planned | steady-state median ms | recurring-burst median ms |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.3} | {:.3} | {} | {:.3} |",
+            "| {} | {} | {} | {:.3} | {:.3} | {} | {:.3} | {:.3} |",
             r.vms,
             r.nodes,
             r.iterations,
             r.median_us / 1000.0,
             r.p90_us / 1000.0,
             r.actions,
-            r.steady_median_us / 1000.0
+            r.steady_median_us / 1000.0,
+            r.recurring_median_us / 1000.0
         );
     }
     Ok(())

@@ -50,6 +50,17 @@ pub struct EngineConfig {
     /// Candidates kept per side when searching 1-for-2 swaps (bounds the search).
     /// Default 12.
     pub swap_candidates: usize,
+    /// Recurrence awareness: when a CPU-first probation ends and the unit's earlier
+    /// probations were reverted at least this many times within
+    /// `recurrence_window_ns`, it keeps bursting: the need is judged on its peak
+    /// demand, so the move commits and memory follows once (see `recurrence.rs`).
+    /// A single short burst has no earlier revert, so it always reverts with zero
+    /// bytes moved. 0 turns recurrence awareness off. Default 1: the second burst
+    /// that needs a move within the window is judged lasting.
+    pub recurrence_reverts: u32,
+    /// How far back reverts count, and how long a remembered peak takes to fade to
+    /// nothing once the unit stops reaching it. Default 600 s.
+    pub recurrence_window_ns: u64,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +81,8 @@ impl Default for EngineConfig {
             swaps: true,
             ksm_grouping: true,
             swap_candidates: 12,
+            recurrence_reverts: 1,
+            recurrence_window_ns: 600 * SEC_NS,
         }
     }
 }

@@ -50,6 +50,11 @@ impl Ctx<'_> {
             let local: u64 = mask_nodes(home).map(|n| unit.bytes_per_node[n]).sum();
             let loc = local as f64 / unit.resident_bytes as f64;
             if loc >= target {
+                // Nothing to follow: a commit's reason has nothing to ride on.
+                let key = unit.key;
+                if let Some(st) = self.state.units.get_mut(&key) {
+                    st.bursts.commit_reverts = 0;
+                }
                 continue;
             }
             let hot = !self.remote_hot(u, home).is_empty();
@@ -112,7 +117,10 @@ impl Ctx<'_> {
             }
             host_budget -= max_bytes;
             self.reserved[dst] += max_bytes;
-            let reason = if self.committed_now[u] {
+            let recurring = self.take_recurring_reason(u, self.node_id(dst));
+            let reason = if let Some(r) = recurring {
+                r
+            } else if self.committed_now[u] {
                 Reason::ProbationCommitted {
                     node: self.node_id(dst),
                 }

@@ -26,7 +26,12 @@
 //!    once its probation window has passed: if moving it back would not bring the
 //!    imbalance above the threshold, the need went away and it is *reverted* (CPUs back
 //!    to where its memory still is: zero bytes moved); otherwise it *commits* and its
-//!    memory starts to follow.
+//!    memory starts to follow. A unit whose probations keep being reverted (at least
+//!    `recurrence_reverts` earlier reverts within `recurrence_window_ns`) is judged
+//!    on the peak view instead, every unit at `max(current, faded recent peak)`
+//!    (`recurrence.rs`): co-bursting units are spread once, memory included, instead
+//!    of being moved off and back on every burst. A single short burst still
+//!    reverts with zero bytes moved.
 //! 3. **Rebalance CPU** (`rebalance.rs`). Load of a node = CPU demand of the units homed
 //!    there; the cost of a placement is `sum(load^2 / capacity)` over nodes, which is
 //!    lowest when load ratios are equal. Act only when the spread of load ratios
@@ -61,6 +66,7 @@ mod migration;
 mod placement;
 mod probation;
 mod rebalance;
+mod recurrence;
 mod safety;
 mod state;
 mod view;
@@ -69,7 +75,7 @@ mod view;
 mod tests;
 
 pub use config::EngineConfig;
-pub use state::{EngineState, EngineStats, Phase, UnitKey, UnitState};
+pub use state::{BurstMemory, EngineState, EngineStats, Phase, UnitKey, UnitState};
 
 use crate::model::{
     Action, ActionOutcome, CpuSet, NodeId, Plan, PlannedAction, Reason, Refusal, RefusalReason,
@@ -178,6 +184,7 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     state
         .inflight_bytes
         .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
+    recurrence::track(cfg, &mut state, &units, snap.now_ns);
     let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
     ctx.report_host();
     ctx.classify();
@@ -448,6 +455,7 @@ impl<'a> Ctx<'a> {
                         home,
                         phase: Phase::Settled,
                         last_move_ns: None,
+                        bursts: BurstMemory::default(),
                     },
                 );
                 self.home[u] = aff;

@@ -123,6 +123,7 @@ impl Ctx<'_> {
                 home: self.ids_of_mask(mask),
                 phase: Phase::Settled,
                 last_move_ns: None,
+                bursts: Default::default(),
             },
         );
         self.home[u] = mask;

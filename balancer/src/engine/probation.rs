@@ -5,7 +5,9 @@
 //! and the CPUs go back to where the memory still is: the whole episode moved zero
 //! bytes. Otherwise the move commits and lazy migration brings the memory along.
 //! A commit whose home can no longer take the memory (headroom, huge pages) reverts
-//! instead, with the refusal reported.
+//! instead, with the refusal reported. A unit whose earlier probations were reverted
+//! (it keeps bursting) is judged on the peak view instead of the current load; see
+//! `recurrence.rs`.
 
 use crate::model::Reason;
 
@@ -13,6 +15,8 @@ use super::{Ctx, Phase};
 
 impl Ctx<'_> {
     pub(super) fn resolve_probations(&mut self) {
+        // The peak view, built once when a recurring unit's probation ends.
+        let mut peak_view: Option<Vec<f64>> = None;
         for u in 0..self.units.len() {
             if !self.managed[u] || self.touched[u] {
                 continue;
@@ -30,15 +34,23 @@ impl Ctx<'_> {
             let from_mask = self.mask_of_ids(&from);
             let home_mask = self.home[u];
             let d = self.units[u].demand;
-            // Imagine the revert.
-            let mut trial = self.load.clone();
-            spread(&self.nodes, &mut trial, home_mask, d, -1.0);
-            spread(&self.nodes, &mut trial, from_mask, d, 1.0);
+            // Imagine the revert: on the current load, or, for a unit that keeps
+            // bursting, on the peak view (recurrence.rs).
+            let recurring = self.recurrence_of(u);
+            let (base, dj) = if recurring > 0 {
+                let peaks = peak_view.get_or_insert_with(|| self.peak_load()).clone();
+                (peaks, self.peak_demand(u))
+            } else {
+                (self.load.clone(), d)
+            };
+            let mut trial = base.clone();
+            spread(&self.nodes, &mut trial, home_mask, dj, -1.0);
+            spread(&self.nodes, &mut trial, from_mask, dj, 1.0);
             let (imb, _, _, busiest) = self.imbalance(&trial);
             let need_gone = from_mask != 0
                 && (imb <= self.cfg.imbalance_threshold_pct
                     || busiest * 100.0 < self.cfg.busy_floor_pct
-                    || self.cost_of(&trial) <= self.cost_of(&self.load) + 1e-9);
+                    || self.cost_of(&trial) <= self.cost_of(&base) + 1e-9);
             let mut commit_blocked = None;
             if !need_gone {
                 for n in super::view::mask_nodes(home_mask) {
@@ -54,12 +66,19 @@ impl Ctx<'_> {
                     self.refuse(Some(key.vm), why);
                 }
                 let from_ids = from.clone();
-                self.load = trial;
+                spread(&self.nodes, &mut self.load, home_mask, d, -1.0);
+                spread(&self.nodes, &mut self.load, from_mask, d, 1.0);
+                if let Some(peaks) = peak_view.as_mut() {
+                    let p = self.peak_demand(u);
+                    spread(&self.nodes, peaks, home_mask, p, -1.0);
+                    spread(&self.nodes, peaks, from_mask, p, 1.0);
+                }
                 self.home[u] = from_mask;
                 if let Some(st) = self.state.units.get_mut(&key) {
                     st.home = from_ids.clone();
                     st.phase = Phase::Settled;
                     st.last_move_ns = Some(self.now);
+                    super::recurrence::note_revert(&mut st.bursts, self.now);
                 }
                 self.state.stats.reverts += 1;
                 let node = from_ids.first().copied().unwrap_or(0);
@@ -67,6 +86,11 @@ impl Ctx<'_> {
             } else {
                 if let Some(st) = self.state.units.get_mut(&key) {
                     st.phase = Phase::Settled;
+                    // Its first migration (now, or when the budget allows) says why.
+                    st.bursts.commit_reverts = recurring;
+                }
+                if recurring > 0 {
+                    self.state.stats.recurring_commits += 1;
                 }
                 self.state.stats.commits += 1;
                 self.committed_now[u] = true;

@@ -132,9 +132,10 @@ impl Ctx<'_> {
             .copied();
         match pick {
             Some((_, _, u, t)) => {
+                let (from, to) = (self.node_id(hi), self.node_id(t));
                 let reason = Reason::CpuImbalance {
-                    from: self.node_id(hi),
-                    to: self.node_id(t),
+                    from,
+                    to,
                     imbalance_pct: imb,
                 };
                 self.move_unit(u, hi, t, reason);
@@ -163,6 +164,7 @@ impl Ctx<'_> {
                 from: vec![from_id],
             };
             st.last_move_ns = Some(self.now);
+            st.bursts.commit_reverts = 0;
         }
         self.state.stats.moves += 1;
         self.set_cpus(u, 1 << to, reason);

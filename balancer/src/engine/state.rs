@@ -1,6 +1,7 @@
 //! What the engine remembers between decisions, as plain data: for every placement
-//! unit (a VM, or one guest NUMA cell of a big VM) its home nodes, its probation phase
-//! and when it last moved. Nothing else carries over, so a decision depends only on
+//! unit (a VM, or one guest NUMA cell of a big VM) its home nodes, its probation phase,
+//! when it last moved and its recent burst history (reverted probations and the peak
+//! demand seen). Nothing else carries over, so a decision depends only on
 //! (snapshot, this state, config).
 
 use std::collections::BTreeMap;
@@ -33,6 +34,28 @@ pub struct UnitState {
     pub phase: Phase,
     /// Last rebalancing move (or revert), for the hysteresis window.
     pub last_move_ns: Option<u64>,
+    /// Recent bursts, for recurrence awareness (`recurrence.rs`).
+    #[serde(default)]
+    pub bursts: BurstMemory,
+}
+
+/// What the engine remembers of a unit's bursts: when its probations were reverted
+/// (the need went away) and its recent peak CPU demand.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BurstMemory {
+    /// `Snapshot::now_ns` of each reverted probation within the recurrence window,
+    /// oldest first.
+    pub reverts_ns: Vec<u64>,
+    /// Recent peak CPU demand (CPUs); it fades linearly to 0 over one recurrence
+    /// window after `peak_ns` (see `recurrence.rs`).
+    pub peak_demand: f64,
+    /// When the unit last reached (three quarters of) that peak.
+    pub peak_ns: u64,
+    /// Earlier reverts behind a probation committed on a recurring burst whose memory
+    /// has not started to follow yet (its first migration carries the reason); 0:
+    /// none.
+    pub commit_reverts: u32,
 }
 
 /// Counters the engine keeps for status and the simulator's report.
@@ -47,6 +70,10 @@ pub struct EngineStats {
     pub migrate_planned_bytes: u64,
     pub migrated_bytes: u64,
     pub refused_actions: u64,
+    /// Probations that passed on a recurring burst's peak demand (also counted in
+    /// `commits`).
+    #[serde(default)]
+    pub recurring_commits: u64,
 }
 
 /// Everything carried from one decision to the next.

@@ -425,6 +425,121 @@ fn probation_reverts_a_short_burst_without_moving_memory() {
 }
 
 #[test]
+fn recurrence_awareness_spreads_recurring_bursts_once_and_nothing_else() {
+    // VMs 1-3 share node 0 and burst together to 1.0 for 5 s (shorter than the 10 s
+    // probation) from each listed second, 0.1 otherwise; VM 4 is busy on node 1.
+    // (case, config, burst starts, seconds, CPU moves, reverts, memory moves)
+    type Case = (
+        &'static str,
+        EngineConfig,
+        Vec<u64>,
+        u64,
+        usize,
+        usize,
+        bool,
+    );
+    let off = EngineConfig {
+        recurrence_reverts: 0,
+        ..Default::default()
+    };
+    let every_minute: Vec<u64> = (0..7).map(|i| i * 60).collect();
+    let cases: Vec<Case> = vec![
+        (
+            "one short burst: revert, 0 bytes",
+            EngineConfig::default(),
+            vec![0],
+            300,
+            1,
+            1,
+            false,
+        ),
+        (
+            "recurring bursts: the second commits, memory follows once, no flapping",
+            EngineConfig::default(),
+            every_minute.clone(),
+            420,
+            2,
+            1,
+            true,
+        ),
+        (
+            "two bursts, then it stops: spread once, never moved back",
+            EngineConfig::default(),
+            vec![0, 60],
+            900,
+            2,
+            1,
+            true,
+        ),
+        (
+            "bursts further apart than the window: each reverts, 0 bytes",
+            EngineConfig::default(),
+            vec![0, 700],
+            760,
+            2,
+            2,
+            false,
+        ),
+        (
+            "recurrence awareness off: every burst reverts, 0 bytes",
+            off,
+            every_minute,
+            420,
+            7,
+            7,
+            false,
+        ),
+    ];
+    for (name, cfg, starts, secs, want_moves, want_reverts, want_memory) in cases {
+        let bursting = |t: u64| starts.iter().any(|&s| t >= s && t < s + 5);
+        let plans = run_two_nodes(cfg, secs, |t, pid| match pid {
+            4 => 1.0,
+            _ if bursting(t) => 1.0,
+            _ => 0.1,
+        });
+        let mut moves = Vec::new();
+        let mut reverts = 0;
+        for (t, p) in plans.iter().enumerate() {
+            for a in &p.actions {
+                match (&a.action, &a.reason) {
+                    (Action::SetCpus { .. }, Reason::ProbationReverted { .. }) => reverts += 1,
+                    (Action::SetCpus { .. }, _) => moves.push((t, a.vm)),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(moves.len(), want_moves, "{name}: {moves:?}");
+        assert_eq!(reverts, want_reverts, "{name}");
+        let migrated: Vec<(u32, NodeId, NodeId, u64, usize)> =
+            plans.iter().flat_map(migrations).collect();
+        assert_eq!(!migrated.is_empty(), want_memory, "{name}: {migrated:?}");
+        if want_memory {
+            // One VM's memory, once, carried by the recurrence.
+            let (t_last, vm) = *moves.last().unwrap();
+            assert!(
+                migrated.iter().all(|m| m.0 == vm && m.1 == 0 && m.2 == 1),
+                "{name}"
+            );
+            let total: u64 = migrated.iter().map(|m| m.3).sum();
+            assert!(total <= 2 * GIB, "{name}: {total}");
+            let commit = &plans[t_last + 10];
+            assert!(
+                commit.actions.iter().any(|a| a.vm == vm
+                    && matches!(
+                        a.reason,
+                        Reason::RecurringBurst {
+                            node: 1,
+                            reverts: 1,
+                            ..
+                        }
+                    )),
+                "{name}: {commit:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn hysteresis_blocks_moving_back_and_forth() {
     // Imbalance flips every 3 s; a VM may move at most once per 30 s window.
     let cfg = EngineConfig::default();
@@ -448,7 +563,14 @@ fn hysteresis_blocks_moving_back_and_forth() {
     let mut last: std::collections::BTreeMap<u32, u64> = Default::default();
     for (s, p) in plans.iter().enumerate() {
         for a in &p.actions {
-            if matches!(a.reason, Reason::CpuImbalance { .. } | Reason::Swap { .. }) {
+            if matches!(a.action, Action::SetCpus { .. })
+                && matches!(
+                    a.reason,
+                    Reason::CpuImbalance { .. }
+                        | Reason::Swap { .. }
+                        | Reason::RecurringBurst { .. }
+                )
+            {
                 if let Some(prev) = last.get(&a.vm) {
                     assert!(
                         s as u64 - prev >= hyst,

@@ -104,6 +104,15 @@ pub enum Reason {
     SpanNodes { nodes: Vec<NodeId> },
     /// Kept next to the VMs it shares KSM pages with (`merge_across_nodes=0`).
     KsmGrouping { node: NodeId },
+    /// The unit keeps bursting: its CPU-first moves were reverted `reverts` times
+    /// within `window_s` seconds, so the engine places it on its peak demand. On a
+    /// `MigrateMemory`: its probation passed on that lasting evidence and memory
+    /// follows to `node`; on a `SetCpus`: a move to `node` (CPU-first, probation).
+    RecurringBurst {
+        node: NodeId,
+        reverts: u32,
+        window_s: u64,
+    },
 }
 
 /// What happened when an action was applied, read back from the host.

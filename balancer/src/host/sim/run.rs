@@ -50,7 +50,9 @@ pub fn run(scenario: &Scenario, params: &PerfParams, policy: &mut dyn Policy) ->
         for a in policy.tick(&mut host, &snap) {
             if let Action::SetCpus { .. } = a.action {
                 match a.reason {
-                    Reason::CpuImbalance { .. } | Reason::Swap { .. } => moves += 1,
+                    Reason::CpuImbalance { .. }
+                    | Reason::Swap { .. }
+                    | Reason::RecurringBurst { .. } => moves += 1,
                     Reason::ProbationReverted { .. } => reverts += 1,
                     _ => {}
                 }
@@ -155,11 +157,24 @@ mod tests {
     }
 
     #[test]
-    fn bursts_shorter_than_probation_move_no_memory() {
-        let rows = results("bursty");
+    fn one_burst_shorter_than_probation_moves_no_memory() {
+        let rows = results("burst-once");
         let e = rows.iter().find(|r| r.policy == "vmbalancer").unwrap();
         assert_eq!(e.migrated_gib, 0.0);
         assert!(e.reverts > 0 && e.reverts == e.moves, "{e:?}");
+    }
+
+    #[test]
+    fn recurring_short_bursts_spread_once_and_win() {
+        let rows = results("bursty");
+        let e = rows.iter().find(|r| r.policy == "vmbalancer").unwrap();
+        // The first burst reverts (0 bytes); the second commits on the recurrence
+        // and memory follows once; no move after that.
+        assert!(e.migrated_gib > 0.0 && e.migrated_gib < 6.0, "{e:?}");
+        assert!(e.reverts >= 1 && e.moves <= 2 * e.reverts, "{e:?}");
+        for p in ["none", "manual", "vmbalanced", "numad"] {
+            assert!(tp(&rows, "vmbalancer") >= tp(&rows, p), "{p}");
+        }
     }
 
     #[test]

@@ -157,6 +157,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ),
     ("bursty", include_str!("../../../scenarios/bursty.toml")),
     (
+        "burst-once",
+        include_str!("../../../scenarios/burst-once.toml"),
+    ),
+    (
         "bursty-long",
         include_str!("../../../scenarios/bursty-long.toml"),
     ),
