@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "vmbalancer", version, about, long_about = None)]
 pub struct Cli {
-    /// Log filter, as in RUST_LOG (e.g. `info`, `vmbalancer=debug`).
+    /// Log filter, as in RUST_LOG (e.g. `info`, `balancer::daemon=debug`).
     #[arg(long, global = true, default_value = "info", env = "VMBALANCER_LOG")]
     pub log: String,
 
