@@ -285,6 +285,34 @@ pub enum Assertion {
         node: usize,
         min_share: f64,
     },
+    /// `vmbalancer trace --once --json` agrees with the harness's ground truth,
+    /// checked once after the VMs started (before sampling): each VM's guest RAM in
+    /// total and per node within `max_error_pct` % of its guest RAM, and at least
+    /// `min_vcpu_agree_pct` % of vCPUs on the node the kernel reports. With
+    /// `pin_vcpus` the harness first pins each vCPU thread to one CPU (spread over
+    /// the nodes) so vCPUs cannot migrate between trace's read and the harness's.
+    TraceTruth {
+        #[serde(default = "default_trace_error_pct")]
+        max_error_pct: f64,
+        #[serde(default = "default_vcpu_agree_pct")]
+        min_vcpu_agree_pct: f64,
+        #[serde(default = "default_true")]
+        pin_vcpus: bool,
+        #[serde(default = "default_command_timeout")]
+        timeout_s: f64,
+    },
+}
+
+fn default_trace_error_pct() -> f64 {
+    2.0
+}
+
+fn default_vcpu_agree_pct() -> f64 {
+    98.0
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_command_timeout() -> f64 {
@@ -314,6 +342,14 @@ impl Assertion {
                 node,
                 min_share,
             } => format!("{vm}: >= {min_share} of memory on node {node} at start"),
+            Assertion::TraceTruth {
+                max_error_pct,
+                min_vcpu_agree_pct,
+                ..
+            } => format!(
+                "trace agrees with ground truth (memory within {max_error_pct} %, \
+                 >= {min_vcpu_agree_pct} % of vCPU nodes)"
+            ),
         }
     }
 
@@ -497,6 +533,21 @@ mod tests {
         assert!(s.assertions[0].is_boot_time());
         assert!(s.assertions[1].is_boot_time());
         assert!(!s.assertions[2].is_boot_time());
+    }
+
+    #[test]
+    fn trace_truth_defaults() {
+        let s = Scenario::from_toml("[[assert]]\nkind = \"trace_truth\"").unwrap();
+        assert_eq!(
+            s.assertions[0],
+            Assertion::TraceTruth {
+                max_error_pct: 2.0,
+                min_vcpu_agree_pct: 98.0,
+                pin_vcpus: true,
+                timeout_s: 60.0,
+            }
+        );
+        assert!(!s.assertions[0].is_boot_time());
     }
 
     #[test]

@@ -201,6 +201,79 @@ pub fn read_numa_maps(root: &Path, pid: u32) -> Result<String, TruthError> {
     read(root, &format!("proc/{pid}/numa_maps"))
 }
 
+/// The guest RAM mapping of a fake VM, chosen from `/proc/PID/maps` text: the
+/// anonymous mapping (no path) exactly `configured_bytes` long, else the smallest
+/// anonymous one at least that long (the kernel may have merged a neighbour).
+/// Returns (start address, length in bytes).
+pub fn guest_ram_mapping(maps: &str, configured_bytes: u64) -> Result<(u64, u64), TruthError> {
+    let mut best: Option<(u64, u64)> = None;
+    for line in maps.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(_off), Some(_dev), Some(inode)) = (
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+        ) else {
+            continue;
+        };
+        if inode != "0" || words.next().is_some() {
+            continue; // file-backed or named ([heap], [stack], ...)
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        let len = b.saturating_sub(a);
+        if len == configured_bytes {
+            return Ok((a, len));
+        }
+        if len > configured_bytes && best.is_none_or(|(_, l)| len < l) {
+            best = Some((a, len));
+        }
+    }
+    best.ok_or_else(|| {
+        parse_err(
+            "maps",
+            format!("no anonymous mapping of at least {configured_bytes} bytes"),
+        )
+    })
+}
+
+/// Bytes per node (index = node id) of the one `numa_maps` line starting at `start`.
+pub fn numa_maps_mapping_bytes_per_node(
+    numa_maps: &str,
+    start: u64,
+    n_nodes: usize,
+) -> Result<Vec<u64>, TruthError> {
+    let line = numa_maps
+        .lines()
+        .find(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|a| u64::from_str_radix(a, 16).ok())
+                == Some(start)
+        })
+        .ok_or_else(|| parse_err("numa_maps", format!("no line for mapping {start:#x}")))?;
+    Ok(numa_maps_bytes_per_node(line, n_nodes))
+}
+
+/// A fake VM's guest RAM per node (index = node id), read from /proc/PID/maps and
+/// /proc/PID/numa_maps: the ground truth for the mapping that backs `-m`.
+pub fn read_guest_ram_bytes_per_node(
+    root: &Path,
+    pid: u32,
+    configured_bytes: u64,
+    n_nodes: usize,
+) -> Result<Vec<u64>, TruthError> {
+    let maps = read(root, &format!("proc/{pid}/maps"))?;
+    let (start, _) = guest_ram_mapping(&maps, configured_bytes)?;
+    numa_maps_mapping_bytes_per_node(&read_numa_maps(root, pid)?, start, n_nodes)
+}
+
 pub fn read_task_stat(root: &Path, pid: u32, tid: u32) -> Result<TaskStat, TruthError> {
     parse_task_stat(&read(root, &format!("proc/{pid}/task/{tid}/stat"))?)
 }
@@ -243,6 +316,31 @@ mod tests {
         assert_eq!(s.processor, 5);
         assert_eq!(s.cpu_ticks, 123);
         assert!(parse_task_stat("42 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn guest_ram_is_the_configured_anonymous_mapping() {
+        let maps = "55d0-55e0 r-xp 00000000 00:10 42   /usr/bin/qemu-kvm\n\
+                    7f0000000-7f8000000 rw-p 00000000 00:00 0 \n\
+                    7f8000000-7f8200000 rw-p 00000000 00:00 0 \n\
+                    7ffd000-7ffe000 rw-p 00000000 00:00 0   [stack]\n";
+        assert_eq!(
+            guest_ram_mapping(maps, 0x8000000).unwrap(),
+            (0x7f0000000, 0x8000000)
+        );
+        // Merged with a neighbour: the smallest mapping that holds it.
+        assert_eq!(
+            guest_ram_mapping(maps, 0x100000).unwrap(),
+            (0x7f8000000, 0x200000)
+        );
+        assert!(guest_ram_mapping(maps, 0x10000000).is_err());
+        let numa = "7f0000000 default anon=3 dirty=3 N0=1 N3=2 kernelpagesize_kB=4\n\
+                    7f8000000 default anon=9 N1=9 kernelpagesize_kB=4\n";
+        assert_eq!(
+            numa_maps_mapping_bytes_per_node(numa, 0x7f0000000, 4).unwrap(),
+            vec![4096, 0, 0, 8192]
+        );
+        assert!(numa_maps_mapping_bytes_per_node(numa, 0x1000, 4).is_err());
     }
 
     #[test]

@@ -108,7 +108,13 @@ use scenarios::{list, load_scenario};
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
         KernelGen::V6_1,
-        &["boot", "placement", "balance-smoke", "dry-run"],
+        &[
+            "boot",
+            "placement",
+            "balance-smoke",
+            "dry-run",
+            "trace-truth",
+        ],
     ),
     (KernelGen::V6_12, &["boot"]),
 ];

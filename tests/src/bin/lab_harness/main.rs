@@ -3,15 +3,16 @@
 //!
 //! Order of a run: boot-time assertions (topology, BTF, commands) -> cgroup and
 //! sysctl setup -> fake VMs started and their memory placed -> `with_vms` commands
-//! -> the balancer starts (t = 0) -> ground truth sampled until `duration_s` ->
-//! balancer stopped -> summary and run-time assertions -> verdict. The exit status
-//! is 0 only if every assertion that may fail the scenario held.
+//! and `trace_truth` -> the balancer starts (t = 0) -> ground truth sampled until
+//! `duration_s` -> balancer stopped -> summary and run-time assertions -> verdict.
+//! The exit status is 0 only if every assertion that may fail the scenario held.
 
 mod balancer;
 mod capture;
 mod checks;
 mod command;
 mod sampler;
+mod trace_truth;
 mod vms;
 
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use vmbalancer_tests::lab::protocol::Record;
-use vmbalancer_tests::lab::scenario::{Balancer, Scenario};
+use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Scenario};
 use vmbalancer_tests::lab::truth;
 
 #[derive(Debug, Parser)]
@@ -103,14 +104,16 @@ fn run() -> anyhow::Result<bool> {
     let mut running = vms::start_all(&scenario, &nodes)?;
     vms::wait_ready(&mut running, Duration::from_secs(180))?;
 
-    for a in scenario.assertions.iter().filter(|a| {
-        !a.is_boot_time()
-            && matches!(
-                a,
-                vmbalancer_tests::lab::scenario::Assertion::Command { .. }
-            )
-    }) {
-        verdict.record(checks::boot_check(a, &nodes));
+    for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
+        match a {
+            Assertion::Command { .. } => verdict.record(checks::boot_check(a, &nodes)),
+            Assertion::TraceTruth { .. } => {
+                for o in trace_truth::check(a, &scenario, &nodes, &running) {
+                    verdict.record(o);
+                }
+            }
+            _ => {}
+        }
     }
 
     let mut sampler = sampler::Sampler::new(&nodes, &running)?;
