@@ -1,3 +1,4 @@
 //! Helpers shared by vmbalancer's test programs and integration tests.
 
+pub mod actuate_target;
 pub mod lab;

@@ -3,45 +3,30 @@
 //! exits, and a cgroup v1 cpuset group made for the test.
 
 use std::io::{BufRead, BufReader, Write};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use vmbalancer_tests::actuate_target::Target;
 
 use balancer::host::Applier;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, RestoreWhat, sys};
 use balancer::model::{Action, ActionOutcome, CpuSet, PlannedAction, Reason, Snapshot, Vcpu, Vm};
 
-struct Target {
-    child: Child,
-    pid: u32,
-    tids: [u32; 2],
-    addr: u64,
-    len: u64,
+/// Starts the test program with its default mapping.
+fn spawn_target() -> Target {
+    Target::spawn(Path::new(env!("CARGO_BIN_EXE_actuate_target")), &[])
 }
 
-impl Target {
-    fn spawn() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_actuate_target"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let f: Vec<u64> = line
-            .split_whitespace()
-            .map(|x| x.parse().unwrap())
-            .collect();
-        Self {
-            child,
-            pid: f[0] as u32,
-            tids: [f[1] as u32, f[2] as u32],
-            addr: f[3],
-            len: f[4],
-        }
-    }
+/// What these tests do with the test program.
+trait TargetExt {
+    /// The process as the applier sees a VM: its two threads are the vCPUs.
+    fn vm(&self) -> Vm;
+    /// Asks one worker thread to exit (a vCPU thread vanishing).
+    fn stop_worker(&mut self);
+    /// Ends the process and returns its pid.
+    fn exit(self) -> u32;
+}
 
+impl TargetExt for Target {
     fn vm(&self) -> Vm {
         Vm {
             pid: self.pid,
@@ -131,7 +116,7 @@ fn affinity_of_both_threads_is_set_read_back_and_restored() {
         return;
     }
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    let t = Target::spawn();
+    let t = spawn_target();
     let before = sys::get_affinity(t.tids[1]).unwrap();
     let snap = host_snapshot(vec![t.vm()]);
     let mut a = LinuxApplier::new(ApplierConfig::default());
@@ -181,7 +166,7 @@ fn move_pages_to_node_0_succeeds_and_node_1_is_refused() {
     if !is_root() {
         return;
     }
-    let t = Target::spawn();
+    let t = spawn_target();
     let page = sys::page_size_bytes();
     let pages: Vec<u64> = (0..t.len / page).map(|i| t.addr + i * page).collect();
     // Query: every touched page is on node 0 (this host's only node).
@@ -239,7 +224,7 @@ fn moves_need_free_memory_plus_headroom_and_count_failed_pages() {
     if !is_root() {
         return;
     }
-    let t = Target::spawn();
+    let t = spawn_target();
     let snap = host_snapshot(vec![t.vm()]);
     let region = vec![(t.addr, t.len)];
 
@@ -284,7 +269,7 @@ fn exited_processes_and_vanished_threads_are_quiet() {
     if !is_root() {
         return;
     }
-    let mut t = Target::spawn();
+    let mut t = spawn_target();
     let vm = t.vm();
     let snap = host_snapshot(vec![vm.clone()]);
     let mut a = LinuxApplier::new(ApplierConfig::default());
@@ -358,7 +343,7 @@ fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
         eprintln!("skipped: needs 2 CPUs");
         return;
     }
-    let t = Target::spawn();
+    let t = spawn_target();
     let name = format!("vmb-test-{}", std::process::id());
     let guard = V1Group {
         dir: root.join(&name),

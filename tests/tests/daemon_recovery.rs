@@ -2,9 +2,8 @@
 //! action applied and journaled, a crash with an action in flight, and the next
 //! start finishing or reverting it; restore on exit.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use balancer::daemon::Policy;
 use balancer::daemon::config::Config;
@@ -16,6 +15,7 @@ use balancer::host::linux::{HostPaths, topology::read_topology};
 use balancer::model::{
     Action, ActionOutcome, CpuSet, Plan, PlannedAction, Reason, Snapshot, Vcpu, Vm,
 };
+use vmbalancer_tests::actuate_target::Target;
 
 struct Fixed(Snapshot);
 impl Observer for Fixed {
@@ -33,23 +33,13 @@ impl Policy for Once {
     fn feedback(&mut self, _a: &PlannedAction, _o: &ActionOutcome) {}
 }
 
+/// The test program with a 1 MiB mapping: (process, pid, its two threads).
 fn spawn() -> (Child, u32, [u32; 2]) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_actuate_target"))
-        .arg((1u64 << 20).to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let f: Vec<u32> = line
-        .split_whitespace()
-        .take(3)
-        .map(|x| x.parse().unwrap())
-        .collect();
-    (child, f[0], [f[1], f[2]])
+    let t = Target::spawn(
+        Path::new(env!("CARGO_BIN_EXE_actuate_target")),
+        &[&(1u64 << 20).to_string()],
+    );
+    (t.child, t.pid, t.tids)
 }
 
 fn set_cpus(vm: u32, cpus: &str) -> PlannedAction {

@@ -7,9 +7,7 @@
 //! a cgroup v2 mount with the cpuset controller, or a v1 `cpuset/` hierarchy). Prints one
 //! `PASS name ...` or `FAIL name: why` line per check and exits non-zero on failure.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,40 +19,15 @@ use balancer::host::linux::{HostPaths, topology::read_topology};
 use balancer::model::{
     Action, ActionOutcome, MemoryBacking, PlannedAction, Reason, Snapshot, Topology, Vm, VmMemory,
 };
+use vmbalancer_tests::actuate_target::Target;
 
 const MIB: u64 = 1 << 20;
 
-struct Target {
-    child: std::process::Child,
-    pid: u32,
-    tids: [u32; 2],
-    addr: u64,
-    len: u64,
-}
-
 fn spawn_target(exe: &Path, len: u64, huge: bool) -> Target {
-    let mut child = Command::new(exe)
-        .arg(len.to_string())
-        .arg(if huge { "huge" } else { "small" })
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn target");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .map(|x| x.parse().unwrap())
-        .collect();
-    Target {
-        child,
-        pid: f[0] as u32,
-        tids: [f[1] as u32, f[2] as u32],
-        addr: f[3],
-        len: f[4],
-    }
+    Target::spawn(
+        exe,
+        &[&len.to_string(), if huge { "huge" } else { "small" }],
+    )
 }
 
 /// Pages of `[addr, addr+len)` per node id (index = node, last = not present).
