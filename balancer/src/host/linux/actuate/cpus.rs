@@ -181,15 +181,7 @@ fn set_cpus_cgroup(
     if verified == 0 && wrong.is_empty() {
         return a.gone(vm.pid);
     }
-    if wrong.is_empty() {
-        ActionOutcome::Done { moved_bytes: 0 }
-    } else {
-        ActionOutcome::Partial {
-            moved_bytes: 0,
-            left_bytes: 0,
-            why: wrong.join("; "),
-        }
-    }
+    super::cpu_change_outcome(wrong)
 }
 
 fn set_cpus_threads(
@@ -250,13 +242,5 @@ fn set_cpus_threads(
             Err(_) => a.counters.threads_gone += 1,
         }
     }
-    if wrong.is_empty() {
-        ActionOutcome::Done { moved_bytes: 0 }
-    } else {
-        ActionOutcome::Partial {
-            moved_bytes: 0,
-            left_bytes: 0,
-            why: wrong.join("; "),
-        }
-    }
+    super::cpu_change_outcome(wrong)
 }

@@ -310,15 +310,7 @@ impl LinuxApplier {
                 }
             }
         }
-        if problems.is_empty() {
-            ActionOutcome::Done { moved_bytes: 0 }
-        } else {
-            ActionOutcome::Partial {
-                moved_bytes: 0,
-                left_bytes: 0,
-                why: problems.join("; "),
-            }
-        }
+        cpu_change_outcome(problems)
     }
 
     /// Restores the CPU sets of every adopted VM (shutdown with `restore_on_exit`).
@@ -438,6 +430,20 @@ pub fn process_start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
 pub fn online_cpus(sys_root: &Path) -> io::Result<CpuSet> {
     let text = std::fs::read_to_string(sys_root.join("devices/system/cpu/online"))?;
     CpuSet::parse_list(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The outcome of a CPU-set change (no pages move): done when every thread or group
+/// read back as asked, partial with what differed otherwise.
+fn cpu_change_outcome(problems: Vec<String>) -> ActionOutcome {
+    if problems.is_empty() {
+        ActionOutcome::Done { moved_bytes: 0 }
+    } else {
+        ActionOutcome::Partial {
+            moved_bytes: 0,
+            left_bytes: 0,
+            why: problems.join("; "),
+        }
+    }
 }
 
 #[cfg(test)]
