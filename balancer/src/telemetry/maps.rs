@@ -206,11 +206,7 @@ impl Telemetry {
         };
         let mut map: HashMap<_, K, V> =
             HashMap::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
-        match map.remove(key) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(TelemetryError::map(name, e)),
-        }
+        removed(name, map.remove(key))
     }
 
     fn remove_per_cpu<K: aya::Pod, V: aya::Pod>(
@@ -223,11 +219,7 @@ impl Telemetry {
         };
         let mut map: PerCpuHashMap<_, K, V> =
             PerCpuHashMap::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
-        match map.remove(key) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(TelemetryError::map(name, e)),
-        }
+        removed(name, map.remove(key))
     }
 }
 
@@ -237,5 +229,14 @@ fn is_not_found(e: &MapError) -> bool {
         MapError::KeyNotFound => true,
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
+    }
+}
+
+/// A removal that found nothing to remove is not an error: the thread or VM was
+/// never seen by the programs, or is already gone.
+fn removed(name: &str, result: Result<(), MapError>) -> Result<(), TelemetryError> {
+    match result {
+        Err(e) if !is_not_found(&e) => Err(TelemetryError::map(name, e)),
+        _ => Ok(()),
     }
 }
