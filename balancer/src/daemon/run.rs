@@ -299,9 +299,11 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             }
         };
         report.observed = true;
+        let observe_ns = t0.elapsed().as_nanos() as u64;
         self.forget_exited(&snap);
 
         let plan: Plan = self.policy.plan(&snap);
+        let plan_ns = t0.elapsed().as_nanos() as u64 - observe_ns;
         report.planned = plan.actions.len();
         for refusal in &plan.refusals {
             tracing::debug!(vm = ?refusal.vm, why = ?refusal.why, "policy refused");
@@ -323,6 +325,14 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             });
         }
 
+        tracing::debug!(
+            observe_ns,
+            plan_ns,
+            tick_ns = t0.elapsed().as_nanos() as u64,
+            actions = plan.actions.len(),
+            refusals = plan.refusals.len(),
+            "tick"
+        );
         let (cpu_ns, rss) = status::self_usage();
         let vms = status::vm_statuses(&snap, |vm| manage_verdict(&self.cfg, vm));
         let probations = self.policy.probations();

@@ -17,6 +17,7 @@
 //! [vmbalancer]
 //! args = ["run"]               # vmbalancer arguments; `--config FILE` is added
 //! config = "..."               # when set, written to a file passed with --config
+//! log_lines = 60               # last lines of its log reported when it stops
 //!
 //! [[vms]]
 //! name = "vm"                  # with count > 1: vm1, vm2, ...
@@ -207,6 +208,9 @@ pub struct VmbalancerSpec {
     /// Configuration file content; when set it is written to a file and
     /// `--config FILE` is appended to `args`.
     pub config: Option<String>,
+    /// How many of the last lines of vmbalancer's log are reported when it stops.
+    /// Default 60; raise it with a `--log` filter of `debug` to study a run.
+    pub log_lines: usize,
 }
 
 impl Default for VmbalancerSpec {
@@ -214,6 +218,7 @@ impl Default for VmbalancerSpec {
         Self {
             args: vec!["run".into()],
             config: None,
+            log_lines: 60,
         }
     }
 }

@@ -504,11 +504,20 @@ impl Observer for LinuxObserver {
                 Err(e) => tracing::warn!(error = %e, "cannot re-read the topology"),
             }
         }
+        let t0 = std::time::Instant::now();
         self.discover(now_ns);
+        let discover_ns = t0.elapsed().as_nanos() as u64;
         let mut vms = Vec::new();
         let pids: Vec<u32> = self.known.keys().copied().collect();
         for pid in pids {
-            match self.sample(pid, now_ns) {
+            let ts = std::time::Instant::now();
+            let sampled = self.sample(pid, now_ns);
+            tracing::trace!(
+                pid,
+                sample_ns = ts.elapsed().as_nanos() as u64,
+                "VM sampled"
+            );
+            match sampled {
                 Ok(vm) => vms.push(vm),
                 Err(e) if e.is_vanished() => {
                     tracing::debug!(pid, "VM exited");
@@ -533,14 +542,24 @@ impl Observer for LinuxObserver {
                 other_threads: vm.other_threads.clone(),
             })
             .collect();
+        let tt = std::time::Instant::now();
         self.telemetry.track(&tracked);
+        let track_ns = tt.elapsed().as_nanos() as u64;
         let mut snapshot = Snapshot {
             now_ns,
             topology: self.topology.clone(),
             vms,
             settings,
         };
+        let tf = std::time::Instant::now();
         self.telemetry.fill(&mut snapshot);
+        tracing::trace!(
+            discover_ns,
+            track_ns,
+            fill_ns = tf.elapsed().as_nanos() as u64,
+            total_ns = t0.elapsed().as_nanos() as u64,
+            "observed"
+        );
         Ok(snapshot)
     }
 

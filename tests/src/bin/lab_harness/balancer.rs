@@ -17,6 +17,7 @@ const VMBALANCER_LOG: &str = "/run/lab/vmbalancer.log";
 pub struct Guard {
     kind: Balancer,
     child: Option<Child>,
+    log_lines: usize,
 }
 
 pub fn start(kind: Balancer, scenario: &Scenario) -> anyhow::Result<Guard> {
@@ -56,13 +57,17 @@ pub fn start(kind: Balancer, scenario: &Scenario) -> anyhow::Result<Guard> {
         source: "harness".into(),
         text: format!("balancer {} started", kind.name()),
     });
-    Ok(Guard { kind, child })
+    Ok(Guard {
+        kind,
+        child,
+        log_lines: scenario.vmbalancer.log_lines,
+    })
 }
 
-fn report_log(source: &str, path: &str, keep: impl Fn(&str) -> bool) {
+fn report_log(source: &str, path: &str, max_lines: usize, keep: impl Fn(&str) -> bool) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
-    for l in &lines[lines.len().saturating_sub(60)..] {
+    for l in &lines[lines.len().saturating_sub(max_lines)..] {
         emit(&Record::Event {
             source: source.into(),
             text: (*l).to_string(),
@@ -85,7 +90,7 @@ impl Guard {
                     // SAFETY: signalling a pid numad itself recorded.
                     unsafe { libc::kill(pid, libc::SIGTERM) };
                 }
-                report_log("numad", NUMAD_LOG, |l| {
+                report_log("numad", NUMAD_LOG, 60, |l| {
                     !l.contains("Nodes:") && !l.contains("Node ") && !l.trim().is_empty()
                 });
             }
@@ -105,7 +110,7 @@ impl Guard {
                     }
                     let _ = c.wait();
                 }
-                report_log("vmbalancer", VMBALANCER_LOG, |_| true);
+                report_log("vmbalancer", VMBALANCER_LOG, self.log_lines, |_| true);
             }
         }
     }

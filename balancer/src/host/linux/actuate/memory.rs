@@ -81,6 +81,7 @@ pub fn migrate(
         }
         _ => a.page_size_bytes,
     };
+    let started = std::time::Instant::now();
     let whole = regions.is_empty()
         && from_bytes.is_some_and(|b| b <= max_bytes && b <= a.cfg.rate_limit_bytes_per_s);
     let result = if whole {
@@ -120,6 +121,8 @@ pub fn migrate(
         moved_bytes,
         left_bytes,
         failed_pages = tally.failed_pages,
+        whole,
+        elapsed_ms = started.elapsed().as_millis() as u64,
         "memory move"
     );
     if tally.cancelled {
@@ -484,6 +487,7 @@ fn batched_move(
                 .map(|i| addr + i * page)
                 .collect();
             addr = win_end.div_ceil(page) * page;
+            let tq = std::time::Instant::now();
             let status = match query(vm.pid, &pages) {
                 Ok(s) => s,
                 Err(e) => {
@@ -497,10 +501,18 @@ fn batched_move(
                 .filter(|(_, s)| **s == from as i32)
                 .map(|(p, _)| *p)
                 .collect();
+            tracing::trace!(
+                window = addr,
+                pages = pages.len(),
+                on_src = on_src.len(),
+                query_ns = tq.elapsed().as_nanos() as u64,
+                "window scanned"
+            );
             if on_src.is_empty() {
                 continue;
             }
             for chunk in on_src.chunks(batch) {
+                let tb = std::time::Instant::now();
                 if moved_pages >= budget_pages {
                     break;
                 }
@@ -526,6 +538,13 @@ fn batched_move(
                     .map(|(p, _)| *p)
                     .collect();
                 let (moved, stuck) = move_batch(vm.pid, &still, from, to, &mut t)?;
+                tracing::trace!(
+                    pages = still.len(),
+                    moved,
+                    stuck,
+                    batch_ns = tb.elapsed().as_nanos() as u64,
+                    "batch moved"
+                );
                 t.failed_pages += stuck;
                 moved_pages += already + moved;
                 a.spend((already + moved) * page);
