@@ -10,6 +10,7 @@ use crate::daemon::journal::Journal;
 use crate::daemon::policy::EnginePolicy;
 use crate::daemon::run::{Daemon, Shutdown, run};
 use crate::host::linux::actuate::{ApplierConfig, LinuxApplier};
+use crate::host::linux::telemetry_deferred::DeferredTelemetry;
 use crate::host::linux::{HostPaths, LinuxObserver, ObserverConfig, ebpf_source};
 use crate::host::logonly::LogOnly;
 use crate::model::CpuSet;
@@ -120,17 +121,10 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     let observer = LinuxObserver::new(host_paths(&cfg), ObserverConfig::default())
         .context("observing the host")?
-        .with_telemetry(ebpf_source::load_or_explain());
-    let telemetry = observer.telemetry_status();
-    match telemetry.reason {
-        Some(why) if !telemetry.available => {
-            tracing::warn!(%why, "eBPF telemetry unavailable: balancing from procfs alone")
-        }
-        _ => tracing::info!(
-            features = ?telemetry.features.iter().filter(|f| f.available).map(|f| &f.name).collect::<Vec<_>>(),
-            "eBPF telemetry loaded"
-        ),
-    }
+        // Balancing starts from procfs at once; the programs join when loaded.
+        .with_telemetry(Box::new(DeferredTelemetry::spawn(
+            ebpf_source::load_or_explain,
+        )));
     let policy = EnginePolicy::new(&cfg);
     if args.dry_run {
         let d = Daemon::new(
@@ -171,6 +165,7 @@ pub fn applier_config(cfg: &Config) -> ApplierConfig {
         cgroup_root: cfg.cgroup_root.clone(),
         rate_limit_bytes_per_s: cfg.migration_rate_limit_bytes_per_s,
         batch_pages: cfg.migration_batch_pages,
+        migration_threads: cfg.migration_threads,
         headroom_bytes: cfg.memory_headroom_bytes,
         reserved_cpus: cfg.reserved_cpus.clone(),
     }

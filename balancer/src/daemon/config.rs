@@ -106,6 +106,8 @@ pub struct Config {
     pub migration_rate_limit_bytes_per_s: u64,
     /// Pages per move_pages call; shutdown stops a move between two batches. Default 512.
     pub migration_batch_pages: u64,
+    /// Threads moving one VM's pages at once (1..=64). Default 4.
+    pub migration_threads: usize,
     /// Free memory a target node must keep after a move, bytes. Default 536870912.
     pub memory_headroom_bytes: u64,
     /// How long a CPU-first move must keep paying off before memory follows,
@@ -142,6 +144,7 @@ impl Default for Config {
             reserved_cpus: CpuSet::new(),
             migration_rate_limit_bytes_per_s: 256 << 20,
             migration_batch_pages: 512,
+            migration_threads: 4,
             memory_headroom_bytes: 512 << 20,
             probation_window_ms: 10_000,
             pinned_vms: PinnedVms::Leave,
@@ -256,6 +259,12 @@ impl Config {
             return bad(
                 "migration_batch_pages",
                 format!("{} is outside 1..=65536", self.migration_batch_pages),
+            );
+        }
+        if !(1..=64).contains(&self.migration_threads) {
+            return bad(
+                "migration_threads",
+                format!("{} is outside 1..=64", self.migration_threads),
             );
         }
         if self.probation_window_ms < self.tick_ms {

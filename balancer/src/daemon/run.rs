@@ -338,7 +338,14 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let probations = self.policy.probations();
         let counters = self.actuator.counters();
         let busy = self.cpu_sampler.sample(&snap.topology);
-        let ebpf = self.ebpf_cost.as_mut().and_then(|f| f());
+        let ebpf = match self.ebpf_cost.as_mut() {
+            Some(f) => f(),
+            None => self.observer.program_cost().map(|c| status::EbpfCost {
+                run_time_ns: c.run_time_ns,
+                run_count: c.run_count,
+                events_lost: 0,
+            }),
+        };
         if let Ok(mut s) = self.shared.lock() {
             s.status.ebpf = ebpf;
             if busy.is_some() {
@@ -349,6 +356,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
                 s.status.push_decision(d, keep);
             }
             s.status.vms = vms;
+            s.status.refusals = plan.refusals.clone();
             s.status.probations = probations;
             s.status.counters = counters;
             let d = &mut s.status.daemon;

@@ -20,6 +20,9 @@ pub struct StatusDoc {
     pub migrations: Vec<MigrationProgress>,
     /// Most recent last.
     pub decisions: VecDeque<Decision>,
+    /// What the policy declined to do at the last tick, and why (e.g. a node without
+    /// free memory above the headroom).
+    pub refusals: Vec<crate::model::Refusal>,
     pub counters: QuietCounters,
     /// Cost of the eBPF programs, when telemetry is loaded.
     pub ebpf: Option<EbpfCost>,
@@ -263,6 +266,13 @@ pub fn render_text(doc: &StatusDoc) -> String {
             mib(m.moved_bytes),
             mib(m.left_bytes)
         );
+    }
+    if !doc.refusals.is_empty() {
+        let _ = writeln!(s, "\nRefused at the last tick ({}):", doc.refusals.len());
+        for r in &doc.refusals {
+            let who = r.vm.map_or("host".to_string(), |v| format!("vm {v}"));
+            let _ = writeln!(s, "  {who}: {:?}", r.why);
+        }
     }
     let _ = writeln!(s, "\nLast decisions ({}):", doc.decisions.len());
     for dcs in doc.decisions.iter().rev() {

@@ -1,13 +1,15 @@
 //! Lazy memory migration for settled units below their locality target.
 //!
-//! Each decision a unit gets at most one `MigrateMemory`: from the non-home node
-//! holding most of its memory to the home node (the roomiest home node when it
-//! spans). While hot regions of the unit sit on that node they are listed, hottest
-//! first, and the per-VM rate is `hot_rate_bytes_per_s`; afterwards the rest moves at
-//! `cold_rate_bytes_per_s`. A move never exceeds what is left to reach the target
-//! (the coldest remainder stays), the room above the target's headroom, or what is
-//! left of the host-wide budget. Units with remote hot memory go first, then the
-//! least local, so the budget buys the most locality.
+//! Each decision a unit gets one `MigrateMemory` per remote node holding its memory,
+//! most first, to the home node (the roomiest home node when it spans), until the
+//! moves planned reach its locality target or its budget is spent. While hot regions
+//! of the unit sit on a source they are listed, hottest first, and the unit's budget
+//! is `hot_rate_bytes_per_s`; otherwise the rest moves at `cold_rate_bytes_per_s`. A
+//! move takes the whole source node when the budgets allow, even past the target:
+//! each partial move costs a scan of the VM's address space, so leaving a sliver for
+//! later costs more than finishing. Moves never exceed the room above the target's
+//! headroom or what is left of the host-wide budget. Units with remote hot memory go
+//! first, then the least local, so the budget buys the most locality.
 
 use crate::model::{Action, Reason};
 
@@ -71,79 +73,106 @@ impl Ctx<'_> {
             }
             let home = self.home[u];
             let unit = &self.units[u];
-            let Some(src) = (0..self.nodes.len())
-                .filter(|&n| home & (1 << n) == 0 && unit.bytes_per_node[n] > 0)
-                .max_by(|&a, &b| {
-                    unit.bytes_per_node[a]
-                        .cmp(&unit.bytes_per_node[b])
-                        .then(b.cmp(&a))
-                })
-            else {
-                continue;
-            };
-            let Some(dst) = mask_nodes(home).max_by(|&a, &b| {
-                self.room_on(u, a)
-                    .cmp(&self.room_on(u, b))
-                    .then(self.dist(src, b).cmp(&self.dist(src, a)))
-                    .then(b.cmp(&a))
-            }) else {
-                continue;
-            };
-            let regions = self.remote_hot_on(u, src);
-            let rate = if regions.is_empty() {
-                self.cfg.cold_rate_bytes_per_s
-            } else {
-                self.cfg.hot_rate_bytes_per_s
-            };
-            let unit = &self.units[u];
             let to_target = ((target - loc) * unit.resident_bytes as f64)
                 .ceil()
                 .max(0.0) as u64;
-            let mut max_bytes = ((rate as f64 * secs) as u64)
-                .min(unit.bytes_per_node[src])
-                .min(to_target.max(1 << 20))
-                .min(host_budget);
-            let room = self.room_on(u, dst);
-            if room == 0 {
-                if let Err(why) = self.memory_fits(u, dst, 1) {
-                    let vm = unit.key.vm;
-                    self.refuse(Some(vm), why);
+            // Remote nodes holding the unit's memory, most first.
+            let mut sources: Vec<usize> = (0..self.nodes.len())
+                .filter(|&n| home & (1 << n) == 0 && unit.bytes_per_node[n] > 0)
+                .collect();
+            sources.sort_by(|&a, &b| {
+                unit.bytes_per_node[b]
+                    .cmp(&unit.bytes_per_node[a])
+                    .then(a.cmp(&b))
+            });
+            let mut unit_budget = None;
+            let mut planned = 0u64;
+            for src in sources {
+                if host_budget == 0 || planned >= to_target.max(1) {
+                    break;
                 }
-                continue;
+                if let Some(b) =
+                    self.plan_move(u, src, loc, secs, &mut unit_budget, &mut host_budget)
+                {
+                    planned += b;
+                }
             }
-            max_bytes = max_bytes.min(room);
-            if max_bytes == 0 {
-                continue;
-            }
-            host_budget -= max_bytes;
-            self.reserved[dst] += max_bytes;
-            let recurring = self.take_recurring_reason(u, self.node_id(dst));
-            let reason = if let Some(r) = recurring {
-                r
-            } else if self.committed_now[u] {
-                Reason::ProbationCommitted {
-                    node: self.node_id(dst),
-                }
-            } else {
-                Reason::Locality {
-                    locality_pct: loc * 100.0,
-                    target_pct: self.cfg.locality_target_pct,
-                }
-            };
-            self.state.stats.migrate_actions += 1;
-            self.state.stats.migrate_planned_bytes += max_bytes;
-            let (from, to) = (self.node_id(src), self.node_id(dst));
-            self.push(
-                u,
-                Action::MigrateMemory {
-                    from,
-                    to,
-                    regions,
-                    max_bytes,
-                },
-                reason,
-            );
         }
+    }
+
+    /// Plans one `MigrateMemory` of unit `u` from node index `src` to its home (the
+    /// roomiest home node when it spans): the source's hot regions first at the hot
+    /// rate, else the cold rest at the cold rate, the whole source node when the
+    /// budgets allow (finishing a node costs one scan of the address space, a
+    /// remainder left for later costs another). `unit_budget` is what the unit may
+    /// still move this decision (set by its first move). Returns the bytes planned.
+    fn plan_move(
+        &mut self,
+        u: usize,
+        src: usize,
+        loc: f64,
+        secs: f64,
+        unit_budget: &mut Option<u64>,
+        host_budget: &mut u64,
+    ) -> Option<u64> {
+        let home = self.home[u];
+        let unit = &self.units[u];
+        let dst = mask_nodes(home).max_by(|&a, &b| {
+            self.room_on(u, a)
+                .cmp(&self.room_on(u, b))
+                .then(self.dist(src, b).cmp(&self.dist(src, a)))
+                .then(b.cmp(&a))
+        })?;
+        let regions = self.remote_hot_on(u, src);
+        let rate = if regions.is_empty() {
+            self.cfg.cold_rate_bytes_per_s
+        } else {
+            self.cfg.hot_rate_bytes_per_s
+        };
+        let budget = *unit_budget.get_or_insert((rate as f64 * secs) as u64);
+        let mut max_bytes = budget.min(unit.bytes_per_node[src]).min(*host_budget);
+        let room = self.room_on(u, dst);
+        if room == 0 {
+            if let Err(why) = self.memory_fits(u, dst, 1) {
+                let vm = unit.key.vm;
+                self.refuse(Some(vm), why);
+            }
+            return None;
+        }
+        max_bytes = max_bytes.min(room);
+        if max_bytes == 0 {
+            return None;
+        }
+        *host_budget -= max_bytes;
+        *unit_budget = Some(budget - max_bytes);
+        self.reserved[dst] += max_bytes;
+        let recurring = self.take_recurring_reason(u, self.node_id(dst));
+        let reason = if let Some(r) = recurring {
+            r
+        } else if self.committed_now[u] {
+            Reason::ProbationCommitted {
+                node: self.node_id(dst),
+            }
+        } else {
+            Reason::Locality {
+                locality_pct: loc * 100.0,
+                target_pct: self.cfg.locality_target_pct,
+            }
+        };
+        self.state.stats.migrate_actions += 1;
+        self.state.stats.migrate_planned_bytes += max_bytes;
+        let (from, to) = (self.node_id(src), self.node_id(dst));
+        self.push(
+            u,
+            Action::MigrateMemory {
+                from,
+                to,
+                regions,
+                max_bytes,
+            },
+            reason,
+        );
+        Some(max_bytes)
     }
 
     /// Hot regions of unit `u` outside `home`, hottest first.

@@ -4,7 +4,8 @@
 //! order is deterministic). A unit fits a node when the node has free memory plus
 //! headroom (or free huge pages of its size) for the part of its memory not already
 //! there, and enough CPUs for its demand. Among fitting nodes the score is the CPU
-//! capacity left after placing it (as a ratio of the node), plus a bonus for KSM
+//! capacity left after placing it (as a ratio of the node), plus half the share of
+//! its memory already on the node (placing a VM by its memory moves no page), plus a bonus for KSM
 //! pages shared with units already there (`merge_across_nodes=0` only; a GiB of
 //! shared pages is worth 15 % of a node's CPUs, at most 30 %),
 //! minus a small penalty per unit of SLIT distance to the unit's sibling cells. With
@@ -17,7 +18,21 @@ use crate::model::{Reason, RefusalReason};
 use super::view::mask_nodes;
 use super::{Ctx, Phase, UnitState};
 
+/// Score bonus for a node holding all of a unit's memory, in node-CPU ratio: a VM
+/// started where its memory already is moves no page, so a node with its memory wins
+/// unless another node has at least half a node's CPUs more to spare.
+const MEMORY_AFFINITY: f64 = 0.5;
+
 impl Ctx<'_> {
+    /// Share of unit `u`'s resident memory already on node index `n`.
+    fn memory_share_on(&self, u: usize, n: usize) -> f64 {
+        let unit = &self.units[u];
+        if unit.resident_bytes == 0 {
+            return 0.0;
+        }
+        unit.bytes_per_node.get(n).copied().unwrap_or(0) as f64 / unit.resident_bytes as f64
+    }
+
     fn demand_estimate(&self, u: usize) -> f64 {
         let unit = &self.units[u];
         unit.demand
@@ -73,6 +88,7 @@ impl Ctx<'_> {
                 continue;
             }
             let mut score = (cap - self.load[n] - d) / cap;
+            score += MEMORY_AFFINITY * self.memory_share_on(u, n);
             let ksm = self.ksm_affinity(u, n);
             score += (0.15 * ksm as f64 * 4096.0 / (1u64 << 30) as f64).min(0.3);
             score -= self.sibling_distance_penalty(u, n);

@@ -30,6 +30,12 @@ pub trait Observer {
     /// An action was applied and read back: observers that keep state between
     /// observations (e.g. memory per node read at a bounded rate) account for it.
     fn note_outcome(&mut self, _action: &PlannedAction, _outcome: &ActionOutcome) {}
+
+    /// What the observer's eBPF programs cost so far, all programs together, as the
+    /// kernel measures it; `None` when no program is loaded.
+    fn program_cost(&self) -> Option<crate::telemetry::ProgramCost> {
+        None
+    }
 }
 
 /// Carries out actions on a host.

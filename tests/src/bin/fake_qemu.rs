@@ -181,30 +181,54 @@ unsafe impl Send for GuestMemory {}
 unsafe impl Sync for GuestMemory {}
 
 impl GuestMemory {
+    /// Maps guest RAM the way qemu does for anonymous memory: aligned to 2 MiB and
+    /// advised MADV_HUGEPAGE, so the kernel backs it with transparent huge pages
+    /// where it can (real guests run on THP unless the host turned it off).
     fn map(len: usize, hugetlb: bool) -> anyhow::Result<Self> {
         let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         if hugetlb {
             flags |= libc::MAP_HUGETLB;
         }
+        // hugetlb mappings are aligned by the kernel; anonymous ones get room to align.
+        let slack = if hugetlb { 0 } else { HUGE_PAGE };
         // SAFETY: a fresh anonymous mapping; the pointer is checked below.
-        let base = unsafe {
+        let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                len + slack,
                 libc::PROT_READ | libc::PROT_WRITE,
                 flags,
                 -1,
                 0,
             )
         };
-        if base == libc::MAP_FAILED {
+        if raw == libc::MAP_FAILED {
             bail!(
                 "mmap of {len} bytes (hugetlb={hugetlb}) failed: {}",
                 std::io::Error::last_os_error()
             );
         }
+        let mut base = raw.cast::<u8>();
+        if !hugetlb {
+            let addr = raw as usize;
+            let aligned = addr.next_multiple_of(HUGE_PAGE);
+            let head = aligned - addr;
+            // SAFETY: both pieces lie inside the mapping just made and are never used.
+            unsafe {
+                if head > 0 {
+                    libc::munmap(raw, head);
+                }
+                let tail = slack - head;
+                if tail > 0 {
+                    libc::munmap((aligned + len) as *mut libc::c_void, tail);
+                }
+                base = aligned as *mut u8;
+                // Advice only: a kernel without THP keeps 4 KiB pages.
+                libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE);
+            }
+        }
         Ok(Self {
-            base: base.cast(),
+            base,
             len,
             page: if hugetlb { HUGE_PAGE } else { PAGE },
         })

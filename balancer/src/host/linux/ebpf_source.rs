@@ -183,6 +183,21 @@ fn programs_of(feature: Feature) -> &'static [&'static str] {
 }
 
 impl TelemetrySource for EbpfTelemetry {
+    fn cost(&self) -> Option<ProgramCost> {
+        let all = self.telemetry.cost().ok()?;
+        Some(all.iter().fold(
+            ProgramCost {
+                program: "all".into(),
+                ..Default::default()
+            },
+            |mut t, c| {
+                t.run_count += c.run_count;
+                t.run_time_ns += c.run_time_ns;
+                t
+            },
+        ))
+    }
+
     fn status(&self) -> TelemetryStatus {
         let cost: Vec<ProgramCost> = self.telemetry.cost().unwrap_or_else(|e| {
             tracing::debug!(error = %e, "reading program cost");

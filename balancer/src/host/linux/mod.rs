@@ -29,6 +29,7 @@ pub mod observer;
 pub mod pinning;
 pub mod proc_events;
 pub mod procfs;
+pub mod telemetry_deferred;
 pub mod telemetry_input;
 pub mod topology;
 

@@ -567,6 +567,10 @@ impl Observer for LinuxObserver {
         self.mark_managed(vm);
     }
 
+    fn program_cost(&self) -> Option<crate::telemetry::ProgramCost> {
+        self.telemetry.cost()
+    }
+
     fn note_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
         let moved_bytes = match outcome {
             ActionOutcome::Done { moved_bytes } | ActionOutcome::Partial { moved_bytes, .. } => {

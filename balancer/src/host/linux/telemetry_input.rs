@@ -57,6 +57,11 @@ pub trait TelemetrySource: Send {
     /// thread was first tracked), [`Vm::hot_regions`](crate::model::Vm::hot_regions)
     /// hottest first, and [`Vm::kernel_numa_moves`](crate::model::Vm::kernel_numa_moves).
     fn fill(&mut self, snapshot: &mut Snapshot);
+
+    /// Kernel-measured cost of all programs together (`None` without programs).
+    fn cost(&self) -> Option<crate::telemetry::ProgramCost> {
+        None
+    }
 }
 
 /// Telemetry that is not there, with the reason.

@@ -25,14 +25,14 @@
 pub mod cgroup;
 pub mod cpus;
 pub mod memory;
+pub mod rate;
 pub mod sys;
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,8 @@ pub struct ApplierConfig {
     pub rate_limit_bytes_per_s: u64,
     /// Pages per move_pages call.
     pub batch_pages: u64,
+    /// Threads moving one VM's pages at once (move_pages is CPU-bound in the caller).
+    pub migration_threads: usize,
     /// Free memory a target node must keep after a move.
     pub headroom_bytes: u64,
     /// CPUs never given to VMs.
@@ -64,6 +66,7 @@ impl Default for ApplierConfig {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             rate_limit_bytes_per_s: 256 << 20,
             batch_pages: 512,
+            migration_threads: 4,
             headroom_bytes: 512 << 20,
             reserved_cpus: CpuSet::new(),
         }
@@ -134,8 +137,8 @@ pub struct LinuxApplier {
     cancel: Arc<AtomicBool>,
     progress: Arc<Mutex<Option<MigrationProgress>>>,
     page_size_bytes: u64,
-    /// Earliest instant the next batch may start (the shared rate limit).
-    next_batch_at: Instant,
+    /// The shared rate limit of page moves.
+    limit: Arc<rate::RateLimit>,
 }
 
 impl LinuxApplier {
@@ -143,21 +146,29 @@ impl LinuxApplier {
     pub fn new(cfg: ApplierConfig) -> Self {
         let cpuset = CpusetFs::detect(&cfg.cgroup_root);
         tracing::debug!(?cpuset, "cpuset interface");
+        let cancel = Arc::new(AtomicBool::new(false));
         Self {
+            limit: Arc::new(rate::RateLimit::new(
+                cfg.rate_limit_bytes_per_s,
+                cancel.clone(),
+            )),
             cfg,
             cpuset,
             originals: BTreeMap::new(),
             counters: QuietCounters::default(),
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancel,
             progress: Arc::new(Mutex::new(None)),
             page_size_bytes: sys::page_size_bytes(),
-            next_batch_at: Instant::now(),
         }
     }
 
     /// Uses `flag` as the stop signal: a running migration stops at the next batch
     /// boundary once it is set.
     pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.limit = Arc::new(rate::RateLimit::new(
+            self.cfg.rate_limit_bytes_per_s,
+            flag.clone(),
+        ));
         self.cancel = flag;
         self
     }
@@ -352,26 +363,6 @@ impl LinuxApplier {
         tracing::debug!(vm, "VM exited before or during the action");
         ActionOutcome::VmGone
     }
-
-    /// Waits for the rate limit; false when cancelled meanwhile.
-    fn wait_for_budget(&mut self) -> bool {
-        loop {
-            if self.cancel.load(Ordering::Relaxed) {
-                return false;
-            }
-            let now = Instant::now();
-            if now >= self.next_batch_at {
-                return true;
-            }
-            std::thread::sleep((self.next_batch_at - now).min(Duration::from_millis(20)));
-        }
-    }
-
-    /// Charges `bytes` to the rate limit.
-    fn spend(&mut self, bytes: u64) {
-        let secs = bytes as f64 / self.cfg.rate_limit_bytes_per_s.max(1) as f64;
-        self.next_batch_at = self.next_batch_at.max(Instant::now()) + Duration::from_secs_f64(secs);
-    }
 }
 
 impl Applier for LinuxApplier {
@@ -449,31 +440,6 @@ fn cpu_change_outcome(problems: Vec<String>) -> ActionOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rate_limit_spaces_batches_and_stops_on_cancel() {
-        let mut a = LinuxApplier::new(ApplierConfig {
-            rate_limit_bytes_per_s: 4 << 20,
-            ..ApplierConfig::default()
-        });
-        let t0 = Instant::now();
-        assert!(a.wait_for_budget());
-        a.spend(1 << 20); // 250 ms of budget
-        assert!(a.wait_for_budget());
-        a.spend(1 << 20);
-        assert!(a.wait_for_budget());
-        let waited = t0.elapsed();
-        assert!(waited >= Duration::from_millis(490), "{waited:?}");
-        assert!(waited < Duration::from_millis(900), "{waited:?}");
-        // A stop request ends the wait at once, whatever budget is left.
-        let flag = Arc::new(AtomicBool::new(false));
-        let mut a = a.with_cancel(flag.clone());
-        a.spend(64 << 20);
-        flag.store(true, Ordering::Relaxed);
-        let t1 = Instant::now();
-        assert!(!a.wait_for_budget());
-        assert!(t1.elapsed() < Duration::from_millis(100));
-    }
 
     #[test]
     fn start_time_of_this_process() {

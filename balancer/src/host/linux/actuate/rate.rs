@@ -1,0 +1,109 @@
+//! The migration rate limit, shared by every thread that moves pages.
+//!
+//! Why a shared pacer rather than a per-move budget: a memory move runs on several
+//! threads at once (move_pages is CPU-bound in the caller, and the daemon competes
+//! with busy vCPUs for CPU time), and the operator's limit is for the whole host.
+//! Each batch waits until the pacer allows it, then charges what it moved; waiting
+//! ends early when the daemon stops, so a shutdown never waits for the budget.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Spaces page batches so that, on average, at most `bytes_per_s` move.
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_s: u64,
+    /// Earliest instant the next batch may start.
+    next_at: Mutex<Instant>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RateLimit {
+    pub fn new(bytes_per_s: u64, cancel: Arc<AtomicBool>) -> Self {
+        Self {
+            bytes_per_s: bytes_per_s.max(1),
+            next_at: Mutex::new(Instant::now()),
+            cancel,
+        }
+    }
+
+    /// Whether a stop was asked for.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the next batch may start; false when stopped meanwhile.
+    pub fn wait(&self) -> bool {
+        loop {
+            if self.cancelled() {
+                return false;
+            }
+            let next = self.next_at.lock().map_or_else(|p| *p.into_inner(), |g| *g);
+            let now = Instant::now();
+            if now >= next {
+                return true;
+            }
+            std::thread::sleep((next - now).min(Duration::from_millis(20)));
+        }
+    }
+
+    /// Charges `bytes` moved to the budget.
+    pub fn spend(&self, bytes: u64) {
+        let d = Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
+        let mut g = self.next_at.lock().unwrap_or_else(|p| p.into_inner());
+        *g = (*g).max(Instant::now()) + d;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spaces_batches_and_stops_on_cancel() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let r = RateLimit::new(4 << 20, flag.clone());
+        let t0 = Instant::now();
+        assert!(r.wait());
+        r.spend(1 << 20); // 250 ms of budget
+        assert!(r.wait());
+        r.spend(1 << 20);
+        assert!(r.wait());
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(490), "{waited:?}");
+        assert!(waited < Duration::from_millis(900), "{waited:?}");
+        // A stop request ends the wait at once, whatever budget is left.
+        r.spend(64 << 20);
+        flag.store(true, Ordering::Relaxed);
+        let t1 = Instant::now();
+        assert!(!r.wait());
+        assert!(t1.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn threads_share_one_budget() {
+        let r = Arc::new(RateLimit::new(8 << 20, Arc::new(AtomicBool::new(false))));
+        let t0 = Instant::now();
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..2 {
+                        assert!(r.wait());
+                        r.spend(1 << 20);
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        // 8 MiB at 8 MiB/s: the last batch starts after at least ~7/8 s.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(800),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+}
