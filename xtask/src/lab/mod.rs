@@ -103,8 +103,8 @@ impl Paths {
 use runner::{Lab, compare_runs, run_with};
 use scenarios::{list, load_scenario};
 
-/// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`). Add the
-/// vmbalancer scenarios to the 6.1 list as they appear.
+/// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`), each once
+/// under its own balancer.
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
         KernelGen::V6_1,
@@ -119,8 +119,14 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (KernelGen::V6_12, &["boot"]),
 ];
 
-/// The lab's CI step: every scenario of [`CI_SCENARIOS`] on its kernel. Fails if
-/// any fails. Callable from other xtask steps as `crate::lab::ci()`.
+/// Scenarios CI runs as comparisons on 6.1: under each balancer of the scenario's
+/// `compare` list and then its own (vmbalancer), whose assertions must hold; the
+/// tables go to `target/lab/compare/NAME.md`.
+pub const CI_COMPARISONS: &[&str] = &[];
+
+/// The lab's CI step: every scenario of [`CI_SCENARIOS`] on its kernel and every
+/// comparison of [`CI_COMPARISONS`]. Fails if any fails. Callable from other xtask
+/// steps as `crate::lab::ci()`.
 pub fn ci() -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let mut passed = 0;
@@ -130,12 +136,36 @@ pub fn ci() -> anyhow::Result<()> {
         run_with(&lab, &names, None)?;
         passed += names.len();
     }
+    let lab = Lab::prepare(KernelGen::V6_1, false, None)?;
+    let mut failed = Vec::new();
+    for name in CI_COMPARISONS {
+        let s = scenarios::load_scenario(&lab.paths, name)?;
+        let mut balancers = s.compare.clone();
+        if !balancers.contains(&s.balancer) {
+            balancers.push(s.balancer.clone());
+        }
+        let out = lab
+            .paths
+            .target
+            .join("lab/compare")
+            .join(format!("{name}.md"));
+        match compare_runs(&lab, name, &balancers, Some(&out), false) {
+            Ok(()) => passed += 1,
+            Err(e) => {
+                eprintln!("lab: {e:#}");
+                failed.push(*name);
+            }
+        }
+    }
     eprintln!(
-        "lab: CI scenarios passed in {:.0} s",
+        "lab: CI scenarios done in {:.0} s",
         start.elapsed().as_secs_f64()
     );
     // The plain closing line test reports understand.
-    println!("lab: {passed} passed, 0 failed");
+    println!("lab: {passed} passed, {} failed", failed.len());
+    if !failed.is_empty() {
+        bail!("lab comparison(s) failed: {}", failed.join(", "));
+    }
     Ok(())
 }
 

@@ -165,6 +165,7 @@ impl Lab {
             description: String::new(),
             timeout_s: 0,
             compare: Vec::new(),
+            balancer: "none".into(),
         };
         let initrd = self.initrd(
             &s,
@@ -205,11 +206,18 @@ pub fn compare_runs(
     } else {
         balancers.to_vec()
     };
+    // The scenario's assertions are about its own balancer; the others are the
+    // comparison, and their verdicts are only reported.
+    let own = s.balancer.clone();
+    let mut own_failed = false;
     let mut rows = Vec::new();
     let mut timings = Vec::new();
     let mut before_after = Vec::new();
     for b in &balancers {
         let r = lab.run_scenario(&s, &format!("--balancer {b}"), &format!("{name}-{b}"))?;
+        if *b == own && !r.ok {
+            own_failed = true;
+        }
         timings.push(format!(
             "{b}: guest ran {:.0} s (init after {})",
             r.boot_s,
@@ -263,8 +271,14 @@ pub fn compare_runs(
                 before_after.join("\n")
             )
         };
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("lab: wrote {}", out.display());
+    }
+    if own_failed {
+        bail!("lab scenario {name} failed its assertions under {own}");
     }
     Ok(())
 }

@@ -13,6 +13,8 @@ pub struct ScenarioFile {
     pub description: String,
     pub timeout_s: u64,
     pub compare: Vec<String>,
+    /// The scenario's own balancer (its assertions are about this one).
+    pub balancer: String,
 }
 
 pub fn load_scenario(paths: &Paths, name: &str) -> anyhow::Result<ScenarioFile> {
@@ -44,6 +46,11 @@ pub fn load_scenario(paths: &Paths, name: &str) -> anyhow::Result<ScenarioFile> 
             .to_string(),
         timeout_s: num("timeout_s").unwrap_or(300.0) as u64,
         compare,
+        balancer: value
+            .get("balancer")
+            .and_then(|v| v.as_str())
+            .unwrap_or("none")
+            .to_string(),
         text,
     })
 }

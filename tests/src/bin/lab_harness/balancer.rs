@@ -75,6 +75,33 @@ fn report_log(source: &str, path: &str, max_lines: usize, keep: impl Fn(&str) ->
     }
 }
 
+/// Where each thread of `pid` waits in the kernel (`wchan` and its kernel stack), for
+/// runs that study a daemon that stopped making progress.
+fn report_stacks(pid: u32) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stack: Vec<String> = read("stack")
+            .lines()
+            .take(12)
+            .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_string())
+            .collect();
+        emit(&Record::Event {
+            source: "harness".into(),
+            text: format!(
+                "thread {} {}: wchan {} stack {}",
+                t.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan").trim(),
+                stack.join(" < ")
+            ),
+        });
+    }
+}
+
 impl Guard {
     pub fn stop(&mut self) {
         match self.kind {
@@ -102,6 +129,9 @@ impl Guard {
                             text: format!("exited early: {status}"),
                         }),
                         _ => {
+                            if self.log_lines > 60 {
+                                report_stacks(c.id());
+                            }
                             // SAFETY: signalling our own child.
                             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
                             std::thread::sleep(std::time::Duration::from_secs(1));

@@ -13,15 +13,17 @@
 //! about 5-18 MB/s; windows are therefore handed out in order to
 //! `migration_threads` threads, so hot regions still go first.
 //!
-//! When the whole VM moves and only a small remainder (less than one round of
-//! batches) is left on the source, one migrate_pages does it: a single syscall
-//! instead of scanning every window.
+//! Why not migrate_pages for whole-VM moves: it is one syscall on one thread that
+//! cannot be rate-limited, stopped or spread over threads, it walks every mapping of
+//! the process, and in the lab (6.1 guest, every CPU busy) single calls for 16 MiB
+//! took from 2 s to more than 30 s while the batched path kept moving.
 //!
 //! While pages move, the VM's `cpuset.mems` (when it has a cpuset group) is widened
 //! to include the target, with v1's `memory_migrate` held at 0, so the guest's new
-//! allocations may land there; it is narrowed (target in, source out) only after a
-//! whole-VM move left nothing behind, because on cgroup v2 narrowing migrates what is
-//! left at once.
+//! allocations may land there. On v1 it is narrowed (target in, source out) after a
+//! whole-VM move left nothing behind; on v2 it is never narrowed by a move, because
+//! there any mems write migrates the VM's pages off the removed nodes at once, in a
+//! kernel workqueue the write waits for.
 //!
 //! Refusals happen before anything changes: unknown or memory-less target node, not
 //! enough free memory above the headroom, no free huge pages of the VM's size.
@@ -92,20 +94,7 @@ pub fn migrate(
         _ => a.page_size_bytes,
     };
     let started = std::time::Instant::now();
-    // migrate_pages is one syscall on one thread that cannot stop half-way: worth it
-    // only for what one round of batches would move anyway (a small remainder);
-    // more moves faster spread over the threads (see the module doc).
-    let round_bytes = a.cfg.batch_pages * step * a.cfg.migration_threads.max(1) as u64;
-    let whole = regions.is_empty()
-        && from_bytes.is_some_and(|b| {
-            b <= max_bytes && b <= round_bytes && b <= a.cfg.rate_limit_bytes_per_s
-        });
-    let result = if whole {
-        let from_pages = from_bytes.unwrap_or(0) / step;
-        whole_move(a, vm, (from, to), &ranges, step, from_pages)
-    } else {
-        batched_move(a, vm, from, to, &ranges, max_bytes, step)
-    };
+    let result = batched_move(a, vm, from, to, &ranges, max_bytes, step);
     set_progress(a, |p| *p = None);
 
     let tally = match result {
@@ -125,8 +114,14 @@ pub fn migrate(
     {
         left_bytes = left_bytes.max(b.saturating_sub(moved_bytes));
     }
-    // Narrow only after a whole-VM move left nothing on the source.
-    if regions.is_empty() && tally.left_pages == 0 && !tally.cancelled {
+    // Narrow only after a whole-VM move left nothing on the source, and only where
+    // narrowing cannot migrate (v1, memory_migrate held at 0). On v2 every mems
+    // write makes the kernel migrate the whole VM's pages off the removed node from a
+    // workqueue the write waits for: in the lab that blocked the daemon for more
+    // than 20 s after a move that had already left nothing behind. The source stays
+    // allowed there; the VM's faults allocate on its home node anyway.
+    let narrowing_migrates = matches!(a.cpuset, Some(cgroup::CpusetFs::V2(_)));
+    if regions.is_empty() && tally.left_pages == 0 && !tally.cancelled && !narrowing_migrates {
         narrow_mems(a, &widened, from, to);
     }
     // memory_migrate goes back as it was found (mems may stay widened).
@@ -138,7 +133,6 @@ pub fn migrate(
         moved_bytes,
         left_bytes,
         failed_pages = tally.failed_pages,
-        whole,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "memory move"
     );
@@ -679,61 +673,6 @@ fn batched_move(
         return Err(Gone);
     }
     Ok(t)
-}
-
-/// One migrate_pages for the whole process. What was on `from` comes from the
-/// snapshot (`from_pages`, read at most a tick ago) rather than a scan of its own:
-/// only the read-back after the move is scanned.
-fn whole_move(
-    a: &mut LinuxApplier,
-    vm: &Vm,
-    (from, to): (NodeId, NodeId),
-    ranges: &[(u64, u64)],
-    page: u64,
-    from_pages: u64,
-) -> Result<Tally, Gone> {
-    let mut t = Tally::default();
-    if !a.limit.wait() {
-        t.cancelled = true;
-        t.left_pages = from_pages;
-        return Ok(t);
-    }
-    match sys::migrate_pages(vm.pid, &sys::one_node(from), &sys::one_node(to)) {
-        Ok(_) => {}
-        Err(e) => gone_or(e, &mut t)?,
-    }
-    a.limit.spend(from_pages * page);
-    let left = count_on(vm.pid, ranges, page, from, &mut t)?;
-    t.left_pages = left;
-    t.verified_pages = from_pages.saturating_sub(left);
-    if left > 0 {
-        t.failed_pages = left;
-        if t.first_error.is_empty() {
-            t.first_error = "migrate_pages left pages behind".into();
-        }
-    }
-    Ok(t)
-}
-
-/// Pages of `ranges` on `node`, one query per window.
-fn count_on(
-    pid: u32,
-    ranges: &[(u64, u64)],
-    page: u64,
-    node: NodeId,
-    t: &mut Tally,
-) -> Result<u64, Gone> {
-    let mut n = 0;
-    for (start, end) in windows_of(ranges, page) {
-        let pages: Vec<u64> = (0..(end - start).div_ceil(page))
-            .map(|i| start + i * page)
-            .collect();
-        match query(pid, &pages) {
-            Ok(s) => n += s.iter().filter(|x| **x == node as i32).count() as u64,
-            Err(e) => gone_or(e, t)?,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

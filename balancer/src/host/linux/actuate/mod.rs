@@ -5,9 +5,8 @@
 //! - CPU sets of libvirt VMs are written to their cgroup's `vcpuN`/`emulator` groups
 //!   (libvirt would undo, and the cpuset may refuse, a plain sched_setaffinity); plain
 //!   qemu processes get sched_setaffinity on every thread ([`cpus`]).
-//! - Memory moves with move_pages in batches, hot regions first and rate-limited, or
-//!   with one migrate_pages when the whole VM moves and fits in one second's budget
-//!   ([`memory`]). While pages move, `cpuset.mems` is widened to old+new so new
+//! - Memory moves with move_pages in batches on several threads, hot regions first
+//!   and rate-limited ([`memory`]). While pages move, `cpuset.mems` is widened to old+new so new
 //!   allocations may land on the target, and narrowed only when nothing is left
 //!   behind: on cgroup v2 narrowing would migrate the rest of the VM at once.
 //! - The sets a VM had when vmbalancer first touched it are recorded
