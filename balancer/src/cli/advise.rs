@@ -13,7 +13,7 @@ use anyhow::Context;
 use crate::daemon::advice::{self, Params, Request};
 use crate::daemon::config::Config;
 use crate::daemon::control::{self, ClientError, Response};
-use crate::daemon::hostview;
+use crate::host::linux::cpu_load as hostview;
 use crate::host::linux::topology;
 use crate::model::Snapshot;
 

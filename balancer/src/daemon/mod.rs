@@ -12,12 +12,11 @@
 //! [`journal`] (moves in flight, crash recovery), [`control`] (root-only unix
 //! socket), [`status`] (the document `vmbalancer status` shows), [`notify`]
 //! (sd_notify), [`prometheus`] (optional metrics), [`advice`] (numad-compatible
-//! placement advice, pure) and [`hostview`] (a minimal host reader for advice).
+//! placement advice, pure).
 
 pub mod advice;
 pub mod config;
 pub mod control;
-pub mod hostview;
 pub mod journal;
 pub mod notify;
 pub mod policy;

@@ -18,13 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::advice;
 use super::config::Config;
 use super::control::{self, Handler, Request, Response};
 use super::journal::{self, Journal, JournalError};
 use super::notify::{self, Notifier};
 use super::status::{self, Decision, StatusDoc};
 use super::{Actuator, Policy};
-use super::{advice, hostview};
 use crate::host::Observer;
 use crate::host::linux::actuate::MigrationProgress;
 use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot, Vm};
@@ -165,7 +165,6 @@ pub struct Daemon<O, A, P> {
     dry_run: bool,
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
-    cpu_sampler: hostview::CpuSampler,
     ebpf_cost: Option<EbpfCostSource>,
 }
 
@@ -205,7 +204,6 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             dry_run,
             observe_failing: false,
             heartbeat_ms: Arc::new(AtomicU64::new(0)),
-            cpu_sampler: hostview::CpuSampler::new(&cfg.proc_root),
             ebpf_cost: None,
             cfg,
         }
@@ -337,7 +335,16 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let vms = status::vm_statuses(&snap, |vm| manage_verdict(&self.cfg, vm));
         let probations = self.policy.probations();
         let counters = self.actuator.counters();
-        let busy = self.cpu_sampler.sample(&snap.topology);
+        // CPUs in use per node, as the observer measured them (all processes).
+        let busy: Option<Vec<f64>> = snap
+            .topology
+            .nodes
+            .iter()
+            .map(|n| {
+                n.idle_cpus
+                    .map(|idle| (n.cpus.len() as f64 - idle).max(0.0))
+            })
+            .collect();
         let ebpf = match self.ebpf_cost.as_mut() {
             Some(f) => f(),
             None => self.observer.program_cost().map(|c| status::EbpfCost {

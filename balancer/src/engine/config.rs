@@ -17,6 +17,10 @@ pub struct EngineConfig {
     /// nobody waits for a CPU, so a move would only cost locality. Default 85 % (numad's
     /// target utilisation).
     pub busy_floor_pct: f64,
+    /// Rebalance onto a node only while it has at least this many idle CPUs, as the
+    /// host measured them (all processes counted); hosts that do not measure idle
+    /// time skip the check. Default 0.5.
+    pub min_idle_cpus: f64,
     /// A unit moved by rebalancing is not moved again within this window. Default 30 s.
     pub hysteresis_ns: u64,
     /// CPU-first probation: after a move, wait this long before memory follows (commit)
@@ -68,6 +72,7 @@ impl Default for EngineConfig {
         Self {
             imbalance_threshold_pct: 10.0,
             busy_floor_pct: 85.0,
+            min_idle_cpus: 0.5,
             hysteresis_ns: 30 * SEC_NS,
             probation_ns: 10 * SEC_NS,
             hot_rate_bytes_per_s: 256 * MIB,

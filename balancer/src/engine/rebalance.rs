@@ -59,11 +59,30 @@ impl Ctx<'_> {
         if cap <= 0.0 { 0.0 } else { l * l / cap }
     }
 
+    /// Idle CPUs node `n` still has this decision: what the host measured, minus the
+    /// demand moved there since. `None` when the host does not measure idle time.
+    fn idle_left(&self, n: usize, load_before: &[f64]) -> Option<f64> {
+        let idle = self.snap.topology.nodes.get(n)?.idle_cpus?;
+        Some(idle - (self.load[n] - load_before[n]).max(0.0))
+    }
+
     pub(super) fn rebalance(&mut self) {
+        let load_before = self.load.clone();
         for _ in 0..self.cfg.max_moves_per_tick {
             let (imb, hi, lo, busiest) = self.imbalance(&self.load);
             if imb <= self.cfg.imbalance_threshold_pct || busiest * 100.0 < self.cfg.busy_floor_pct
             {
+                return;
+            }
+            // Measured use is not demand on a saturated host: a VM waiting for CPU
+            // uses less than it wants, and an emulated or noisy host makes equal
+            // nodes look unequal. Moving vCPUs only helps when the target really has
+            // idle CPUs; otherwise every move is a memory migration for nothing.
+            if self
+                .idle_left(lo, &load_before)
+                .is_some_and(|idle| idle < self.cfg.min_idle_cpus)
+            {
+                self.refuse(None, RefusalReason::NoImprovingMove { imbalance_pct: imb });
                 return;
             }
             let moved =

@@ -276,6 +276,36 @@ fn rebalances_only_above_threshold() {
 }
 
 #[test]
+fn no_move_onto_a_node_without_idle_cpus() {
+    // 3 busy VMs on node 0, 1 on node 1 (the "3 vs 1" case above), with the idle
+    // CPUs the host measured on node 1: a move happens only when they are there.
+    for (idle_on_1, want) in [(None, true), (Some(4.0), true), (Some(0.2), false)] {
+        let mut t = topo(2, 8, 64);
+        t.nodes[1].idle_cpus = idle_on_1;
+        t.nodes[0].idle_cpus = idle_on_1.map(|_| 0.0);
+        let mut vms = Vec::new();
+        for i in 0..3 {
+            vms.push(vm(10 + i, 4, 1.0, Some(0), &[GIB, 0], &t));
+        }
+        vms.push(vm(20, 4, 1.0, Some(1), &[0, GIB], &t));
+        let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vms));
+        let moved = plan
+            .actions
+            .iter()
+            .any(|a| matches!(a.reason, Reason::CpuImbalance { .. } | Reason::Swap { .. }));
+        assert_eq!(moved, want, "idle on node 1 {idle_on_1:?}: {plan:?}");
+        if !want {
+            assert!(
+                plan.refusals
+                    .iter()
+                    .any(|r| matches!(r.why, RefusalReason::NoImprovingMove { .. })),
+                "{plan:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn moves_the_cheapest_vm() {
     let t = topo(2, 8, 64);
     let vms = vec![

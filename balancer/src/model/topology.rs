@@ -23,6 +23,10 @@ pub struct Node {
     pub smt_siblings: Vec<CpuSet>,
     /// Live memory state of the node.
     pub memory: NodeMemory,
+    /// CPUs of the node that sat idle (all processes counted) since the previous
+    /// observation; `None` when unknown (first observation, simulated host).
+    #[serde(default)]
+    pub idle_cpus: Option<f64>,
 }
 
 /// Memory of one node, refreshed every observation.
@@ -110,6 +114,7 @@ impl Topology {
                         free_bytes: mem_per_node_bytes,
                         ..Default::default()
                     },
+                    idle_cpus: None,
                 }
             })
             .collect();

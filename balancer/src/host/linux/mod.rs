@@ -21,6 +21,7 @@
 
 pub mod actuate;
 pub mod cgroup;
+pub mod cpu_load;
 pub mod discovery;
 pub mod ebpf_source;
 pub mod memory;

@@ -101,6 +101,8 @@ pub struct LinuxObserver {
     counters: ObserverCounters,
     managed: HashSet<u32>,
     ticks_per_s: u64,
+    /// Idle CPUs per node between two observations.
+    cpu_load: super::cpu_load::CpuSampler,
 }
 
 impl std::fmt::Debug for LinuxObserver {
@@ -133,6 +135,7 @@ impl LinuxObserver {
         };
         Ok(Self {
             memory: MemoryTracker::new(config.memory.clone()),
+            cpu_load: super::cpu_load::CpuSampler::new(&paths.proc),
             paths,
             config,
             topology,
@@ -492,6 +495,13 @@ impl Observer for LinuxObserver {
         let now_ns = monotonic_ns();
         self.counters.observations += 1;
         topology::refresh_node_memory(&self.paths, &mut self.topology)?;
+        let busy = self.cpu_load.sample(&self.topology);
+        for (i, node) in self.topology.nodes.iter_mut().enumerate() {
+            node.idle_cpus = busy
+                .as_ref()
+                .and_then(|b| b.get(i))
+                .map(|b| (node.cpus.len() as f64 - b).max(0.0));
+        }
         let settings = topology::read_settings(&self.paths)?;
         if self.last_full_scan_ns.is_some()
             && self.events.is_some()

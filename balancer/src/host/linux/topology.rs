@@ -60,6 +60,7 @@ pub fn read_topology(paths: &HostPaths) -> Result<Topology, HostError> {
             cpus,
             smt_siblings,
             memory,
+            idle_cpus: None,
         });
     }
     // Keep only the columns of the kept nodes, in node order.
@@ -84,6 +85,7 @@ fn single_node_fallback(paths: &HostPaths, cpus: CpuSet) -> Result<Topology, Hos
             cpus,
             smt_siblings,
             memory,
+            idle_cpus: None,
         }],
         distance: vec![vec![10]],
     })

@@ -733,6 +733,8 @@ impl Observer for SimHost {
                         file_bytes: 0,
                         hugepages,
                     },
+                    // The simulated host does not model idle time per node.
+                    idle_cpus: None,
                 }
             })
             .collect();

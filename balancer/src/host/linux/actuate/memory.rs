@@ -1,7 +1,7 @@
 //! Moving a VM's memory between nodes, and reading the result back.
 //!
 //! Lazy and hot-first: the planned regions are moved in their order (the engine lists
-//! the hottest first), window by window: each 32 MiB window is queried with
+//! the hottest first), window by window: each 2 MiB window is queried with
 //! move_pages(nodes = NULL) so only pages really on the source node are moved, in
 //! batches of `batch_pages`, and each batch is queried again afterwards so only pages
 //! found on the target are counted. A shared rate limit ([`super::rate`]) spaces
@@ -475,15 +475,16 @@ fn move_batch(
     Ok((moved, todo.len() as u64 + failed_elsewhere))
 }
 
-/// Windows of this many bytes, aligned to it, are scanned and moved one at a time.
-/// A multiple of the 2 MiB huge page size, so a transparent huge page never
-/// straddles two windows and its pages are counted in the window that moved it
-/// (larger for hugetlbfs pages: 16 of them).
-const WINDOW_BYTES: u64 = 32 << 20;
+/// Windows of this many bytes, aligned to it, are scanned and moved one at a time,
+/// each by one thread. The 2 MiB huge page size, so a transparent huge page never
+/// straddles two windows and its pages are counted in the window that moved it, and
+/// small enough that even a small move spreads over every thread (one window is one
+/// default batch of 512 pages; hugetlbfs pages get a window of one huge page).
+const WINDOW_BYTES: u64 = 2 << 20;
 
 /// The aligned windows covering `ranges`, in the ranges' order (hottest first).
 fn windows_of(ranges: &[(u64, u64)], page: u64) -> Vec<(u64, u64)> {
-    let window = WINDOW_BYTES.max(page * 16);
+    let window = WINDOW_BYTES.max(page);
     let mut out = Vec::new();
     for &(start, len) in ranges {
         let end = start.saturating_add(len);

@@ -1,9 +1,11 @@
 //! CPU load per node from `/proc/stat`.
 //!
-//! Why it exists: `vmbalancer advise` must answer even when the daemon is not running,
-//! and numad's advice weighs nodes by how busy their CPUs are, which per-VM demand
-//! does not capture (other processes run too). The daemon samples the same way once
-//! per tick. The root is a parameter, so tests read fixture trees.
+//! Why it exists: per-VM CPU use is not CPU demand once a node is saturated (a VM
+//! that waits for a CPU uses less than it wants), so the engine only moves vCPUs to a
+//! node whose CPUs really sit idle, and numad-style advice weighs nodes by how busy
+//! their CPUs are (other processes run too). The observer samples once per
+//! observation; `vmbalancer advise` samples once when the daemon is not running. The
+//! root is a parameter, so tests read fixture trees.
 
 use std::io;
 use std::path::{Path, PathBuf};
