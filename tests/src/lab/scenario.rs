@@ -152,6 +152,10 @@ pub struct VmSpec {
     pub phases: Vec<Phase>,
     /// Put the VM in a libvirt-style cgroup `machine.slice/machine-qemu\x2dN\x2dNAME.scope`.
     pub cgroup: bool,
+    /// Start the VM with every thread's affinity set to these nodes' CPUs (as
+    /// `taskset` or libvirt's `placement` would). Empty: all CPUs. Balancers see this
+    /// as operator pinning.
+    pub cpu_nodes: Vec<u32>,
 }
 
 impl Default for VmSpec {
@@ -172,6 +176,7 @@ impl Default for VmSpec {
                 duty_pct: 100.0,
             }],
             cgroup: true,
+            cpu_nodes: Vec::new(),
         }
     }
 }
@@ -211,6 +216,16 @@ pub struct VmbalancerSpec {
     /// How many of the last lines of vmbalancer's log are reported when it stops.
     /// Default 60; raise it with a `--log` filter of `debug` to study a run.
     pub log_lines: usize,
+    /// Start it as systemd would a `Type=notify` service: a notification socket in
+    /// `$NOTIFY_SOCKET` whose READY=1/STATUS=/WATCHDOG=1 messages are recorded.
+    pub notify: bool,
+    /// Start it as the shipped unit does: `ExecStart`'s arguments (`run --config
+    /// /etc/vmbalancer/config.toml`, `config` written there), the unit's directory
+    /// environment (`STATE_DIRECTORY`, `RUNTIME_DIRECTORY` mode 0700,
+    /// `CONFIGURATION_DIRECTORY`); `args` are then ignored.
+    pub unit_like: bool,
+    /// `WATCHDOG_USEC` passed with `notify` (0: none, as the shipped unit).
+    pub watchdog_usec: u64,
 }
 
 impl Default for VmbalancerSpec {
@@ -219,6 +234,9 @@ impl Default for VmbalancerSpec {
             args: vec!["run".into()],
             config: None,
             log_lines: 60,
+            notify: false,
+            unit_like: false,
+            watchdog_usec: 0,
         }
     }
 }
@@ -259,28 +277,118 @@ pub enum Assertion {
         /// When true the command runs after the VMs started (before sampling).
         #[serde(default)]
         with_vms: bool,
+        /// Runs at this time of the run (seconds after the balancer started), while
+        /// the balancer runs; implies `with_vms`.
+        #[serde(default)]
+        at_s: Option<f64>,
+        /// Runs as this uid (and the same gid), e.g. 65534 (nobody).
+        #[serde(default)]
+        uid: Option<u32>,
     },
-    /// Locality at the last sample is at least `min` (0..1).
+    /// Locality is at least `min` (0..1) at the first sample at or after `at_s`
+    /// (default: the last sample).
     Locality {
         min: f64,
         #[serde(default)]
         which: Which,
+        #[serde(default)]
+        at_s: Option<f64>,
     },
-    /// Locality at the last sample is at most `max` (0..1): proves a baseline
-    /// really starts badly placed.
+    /// Locality is at most `max` (0..1) at the first sample at or after `at_s`
+    /// (default: the last sample): proves a baseline really starts badly placed.
     LocalityAtMost {
         max: f64,
         #[serde(default)]
         which: Which,
+        #[serde(default)]
+        at_s: Option<f64>,
     },
     /// Pages migrated during the run (numa_pages_migrated + pgmigrate_success
-    /// deltas, whichever is larger) is within bounds.
+    /// deltas, whichever is larger) is within bounds. With `max_misplaced_ratio`,
+    /// also at most that ratio times the pages misplaced at the start (see
+    /// [`crate::lab::judge::misplaced_pages_at_start`] for the exact definition).
     PagesMigrated {
         #[serde(default)]
         min: Option<u64>,
         #[serde(default)]
         max: Option<u64>,
+        #[serde(default)]
+        max_misplaced_ratio: Option<f64>,
     },
+    /// Pages of one VM's guest RAM seen on another node than at the previous
+    /// sample, summed over the run or, with `after_s`, from the first sample at or
+    /// after `after_s` to the end (per-page ground truth, see
+    /// `VmTruth::pages_moved`), is within bounds.
+    VmPagesMoved {
+        vm: String,
+        #[serde(default)]
+        after_s: Option<f64>,
+        #[serde(default)]
+        min: Option<u64>,
+        #[serde(default)]
+        max: Option<u64>,
+    },
+    /// Memory follows hot set first: hot-set locality reaches `hot_min` at or before
+    /// the first sample at which the cold part's locality reaches `cold_max`. Judged
+    /// for `vm`, or (without `vm`) for every VM whose cold part started below
+    /// `cold_max` and reached it; at least one such VM must exist.
+    HotFirst {
+        #[serde(default = "default_hot_min")]
+        hot_min: f64,
+        #[serde(default = "default_cold_max")]
+        cold_max: f64,
+        #[serde(default)]
+        vm: Option<String>,
+    },
+    /// At the first sample at or after `at_s` (default: the last), vCPUs ran on at
+    /// least `min` nodes, a node counting when its vCPU load over the interval was
+    /// at least `min_load` CPUs.
+    NodesUsed {
+        min: usize,
+        #[serde(default)]
+        at_s: Option<f64>,
+        #[serde(default = "default_min_load")]
+        min_load: f64,
+    },
+    /// At the last sample, at most `max_share` of each VM's memory (or only `vm`'s)
+    /// is on `node`: nothing half-moved onto a node that had no room.
+    MemoryOnNodeAtMost {
+        node: usize,
+        max_share: f64,
+        #[serde(default)]
+        vm: Option<String>,
+    },
+    /// After the run (vmbalancer only): every vCPU thread's affinity is non-empty and
+    /// within the online CPUs, each VM cgroup's cpuset.mems is non-empty, vmbalancer's
+    /// journal (`STATE_DIR/journal.json`) has no action in flight, and its log
+    /// contains `log_contains` (the line it prints after recovering its journal).
+    Consistent {
+        #[serde(default = "default_recovery_line")]
+        log_contains: String,
+    },
+    /// vmbalancer only: decisions in `vmbalancer status --json` (taken at the end of
+    /// the run, before it stops) whose reason is `reason` number in [min, max].
+    Decisions {
+        reason: String,
+        #[serde(default = "default_one")]
+        min: u64,
+        #[serde(default)]
+        max: Option<u64>,
+    },
+    /// vmbalancer only: refusals shown in `vmbalancer status --json` (decisions with
+    /// a `Refused` outcome, and a top-level `refusals` list if the daemon has one)
+    /// whose JSON text contains `contains`: at least `min`.
+    Refusals {
+        contains: String,
+        #[serde(default = "default_one")]
+        min: u64,
+    },
+    /// vmbalancer only, with `[vmbalancer] notify = true`: READY=1 arrived on the
+    /// notification socket within `ready_within_s` of its start.
+    Notified { ready_within_s: f64 },
+    /// No OOM kill during the run (/proc/vmstat oom_kill unchanged since before the
+    /// hogs started) and every VM still alive at the end.
+    NoOom,
     /// Every VM reported progress (its vCPUs did work).
     WorkDone { min_touches_per_vcpu_s: f64 },
     /// At the first sample (right after placement), at least `min_share` of VM
@@ -308,6 +416,26 @@ pub enum Assertion {
     },
 }
 
+fn default_hot_min() -> f64 {
+    0.9
+}
+
+fn default_cold_max() -> f64 {
+    0.5
+}
+
+fn default_min_load() -> f64 {
+    0.5
+}
+
+fn default_one() -> u64 {
+    1
+}
+
+fn default_recovery_line() -> String {
+    "journal recovered".into()
+}
+
 fn default_trace_error_pct() -> f64 {
     2.0
 }
@@ -331,14 +459,63 @@ impl Assertion {
             Assertion::Nodes { equals } => format!("nodes == {equals}"),
             Assertion::Distances { .. } => "SLIT distances".into(),
             Assertion::PathExists { path } => format!("exists {path}"),
-            Assertion::Command { run, exit, .. } => format!("`{run}` exits {exit}"),
-            Assertion::Locality { min, which } => format!("locality {which:?} >= {min}"),
-            Assertion::LocalityAtMost { max, which } => {
-                format!("locality {which:?} <= {max}")
+            Assertion::Command { run, exit, uid, .. } => match uid {
+                Some(u) => format!("`{run}` as uid {u} exits {exit}"),
+                None => format!("`{run}` exits {exit}"),
+            },
+            Assertion::Locality { min, which, at_s } => {
+                format!("locality {which:?} >= {min}{}", at_label(*at_s))
             }
-            Assertion::PagesMigrated { min, max } => {
-                format!("pages migrated in [{min:?}, {max:?}]")
+            Assertion::LocalityAtMost { max, which, at_s } => {
+                format!("locality {which:?} <= {max}{}", at_label(*at_s))
             }
+            Assertion::PagesMigrated {
+                min,
+                max,
+                max_misplaced_ratio,
+            } => match max_misplaced_ratio {
+                Some(r) => format!("pages migrated in [{min:?}, {max:?}], <= {r} x misplaced"),
+                None => format!("pages migrated in [{min:?}, {max:?}]"),
+            },
+            Assertion::VmPagesMoved {
+                vm,
+                after_s,
+                min,
+                max,
+            } => format!(
+                "{vm}: pages moved{} in [{min:?}, {max:?}]",
+                after_s.map_or(String::new(), |t| format!(" after {t} s"))
+            ),
+            Assertion::HotFirst {
+                hot_min,
+                cold_max,
+                vm,
+            } => format!(
+                "{}hot set >= {hot_min} local before the cold part reaches {cold_max}",
+                vm.as_ref().map_or(String::new(), |v| format!("{v}: "))
+            ),
+            Assertion::NodesUsed { min, at_s, .. } => {
+                format!("vCPUs on >= {min} nodes{}", at_label(*at_s))
+            }
+            Assertion::MemoryOnNodeAtMost {
+                node,
+                max_share,
+                vm,
+            } => format!(
+                "{}: <= {max_share} of memory on node {node} at the end",
+                vm.as_deref().unwrap_or("every VM")
+            ),
+            Assertion::Consistent { .. } => "consistent state after recovery".into(),
+            Assertion::Decisions { reason, min, max } => {
+                format!("status decisions {reason} in [{min}, {max:?}]")
+            }
+            Assertion::Refusals { contains, min } => {
+                format!("status refusals containing {contains:?} >= {min}")
+            }
+            Assertion::Notified { ready_within_s } => {
+                format!("READY=1 within {ready_within_s} s")
+            }
+            Assertion::NoOom => "no OOM kill, every VM alive".into(),
             Assertion::WorkDone {
                 min_touches_per_vcpu_s,
             } => format!("work >= {min_touches_per_vcpu_s} touches/vCPU/s"),
@@ -364,10 +541,60 @@ impl Assertion {
             Assertion::Nodes { .. }
             | Assertion::Distances { .. }
             | Assertion::PathExists { .. } => true,
-            Assertion::Command { with_vms, .. } => !with_vms,
+            Assertion::Command { with_vms, at_s, .. } => !with_vms && at_s.is_none(),
             _ => false,
         }
     }
+
+    /// True for kinds that only make sense when vmbalancer is the balancer.
+    pub fn needs_vmbalancer(&self) -> bool {
+        matches!(
+            self,
+            Assertion::Consistent { .. }
+                | Assertion::Decisions { .. }
+                | Assertion::Refusals { .. }
+                | Assertion::Notified { .. }
+        )
+    }
+}
+
+fn at_label(at_s: Option<f64>) -> String {
+    at_s.map_or(String::new(), |t| format!(" at {t} s"))
+}
+
+/// Something done to the balancer during the run, `at_s` seconds after it started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub at_s: f64,
+    /// Sends this signal (`KILL`, `TERM`, ...) to vmbalancer.
+    #[serde(default)]
+    pub kill_balancer: Option<String>,
+    /// Starts vmbalancer again with the same arguments, environment and
+    /// configuration; its log is appended to.
+    #[serde(default)]
+    pub start_balancer: bool,
+}
+
+/// A process that fills one node's memory before the VMs start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hog {
+    pub node: u32,
+    /// Allocate until the node has at most this much free memory.
+    pub leave_free_mib: u64,
+}
+
+/// The number of a signal named without its `SIG` prefix.
+pub fn signal_number(name: &str) -> Option<i32> {
+    Some(match name.trim_start_matches("SIG") {
+        "KILL" => 9,
+        "TERM" => 15,
+        "INT" => 2,
+        "STOP" => 19,
+        "CONT" => 18,
+        _ => return None,
+    })
 }
 
 /// A whole scenario file.
@@ -390,6 +617,10 @@ pub struct Scenario {
     pub assertions: Vec<Assertion>,
     /// Extra sysctls written before the run (`"vm.foo" = "1"`).
     pub sysctl: BTreeMap<String, String>,
+    /// Balancer control during the run (vmbalancer only).
+    pub events: Vec<Event>,
+    /// Memory hogs started before the VMs.
+    pub hogs: Vec<Hog>,
 }
 
 impl Default for Scenario {
@@ -407,6 +638,8 @@ impl Default for Scenario {
             vms: Vec::new(),
             assertions: Vec::new(),
             sysctl: BTreeMap::new(),
+            events: Vec::new(),
+            hogs: Vec::new(),
         }
     }
 }
@@ -433,6 +666,24 @@ impl Scenario {
         }
         if self.duration_s.is_nan() || self.duration_s < 0.0 {
             return bad(format!("duration_s must be >= 0, got {}", self.duration_s));
+        }
+        for e in &self.events {
+            if e.at_s.is_nan() || e.at_s < 0.0 {
+                return bad(format!("event at_s must be >= 0, got {}", e.at_s));
+            }
+            if let Some(sig) = &e.kill_balancer
+                && signal_number(sig).is_none()
+            {
+                return bad(format!(
+                    "unknown signal {sig:?} (KILL, TERM, INT, STOP, CONT)"
+                ));
+            }
+            if e.kill_balancer.is_none() && !e.start_balancer {
+                return bad(format!(
+                    "event at {} s does nothing (kill_balancer or start_balancer)",
+                    e.at_s
+                ));
+            }
         }
         for vm in &self.vms {
             if vm.vcpus == 0 || vm.memory_mib == 0 || vm.count == 0 {
@@ -553,6 +804,75 @@ mod tests {
             }
         );
         assert!(!s.assertions[0].is_boot_time());
+    }
+
+    #[test]
+    fn events_hogs_and_new_assertions() {
+        let s = Scenario::from_toml(
+            r#"
+            [vmbalancer]
+            notify = true
+            unit_like = true
+            [[events]]
+            at_s = 10
+            kill_balancer = "KILL"
+            [[events]]
+            at_s = 12
+            start_balancer = true
+            [[hogs]]
+            node = 2
+            leave_free_mib = 64
+            [[assert]]
+            kind = "locality"
+            min = 0.95
+            at_s = 30
+            [[assert]]
+            kind = "hot_first"
+            [[assert]]
+            kind = "decisions"
+            reason = "ProbationReverted"
+            [[assert]]
+            kind = "command"
+            run = "vmbalancer status"
+            uid = 65534
+            at_s = 8
+            exit = 1
+            [[assert]]
+            kind = "consistent"
+        "#,
+        )
+        .unwrap();
+        assert!(s.vmbalancer.notify && s.vmbalancer.unit_like);
+        assert_eq!(s.events[0].kill_balancer.as_deref(), Some("KILL"));
+        assert!(s.events[1].start_balancer);
+        assert_eq!(s.hogs[0].leave_free_mib, 64);
+        assert_eq!(
+            s.assertions[1],
+            Assertion::HotFirst {
+                hot_min: 0.9,
+                cold_max: 0.5,
+                vm: None
+            }
+        );
+        assert_eq!(
+            s.assertions[2],
+            Assertion::Decisions {
+                reason: "ProbationReverted".into(),
+                min: 1,
+                max: None
+            }
+        );
+        // A timed command runs during the run, not at boot.
+        assert!(!s.assertions[3].is_boot_time());
+        assert!(s.assertions[4].needs_vmbalancer());
+        assert_eq!(
+            s.assertions[4],
+            Assertion::Consistent {
+                log_contains: "journal recovered".into()
+            }
+        );
+        assert!(Scenario::from_toml("[[events]]\nat_s = 1\nkill_balancer = \"HUP\"").is_err());
+        assert!(Scenario::from_toml("[[events]]\nat_s = 1").is_err());
     }
 
     #[test]

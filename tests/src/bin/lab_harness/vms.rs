@@ -20,7 +20,18 @@ pub struct RunningVm {
     pub pid: u32,
     pub vcpus: u32,
     pub progress: PathBuf,
+    /// Configured guest RAM (`-m`).
+    pub memory_bytes: u64,
+    /// The share of guest RAM, from its start, that vCPUs touch most.
+    pub hot_fraction: f64,
     child: Child,
+}
+
+impl RunningVm {
+    /// Whether the fake VM is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 fn write(path: impl AsRef<Path>, value: &str) -> anyhow::Result<()> {
@@ -174,13 +185,40 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
 }
 
 /// Starts every VM of the scenario as `/usr/bin/qemu-kvm` (the fake VM).
-pub fn start_all(scenario: &Scenario, _nodes: &[NodeInfo]) -> anyhow::Result<Vec<RunningVm>> {
+pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<RunningVm>> {
     fs::create_dir_all("/run/lab")?;
     let mut out = Vec::new();
     for vm in scenario.instances() {
         let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
         let _ = fs::remove_file(&progress);
-        let child = Command::new("/usr/bin/qemu-kvm")
+        let mut cmd = Command::new("/usr/bin/qemu-kvm");
+        if !vm.spec.cpu_nodes.is_empty() {
+            let cpus: Vec<u32> = nodes
+                .iter()
+                .filter(|n| vm.spec.cpu_nodes.contains(&n.id))
+                .flat_map(|n| n.cpus.iter().copied())
+                .collect();
+            if cpus.is_empty() {
+                bail!("VM {}: no CPUs on nodes {:?}", vm.name, vm.spec.cpu_nodes);
+            }
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls (CPU_SET on a local, then
+            // sched_setaffinity) between fork and exec; every thread of the fake VM
+            // inherits the affinity.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    for &c in &cpus {
+                        libc::CPU_SET(c as usize, &mut set);
+                    }
+                    if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(qemu_args(&vm, &progress))
             .stdin(Stdio::null())
             .spawn()
@@ -194,6 +232,8 @@ pub fn start_all(scenario: &Scenario, _nodes: &[NodeInfo]) -> anyhow::Result<Vec
             pid,
             vcpus: vm.spec.vcpus,
             progress,
+            memory_bytes: vm.spec.memory_mib << 20,
+            hot_fraction: vm.spec.hot_fraction,
             child,
         });
     }
