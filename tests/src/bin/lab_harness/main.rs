@@ -120,6 +120,7 @@ fn run() -> anyhow::Result<bool> {
     let hogs = hog::start_all(&scenario.hogs)?;
     let mut running = vms::start_all(&scenario, &nodes)?;
     vms::wait_ready(&mut running, Duration::from_secs(180))?;
+    vms::confine(&running)?;
 
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
         match a {

@@ -20,6 +20,8 @@ pub struct RunningVm {
     pub pid: u32,
     pub vcpus: u32,
     pub progress: PathBuf,
+    /// CPUs the VM's threads are confined to once started (empty: all).
+    pub cpus: Vec<u32>,
     /// Configured guest RAM (`-m`).
     pub memory_bytes: u64,
     /// The share of guest RAM, from its start, that vCPUs touch most.
@@ -191,33 +193,15 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
     for vm in scenario.instances() {
         let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
         let _ = fs::remove_file(&progress);
-        let mut cmd = Command::new("/usr/bin/qemu-kvm");
-        if !vm.spec.cpu_nodes.is_empty() {
-            let cpus: Vec<u32> = nodes
-                .iter()
-                .filter(|n| vm.spec.cpu_nodes.contains(&n.id))
-                .flat_map(|n| n.cpus.iter().copied())
-                .collect();
-            if cpus.is_empty() {
-                bail!("VM {}: no CPUs on nodes {:?}", vm.name, vm.spec.cpu_nodes);
-            }
-            use std::os::unix::process::CommandExt;
-            // SAFETY: only async-signal-safe calls (CPU_SET on a local, then
-            // sched_setaffinity) between fork and exec; every thread of the fake VM
-            // inherits the affinity.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    for &c in &cpus {
-                        libc::CPU_SET(c as usize, &mut set);
-                    }
-                    if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        let cpus: Vec<u32> = nodes
+            .iter()
+            .filter(|n| vm.spec.cpu_nodes.contains(&n.id))
+            .flat_map(|n| n.cpus.iter().copied())
+            .collect();
+        if !vm.spec.cpu_nodes.is_empty() && cpus.is_empty() {
+            bail!("VM {}: no CPUs on nodes {:?}", vm.name, vm.spec.cpu_nodes);
         }
+        let mut cmd = Command::new("/usr/bin/qemu-kvm");
         let child = cmd
             .args(qemu_args(&vm, &progress))
             .stdin(Stdio::null())
@@ -232,6 +216,7 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
             pid,
             vcpus: vm.spec.vcpus,
             progress,
+            cpus,
             memory_bytes: vm.spec.memory_mib << 20,
             hot_fraction: vm.spec.hot_fraction,
             child,
@@ -274,6 +259,38 @@ pub fn wait_ready(vms: &mut [RunningVm], limit: Duration) -> anyhow::Result<()> 
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Sets every thread of each VM with `cpu_nodes` to those nodes' CPUs. Done once the
+/// VMs are ready (their vCPU threads exist) and after they joined their cgroups:
+/// attaching a task to a cpuset resets its affinity to the cpuset's CPUs.
+pub fn confine(vms: &[RunningVm]) -> anyhow::Result<()> {
+    for vm in vms.iter().filter(|v| !v.cpus.is_empty()) {
+        // SAFETY: cpu_set_t is plain data.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in &vm.cpus {
+            // SAFETY: CPU numbers come from sysfs and are below CPU_SETSIZE.
+            unsafe { libc::CPU_SET(c as usize, &mut set) };
+        }
+        for t in fs::read_dir(format!("/proc/{}/task", vm.pid))?.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            // SAFETY: a valid set of the size passed.
+            if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
+                bail!(
+                    "VM {}: sched_setaffinity of thread {tid}: {}",
+                    vm.name,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        crate::emit(&vmbalancer_tests::lab::protocol::Record::Event {
+            source: "harness".into(),
+            text: format!("{} confined to CPUs {:?}", vm.name, vm.cpus),
+        });
+    }
+    Ok(())
 }
 
 pub fn stop_all(vms: Vec<RunningVm>) {
