@@ -89,30 +89,35 @@ pub fn nodes_used(sample: &Sample, min_load: f64) -> usize {
         .count()
 }
 
-/// Hot-set-first for one VM: Ok(detail) when hot-set locality reached `hot_min` at
-/// or before the first sample at which the cold part's locality reached `cold_max`;
-/// `None` when the cold part never reached `cold_max` or already had at the first
-/// sample (nothing to judge).
+/// Hot-set-first for one VM, on the samples at or after `after_s`: from the first
+/// sample whose cold-part locality is below `cold_max` (the VM's memory is not
+/// home) to the first later sample at which it reaches `cold_max`, the hot set must
+/// reach `hot_min` at some sample (the crossing sample included). Ok(detail) when
+/// it did, Err(detail) when the cold part got there first, `None` when the cold part
+/// never went from below `cold_max` to `cold_max` (nothing to judge).
 pub fn hot_first_one(
     samples: &[Sample],
     vm: &str,
+    after_s: Option<f64>,
     hot_min: f64,
     cold_max: f64,
 ) -> Option<Result<String, String>> {
+    let from = after_s.unwrap_or(f64::MIN) - 1e-9;
     let series: Vec<(f64, f64, f64)> = samples
         .iter()
+        .filter(|s| s.t_s >= from)
         .filter_map(|s| {
             let v = s.vms.iter().find(|v| v.name == vm)?;
             Some((s.t_s, v.hot_locality?, v.cold_locality?))
         })
         .collect();
-    let first = series.first()?;
-    if first.2 >= cold_max {
-        return None;
-    }
-    let cold_at = series.iter().position(|&(_, _, c)| c >= cold_max)?;
+    let below = series.iter().position(|&(_, _, c)| c < cold_max)?;
+    let cold_at = below
+        + series[below..]
+            .iter()
+            .position(|&(_, _, c)| c >= cold_max)?;
     let (t_cold, _, c) = series[cold_at];
-    let hot_at = series[..=cold_at]
+    let hot_at = series[below..=cold_at]
         .iter()
         .find(|&&(_, h, _)| h >= hot_min)
         .map(|&(t, h, _)| (t, h));
@@ -132,6 +137,7 @@ pub fn hot_first_one(
 pub fn hot_first(
     samples: &[Sample],
     vm: Option<&str>,
+    after_s: Option<f64>,
     hot_min: f64,
     cold_max: f64,
 ) -> (bool, String) {
@@ -144,7 +150,7 @@ pub fn hot_first(
     };
     let judged: Vec<Result<String, String>> = names
         .iter()
-        .filter_map(|n| hot_first_one(samples, n, hot_min, cold_max))
+        .filter_map(|n| hot_first_one(samples, n, after_s, hot_min, cold_max))
         .collect();
     if judged.is_empty() {
         let last: Vec<String> = samples
@@ -361,8 +367,19 @@ mod tests {
             (&[(0.25, 0.25), (0.5, 0.6), (0.95, 0.9)], Some(false)),
             // cold part never reaches 0.5: nothing to judge.
             (&[(0.25, 0.25), (1.0, 0.3)], None),
-            // already local at the start: nothing to judge.
+            // local all along: nothing to judge.
             (&[(1.0, 1.0), (1.0, 1.0)], None),
+            // local, then the vCPUs move (memory now remote), then memory follows
+            // hot first: judged from the move on.
+            (
+                &[(1.0, 1.0), (0.0, 0.0), (0.95, 0.2), (1.0, 0.7)],
+                Some(true),
+            ),
+            // the same, cold first.
+            (
+                &[(1.0, 1.0), (0.0, 0.0), (0.3, 0.6), (1.0, 1.0)],
+                Some(false),
+            ),
         ];
         for (series, want) in cases {
             let s: Vec<Sample> = series
@@ -370,15 +387,25 @@ mod tests {
                 .enumerate()
                 .map(|(i, &(h, c))| hc(i as f64 * 5.0, h, c))
                 .collect();
-            let got = hot_first_one(&s, "a", 0.9, 0.5).map(|r| r.is_ok());
+            let got = hot_first_one(&s, "a", None, 0.9, 0.5).map(|r| r.is_ok());
             assert_eq!(got, *want, "{series:?}");
         }
         let s = vec![hc(0.0, 0.25, 0.25), hc(5.0, 1.0, 0.3)];
-        assert!(!hot_first(&s, None, 0.9, 0.5).0);
+        assert!(!hot_first(&s, None, None, 0.9, 0.5).0);
         let s = vec![hc(0.0, 0.25, 0.25), hc(5.0, 1.0, 0.6)];
-        assert!(hot_first(&s, None, 0.9, 0.5).0);
-        assert!(hot_first(&s, Some("a"), 0.9, 0.5).0);
-        assert!(!hot_first(&s, Some("zz"), 0.9, 0.5).0);
+        assert!(hot_first(&s, None, None, 0.9, 0.5).0);
+        assert!(hot_first(&s, Some("a"), None, 0.9, 0.5).0);
+        assert!(!hot_first(&s, Some("zz"), None, 0.9, 0.5).0);
+        // An early crossing (cold first) is ignored when judging from after_s on.
+        let s = vec![
+            hc(0.0, 0.0, 0.0),
+            hc(5.0, 0.3, 0.8),
+            hc(10.0, 0.0, 0.0),
+            hc(15.0, 0.95, 0.1),
+            hc(20.0, 1.0, 0.9),
+        ];
+        assert!(!hot_first(&s, None, None, 0.9, 0.5).0);
+        assert!(hot_first(&s, None, Some(8.0), 0.9, 0.5).0);
     }
 
     #[test]

@@ -328,10 +328,12 @@ pub enum Assertion {
         #[serde(default)]
         max: Option<u64>,
     },
-    /// Memory follows hot set first: hot-set locality reaches `hot_min` at or before
-    /// the first sample at which the cold part's locality reaches `cold_max`. Judged
-    /// for `vm`, or (without `vm`) for every VM whose cold part started below
-    /// `cold_max` and reached it; at least one such VM must exist.
+    /// Memory follows hot set first: on the samples at or after `after_s`, from the
+    /// first at which the cold part's locality is below `cold_max` to the first
+    /// later one at which it reaches `cold_max`, hot-set locality reaches `hot_min`
+    /// (see [`crate::lab::judge::hot_first_one`]). Judged for `vm`, or (without
+    /// `vm`) for every VM whose cold part went from below `cold_max` to it; at
+    /// least one such VM must exist.
     HotFirst {
         #[serde(default = "default_hot_min")]
         hot_min: f64,
@@ -339,6 +341,8 @@ pub enum Assertion {
         cold_max: f64,
         #[serde(default)]
         vm: Option<String>,
+        #[serde(default)]
+        after_s: Option<f64>,
     },
     /// At the first sample at or after `at_s` (default: the last), vCPUs ran on at
     /// least `min` nodes, a node counting when its vCPU load over the interval was
@@ -490,6 +494,7 @@ impl Assertion {
                 hot_min,
                 cold_max,
                 vm,
+                ..
             } => format!(
                 "{}hot set >= {hot_min} local before the cold part reaches {cold_max}",
                 vm.as_ref().map_or(String::new(), |v| format!("{v}: "))
@@ -851,7 +856,8 @@ mod tests {
             Assertion::HotFirst {
                 hot_min: 0.9,
                 cold_max: 0.5,
-                vm: None
+                vm: None,
+                after_s: None,
             }
         );
         assert_eq!(

@@ -206,8 +206,10 @@ pub fn run_check(
             hot_min,
             cold_max,
             vm,
+            after_s,
         } => {
-            let (ok, detail) = judge::hot_first(samples, vm.as_deref(), *hot_min, *cold_max);
+            let (ok, detail) =
+                judge::hot_first(samples, vm.as_deref(), *after_s, *hot_min, *cold_max);
             outcome(a, ok, detail)
         }
         Assertion::NodesUsed {
