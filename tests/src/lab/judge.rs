@@ -241,6 +241,24 @@ pub fn journal_in_flight(journal: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// VMs whose in-flight journal action is a memory move (`MigrateMemory`).
+pub fn journal_migrating(journal: &Value) -> Vec<String> {
+    journal
+        .get("entries")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter(|(_, e)| {
+                    e.pointer("/in_flight/action/action")
+                        .and_then(variant)
+                        .is_some_and(|a| a == "MigrateMemory")
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,11 +457,18 @@ mod tests {
             r#"{"version": 1, "entries": {
                 "10": {"original": {}, "in_flight": null},
                 "11": {"original": {}, "in_flight": {"action": {}, "started_ns": 5}},
+                "13": {"original": {}, "in_flight": {"action": {"vm": 13,
+                    "action": {"MigrateMemory": {"from": 0, "to": 1}}, "reason": "x"},
+                    "started_ns": 6}},
                 "12": {"original": {}}
             }}"#,
         )
         .unwrap();
-        assert_eq!(journal_in_flight(&j), vec!["11".to_string()]);
+        assert_eq!(
+            journal_in_flight(&j),
+            vec!["11".to_string(), "13".to_string()]
+        );
+        assert_eq!(journal_migrating(&j), vec!["13".to_string()]);
         assert!(journal_in_flight(&Value::Null).is_empty());
     }
 }

@@ -575,6 +575,10 @@ pub struct Event {
     /// Sends this signal (`KILL`, `TERM`, ...) to vmbalancer.
     #[serde(default)]
     pub kill_balancer: Option<String>,
+    /// Before the signal, wait up to this long for vmbalancer's journal to show a
+    /// memory move in flight, so the signal lands mid-migration.
+    #[serde(default)]
+    pub wait_for_migration_s: Option<f64>,
     /// Starts vmbalancer again with the same arguments, environment and
     /// configuration; its log is appended to.
     #[serde(default)]

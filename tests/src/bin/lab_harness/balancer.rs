@@ -23,6 +23,9 @@ const NUMAD_LOG: &str = "/var/log/numad.log";
 const NUMAD_PID: &str = "/var/run/numad.pid";
 pub const VMBALANCER_LOG: &str = "/run/lab/vmbalancer.log";
 const NOTIFY_SOCKET: &str = "/run/lab/notify.sock";
+/// How long vmbalancer may take to stop after SIGTERM (it stops migrations at a
+/// batch boundary and restores CPU sets) before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(20);
 /// The unit's paths (systemd/vmbalancer.service: ExecStart, ConfigurationDirectory,
 /// StateDirectory, RuntimeDirectory).
 const UNIT_CONFIG: &str = "/etc/vmbalancer/config.toml";
@@ -229,6 +232,37 @@ impl Guard {
         }
     }
 
+    /// Waits up to `limit` until vmbalancer's journal shows a memory move in flight;
+    /// reports what it saw.
+    pub fn wait_for_migration(&self, limit: Duration) {
+        let path = self.state_dir.join("journal.json");
+        let start = Instant::now();
+        let found = loop {
+            let moving = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .map(|j| vmbalancer_tests::lab::judge::journal_migrating(&j))
+                .unwrap_or_default();
+            if !moving.is_empty() {
+                break Some(moving);
+            }
+            if start.elapsed() >= limit {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        emit(&Record::Event {
+            source: "harness".into(),
+            text: match found {
+                Some(vms) => format!(
+                    "memory move in flight for VMs {vms:?} after waiting {:.1} s",
+                    start.elapsed().as_secs_f64()
+                ),
+                None => format!("no memory move in flight within {limit:?}"),
+            },
+        });
+    }
+
     /// Starts vmbalancer again the same way, appending to its log.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         let Some(recipe) = &self.recipe else {
@@ -306,8 +340,28 @@ impl Guard {
                         _ => {
                             // SAFETY: signalling our own child.
                             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                            std::thread::sleep(std::time::Duration::from_secs(1));
-                            let _ = c.kill();
+                            let start = Instant::now();
+                            let exited = loop {
+                                if let Ok(Some(_)) = c.try_wait() {
+                                    break true;
+                                }
+                                if start.elapsed() > STOP_GRACE {
+                                    break false;
+                                }
+                                std::thread::sleep(Duration::from_millis(50));
+                            };
+                            if !exited {
+                                let _ = c.kill();
+                            }
+                            let _ = c.wait();
+                            emit(&Record::Event {
+                                source: "harness".into(),
+                                text: format!(
+                                    "vmbalancer {} after SIGTERM in {:.1} s",
+                                    if exited { "exited" } else { "was SIGKILLed" },
+                                    start.elapsed().as_secs_f64()
+                                ),
+                            });
                         }
                     }
                     let _ = c.wait();

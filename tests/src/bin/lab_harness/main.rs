@@ -163,6 +163,9 @@ fn run() -> anyhow::Result<bool> {
                     });
                     continue;
                 }
+                if let Some(w) = e.wait_for_migration_s {
+                    guard.wait_for_migration(Duration::from_secs_f64(w));
+                }
                 if let Some(sig) = &e.kill_balancer {
                     guard.kill(signal_number(sig).unwrap_or(libc::SIGKILL));
                 }
