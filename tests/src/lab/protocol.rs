@@ -24,8 +24,8 @@ pub struct VmTruth {
     pub locality: f64,
     /// Memory touches per second per vCPU since the previous sample.
     pub touches_per_vcpu_s: f64,
-    /// Locality (on `main_node`) of the hot set, the first `hot_fraction` of the
-    /// guest RAM mapping, from a per-page query (move_pages without target nodes).
+    /// Locality (on `main_node`) of the hot set of the guest RAM mapping (see
+    /// `scenario::hot_pages`), from a per-page query (move_pages without target nodes).
     /// Only when the scenario asks for per-page truth (`hot_first`, `vm_pages_moved`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hot_locality: Option<f64>,

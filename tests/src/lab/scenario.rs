@@ -147,6 +147,9 @@ pub struct VmSpec {
     pub node: u32,
     pub chunk_mib: u64,
     pub hot_fraction: f64,
+    /// Where the hot set starts, as a fraction of guest RAM (0: at its start; the
+    /// hot set is moved back to fit). See [`hot_pages`].
+    pub hot_offset: f64,
     pub hot_access_pct: f64,
     pub hugetlb: bool,
     pub phases: Vec<Phase>,
@@ -169,6 +172,7 @@ impl Default for VmSpec {
             node: 0,
             chunk_mib: 4,
             hot_fraction: 0.25,
+            hot_offset: 0.0,
             hot_access_pct: 95.0,
             hugetlb: false,
             phases: vec![Phase {
@@ -594,6 +598,19 @@ pub struct Hog {
     pub leave_free_mib: u64,
 }
 
+/// The hot set of guest RAM of `pages` pages, as page indexes: `hot_fraction` of
+/// the pages (at least one) starting at `hot_offset` of the way in, moved back so
+/// it ends at the last page at the latest. The fake VM touches these and the
+/// harness measures their locality, so both use this one definition.
+pub fn hot_pages(pages: usize, hot_fraction: f64, hot_offset: f64) -> std::ops::Range<usize> {
+    if pages == 0 {
+        return 0..0;
+    }
+    let len = ((pages as f64 * hot_fraction) as usize).clamp(1, pages);
+    let start = ((pages as f64 * hot_offset) as usize).min(pages - len);
+    start..start + len
+}
+
 /// The number of a signal named without its `SIG` prefix.
 pub fn signal_number(name: &str) -> Option<i32> {
     Some(match name.trim_start_matches("SIG") {
@@ -703,6 +720,9 @@ impl Scenario {
             }
             if !(0.0..=1.0).contains(&vm.hot_fraction) {
                 return bad(format!("VM {:?}: hot_fraction must be in 0..=1", vm.name));
+            }
+            if !(0.0..=1.0).contains(&vm.hot_offset) {
+                return bad(format!("VM {:?}: hot_offset must be in 0..=1", vm.name));
             }
             if !(0.0..=100.0).contains(&vm.hot_access_pct) {
                 return bad(format!(
@@ -883,6 +903,15 @@ mod tests {
         );
         assert!(Scenario::from_toml("[[events]]\nat_s = 1\nkill_balancer = \"HUP\"").is_err());
         assert!(Scenario::from_toml("[[events]]\nat_s = 1").is_err());
+    }
+
+    #[test]
+    fn hot_set_ranges() {
+        assert_eq!(hot_pages(100, 0.25, 0.0), 0..25);
+        assert_eq!(hot_pages(100, 0.25, 0.5), 50..75);
+        assert_eq!(hot_pages(100, 0.25, 1.0), 75..100);
+        assert_eq!(hot_pages(100, 0.0, 0.3), 30..31);
+        assert_eq!(hot_pages(0, 0.25, 0.0), 0..0);
     }
 
     #[test]

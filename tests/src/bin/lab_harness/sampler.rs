@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use vmbalancer_tests::lab::metrics;
 use vmbalancer_tests::lab::protocol::{Sample, Summary, VmTruth};
+use vmbalancer_tests::lab::scenario::hot_pages;
 use vmbalancer_tests::lab::truth::{self, NodeInfo};
 
 use crate::vms::RunningVm;
@@ -39,6 +40,7 @@ struct Track {
 struct PageTrack {
     memory_bytes: u64,
     hot_fraction: f64,
+    hot_offset: f64,
     /// (start, length) once found in /proc/PID/maps.
     mapping: Option<(u64, u64)>,
     prev: Vec<i32>,
@@ -105,10 +107,15 @@ impl PageTrack {
                 .filter(|&(&a, &b)| a >= 0 && b >= 0 && a != b)
                 .count() as u64;
         }
-        let hot = ((nodes.len() as f64 * self.hot_fraction) as usize).min(nodes.len());
+        let hot = hot_pages(nodes.len(), self.hot_fraction, self.hot_offset);
+        let cold: Vec<i32> = nodes[..hot.start]
+            .iter()
+            .chain(&nodes[hot.end..])
+            .copied()
+            .collect();
         let out = (
-            share_on(&nodes[..hot], main),
-            share_on(&nodes[hot..], main),
+            share_on(&nodes[hot], main),
+            share_on(&cold, main),
             self.moved,
         );
         self.prev = nodes;
@@ -159,6 +166,7 @@ impl Sampler {
                 pages: per_page.then(|| PageTrack {
                     memory_bytes: v.memory_bytes,
                     hot_fraction: v.hot_fraction,
+                    hot_offset: v.hot_offset,
                     mapping: None,
                     prev: Vec::new(),
                     moved: 0,

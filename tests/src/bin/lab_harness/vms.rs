@@ -26,6 +26,8 @@ pub struct RunningVm {
     pub memory_bytes: u64,
     /// The share of guest RAM, from its start, that vCPUs touch most.
     pub hot_fraction: f64,
+    /// Where the hot set starts (fraction of guest RAM).
+    pub hot_offset: f64,
     child: Child,
 }
 
@@ -173,6 +175,8 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
         s.chunk_mib.to_string(),
         "-lab-hot-fraction".into(),
         s.hot_fraction.to_string(),
+        "-lab-hot-offset".into(),
+        s.hot_offset.to_string(),
         "-lab-hot-pct".into(),
         s.hot_access_pct.to_string(),
         "-lab-phases".into(),
@@ -219,6 +223,7 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
             cpus,
             memory_bytes: vm.spec.memory_mib << 20,
             hot_fraction: vm.spec.hot_fraction,
+            hot_offset: vm.spec.hot_offset,
             child,
         });
     }
