@@ -18,6 +18,17 @@
 //! args = ["run"]               # vmbalancer arguments; `--config FILE` is added
 //! config = "..."               # when set, written to a file passed with --config
 //! log_lines = 60               # last lines of its log reported when it stops
+//! notify = false               # NOTIFY_SOCKET: record READY=1/STATUS=/WATCHDOG=1
+//! unit_like = false            # start as systemd/vmbalancer.service does
+//!
+//! [[events]]                   # balancer control during the run (vmbalancer only)
+//! at_s = 12
+//! wait_for_migration_s = 15    # first wait for a memory move in its journal
+//! kill_balancer = "KILL"       # or start_balancer = true
+//!
+//! [[hogs]]                     # fill a node's memory before the VMs start
+//! node = 2
+//! leave_free_mib = 64
 //!
 //! [[vms]]
 //! name = "vm"                  # with count > 1: vm1, vm2, ...
@@ -28,6 +39,8 @@
 //! node = 0                     # for placement = "node"
 //! chunk_mib = 4                # scattered: chunk size placed round-robin
 //! hot_fraction = 0.25          # share of memory touched most
+//! hot_offset = 0.0             # where that hot set starts (share of memory)
+//! cpu_nodes = []               # start confined to these nodes' CPUs (pinning)
 //! hot_access_pct = 95          # share of touches going to the hot set
 //! hugetlb = false              # back memory with MAP_HUGETLB (2 MiB pages)
 //! phases = [ { at_s = 0, duty_pct = 100 } ]
@@ -288,6 +301,9 @@ pub enum Assertion {
         /// Runs as this uid (and the same gid), e.g. 65534 (nobody).
         #[serde(default)]
         uid: Option<u32>,
+        /// Skipped unless vmbalancer is the balancer (it talks to the daemon).
+        #[serde(default)]
+        vmbalancer_only: bool,
     },
     /// Locality is at least `min` (0..1) at the first sample at or after `at_s`
     /// (default: the last sample).
@@ -563,6 +579,10 @@ impl Assertion {
                 | Assertion::Decisions { .. }
                 | Assertion::Refusals { .. }
                 | Assertion::Notified { .. }
+                | Assertion::Command {
+                    vmbalancer_only: true,
+                    ..
+                }
         )
     }
 }

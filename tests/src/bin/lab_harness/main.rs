@@ -124,6 +124,14 @@ fn run() -> anyhow::Result<bool> {
 
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
         match a {
+            Assertion::Command { at_s: None, .. }
+                if a.needs_vmbalancer() && balancer != Balancer::Vmbalancer =>
+            {
+                emit(&Record::Event {
+                    source: "harness".into(),
+                    text: format!("check skipped under {}: {}", balancer.name(), a.label()),
+                });
+            }
             Assertion::Command { at_s: None, .. } => verdict.record(checks::boot_check(a, &nodes)),
             Assertion::TraceTruth { .. } => {
                 for o in trace_truth::check(a, &scenario, &nodes, &running) {
@@ -173,6 +181,12 @@ fn run() -> anyhow::Result<bool> {
                     guard.restart()?;
                 }
             }
+            Step::Command(a) if a.needs_vmbalancer() && balancer != Balancer::Vmbalancer => {
+                emit(&Record::Event {
+                    source: "harness".into(),
+                    text: format!("check skipped under {}: {}", balancer.name(), a.label()),
+                });
+            }
             Step::Command(a) => verdict.record(checks::boot_check(a, &nodes)),
         }
     }
@@ -206,7 +220,10 @@ fn run() -> anyhow::Result<bool> {
     let summary = sampler.summary(balancer.name(), &args.kernel, run_s);
     emit(&Record::Summary(summary.clone()));
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
-        if a.needs_vmbalancer() && balancer != Balancer::Vmbalancer {
+        if a.needs_vmbalancer()
+            && balancer != Balancer::Vmbalancer
+            && !matches!(a, Assertion::Command { .. })
+        {
             emit(&Record::Event {
                 source: "harness".into(),
                 text: format!("check skipped under {}: {}", balancer.name(), a.label()),
