@@ -11,7 +11,8 @@
 //! Options (qemu style; unknown `-opt [value]` pairs are accepted and ignored):
 //! `-name guest=NAME[,...]`, `-smp N`, `-m MiB[M|G]`, and the lab's own
 //! `-lab-placement default|node|scattered|interleave`, `-lab-node N`,
-//! `-lab-chunk-mib N`, `-lab-hot-fraction F`, `-lab-hot-pct P`, `-lab-hugetlb`,
+//! `-lab-chunk-mib N`, `-lab-hot-fraction F`, `-lab-hot-offset F`, `-lab-hot-pct P`,
+//! `-lab-hugetlb`,
 //! `-lab-phases AT:DUTY[,AT:DUTY...]`, `-lab-progress FILE`.
 //!
 //! Progress: every second the I/O thread rewrites FILE (atomically) with one JSON
@@ -24,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use vmbalancer_tests::lab::scenario::Placement;
+use vmbalancer_tests::lab::scenario::{Placement, hot_pages};
 use vmbalancer_tests::lab::truth;
 
 const PAGE: usize = 4096;
@@ -42,6 +43,7 @@ struct Opts {
     node: u32,
     chunk_mib: u64,
     hot_fraction: f64,
+    hot_offset: f64,
     hot_pct: f64,
     hugetlb: bool,
     phases: Vec<(f64, f64)>,
@@ -57,6 +59,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
         node: 0,
         chunk_mib: 4,
         hot_fraction: 0.25,
+        hot_offset: 0.0,
         hot_pct: 95.0,
         hugetlb: false,
         phases: vec![(0.0, 100.0)],
@@ -100,6 +103,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
             "-lab-node" => o.node = need()?.parse().context("-lab-node")?,
             "-lab-chunk-mib" => o.chunk_mib = need()?.parse().context("-lab-chunk-mib")?,
             "-lab-hot-fraction" => o.hot_fraction = need()?.parse().context("-lab-hot-fraction")?,
+            "-lab-hot-offset" => o.hot_offset = need()?.parse().context("-lab-hot-offset")?,
             "-lab-hot-pct" => o.hot_pct = need()?.parse().context("-lab-hot-pct")?,
             "-lab-hugetlb" => {
                 o.hugetlb = true;
@@ -298,12 +302,13 @@ fn duty_at(phases: &[(f64, f64)], t_s: f64) -> f64 {
 }
 
 /// A vCPU: in every 100 ms period, touches memory for `duty` % of it and sleeps
-/// the rest. `hot_pct` % of touches go to the hot set (the first `hot_fraction`
-/// of memory), the rest anywhere.
+/// the rest. `hot_pct` % of touches go to the hot set (`hot_fraction` of memory
+/// from `hot_offset` of the way in, see `scenario::hot_pages`), the rest anywhere.
 fn vcpu_loop(mem: &GuestMemory, o: &Opts, start: Instant, counter: &AtomicU64, seed: u64) {
     const PERIOD: Duration = Duration::from_millis(100);
     let pages = mem.pages();
-    let hot_pages = ((pages as f64 * o.hot_fraction) as usize).clamp(1, pages);
+    let hot = hot_pages(pages, o.hot_fraction, o.hot_offset);
+    let (hot_start, hot_len) = (hot.start, hot.len().max(1));
     let hot_threshold = (o.hot_pct / 100.0 * u32::MAX as f64) as u64;
     let mut rng = seed | 1;
     loop {
@@ -317,7 +322,7 @@ fn vcpu_loop(mem: &GuestMemory, o: &Opts, start: Instant, counter: &AtomicU64, s
                 rng ^= rng << 17;
                 let r = rng >> 16;
                 let index = if (r & 0xffff_ffff) < hot_threshold {
-                    (r >> 32) as usize % hot_pages
+                    hot_start + (r >> 32) as usize % hot_len
                 } else {
                     (r >> 32) as usize % pages
                 };

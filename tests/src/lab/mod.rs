@@ -7,6 +7,7 @@
 //! over the serial console as JSON lines ([`protocol`]) that `cargo xtask lab` parses.
 
 pub mod compare;
+pub mod judge;
 pub mod metrics;
 pub mod protocol;
 pub mod scenario;

@@ -24,6 +24,19 @@ pub struct VmTruth {
     pub locality: f64,
     /// Memory touches per second per vCPU since the previous sample.
     pub touches_per_vcpu_s: f64,
+    /// Locality (on `main_node`) of the hot set of the guest RAM mapping (see
+    /// `scenario::hot_pages`), from a per-page query (move_pages without target nodes).
+    /// Only when the scenario asks for per-page truth (`hot_first`, `vm_pages_moved`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_locality: Option<f64>,
+    /// Locality of the rest of the guest RAM mapping (same source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_locality: Option<f64>,
+    /// Pages of the guest RAM mapping found on another node than at the previous
+    /// sample, summed since the first sample (a lower bound on pages moved: a page
+    /// moved away and back between two samples is not seen). Same source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_moved: Option<u64>,
 }
 
 /// One sample of the whole guest.

@@ -18,6 +18,17 @@
 //! args = ["run"]               # vmbalancer arguments; `--config FILE` is added
 //! config = "..."               # when set, written to a file passed with --config
 //! log_lines = 60               # last lines of its log reported when it stops
+//! notify = false               # NOTIFY_SOCKET: record READY=1/STATUS=/WATCHDOG=1
+//! unit_like = false            # start as systemd/vmbalancer.service does
+//!
+//! [[events]]                   # balancer control during the run (vmbalancer only)
+//! at_s = 12
+//! wait_for_migration_s = 15    # first wait for a memory move in its journal
+//! kill_balancer = "KILL"       # or start_balancer = true
+//!
+//! [[hogs]]                     # fill a node's memory before the VMs start
+//! node = 2
+//! leave_free_mib = 64
 //!
 //! [[vms]]
 //! name = "vm"                  # with count > 1: vm1, vm2, ...
@@ -28,6 +39,8 @@
 //! node = 0                     # for placement = "node"
 //! chunk_mib = 4                # scattered: chunk size placed round-robin
 //! hot_fraction = 0.25          # share of memory touched most
+//! hot_offset = 0.0             # where that hot set starts (share of memory)
+//! cpu_nodes = []               # start confined to these nodes' CPUs (pinning)
 //! hot_access_pct = 95          # share of touches going to the hot set
 //! hugetlb = false              # back memory with MAP_HUGETLB (2 MiB pages)
 //! phases = [ { at_s = 0, duty_pct = 100 } ]
@@ -147,11 +160,18 @@ pub struct VmSpec {
     pub node: u32,
     pub chunk_mib: u64,
     pub hot_fraction: f64,
+    /// Where the hot set starts, as a fraction of guest RAM (0: at its start; the
+    /// hot set is moved back to fit). See [`hot_pages`].
+    pub hot_offset: f64,
     pub hot_access_pct: f64,
     pub hugetlb: bool,
     pub phases: Vec<Phase>,
     /// Put the VM in a libvirt-style cgroup `machine.slice/machine-qemu\x2dN\x2dNAME.scope`.
     pub cgroup: bool,
+    /// Start the VM with every thread's affinity set to these nodes' CPUs (as
+    /// `taskset` or libvirt's `placement` would). Empty: all CPUs. Balancers see this
+    /// as operator pinning.
+    pub cpu_nodes: Vec<u32>,
 }
 
 impl Default for VmSpec {
@@ -165,6 +185,7 @@ impl Default for VmSpec {
             node: 0,
             chunk_mib: 4,
             hot_fraction: 0.25,
+            hot_offset: 0.0,
             hot_access_pct: 95.0,
             hugetlb: false,
             phases: vec![Phase {
@@ -172,6 +193,7 @@ impl Default for VmSpec {
                 duty_pct: 100.0,
             }],
             cgroup: true,
+            cpu_nodes: Vec::new(),
         }
     }
 }
@@ -211,6 +233,16 @@ pub struct VmbalancerSpec {
     /// How many of the last lines of vmbalancer's log are reported when it stops.
     /// Default 60; raise it with a `--log` filter of `debug` to study a run.
     pub log_lines: usize,
+    /// Start it as systemd would a `Type=notify` service: a notification socket in
+    /// `$NOTIFY_SOCKET` whose READY=1/STATUS=/WATCHDOG=1 messages are recorded.
+    pub notify: bool,
+    /// Start it as the shipped unit does: `ExecStart`'s arguments (`run --config
+    /// /etc/vmbalancer/config.toml`, `config` written there), the unit's directory
+    /// environment (`STATE_DIRECTORY`, `RUNTIME_DIRECTORY` mode 0700,
+    /// `CONFIGURATION_DIRECTORY`); `args` are then ignored.
+    pub unit_like: bool,
+    /// `WATCHDOG_USEC` passed with `notify` (0: none, as the shipped unit).
+    pub watchdog_usec: u64,
 }
 
 impl Default for VmbalancerSpec {
@@ -219,6 +251,9 @@ impl Default for VmbalancerSpec {
             args: vec!["run".into()],
             config: None,
             log_lines: 60,
+            notify: false,
+            unit_like: false,
+            watchdog_usec: 0,
         }
     }
 }
@@ -259,28 +294,125 @@ pub enum Assertion {
         /// When true the command runs after the VMs started (before sampling).
         #[serde(default)]
         with_vms: bool,
+        /// Runs at this time of the run (seconds after the balancer started), while
+        /// the balancer runs; implies `with_vms`.
+        #[serde(default)]
+        at_s: Option<f64>,
+        /// Runs as this uid (and the same gid), e.g. 65534 (nobody).
+        #[serde(default)]
+        uid: Option<u32>,
+        /// Skipped unless vmbalancer is the balancer (it talks to the daemon).
+        #[serde(default)]
+        vmbalancer_only: bool,
     },
-    /// Locality at the last sample is at least `min` (0..1).
+    /// Locality is at least `min` (0..1) at the first sample at or after `at_s`
+    /// (default: the last sample).
     Locality {
         min: f64,
         #[serde(default)]
         which: Which,
+        #[serde(default)]
+        at_s: Option<f64>,
     },
-    /// Locality at the last sample is at most `max` (0..1): proves a baseline
-    /// really starts badly placed.
+    /// Locality is at most `max` (0..1) at the first sample at or after `at_s`
+    /// (default: the last sample): proves a baseline really starts badly placed.
     LocalityAtMost {
         max: f64,
         #[serde(default)]
         which: Which,
+        #[serde(default)]
+        at_s: Option<f64>,
     },
     /// Pages migrated during the run (numa_pages_migrated + pgmigrate_success
-    /// deltas, whichever is larger) is within bounds.
+    /// deltas, whichever is larger) is within bounds. With `max_misplaced_ratio`,
+    /// also at most that ratio times the pages misplaced at the start (see
+    /// [`crate::lab::judge::misplaced_pages_at_start`] for the exact definition).
     PagesMigrated {
         #[serde(default)]
         min: Option<u64>,
         #[serde(default)]
         max: Option<u64>,
+        #[serde(default)]
+        max_misplaced_ratio: Option<f64>,
     },
+    /// Pages of one VM's guest RAM seen on another node than at the previous
+    /// sample, summed over the run or, with `after_s`, from the first sample at or
+    /// after `after_s` to the end (per-page ground truth, see
+    /// `VmTruth::pages_moved`), is within bounds.
+    VmPagesMoved {
+        vm: String,
+        #[serde(default)]
+        after_s: Option<f64>,
+        #[serde(default)]
+        min: Option<u64>,
+        #[serde(default)]
+        max: Option<u64>,
+    },
+    /// Memory follows hot set first: on the samples at or after `after_s`, from the
+    /// first at which the cold part's locality is below `cold_max` to the first
+    /// later one at which it reaches `cold_max`, hot-set locality reaches `hot_min`
+    /// (see [`crate::lab::judge::hot_first_one`]). Judged for `vm`, or (without
+    /// `vm`) for every VM whose cold part went from below `cold_max` to it; at
+    /// least one such VM must exist.
+    HotFirst {
+        #[serde(default = "default_hot_min")]
+        hot_min: f64,
+        #[serde(default = "default_cold_max")]
+        cold_max: f64,
+        #[serde(default)]
+        vm: Option<String>,
+        #[serde(default)]
+        after_s: Option<f64>,
+    },
+    /// At the first sample at or after `at_s` (default: the last), vCPUs ran on at
+    /// least `min` nodes, a node counting when its vCPU load over the interval was
+    /// at least `min_load` CPUs.
+    NodesUsed {
+        min: usize,
+        #[serde(default)]
+        at_s: Option<f64>,
+        #[serde(default = "default_min_load")]
+        min_load: f64,
+    },
+    /// At the last sample, at most `max_share` of each VM's memory (or only `vm`'s)
+    /// is on `node`: nothing half-moved onto a node that had no room.
+    MemoryOnNodeAtMost {
+        node: usize,
+        max_share: f64,
+        #[serde(default)]
+        vm: Option<String>,
+    },
+    /// After the run (vmbalancer only): every vCPU thread's affinity is non-empty and
+    /// within the online CPUs, each VM cgroup's cpuset.mems is non-empty, vmbalancer's
+    /// journal (`STATE_DIR/journal.json`) has no action in flight, and its log
+    /// contains `log_contains` (the line it prints after recovering its journal).
+    Consistent {
+        #[serde(default = "default_recovery_line")]
+        log_contains: String,
+    },
+    /// vmbalancer only: decisions in `vmbalancer status --json` (taken at the end of
+    /// the run, before it stops) whose reason is `reason` number in [min, max].
+    Decisions {
+        reason: String,
+        #[serde(default = "default_one")]
+        min: u64,
+        #[serde(default)]
+        max: Option<u64>,
+    },
+    /// vmbalancer only: refusals shown in `vmbalancer status --json` (decisions with
+    /// a `Refused` outcome, and a top-level `refusals` list if the daemon has one)
+    /// whose JSON text contains `contains`: at least `min`.
+    Refusals {
+        contains: String,
+        #[serde(default = "default_one")]
+        min: u64,
+    },
+    /// vmbalancer only, with `[vmbalancer] notify = true`: READY=1 arrived on the
+    /// notification socket within `ready_within_s` of its start.
+    Notified { ready_within_s: f64 },
+    /// No OOM kill during the run (/proc/vmstat oom_kill unchanged since before the
+    /// hogs started) and every VM still alive at the end.
+    NoOom,
     /// Every VM reported progress (its vCPUs did work).
     WorkDone { min_touches_per_vcpu_s: f64 },
     /// At the first sample (right after placement), at least `min_share` of VM
@@ -308,6 +440,26 @@ pub enum Assertion {
     },
 }
 
+fn default_hot_min() -> f64 {
+    0.9
+}
+
+fn default_cold_max() -> f64 {
+    0.5
+}
+
+fn default_min_load() -> f64 {
+    0.5
+}
+
+fn default_one() -> u64 {
+    1
+}
+
+fn default_recovery_line() -> String {
+    "journal recovered".into()
+}
+
 fn default_trace_error_pct() -> f64 {
     2.0
 }
@@ -331,14 +483,64 @@ impl Assertion {
             Assertion::Nodes { equals } => format!("nodes == {equals}"),
             Assertion::Distances { .. } => "SLIT distances".into(),
             Assertion::PathExists { path } => format!("exists {path}"),
-            Assertion::Command { run, exit, .. } => format!("`{run}` exits {exit}"),
-            Assertion::Locality { min, which } => format!("locality {which:?} >= {min}"),
-            Assertion::LocalityAtMost { max, which } => {
-                format!("locality {which:?} <= {max}")
+            Assertion::Command { run, exit, uid, .. } => match uid {
+                Some(u) => format!("`{run}` as uid {u} exits {exit}"),
+                None => format!("`{run}` exits {exit}"),
+            },
+            Assertion::Locality { min, which, at_s } => {
+                format!("locality {which:?} >= {min}{}", at_label(*at_s))
             }
-            Assertion::PagesMigrated { min, max } => {
-                format!("pages migrated in [{min:?}, {max:?}]")
+            Assertion::LocalityAtMost { max, which, at_s } => {
+                format!("locality {which:?} <= {max}{}", at_label(*at_s))
             }
+            Assertion::PagesMigrated {
+                min,
+                max,
+                max_misplaced_ratio,
+            } => match max_misplaced_ratio {
+                Some(r) => format!("pages migrated in [{min:?}, {max:?}], <= {r} x misplaced"),
+                None => format!("pages migrated in [{min:?}, {max:?}]"),
+            },
+            Assertion::VmPagesMoved {
+                vm,
+                after_s,
+                min,
+                max,
+            } => format!(
+                "{vm}: pages moved{} in [{min:?}, {max:?}]",
+                after_s.map_or(String::new(), |t| format!(" after {t} s"))
+            ),
+            Assertion::HotFirst {
+                hot_min,
+                cold_max,
+                vm,
+                ..
+            } => format!(
+                "{}hot set >= {hot_min} local before the cold part reaches {cold_max}",
+                vm.as_ref().map_or(String::new(), |v| format!("{v}: "))
+            ),
+            Assertion::NodesUsed { min, at_s, .. } => {
+                format!("vCPUs on >= {min} nodes{}", at_label(*at_s))
+            }
+            Assertion::MemoryOnNodeAtMost {
+                node,
+                max_share,
+                vm,
+            } => format!(
+                "{}: <= {max_share} of memory on node {node} at the end",
+                vm.as_deref().unwrap_or("every VM")
+            ),
+            Assertion::Consistent { .. } => "consistent state after recovery".into(),
+            Assertion::Decisions { reason, min, max } => {
+                format!("status decisions {reason} in [{min}, {max:?}]")
+            }
+            Assertion::Refusals { contains, min } => {
+                format!("status refusals containing {contains:?} >= {min}")
+            }
+            Assertion::Notified { ready_within_s } => {
+                format!("READY=1 within {ready_within_s} s")
+            }
+            Assertion::NoOom => "no OOM kill, every VM alive".into(),
             Assertion::WorkDone {
                 min_touches_per_vcpu_s,
             } => format!("work >= {min_touches_per_vcpu_s} touches/vCPU/s"),
@@ -364,10 +566,81 @@ impl Assertion {
             Assertion::Nodes { .. }
             | Assertion::Distances { .. }
             | Assertion::PathExists { .. } => true,
-            Assertion::Command { with_vms, .. } => !with_vms,
+            Assertion::Command { with_vms, at_s, .. } => !with_vms && at_s.is_none(),
             _ => false,
         }
     }
+
+    /// True for kinds that only make sense when vmbalancer is the balancer.
+    pub fn needs_vmbalancer(&self) -> bool {
+        matches!(
+            self,
+            Assertion::Consistent { .. }
+                | Assertion::Decisions { .. }
+                | Assertion::Refusals { .. }
+                | Assertion::Notified { .. }
+                | Assertion::Command {
+                    vmbalancer_only: true,
+                    ..
+                }
+        )
+    }
+}
+
+fn at_label(at_s: Option<f64>) -> String {
+    at_s.map_or(String::new(), |t| format!(" at {t} s"))
+}
+
+/// Something done to the balancer during the run, `at_s` seconds after it started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub at_s: f64,
+    /// Sends this signal (`KILL`, `TERM`, ...) to vmbalancer.
+    #[serde(default)]
+    pub kill_balancer: Option<String>,
+    /// Before the signal, wait up to this long for vmbalancer's journal to show a
+    /// memory move in flight, so the signal lands mid-migration.
+    #[serde(default)]
+    pub wait_for_migration_s: Option<f64>,
+    /// Starts vmbalancer again with the same arguments, environment and
+    /// configuration; its log is appended to.
+    #[serde(default)]
+    pub start_balancer: bool,
+}
+
+/// A process that fills one node's memory before the VMs start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hog {
+    pub node: u32,
+    /// Allocate until the node has at most this much free memory.
+    pub leave_free_mib: u64,
+}
+
+/// The hot set of guest RAM of `pages` pages, as page indexes: `hot_fraction` of
+/// the pages (at least one) starting at `hot_offset` of the way in, moved back so
+/// it ends at the last page at the latest. The fake VM touches these and the
+/// harness measures their locality, so both use this one definition.
+pub fn hot_pages(pages: usize, hot_fraction: f64, hot_offset: f64) -> std::ops::Range<usize> {
+    if pages == 0 {
+        return 0..0;
+    }
+    let len = ((pages as f64 * hot_fraction) as usize).clamp(1, pages);
+    let start = ((pages as f64 * hot_offset) as usize).min(pages - len);
+    start..start + len
+}
+
+/// The number of a signal named without its `SIG` prefix.
+pub fn signal_number(name: &str) -> Option<i32> {
+    Some(match name.trim_start_matches("SIG") {
+        "KILL" => 9,
+        "TERM" => 15,
+        "INT" => 2,
+        "STOP" => 19,
+        "CONT" => 18,
+        _ => return None,
+    })
 }
 
 /// A whole scenario file.
@@ -390,6 +663,10 @@ pub struct Scenario {
     pub assertions: Vec<Assertion>,
     /// Extra sysctls written before the run (`"vm.foo" = "1"`).
     pub sysctl: BTreeMap<String, String>,
+    /// Balancer control during the run (vmbalancer only).
+    pub events: Vec<Event>,
+    /// Memory hogs started before the VMs.
+    pub hogs: Vec<Hog>,
 }
 
 impl Default for Scenario {
@@ -407,6 +684,8 @@ impl Default for Scenario {
             vms: Vec::new(),
             assertions: Vec::new(),
             sysctl: BTreeMap::new(),
+            events: Vec::new(),
+            hogs: Vec::new(),
         }
     }
 }
@@ -434,6 +713,24 @@ impl Scenario {
         if self.duration_s.is_nan() || self.duration_s < 0.0 {
             return bad(format!("duration_s must be >= 0, got {}", self.duration_s));
         }
+        for e in &self.events {
+            if e.at_s.is_nan() || e.at_s < 0.0 {
+                return bad(format!("event at_s must be >= 0, got {}", e.at_s));
+            }
+            if let Some(sig) = &e.kill_balancer
+                && signal_number(sig).is_none()
+            {
+                return bad(format!(
+                    "unknown signal {sig:?} (KILL, TERM, INT, STOP, CONT)"
+                ));
+            }
+            if e.kill_balancer.is_none() && !e.start_balancer {
+                return bad(format!(
+                    "event at {} s does nothing (kill_balancer or start_balancer)",
+                    e.at_s
+                ));
+            }
+        }
         for vm in &self.vms {
             if vm.vcpus == 0 || vm.memory_mib == 0 || vm.count == 0 {
                 return bad(format!(
@@ -443,6 +740,9 @@ impl Scenario {
             }
             if !(0.0..=1.0).contains(&vm.hot_fraction) {
                 return bad(format!("VM {:?}: hot_fraction must be in 0..=1", vm.name));
+            }
+            if !(0.0..=1.0).contains(&vm.hot_offset) {
+                return bad(format!("VM {:?}: hot_offset must be in 0..=1", vm.name));
             }
             if !(0.0..=100.0).contains(&vm.hot_access_pct) {
                 return bad(format!(
@@ -553,6 +853,85 @@ mod tests {
             }
         );
         assert!(!s.assertions[0].is_boot_time());
+    }
+
+    #[test]
+    fn events_hogs_and_new_assertions() {
+        let s = Scenario::from_toml(
+            r#"
+            [vmbalancer]
+            notify = true
+            unit_like = true
+            [[events]]
+            at_s = 10
+            kill_balancer = "KILL"
+            [[events]]
+            at_s = 12
+            start_balancer = true
+            [[hogs]]
+            node = 2
+            leave_free_mib = 64
+            [[assert]]
+            kind = "locality"
+            min = 0.95
+            at_s = 30
+            [[assert]]
+            kind = "hot_first"
+            [[assert]]
+            kind = "decisions"
+            reason = "ProbationReverted"
+            [[assert]]
+            kind = "command"
+            run = "vmbalancer status"
+            uid = 65534
+            at_s = 8
+            exit = 1
+            [[assert]]
+            kind = "consistent"
+        "#,
+        )
+        .unwrap();
+        assert!(s.vmbalancer.notify && s.vmbalancer.unit_like);
+        assert_eq!(s.events[0].kill_balancer.as_deref(), Some("KILL"));
+        assert!(s.events[1].start_balancer);
+        assert_eq!(s.hogs[0].leave_free_mib, 64);
+        assert_eq!(
+            s.assertions[1],
+            Assertion::HotFirst {
+                hot_min: 0.9,
+                cold_max: 0.5,
+                vm: None,
+                after_s: None,
+            }
+        );
+        assert_eq!(
+            s.assertions[2],
+            Assertion::Decisions {
+                reason: "ProbationReverted".into(),
+                min: 1,
+                max: None
+            }
+        );
+        // A timed command runs during the run, not at boot.
+        assert!(!s.assertions[3].is_boot_time());
+        assert!(s.assertions[4].needs_vmbalancer());
+        assert_eq!(
+            s.assertions[4],
+            Assertion::Consistent {
+                log_contains: "journal recovered".into()
+            }
+        );
+        assert!(Scenario::from_toml("[[events]]\nat_s = 1\nkill_balancer = \"HUP\"").is_err());
+        assert!(Scenario::from_toml("[[events]]\nat_s = 1").is_err());
+    }
+
+    #[test]
+    fn hot_set_ranges() {
+        assert_eq!(hot_pages(100, 0.25, 0.0), 0..25);
+        assert_eq!(hot_pages(100, 0.25, 0.5), 50..75);
+        assert_eq!(hot_pages(100, 0.25, 1.0), 75..100);
+        assert_eq!(hot_pages(100, 0.0, 0.3), 30..31);
+        assert_eq!(hot_pages(0, 0.25, 0.0), 0..0);
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub struct VmTruth {
     pub main_node: Option<usize>,
     pub locality: f64,
     pub bytes_per_node: Vec<u64>,
+    /// Per-page truth, when the scenario asks for it.
+    #[serde(default)]
+    pub hot_locality: Option<f64>,
+    #[serde(default)]
+    pub cold_locality: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,7 +137,11 @@ pub fn render(line: &str) -> Option<String> {
                 .iter()
                 .map(|v| {
                     let node = v.main_node.map_or("-".into(), |n| n.to_string());
-                    format!("{}@n{node}:{:.2}", v.name, v.locality)
+                    let hot_cold = match (v.hot_locality, v.cold_locality) {
+                        (Some(h), Some(c)) => format!("(hot {h:.2} cold {c:.2})"),
+                        _ => String::new(),
+                    };
+                    format!("{}@n{node}:{:.2}{hot_cold}", v.name, v.locality)
                 })
                 .collect();
             let load: Vec<String> = s

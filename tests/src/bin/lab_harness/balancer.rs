@@ -1,7 +1,17 @@
 //! Starts and stops the balancer under test, and reports what it did.
+//!
+//! vmbalancer can also be killed and started again during the run (scenario
+//! events), started as its systemd unit would start it (`unit_like`, with a
+//! notification socket whose messages are recorded when `notify`), and asked for
+//! `vmbalancer status --json` before it stops.
 
-use std::fs::File;
+use std::fs::OpenOptions;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use vmbalancer_tests::lab::protocol::Record;
@@ -11,17 +21,136 @@ use crate::emit;
 
 const NUMAD_LOG: &str = "/var/log/numad.log";
 const NUMAD_PID: &str = "/var/run/numad.pid";
-const VMBALANCER_LOG: &str = "/run/lab/vmbalancer.log";
+pub const VMBALANCER_LOG: &str = "/run/lab/vmbalancer.log";
+const NOTIFY_SOCKET: &str = "/run/lab/notify.sock";
+/// How long vmbalancer may take to stop after SIGTERM (it stops migrations at a
+/// batch boundary and restores CPU sets) before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+/// The unit's paths (systemd/vmbalancer.service: ExecStart, ConfigurationDirectory,
+/// StateDirectory, RuntimeDirectory).
+const UNIT_CONFIG: &str = "/etc/vmbalancer/config.toml";
+const UNIT_STATE_DIR: &str = "/var/lib/vmbalancer";
+const UNIT_RUNTIME_DIR: &str = "/run/vmbalancer";
+
+/// Notification messages received, with seconds since the first start.
+pub type NotifyLog = Arc<Mutex<Vec<(f64, String)>>>;
+
+/// How to (re)start vmbalancer.
+struct Recipe {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    config_path: Option<PathBuf>,
+}
 
 /// A running balancer; `stop` ends it and reports its log.
 pub struct Guard {
     kind: Balancer,
     child: Option<Child>,
     log_lines: usize,
+    recipe: Option<Recipe>,
+    notify: Option<NotifyLog>,
+    /// `vmbalancer status --json` taken by [`Guard::take_status`], or why not.
+    pub status: Option<Result<serde_json::Value, String>>,
+    /// vmbalancer's state directory (its journal).
+    pub state_dir: PathBuf,
+}
+
+/// The value of a top-level `key = "value"` of a TOML config, if any.
+fn config_path_value(config: Option<&str>, key: &str) -> Option<PathBuf> {
+    let table: toml::Table = toml::from_str(config?).ok()?;
+    table.get(key)?.as_str().map(PathBuf::from)
+}
+
+fn spawn_vmbalancer(recipe: &Recipe, append: bool) -> anyhow::Result<Child> {
+    let out = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(VMBALANCER_LOG)?;
+    Command::new("vmbalancer")
+        .args(&recipe.args)
+        .envs(recipe.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting vmbalancer")
+}
+
+/// Binds the notification socket and records what arrives on it.
+fn listen_notify(started: Instant) -> anyhow::Result<NotifyLog> {
+    let _ = std::fs::remove_file(NOTIFY_SOCKET);
+    let sock = UnixDatagram::bind(NOTIFY_SOCKET).context("binding the notification socket")?;
+    let log: NotifyLog = Arc::default();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Ok(mut l) = sink.lock() {
+                l.push((started.elapsed().as_secs_f64(), text));
+            }
+        }
+    });
+    Ok(log)
+}
+
+fn vmbalancer_recipe(scenario: &Scenario) -> anyhow::Result<Recipe> {
+    let spec = &scenario.vmbalancer;
+    let mut env = Vec::new();
+    let (mut args, config_path) = if spec.unit_like {
+        let config = spec.config.clone().unwrap_or_default();
+        std::fs::create_dir_all("/etc/vmbalancer")?;
+        std::fs::write(UNIT_CONFIG, config)?;
+        for (dir, mode, var) in [
+            ("/etc/vmbalancer", 0o755, "CONFIGURATION_DIRECTORY"),
+            (UNIT_STATE_DIR, 0o755, "STATE_DIRECTORY"),
+            (UNIT_RUNTIME_DIR, 0o700, "RUNTIME_DIRECTORY"),
+        ] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            env.push((var.to_string(), dir.to_string()));
+        }
+        (
+            vec!["run".into(), "--config".into(), UNIT_CONFIG.into()],
+            Some(PathBuf::from(UNIT_CONFIG)),
+        )
+    } else if let Some(config) = &spec.config {
+        std::fs::write("/run/lab/vmbalancer.toml", config)?;
+        (
+            spec.args.clone(),
+            Some(PathBuf::from("/run/lab/vmbalancer.toml")),
+        )
+    } else {
+        (spec.args.clone(), None)
+    };
+    if !spec.unit_like
+        && let Some(p) = &config_path
+    {
+        args.extend(["--config".into(), p.display().to_string()]);
+    }
+    if spec.notify {
+        env.push(("NOTIFY_SOCKET".into(), NOTIFY_SOCKET.into()));
+        if spec.watchdog_usec > 0 {
+            env.push(("WATCHDOG_USEC".into(), spec.watchdog_usec.to_string()));
+        }
+    }
+    Ok(Recipe {
+        args,
+        env,
+        config_path,
+    })
 }
 
 pub fn start(kind: Balancer, scenario: &Scenario) -> anyhow::Result<Guard> {
     let mut child = None;
+    let mut recipe = None;
+    let mut notify = None;
+    let started = Instant::now();
     match kind {
         Balancer::None => {}
         Balancer::Autonuma => std::fs::write("/proc/sys/kernel/numa_balancing", "1")
@@ -36,31 +165,28 @@ pub fn start(kind: Balancer, scenario: &Scenario) -> anyhow::Result<Guard> {
             anyhow::ensure!(status.success(), "numad exited with {status}");
         }
         Balancer::Vmbalancer => {
-            let mut args = scenario.vmbalancer.args.clone();
-            if let Some(config) = &scenario.vmbalancer.config {
-                std::fs::write("/run/lab/vmbalancer.toml", config)?;
-                args.extend(["--config".into(), "/run/lab/vmbalancer.toml".into()]);
+            let r = vmbalancer_recipe(scenario)?;
+            if scenario.vmbalancer.notify {
+                notify = Some(listen_notify(started)?);
             }
-            let out = File::create(VMBALANCER_LOG)?;
-            child = Some(
-                Command::new("vmbalancer")
-                    .args(&args)
-                    .stdin(Stdio::null())
-                    .stdout(out.try_clone()?)
-                    .stderr(out)
-                    .spawn()
-                    .context("starting vmbalancer")?,
-            );
+            child = Some(spawn_vmbalancer(&r, false)?);
+            recipe = Some(r);
         }
     }
     emit(&Record::Event {
         source: "harness".into(),
         text: format!("balancer {} started", kind.name()),
     });
+    let config = scenario.vmbalancer.config.as_deref();
+    let state_dir = config_path_value(config, "state_dir").unwrap_or_else(|| UNIT_STATE_DIR.into());
     Ok(Guard {
         kind,
         child,
         log_lines: scenario.vmbalancer.log_lines,
+        recipe,
+        notify,
+        status: None,
+        state_dir,
     })
 }
 
@@ -103,6 +229,116 @@ fn report_stacks(pid: u32) {
 }
 
 impl Guard {
+    /// Sends `signal` to vmbalancer (and reaps it when the signal ends it).
+    pub fn kill(&mut self, signal: i32) {
+        let Some(c) = self.child.as_mut() else {
+            emit(&Record::Event {
+                source: "harness".into(),
+                text: format!("signal {signal}: vmbalancer is not running"),
+            });
+            return;
+        };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, signal) };
+        if signal == libc::SIGKILL || signal == libc::SIGTERM || signal == libc::SIGINT {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let status = c.try_wait().ok().flatten();
+            emit(&Record::Event {
+                source: "harness".into(),
+                text: format!("vmbalancer sent signal {signal}: {status:?}"),
+            });
+            if status.is_some() {
+                self.child = None;
+            }
+        }
+    }
+
+    /// Waits up to `limit` until vmbalancer's journal shows a memory move in flight;
+    /// reports what it saw.
+    pub fn wait_for_migration(&self, limit: Duration) {
+        let path = self.state_dir.join("journal.json");
+        let start = Instant::now();
+        let found = loop {
+            let moving = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .map(|j| vmbalancer_tests::lab::judge::journal_migrating(&j))
+                .unwrap_or_default();
+            if !moving.is_empty() {
+                break Some(moving);
+            }
+            if start.elapsed() >= limit {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        emit(&Record::Event {
+            source: "harness".into(),
+            text: match found {
+                Some(vms) => format!(
+                    "memory move in flight for VMs {vms:?} after waiting {:.1} s",
+                    start.elapsed().as_secs_f64()
+                ),
+                None => format!("no memory move in flight within {limit:?}"),
+            },
+        });
+    }
+
+    /// Starts vmbalancer again the same way, appending to its log.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let Some(recipe) = &self.recipe else {
+            return Ok(());
+        };
+        if let Some(mut c) = self.child.take() {
+            if let Ok(None) = c.try_wait() {
+                anyhow::bail!("vmbalancer is still running; kill it first");
+            }
+            let _ = c.wait();
+        }
+        self.child = Some(spawn_vmbalancer(recipe, true)?);
+        emit(&Record::Event {
+            source: "harness".into(),
+            text: "vmbalancer started again".into(),
+        });
+        Ok(())
+    }
+
+    /// Records `vmbalancer status --json` (vmbalancer only).
+    pub fn take_status(&mut self) {
+        let Some(recipe) = &self.recipe else {
+            return;
+        };
+        let mut cmd = Command::new("vmbalancer");
+        cmd.args(["status", "--json"]);
+        if let Some(p) = &recipe.config_path {
+            cmd.arg("--config").arg(p);
+        }
+        let result = match cmd.stdin(Stdio::null()).output() {
+            Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout)
+                .map_err(|e| format!("status --json did not parse: {e}")),
+            Ok(o) => Err(format!(
+                "status --json: {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot run vmbalancer status: {e}")),
+        };
+        self.status = Some(result);
+    }
+
+    /// Notification messages so far (`None` without `notify`).
+    pub fn notifications(&self) -> Option<Vec<(f64, String)>> {
+        self.notify
+            .as_ref()
+            .map(|n| n.lock().map(|l| l.clone()).unwrap_or_default())
+    }
+
     pub fn stop(&mut self) {
         match self.kind {
             Balancer::None => {}
@@ -134,13 +370,39 @@ impl Guard {
                             }
                             // SAFETY: signalling our own child.
                             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                            std::thread::sleep(std::time::Duration::from_secs(1));
-                            let _ = c.kill();
+                            let start = Instant::now();
+                            let exited = loop {
+                                if let Ok(Some(_)) = c.try_wait() {
+                                    break true;
+                                }
+                                if start.elapsed() > STOP_GRACE {
+                                    break false;
+                                }
+                                std::thread::sleep(Duration::from_millis(50));
+                            };
+                            if !exited {
+                                let _ = c.kill();
+                            }
+                            let _ = c.wait();
+                            emit(&Record::Event {
+                                source: "harness".into(),
+                                text: format!(
+                                    "vmbalancer {} after SIGTERM in {:.1} s",
+                                    if exited { "exited" } else { "was SIGKILLed" },
+                                    start.elapsed().as_secs_f64()
+                                ),
+                            });
                         }
                     }
                     let _ = c.wait();
                 }
                 report_log("vmbalancer", VMBALANCER_LOG, self.log_lines, |_| true);
+                for (t, m) in self.notifications().unwrap_or_default() {
+                    emit(&Record::Event {
+                        source: "notify".into(),
+                        text: format!("t={t:.2} s: {}", m.replace('\n', " | ")),
+                    });
+                }
             }
         }
     }

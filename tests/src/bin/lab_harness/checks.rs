@@ -1,10 +1,26 @@
 //! Evaluates assertions and keeps the verdict.
 
+use vmbalancer_tests::lab::judge;
 use vmbalancer_tests::lab::protocol::{Record, Sample, Summary};
-use vmbalancer_tests::lab::scenario::{Assertion, Which};
+use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Which};
 use vmbalancer_tests::lab::truth::NodeInfo;
 
+use crate::consistency::Consistency;
 use crate::{command, emit};
+
+/// What the harness gathered about the run besides the samples.
+pub struct RunFacts {
+    pub balancer: Balancer,
+    /// `vmbalancer status --json` at the end of the run, or why it failed.
+    pub status: Option<Result<serde_json::Value, String>>,
+    /// Notification messages (seconds since start, text), with `notify`.
+    pub notifications: Option<Vec<(f64, String)>>,
+    pub consistency: Option<Consistency>,
+    /// /proc/vmstat oom_kill delta since before hogs and VMs started.
+    pub oom_kills: u64,
+    /// VMs no longer running at the end.
+    pub dead_vms: Vec<String>,
+}
 
 /// One assertion's outcome.
 pub struct Outcome {
@@ -86,9 +102,10 @@ pub fn boot_check(a: &Assertion, nodes: &[NodeInfo]) -> Outcome {
             exit,
             timeout_s,
             allow_failure,
+            uid,
             ..
         } => {
-            let (status, tail) = command::run_shell(run, *timeout_s);
+            let (status, tail) = command::run_shell(run, *timeout_s, *uid);
             let ok = status == Some(*exit);
             Outcome {
                 name: a.label(),
@@ -104,36 +121,230 @@ pub fn boot_check(a: &Assertion, nodes: &[NodeInfo]) -> Outcome {
     }
 }
 
+fn sample_label(s: &Sample, at_s: Option<f64>) -> String {
+    match at_s {
+        Some(_) => format!("at t={} s", s.t_s),
+        None => "at the last sample".into(),
+    }
+}
+
+fn status_of(facts: &RunFacts) -> Result<&serde_json::Value, String> {
+    match &facts.status {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(e.clone()),
+        None => Err(format!("no status (balancer {})", facts.balancer.name())),
+    }
+}
+
 /// Checks on the measured run. `None` for kinds handled by [`boot_check`].
-pub fn run_check(a: &Assertion, summary: &Summary, samples: &[Sample]) -> Option<Outcome> {
-    let last = samples.last();
-    let loc = |which: &Which| {
-        last.map_or(0.0, |s| match which {
-            Which::Mean => s.locality_mean,
-            Which::Min => s.locality_min,
-        })
+pub fn run_check(
+    a: &Assertion,
+    summary: &Summary,
+    samples: &[Sample],
+    facts: &RunFacts,
+) -> Option<Outcome> {
+    let loc = |s: &Sample, which: &Which| match which {
+        Which::Mean => s.locality_mean,
+        Which::Min => s.locality_min,
     };
+    let no_sample = |at_s: &Option<f64>| format!("no sample at or after {at_s:?} s");
     Some(match a {
-        Assertion::Locality { min, which } => {
-            let v = loc(which);
-            outcome(
-                a,
-                v >= *min,
-                format!("locality {which:?} at the last sample: {v:.3}"),
-            )
-        }
-        Assertion::LocalityAtMost { max, which } => {
-            let v = loc(which);
-            outcome(
-                a,
-                v <= *max,
-                format!("locality {which:?} at the last sample: {v:.3}"),
-            )
-        }
-        Assertion::PagesMigrated { min, max } => {
+        Assertion::Locality { min, which, at_s } => match judge::sample_at(samples, *at_s) {
+            Some(s) => {
+                let v = loc(s, which);
+                outcome(
+                    a,
+                    v >= *min,
+                    format!("locality {which:?} {}: {v:.3}", sample_label(s, *at_s)),
+                )
+            }
+            None => outcome(a, false, no_sample(at_s)),
+        },
+        Assertion::LocalityAtMost { max, which, at_s } => match judge::sample_at(samples, *at_s) {
+            Some(s) => {
+                let v = loc(s, which);
+                outcome(
+                    a,
+                    v <= *max,
+                    format!("locality {which:?} {}: {v:.3}", sample_label(s, *at_s)),
+                )
+            }
+            None => outcome(a, false, no_sample(at_s)),
+        },
+        Assertion::PagesMigrated {
+            min,
+            max,
+            max_misplaced_ratio,
+        } => {
             let moved = summary.numa_pages_migrated.max(summary.pgmigrate_success);
-            let ok = min.is_none_or(|m| moved >= m) && max.is_none_or(|m| moved <= m);
-            outcome(a, ok, format!("{moved} pages migrated"))
+            let mut ok = min.is_none_or(|m| moved >= m) && max.is_none_or(|m| moved <= m);
+            let mut detail = format!("{moved} pages migrated");
+            if let Some(r) = max_misplaced_ratio {
+                let misplaced = judge::misplaced_pages_at_start(samples);
+                let bar = (*r * misplaced as f64).floor() as u64;
+                ok &= moved <= bar;
+                detail.push_str(&format!(
+                    "; {misplaced} pages misplaced at the start, bar {r} x = {bar}"
+                ));
+            }
+            outcome(a, ok, detail)
+        }
+        Assertion::VmPagesMoved {
+            vm,
+            after_s,
+            min,
+            max,
+        } => match judge::vm_pages_moved(samples, vm, *after_s) {
+            Some(m) => outcome(
+                a,
+                min.is_none_or(|x| m >= x) && max.is_none_or(|x| m <= x),
+                format!("{vm}: {m} pages seen moving between samples"),
+            ),
+            None => outcome(a, false, format!("no per-page truth for {vm}")),
+        },
+        Assertion::HotFirst {
+            hot_min,
+            cold_max,
+            vm,
+            after_s,
+        } => {
+            let (ok, detail) =
+                judge::hot_first(samples, vm.as_deref(), *after_s, *hot_min, *cold_max);
+            outcome(a, ok, detail)
+        }
+        Assertion::NodesUsed {
+            min,
+            at_s,
+            min_load,
+        } => match judge::sample_at(samples, *at_s) {
+            Some(s) => {
+                let n = judge::nodes_used(s, *min_load);
+                let load: Vec<String> = s
+                    .vcpu_load_per_node
+                    .iter()
+                    .map(|l| format!("{l:.1}"))
+                    .collect();
+                outcome(
+                    a,
+                    n >= *min,
+                    format!(
+                        "{n} nodes with >= {min_load} CPUs of vCPU load {} (load [{}])",
+                        sample_label(s, *at_s),
+                        load.join(" ")
+                    ),
+                )
+            }
+            None => outcome(a, false, no_sample(at_s)),
+        },
+        Assertion::MemoryOnNodeAtMost {
+            node,
+            max_share,
+            vm,
+        } => {
+            let Some(last) = samples.last() else {
+                return Some(outcome(a, false, "no samples".into()));
+            };
+            let mut worst: Option<(f64, &str)> = None;
+            for v in last
+                .vms
+                .iter()
+                .filter(|v| vm.as_ref().is_none_or(|n| n == &v.name))
+            {
+                let total: u64 = v.bytes_per_node.iter().sum();
+                let share =
+                    v.bytes_per_node.get(*node).copied().unwrap_or(0) as f64 / total.max(1) as f64;
+                if worst.is_none_or(|(w, _)| share > w) {
+                    worst = Some((share, &v.name));
+                }
+            }
+            match worst {
+                Some((share, name)) => outcome(
+                    a,
+                    share <= *max_share,
+                    format!("most on node {node}: {name} with {share:.3}"),
+                ),
+                None => outcome(a, false, format!("no VM {vm:?}")),
+            }
+        }
+        Assertion::Consistent { log_contains } => match &facts.consistency {
+            None => outcome(a, false, "no consistency facts gathered".into()),
+            Some(c) => {
+                let mut bad = c.problems.clone();
+                match &c.in_flight {
+                    Ok(v) if v.is_empty() => {}
+                    Ok(v) => bad.push(format!("journal: actions in flight for VMs {v:?}")),
+                    Err(e) => bad.push(format!("journal unreadable: {e}")),
+                }
+                if !c.log.contains(log_contains.as_str()) {
+                    bad.push(format!("log lacks {log_contains:?}"));
+                }
+                let detail = if bad.is_empty() {
+                    format!("affinities, cpuset.mems, journal fine; log has {log_contains:?}")
+                } else {
+                    bad.join("; ")
+                };
+                outcome(a, bad.is_empty(), detail)
+            }
+        },
+        Assertion::Decisions { reason, min, max } => match status_of(facts) {
+            Ok(st) => {
+                let n = judge::count_decisions(st, reason);
+                let total = st
+                    .get("decisions")
+                    .and_then(|d| d.as_array())
+                    .map_or(0, Vec::len);
+                outcome(
+                    a,
+                    n >= *min && max.is_none_or(|m| n <= m),
+                    format!("{n} {reason} among the {total} decisions in status"),
+                )
+            }
+            Err(e) => outcome(a, false, e),
+        },
+        Assertion::Refusals { contains, min } => match status_of(facts) {
+            Ok(st) => {
+                let n = judge::count_refusals(st, contains);
+                let has_list = st.get("refusals").is_some();
+                outcome(
+                    a,
+                    n >= *min,
+                    format!(
+                        "{n} refusals containing {contains:?} in status{}",
+                        if has_list {
+                            ""
+                        } else {
+                            " (status has no `refusals` list: only refused decisions count)"
+                        }
+                    ),
+                )
+            }
+            Err(e) => outcome(a, false, e),
+        },
+        Assertion::Notified { ready_within_s } => match &facts.notifications {
+            None => outcome(a, false, "notify is off for this scenario".into()),
+            Some(msgs) => {
+                let ready = msgs.iter().find(|(_, m)| m.lines().any(|l| l == "READY=1"));
+                let count = |k: &str| msgs.iter().filter(|(_, m)| m.contains(k)).count();
+                let detail = format!(
+                    "READY=1 at {}; {} messages ({} STATUS=, {} WATCHDOG=1)",
+                    ready.map_or("never".into(), |(t, _)| format!("{t:.2} s")),
+                    msgs.len(),
+                    count("STATUS="),
+                    count("WATCHDOG=1")
+                );
+                outcome(a, ready.is_some_and(|(t, _)| t <= ready_within_s), detail)
+            }
+        },
+        Assertion::NoOom => {
+            let ok = facts.oom_kills == 0 && facts.dead_vms.is_empty();
+            outcome(
+                a,
+                ok,
+                format!(
+                    "{} OOM kills; VMs gone: {:?}",
+                    facts.oom_kills, facts.dead_vms
+                ),
+            )
         }
         Assertion::WorkDone {
             min_touches_per_vcpu_s,

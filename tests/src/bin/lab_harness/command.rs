@@ -5,15 +5,21 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Runs `sh -c script`; returns its exit code (`None` if killed at the time limit
-/// or it could not start) and the last lines of its combined output.
-pub fn run_shell(script: &str, timeout_s: f64) -> (Option<i32>, String) {
+/// Runs `sh -c script` (as `uid`, with the same gid and no supplementary groups,
+/// when given); returns its exit code (`None` if killed at the time limit or it
+/// could not start) and the last lines of its combined output.
+pub fn run_shell(script: &str, timeout_s: f64, uid: Option<u32>) -> (Option<i32>, String) {
     let log = "/run/lab-command.log";
     let spawn = || -> std::io::Result<std::process::Child> {
         let out = File::create(log)?;
         let err = out.try_clone()?;
-        Command::new("sh")
-            .args(["-c", script])
+        let mut cmd = Command::new("sh");
+        if let Some(u) = uid {
+            use std::os::unix::process::CommandExt;
+            // std drops supplementary groups when it changes the uid.
+            cmd.uid(u).gid(u);
+        }
+        cmd.args(["-c", script])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -4,13 +4,18 @@
 //! Order of a run: boot-time assertions (topology, BTF, commands) -> cgroup and
 //! sysctl setup -> fake VMs started and their memory placed -> `with_vms` commands
 //! and `trace_truth` -> the balancer starts (t = 0) -> ground truth sampled until
-//! `duration_s` -> balancer stopped -> summary and run-time assertions -> verdict.
-//! The exit status is 0 only if every assertion that may fail the scenario held.
+//! `duration_s` (with the scenario's balancer events and timed commands in between)
+//! -> `vmbalancer status --json` and the consistency facts -> balancer stopped ->
+//! summary and run-time assertions -> verdict. Memory hogs, when the scenario has
+//! any, fill their nodes before the VMs start. The exit status is 0 only if every
+//! assertion that may fail the scenario held.
 
 mod balancer;
 mod capture;
 mod checks;
 mod command;
+mod consistency;
+mod hog;
 mod sampler;
 mod trace_truth;
 mod vms;
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use vmbalancer_tests::lab::protocol::Record;
-use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Scenario};
+use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Event, Scenario, signal_number};
 use vmbalancer_tests::lab::truth;
 
 #[derive(Debug, Parser)]
@@ -56,6 +61,15 @@ pub fn emit(record: &Record) {
 }
 
 fn main() {
+    // A memory hog is this program started again (see `hog`).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--hog") {
+        let ready = PathBuf::from(argv.get(4).map_or("/run/lab/hog.ready", String::as_str));
+        if let Err(e) = hog::run(argv.get(2).map_or("", String::as_str), &ready) {
+            eprintln!("memory hog: {e:#}");
+        }
+        std::process::exit(1);
+    }
     let ok = match run() {
         Ok(ok) => ok,
         Err(e) => {
@@ -101,12 +115,24 @@ fn run() -> anyhow::Result<bool> {
 
     vms::setup_cgroups(scenario.cgroup)?;
     vms::setup_sysctls(&scenario, &nodes)?;
+    let oom_kills0 = oom_kills();
+    std::fs::create_dir_all("/run/lab")?;
+    let hogs = hog::start_all(&scenario.hogs)?;
     let mut running = vms::start_all(&scenario, &nodes)?;
     vms::wait_ready(&mut running, Duration::from_secs(180))?;
+    vms::confine(&running)?;
 
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
         match a {
-            Assertion::Command { .. } => verdict.record(checks::boot_check(a, &nodes)),
+            Assertion::Command { at_s: None, .. }
+                if a.needs_vmbalancer() && balancer != Balancer::Vmbalancer =>
+            {
+                emit(&Record::Event {
+                    source: "harness".into(),
+                    text: format!("check skipped under {}: {}", balancer.name(), a.label()),
+                });
+            }
+            Assertion::Command { at_s: None, .. } => verdict.record(checks::boot_check(a, &nodes)),
             Assertion::TraceTruth { .. } => {
                 for o in trace_truth::check(a, &scenario, &nodes, &running) {
                     verdict.record(o);
@@ -116,32 +142,147 @@ fn run() -> anyhow::Result<bool> {
         }
     }
 
-    let mut sampler = sampler::Sampler::new(&nodes, &running)?;
+    let per_page = scenario.assertions.iter().any(|a| {
+        matches!(
+            a,
+            Assertion::HotFirst { .. } | Assertion::VmPagesMoved { .. }
+        )
+    });
+    let mut sampler = sampler::Sampler::new(&nodes, &running, per_page)?;
     // One second of vCPU history, so the first sample knows where vCPUs run.
     sampler.poll_for(Duration::from_secs(1));
     let t0 = Instant::now();
     let mut guard = balancer::start(balancer, &scenario)?;
     let end_s = args.capture_at_s.unwrap_or(scenario.duration_s);
-    let mut times = scenario.sample_times_s();
-    times.retain(|&t| t <= end_s + 1e-9);
-    for t in times {
-        let due = t0 + Duration::from_secs_f64(t);
+    for step in timeline(&scenario, end_s) {
+        let due = t0 + Duration::from_secs_f64(step.at_s());
         sampler.poll_until(due);
-        let sample = sampler.sample(t);
-        emit(&Record::Sample(sample));
+        match step {
+            Step::Sample(t) => emit(&Record::Sample(sampler.sample(t))),
+            Step::Event(e) => {
+                if balancer != Balancer::Vmbalancer {
+                    emit(&Record::Event {
+                        source: "harness".into(),
+                        text: format!(
+                            "event at {} s skipped: balancer {}",
+                            e.at_s,
+                            balancer.name()
+                        ),
+                    });
+                    continue;
+                }
+                if let Some(w) = e.wait_for_migration_s {
+                    guard.wait_for_migration(Duration::from_secs_f64(w));
+                }
+                if let Some(sig) = &e.kill_balancer {
+                    guard.kill(signal_number(sig).unwrap_or(libc::SIGKILL));
+                }
+                if e.start_balancer {
+                    guard.restart()?;
+                }
+            }
+            Step::Command(a) if a.needs_vmbalancer() && balancer != Balancer::Vmbalancer => {
+                emit(&Record::Event {
+                    source: "harness".into(),
+                    text: format!("check skipped under {}: {}", balancer.name(), a.label()),
+                });
+            }
+            Step::Command(a) => verdict.record(checks::boot_check(a, &nodes)),
+        }
     }
     if args.capture_at_s.is_some() {
         capture::emit_tree(&nodes, &running, args.capture_vms);
     }
     let run_s = t0.elapsed().as_secs_f64();
+    let wants = |f: fn(&Assertion) -> bool| scenario.assertions.iter().any(f);
+    let mut consistency = None;
+    if balancer == Balancer::Vmbalancer {
+        guard.take_status();
+        if wants(|a| matches!(a, Assertion::Consistent { .. })) {
+            consistency = Some(consistency::running_problems(&running));
+        }
+    }
     guard.stop();
+    let mut facts = checks::RunFacts {
+        balancer,
+        status: guard.status.take(),
+        notifications: guard.notifications(),
+        consistency: None,
+        oom_kills: oom_kills().saturating_sub(oom_kills0),
+        dead_vms: running
+            .iter_mut()
+            .filter_map(|v| (!v.alive()).then(|| v.name.clone()))
+            .collect(),
+    };
+    if let Some(problems) = consistency {
+        facts.consistency = Some(consistency::after_stop(problems, &guard.state_dir));
+    }
     let summary = sampler.summary(balancer.name(), &args.kernel, run_s);
     emit(&Record::Summary(summary.clone()));
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
-        if let Some(outcome) = checks::run_check(a, &summary, sampler.samples()) {
+        if a.needs_vmbalancer()
+            && balancer != Balancer::Vmbalancer
+            && !matches!(a, Assertion::Command { .. })
+        {
+            emit(&Record::Event {
+                source: "harness".into(),
+                text: format!("check skipped under {}: {}", balancer.name(), a.label()),
+            });
+            continue;
+        }
+        if let Some(outcome) = checks::run_check(a, &summary, sampler.samples(), &facts) {
             verdict.record(outcome);
         }
     }
     vms::stop_all(running);
+    drop(hogs);
     Ok(verdict.finish())
+}
+
+/// /proc/vmstat `oom_kill` (0 when unreadable).
+fn oom_kills() -> u64 {
+    truth::read_vmstat(std::path::Path::new("/"))
+        .ok()
+        .and_then(|v| v.get("oom_kill").copied())
+        .unwrap_or(0)
+}
+
+/// One thing to do at a time of the run.
+enum Step<'a> {
+    Sample(f64),
+    Event(&'a Event),
+    Command(&'a Assertion),
+}
+
+impl Step<'_> {
+    fn at_s(&self) -> f64 {
+        match self {
+            Step::Sample(t) => *t,
+            Step::Event(e) => e.at_s,
+            Step::Command(Assertion::Command { at_s, .. }) => at_s.unwrap_or(0.0),
+            Step::Command(_) => 0.0,
+        }
+    }
+}
+
+/// Samples, balancer events and timed commands up to `end_s`, in time order (at
+/// equal times: events, then commands, then the sample).
+fn timeline(scenario: &Scenario, end_s: f64) -> Vec<Step<'_>> {
+    let mut steps: Vec<Step<'_>> = scenario.events.iter().map(Step::Event).collect();
+    steps.extend(
+        scenario
+            .assertions
+            .iter()
+            .filter(|a| matches!(a, Assertion::Command { at_s: Some(_), .. }))
+            .map(Step::Command),
+    );
+    steps.extend(scenario.sample_times_s().into_iter().map(Step::Sample));
+    steps.retain(|s| s.at_s() <= end_s + 1e-9);
+    let rank = |s: &Step<'_>| match s {
+        Step::Event(_) => 0,
+        Step::Command(_) => 1,
+        Step::Sample(_) => 2,
+    };
+    steps.sort_by(|a, b| a.at_s().total_cmp(&b.at_s()).then(rank(a).cmp(&rank(b))));
+    steps
 }

@@ -3,6 +3,11 @@
 //! vCPU placement is polled every 250 ms (the CPU each vCPU last ran on and its
 //! CPU time), so "where a VM runs" is CPU time per node over an interval, not one
 //! instantaneous look. Memory placement is read from numa_maps at each sample.
+//!
+//! With per-page truth on (scenarios asserting hot-set order or per-VM pages moved),
+//! each sample also asks the kernel where every page of each VM's guest RAM mapping
+//! is (move_pages(2) with no target nodes only reports): exact, and cheaper than
+//! numa_maps of sub-ranges, which the kernel cannot give for part of a mapping.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -10,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use vmbalancer_tests::lab::metrics;
 use vmbalancer_tests::lab::protocol::{Sample, Summary, VmTruth};
+use vmbalancer_tests::lab::scenario::hot_pages;
 use vmbalancer_tests::lab::truth::{self, NodeInfo};
 
 use crate::vms::RunningVm;
@@ -27,6 +33,94 @@ struct Track {
     last_nodes: Vec<usize>,
     last_touches: u64,
     first_touches: Option<u64>,
+    pages: Option<PageTrack>,
+}
+
+/// Per-page node history of one VM's guest RAM mapping.
+struct PageTrack {
+    memory_bytes: u64,
+    hot_fraction: f64,
+    hot_offset: f64,
+    /// (start, length) once found in /proc/PID/maps.
+    mapping: Option<(u64, u64)>,
+    prev: Vec<i32>,
+    moved: u64,
+}
+
+const QUERY_BATCH: usize = 8192;
+
+/// The node of every page of `[start, start + len)` of process `pid` (negative errno
+/// for pages not present), from move_pages(2) with `nodes = NULL`.
+fn page_nodes(pid: u32, start: u64, len: u64) -> Vec<i32> {
+    let pages = (len / 4096) as usize;
+    let mut out = vec![-libc::ENOENT; pages];
+    let mut addrs: Vec<*mut libc::c_void> = Vec::with_capacity(QUERY_BATCH);
+    for first in (0..pages).step_by(QUERY_BATCH) {
+        let n = QUERY_BATCH.min(pages - first);
+        addrs.clear();
+        addrs.extend((first..first + n).map(|i| (start + i as u64 * 4096) as *mut libc::c_void));
+        let status = &mut out[first..first + n];
+        // SAFETY: `addrs` and `status` hold `n` elements each; a null `nodes` makes
+        // the call a query that writes only `status`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_move_pages,
+                pid as libc::c_long,
+                n as libc::c_ulong,
+                addrs.as_ptr(),
+                std::ptr::null::<libc::c_int>(),
+                status.as_mut_ptr(),
+                0 as libc::c_int,
+            )
+        };
+        if r < 0 {
+            status.fill(-libc::EFAULT);
+        }
+    }
+    out
+}
+
+/// Share of the present pages in `nodes` that are on `node`.
+fn share_on(nodes: &[i32], node: Option<usize>) -> f64 {
+    let present = nodes.iter().filter(|&&n| n >= 0).count();
+    match node {
+        Some(m) if present > 0 => {
+            nodes.iter().filter(|&&n| n == m as i32).count() as f64 / present as f64
+        }
+        _ => 0.0,
+    }
+}
+
+impl PageTrack {
+    /// (hot locality, cold locality, pages moved so far) with `main` as home.
+    fn sample(&mut self, pid: u32, main: Option<usize>) -> Option<(f64, f64, u64)> {
+        if self.mapping.is_none() {
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+            self.mapping = truth::guest_ram_mapping(&maps, self.memory_bytes).ok();
+        }
+        let (start, _) = self.mapping?;
+        let nodes = page_nodes(pid, start, self.memory_bytes);
+        if !self.prev.is_empty() {
+            self.moved += nodes
+                .iter()
+                .zip(&self.prev)
+                .filter(|&(&a, &b)| a >= 0 && b >= 0 && a != b)
+                .count() as u64;
+        }
+        let hot = hot_pages(nodes.len(), self.hot_fraction, self.hot_offset);
+        let cold: Vec<i32> = nodes[..hot.start]
+            .iter()
+            .chain(&nodes[hot.end..])
+            .copied()
+            .collect();
+        let out = (
+            share_on(&nodes[hot], main),
+            share_on(&cold, main),
+            self.moved,
+        );
+        self.prev = nodes;
+        Some(out)
+    }
 }
 
 pub struct Sampler {
@@ -52,7 +146,8 @@ fn read_touches(path: &Path) -> u64 {
 }
 
 impl Sampler {
-    pub fn new(nodes: &[NodeInfo], vms: &[RunningVm]) -> anyhow::Result<Self> {
+    /// `per_page`: also query every page of guest RAM at each sample.
+    pub fn new(nodes: &[NodeInfo], vms: &[RunningVm], per_page: bool) -> anyhow::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let clk_tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let tracks = vms
@@ -68,6 +163,14 @@ impl Sampler {
                 last_nodes: Vec::new(),
                 last_touches: read_touches(&v.progress),
                 first_touches: None,
+                pages: per_page.then(|| PageTrack {
+                    memory_bytes: v.memory_bytes,
+                    hot_fraction: v.hot_fraction,
+                    hot_offset: v.hot_offset,
+                    mapping: None,
+                    prev: Vec::new(),
+                    moved: 0,
+                }),
             })
             .collect();
         Ok(Self {
@@ -146,6 +249,7 @@ impl Sampler {
             t.first_touches.get_or_insert(touches);
             let rate = touches.saturating_sub(t.last_touches) as f64 / dt / t.vcpus.max(1) as f64;
             t.last_touches = touches;
+            let paged = t.pages.as_mut().and_then(|p| p.sample(t.pid, main));
             vms.push(VmTruth {
                 name: t.name.clone(),
                 pid: t.pid,
@@ -158,6 +262,9 @@ impl Sampler {
                 vcpu_nodes: t.last_nodes.clone(),
                 main_node: main,
                 touches_per_vcpu_s: rate,
+                hot_locality: paged.map(|p| p.0),
+                cold_locality: paged.map(|p| p.1),
+                pages_moved: paged.map(|p| p.2),
             });
         }
         let weighted: Vec<(f64, u64)> = vms

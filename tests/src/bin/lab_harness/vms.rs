@@ -20,7 +20,22 @@ pub struct RunningVm {
     pub pid: u32,
     pub vcpus: u32,
     pub progress: PathBuf,
+    /// CPUs the VM's threads are confined to once started (empty: all).
+    pub cpus: Vec<u32>,
+    /// Configured guest RAM (`-m`).
+    pub memory_bytes: u64,
+    /// The share of guest RAM, from its start, that vCPUs touch most.
+    pub hot_fraction: f64,
+    /// Where the hot set starts (fraction of guest RAM).
+    pub hot_offset: f64,
     child: Child,
+}
+
+impl RunningVm {
+    /// Whether the fake VM is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 fn write(path: impl AsRef<Path>, value: &str) -> anyhow::Result<()> {
@@ -160,6 +175,8 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
         s.chunk_mib.to_string(),
         "-lab-hot-fraction".into(),
         s.hot_fraction.to_string(),
+        "-lab-hot-offset".into(),
+        s.hot_offset.to_string(),
         "-lab-hot-pct".into(),
         s.hot_access_pct.to_string(),
         "-lab-phases".into(),
@@ -174,13 +191,22 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
 }
 
 /// Starts every VM of the scenario as `/usr/bin/qemu-kvm` (the fake VM).
-pub fn start_all(scenario: &Scenario, _nodes: &[NodeInfo]) -> anyhow::Result<Vec<RunningVm>> {
+pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<RunningVm>> {
     fs::create_dir_all("/run/lab")?;
     let mut out = Vec::new();
     for vm in scenario.instances() {
         let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
         let _ = fs::remove_file(&progress);
-        let child = Command::new("/usr/bin/qemu-kvm")
+        let cpus: Vec<u32> = nodes
+            .iter()
+            .filter(|n| vm.spec.cpu_nodes.contains(&n.id))
+            .flat_map(|n| n.cpus.iter().copied())
+            .collect();
+        if !vm.spec.cpu_nodes.is_empty() && cpus.is_empty() {
+            bail!("VM {}: no CPUs on nodes {:?}", vm.name, vm.spec.cpu_nodes);
+        }
+        let mut cmd = Command::new("/usr/bin/qemu-kvm");
+        let child = cmd
             .args(qemu_args(&vm, &progress))
             .stdin(Stdio::null())
             .spawn()
@@ -194,6 +220,10 @@ pub fn start_all(scenario: &Scenario, _nodes: &[NodeInfo]) -> anyhow::Result<Vec
             pid,
             vcpus: vm.spec.vcpus,
             progress,
+            cpus,
+            memory_bytes: vm.spec.memory_mib << 20,
+            hot_fraction: vm.spec.hot_fraction,
+            hot_offset: vm.spec.hot_offset,
             child,
         });
     }
@@ -234,6 +264,38 @@ pub fn wait_ready(vms: &mut [RunningVm], limit: Duration) -> anyhow::Result<()> 
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Sets every thread of each VM with `cpu_nodes` to those nodes' CPUs. Done once the
+/// VMs are ready (their vCPU threads exist) and after they joined their cgroups:
+/// attaching a task to a cpuset resets its affinity to the cpuset's CPUs.
+pub fn confine(vms: &[RunningVm]) -> anyhow::Result<()> {
+    for vm in vms.iter().filter(|v| !v.cpus.is_empty()) {
+        // SAFETY: cpu_set_t is plain data.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in &vm.cpus {
+            // SAFETY: CPU numbers come from sysfs and are below CPU_SETSIZE.
+            unsafe { libc::CPU_SET(c as usize, &mut set) };
+        }
+        for t in fs::read_dir(format!("/proc/{}/task", vm.pid))?.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            // SAFETY: a valid set of the size passed.
+            if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
+                bail!(
+                    "VM {}: sched_setaffinity of thread {tid}: {}",
+                    vm.name,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        crate::emit(&vmbalancer_tests::lab::protocol::Record::Event {
+            source: "harness".into(),
+            text: format!("{} confined to CPUs {:?}", vm.name, vm.cpus),
+        });
+    }
+    Ok(())
 }
 
 pub fn stop_all(vms: Vec<RunningVm>) {
