@@ -9,7 +9,7 @@ use super::Policy;
 use super::config::Config;
 use super::status::Probation;
 use crate::engine::{Engine, EngineConfig, Phase};
-use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot};
+use crate::model::{ActionOutcome, Pinning, Plan, PlannedAction, Snapshot, Vm};
 
 const NS_PER_MS: u64 = 1_000_000;
 
@@ -35,12 +35,15 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
 #[derive(Debug)]
 pub struct EnginePolicy {
     engine: Engine,
+    /// Which VMs the operator lets the daemon move (include/exclude, pinned VMs).
+    selection: Config,
 }
 
 impl EnginePolicy {
     pub fn new(cfg: &Config) -> Self {
         Self {
             engine: Engine::new(engine_config(cfg)),
+            selection: cfg.clone(),
         }
     }
 
@@ -51,7 +54,22 @@ impl EnginePolicy {
 
 impl Policy for EnginePolicy {
     fn plan(&mut self, snapshot: &Snapshot) -> Plan {
-        self.engine.plan(snapshot)
+        // The engine decides from each VM's pinning; the operator's choices come first:
+        // VMs outside include/exclude are left alone (their load still counts), and
+        // with `pinned_vms = "balance"` operator-pinned VMs are balanced like any VM.
+        let wanted = |vm: &Vm| match (&vm.pinning, self.selection.manages(vm)) {
+            (Pinning::Operator { .. }, true) => Pinning::None,
+            (_, false) if vm.pinning == Pinning::None => Pinning::Excluded,
+            (p, _) => p.clone(),
+        };
+        if snapshot.vms.iter().all(|vm| wanted(vm) == vm.pinning) {
+            return self.engine.plan(snapshot);
+        }
+        let mut adjusted = snapshot.clone();
+        for vm in &mut adjusted.vms {
+            vm.pinning = wanted(vm);
+        }
+        self.engine.plan(&adjusted)
     }
 
     fn feedback(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
@@ -103,6 +121,60 @@ mod tests {
         assert_eq!(e.free_headroom_bytes, 1 << 30);
         assert_eq!(e.host_rate_bytes_per_s, 32 << 20);
         assert!(e.hot_rate_bytes_per_s <= 32 << 20 && e.cold_rate_bytes_per_s <= 32 << 20);
+    }
+
+    #[test]
+    fn operator_choices_reach_the_engine() {
+        use crate::daemon::config::{PinnedVms, VmSelector};
+        use crate::model::Topology;
+        let t = Topology::uniform(2, 4, 8 << 30);
+        let vm = |pid: u32, pinning: Pinning| Vm {
+            pid,
+            vcpus: (0..2)
+                .map(|i| crate::model::Vcpu {
+                    index: i,
+                    tid: pid * 10 + i,
+                    ..Default::default()
+                })
+                .collect(),
+            pinning,
+            ..Default::default()
+        };
+        let snap = Snapshot {
+            topology: t,
+            vms: vec![
+                vm(
+                    1,
+                    Pinning::Operator {
+                        why: "vcpupin".into(),
+                    },
+                ),
+                vm(2, Pinning::None),
+            ],
+            ..Default::default()
+        };
+        let placed = |cfg: &Config| -> Vec<u32> {
+            let mut p = EnginePolicy::new(cfg);
+            let mut v: Vec<u32> = p.plan(&snap).actions.iter().map(|a| a.vm).collect();
+            v.dedup();
+            v
+        };
+        // Default: the pinned VM is left alone, the other placed.
+        assert_eq!(placed(&Config::default()), vec![2]);
+        // pinned_vms = "balance": both are placed.
+        let balance = Config {
+            pinned_vms: PinnedVms::Balance,
+            ..Config::default()
+        };
+        let mut both = placed(&balance);
+        both.sort();
+        assert_eq!(both, vec![1, 2]);
+        // exclude_vms: VM 2 is not touched either.
+        let exclude = Config {
+            exclude_vms: vec![VmSelector::Pid(2)],
+            ..Config::default()
+        };
+        assert!(placed(&exclude).is_empty());
     }
 
     #[test]

@@ -45,11 +45,13 @@ pub fn vcpu_home_nodes(vm: &VmTruth) -> Vec<usize> {
         .collect()
 }
 
-/// Pages misplaced at the start: for each VM, its resident memory at the first
-/// sample (t = 0; numa_maps of the whole process, which is guest RAM plus a few MiB
-/// of program) that is not on the VM's [`vcpu_home_nodes`] at the last sample, in
-/// [`PAGE_BYTES`] pages, summed over VMs. A perfect balancer moves exactly these
-/// pages once.
+/// Pages misplaced at the start: the fewest page moves that turn each VM's memory
+/// layout at the first sample (t = 0) into its layout at the last sample, i.e. for
+/// each node the pages that left it, `sum over nodes of max(0, start - end)`, in
+/// [`PAGE_BYTES`] pages, summed over VMs (numa_maps of the whole process: guest RAM
+/// plus a few MiB of program). A balancer that moves every page at most once moves
+/// exactly these. Judged on memory, not on where vCPUs ran last: the last interval
+/// may include the balancer's exit, when CPU sets are put back.
 pub fn misplaced_pages_at_start(samples: &[Sample]) -> u64 {
     let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
         return 0;
@@ -58,15 +60,13 @@ pub fn misplaced_pages_at_start(samples: &[Sample]) -> u64 {
         .iter()
         .filter_map(|end| {
             let start = first.vms.iter().find(|v| v.name == end.name)?;
-            let home = vcpu_home_nodes(end);
-            let off: u64 = start
+            let left: u64 = start
                 .bytes_per_node
                 .iter()
                 .enumerate()
-                .filter(|(n, _)| !home.contains(n))
-                .map(|(_, &b)| b)
+                .map(|(n, &b)| b.saturating_sub(end.bytes_per_node.get(n).copied().unwrap_or(0)))
                 .sum();
-            Some(off / PAGE_BYTES)
+            Some(left / PAGE_BYTES)
         })
         .sum()
 }
@@ -322,7 +322,7 @@ mod tests {
     }
 
     #[test]
-    fn misplaced_counts_start_memory_off_the_end_nodes() {
+    fn misplaced_counts_the_fewest_moves_from_start_to_end_layout() {
         let mib = 1 << 20;
         let first = sample(
             0.0,
@@ -338,7 +338,7 @@ mod tests {
                 vm("b", [4 * mib, 0, 0, 0], [5, 5, 0, 0]),
             ],
         );
-        // a ends on node 2: 3 MiB misplaced; b ends on 0+1: nothing misplaced.
+        // a gathered on node 0: 3 MiB left nodes 1-3; b did not move.
         assert_eq!(misplaced_pages_at_start(&[first, last]), 3 * 256);
         assert_eq!(misplaced_pages_at_start(&[]), 0);
     }
