@@ -363,7 +363,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
                 s.status.push_decision(d, keep);
             }
             s.status.vms = vms;
-            s.status.refusals = plan.refusals.clone();
+            s.status.note_refusals(snap.now_ns, &plan.refusals);
             s.status.probations = probations;
             s.status.counters = counters;
             let d = &mut s.status.daemon;

@@ -20,9 +20,10 @@ pub struct StatusDoc {
     pub migrations: Vec<MigrationProgress>,
     /// Most recent last.
     pub decisions: VecDeque<Decision>,
-    /// What the policy declined to do at the last tick, and why (e.g. a node without
-    /// free memory above the headroom).
-    pub refusals: Vec<crate::model::Refusal>,
+    /// What the policy declined to do lately, and why (e.g. a node without free
+    /// memory above the headroom): the latest of each kind per VM, for
+    /// [`REFUSAL_MEMORY_NS`] after it was last seen.
+    pub refusals: Vec<RecentRefusal>,
     pub counters: QuietCounters,
     /// Cost of the eBPF programs, when telemetry is loaded.
     pub ebpf: Option<EbpfCost>,
@@ -96,7 +97,37 @@ pub struct EbpfCost {
     pub events_lost: u64,
 }
 
+/// How long a refusal stays in status after the policy last gave it. Refusals come
+/// and go between ticks (a move is planned on one tick and refused on the next), so
+/// the last tick alone would often show none.
+pub const REFUSAL_MEMORY_NS: u64 = 30_000_000_000;
+
+/// A refusal of the policy, with when it was last given.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecentRefusal {
+    pub at_ns: u64,
+    pub vm: Option<crate::model::VmId>,
+    pub why: crate::model::RefusalReason,
+}
+
 impl StatusDoc {
+    /// Records this tick's refusals: each replaces an older one of the same kind for
+    /// the same VM; those not seen for [`REFUSAL_MEMORY_NS`] are dropped.
+    pub fn note_refusals(&mut self, now_ns: u64, refusals: &[crate::model::Refusal]) {
+        let kind = |w: &crate::model::RefusalReason| std::mem::discriminant(w);
+        for r in refusals {
+            self.refusals
+                .retain(|old| !(old.vm == r.vm && kind(&old.why) == kind(&r.why)));
+            self.refusals.push(RecentRefusal {
+                at_ns: now_ns,
+                vm: r.vm,
+                why: r.why.clone(),
+            });
+        }
+        self.refusals
+            .retain(|r| now_ns.saturating_sub(r.at_ns) <= REFUSAL_MEMORY_NS);
+    }
+
     /// Appends a decision, keeping at most `keep`.
     pub fn push_decision(&mut self, d: Decision, keep: usize) {
         self.decisions.push_back(d);
@@ -268,7 +299,7 @@ pub fn render_text(doc: &StatusDoc) -> String {
         );
     }
     if !doc.refusals.is_empty() {
-        let _ = writeln!(s, "\nRefused at the last tick ({}):", doc.refusals.len());
+        let _ = writeln!(s, "\nRefused lately ({}):", doc.refusals.len());
         for r in &doc.refusals {
             let who = r.vm.map_or("host".to_string(), |v| format!("vm {v}"));
             let _ = writeln!(s, "  {who}: {:?}", r.why);
@@ -289,6 +320,30 @@ pub fn render_text(doc: &StatusDoc) -> String {
 mod tests {
     use super::*;
     use crate::model::{Topology, Vcpu, Vm, VmMemory};
+
+    #[test]
+    fn refusals_stay_for_a_while_one_per_kind_and_vm() {
+        use crate::model::{Refusal, RefusalReason};
+        let full = |vm| Refusal {
+            vm: Some(vm),
+            why: RefusalReason::TargetMemoryFull {
+                node: 2,
+                free_bytes: 1,
+                headroom_bytes: 2,
+            },
+        };
+        let mut doc = StatusDoc::default();
+        doc.note_refusals(1_000, &[full(7), full(8)]);
+        // A tick without refusals keeps them; the same kind again replaces, not adds.
+        doc.note_refusals(2_000, &[]);
+        doc.note_refusals(3_000, &[full(7)]);
+        assert_eq!(doc.refusals.len(), 2);
+        assert!(render_text(&doc).contains("TargetMemoryFull"));
+        // Past the memory, only what was seen lately is left.
+        doc.note_refusals(1_000 + REFUSAL_MEMORY_NS + 1, &[]);
+        assert_eq!(doc.refusals.len(), 1);
+        assert_eq!(doc.refusals[0].vm, Some(7));
+    }
 
     #[test]
     fn vm_view_and_text() {

@@ -4,8 +4,9 @@
 //! order is deterministic). A unit fits a node when the node has free memory plus
 //! headroom (or free huge pages of its size) for the part of its memory not already
 //! there, and enough CPUs for its demand. Among fitting nodes the score is the CPU
-//! capacity left after placing it (as a ratio of the node), plus half the share of
-//! its memory already on the node (placing a VM by its memory moves no page), plus a bonus for KSM
+//! capacity left after placing it (as a ratio of the node), plus, where the unit's
+//! demand fits the node's spare CPUs, half the share of its memory already on the
+//! node (placing a VM by its memory moves no page), plus a bonus for KSM
 //! pages shared with units already there (`merge_across_nodes=0` only; a GiB of
 //! shared pages is worth 15 % of a node's CPUs, at most 30 %),
 //! minus a small penalty per unit of SLIT distance to the unit's sibling cells. With
@@ -19,8 +20,8 @@ use super::view::mask_nodes;
 use super::{Ctx, Phase, UnitState};
 
 /// Score bonus for a node holding all of a unit's memory, in node-CPU ratio: a VM
-/// started where its memory already is moves no page, so a node with its memory wins
-/// unless another node has at least half a node's CPUs more to spare.
+/// started where its memory already is moves no page, so a node with its memory and
+/// CPUs to spare wins unless another node has at least half a node's CPUs more.
 const MEMORY_AFFINITY: f64 = 0.5;
 
 impl Ctx<'_> {
@@ -88,7 +89,11 @@ impl Ctx<'_> {
                 continue;
             }
             let mut score = (cap - self.load[n] - d) / cap;
-            score += MEMORY_AFFINITY * self.memory_share_on(u, n);
+            // Only among nodes with CPUs to spare: memory already there never
+            // justifies overcommitting a node while another has room.
+            if cap - self.load[n] >= d {
+                score += MEMORY_AFFINITY * self.memory_share_on(u, n);
+            }
             let ksm = self.ksm_affinity(u, n);
             score += (0.15 * ksm as f64 * 4096.0 / (1u64 << 30) as f64).min(0.3);
             score -= self.sibling_distance_penalty(u, n);

@@ -110,10 +110,12 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
         KernelGen::V6_1,
         &[
             "boot",
-            "placement",
-            "balance-smoke",
             "dry-run",
             "trace-truth",
+            "burst",
+            "crash",
+            "full-node",
+            "daemon-unit",
         ],
     ),
     (KernelGen::V6_12, &["boot"]),
@@ -121,8 +123,10 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
 
 /// Scenarios CI runs as comparisons on 6.1: under each balancer of the scenario's
 /// `compare` list and then its own (vmbalancer), whose assertions must hold; the
-/// tables go to `target/lab/compare/NAME.md`.
-pub const CI_COMPARISONS: &[&str] = &[];
+/// tables go to `target/lab/compare/NAME.md`. Only where the baselines have
+/// something to show: a SIGKILLed daemon, a unit start or a full node have no
+/// counterpart under none, autonuma or numad.
+pub const CI_COMPARISONS: &[&str] = &["scattered", "squeezed"];
 
 /// The lab's CI step: every scenario of [`CI_SCENARIOS`] on its kernel and every
 /// comparison of [`CI_COMPARISONS`]. Fails if any fails. Callable from other xtask
