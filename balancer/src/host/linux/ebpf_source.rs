@@ -152,7 +152,7 @@ impl EbpfTelemetry {
 
 /// The node most sampled pages of a region are on, asked with a query-only
 /// move_pages; `None` when nothing is resident or the query fails.
-fn pages_node(pid: u32, start_addr: u64, len_bytes: u64) -> Option<NodeId> {
+pub fn pages_node(pid: u32, start_addr: u64, len_bytes: u64) -> Option<NodeId> {
     let page = sys::page_size_bytes();
     let step = (len_bytes / NODE_QUERY_PAGES).max(page) / page * page;
     let pages: Vec<u64> = (0..len_bytes / step)

@@ -33,6 +33,7 @@ pub mod procfs;
 pub mod telemetry_deferred;
 pub mod telemetry_input;
 pub mod topology;
+pub mod write_heat;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -103,6 +103,8 @@ pub struct LinuxObserver {
     ticks_per_s: u64,
     /// Idle CPUs per node between two observations.
     cpu_load: super::cpu_load::CpuSampler,
+    /// Written regions of VMs whose memory is away from their vCPUs.
+    write_heat: super::write_heat::WriteHeat,
 }
 
 impl std::fmt::Debug for LinuxObserver {
@@ -136,6 +138,7 @@ impl LinuxObserver {
         Ok(Self {
             memory: MemoryTracker::new(config.memory.clone()),
             cpu_load: super::cpu_load::CpuSampler::new(&paths.proc),
+            write_heat: super::write_heat::WriteHeat::new(&paths.proc),
             paths,
             config,
             topology,
@@ -563,6 +566,11 @@ impl Observer for LinuxObserver {
         };
         let tf = std::time::Instant::now();
         self.telemetry.fill(&mut snapshot);
+        if self.paths.is_live_proc() {
+            self.write_heat.fill(&mut snapshot, |pid, addr| {
+                super::ebpf_source::pages_node(pid, addr, super::write_heat::REGION_BYTES)
+            });
+        }
         tracing::trace!(
             discover_ns,
             track_ns,
