@@ -314,15 +314,26 @@ impl LinuxObserver {
             .sampled_at_ns
             .map(|t| now_ns.saturating_sub(t) as f64 / 1e9)
             .filter(|&d| d > 0.0);
-        let demand = |now: u64, before: Option<u64>| -> f64 {
+        // Seconds since boot, for the first sight of a thread: with no earlier sample
+        // its demand is its CPU time over its age (0, as before, when unknown). A VM
+        // seen for the first time must not look idle: a busy pinned VM would look
+        // like room on its node.
+        let uptime_s = std::fs::read_to_string(proc.join("uptime"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
+        let demand_since = |now: u64, before: Option<u64>, start_ticks: u64| -> f64 {
             match (dt_s, before) {
                 (Some(dt), Some(b)) => now.saturating_sub(b) as f64 / ticks_per_s / dt,
-                _ => 0.0,
+                _ => uptime_s
+                    .map(|up| up - start_ticks as f64 / ticks_per_s)
+                    .filter(|&age| age >= 0.5)
+                    .map_or(0.0, |age| now as f64 / ticks_per_s / age),
             }
         };
-        let vm_demand = demand(
+        let vm_demand = demand_since(
             stat.cpu_ticks(),
             known.sampled_at_ns.map(|_| known.cpu_ticks),
+            stat.starttime_ticks,
         );
         let mut vcpus = Vec::new();
         let mut other_threads = Vec::new();
@@ -362,7 +373,7 @@ impl LinuxObserver {
                         tid,
                         affinity,
                         last_cpu: tstat.processor,
-                        cpu_demand: demand(tstat.cpu_ticks(), before),
+                        cpu_demand: demand_since(tstat.cpu_ticks(), before, tstat.starttime_ticks),
                         telemetry: Default::default(),
                     });
                 }
