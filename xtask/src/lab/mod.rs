@@ -113,6 +113,7 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
             "dry-run",
             "trace-truth",
             "burst",
+            "burst-lasting",
             "crash",
             "full-node",
             "daemon-unit",
