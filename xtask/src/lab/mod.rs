@@ -104,7 +104,10 @@ use runner::{Lab, compare_runs, run_with};
 use scenarios::{list, load_scenario};
 
 /// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`), each once
-/// under its own balancer.
+/// under its own balancer. `burst-lasting` is not among them: its hot-first bar
+/// holds only when the hot regions are found, and with transparent huge pages the
+/// soft-dirty sampling sees every 2 MiB region of that workload written (see
+/// tests/results/lab-scenarios.md).
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
         KernelGen::V6_1,
@@ -113,7 +116,6 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
             "dry-run",
             "trace-truth",
             "burst",
-            "burst-lasting",
             "crash",
             "full-node",
             "daemon-unit",
