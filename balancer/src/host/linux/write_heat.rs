@@ -13,6 +13,11 @@
 //! page takes a minor fault. That is paid only by VMs with at least
 //! [`REMOTE_SHARE`] of their guest RAM off the nodes their vCPUs run on (those whose
 //! memory may move), once per [`SAMPLE_NS`]. Pages only read are not seen.
+//!
+//! Limit: with transparent huge pages one write marks the whole 2 MiB region, so a
+//! region written even a few times per sample looks as hot as one written all the
+//! time. Heat then tells written from untouched regions, not hot from warm (in the
+//! lab's `burst-lasting`, every region of the VM looked written).
 
 use std::collections::BTreeMap;
 use std::fs::File;
