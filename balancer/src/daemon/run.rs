@@ -165,11 +165,7 @@ pub struct Daemon<O, A, P> {
     dry_run: bool,
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
-    ebpf_cost: Option<EbpfCostSource>,
 }
-
-/// Reads the eBPF programs' cost once per tick (from telemetry, when loaded).
-pub type EbpfCostSource = Box<dyn FnMut() -> Option<status::EbpfCost> + Send>;
 
 impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     /// `journal` is `None` in dry runs (nothing on the host changes, not even the
@@ -204,7 +200,6 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             dry_run,
             observe_failing: false,
             heartbeat_ms: Arc::new(AtomicU64::new(0)),
-            ebpf_cost: None,
             cfg,
         }
     }
@@ -214,12 +209,6 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         if let Ok(mut s) = self.shared.lock() {
             s.progress = Some(handle);
         }
-        self
-    }
-
-    /// Shows the eBPF programs' cost in status (read once per tick).
-    pub fn with_ebpf_cost(mut self, source: EbpfCostSource) -> Self {
-        self.ebpf_cost = Some(source);
         self
     }
 
@@ -345,14 +334,11 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
                     .map(|idle| (n.cpus.len() as f64 - idle).max(0.0))
             })
             .collect();
-        let ebpf = match self.ebpf_cost.as_mut() {
-            Some(f) => f(),
-            None => self.observer.program_cost().map(|c| status::EbpfCost {
-                run_time_ns: c.run_time_ns,
-                run_count: c.run_count,
-                events_lost: 0,
-            }),
-        };
+        let ebpf = self.observer.program_cost().map(|c| status::EbpfCost {
+            run_time_ns: c.run_time_ns,
+            run_count: c.run_count,
+            events_lost: 0,
+        });
         if let Ok(mut s) = self.shared.lock() {
             s.status.ebpf = ebpf;
             if busy.is_some() {

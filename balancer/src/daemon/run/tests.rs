@@ -34,6 +34,15 @@ impl Observer for Scripted {
             None => self.last.clone().ok_or(Boom),
         }
     }
+
+    /// The cost a loaded eBPF program set would report.
+    fn program_cost(&self) -> Option<crate::telemetry::ProgramCost> {
+        Some(crate::telemetry::ProgramCost {
+            program: "all".into(),
+            run_count: 3,
+            run_time_ns: 1500,
+        })
+    }
 }
 
 #[derive(Default, Clone)]
@@ -202,14 +211,7 @@ fn tick_applies_guards_journals_and_reports() {
         Some(journal),
         Shutdown::new(),
         false,
-    )
-    .with_ebpf_cost(Box::new(|| {
-        Some(status::EbpfCost {
-            run_time_ns: 1500,
-            run_count: 3,
-            events_lost: 0,
-        })
-    }));
+    );
 
     // A failing observation is counted, nothing is planned.
     assert_eq!(d.tick(), TickReport::default());

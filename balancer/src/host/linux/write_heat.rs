@@ -77,9 +77,9 @@ impl WriteHeat {
             return;
         }
         let now = snapshot.now_ns;
-        let topology = snapshot.topology.clone();
+        let topology = &snapshot.topology;
         for vm in &mut snapshot.vms {
-            if remote_share(vm, &topology) < REMOTE_SHARE || vm.memory.guest_ranges.is_empty() {
+            if remote_share(vm, topology) < REMOTE_SHARE || vm.memory.guest_ranges.is_empty() {
                 self.vms.remove(&vm.pid);
                 continue;
             }

@@ -133,7 +133,6 @@ pub struct LinuxApplier {
     cpuset: Option<CpusetFs>,
     originals: BTreeMap<VmId, OriginalSets>,
     counters: QuietCounters,
-    cancel: Arc<AtomicBool>,
     progress: Arc<Mutex<Option<MigrationProgress>>>,
     page_size_bytes: u64,
     /// The shared rate limit of page moves.
@@ -145,17 +144,15 @@ impl LinuxApplier {
     pub fn new(cfg: ApplierConfig) -> Self {
         let cpuset = CpusetFs::detect(&cfg.cgroup_root);
         tracing::debug!(?cpuset, "cpuset interface");
-        let cancel = Arc::new(AtomicBool::new(false));
         Self {
             limit: Arc::new(rate::RateLimit::new(
                 cfg.rate_limit_bytes_per_s,
-                cancel.clone(),
+                Arc::new(AtomicBool::new(false)),
             )),
             cfg,
             cpuset,
             originals: BTreeMap::new(),
             counters: QuietCounters::default(),
-            cancel,
             progress: Arc::new(Mutex::new(None)),
             page_size_bytes: sys::page_size_bytes(),
         }
@@ -164,11 +161,7 @@ impl LinuxApplier {
     /// Uses `flag` as the stop signal: a running migration stops at the next batch
     /// boundary once it is set.
     pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.limit = Arc::new(rate::RateLimit::new(
-            self.cfg.rate_limit_bytes_per_s,
-            flag.clone(),
-        ));
-        self.cancel = flag;
+        self.limit = Arc::new(rate::RateLimit::new(self.cfg.rate_limit_bytes_per_s, flag));
         self
     }
 

@@ -28,15 +28,10 @@ impl RateLimit {
         }
     }
 
-    /// Whether a stop was asked for.
-    pub fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
-    }
-
     /// Waits until the next batch may start; false when stopped meanwhile.
     pub fn wait(&self) -> bool {
         loop {
-            if self.cancelled() {
+            if self.cancel.load(Ordering::Relaxed) {
                 return false;
             }
             let next = self.next_at.lock().map_or_else(|p| *p.into_inner(), |g| *g);
