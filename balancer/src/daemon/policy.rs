@@ -84,7 +84,7 @@ impl Policy for EnginePolicy {
             .units
             .iter()
             .filter_map(|(key, unit)| match &unit.phase {
-                Phase::Probation { since_ns, from } => Some(Probation {
+                Phase::Probation { since_ns, from, .. } => Some(Probation {
                     vm: key.vm,
                     from: from.first().copied().unwrap_or_default(),
                     to: unit.home.first().copied().unwrap_or_default(),

@@ -25,23 +25,36 @@ impl Ctx<'_> {
             let Some(st) = self.state.units.get(&key) else {
                 continue;
             };
-            let Phase::Probation { since_ns, from } = st.phase.clone() else {
+            let Phase::Probation {
+                since_ns,
+                from,
+                late_demand_sum,
+                late_samples,
+            } = st.phase.clone()
+            else {
                 continue;
             };
+            let d = self.units[u].demand;
             if self.now < since_ns.saturating_add(self.cfg.probation_ns) {
+                if self.now >= since_ns.saturating_add(self.cfg.probation_ns / 2) {
+                    note_late_demand(&mut self.state, key, d);
+                }
                 continue;
             }
             let from_mask = self.mask_of_ids(&from);
             let home_mask = self.home[u];
-            let d = self.units[u].demand;
-            // Imagine the revert: on the current load, or, for a unit that keeps
-            // bursting, on the peak view (recurrence.rs).
+            // Imagine the revert: on the current load with the unit at its demand over
+            // the window's second half, or, for a unit that keeps bursting, on the
+            // peak view (recurrence.rs).
             let recurring = self.recurrence_of(u);
             let (base, dj) = if recurring > 0 {
                 let peaks = peak_view.get_or_insert_with(|| self.peak_load()).clone();
                 (peaks, self.peak_demand(u))
             } else {
-                (self.load.clone(), d)
+                let late = (late_demand_sum + d) / f64::from(late_samples + 1);
+                let mut base = self.load.clone();
+                spread(&self.nodes, &mut base, home_mask, late - d, 1.0);
+                (base, late)
             };
             let mut trial = base.clone();
             spread(&self.nodes, &mut trial, home_mask, dj, -1.0);
@@ -96,6 +109,20 @@ impl Ctx<'_> {
                 self.committed_now[u] = true;
             }
         }
+    }
+}
+
+/// Adds one demand reading to a unit's probation (second half of its window).
+fn note_late_demand(state: &mut super::EngineState, key: super::UnitKey, d: f64) {
+    if let Some(st) = state.units.get_mut(&key)
+        && let Phase::Probation {
+            late_demand_sum,
+            late_samples,
+            ..
+        } = &mut st.phase
+    {
+        *late_demand_sum += d;
+        *late_samples += 1;
     }
 }
 

@@ -178,10 +178,7 @@ impl Ctx<'_> {
         let (from_id, to_id) = (self.node_id(from), self.node_id(to));
         if let Some(st) = self.state.units.get_mut(&key) {
             st.home = vec![to_id];
-            st.phase = Phase::Probation {
-                since_ns: self.now,
-                from: vec![from_id],
-            };
+            st.phase = Phase::probation(self.now, vec![from_id]);
             st.last_move_ns = Some(self.now);
             st.bursts.commit_reverts = 0;
         }

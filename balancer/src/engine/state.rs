@@ -23,7 +23,29 @@ pub enum Phase {
     /// Home is final; memory follows lazily until the locality target is met.
     Settled,
     /// CPUs moved to `home` at `since_ns`; memory still where it was (`from`).
-    Probation { since_ns: u64, from: Vec<NodeId> },
+    Probation {
+        since_ns: u64,
+        from: Vec<NodeId>,
+        /// The unit's demand readings (CPUs) summed over the second half of the
+        /// window, and how many: the need is judged on their mean, so one noisy
+        /// reading at the end cannot decide alone.
+        #[serde(default)]
+        late_demand_sum: f64,
+        #[serde(default)]
+        late_samples: u32,
+    },
+}
+
+impl Phase {
+    /// A probation that starts at `since_ns`, with memory still on `from`.
+    pub fn probation(since_ns: u64, from: Vec<NodeId>) -> Self {
+        Phase::Probation {
+            since_ns,
+            from,
+            late_demand_sum: 0.0,
+            late_samples: 0,
+        }
+    }
 }
 
 /// Engine memory of one unit.

@@ -455,6 +455,31 @@ fn probation_reverts_a_short_burst_without_moving_memory() {
 }
 
 #[test]
+fn probation_judges_the_need_on_the_late_window_not_one_reading() {
+    // The need lasts, but the moved VM's demand reads low (0.1) exactly at the end
+    // of its window, as one noisy sample can: still committed. A burst that ended
+    // before the window's second half is still reverted (test above).
+    let first = run_two_nodes(EngineConfig::default(), 1, |_, _| 1.0);
+    let moved = first[0]
+        .actions
+        .iter()
+        .find(|a| matches!(a.reason, Reason::CpuImbalance { .. }))
+        .map(|a| a.vm)
+        .unwrap();
+    let plans = run_two_nodes(EngineConfig::default(), 12, |t, pid| {
+        if t == 10 && pid == moved { 0.1 } else { 1.0 }
+    });
+    assert!(
+        plans[10]
+            .actions
+            .iter()
+            .any(|a| a.vm == moved && matches!(a.reason, Reason::ProbationCommitted { .. })),
+        "{:?}",
+        plans[10]
+    );
+}
+
+#[test]
 fn recurrence_awareness_spreads_recurring_bursts_once_and_nothing_else() {
     // VMs 1-3 share node 0 and burst together to 1.0 for 5 s (shorter than the 10 s
     // probation) from each listed second, 0.1 otherwise; VM 4 is busy on node 1.

@@ -1,47 +1,75 @@
-//! Which guest RAM a VM writes, from the kernel's soft-dirty bits, for VMs whose
-//! memory is away from their vCPUs.
+//! How often a VM writes each 2 MiB region of its guest RAM, from the kernel's
+//! soft-dirty bits, for VMs whose memory is away from their vCPUs.
 //!
 //! Why: hot-first migration needs to know the hot regions of memory that is already
 //! resident. Page faults (eBPF) only show memory being touched for the first time,
 //! and NUMA hinting faults exist only while the kernel's own balancing runs. The
 //! soft-dirty bit works on any kernel with `CONFIG_MEM_SOFT_DIRTY`: writing `4` to
 //! `/proc/PID/clear_refs` clears it for the whole process, and `/proc/PID/pagemap`
-//! (bit 55) then shows which pages were written since. Each 2 MiB region's count of
-//! written pages is its heat.
+//! (bit 55) then shows which pages were written since.
+//!
+//! A bit only says "written at least once", and with transparent huge pages one write
+//! marks a whole 2 MiB region: over a long window a region written a few hundred
+//! times a second looks exactly like one written all the time. So a sampling round
+//! clears the bits once and then reads them in passes at growing gaps
+//! ([`PASS_GAPS_US`]), noting in which pass each region is first seen written. The
+//! regions written first are the ones written most often: a region's round heat is
+//! its written pages, halved for each pass it came after the VM's first written
+//! region ([`earliness`]). Counting passes rather than microseconds keeps the order
+//! right where the VM's CPU is taken away for milliseconds at a time. One round is a
+//! noisy sample, so rounds are averaged ([`ROUND_WEIGHT`]). The rounds of all sampled
+//! VMs share their passes, so one tick waits at most the sum of the gaps; a region
+//! backed by one huge page needs one pagemap entry per pass instead of 512.
 //!
 //! Cost and scope: clearing write-protects the VM's pages, so its next write to each
-//! page takes a minor fault. That is paid only by VMs with at least
-//! [`REMOTE_SHARE`] of their guest RAM off the nodes their vCPUs run on (those whose
-//! memory may move), once per [`SAMPLE_NS`]. Pages only read are not seen.
-//!
-//! Limit: with transparent huge pages one write marks the whole 2 MiB region, so a
-//! region written even a few times per sample looks as hot as one written all the
-//! time. Heat then tells written from untouched regions, not hot from warm (in the
-//! lab's `burst-lasting`, every region of the VM looked written).
+//! page (or huge page) takes a minor fault, and on a KVM VM the clear also drops its
+//! secondary (EPT) mappings, which refault as the guest runs. That is paid only by
+//! VMs with at least [`REMOTE_SHARE`] of their guest RAM off the nodes their vCPUs
+//! run on (those whose memory may move), at most once per [`ROUND_EVERY_NS`]. Pages
+//! only read are not seen.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::model::{HotRegion, NodeId, Snapshot, Vm};
 
 /// A VM is sampled while at least this share of its guest RAM is off its vCPUs' nodes.
 pub const REMOTE_SHARE: f64 = 0.05;
-/// Time between clearing the bits and reading them (and between two samples).
-pub const SAMPLE_NS: u64 = 2_000_000_000;
+/// Shortest time between two sampling rounds of one VM.
+pub const ROUND_EVERY_NS: u64 = 1_000_000_000;
+/// Waits before each read pass of a round, after the clear. Short first gaps resolve
+/// fast writers, the later ones still catch regions written a few hundred times a
+/// second; a region not seen by the last pass counts as cold in that round.
+pub const PASS_GAPS_US: [u64; 6] = [0, 250, 500, 1_000, 2_000, 4_000];
+/// Most regions of one VM sampled in a round (8 GiB); a bigger VM is covered over
+/// several rounds, from where the last one stopped, so a pass stays a few ms long.
+pub const MAX_REGIONS_PER_ROUND: usize = 4096;
+/// Weight of the newest round in a region's averaged heat.
+pub const ROUND_WEIGHT: f64 = 0.3;
 /// Region size heat is counted in (the huge page size).
 pub const REGION_BYTES: u64 = 2 << 20;
+/// Averaged heat (weighted written pages) below which a region is forgotten.
+const MIN_HEAT: f64 = 0.01;
 const PAGE_BYTES: u64 = 4096;
+const PAGES_PER_REGION: u64 = REGION_BYTES / PAGE_BYTES;
 const SOFT_DIRTY_BIT: u64 = 1 << 55;
+const PRESENT_BIT: u64 = 1 << 63;
+const PFN_MASK: u64 = (1 << 55) - 1;
 
 /// Per-VM sampling state.
 #[derive(Debug, Default)]
 struct VmState {
-    /// When the bits were last cleared.
-    cleared_ns: u64,
-    /// Regions found written in the last completed sample.
-    regions: Vec<(u64, f64)>,
+    /// When the last round ran (snapshot time).
+    last_round_ns: u64,
+    /// Averaged heat of each region seen written, by start address.
+    heat: BTreeMap<u64, f64>,
+    /// Regions last found backed by one huge page: a pass reads one entry of them.
+    huge: BTreeSet<u64>,
+    /// Where the next round starts, for VMs larger than [`MAX_REGIONS_PER_ROUND`].
+    cursor: u64,
 }
 
 /// Soft-dirty sampling of the VMs that need it.
@@ -68,8 +96,9 @@ impl WriteHeat {
         }
     }
 
-    /// Updates the samples and adds the written regions to VMs that have no hot
-    /// regions from other sources. `node_of` tells a region's node (one page queried).
+    /// Runs a round for the VMs due one and gives every sampled VM its regions by
+    /// write heat, hottest first, in place of fault heat (first-touch faults say
+    /// nothing about memory already resident). `node_of` tells a region's node.
     pub fn fill(&mut self, snapshot: &mut Snapshot, node_of: impl Fn(u32, u64) -> Option<NodeId>) {
         self.vms
             .retain(|pid, _| snapshot.vms.iter().any(|v| v.pid == *pid));
@@ -77,53 +106,345 @@ impl WriteHeat {
             return;
         }
         let now = snapshot.now_ns;
-        let topology = &snapshot.topology;
-        for vm in &mut snapshot.vms {
-            if remote_share(vm, topology) < REMOTE_SHARE || vm.memory.guest_ranges.is_empty() {
+        let mut due = Vec::new();
+        for vm in &snapshot.vms {
+            if remote_share(vm, &snapshot.topology) < REMOTE_SHARE
+                || vm.memory.guest_ranges.is_empty()
+            {
                 self.vms.remove(&vm.pid);
                 continue;
             }
             let state = self.vms.entry(vm.pid).or_default();
-            if state.cleared_ns == 0 || now.saturating_sub(state.cleared_ns) >= SAMPLE_NS {
-                if state.cleared_ns != 0 {
-                    match written_regions(&self.proc_root, vm.pid, &vm.memory.guest_ranges) {
-                        Ok(r) => state.regions = r,
-                        Err(e) => tracing::debug!(vm = vm.pid, error = %e, "pagemap not readable"),
-                    }
-                }
-                match std::fs::write(self.proc_root.join(format!("{}/clear_refs", vm.pid)), "4") {
-                    Ok(()) => state.cleared_ns = now.max(1),
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        tracing::info!(
-                            "soft-dirty bits unsupported: no write heat for resident memory"
-                        );
-                        self.unsupported = true;
-                        return;
-                    }
-                    Err(e) => tracing::debug!(vm = vm.pid, error = %e, "clear_refs not writable"),
+            if state.last_round_ns == 0 || now.saturating_sub(state.last_round_ns) >= ROUND_EVERY_NS
+            {
+                state.last_round_ns = now.max(1);
+                due.push(state.plan_round(vm.pid, &vm.memory.guest_ranges));
+            }
+        }
+        if !due.is_empty() {
+            let Ok(done) = sample_round(&self.proc_root, due) else {
+                tracing::info!("soft-dirty bits unsupported: no write heat for resident memory");
+                self.unsupported = true;
+                return;
+            };
+            for vm in done {
+                if let Some(state) = self.vms.get_mut(&vm.pid) {
+                    state.learn(&vm);
+                    tracing::debug!(vm = vm.pid, order = %state.describe(), "write heat");
                 }
             }
-            if vm.hot_regions.is_empty() && !state.regions.is_empty() {
-                vm.hot_regions = state
-                    .regions
-                    .iter()
-                    .filter_map(|&(start, heat)| {
-                        Some(HotRegion {
-                            start_addr: start,
-                            len_bytes: REGION_BYTES,
-                            node: node_of(vm.pid, start)?,
-                            heat,
-                        })
+        }
+        for vm in &mut snapshot.vms {
+            let Some(state) = self.vms.get(&vm.pid).filter(|s| !s.heat.is_empty()) else {
+                continue;
+            };
+            vm.hot_regions = state
+                .heat
+                .iter()
+                .filter_map(|(&start, &heat)| {
+                    Some(HotRegion {
+                        start_addr: start,
+                        len_bytes: REGION_BYTES,
+                        node: node_of(vm.pid, start)?,
+                        heat,
                     })
-                    .collect();
-                vm.hot_regions.sort_by(|a, b| {
-                    b.heat
-                        .total_cmp(&a.heat)
-                        .then(a.start_addr.cmp(&b.start_addr))
-                });
+                })
+                .collect();
+            vm.hot_regions.sort_by(|a, b| {
+                b.heat
+                    .total_cmp(&a.heat)
+                    .then(a.start_addr.cmp(&b.start_addr))
+            });
+        }
+    }
+}
+
+impl VmState {
+    /// The regions of this VM's next round: up to [`MAX_REGIONS_PER_ROUND`] from the
+    /// cursor on, wrapping around.
+    fn plan_round(&mut self, pid: u32, ranges: &[(u64, u64)]) -> RoundVm {
+        let all: Vec<(u64, u64)> = regions_of(ranges).collect();
+        let from = all.partition_point(|r| r.0 < self.cursor) % all.len().max(1);
+        let take = all.len().min(MAX_REGIONS_PER_ROUND);
+        let regions: Vec<Probe> = all
+            .iter()
+            .cycle()
+            .skip(from)
+            .take(take)
+            .map(|&(first, end)| Probe {
+                first,
+                end,
+                huge: self.huge.contains(&first),
+                heat: None,
+            })
+            .collect();
+        self.cursor = all.get((from + take) % all.len().max(1)).map_or(0, |r| r.0);
+        RoundVm {
+            pid,
+            cleared: false,
+            regions,
+            first_pass: None,
+            huge_now: Vec::new(),
+        }
+    }
+
+    /// The regions hottest first, as `MiB-from-the-first-region:heat`, for logs.
+    fn describe(&self) -> String {
+        let base = self.heat.keys().next().copied().unwrap_or(0);
+        let mut by_heat: Vec<(&u64, &f64)> = self.heat.iter().collect();
+        by_heat.sort_by(|a, b| b.1.total_cmp(a.1));
+        let parts: Vec<String> = by_heat
+            .iter()
+            .map(|(a, h)| format!("{}:{:.0}", (**a - base) >> 20, h))
+            .collect();
+        parts.join(" ")
+    }
+
+    /// Folds a finished round in: the regions' averaged heat and which are huge.
+    fn learn(&mut self, round: &RoundVm) {
+        let heat: Vec<(u64, f64)> = round
+            .regions
+            .iter()
+            .map(|p| (p.first, p.heat.unwrap_or(0.0)))
+            .collect();
+        blend(&mut self.heat, &heat);
+        for &(first, huge) in &round.huge_now {
+            if huge {
+                self.huge.insert(first);
+            } else {
+                self.huge.remove(&first);
             }
         }
     }
+}
+
+/// One region in a round.
+#[derive(Debug)]
+struct Probe {
+    first: u64,
+    end: u64,
+    /// Backed by one huge page (last round): one pagemap entry stands for all.
+    huge: bool,
+    /// Written pages weighted by [`earliness`], once seen (0 if it cannot be read).
+    heat: Option<f64>,
+}
+
+/// One VM's part of a round.
+#[derive(Debug)]
+struct RoundVm {
+    pid: u32,
+    /// Whether its bits were cleared (if not, it exited: the VM is skipped).
+    cleared: bool,
+    regions: Vec<Probe>,
+    /// The first pass that saw any of its regions written.
+    first_pass: Option<usize>,
+    /// Huge-page backing found after the passes, per region.
+    huge_now: Vec<(u64, bool)>,
+}
+
+/// Clearing was refused as unsupported: the kernel has no soft-dirty tracking.
+#[derive(Debug)]
+struct Unsupported;
+
+/// Clears the bits of each VM, then reads its regions in passes ([`PASS_GAPS_US`])
+/// and gives each region its written pages at the first pass that sees any,
+/// weighted by how many passes after the VM's first written region that was
+/// ([`earliness`]). The passes run at real-time priority when allowed,
+/// so that a busy host cannot stretch a pass and skew the timing between regions
+/// read early and late. A VM that cannot be cleared or read (it exited) is skipped
+/// quietly.
+fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>, Unsupported> {
+    let mut pagemaps = Vec::with_capacity(vms.len());
+    for vm in &mut vms {
+        let pagemap = File::open(proc_root.join(format!("{}/pagemap", vm.pid)));
+        pagemaps.push(pagemap.ok());
+        if pagemaps.last().is_some_and(Option::is_none) {
+            continue;
+        }
+        match std::fs::write(proc_root.join(format!("{}/clear_refs", vm.pid)), "4") {
+            Ok(()) => vm.cleared = true,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err(Unsupported),
+            Err(e) => tracing::debug!(vm = vm.pid, error = %e, "clear_refs not writable"),
+        }
+    }
+    let realtime = Realtime::enter();
+    let mut buf = vec![0u8; (PAGES_PER_REGION * 8) as usize];
+    // Regions first seen at each pass and when (µs after the first clear), for the
+    // debug line: it shows how well the passes spread the regions out.
+    let mut seen_per_pass = Vec::new();
+    let round_start = Instant::now();
+    for (pass, gap_us) in PASS_GAPS_US.into_iter().enumerate() {
+        let unseen = |vm: &RoundVm| vm.cleared && vm.regions.iter().any(|p| p.heat.is_none());
+        if !vms.iter().any(unseen) {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(gap_us));
+        let mut seen_now = 0;
+        for (vm, pagemap) in vms.iter_mut().zip(&pagemaps) {
+            let (true, Some(pagemap)) = (vm.cleared, pagemap) else {
+                continue;
+            };
+            for probe in vm.regions.iter_mut().filter(|p| p.heat.is_none()) {
+                let end = if probe.huge {
+                    probe.first + PAGE_BYTES
+                } else {
+                    probe.end
+                };
+                match written_pages(pagemap, probe.first, end, &mut buf) {
+                    // The VM exited or unmapped the range: nothing more to learn.
+                    Err(_) => probe.heat = Some(0.0),
+                    Ok(0) => {}
+                    Ok(written) => {
+                        let pages = if probe.huge {
+                            PAGES_PER_REGION
+                        } else {
+                            written as u64
+                        };
+                        let first_pass = *vm.first_pass.get_or_insert(pass);
+                        probe.heat = Some(pages as f64 * earliness(pass - first_pass));
+                        seen_now += 1;
+                    }
+                }
+            }
+        }
+        seen_per_pass.push(format!(
+            "{seen_now}@{}us",
+            round_start.elapsed().as_micros()
+        ));
+    }
+    drop(realtime);
+    let kpageflags = File::open(proc_root.join("kpageflags")).ok();
+    let mut huge = 0;
+    for (vm, pagemap) in vms.iter_mut().zip(&pagemaps) {
+        if let (true, Some(pagemap)) = (vm.cleared, pagemap) {
+            vm.huge_now = vm
+                .regions
+                .iter()
+                .map(|p| {
+                    (
+                        p.first,
+                        is_huge(pagemap, kpageflags.as_ref(), p.first, p.end),
+                    )
+                })
+                .collect();
+            huge += vm.huge_now.iter().filter(|h| h.1).count();
+        }
+    }
+    tracing::debug!(vms = vms.len(), huge, seen_per_pass = ?seen_per_pass, "write heat round");
+    Ok(vms)
+}
+
+/// Real-time (SCHED_FIFO, lowest priority) scheduling of the calling thread for as
+/// long as the guard lives; the previous policy comes back on drop. None when not
+/// permitted (no CAP_SYS_NICE): the round then runs at normal priority.
+struct Realtime {
+    policy: libc::c_int,
+    param: libc::sched_param,
+}
+
+impl Realtime {
+    fn enter() -> Option<Self> {
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `param` is a valid out-pointer.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+            return None;
+        }
+        let fifo = libc::sched_param { sched_priority: 1 };
+        // SAFETY: as above; `fifo` is a valid sched_param.
+        (unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) } == 0)
+            .then_some(Self { policy, param })
+    }
+}
+
+impl Drop for Realtime {
+    fn drop(&mut self) {
+        // SAFETY: restores the calling thread's own earlier policy and parameters.
+        if unsafe { libc::sched_setscheduler(0, self.policy, &self.param) } != 0 {
+            tracing::warn!("could not leave real-time scheduling after a write heat round");
+        }
+    }
+}
+
+/// Folds one round into the averaged heat: a region new to the map takes the
+/// round's value, a known one moves [`ROUND_WEIGHT`] of the way to it, regions not
+/// in the round keep theirs, and regions that cooled below [`MIN_HEAT`] are dropped.
+fn blend(heat: &mut BTreeMap<u64, f64>, round: &[(u64, f64)]) {
+    for &(addr, now) in round {
+        match heat.get_mut(&addr) {
+            Some(h) => *h += ROUND_WEIGHT * (now - *h),
+            None => {
+                heat.insert(addr, now);
+            }
+        }
+    }
+    heat.retain(|_, h| *h >= MIN_HEAT);
+}
+
+/// The 2 MiB-aligned pieces of `ranges`, as (first byte, end byte).
+fn regions_of(ranges: &[(u64, u64)]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    ranges.iter().flat_map(|&(start, len)| {
+        let end = start.saturating_add(len);
+        let first_region = start / REGION_BYTES * REGION_BYTES;
+        (first_region..end)
+            .step_by(REGION_BYTES as usize)
+            .map(move |r| (r.max(start), (r + REGION_BYTES).min(end)))
+    })
+}
+
+/// Pages of `[first, end)` with the soft-dirty bit set. `buf` holds a region's entries.
+fn written_pages(pagemap: &File, first: u64, end: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let pages = ((end - first) / PAGE_BYTES) as usize;
+    let bytes = &mut buf[..pages * 8];
+    pagemap.read_exact_at(bytes, first / PAGE_BYTES * 8)?;
+    Ok(bytes
+        .chunks_exact(8)
+        .filter(|e| entry(e) & SOFT_DIRTY_BIT != 0)
+        .count())
+}
+
+/// Whether the region `[first, end)` is one transparent huge page: a full aligned
+/// region whose first page is the head of a THP (`/proc/kpageflags`) and whose last
+/// page is 511 frames on. Without frame numbers or kpageflags (no CAP_SYS_ADMIN) a
+/// region is never taken as huge, and passes read all its entries (slower, same
+/// result). A huge page mapped by page table entries (after a partial unmap) would
+/// pass this test with only its first page's bit read; VMs rarely have those.
+fn is_huge(pagemap: &File, kpageflags: Option<&File>, first: u64, end: u64) -> bool {
+    const KPF_COMPOUND_HEAD: u64 = 1 << 15;
+    const KPF_THP: u64 = 1 << 22;
+    if !first.is_multiple_of(REGION_BYTES) || end - first != REGION_BYTES {
+        return false;
+    }
+    let Some(kpageflags) = kpageflags else {
+        return false;
+    };
+    let mut e = [0u8; 8];
+    let mut frame = |addr: u64| {
+        pagemap.read_exact_at(&mut e, addr / PAGE_BYTES * 8).ok()?;
+        let v = entry(&e);
+        (v & PRESENT_BIT != 0 && v & PFN_MASK != 0).then_some(v & PFN_MASK)
+    };
+    let (Some(head), Some(last)) = (frame(first), frame(end - PAGE_BYTES)) else {
+        return false;
+    };
+    let mut flags = [0u8; 8];
+    last == head + PAGES_PER_REGION - 1
+        && kpageflags.read_exact_at(&mut flags, head * 8).is_ok()
+        && entry(&flags) & (KPF_THP | KPF_COMPOUND_HEAD) == KPF_THP | KPF_COMPOUND_HEAD
+}
+
+/// Weight of a region first seen `passes_late` passes after the VM's first region:
+/// halved per pass. The pass schedule is geometric, so on a host where the VM runs
+/// steadily this tracks 1/delay; where the VM's CPU is taken away for whole
+/// milliseconds (an overloaded or emulated host) wall-clock delays mean little, but
+/// which regions were written first still does.
+fn earliness(passes_late: usize) -> f64 {
+    0.5f64.powi(passes_late as i32)
+}
+
+/// One little-endian pagemap entry.
+fn entry(e: &[u8]) -> u64 {
+    u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])
 }
 
 /// Whether the running kernel tracks soft-dirty bits (`CONFIG_MEM_SOFT_DIRTY`): a
@@ -177,72 +498,110 @@ fn remote_share(vm: &Vm, topology: &crate::model::Topology) -> f64 {
     1.0 - near as f64 / total as f64
 }
 
-/// Regions of `ranges` with pages written since the last clear, and how many.
-fn written_regions(
-    proc_root: &Path,
-    pid: u32,
-    ranges: &[(u64, u64)],
-) -> std::io::Result<Vec<(u64, f64)>> {
-    let file = File::open(proc_root.join(format!("{pid}/pagemap")))?;
-    let mut out = Vec::new();
-    for &(start, len) in ranges {
-        let mut region = start / REGION_BYTES * REGION_BYTES;
-        let end = start.saturating_add(len);
-        let mut buf = vec![0u8; (REGION_BYTES / PAGE_BYTES * 8) as usize];
-        while region < end {
-            let first = region.max(start);
-            let last = (region + REGION_BYTES).min(end);
-            let pages = ((last - first) / PAGE_BYTES) as usize;
-            let bytes = &mut buf[..pages * 8];
-            file.read_exact_at(bytes, first / PAGE_BYTES * 8)?;
-            let written = bytes
-                .chunks_exact(8)
-                .filter(|e| {
-                    u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])
-                        & SOFT_DIRTY_BIT
-                        != 0
-                })
-                .count();
-            if written > 0 {
-                out.push((region.max(start), written as f64));
-            }
-            region += REGION_BYTES;
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
-    fn finds_the_region_this_process_wrote() {
-        // Two 2 MiB-aligned regions; write only into the second after clearing.
-        let len = 4 * REGION_BYTES as usize;
-        let mut buf = vec![0u8; len];
-        let base = (buf.as_mut_ptr() as u64).div_ceil(REGION_BYTES) * REGION_BYTES;
-        let off = (base - buf.as_ptr() as u64) as usize;
-        for i in (0..len).step_by(4096) {
-            buf[i] = 1;
+    fn ranges_split_at_region_boundaries() {
+        let r = REGION_BYTES;
+        let got: Vec<_> = regions_of(&[(r - 8192, r + 8192), (5 * r, r)]).collect();
+        assert_eq!(got, vec![(r - 8192, r), (r, 2 * r), (5 * r, 6 * r)]);
+    }
+
+    #[test]
+    fn rounds_average_and_cold_regions_fade() {
+        let mut heat = BTreeMap::new();
+        blend(&mut heat, &[(0, 100.0), (1, 10.0), (3, 0.0)]);
+        assert_eq!(heat.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+        blend(&mut heat, &[(0, 100.0), (1, 0.0), (2, 50.0)]);
+        assert_eq!(heat[&0], 100.0);
+        assert!((heat[&1] - 7.0).abs() < 1e-9, "{heat:?}");
+        assert_eq!(heat[&2], 50.0);
+        // Regions left out of a round (not sampled) keep their heat.
+        blend(&mut heat, &[(0, 100.0)]);
+        assert_eq!(heat[&2], 50.0);
+        for _ in 0..40 {
+            blend(&mut heat, &[(0, 100.0), (1, 0.0), (2, 0.0)]);
         }
-        let me = std::process::id();
+        assert_eq!(heat.keys().copied().collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
+    fn big_vms_are_sampled_a_slice_per_round_wrapping_around() {
+        let r = REGION_BYTES;
+        let regions = MAX_REGIONS_PER_ROUND as u64 + MAX_REGIONS_PER_ROUND as u64 / 2;
+        let ranges = [(0, regions * r)];
+        let mut state = VmState::default();
+        state.huge.insert(r);
+        let first = state.plan_round(1, &ranges);
+        assert_eq!(first.regions.len(), MAX_REGIONS_PER_ROUND);
+        assert_eq!(first.regions[0].first, 0);
+        assert!(first.regions[1].huge && !first.regions[0].huge);
+        let second = state.plan_round(1, &ranges);
+        assert_eq!(second.regions[0].first, MAX_REGIONS_PER_ROUND as u64 * r);
+        // The second round wraps and goes on from the start.
+        assert_eq!(
+            second.regions.last().unwrap().first,
+            (MAX_REGIONS_PER_ROUND as u64 / 2 - 1) * r
+        );
+        let third = state.plan_round(1, &ranges);
+        assert_eq!(
+            third.regions[0].first,
+            (MAX_REGIONS_PER_ROUND as u64 / 2) * r
+        );
+        // A small VM is sampled whole every round.
+        let mut small = VmState::default();
+        for _ in 0..3 {
+            assert_eq!(small.plan_round(2, &[(0, 3 * r)]).regions.len(), 3);
+        }
+    }
+
+    /// On a kernel with soft-dirty bits: a region written all the time by another
+    /// thread gets more heat than one written every 20 ms, and an untouched one none.
+    #[test]
+    fn a_constantly_written_region_is_hotter_than_a_rarely_written_one() {
         if !soft_dirty_works() {
             eprintln!("soft-dirty bits unsupported by this kernel: nothing to check");
             return;
         }
-        std::fs::write(format!("/proc/{me}/clear_refs"), "4").unwrap();
-        for i in (off + REGION_BYTES as usize..off + 2 * REGION_BYTES as usize).step_by(4096) {
-            // SAFETY: i < len; volatile so each write really happens after the clear.
-            unsafe { std::ptr::write_volatile(buf.as_mut_ptr().add(i), 2) };
+        let len = 4 * REGION_BYTES as usize;
+        let buf = vec![1u8; len];
+        let base = (buf.as_ptr() as u64).div_ceil(REGION_BYTES) * REGION_BYTES;
+        let (hot, warm, cold) = (base, base + REGION_BYTES, base + 2 * REGION_BYTES);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut last_warm = Instant::now();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i = (i + 4096) % REGION_BYTES;
+                    // SAFETY: both addresses lie in `buf`, which outlives this thread
+                    // (joined below); volatile so each write really happens.
+                    unsafe { std::ptr::write_volatile((hot + i) as *mut u8, 2) };
+                    if last_warm.elapsed() >= Duration::from_millis(20) {
+                        unsafe { std::ptr::write_volatile((warm + i) as *mut u8, 2) };
+                        last_warm = Instant::now();
+                    }
+                }
+            })
+        };
+        let me = std::process::id();
+        let ranges = [(base, 3 * REGION_BYTES)];
+        let mut state = VmState::default();
+        for _ in 0..5 {
+            let round = sample_round(Path::new("/proc"), vec![state.plan_round(me, &ranges)]);
+            state.learn(&round.unwrap()[0]);
         }
-        let r = written_regions(Path::new("/proc"), me, &[(base, 2 * REGION_BYTES)]).unwrap();
-        assert!(
-            r.iter()
-                .any(|&(s, n)| s == base + REGION_BYTES && n >= 500.0),
-            "{r:?}"
-        );
-        assert!(!r.iter().any(|&(s, n)| s == base && n > 16.0), "{r:?}");
+        let heat = state.heat;
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let h = |a| heat.get(&a).copied().unwrap_or(0.0);
+        assert!(h(hot) > 2.0 * h(warm), "{heat:?}");
+        assert_eq!(h(cold), 0.0, "{heat:?}");
         std::hint::black_box(&buf);
     }
 }

@@ -130,10 +130,7 @@ pub fn run(sizes: &[(usize, usize)], iterations: usize) -> Vec<BenchRow> {
             let mut state = warm.state().clone();
             for st in state.units.values_mut() {
                 let other = (st.home[0] + 1) % nodes as u32;
-                st.phase = Phase::Probation {
-                    since_ns: next.now_ns - cfg.probation_ns,
-                    from: vec![other],
-                };
+                st.phase = Phase::probation(next.now_ns - cfg.probation_ns, vec![other]);
                 st.bursts.reverts_ns = vec![next.now_ns - 60_000_000_000];
                 st.bursts.peak_demand = 4.0;
                 st.bursts.peak_ns = next.now_ns - 5_000_000_000;
