@@ -188,13 +188,14 @@ impl VmState {
         }
     }
 
-    /// The regions hottest first, as `MiB-from-the-first-region:heat`, for logs.
+    /// The 16 hottest regions, as `MiB-from-the-first-region:heat`, for logs.
     fn describe(&self) -> String {
         let base = self.heat.keys().next().copied().unwrap_or(0);
         let mut by_heat: Vec<(&u64, &f64)> = self.heat.iter().collect();
         by_heat.sort_by(|a, b| b.1.total_cmp(a.1));
         let parts: Vec<String> = by_heat
             .iter()
+            .take(16)
             .map(|(a, h)| format!("{}:{:.0}", (**a - base) >> 20, h))
             .collect();
         parts.join(" ")
