@@ -1,87 +1,12 @@
-//! Host-side view of the guest's result lines (the harness's protocol).
+//! How the guest's result lines are shown on the host terminal.
 //!
-//! Mirrors only the fields the host uses; unknown record types are ignored so
-//! the guest can report more without breaking the host.
+//! The lines themselves (record types, prefix, parsing) are defined once, in the
+//! `lab-protocol` crate, for the harness that prints them and for this host side
+//! that reads them; xtask cannot depend on the harness crate (it needs the balancer
+//! and the eBPF toolchain, and xtask must build first). Record types and fields the
+//! host does not know are tolerated there, so a newer guest does not break the host.
 
-use serde::Deserialize;
-
-pub const PREFIX: &str = "@@VMBLAB@@ ";
-
-#[derive(Debug, Clone, Deserialize)]
-#[allow(dead_code)] // mirrored for completeness of the protocol
-pub struct Summary {
-    pub balancer: String,
-    pub kernel: String,
-    pub vms: usize,
-    pub locality: Vec<(f64, f64)>,
-    pub time_to_090_s: Option<f64>,
-    pub time_to_095_s: Option<f64>,
-    pub numa_pages_migrated: u64,
-    pub pgmigrate_success: u64,
-    pub cpu_balance: f64,
-    pub work_touches: u64,
-    pub touches_per_vcpu_s: f64,
-    pub run_s: f64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct VmTruth {
-    pub name: String,
-    pub main_node: Option<usize>,
-    pub locality: f64,
-    pub bytes_per_node: Vec<u64>,
-    /// Per-page truth, when the scenario asks for it.
-    #[serde(default)]
-    pub hot_locality: Option<f64>,
-    #[serde(default)]
-    pub cold_locality: Option<f64>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Sample {
-    pub t_s: f64,
-    pub locality_mean: f64,
-    pub locality_min: f64,
-    pub vcpu_load_per_node: Vec<f64>,
-    pub vms: Vec<VmTruth>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Record {
-    Start {
-        scenario: String,
-        balancer: String,
-        kernel: String,
-    },
-    Check {
-        name: String,
-        ok: bool,
-        allowed_failure: bool,
-        detail: String,
-    },
-    Sample(Sample),
-    Event {
-        source: String,
-        text: String,
-    },
-    Summary(Summary),
-    Capture {
-        path: String,
-        data: String,
-    },
-    Done {
-        ok: bool,
-        failed: Vec<String>,
-    },
-    #[serde(other)]
-    Other,
-}
-
-pub fn parse(line: &str) -> Option<Record> {
-    let json = line.split_once(PREFIX)?.1;
-    serde_json::from_str(json).ok()
-}
+pub use lab_protocol::{Record, Sample, Summary, parse_line};
 
 /// Drops ANSI escape sequences (the firmware clears the screen on boot).
 fn strip_ansi(line: &str) -> String {
@@ -109,8 +34,10 @@ fn strip_ansi(line: &str) -> String {
 
 /// How a console line is shown on the host terminal (`None` hides it).
 pub fn render(line: &str) -> Option<String> {
-    let Some(record) = parse(line) else {
-        return Some(strip_ansi(line));
+    let record = match parse_line(line) {
+        Ok(Some(record)) => record,
+        Ok(None) => return Some(strip_ansi(line)),
+        Err(e) => return Some(strip_ansi(&e.to_string())),
     };
     Some(match record {
         Record::Start {
@@ -184,16 +111,25 @@ pub fn render(line: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lab_protocol::PREFIX;
 
     #[test]
-    fn parses_guest_lines() {
-        let line = format!(r#"{PREFIX}{{"type":"done","ok":false,"failed":["nodes == 5"]}}"#);
-        assert!(matches!(parse(&line), Some(Record::Done { ok: false, .. })));
-        assert!(matches!(
-            parse(&format!(r#"{PREFIX}{{"type":"future_kind","x":1}}"#)),
-            Some(Record::Other)
-        ));
-        assert!(parse("[    0.000000] Linux version 6.1.0").is_none());
+    fn renders_results_and_passes_other_lines_through() {
+        let done = format!(r#"{PREFIX}{{"type":"done","ok":false,"failed":["nodes == 5"]}}"#);
+        assert_eq!(
+            render(&done).as_deref(),
+            Some("scenario FAILED: nodes == 5")
+        );
+        let future = format!(r#"{PREFIX}{{"type":"future_kind","x":1}}"#);
+        assert_eq!(render(&future), Some(future.clone()));
+        let capture = format!(r#"{PREFIX}{{"type":"capture","path":"p","data":"d"}}"#);
+        assert_eq!(render(&capture), None);
+        let cut = format!(r#"{PREFIX}{{"type":"done","ok":tr"#);
+        let shown = render(&cut).unwrap();
+        assert!(
+            shown.starts_with("malformed lab result line (") && shown.ends_with("ok\":tr"),
+            "{shown}"
+        );
         assert_eq!(render("plain").as_deref(), Some("plain"));
         assert_eq!(render("a\x1b[?7l\x1b[2Jb\x1bcc").as_deref(), Some("abc"));
     }

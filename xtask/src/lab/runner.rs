@@ -123,14 +123,25 @@ impl Lab {
         let mut summary = None;
         let mut captures = Vec::new();
         let mut samples = Vec::new();
+        let mut malformed = 0usize;
         for line in &boot.lines {
-            match results::parse(line) {
-                Some(results::Record::Done { ok: o, .. }) => ok = Some(o),
-                Some(results::Record::Summary(s)) => summary = Some(s),
-                Some(results::Record::Capture { path, data }) => captures.push((path, data)),
-                Some(results::Record::Sample(s)) => samples.push(s),
-                _ => {}
+            match results::parse_line(line) {
+                Ok(Some(results::Record::Done { ok: o, .. })) => ok = Some(o),
+                Ok(Some(results::Record::Summary(s))) => summary = Some(s),
+                Ok(Some(results::Record::Capture { path, data })) => captures.push((path, data)),
+                Ok(Some(results::Record::Sample(s))) => samples.push(s),
+                Ok(_) => {}
+                Err(e) => {
+                    malformed += 1;
+                    eprintln!("lab: warning: skipped {e}");
+                }
             }
+        }
+        if malformed > 0 {
+            eprintln!(
+                "lab: warning: {malformed} malformed result line(s) skipped in {}",
+                console.display()
+            );
         }
         let r = RunResult {
             ok: ok.unwrap_or(false),

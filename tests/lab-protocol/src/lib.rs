@@ -1,0 +1,195 @@
+//! The NUMA lab's result protocol: how the in-guest harness reports to the host.
+//!
+//! The harness (`lab_harness` in `vmbalancer-tests`) prints these records on the
+//! guest's serial console and `cargo xtask lab` reads them back from the console
+//! log. The two sides are different crates with different constraints: the harness
+//! crate depends on the balancer library (and through it on the eBPF toolchain),
+//! while xtask must build first and fast, before any of that exists. Each side
+//! used to keep its own copy of the types, and the copies could drift apart
+//! silently. This crate holds the one definition of the wire format, with nothing
+//! heavier than serde, so both sides depend on it and cannot disagree.
+//!
+//! The format: one JSON object per console line, after [`PREFIX`], so kernel
+//! messages and program output never parse as results. The object's `type` field
+//! names the record ([`Record`]). Readers ignore fields they do not know and read
+//! record types they do not know as [`Record::Other`], so a guest may report more
+//! than the host understands without breaking it. Field names, the `type` tags and
+//! the rules for optional fields are the wire format: renaming one breaks the host
+//! reading an older or newer guest's lines.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Every result line starts with this (it may follow other text on the same line,
+/// e.g. a terminal escape sequence).
+pub const PREFIX: &str = "@@VMBLAB@@ ";
+
+/// Per-VM ground truth at one sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmTruth {
+    pub name: String,
+    pub pid: u32,
+    /// Bytes of the VM on each node.
+    pub bytes_per_node: Vec<u64>,
+    /// vCPU CPU time per node since the previous sample, in clock ticks.
+    pub vcpu_ticks_per_node: Vec<u64>,
+    /// The node each vCPU last ran on.
+    pub vcpu_nodes: Vec<usize>,
+    pub main_node: Option<usize>,
+    pub locality: f64,
+    /// Memory touches per second per vCPU since the previous sample.
+    pub touches_per_vcpu_s: f64,
+    /// Locality (on `main_node`) of the hot set of the guest RAM mapping (the
+    /// harness's `scenario::hot_pages`), from a per-page query (move_pages without
+    /// target nodes). Only when the scenario asks for per-page truth (`hot_first`,
+    /// `vm_pages_moved`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_locality: Option<f64>,
+    /// Locality of the rest of the guest RAM mapping (same source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_locality: Option<f64>,
+    /// Pages of the guest RAM mapping found on another node than at the previous
+    /// sample, summed since the first sample (a lower bound on pages moved: a page
+    /// moved away and back between two samples is not seen). Same source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_moved: Option<u64>,
+}
+
+/// One sample of the whole guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub t_s: f64,
+    pub locality_mean: f64,
+    pub locality_min: f64,
+    /// vCPU load per node (CPUs busy with vCPU threads) since the previous sample.
+    pub vcpu_load_per_node: Vec<f64>,
+    pub vms: Vec<VmTruth>,
+}
+
+/// What a run measured, for comparison tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub balancer: String,
+    pub kernel: String,
+    pub vms: usize,
+    /// (t_s, mean locality) at each sample.
+    pub locality: Vec<(f64, f64)>,
+    pub time_to_090_s: Option<f64>,
+    pub time_to_095_s: Option<f64>,
+    /// /proc/vmstat numa_pages_migrated delta over the run.
+    pub numa_pages_migrated: u64,
+    /// /proc/vmstat pgmigrate_success delta over the run.
+    pub pgmigrate_success: u64,
+    /// Mean over samples of least/most loaded node (vCPU load).
+    pub cpu_balance: f64,
+    /// Total memory touches by all vCPUs during the run.
+    pub work_touches: u64,
+    pub touches_per_vcpu_s: f64,
+    pub run_s: f64,
+}
+
+/// One result line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    /// The harness started.
+    Start {
+        scenario: String,
+        balancer: String,
+        kernel: String,
+    },
+    /// An assertion's outcome.
+    Check {
+        name: String,
+        ok: bool,
+        allowed_failure: bool,
+        detail: String,
+    },
+    Sample(Sample),
+    /// Something a balancer or the harness did worth showing (numad's log lines).
+    Event {
+        source: String,
+        text: String,
+    },
+    Summary(Summary),
+    /// A captured file for tests/fixtures (path relative to the guest root).
+    Capture {
+        path: String,
+        data: String,
+    },
+    /// Last line: the scenario's verdict.
+    Done {
+        ok: bool,
+        failed: Vec<String>,
+    },
+    /// A record type this build does not know (written by a newer harness). Only
+    /// ever read, never written by the harness.
+    #[serde(other)]
+    Other,
+}
+
+impl Record {
+    /// The console line for this record (without a line end).
+    pub fn line(&self) -> String {
+        // Serialising plain data with string keys cannot fail.
+        format!(
+            "{PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+}
+
+/// Parses one console line: `Ok(None)` for a line without [`PREFIX`] (kernel
+/// messages, program output), the record for a result line, and an error for a
+/// result line whose JSON does not read as a record (a cut or interleaved line, or a
+/// known record type with a missing or mistyped field). A trailing `\r` (serial
+/// consoles end lines with CR LF) is ignored.
+pub fn parse_line(line: &str) -> Result<Option<Record>, MalformedLine> {
+    let Some((_, json)) = line.split_once(PREFIX) else {
+        return Ok(None);
+    };
+    let json = json.trim_end_matches(['\r', '\n']);
+    serde_json::from_str(json)
+        .map(Some)
+        .map_err(|source| MalformedLine {
+            json: json.to_string(),
+            source,
+        })
+}
+
+/// A console line with the result prefix that holds no readable record.
+#[derive(Debug)]
+pub struct MalformedLine {
+    json: String,
+    source: serde_json::Error,
+}
+
+impl MalformedLine {
+    /// Longest excerpt of the line shown in the message, in characters.
+    const EXCERPT_CHARS: usize = 120;
+
+    /// Everything after the prefix, as it was on the console.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+impl fmt::Display for MalformedLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed lab result line ({}): ", self.source)?;
+        match self.json.char_indices().nth(Self::EXCERPT_CHARS) {
+            Some((cut, _)) => write!(f, "{}...", &self.json[..cut]),
+            None => f.write_str(&self.json),
+        }
+    }
+}
+
+impl std::error::Error for MalformedLine {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests;
