@@ -250,10 +250,9 @@ struct Unsupported;
 /// Clears the bits of each VM, then reads its regions in passes ([`PASS_GAPS_US`])
 /// and gives each region its written pages at the first pass that sees any,
 /// weighted by how many passes after the VM's first written region that was
-/// ([`earliness`]). The passes run at real-time priority when allowed,
-/// so that a busy host cannot stretch a pass and skew the timing between regions
-/// read early and late. A VM that cannot be cleared or read (it exited) is skipped
-/// quietly.
+/// ([`earliness`]). A VM that cannot be cleared or read (it exited) is skipped
+/// quietly. The passes run at the daemon's normal priority: under real-time
+/// priority the lab guest's RCU grace-period thread starved while memory moved.
 fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>, Unsupported> {
     let mut pagemaps = Vec::with_capacity(vms.len());
     for vm in &mut vms {
@@ -268,7 +267,6 @@ fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>,
             Err(e) => tracing::debug!(vm = vm.pid, error = %e, "clear_refs not writable"),
         }
     }
-    let realtime = Realtime::enter();
     let mut buf = vec![0u8; (PAGES_PER_REGION * 8) as usize];
     // Regions first seen at each pass and when (µs after the first clear), for the
     // debug line: it shows how well the passes spread the regions out.
@@ -313,7 +311,6 @@ fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>,
             round_start.elapsed().as_micros()
         ));
     }
-    drop(realtime);
     let kpageflags = File::open(proc_root.join("kpageflags")).ok();
     let mut huge = 0;
     for (vm, pagemap) in vms.iter_mut().zip(&pagemaps) {
@@ -333,38 +330,6 @@ fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>,
     }
     tracing::debug!(vms = vms.len(), huge, seen_per_pass = ?seen_per_pass, "write heat round");
     Ok(vms)
-}
-
-/// Real-time (SCHED_FIFO, lowest priority) scheduling of the calling thread for as
-/// long as the guard lives; the previous policy comes back on drop. None when not
-/// permitted (no CAP_SYS_NICE): the round then runs at normal priority.
-struct Realtime {
-    policy: libc::c_int,
-    param: libc::sched_param,
-}
-
-impl Realtime {
-    fn enter() -> Option<Self> {
-        let mut param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: pid 0 is the calling thread; `param` is a valid out-pointer.
-        let policy = unsafe { libc::sched_getscheduler(0) };
-        if policy < 0 || unsafe { libc::sched_getparam(0, &mut param) } != 0 {
-            return None;
-        }
-        let fifo = libc::sched_param { sched_priority: 1 };
-        // SAFETY: as above; `fifo` is a valid sched_param.
-        (unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) } == 0)
-            .then_some(Self { policy, param })
-    }
-}
-
-impl Drop for Realtime {
-    fn drop(&mut self) {
-        // SAFETY: restores the calling thread's own earlier policy and parameters.
-        if unsafe { libc::sched_setscheduler(0, self.policy, &self.param) } != 0 {
-            tracing::warn!("could not leave real-time scheduling after a write heat round");
-        }
-    }
 }
 
 /// Folds one round into the averaged heat: a region new to the map takes the
