@@ -119,7 +119,11 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     let shutdown = Shutdown::new();
-    let observer = LinuxObserver::new(host_paths(&cfg), ObserverConfig::default())
+    let observer_cfg = ObserverConfig {
+        write_heat: cfg.write_heat_sampling,
+        ..ObserverConfig::default()
+    };
+    let observer = LinuxObserver::new(host_paths(&cfg), observer_cfg)
         .context("observing the host")?
         // Balancing starts from procfs at once; the programs join when loaded.
         .with_telemetry(Box::new(DeferredTelemetry::spawn(

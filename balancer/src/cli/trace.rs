@@ -124,7 +124,13 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         Some(root) => HostPaths::under(root),
         None => HostPaths::system(),
     };
-    let mut observer = LinuxObserver::new(paths, ObserverConfig::default())
+    // Trace changes nothing: no soft-dirty clearing, so resident memory's heat is
+    // what the eBPF fault programs saw.
+    let observer_cfg = ObserverConfig {
+        write_heat: false,
+        ..ObserverConfig::default()
+    };
+    let mut observer = LinuxObserver::new(paths, observer_cfg)
         .context("reading the host topology")?
         .with_telemetry(open_telemetry(args.root.as_deref()));
     let mut prev = observer.observe().context("observing the host")?;

@@ -108,6 +108,9 @@ pub struct Config {
     pub migration_batch_pages: u64,
     /// Threads moving one VM's pages at once (1..=64). Default 4.
     pub migration_threads: usize,
+    /// Find hot regions of resident memory from soft-dirty bits, for VMs whose memory
+    /// is away from their vCPUs. Default true.
+    pub write_heat_sampling: bool,
     /// Free memory a target node must keep after a move, bytes. Default 536870912.
     pub memory_headroom_bytes: u64,
     /// How long a CPU-first move must keep paying off before memory follows,
@@ -145,6 +148,7 @@ impl Default for Config {
             migration_rate_limit_bytes_per_s: 256 << 20,
             migration_batch_pages: 512,
             migration_threads: 4,
+            write_heat_sampling: true,
             memory_headroom_bytes: 512 << 20,
             probation_window_ms: 10_000,
             pinned_vms: PinnedVms::Leave,

@@ -41,6 +41,10 @@ pub struct ObserverConfig {
     pub full_rescan_interval_ns: u64,
     /// Subscribe to the process connector (only on the live `/proc`).
     pub use_proc_events: bool,
+    /// Sample soft-dirty bits of VMs whose memory is away from their vCPUs for hot
+    /// regions of resident memory (`write_heat.rs`). This writes the VMs'
+    /// `clear_refs`, so it is off in `trace`, which changes nothing.
+    pub write_heat: bool,
 }
 
 impl Default for ObserverConfig {
@@ -49,6 +53,7 @@ impl Default for ObserverConfig {
             memory: MemoryPolicy::default(),
             full_rescan_interval_ns: 30_000_000_000,
             use_proc_events: true,
+            write_heat: true,
         }
     }
 }
@@ -577,7 +582,7 @@ impl Observer for LinuxObserver {
         };
         let tf = std::time::Instant::now();
         self.telemetry.fill(&mut snapshot);
-        if self.paths.is_live_proc() {
+        if self.config.write_heat && self.paths.is_live_proc() {
             self.write_heat.fill(&mut snapshot, |pid, addr| {
                 super::ebpf_source::pages_node(pid, addr, super::write_heat::REGION_BYTES)
             });
