@@ -24,7 +24,7 @@
 //! Cost and scope: clearing write-protects the VM's pages, so its next write to each
 //! page (or huge page) takes a minor fault, and on a KVM VM the clear also drops its
 //! secondary (EPT) mappings, which refault as the guest runs. That is paid only by
-//! VMs with at least [`REMOTE_SHARE`] of their guest RAM off the nodes their vCPUs
+//! VMs with more than [`REMOTE_SHARE`] of their guest RAM off the nodes their vCPUs
 //! run on (those whose memory may move), at most once per [`ROUND_EVERY_NS`]. Pages
 //! only read are not seen.
 
@@ -36,10 +36,12 @@ use std::time::{Duration, Instant};
 
 use crate::model::{HotRegion, NodeId, Snapshot, Vm};
 
-/// A VM is sampled while at least this share of its guest RAM is off its vCPUs' nodes.
-pub const REMOTE_SHARE: f64 = 0.05;
-/// Shortest time between two sampling rounds of one VM.
-pub const ROUND_EVERY_NS: u64 = 1_000_000_000;
+/// A VM is sampled while more than this share of its guest RAM is off its vCPUs'
+/// nodes: below it, at the default 90 % locality target, no memory of it will move.
+pub const REMOTE_SHARE: f64 = 0.10;
+/// Shortest time between two sampling rounds of one VM. Each round clears the bits,
+/// which costs a TLB flush per huge page and a write fault per written page.
+pub const ROUND_EVERY_NS: u64 = 2_000_000_000;
 /// Waits before each read pass of a round, after the clear. Short first gaps resolve
 /// fast writers, the later ones still catch regions written a few hundred times a
 /// second; a region not seen by the last pass counts as cold in that round.
@@ -108,7 +110,7 @@ impl WriteHeat {
         let now = snapshot.now_ns;
         let mut due = Vec::new();
         for vm in &snapshot.vms {
-            if remote_share(vm, &snapshot.topology) < REMOTE_SHARE
+            if remote_share(vm, &snapshot.topology) <= REMOTE_SHARE
                 || vm.memory.guest_ranges.is_empty()
             {
                 self.vms.remove(&vm.pid);
