@@ -109,7 +109,8 @@ pub struct LinuxObserver {
     /// Idle CPUs per node between two observations.
     cpu_load: super::cpu_load::CpuSampler,
     /// Written regions of VMs whose memory is away from their vCPUs.
-    write_heat: super::write_heat::WriteHeat,
+    /// Soft-dirty sampling, when [`ObserverConfig::write_heat`] is on.
+    write_heat: Option<super::write_heat::WriteHeat>,
 }
 
 impl std::fmt::Debug for LinuxObserver {
@@ -143,7 +144,9 @@ impl LinuxObserver {
         Ok(Self {
             memory: MemoryTracker::new(config.memory.clone()),
             cpu_load: super::cpu_load::CpuSampler::new(&paths.proc),
-            write_heat: super::write_heat::WriteHeat::new(&paths.proc),
+            write_heat: config
+                .write_heat
+                .then(|| super::write_heat::WriteHeat::new(&paths.proc)),
             paths,
             config,
             topology,
@@ -582,8 +585,10 @@ impl Observer for LinuxObserver {
         };
         let tf = std::time::Instant::now();
         self.telemetry.fill(&mut snapshot);
-        if self.config.write_heat && self.paths.is_live_proc() {
-            self.write_heat.fill(&mut snapshot, |pid, addr| {
+        if self.paths.is_live_proc()
+            && let Some(write_heat) = self.write_heat.as_mut()
+        {
+            write_heat.fill(&mut snapshot, |pid, addr| {
                 super::ebpf_source::pages_node(pid, addr, super::write_heat::REGION_BYTES)
             });
         }
