@@ -87,9 +87,7 @@ impl WriteHeat {
     pub fn new(proc_root: &Path) -> Self {
         let supported = soft_dirty_works();
         if !supported {
-            tracing::info!(
-                "soft-dirty bits unsupported by this kernel: no write heat for resident memory"
-            );
+            log_unsupported();
         }
         Self {
             proc_root: proc_root.to_path_buf(),
@@ -125,7 +123,7 @@ impl WriteHeat {
         }
         if !due.is_empty() {
             let Ok(done) = sample_round(&self.proc_root, due) else {
-                tracing::info!("soft-dirty bits unsupported: no write heat for resident memory");
+                log_unsupported();
                 self.unsupported = true;
                 return;
             };
@@ -243,6 +241,11 @@ struct RoundVm {
     first_pass: Option<usize>,
     /// Huge-page backing found after the passes, per region.
     huge_now: Vec<(u64, bool)>,
+}
+
+/// Says once why resident memory has no write heat.
+fn log_unsupported() {
+    tracing::info!("soft-dirty bits unsupported by this kernel: no write heat for resident memory");
 }
 
 /// Clearing was refused as unsupported: the kernel has no soft-dirty tracking.
