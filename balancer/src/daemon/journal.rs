@@ -229,7 +229,7 @@ pub fn decide(entry: &Entry, facts: &HostFacts) -> Recovery {
                 })
             }
         }
-        Action::MigrateMemory { to, .. } => {
+        Action::MigrateMemory { to, .. } | Action::MigrateProcessMemory { to, .. } => {
             if facts.memory_nodes.contains(*to) {
                 Recovery::Finish(flight.action.clone())
             } else {
@@ -275,16 +275,8 @@ pub fn recover<A: Actuator>(
                 let out = actuator.apply(snapshot, action);
                 match out {
                     ActionOutcome::Refused { .. } => {
-                        let what = match action.action {
-                            Action::SetCpus { .. } => RestoreWhat {
-                                cpus: true,
-                                mems: false,
-                            },
-                            Action::MigrateMemory { .. } => RestoreWhat {
-                                cpus: false,
-                                mems: true,
-                            },
-                        };
+                        let mems = action.action.moves_memory();
+                        let what = RestoreWhat { cpus: !mems, mems };
                         actuator.restore(&entry.original, what)
                     }
                     other => other,

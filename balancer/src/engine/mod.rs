@@ -49,6 +49,10 @@
 //!    target (the coldest remainder may stay). A VM whose previous migration the host
 //!    reported as still running (`ActionOutcome::Partial`) gets nothing new until that
 //!    has drained.
+//! 5. **The process's own memory follows** (`process_memory.rs`). Once a whole-VM
+//!    unit's guest RAM is home, the rest of its qemu process's anonymous memory (vCPU
+//!    thread stacks, heap) on other nodes gets one `MigrateProcessMemory` home, at
+//!    most once a minute per VM.
 //!
 //! # Safety (`safety.rs`)
 //! Memory is never planned onto a node whose free memory would fall below the
@@ -65,6 +69,7 @@ mod config;
 mod migration;
 mod placement;
 mod probation;
+mod process_memory;
 mod rebalance;
 mod recurrence;
 mod safety;
@@ -124,17 +129,17 @@ impl Engine {
     pub fn record_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
         let stats = &mut self.state.stats;
         match (&action.action, outcome) {
-            (Action::MigrateMemory { .. }, ActionOutcome::Done { moved_bytes }) => {
+            (a, ActionOutcome::Done { moved_bytes }) if a.moves_memory() => {
                 stats.migrated_bytes += moved_bytes;
             }
             (
-                Action::MigrateMemory { .. },
+                a,
                 ActionOutcome::Partial {
                     moved_bytes,
                     left_bytes,
                     ..
                 },
-            ) => {
+            ) if a.moves_memory() => {
                 stats.migrated_bytes += moved_bytes;
                 *self.state.inflight_bytes.entry(action.vm).or_default() += left_bytes;
             }
@@ -192,6 +197,7 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     ctx.resolve_probations();
     ctx.rebalance();
     ctx.migrate();
+    ctx.migrate_process_memory();
     (ctx.plan, ctx.state)
 }
 

@@ -108,5 +108,9 @@ pub struct EngineState {
     /// until this has drained; it is assumed to drain at the hot rate.
     #[serde(default)]
     pub inflight_bytes: BTreeMap<VmId, u64>,
+    /// VMs whose process memory moved recently, with the time (`now_ns`) after which
+    /// it may be planned again (`process_memory.rs`).
+    #[serde(default)]
+    pub process_memory_after_ns: BTreeMap<VmId, u64>,
     pub stats: EngineStats,
 }

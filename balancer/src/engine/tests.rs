@@ -654,6 +654,48 @@ fn memory_never_planned_onto_a_full_node() {
     );
 }
 
+fn process_moves(plan: &Plan) -> Vec<(u32, NodeId, NodeId, u64)> {
+    plan.actions
+        .iter()
+        .filter_map(|a| match (&a.action, &a.reason) {
+            (
+                Action::MigrateProcessMemory {
+                    from,
+                    to,
+                    max_bytes,
+                },
+                Reason::ProcessMemory { from: f, .. },
+            ) if f == from => Some((a.vm, *from, *to, *max_bytes)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn process_memory_follows_guest_ram_home_last_and_not_too_often() {
+    let t = topo(2, 8, 64);
+    // Confined to node 0, guest RAM home; 4 MiB of stacks and heap left on node 1.
+    let mut home = vm(1, 2, 1.0, Some(0), &[GIB, 0], &t);
+    home.memory.own_overhead_bytes_per_node = vec![256 << 10, 4 * MIB];
+    // Same, but guest RAM half remote: guest RAM moves first, the rest waits.
+    let mut split = vm(2, 2, 1.0, Some(1), &[GIB / 2, GIB / 2], &t);
+    split.memory.own_overhead_bytes_per_node = vec![4 * MIB, 0];
+    // Less than the 1 MiB worth a scan.
+    let mut crumbs = vm(3, 2, 1.0, Some(0), &[GIB, 0], &t);
+    crumbs.memory.own_overhead_bytes_per_node = vec![0, 512 << 10];
+    let vms = vec![home, split, crumbs];
+    let mut e = Engine::new(EngineConfig::default());
+    let plan = e.plan(&snap(0, t.clone(), vms.clone()));
+    assert_eq!(process_moves(&plan), vec![(1, 1, 0, 4 * MIB)], "{plan:?}");
+    assert_eq!(migrations(&plan).len(), 1);
+    assert_eq!(migrations(&plan)[0].0, 2);
+    // Pages that stayed are not planned again within the retry window.
+    let plan = e.plan(&snap(1, t.clone(), vms.clone()));
+    assert!(process_moves(&plan).is_empty(), "{plan:?}");
+    let plan = e.plan(&snap(61, t, vms));
+    assert_eq!(process_moves(&plan), vec![(1, 1, 0, 4 * MIB)]);
+}
+
 #[test]
 fn pinned_vms_are_reported_never_moved() {
     let t = topo(2, 8, 64);

@@ -74,6 +74,22 @@ pub enum Action {
         regions: Vec<(u64, u64)>,
         max_bytes: u64,
     },
+    /// Move at most `max_bytes` of the qemu process's own memory outside guest RAM
+    /// (vCPU thread stacks, heap, other anonymous mappings) from `from` to `to`. Its
+    /// vCPU threads use their stacks on every exit from the guest, so once guest RAM
+    /// is home this follows it. Shared program and library pages are never moved.
+    MigrateProcessMemory {
+        from: NodeId,
+        to: NodeId,
+        max_bytes: u64,
+    },
+}
+
+impl Action {
+    /// Whether the action moves pages (rather than CPU sets).
+    pub fn moves_memory(&self) -> bool {
+        !matches!(self, Action::SetCpus { .. })
+    }
 }
 
 /// Why an action was planned. Data, so status and trace can show and count it.
@@ -93,6 +109,8 @@ pub enum Reason {
     ProbationReverted { node: NodeId },
     /// Memory is being brought local to where the VM runs.
     Locality { locality_pct: f64, target_pct: f64 },
+    /// Guest RAM is home; the process's own memory on `from` follows it.
+    ProcessMemory { from: NodeId, remote_bytes: u64 },
     /// Two VMs exchange nodes (or one for two) because no single move helped.
     Swap {
         with: Vec<VmId>,

@@ -94,6 +94,12 @@ pub struct VmMemory {
     /// Resident memory of the process that is not guest RAM (qemu heap, stacks,
     /// libraries, video RAM), indexed like `Topology::nodes`.
     pub overhead_bytes_per_node: Vec<u64>,
+    /// The part of the overhead that is the process's own anonymous memory (heap,
+    /// thread stacks, other anonymous mappings), indexed like `Topology::nodes`: what
+    /// `MigrateProcessMemory` can bring home. Pages of shared files (the program,
+    /// libraries) are page cache of every process mapping them and are left out.
+    #[serde(default)]
+    pub own_overhead_bytes_per_node: Vec<u64>,
     /// Host virtual address ranges `(start, len)` of guest RAM, for mapping guest
     /// fault addresses and planning region moves.
     pub guest_ranges: Vec<(u64, u64)>,

@@ -30,7 +30,9 @@ pub const PREFIX: &str = "@@VMBLAB@@ ";
 pub struct VmTruth {
     pub name: String,
     pub pid: u32,
-    /// Bytes of the VM on each node.
+    /// Bytes of the VM's own memory on each node (anonymous, memfd and hugetlb
+    /// mappings of its process: guest RAM, heap, stacks; not shared program and
+    /// library pages).
     pub bytes_per_node: Vec<u64>,
     /// vCPU CPU time per node since the previous sample, in clock ticks.
     pub vcpu_ticks_per_node: Vec<u64>,

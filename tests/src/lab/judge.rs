@@ -48,8 +48,8 @@ pub fn vcpu_home_nodes(vm: &VmTruth) -> Vec<usize> {
 /// Pages misplaced at the start: the fewest page moves that turn each VM's memory
 /// layout at the first sample (t = 0) into its layout at the last sample, i.e. for
 /// each node the pages that left it, `sum over nodes of max(0, start - end)`, in
-/// [`PAGE_BYTES`] pages, summed over VMs (numa_maps of the whole process: guest RAM
-/// plus a few MiB of program). A balancer that moves every page at most once moves
+/// [`PAGE_BYTES`] pages, summed over VMs (the process's own memory in numa_maps: guest
+/// RAM, heap and stacks; shared program and library pages are not counted). A balancer that moves every page at most once moves
 /// exactly these. Judged on memory, not on where vCPUs ran last: the last interval
 /// may include the balancer's exit, when CPU sets are put back.
 pub fn misplaced_pages_at_start(samples: &[Sample]) -> u64 {

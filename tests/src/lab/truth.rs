@@ -121,6 +121,31 @@ pub fn numa_maps_bytes_per_node(text: &str, n_nodes: usize) -> Vec<u64> {
     out
 }
 
+/// Whether a `numa_maps` line is the process's own memory: anonymous mappings (guest
+/// RAM, heap, stacks), memfd and hugetlb (numa_maps names it `file=/anon_hugepage` or
+/// by its hugetlbfs path, with the `huge` flag). Mappings of ordinary files (the
+/// program, shared libraries) are left out: their pages are page cache shared with
+/// every other process mapping the same file, which `move_pages` does not move for
+/// one process and no balancer should.
+fn is_private_memory(line: &str) -> bool {
+    let mut words = line.split_whitespace().skip(2);
+    match words.find_map(|w| w.strip_prefix("file=")) {
+        None => true,
+        Some(path) => path.starts_with("/memfd:") || line.split_whitespace().any(|w| w == "huge"),
+    }
+}
+
+/// Like [`numa_maps_bytes_per_node`], counting only the process's own memory
+/// ([`is_private_memory`]): what the lab calls a VM's memory.
+pub fn numa_maps_private_bytes_per_node(text: &str, n_nodes: usize) -> Vec<u64> {
+    let private: String = text
+        .lines()
+        .filter(|l| is_private_memory(l))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    numa_maps_bytes_per_node(&private, n_nodes)
+}
+
 /// The fields of `/proc/PID/task/TID/stat` the lab uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskStat {
@@ -297,6 +322,17 @@ mod tests {
                     5600 default file=/usr/bin/x mapped=2 N3=2 kernelpagesize_kB=4\n";
         let b = numa_maps_bytes_per_node(text, 4);
         assert_eq!(b, vec![6 * 4096, 3 * 2048 * 1024, 4 * 4096, 2 * 4096]);
+    }
+
+    #[test]
+    fn private_memory_leaves_out_shared_files() {
+        let text = "7f00 default anon=10 dirty=10 N0=6 N2=4 kernelpagesize_kB=4\n\
+                    7f80 default file=/anon_hugepage\\040(deleted) huge dirty=3 N1=3 kernelpagesize_kB=2048\n\
+                    5600 default file=/usr/bin/x mapped=2 mapmax=8 N3=2 kernelpagesize_kB=4\n\
+                    5700 default heap anon=1 dirty=1 N3=1 kernelpagesize_kB=4\n\
+                    7e00 default file=/memfd:ram\\040(deleted) dirty=2 N3=2 kernelpagesize_kB=4\n";
+        let b = numa_maps_private_bytes_per_node(text, 4);
+        assert_eq!(b, vec![6 * 4096, 3 * 2048 * 1024, 4 * 4096, 3 * 4096]);
     }
 
     #[test]

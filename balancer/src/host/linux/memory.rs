@@ -48,6 +48,8 @@ pub struct MemoryReading {
     pub guest_bytes_per_node: BTreeMap<NodeId, u64>,
     /// Everything else the process has resident, per node.
     pub overhead_bytes_per_node: BTreeMap<NodeId, u64>,
+    /// The anonymous part of the overhead (heap, stacks, anonymous mappings), per node.
+    pub own_overhead_bytes_per_node: BTreeMap<NodeId, u64>,
     /// Guest RAM mappings as (start address, length).
     pub guest_ranges: Vec<(u64, u64)>,
     /// Backing as seen in numa_maps (hugetlb page size is exact here).
@@ -129,9 +131,14 @@ pub fn select_guest_ram(
         } else {
             &mut reading.overhead_bytes_per_node
         };
+        let own = !guest && !matches!(m.kind, MappingKind::File(_));
         for (n, b) in bytes {
             let e = target.entry(n).or_default();
             *e = e.saturating_add(b);
+            if own {
+                let e = reading.own_overhead_bytes_per_node.entry(n).or_default();
+                *e = e.saturating_add(b);
+            }
         }
         if guest {
             reading.guest_ranges.push((
@@ -225,6 +232,30 @@ impl MemoryTracker {
         let moved = bytes.min(have);
         map.insert(from, have - moved);
         *map.entry(to).or_default() += moved;
+        t.adjusted_bytes = t.adjusted_bytes.saturating_add(moved);
+    }
+
+    /// Applies a completed move of the process's own memory (not guest RAM) to the
+    /// cached view, like [`MemoryTracker::note_migration`].
+    pub fn note_process_migration(&mut self, pid: u32, from: NodeId, to: NodeId, bytes: u64) {
+        let Some(t) = self.vms.get_mut(&pid) else {
+            return;
+        };
+        let r = &mut t.reading;
+        let have = r
+            .own_overhead_bytes_per_node
+            .get(&from)
+            .copied()
+            .unwrap_or(0);
+        let moved = bytes.min(have);
+        for map in [
+            &mut r.own_overhead_bytes_per_node,
+            &mut r.overhead_bytes_per_node,
+        ] {
+            let left = map.get(&from).copied().unwrap_or(0).saturating_sub(moved);
+            map.insert(from, left);
+            *map.entry(to).or_default() += moved;
+        }
         t.adjusted_bytes = t.adjusted_bytes.saturating_add(moved);
     }
 

@@ -467,6 +467,7 @@ impl LinuxObserver {
             configured_bytes,
             measured_at_ns: tracked.read_at_ns,
             overhead_bytes_per_node: per_node(&tracked.reading.overhead_bytes_per_node),
+            own_overhead_bytes_per_node: per_node(&tracked.reading.own_overhead_bytes_per_node),
             guest_ranges: tracked.reading.guest_ranges.clone(),
         };
 
@@ -622,7 +623,10 @@ impl Observer for LinuxObserver {
             Action::MigrateMemory { from, to, .. } if moved_bytes > 0 => {
                 self.note_migration(action.vm, *from, *to, moved_bytes)
             }
-            Action::MigrateMemory { .. } => {}
+            Action::MigrateProcessMemory { from, to, .. } if moved_bytes > 0 => self
+                .memory
+                .note_process_migration(action.vm, *from, *to, moved_bytes),
+            Action::MigrateMemory { .. } | Action::MigrateProcessMemory { .. } => {}
         }
     }
 }

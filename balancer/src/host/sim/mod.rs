@@ -883,6 +883,11 @@ impl Applier for SimHost {
             };
         }
         match &action.action {
+            // Simulated VMs have no process memory besides guest RAM (their snapshots
+            // report none, so the engine never plans this here).
+            Action::MigrateProcessMemory { .. } => ActionOutcome::Refused {
+                why: "the simulator models no process memory outside guest RAM".into(),
+            },
             Action::SetCpus { vcpus, cpus } => {
                 let mut mask = 0u64;
                 for c in cpus.iter() {

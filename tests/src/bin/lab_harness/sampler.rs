@@ -239,7 +239,7 @@ impl Sampler {
         let mut vms = Vec::new();
         for t in &mut self.tracks {
             let bytes = truth::read_numa_maps(root, t.pid)
-                .map(|m| truth::numa_maps_bytes_per_node(&m, self.n_nodes))
+                .map(|m| truth::numa_maps_private_bytes_per_node(&m, self.n_nodes))
                 .unwrap_or_else(|_| vec![0; self.n_nodes]);
             let main = metrics::main_node(&t.interval_ticks, &t.last_nodes);
             for (n, &ticks) in t.interval_ticks.iter().enumerate() {

@@ -35,14 +35,26 @@ use super::cgroup::{self, SetKind};
 use super::{LinuxApplier, MigrationProgress, sys};
 use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm};
 
-/// Applies `MigrateMemory`.
+/// Which pages of the VM's process a move covers.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// Listed guest RAM regions, in order (the engine lists the hottest first).
+    Regions(&'a [(u64, u64)]),
+    /// Every writable mapping of the process: guest RAM and the rest.
+    WholeVm,
+    /// The process's own anonymous memory outside guest RAM (`MigrateProcessMemory`).
+    ProcessOwn,
+}
+
+/// Applies `MigrateMemory` (scope `Regions` or `WholeVm`) and `MigrateProcessMemory`
+/// (scope `ProcessOwn`).
 pub fn migrate(
     a: &mut LinuxApplier,
     snapshot: &Snapshot,
     vm: &Vm,
     from: NodeId,
     to: NodeId,
-    regions: &[(u64, u64)],
+    scope: Scope<'_>,
     max_bytes: u64,
 ) -> ActionOutcome {
     if from == to {
@@ -55,19 +67,39 @@ pub fn migrate(
     if !node_dir.is_dir() {
         return a.refuse(vm.pid, format!("node {to} does not exist on this host"));
     }
-    let from_bytes = from_node_bytes(snapshot, vm, from);
+    let from_bytes = from_node_bytes(snapshot, vm, from, scope);
     let need_bytes = from_bytes.map_or(max_bytes, |b| b.min(max_bytes));
-    if let Err(why) = check_room(a, snapshot, vm, to, need_bytes, &node_dir) {
+    if let Err(why) = check_room(a, snapshot, vm, to, need_bytes, &node_dir, scope) {
         return a.refuse(vm.pid, why);
     }
 
-    let ranges = if regions.is_empty() {
-        match vm_ranges(&a.cfg.proc_root, vm.pid) {
+    let ranges = match scope {
+        Scope::Regions(regions) => regions.to_vec(),
+        Scope::WholeVm => match writable_ranges(&a.cfg.proc_root, vm.pid, |_| true) {
             Ok(r) => r,
             Err(_) => return a.gone(vm.pid),
+        },
+        Scope::ProcessOwn => {
+            if vm.memory.guest_ranges.is_empty() {
+                return a.refuse(
+                    vm.pid,
+                    "guest RAM is not located, so the process's own memory cannot be told apart"
+                        .into(),
+                );
+            }
+            let own = |m: &Mapping| {
+                m.anonymous
+                    && !vm
+                        .memory
+                        .guest_ranges
+                        .iter()
+                        .any(|&(s, l)| m.start < s.saturating_add(l) && s < m.start + m.len)
+            };
+            match writable_ranges(&a.cfg.proc_root, vm.pid, own) {
+                Ok(r) => r,
+                Err(_) => return a.gone(vm.pid),
+            }
         }
-    } else {
-        regions.to_vec()
     };
 
     let widened = match widen_mems(a, vm, to) {
@@ -87,9 +119,10 @@ pub fn migrate(
     });
 
     // hugetlbfs pages move whole and only through their first address.
-    let step = match vm.memory.backing {
-        MemoryBacking::HugeTlb { page_size_bytes } if page_size_bytes > a.page_size_bytes => {
-            page_size_bytes
+    let step = match (scope, &vm.memory.backing) {
+        (Scope::ProcessOwn, _) => a.page_size_bytes,
+        (_, MemoryBacking::HugeTlb { page_size_bytes }) if *page_size_bytes > a.page_size_bytes => {
+            *page_size_bytes
         }
         _ => a.page_size_bytes,
     };
@@ -107,9 +140,9 @@ pub fn migrate(
     let page = step;
     let moved_bytes = tally.verified_pages * page;
     // Windows after the budget ran out were not scanned: estimate what is left there
-    // from the snapshot (whole-VM moves only; named regions were scanned as needed).
+    // from the snapshot (unnamed moves only; named regions were scanned as needed).
     let mut left_bytes = tally.left_pages * page;
-    if regions.is_empty()
+    if !matches!(scope, Scope::Regions(_))
         && let Some(b) = from_bytes
     {
         left_bytes = left_bytes.max(b.saturating_sub(moved_bytes));
@@ -121,7 +154,8 @@ pub fn migrate(
     // than 20 s after a move that had already left nothing behind. The source stays
     // allowed there; the VM's faults allocate on its home node anyway.
     let narrowing_migrates = matches!(a.cpuset, Some(cgroup::CpusetFs::V2(_)));
-    if regions.is_empty() && tally.left_pages == 0 && !tally.cancelled && !narrowing_migrates {
+    let whole_vm = matches!(scope, Scope::WholeVm);
+    if whole_vm && tally.left_pages == 0 && !tally.cancelled && !narrowing_migrates {
         narrow_mems(a, &widened, from, to);
     }
     // memory_migrate goes back as it was found (mems may stay widened).
@@ -191,9 +225,14 @@ fn set_progress(a: &LinuxApplier, f: impl FnOnce(&mut Option<MigrationProgress>)
     }
 }
 
-fn from_node_bytes(snapshot: &Snapshot, vm: &Vm, from: NodeId) -> Option<u64> {
+/// What the snapshot says the move may find on `from`: guest RAM, or for the
+/// process's own memory the anonymous overhead.
+fn from_node_bytes(snapshot: &Snapshot, vm: &Vm, from: NodeId, scope: Scope<'_>) -> Option<u64> {
     let i = snapshot.topology.node_index(from)?;
-    vm.memory.bytes_per_node.get(i).copied()
+    match scope {
+        Scope::ProcessOwn => vm.memory.own_overhead_bytes_per_node.get(i).copied(),
+        _ => vm.memory.bytes_per_node.get(i).copied(),
+    }
 }
 
 /// Free memory (and huge pages) on the target, double-checked against the node's
@@ -205,8 +244,12 @@ fn check_room(
     to: NodeId,
     need_bytes: u64,
     node_dir: &Path,
+    scope: Scope<'_>,
 ) -> Result<(), String> {
-    if let MemoryBacking::HugeTlb { page_size_bytes } = vm.memory.backing {
+    if let (MemoryBacking::HugeTlb { page_size_bytes }, false) =
+        (&vm.memory.backing, matches!(scope, Scope::ProcessOwn))
+    {
+        let page_size_bytes = *page_size_bytes;
         let free_pages = snapshot
             .topology
             .node(to)
@@ -253,16 +296,30 @@ pub fn read_node_free_bytes(node_dir: &Path) -> Option<u64> {
     })
 }
 
-/// Writable mappings of the process (guest RAM among them), from `/proc/PID/maps`.
-pub fn vm_ranges(proc_root: &Path, pid: u32) -> io::Result<Vec<(u64, u64)>> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("maps"))?;
+/// One writable mapping of `/proc/PID/maps`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub len: u64,
+    /// No file behind it (anonymous, `[heap]`, `[stack]`): the process's own pages.
+    pub anonymous: bool,
+}
+
+/// Kernel-provided mappings no move may touch.
+const KERNEL_MAPPINGS: &[&str] = &["[vsyscall]", "[vvar]", "[vdso]", "[uprobes]"];
+
+/// Writable mappings of a `maps` text, in order, kernel-provided ones left out.
+pub fn parse_writable(text: &str) -> Vec<Mapping> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
             continue;
         };
-        if !perms.starts_with("rw") || line.ends_with("[vsyscall]") {
+        let name = f.next();
+        if !perms.starts_with("rw") || name.is_some_and(|n| KERNEL_MAPPINGS.contains(&n)) {
             continue;
         }
         let Some((s, e)) = range.split_once('-') else {
@@ -271,10 +328,30 @@ pub fn vm_ranges(proc_root: &Path, pid: u32) -> io::Result<Vec<(u64, u64)>> {
         if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
             && e > s
         {
-            out.push((s, e - s));
+            out.push(Mapping {
+                start: s,
+                len: e - s,
+                // `[heap]`, `[stack]`, `[anon:NAME]`; not `[anon_shmem:NAME]` (shared).
+                anonymous: inode == "0"
+                    && name.is_none_or(|n| n.starts_with('[') && !n.starts_with("[anon_shmem")),
+            });
         }
     }
-    Ok(out)
+    out
+}
+
+/// Writable mappings of the process that `keep` accepts, as `(start, len)`.
+pub fn writable_ranges(
+    proc_root: &Path,
+    pid: u32,
+    keep: impl Fn(&Mapping) -> bool,
+) -> io::Result<Vec<(u64, u64)>> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("maps"))?;
+    Ok(parse_writable(&text)
+        .into_iter()
+        .filter(|m| keep(m))
+        .map(|m| (m.start, m.len))
+        .collect())
 }
 
 /// `cpuset.mems` of the VM's groups around a move: each group, its set before and
@@ -684,9 +761,29 @@ mod tests {
     fn reads_node_free_memory_and_own_maps() {
         let free = read_node_free_bytes(Path::new("/sys/devices/system/node/node0"));
         assert!(free.unwrap() > 0);
-        let ranges = vm_ranges(Path::new("/proc"), std::process::id()).unwrap();
+        let ranges = writable_ranges(Path::new("/proc"), std::process::id(), |_| true).unwrap();
         assert!(!ranges.is_empty());
         assert!(ranges.iter().all(|(_, len)| *len > 0));
+    }
+
+    #[test]
+    fn writable_mappings_tell_own_memory_from_files() {
+        let maps = "55d0-55e0 r-xp 00000000 08:01 42 /usr/bin/qemu-kvm\n\
+                    55e0-55f0 rw-p 00010000 08:01 42 /usr/bin/qemu-kvm\n\
+                    5600-5700 rw-p 00000000 00:00 0 [heap]\n\
+                    7f00-7f80 rw-p 00000000 00:00 0 \n\
+                    7f80-7f90 rw-s 00000000 00:01 9 /memfd:ram (deleted)\n\
+                    7f90-7fa0 rw-p 00000000 00:00 0 [anon:guest]\n\
+                    7fa0-7fb0 rw-s 00000000 00:01 3 [anon_shmem:x]\n\
+                    7ffd-7ffe rw-p 00000000 00:00 0 [stack]\n\
+                    ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]\n";
+        let own: Vec<u64> = parse_writable(maps)
+            .iter()
+            .filter(|m| m.anonymous)
+            .map(|m| m.start)
+            .collect();
+        assert_eq!(own, vec![0x5600, 0x7f00, 0x7f90, 0x7ffd]);
+        assert_eq!(parse_writable(maps).len(), 7);
     }
 
     #[test]

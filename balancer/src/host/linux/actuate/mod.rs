@@ -387,7 +387,27 @@ impl Applier for LinuxApplier {
                 to,
                 regions,
                 max_bytes,
-            } => memory::migrate(self, snapshot, vm, *from, *to, regions, *max_bytes),
+            } => {
+                let scope = if regions.is_empty() {
+                    memory::Scope::WholeVm
+                } else {
+                    memory::Scope::Regions(regions)
+                };
+                memory::migrate(self, snapshot, vm, *from, *to, scope, *max_bytes)
+            }
+            Action::MigrateProcessMemory {
+                from,
+                to,
+                max_bytes,
+            } => memory::migrate(
+                self,
+                snapshot,
+                vm,
+                *from,
+                *to,
+                memory::Scope::ProcessOwn,
+                *max_bytes,
+            ),
         }
     }
 }
