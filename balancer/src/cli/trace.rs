@@ -49,6 +49,7 @@
 //!     "memory_bytes_per_node": [u64],   // guest RAM resident per node (numa_maps)
 //!     "memory_bytes": u64,
 //!     "overhead_bytes_per_node": [u64], // the rest of the process's resident memory
+//!     "own_overhead_bytes_per_node": [u64], // its anonymous part (stacks, heap)
 //!     "memory_age_s": f64,              // numa_maps is read at a bounded rate
 //!     "cpu_pct": f64,                   // all threads, from /proc stat deltas
 //!     "locality_pct": f64|null,         // guest RAM on the nodes the vCPUs ran on

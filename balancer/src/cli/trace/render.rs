@@ -10,6 +10,12 @@ fn mib(b: u64) -> u64 {
     (b + (1 << 19)) >> 20
 }
 
+/// `a/b/c` MiB per node.
+fn per_node_mib(bytes: &[u64]) -> String {
+    let each: Vec<String> = bytes.iter().map(|&b| mib(b).to_string()).collect();
+    each.join("/")
+}
+
 fn opt(x: Option<f64>, suffix: &str) -> String {
     x.map_or_else(|| "-".to_string(), |v| format!("{v:.1}{suffix}"))
 }
@@ -95,11 +101,12 @@ pub fn render(r: &TraceReport) -> String {
         }
         let _ = writeln!(
             o,
-            "{:>8}   {} backing, {} MiB configured, overhead {} MiB, memory read {:.1} s ago",
+            "{:>8}   {} backing, {} MiB configured, overhead {} MiB (anonymous per node {}), memory read {:.1} s ago",
             "",
             vm.backing,
             mib(vm.configured_bytes),
             mib(vm.overhead_bytes_per_node.iter().sum()),
+            per_node_mib(&vm.own_overhead_bytes_per_node),
             vm.memory_age_s
         );
         if let Some(why) = &vm.pinning_reason {

@@ -68,6 +68,9 @@ pub struct VmReport {
     pub memory_bytes: u64,
     /// Non-guest-RAM resident memory per node, aligned with `nodes`.
     pub overhead_bytes_per_node: Vec<u64>,
+    /// Its anonymous part (vCPU stacks, heap: what `MigrateProcessMemory` moves), per
+    /// node, aligned with `nodes`.
+    pub own_overhead_bytes_per_node: Vec<u64>,
     /// Age of the per-node figures (numa_maps is read at a bounded rate).
     pub memory_age_s: f64,
     /// CPU use of all threads, 100 = one CPU.
@@ -253,6 +256,7 @@ fn vm_report(
         memory_bytes_per_node: vm.memory.bytes_per_node.clone(),
         memory_bytes: mem_total,
         overhead_bytes_per_node: vm.memory.overhead_bytes_per_node.clone(),
+        own_overhead_bytes_per_node: vm.memory.own_overhead_bytes_per_node.clone(),
         memory_age_s: round1(now_ns.saturating_sub(vm.memory.measured_at_ns) as f64 / 1e9),
         cpu_pct: round1(vm.threads_cpu_demand * 100.0),
         locality_pct,
