@@ -145,7 +145,6 @@ impl Ctx<'_> {
         }
         *host_budget -= max_bytes;
         *unit_budget = Some(budget - max_bytes);
-        self.reserved[dst] += max_bytes;
         let recurring = self.take_recurring_reason(u, self.node_id(dst));
         let reason = if let Some(r) = recurring {
             r
@@ -159,11 +158,11 @@ impl Ctx<'_> {
                 target_pct: self.cfg.locality_target_pct,
             }
         };
-        self.state.stats.migrate_actions += 1;
-        self.state.stats.migrate_planned_bytes += max_bytes;
         let (from, to) = (self.node_id(src), self.node_id(dst));
-        self.push(
+        self.push_memory_move(
             u,
+            dst,
+            max_bytes,
             Action::MigrateMemory {
                 from,
                 to,
@@ -173,6 +172,22 @@ impl Ctx<'_> {
             reason,
         );
         Some(max_bytes)
+    }
+
+    /// Plans a memory move of unit `u` bringing `bytes` to node index `dst`: the bytes
+    /// are reserved there and counted in the stats.
+    pub(super) fn push_memory_move(
+        &mut self,
+        u: usize,
+        dst: usize,
+        bytes: u64,
+        action: Action,
+        reason: Reason,
+    ) {
+        self.reserved[dst] += bytes;
+        self.state.stats.migrate_actions += 1;
+        self.state.stats.migrate_planned_bytes += bytes;
+        self.push(u, action, reason);
     }
 
     /// Hot regions of unit `u` outside `home`, hottest first.

@@ -82,21 +82,17 @@ impl Ctx<'_> {
             let mut budget = rate_bytes;
             for (src, bytes) in sources {
                 // Own memory is small pages even for a huge-page VM: plain free memory.
-                let room = self.nodes[home]
-                    .free_bytes
-                    .saturating_sub(self.reserved[home])
-                    .saturating_sub(self.cfg.free_headroom_bytes);
+                let room = self.small_page_room_on(home);
                 let max_bytes = bytes.min(budget).min(room);
                 if max_bytes == 0 {
                     break;
                 }
                 budget -= max_bytes;
-                self.reserved[home] += max_bytes;
-                self.state.stats.migrate_actions += 1;
-                self.state.stats.migrate_planned_bytes += max_bytes;
                 let (from, to) = (self.node_id(src), self.node_id(home));
-                self.push(
+                self.push_memory_move(
                     u,
+                    home,
+                    max_bytes,
                     Action::MigrateProcessMemory {
                         from,
                         to,

@@ -61,6 +61,11 @@ impl Ctx<'_> {
                 .unwrap_or(0)
                 .saturating_sub(self.reserved[n]);
         }
+        self.small_page_room_on(n)
+    }
+
+    /// Room left on node index `n` for small pages (0 when below the headroom).
+    pub fn small_page_room_on(&self, n: usize) -> u64 {
         self.nodes[n]
             .free_bytes
             .saturating_sub(self.reserved[n])

@@ -97,8 +97,12 @@ pub fn cpu_to_node(nodes: &[NodeInfo]) -> BTreeMap<u32, usize> {
 /// Sums a `numa_maps` file into bytes per node (index = node id), honouring
 /// `kernelpagesize_kB` (hugetlb mappings count 2 MiB pages).
 pub fn numa_maps_bytes_per_node(text: &str, n_nodes: usize) -> Vec<u64> {
+    lines_bytes_per_node(text.lines(), n_nodes)
+}
+
+fn lines_bytes_per_node<'a>(lines: impl Iterator<Item = &'a str>, n_nodes: usize) -> Vec<u64> {
     let mut out = vec![0u64; n_nodes];
-    for line in text.lines() {
+    for line in lines {
         let page_kb = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("kernelpagesize_kB="))
@@ -138,12 +142,7 @@ fn is_private_memory(line: &str) -> bool {
 /// Like [`numa_maps_bytes_per_node`], counting only the process's own memory
 /// ([`is_private_memory`]): what the lab calls a VM's memory.
 pub fn numa_maps_private_bytes_per_node(text: &str, n_nodes: usize) -> Vec<u64> {
-    let private: String = text
-        .lines()
-        .filter(|l| is_private_memory(l))
-        .flat_map(|l| [l, "\n"])
-        .collect();
-    numa_maps_bytes_per_node(&private, n_nodes)
+    lines_bytes_per_node(text.lines().filter(|l| is_private_memory(l)), n_nodes)
 }
 
 /// The fields of `/proc/PID/task/TID/stat` the lab uses.

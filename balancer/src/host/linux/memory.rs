@@ -163,6 +163,16 @@ pub fn select_guest_ram(
     Ok(reading)
 }
 
+/// Moves up to `bytes` of `map` from node `from` to node `to`, never more than `from`
+/// holds; returns the bytes moved.
+fn shift(map: &mut BTreeMap<NodeId, u64>, from: NodeId, to: NodeId, bytes: u64) -> u64 {
+    let have = map.get(&from).copied().unwrap_or(0);
+    let moved = bytes.min(have);
+    map.insert(from, have - moved);
+    *map.entry(to).or_default() += moved;
+    moved
+}
+
 /// The last reading of one VM and how fresh it is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrackedMemory {
@@ -227,11 +237,7 @@ impl MemoryTracker {
         let Some(t) = self.vms.get_mut(&pid) else {
             return;
         };
-        let map = &mut t.reading.guest_bytes_per_node;
-        let have = map.get(&from).copied().unwrap_or(0);
-        let moved = bytes.min(have);
-        map.insert(from, have - moved);
-        *map.entry(to).or_default() += moved;
+        let moved = shift(&mut t.reading.guest_bytes_per_node, from, to, bytes);
         t.adjusted_bytes = t.adjusted_bytes.saturating_add(moved);
     }
 
@@ -242,20 +248,8 @@ impl MemoryTracker {
             return;
         };
         let r = &mut t.reading;
-        let have = r
-            .own_overhead_bytes_per_node
-            .get(&from)
-            .copied()
-            .unwrap_or(0);
-        let moved = bytes.min(have);
-        for map in [
-            &mut r.own_overhead_bytes_per_node,
-            &mut r.overhead_bytes_per_node,
-        ] {
-            let left = map.get(&from).copied().unwrap_or(0).saturating_sub(moved);
-            map.insert(from, left);
-            *map.entry(to).or_default() += moved;
-        }
+        let moved = shift(&mut r.own_overhead_bytes_per_node, from, to, bytes);
+        shift(&mut r.overhead_bytes_per_node, from, to, moved);
         t.adjusted_bytes = t.adjusted_bytes.saturating_add(moved);
     }
 

@@ -148,6 +148,17 @@ impl MapsEntry {
     pub fn len_bytes(&self) -> u64 {
         self.end_addr.saturating_sub(self.start_addr)
     }
+
+    pub fn is_writable(&self) -> bool {
+        self.perms.starts_with("rw")
+    }
+
+    /// No file behind it: anonymous, `[heap]`, `[stack]`, `[anon:NAME]` (not
+    /// `[anon_shmem:NAME]`, which is shared). The process's own pages.
+    pub fn is_anonymous(&self) -> bool {
+        self.path.is_empty()
+            || (self.path.starts_with('[') && !self.path.starts_with("[anon_shmem"))
+    }
 }
 
 /// Parses one maps line: `start-end perms offset dev inode [path]`.

@@ -28,11 +28,12 @@
 //! Refusals happen before anything changes: unknown or memory-less target node, not
 //! enough free memory above the headroom, no free huge pages of the VM's size.
 
-use std::io;
 use std::path::{Path, PathBuf};
 
 use super::cgroup::{self, SetKind};
 use super::{LinuxApplier, MigrationProgress, sys};
+use crate::host::linux::HostError;
+use crate::host::linux::numa_maps::{MapsEntry, read_maps};
 use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm};
 
 /// Which pages of the VM's process a move covers.
@@ -69,16 +70,19 @@ pub fn migrate(
     }
     let from_bytes = from_node_bytes(snapshot, vm, from, scope);
     let need_bytes = from_bytes.map_or(max_bytes, |b| b.min(max_bytes));
-    if let Err(why) = check_room(a, snapshot, vm, to, need_bytes, &node_dir, scope) {
+    // Guest RAM on hugetlbfs moves in huge pages; the process's own memory never does.
+    let huge_page_bytes = match (scope, &vm.memory.backing) {
+        (Scope::ProcessOwn, _) => None,
+        (_, MemoryBacking::HugeTlb { page_size_bytes }) => Some(*page_size_bytes),
+        _ => None,
+    };
+    if let Err(why) = check_room(a, snapshot, to, need_bytes, &node_dir, huge_page_bytes) {
         return a.refuse(vm.pid, why);
     }
 
     let ranges = match scope {
-        Scope::Regions(regions) => regions.to_vec(),
-        Scope::WholeVm => match writable_ranges(&a.cfg.proc_root, vm.pid, |_| true) {
-            Ok(r) => r,
-            Err(_) => return a.gone(vm.pid),
-        },
+        Scope::Regions(regions) => Ok(regions.to_vec()),
+        Scope::WholeVm => writable_ranges(&a.cfg.proc_root, vm.pid, |_| true),
         Scope::ProcessOwn => {
             if vm.memory.guest_ranges.is_empty() {
                 return a.refuse(
@@ -87,19 +91,21 @@ pub fn migrate(
                         .into(),
                 );
             }
-            let own = |m: &Mapping| {
-                m.anonymous
+            let own = |m: &MapsEntry| {
+                m.is_anonymous()
                     && !vm
                         .memory
                         .guest_ranges
                         .iter()
-                        .any(|&(s, l)| m.start < s.saturating_add(l) && s < m.start + m.len)
+                        .any(|&(s, l)| m.start_addr < s.saturating_add(l) && s < m.end_addr)
             };
-            match writable_ranges(&a.cfg.proc_root, vm.pid, own) {
-                Ok(r) => r,
-                Err(_) => return a.gone(vm.pid),
-            }
+            writable_ranges(&a.cfg.proc_root, vm.pid, own)
         }
+    };
+    let ranges = match ranges {
+        Ok(r) => r,
+        Err(e) if e.is_vanished() => return a.gone(vm.pid),
+        Err(e) => return a.refuse(vm.pid, e.to_string()),
     };
 
     let widened = match widen_mems(a, vm, to) {
@@ -119,13 +125,9 @@ pub fn migrate(
     });
 
     // hugetlbfs pages move whole and only through their first address.
-    let step = match (scope, &vm.memory.backing) {
-        (Scope::ProcessOwn, _) => a.page_size_bytes,
-        (_, MemoryBacking::HugeTlb { page_size_bytes }) if *page_size_bytes > a.page_size_bytes => {
-            *page_size_bytes
-        }
-        _ => a.page_size_bytes,
-    };
+    let step = huge_page_bytes
+        .filter(|&p| p > a.page_size_bytes)
+        .unwrap_or(a.page_size_bytes);
     let started = std::time::Instant::now();
     let result = batched_move(a, vm, from, to, &ranges, max_bytes, step);
     set_progress(a, |p| *p = None);
@@ -240,16 +242,12 @@ fn from_node_bytes(snapshot: &Snapshot, vm: &Vm, from: NodeId, scope: Scope<'_>)
 fn check_room(
     a: &LinuxApplier,
     snapshot: &Snapshot,
-    vm: &Vm,
     to: NodeId,
     need_bytes: u64,
     node_dir: &Path,
-    scope: Scope<'_>,
+    huge_page_bytes: Option<u64>,
 ) -> Result<(), String> {
-    if let (MemoryBacking::HugeTlb { page_size_bytes }, false) =
-        (&vm.memory.backing, matches!(scope, Scope::ProcessOwn))
-    {
-        let page_size_bytes = *page_size_bytes;
+    if let Some(page_size_bytes) = huge_page_bytes {
         let free_pages = snapshot
             .topology
             .node(to)
@@ -296,61 +294,17 @@ pub fn read_node_free_bytes(node_dir: &Path) -> Option<u64> {
     })
 }
 
-/// One writable mapping of `/proc/PID/maps`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mapping {
-    pub start: u64,
-    pub len: u64,
-    /// No file behind it (anonymous, `[heap]`, `[stack]`): the process's own pages.
-    pub anonymous: bool,
-}
-
-/// Kernel-provided mappings no move may touch.
-const KERNEL_MAPPINGS: &[&str] = &["[vsyscall]", "[vvar]", "[vdso]", "[uprobes]"];
-
-/// Writable mappings of a `maps` text, in order, kernel-provided ones left out.
-pub fn parse_writable(text: &str) -> Vec<Mapping> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        let name = f.next();
-        if !perms.starts_with("rw") || name.is_some_and(|n| KERNEL_MAPPINGS.contains(&n)) {
-            continue;
-        }
-        let Some((s, e)) = range.split_once('-') else {
-            continue;
-        };
-        if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
-            && e > s
-        {
-            out.push(Mapping {
-                start: s,
-                len: e - s,
-                // `[heap]`, `[stack]`, `[anon:NAME]`; not `[anon_shmem:NAME]` (shared).
-                anonymous: inode == "0"
-                    && name.is_none_or(|n| n.starts_with('[') && !n.starts_with("[anon_shmem")),
-            });
-        }
-    }
-    out
-}
-
-/// Writable mappings of the process that `keep` accepts, as `(start, len)`.
-pub fn writable_ranges(
+/// Writable mappings of the process that `keep` accepts, as `(start, len)`. Kernel
+/// mappings (`[vsyscall]`, `[vdso]`, `[vvar]`) are never writable.
+fn writable_ranges(
     proc_root: &Path,
     pid: u32,
-    keep: impl Fn(&Mapping) -> bool,
-) -> io::Result<Vec<(u64, u64)>> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("maps"))?;
-    Ok(parse_writable(&text)
+    keep: impl Fn(&MapsEntry) -> bool,
+) -> Result<Vec<(u64, u64)>, HostError> {
+    Ok(read_maps(proc_root, pid)?
         .into_iter()
-        .filter(|m| keep(m))
-        .map(|m| (m.start, m.len))
+        .filter(|m| m.is_writable() && m.len_bytes() > 0 && keep(m))
+        .map(|m| (m.start_addr, m.len_bytes()))
         .collect())
 }
 
@@ -767,7 +721,7 @@ mod tests {
     }
 
     #[test]
-    fn writable_mappings_tell_own_memory_from_files() {
+    fn own_memory_is_the_anonymous_writable_mappings() {
         let maps = "55d0-55e0 r-xp 00000000 08:01 42 /usr/bin/qemu-kvm\n\
                     55e0-55f0 rw-p 00010000 08:01 42 /usr/bin/qemu-kvm\n\
                     5600-5700 rw-p 00000000 00:00 0 [heap]\n\
@@ -777,13 +731,15 @@ mod tests {
                     7fa0-7fb0 rw-s 00000000 00:01 3 [anon_shmem:x]\n\
                     7ffd-7ffe rw-p 00000000 00:00 0 [stack]\n\
                     ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]\n";
-        let own: Vec<u64> = parse_writable(maps)
+        let maps = crate::host::linux::numa_maps::parse_maps(maps).unwrap();
+        let writable: Vec<&MapsEntry> = maps.iter().filter(|m| m.is_writable()).collect();
+        assert_eq!(writable.len(), 7);
+        let own: Vec<u64> = writable
             .iter()
-            .filter(|m| m.anonymous)
-            .map(|m| m.start)
+            .filter(|m| m.is_anonymous())
+            .map(|m| m.start_addr)
             .collect();
         assert_eq!(own, vec![0x5600, 0x7f00, 0x7f90, 0x7ffd]);
-        assert_eq!(parse_writable(maps).len(), 7);
     }
 
     #[test]
