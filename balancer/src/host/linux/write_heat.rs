@@ -436,7 +436,7 @@ pub fn soft_dirty_works() -> bool {
     };
     let mut e = [0u8; 8];
     let ok = file.read_exact_at(&mut e, addr / PAGE_BYTES * 8).is_ok()
-        && u64::from_le_bytes(e) & SOFT_DIRTY_BIT != 0;
+        && entry(&e) & SOFT_DIRTY_BIT != 0;
     std::hint::black_box(&page);
     ok
 }
