@@ -356,6 +356,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             d.ticks += 1;
             d.uptime_ms = self.started.elapsed().as_millis() as u64;
             d.last_tick_ns = t0.elapsed().as_nanos() as u64;
+            d.max_tick_ns = d.max_tick_ns.max(d.last_tick_ns);
             d.cpu_time_ns = cpu_ns;
             d.rss_bytes = rss;
             s.snapshot = Some(snap);
@@ -441,8 +442,16 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     pub fn run_blocking(&mut self, notifier: &Notifier) {
         let tick = Duration::from_millis(self.cfg.tick_ms);
         let mut ready = false;
+        let mut due: Option<Instant> = None;
         while !self.shutdown.is_set() {
             let start = Instant::now();
+            if let Some(late) = due.map(|d| start.saturating_duration_since(d))
+                && let Ok(mut s) = self.shared.lock()
+            {
+                let d = &mut s.status.daemon;
+                d.max_tick_late_ns = d.max_tick_late_ns.max(late.as_nanos() as u64);
+            }
+            due = Some(start + tick);
             let r = self.tick();
             if !ready {
                 let _ = notifier.ready(&format!(

@@ -40,6 +40,12 @@ pub struct DaemonInfo {
     pub uptime_ms: u64,
     /// Duration of the last tick (observe + plan + apply).
     pub last_tick_ns: u64,
+    /// Longest tick so far (observe + plan + apply, memory moves included).
+    #[serde(default)]
+    pub max_tick_ns: u64,
+    /// Most a tick started after it was due (one tick after the previous start).
+    #[serde(default)]
+    pub max_tick_late_ns: u64,
     /// Observations that failed (host-wide errors).
     pub observe_errors: u64,
     /// User + system CPU time of the daemon (`/proc/self/stat`).
@@ -217,14 +223,17 @@ pub fn render_text(doc: &StatusDoc) -> String {
     let d = &doc.daemon;
     let _ = writeln!(
         s,
-        "vmbalancer {} (pid {}){}: up {:.0} s, {} ticks of {} ms, last tick {:.2} ms",
+        "vmbalancer {} (pid {}){}: up {:.0} s, {} ticks of {} ms, last tick {:.2} ms \
+         (longest {:.0} ms, started at most {:.0} ms late)",
         d.version,
         d.pid,
         if d.dry_run { ", DRY RUN" } else { "" },
         d.uptime_ms as f64 / 1000.0,
         d.ticks,
         d.tick_ms,
-        d.last_tick_ns as f64 / 1e6
+        d.last_tick_ns as f64 / 1e6,
+        d.max_tick_ns as f64 / 1e6,
+        d.max_tick_late_ns as f64 / 1e6
     );
     let _ = writeln!(
         s,

@@ -91,6 +91,24 @@ pub struct Summary {
     pub run_s: f64,
 }
 
+/// One measurement of the mover benchmark (`cargo xtask lab bench-mover`): one way
+/// of moving the guest RAM of one layout's VMs to other nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoverBench {
+    /// The layout: page size, VM size and count (e.g. `4k 256M x1`).
+    pub layout: String,
+    /// How the pages were moved (e.g. `migratepages`, `vmbalancer`).
+    pub method: String,
+    /// Base pages the kernel migrated (/proc/vmstat pgmigrate_success delta).
+    pub pages: u64,
+    /// Wall time from the first call to the last return.
+    pub seconds: f64,
+    /// Share of the VMs' guest RAM on the target nodes afterwards.
+    pub on_target: f64,
+    /// Calls into the kernel that moved pages (syscalls or processes).
+    pub calls: u64,
+}
+
 /// One result line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -115,6 +133,7 @@ pub enum Record {
         text: String,
     },
     Summary(Summary),
+    MoverBench(MoverBench),
     /// A captured file for tests/fixtures (path relative to the guest root).
     Capture {
         path: String,

@@ -12,7 +12,7 @@
 //! `-name guest=NAME[,...]`, `-smp N`, `-m MiB[M|G]`, and the lab's own
 //! `-lab-placement default|node|scattered|interleave`, `-lab-node N`,
 //! `-lab-chunk-mib N`, `-lab-hot-fraction F`, `-lab-hot-offset F`, `-lab-hot-pct P`,
-//! `-lab-hugetlb`,
+//! `-lab-hugetlb`, `-lab-small-pages`,
 //! `-lab-phases AT:DUTY[,AT:DUTY...]`, `-lab-progress FILE`.
 //!
 //! Progress: every second the I/O thread rewrites FILE (atomically) with one JSON
@@ -46,6 +46,7 @@ struct Opts {
     hot_offset: f64,
     hot_pct: f64,
     hugetlb: bool,
+    small_pages: bool,
     phases: Vec<(f64, f64)>,
     progress: Option<PathBuf>,
 }
@@ -62,6 +63,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
         hot_offset: 0.0,
         hot_pct: 95.0,
         hugetlb: false,
+        small_pages: false,
         phases: vec![(0.0, 100.0)],
         progress: None,
     };
@@ -107,6 +109,10 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
             "-lab-hot-pct" => o.hot_pct = need()?.parse().context("-lab-hot-pct")?,
             "-lab-hugetlb" => {
                 o.hugetlb = true;
+                used_value = false;
+            }
+            "-lab-small-pages" => {
+                o.small_pages = true;
                 used_value = false;
             }
             "-lab-phases" => o.phases = parse_phases(&need()?)?,
@@ -187,8 +193,9 @@ unsafe impl Sync for GuestMemory {}
 impl GuestMemory {
     /// Maps guest RAM the way qemu does for anonymous memory: aligned to 2 MiB and
     /// advised MADV_HUGEPAGE, so the kernel backs it with transparent huge pages
-    /// where it can (real guests run on THP unless the host turned it off).
-    fn map(len: usize, hugetlb: bool) -> anyhow::Result<Self> {
+    /// where it can (real guests run on THP unless the host turned it off), or
+    /// MADV_NOHUGEPAGE with `small_pages` (a host with THP off).
+    fn map(len: usize, hugetlb: bool, small_pages: bool) -> anyhow::Result<Self> {
         let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         if hugetlb {
             flags |= libc::MAP_HUGETLB;
@@ -228,7 +235,12 @@ impl GuestMemory {
                 }
                 base = aligned as *mut u8;
                 // Advice only: a kernel without THP keeps 4 KiB pages.
-                libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE);
+                let advice = if small_pages {
+                    libc::MADV_NOHUGEPAGE
+                } else {
+                    libc::MADV_HUGEPAGE
+                };
+                libc::madvise(base.cast(), len, advice);
             }
         }
         Ok(Self {
@@ -364,7 +376,7 @@ fn main() -> anyhow::Result<()> {
     if o.hugetlb {
         len = len.div_ceil(HUGE_PAGE) * HUGE_PAGE;
     }
-    let mem = Arc::new(GuestMemory::map(len, o.hugetlb)?);
+    let mem = Arc::new(GuestMemory::map(len, o.hugetlb, o.small_pages)?);
     place(&mem, &o, &nodes)?;
     let o = Arc::new(o);
     let start = Instant::now();
@@ -447,7 +459,7 @@ mod tests {
         // On a one-node host everything lands on node 0; the point is that the
         // policy calls succeed and every page is faulted in.
         let o = parse_args(&args("-m 8 -lab-placement scattered -lab-chunk-mib 2")).unwrap();
-        let mem = GuestMemory::map(8 << 20, false).unwrap();
+        let mem = GuestMemory::map(8 << 20, false, false).unwrap();
         place(&mem, &o, &[0]).unwrap();
         mem.touch(mem.pages() - 1, 12345);
     }

@@ -7,4 +7,6 @@
 //! toolchain, while xtask must build first). They are re-exported here so the
 //! harness and the judges name them as parts of the lab.
 
-pub use lab_protocol::{MalformedLine, PREFIX, Record, Sample, Summary, VmTruth, parse_line};
+pub use lab_protocol::{
+    MalformedLine, MoverBench, PREFIX, Record, Sample, Summary, VmTruth, parse_line,
+};

@@ -165,6 +165,9 @@ pub struct VmSpec {
     pub hot_offset: f64,
     pub hot_access_pct: f64,
     pub hugetlb: bool,
+    /// Back guest RAM with 4 KiB pages only (MADV_NOHUGEPAGE), as qemu on a host
+    /// whose transparent huge pages are off. Default false: THP where the kernel can.
+    pub small_pages: bool,
     pub phases: Vec<Phase>,
     /// Put the VM in a libvirt-style cgroup `machine.slice/machine-qemu\x2dN\x2dNAME.scope`.
     pub cgroup: bool,
@@ -188,6 +191,7 @@ impl Default for VmSpec {
             hot_offset: 0.0,
             hot_access_pct: 95.0,
             hugetlb: false,
+            small_pages: false,
             phases: vec![Phase {
                 at_s: 0.0,
                 duty_pct: 100.0,

@@ -153,7 +153,12 @@ pub fn build_base(work: &Path, bins: &Binaries) -> anyhow::Result<PathBuf> {
         }
         symlink("/bin/busybox", &link)?;
     }
-    for tool in ["/usr/bin/numad", "/usr/bin/numactl", "/usr/bin/numastat"] {
+    for tool in [
+        "/usr/bin/numad",
+        "/usr/bin/numactl",
+        "/usr/bin/numastat",
+        "/usr/bin/migratepages",
+    ] {
         let src = Path::new(tool);
         if src.exists() {
             let dst = root.join(&tool[1..]);

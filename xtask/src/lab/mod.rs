@@ -15,8 +15,10 @@
 //! - `cargo xtask lab --compare scattered --balancers none,autonuma,numad [--out FILE]`
 //! - `cargo xtask lab capture [SCENARIO] [--capture-at-s S] [--capture-vms N]`
 //! - `cargo xtask lab demo`
+//! - `cargo xtask lab bench-mover [--out FILE]` (the page mover against `migratepages`)
 //! - `cargo xtask lab ci` (what CI runs: [`CI_SCENARIOS`])
 
+mod bench_mover;
 mod capture;
 mod compare;
 mod host;
@@ -217,6 +219,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Some("bench-mover") => bench_mover::run(&lab, args.out.as_deref()),
         Some("demo") => {
             println!(
                 "vmbalancer lab demo: fake VMs scattered over 4 NUMA nodes, one boot per balancer."

@@ -6,7 +6,7 @@
 //! and the eBPF toolchain, and xtask must build first). Record types and fields the
 //! host does not know are tolerated there, so a newer guest does not break the host.
 
-pub use lab_protocol::{Record, Sample, Summary, parse_line};
+pub use lab_protocol::{MoverBench, Record, Sample, Summary, parse_line};
 
 /// Drops ANSI escape sequences (the firmware clears the screen on boot).
 fn strip_ansi(line: &str) -> String {
@@ -95,6 +95,16 @@ pub fn render(line: &str) -> Option<String> {
             s.pgmigrate_success,
             s.cpu_balance,
             s.touches_per_vcpu_s
+        ),
+        Record::MoverBench(b) => format!(
+            "bench-mover: {} | {}: {} pages in {:.2} s ({:.0} pages/s), {:.3} on target, {} calls",
+            b.layout,
+            b.method,
+            b.pages,
+            b.seconds,
+            b.pages as f64 / b.seconds.max(1e-9),
+            b.on_target,
+            b.calls
         ),
         Record::Capture { .. } => return None,
         Record::Done { ok, failed } => {

@@ -26,6 +26,8 @@ pub struct RunResult {
     pub summary: Option<results::Summary>,
     pub captures: Vec<(String, String)>,
     pub samples: Vec<results::Sample>,
+    /// Rows of the mover benchmark (`--bench-mover` runs only).
+    pub bench: Vec<results::MoverBench>,
     pub boot_s: f64,
     pub init_s: Option<f64>,
 }
@@ -123,6 +125,7 @@ impl Lab {
         let mut summary = None;
         let mut captures = Vec::new();
         let mut samples = Vec::new();
+        let mut bench = Vec::new();
         let mut malformed = 0usize;
         for line in &boot.lines {
             match results::parse_line(line) {
@@ -130,6 +133,7 @@ impl Lab {
                 Ok(Some(results::Record::Summary(s))) => summary = Some(s),
                 Ok(Some(results::Record::Capture { path, data })) => captures.push((path, data)),
                 Ok(Some(results::Record::Sample(s))) => samples.push(s),
+                Ok(Some(results::Record::MoverBench(b))) => bench.push(b),
                 Ok(_) => {}
                 Err(e) => {
                     malformed += 1;
@@ -148,6 +152,7 @@ impl Lab {
             summary,
             captures,
             samples,
+            bench,
             boot_s: boot.elapsed.as_secs_f64(),
             init_s: boot.init_after.map(|d| d.as_secs_f64()),
         };

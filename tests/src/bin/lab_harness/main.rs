@@ -11,6 +11,7 @@
 //! assertion that may fail the scenario held.
 
 mod balancer;
+mod bench_mover;
 mod capture;
 mod checks;
 mod command;
@@ -53,6 +54,9 @@ struct Args {
     /// How many VMs' /proc trees to capture.
     #[arg(long, default_value_t = 3)]
     capture_vms: usize,
+    /// Run the mover benchmark (see `bench_mover`) instead of the scenario's VMs.
+    #[arg(long)]
+    bench_mover: bool,
 }
 
 /// Prints one result line on the console.
@@ -108,6 +112,16 @@ fn run() -> anyhow::Result<bool> {
 
     for a in scenario.assertions.iter().filter(|a| a.is_boot_time()) {
         verdict.record(checks::boot_check(a, &nodes));
+    }
+    if args.bench_mover {
+        let ok = bench_mover::run(&nodes)?;
+        verdict.record(checks::Outcome {
+            name: "bench-mover".into(),
+            ok,
+            allowed_failure: false,
+            detail: "every method left >= 99 % of guest RAM on the target nodes".into(),
+        });
+        return Ok(verdict.finish());
     }
     if scenario.vms.is_empty() {
         return Ok(verdict.finish());

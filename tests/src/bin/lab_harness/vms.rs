@@ -187,6 +187,9 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
     if s.hugetlb {
         args.push("-lab-hugetlb".into());
     }
+    if s.small_pages {
+        args.push("-lab-small-pages".into());
+    }
     args
 }
 

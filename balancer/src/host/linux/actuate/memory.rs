@@ -1,22 +1,10 @@
 //! Moving a VM's memory between nodes, and reading the result back.
 //!
-//! Lazy and hot-first: the planned regions are moved in their order (the engine lists
-//! the hottest first), window by window: each 2 MiB window is queried with
-//! move_pages(nodes = NULL) so only pages really on the source node are moved, in
-//! batches of `batch_pages`, and each batch is queried again afterwards so only pages
-//! found on the target are counted. A shared rate limit ([`super::rate`]) spaces
-//! batches, and a shutdown stops between two batches.
-//!
-//! Why several threads: moving a page costs the caller CPU time (unmap, copy, remap,
-//! TLB shootdown), and on a busy host the daemon shares CPUs with the vCPUs it is
-//! balancing. Measured in the 4-node lab guest with every CPU busy, one thread moved
-//! about 5-18 MB/s; windows are therefore handed out in order to
-//! `migration_threads` threads, so hot regions still go first.
-//!
-//! Why not migrate_pages for whole-VM moves: it is one syscall on one thread that
-//! cannot be rate-limited, stopped or spread over threads, it walks every mapping of
-//! the process, and in the lab (6.1 guest, every CPU busy) single calls for 16 MiB
-//! took from 2 s to more than 30 s while the batched path kept moving.
+//! The pages themselves move through [`super::pages`] (hot regions first, large
+//! move_pages calls, several threads, the shared rate limit, only pages seen on the
+//! target counted). This module decides whether a move may start and what it
+//! covers, keeps the VM's cpuset memory nodes in step, and turns the tally into the
+//! action's outcome.
 //!
 //! While pages move, the VM's `cpuset.mems` (when it has a cpuset group) is widened
 //! to include the target, with v1's `memory_migrate` held at 0, so the guest's new
@@ -31,7 +19,8 @@
 use std::path::{Path, PathBuf};
 
 use super::cgroup::{self, SetKind};
-use super::{LinuxApplier, MigrationProgress, sys};
+use super::pages::{self, PageMove};
+use super::{LinuxApplier, MigrationProgress};
 use crate::host::linux::HostError;
 use crate::host::linux::numa_maps::{MapsEntry, read_maps};
 use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm};
@@ -129,12 +118,32 @@ pub fn migrate(
         .filter(|&p| p > a.page_size_bytes)
         .unwrap_or(a.page_size_bytes);
     let started = std::time::Instant::now();
-    let result = batched_move(a, vm, from, to, &ranges, max_bytes, step);
+    let progress = a.progress.clone();
+    let report = |done_bytes: u64| {
+        if let Ok(mut p) = progress.lock()
+            && let Some(p) = p.as_mut().filter(|p| p.vm == vm.pid)
+        {
+            p.moved_bytes = done_bytes.min(p.max_bytes);
+        }
+    };
+    let result = pages::move_pages_between(
+        &PageMove {
+            pid: vm.pid,
+            from,
+            to,
+            ranges: &ranges,
+            page_bytes: step,
+            budget_bytes: max_bytes,
+        },
+        a.mover_settings(),
+        &a.limit,
+        &report,
+    );
     set_progress(a, |p| *p = None);
 
     let tally = match result {
         Ok(t) => t,
-        Err(Gone) => {
+        Err(pages::Gone) => {
             undo_widen(a, &widened);
             return a.gone(vm.pid);
         }
@@ -205,20 +214,6 @@ pub fn migrate(
         };
     }
     ActionOutcome::Done { moved_bytes }
-}
-
-/// The VM exited during the move.
-struct Gone;
-
-#[derive(Debug, Default)]
-struct Tally {
-    /// Pages verified on the target after the move.
-    verified_pages: u64,
-    /// Pages found on the source and not moved (budget, failures).
-    left_pages: u64,
-    failed_pages: u64,
-    first_error: String,
-    cancelled: bool,
 }
 
 fn set_progress(a: &LinuxApplier, f: impl FnOnce(&mut Option<MigrationProgress>)) {
@@ -413,300 +408,6 @@ fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
     }
 }
 
-/// Node of each page (`None` = not present or unmapped).
-fn query(pid: u32, pages: &[u64]) -> Result<Vec<i32>, nix::Error> {
-    let mut status = vec![0i32; pages.len()];
-    sys::move_pages(pid, pages, None, &mut status)?;
-    Ok(status)
-}
-
-fn gone_or(e: nix::Error, t: &mut Tally) -> Result<(), Gone> {
-    if e == nix::Error::ESRCH {
-        return Err(Gone);
-    }
-    if t.first_error.is_empty() {
-        t.first_error = e.to_string();
-    }
-    Ok(())
-}
-
-/// Moves `pages` (all on `from`) to `to` and reads the result back. Returns (pages
-/// now on `to`, pages still elsewhere).
-///
-/// The status array is not trusted alone: with transparent huge pages, moving one
-/// address moves its whole 2 MiB page, and the kernel reports the other addresses of
-/// that huge page as busy (or not at all when it stops early on a failure). What
-/// counts is where each page is afterwards, so the batch is queried again, and pages
-/// still on the source (transiently busy, e.g. under I/O) are tried once more.
-fn move_batch(
-    pid: u32,
-    pages: &[u64],
-    from: NodeId,
-    to: NodeId,
-    t: &mut Tally,
-) -> Result<(u64, u64), Gone> {
-    let mut todo: Vec<u64> = pages.to_vec();
-    let mut moved = 0u64;
-    // Pages that neither moved nor stayed on the source in the first attempt.
-    let mut failed_elsewhere = 0u64;
-    for attempt in 0..2 {
-        if todo.is_empty() {
-            break;
-        }
-        let nodes = vec![to as i32; todo.len()];
-        // A value the kernel never writes: entries it did not reach stay visible.
-        let mut st = vec![i32::MIN; todo.len()];
-        let t_move = std::time::Instant::now();
-        if let Err(e) = sys::move_pages(pid, &todo, Some(&nodes), &mut st) {
-            gone_or(e, t)?;
-        }
-        let move_ns = t_move.elapsed().as_nanos() as u64;
-        let t_query = std::time::Instant::now();
-        let after = match query(pid, &todo) {
-            Ok(s) => s,
-            Err(e) => {
-                gone_or(e, t)?;
-                return Ok((moved, todo.len() as u64));
-            }
-        };
-        tracing::trace!(
-            pages = todo.len(),
-            attempt,
-            move_ns,
-            query_ns = t_query.elapsed().as_nanos() as u64,
-            busy = st.iter().filter(|s| **s == -libc::EBUSY).count(),
-            "move_pages batch"
-        );
-        let mut stuck = 0u64;
-        // Only pages still on the source are worth a second try.
-        let mut retry = Vec::new();
-        for ((p, now), reported) in todo.iter().zip(&after).zip(&st) {
-            if *now == to as i32 {
-                moved += 1;
-                continue;
-            }
-            stuck += 1;
-            if *now == from as i32 {
-                retry.push(*p);
-            }
-            if *reported < 0 && *reported != i32::MIN && t.first_error.is_empty() {
-                t.first_error = nix::Error::from_raw(-*reported).to_string();
-            }
-        }
-        if attempt == 1 || retry.is_empty() {
-            if stuck > 0 && t.first_error.is_empty() {
-                t.first_error = "pages stayed on the source node".into();
-            }
-            return Ok((moved, stuck + failed_elsewhere));
-        }
-        stuck -= retry.len() as u64;
-        failed_elsewhere += stuck;
-        todo = retry;
-    }
-    Ok((moved, todo.len() as u64 + failed_elsewhere))
-}
-
-/// Windows of this many bytes, aligned to it, are scanned and moved one at a time,
-/// each by one thread. The 2 MiB huge page size, so a transparent huge page never
-/// straddles two windows and its pages are counted in the window that moved it, and
-/// small enough that even a small move spreads over every thread (one window is one
-/// default batch of 512 pages; hugetlbfs pages get a window of one huge page).
-const WINDOW_BYTES: u64 = 2 << 20;
-
-/// The aligned windows covering `ranges`, in the ranges' order (hottest first).
-fn windows_of(ranges: &[(u64, u64)], page: u64) -> Vec<(u64, u64)> {
-    let window = WINDOW_BYTES.max(page);
-    let mut out = Vec::new();
-    for &(start, len) in ranges {
-        let end = start.saturating_add(len);
-        let mut addr = start / page * page;
-        while addr < end {
-            let win_end = ((addr / window + 1) * window).min(end);
-            out.push((addr, win_end));
-            addr = win_end.div_ceil(page) * page;
-        }
-    }
-    out
-}
-
-/// What the threads of one batched move share.
-struct MoveJob<'a> {
-    pid: u32,
-    from: NodeId,
-    to: NodeId,
-    page: u64,
-    batch: usize,
-    windows: &'a [(u64, u64)],
-    /// Index of the next window to take.
-    next: std::sync::atomic::AtomicUsize,
-    budget_pages: u64,
-    /// Pages reserved from the budget by batches (started or done).
-    reserved: std::sync::atomic::AtomicU64,
-    /// Pages verified on the target so far, for progress.
-    moved: std::sync::atomic::AtomicU64,
-    gone: std::sync::atomic::AtomicBool,
-    limit: &'a super::rate::RateLimit,
-    progress: &'a std::sync::Mutex<Option<MigrationProgress>>,
-}
-
-impl MoveJob<'_> {
-    /// Takes up to `want` pages of the budget; 0 when it is spent.
-    fn reserve(&self, want: u64) -> u64 {
-        use std::sync::atomic::Ordering::SeqCst;
-        let mut cur = self.reserved.load(SeqCst);
-        loop {
-            let take = want.min(self.budget_pages.saturating_sub(cur));
-            if take == 0 {
-                return 0;
-            }
-            match self
-                .reserved
-                .compare_exchange(cur, cur + take, SeqCst, SeqCst)
-            {
-                Ok(_) => return take,
-                Err(now) => cur = now,
-            }
-        }
-    }
-
-    /// One thread's share: windows are taken in order until none is left, the
-    /// budget is spent, the VM is gone or the daemon stops.
-    fn work(&self) -> Tally {
-        use std::sync::atomic::Ordering::SeqCst;
-        let mut t = Tally::default();
-        loop {
-            if self.gone.load(SeqCst) || t.cancelled {
-                break;
-            }
-            let i = self.next.fetch_add(1, SeqCst);
-            let Some(&(start, end)) = self.windows.get(i) else {
-                break;
-            };
-            if self.reserved.load(SeqCst) >= self.budget_pages {
-                break;
-            }
-            if self.window(start, end, &mut t).is_err() {
-                self.gone.store(true, SeqCst);
-                break;
-            }
-        }
-        t
-    }
-
-    fn window(&self, start: u64, end: u64, t: &mut Tally) -> Result<(), Gone> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let pages: Vec<u64> = (0..(end - start).div_ceil(self.page))
-            .map(|i| start + i * self.page)
-            .collect();
-        let t_query = std::time::Instant::now();
-        let status = match query(self.pid, &pages) {
-            Ok(s) => s,
-            Err(e) => return gone_or(e, t),
-        };
-        tracing::trace!(
-            pages = pages.len(),
-            query_ns = t_query.elapsed().as_nanos() as u64,
-            "window scanned"
-        );
-        let on_src: Vec<u64> = pages
-            .iter()
-            .zip(&status)
-            .filter(|(_, s)| **s == self.from as i32)
-            .map(|(p, _)| *p)
-            .collect();
-        let mut chunks = on_src.chunks(self.batch);
-        for chunk in chunks.by_ref() {
-            if !self.limit.wait() {
-                t.cancelled = true;
-                t.left_pages += chunk.len() as u64;
-                break;
-            }
-            let take = self.reserve(chunk.len() as u64) as usize;
-            if take == 0 {
-                t.left_pages += chunk.len() as u64;
-                break;
-            }
-            let (moved, stuck) = move_batch(self.pid, &chunk[..take], self.from, self.to, t)?;
-            // Unused reservation goes back to the budget.
-            self.reserved.fetch_sub(take as u64 - moved, SeqCst);
-            self.limit.spend(moved * self.page);
-            t.verified_pages += moved;
-            t.failed_pages += stuck;
-            t.left_pages += stuck + (chunk.len() - take) as u64;
-            let done = (self.moved.fetch_add(moved, SeqCst) + moved) * self.page;
-            if let Ok(mut p) = self.progress.lock()
-                && let Some(p) = p.as_mut().filter(|p| p.vm == self.pid)
-            {
-                p.moved_bytes = done.min(p.max_bytes);
-            }
-        }
-        // Pages on the source never tried (budget spent, stop asked).
-        t.left_pages += chunks.map(|c| c.len() as u64).sum::<u64>();
-        Ok(())
-    }
-}
-
-impl Tally {
-    fn add(&mut self, o: Tally) {
-        self.verified_pages += o.verified_pages;
-        self.left_pages += o.left_pages;
-        self.failed_pages += o.failed_pages;
-        self.cancelled |= o.cancelled;
-        if self.first_error.is_empty() {
-            self.first_error = o.first_error;
-        }
-    }
-}
-
-/// Moves the pages of `ranges` that are on `from`, window by window, on up to
-/// `migration_threads` threads. Windows are handed out in order, so with the hot
-/// regions listed first they still move first.
-fn batched_move(
-    a: &mut LinuxApplier,
-    vm: &Vm,
-    from: NodeId,
-    to: NodeId,
-    ranges: &[(u64, u64)],
-    max_bytes: u64,
-    page: u64,
-) -> Result<Tally, Gone> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-    let windows = windows_of(ranges, page);
-    let limit = a.limit.clone();
-    let progress = a.progress.clone();
-    let job = MoveJob {
-        pid: vm.pid,
-        from,
-        to,
-        page,
-        batch: a.cfg.batch_pages.max(1) as usize,
-        windows: &windows,
-        next: AtomicUsize::new(0),
-        budget_pages: max_bytes.div_ceil(page),
-        reserved: AtomicU64::new(0),
-        moved: AtomicU64::new(0),
-        gone: AtomicBool::new(false),
-        limit: &limit,
-        progress: &progress,
-    };
-    let threads = a.cfg.migration_threads.clamp(1, windows.len().max(1));
-    let mut t = Tally::default();
-    std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(|| job.work())).collect();
-        t.add(job.work());
-        for h in helpers {
-            // A panicking helper only loses its own count; the pages are where they are.
-            if let Ok(x) = h.join() {
-                t.add(x);
-            }
-        }
-    });
-    if job.gone.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(Gone);
-    }
-    Ok(t)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,15 +441,5 @@ mod tests {
             .map(|m| m.start_addr)
             .collect();
         assert_eq!(own, vec![0x5600, 0x7f00, 0x7f90, 0x7ffd]);
-    }
-
-    #[test]
-    fn query_sees_own_touched_page_on_node_0() {
-        let buf = vec![1u8; 1 << 16];
-        let page = sys::page_size_bytes();
-        let addr = (buf.as_ptr() as u64).div_ceil(page) * page;
-        let s = query(std::process::id(), &[addr]).unwrap();
-        assert_eq!(s, vec![0]);
-        drop(buf);
     }
 }

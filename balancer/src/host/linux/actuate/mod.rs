@@ -5,8 +5,8 @@
 //! - CPU sets of libvirt VMs are written to their cgroup's `vcpuN`/`emulator` groups
 //!   (libvirt would undo, and the cpuset may refuse, a plain sched_setaffinity); plain
 //!   qemu processes get sched_setaffinity on every thread ([`cpus`]).
-//! - Memory moves with move_pages in batches on several threads, hot regions first
-//!   and rate-limited ([`memory`]). While pages move, `cpuset.mems` is widened to old+new so new
+//! - Memory moves with large move_pages batches on several threads, hot regions
+//!   first and rate-limited ([`pages`], planned and checked in [`memory`]). While pages move, `cpuset.mems` is widened to old+new so new
 //!   allocations may land on the target, and narrowed only when nothing is left
 //!   behind: on cgroup v2 narrowing would migrate the rest of the VM at once.
 //! - The sets a VM had when vmbalancer first touched it are recorded
@@ -24,6 +24,7 @@
 pub mod cgroup;
 pub mod cpus;
 pub mod memory;
+pub mod pages;
 pub mod rate;
 pub mod sys;
 
@@ -163,6 +164,14 @@ impl LinuxApplier {
     pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> Self {
         self.limit = Arc::new(rate::RateLimit::new(self.cfg.rate_limit_bytes_per_s, flag));
         self
+    }
+
+    /// How page moves are carried out.
+    pub fn mover_settings(&self) -> pages::MoverSettings {
+        pages::MoverSettings {
+            threads: self.cfg.migration_threads,
+            batch_pages: self.cfg.batch_pages,
+        }
     }
 
     /// The live progress of the current memory move, for status.
