@@ -218,6 +218,14 @@ fn run() -> anyhow::Result<bool> {
     if let Some(problems) = consistency {
         facts.consistency = Some(consistency::after_stop(problems, &guard.state_dir));
     }
+    let (query_total_s, query_max_s) = sampler.query_cost_s();
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "per-page queries took {query_total_s:.2} s over {} samples (longest {query_max_s:.2} s)",
+            sampler.samples().len()
+        ),
+    });
     let mut summary = sampler.summary(balancer.name(), &args.kernel, run_s);
     if let (Some(Ok(status)), Some(t0_ns)) = (&facts.status, sampler.t0_monotonic_ns()) {
         summary.first_cpu_move_status_s = access::first_cpu_move_in_status(status, t0_ns);
