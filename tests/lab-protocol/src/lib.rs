@@ -56,6 +56,16 @@ pub struct VmTruth {
     /// moved away and back between two samples is not seen). Same source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages_moved: Option<u64>,
+    /// Access-weighted locality: the estimated share of the VM's memory accesses
+    /// that land on `main_node`, from its known hot/cold access split and the
+    /// hot-set and cold-part localities (see `vmbalancer_tests::lab::access`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_locality: Option<f64>,
+    /// Estimated off-node memory accesses per second since the previous sample: the
+    /// VM's touch rate (all vCPUs) times `1 - access_locality`. An estimate from the
+    /// known access split, not a hardware counter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offnode_accesses_per_s: Option<f64>,
 }
 
 /// One sample of the whole guest.
@@ -67,9 +77,21 @@ pub struct Sample {
     /// vCPU load per node (CPUs busy with vCPU threads) since the previous sample.
     pub vcpu_load_per_node: Vec<f64>,
     pub vms: Vec<VmTruth>,
+    /// Mean of the VMs' `access_locality`, weighted by each VM's touches in the
+    /// interval (equally when no VM reported touches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_locality_mean: Option<f64>,
+    /// Mean of the VMs' `hot_locality`, with the same weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_locality_mean: Option<f64>,
+    /// Sum of the VMs' `offnode_accesses_per_s` (an estimate, not a hardware counter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offnode_accesses_per_s: Option<f64>,
 }
 
-/// What a run measured, for comparison tables.
+/// What a run measured, for comparison tables. The access-weighted and reaction-time
+/// fields came later: they are left out of the line when empty, and read as empty
+/// from an older guest's line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub balancer: String,
@@ -89,6 +111,29 @@ pub struct Summary {
     pub work_touches: u64,
     pub touches_per_vcpu_s: f64,
     pub run_s: f64,
+    /// (t_s, access-weighted mean locality) at each sample with one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_locality: Vec<(f64, f64)>,
+    /// (t_s, hot-set mean locality) at each sample with one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot_locality: Vec<(f64, f64)>,
+    /// (t_s, estimated off-node accesses per second over all VMs) at each sample.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offnode_accesses_per_s: Vec<(f64, f64)>,
+    /// First sample time at which access-weighted locality reached 0.95.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_time_to_095_s: Option<f64>,
+    /// First sample time at which hot-set locality reached 0.95.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_time_to_095_s: Option<f64>,
+    /// Seconds after the balancer started until a vCPU thread's allowed CPUs first
+    /// changed, from the harness's 250 ms polling (`None`: never seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_cpu_move_affinity_s: Option<f64>,
+    /// vmbalancer only: seconds after it started until its first CPU move
+    /// (`SetCpus` decision) in `vmbalancer status --json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_cpu_move_status_s: Option<f64>,
 }
 
 /// One measurement of the mover benchmark (`cargo xtask lab bench-mover`): one way

@@ -13,6 +13,8 @@ fn vm(name: &str, per_page: bool) -> VmTruth {
         hot_locality: per_page.then_some(0.875),
         cold_locality: per_page.then_some(0.5),
         pages_moved: per_page.then_some(12),
+        access_locality: per_page.then_some(0.859375),
+        offnode_accesses_per_s: per_page.then_some(421875.0),
     }
 }
 
@@ -23,6 +25,9 @@ fn sample() -> Sample {
         locality_min: 0.25,
         vcpu_load_per_node: vec![2.0, 0.5, 0.0, 0.0],
         vms: vec![vm("vm0", false), vm("vm1", true)],
+        access_locality_mean: Some(0.859375),
+        hot_locality_mean: Some(0.875),
+        offnode_accesses_per_s: Some(421875.0),
     }
 }
 
@@ -40,6 +45,13 @@ fn summary() -> Summary {
         work_touches: 123_456_789,
         touches_per_vcpu_s: 1000.0,
         run_s: 60.0,
+        access_locality: vec![(0.0, 0.25), (5.0, 0.859375)],
+        hot_locality: vec![(0.0, 0.25), (5.0, 0.875)],
+        offnode_accesses_per_s: vec![(0.0, 2e6), (5.0, 421875.0)],
+        access_time_to_095_s: None,
+        hot_time_to_095_s: Some(10.0),
+        first_cpu_move_affinity_s: Some(1.25),
+        first_cpu_move_status_s: None,
     }
 }
 
@@ -92,13 +104,23 @@ fn every_record_type_round_trips_through_a_console_line() {
 fn wire_format_is_stable() {
     // The exact text older and newer builds exchange: type tags in snake_case,
     // per-page truth left out when absent, tuples as arrays, None as null.
-    let mut sum = summary();
+    let mut sum = Summary {
+        access_locality: vec![],
+        hot_locality: vec![],
+        offnode_accesses_per_s: vec![],
+        hot_time_to_095_s: None,
+        first_cpu_move_affinity_s: None,
+        ..summary()
+    };
     sum.locality = vec![(0.0, 0.5)];
     let sample = Sample {
         vms: vec![VmTruth {
             main_node: None,
             ..vm("vm0", false)
         }],
+        access_locality_mean: None,
+        hot_locality_mean: None,
+        offnode_accesses_per_s: None,
         ..sample()
     };
     let golden = [
@@ -236,6 +258,44 @@ fn per_page_truth_is_optional_on_the_wire() {
     // vm0 has no per-page truth: its fields are left out, not written as null.
     let vm0 = line.split(r#""name":"vm1""#).next().unwrap();
     assert!(!vm0.contains("hot_locality") && !vm0.contains("pages_moved"));
-    assert_eq!(line.matches("hot_locality").count(), 1);
+    assert_eq!(line.matches(r#""hot_locality""#).count(), 1);
     assert_eq!(parse_line(&line).unwrap(), Some(Record::Sample(sample())));
+}
+
+#[test]
+fn access_weighted_fields_travel_and_are_optional() {
+    // With the fields: written under their names and read back.
+    let line = Record::Summary(summary()).line();
+    for key in [
+        r#""access_locality":[[0.0,0.25],[5.0,0.859375]]"#,
+        r#""hot_time_to_095_s":10.0"#,
+        r#""first_cpu_move_affinity_s":1.25"#,
+    ] {
+        assert!(line.contains(key), "{key} in {line}");
+    }
+    assert!(!line.contains("first_cpu_move_status_s"), "{line}");
+    assert_eq!(parse_line(&line).unwrap(), Some(Record::Summary(summary())));
+    let line = Record::Sample(sample()).line();
+    assert!(
+        line.contains(r#""access_locality_mean":0.859375"#),
+        "{line}"
+    );
+    assert_eq!(parse_line(&line).unwrap(), Some(Record::Sample(sample())));
+    // An older guest's summary line, without them, reads as empty.
+    let old = format!(
+        "{PREFIX}{}",
+        concat!(
+            r#"{"type":"summary","balancer":"none","kernel":"6.1","vms":1,"#,
+            r#""locality":[],"time_to_090_s":null,"time_to_095_s":null,"#,
+            r#""numa_pages_migrated":0,"pgmigrate_success":0,"cpu_balance":1.0,"#,
+            r#""work_touches":0,"touches_per_vcpu_s":0.0,"run_s":1.0}"#
+        )
+    );
+    match parse_line(&old).unwrap() {
+        Some(Record::Summary(s)) => {
+            assert!(s.access_locality.is_empty() && s.hot_locality.is_empty());
+            assert_eq!(s.first_cpu_move_status_s, None);
+        }
+        other => panic!("{other:?}"),
+    }
 }

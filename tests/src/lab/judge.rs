@@ -9,6 +9,7 @@
 use serde_json::Value;
 
 use super::protocol::{Sample, VmTruth};
+use super::scenario::{Measure, Which};
 
 /// Bytes per page in [`misplaced_pages_at_start`] (the kernel's base page; the
 /// migration counters count base pages).
@@ -24,6 +25,42 @@ pub fn sample_at(samples: &[Sample], at_s: Option<f64>) -> Option<&Sample> {
         None => samples.last(),
         Some(t) => samples.iter().find(|s| s.t_s >= t - 1e-9),
     }
+}
+
+/// The locality an assertion judges at a sample: `measure` as the mean over VMs
+/// (page-weighted for pages, access-weighted means otherwise) or the worst VM.
+/// `None` when the sample does not carry that measure (access-weighted and hot-set
+/// locality need per-page truth, which an older guest did not send).
+pub fn locality_at(s: &Sample, measure: Measure, which: Which) -> Option<f64> {
+    let worst = |f: fn(&VmTruth) -> Option<f64>| {
+        s.vms
+            .iter()
+            .map(f)
+            .collect::<Option<Vec<f64>>>()
+            .filter(|v| !v.is_empty())
+            .map(|v| v.into_iter().fold(1.0, f64::min))
+    };
+    match (measure, which) {
+        (Measure::Pages, Which::Mean) => Some(s.locality_mean),
+        (Measure::Pages, Which::Min) => Some(s.locality_min),
+        (Measure::Access, Which::Mean) => s.access_locality_mean,
+        (Measure::Access, Which::Min) => worst(|v| v.access_locality),
+        (Measure::Hot, Which::Mean) => s.hot_locality_mean,
+        (Measure::Hot, Which::Min) => worst(|v| v.hot_locality),
+    }
+}
+
+/// The first sample time at which `measure` (see [`locality_at`]) is at least `min`.
+pub fn first_time_at_least(
+    samples: &[Sample],
+    measure: Measure,
+    which: Which,
+    min: f64,
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| locality_at(s, measure, which).is_some_and(|v| v >= min))
+        .map(|s| s.t_s)
 }
 
 /// The nodes where a VM's vCPUs are at a sample: nodes with at least
@@ -276,6 +313,8 @@ mod tests {
             hot_locality: None,
             cold_locality: None,
             pages_moved: None,
+            access_locality: None,
+            offnode_accesses_per_s: None,
         }
     }
 
@@ -286,6 +325,9 @@ mod tests {
             locality_min: 0.0,
             vcpu_load_per_node: vec![0.0; 4],
             vms,
+            access_locality_mean: None,
+            hot_locality_mean: None,
+            offnode_accesses_per_s: None,
         }
     }
 
@@ -307,6 +349,51 @@ mod tests {
         assert_eq!(sample_at(&s, Some(6.0)).unwrap().t_s, 10.0);
         assert!(sample_at(&s, Some(16.0)).is_none());
         assert!(sample_at(&[], None).is_none());
+    }
+
+    #[test]
+    fn locality_measures_table() {
+        let mut a = vm("a", [0; 4], [0; 4]);
+        (a.hot_locality, a.access_locality) = (Some(1.0), Some(0.97));
+        let mut b = vm("b", [0; 4], [0; 4]);
+        (b.hot_locality, b.access_locality) = (Some(0.5), Some(0.6));
+        let mut s = sample(10.0, vec![a, b.clone()]);
+        s.locality_mean = 0.4;
+        s.locality_min = 0.3;
+        s.access_locality_mean = Some(0.785);
+        s.hot_locality_mean = Some(0.75);
+        // (measure, which, value)
+        let cases = [
+            (Measure::Pages, Which::Mean, Some(0.4)),
+            (Measure::Pages, Which::Min, Some(0.3)),
+            (Measure::Access, Which::Mean, Some(0.785)),
+            (Measure::Access, Which::Min, Some(0.6)),
+            (Measure::Hot, Which::Mean, Some(0.75)),
+            (Measure::Hot, Which::Min, Some(0.5)),
+        ];
+        for (m, w, want) in cases {
+            assert_eq!(locality_at(&s, m, w), want, "{m:?} {w:?}");
+        }
+        // An older guest's sample: no access-weighted values, nothing to judge.
+        let old = sample(0.0, vec![vm("a", [0; 4], [0; 4])]);
+        assert_eq!(locality_at(&old, Measure::Access, Which::Mean), None);
+        assert_eq!(locality_at(&old, Measure::Hot, Which::Min), None);
+        // One VM without it: the worst VM is unknown, not the best of the rest.
+        let half = sample(0.0, vec![b, vm("c", [0; 4], [0; 4])]);
+        assert_eq!(locality_at(&half, Measure::Access, Which::Min), None);
+
+        let series: Vec<Sample> = [(0.0, 0.25), (5.0, 0.9), (10.0, 0.96), (15.0, 0.99)]
+            .iter()
+            .map(|&(t, v)| {
+                let mut s = sample(t, vec![]);
+                s.access_locality_mean = Some(v);
+                s
+            })
+            .collect();
+        let at = |min| first_time_at_least(&series, Measure::Access, Which::Mean, min);
+        assert_eq!(at(0.95), Some(10.0));
+        assert_eq!(at(0.25), Some(0.0));
+        assert_eq!(at(0.999), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! /sys ([`truth`], [`metrics`]), independent of what vmbalancer believes. It reports
 //! over the serial console as JSON lines ([`protocol`]) that `cargo xtask lab` parses.
 
+pub mod access;
 pub mod compare;
 pub mod judge;
 pub mod metrics;

@@ -48,6 +48,14 @@
 //! [[assert]]                   # see [`Assertion`]
 //! kind = "nodes"
 //! equals = 4
+//! [[assert]]
+//! kind = "locality"
+//! min = 0.95
+//! measure = "access"           # pages (default) | access | hot
+//! [[assert]]
+//! kind = "access_locality"     # access-weighted >= 0.95 by t = 20 s
+//! min = 0.95
+//! within_s = 20
 //! ```
 
 use std::collections::BTreeMap;
@@ -273,6 +281,20 @@ pub enum Which {
     Min,
 }
 
+/// Which locality an assertion judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Measure {
+    /// Page-weighted: the share of each VM's memory on its main node.
+    #[default]
+    Pages,
+    /// Access-weighted: the estimated share of each VM's memory accesses that are
+    /// local (see [`crate::lab::access`]).
+    Access,
+    /// The hot set's locality alone.
+    Hot,
+}
+
 /// A checked claim. Boot-time kinds run before any VM starts; run-time kinds are
 /// evaluated on the samples after the run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,23 +331,38 @@ pub enum Assertion {
         #[serde(default)]
         vmbalancer_only: bool,
     },
-    /// Locality is at least `min` (0..1) at the first sample at or after `at_s`
-    /// (default: the last sample).
+    /// Locality (of `measure`, default page-weighted) is at least `min` (0..1) at the
+    /// first sample at or after `at_s` (default: the last sample).
     Locality {
         min: f64,
         #[serde(default)]
         which: Which,
         #[serde(default)]
         at_s: Option<f64>,
+        #[serde(default)]
+        measure: Measure,
     },
-    /// Locality is at most `max` (0..1) at the first sample at or after `at_s`
-    /// (default: the last sample): proves a baseline really starts badly placed.
+    /// Locality (of `measure`) is at most `max` (0..1) at the first sample at or
+    /// after `at_s` (default: the last sample): proves a baseline really starts
+    /// badly placed.
     LocalityAtMost {
         max: f64,
         #[serde(default)]
         which: Which,
         #[serde(default)]
         at_s: Option<f64>,
+        #[serde(default)]
+        measure: Measure,
+    },
+    /// Access-weighted locality reaches `min` (0..1) at some sample no later than
+    /// `within_s` seconds after the balancer started (default: by the last sample):
+    /// "the VMs feel >= 0.95 local within 20 s".
+    AccessLocality {
+        min: f64,
+        #[serde(default)]
+        which: Which,
+        #[serde(default)]
+        within_s: Option<f64>,
     },
     /// Pages migrated during the run (numa_pages_migrated + pgmigrate_success
     /// deltas, whichever is larger) is within bounds. With `max_misplaced_ratio`,
@@ -491,12 +528,34 @@ impl Assertion {
                 Some(u) => format!("`{run}` as uid {u} exits {exit}"),
                 None => format!("`{run}` exits {exit}"),
             },
-            Assertion::Locality { min, which, at_s } => {
-                format!("locality {which:?} >= {min}{}", at_label(*at_s))
-            }
-            Assertion::LocalityAtMost { max, which, at_s } => {
-                format!("locality {which:?} <= {max}{}", at_label(*at_s))
-            }
+            Assertion::Locality {
+                min,
+                which,
+                at_s,
+                measure,
+            } => format!(
+                "{}locality {which:?} >= {min}{}",
+                measure_label(*measure),
+                at_label(*at_s)
+            ),
+            Assertion::LocalityAtMost {
+                max,
+                which,
+                at_s,
+                measure,
+            } => format!(
+                "{}locality {which:?} <= {max}{}",
+                measure_label(*measure),
+                at_label(*at_s)
+            ),
+            Assertion::AccessLocality {
+                min,
+                which,
+                within_s,
+            } => format!(
+                "access locality {which:?} >= {min}{}",
+                within_s.map_or(String::new(), |t| format!(" within {t} s"))
+            ),
             Assertion::PagesMigrated {
                 min,
                 max,
@@ -588,6 +647,16 @@ impl Assertion {
                     ..
                 }
         )
+    }
+}
+
+/// The label's prefix: none for page-weighted locality, so existing checks keep
+/// their names.
+fn measure_label(m: Measure) -> &'static str {
+    match m {
+        Measure::Pages => "",
+        Measure::Access => "access ",
+        Measure::Hot => "hot-set ",
     }
 }
 
@@ -927,6 +996,57 @@ mod tests {
         );
         assert!(Scenario::from_toml("[[events]]\nat_s = 1\nkill_balancer = \"HUP\"").is_err());
         assert!(Scenario::from_toml("[[events]]\nat_s = 1").is_err());
+    }
+
+    #[test]
+    fn locality_measures() {
+        let s = Scenario::from_toml(
+            r#"
+            [[assert]]
+            kind = "locality"
+            min = 0.95
+            at_s = 30
+            [[assert]]
+            kind = "locality"
+            min = 0.95
+            measure = "access"
+            [[assert]]
+            kind = "locality_at_most"
+            max = 0.5
+            measure = "hot"
+            at_s = 0
+            [[assert]]
+            kind = "access_locality"
+            min = 0.95
+            within_s = 20
+        "#,
+        )
+        .unwrap();
+        // Without `measure`, page-weighted, under the name it always had.
+        assert_eq!(
+            s.assertions[0],
+            Assertion::Locality {
+                min: 0.95,
+                which: Which::Mean,
+                at_s: Some(30.0),
+                measure: Measure::Pages
+            }
+        );
+        assert_eq!(s.assertions[0].label(), "locality Mean >= 0.95 at 30 s");
+        assert_eq!(s.assertions[1].label(), "access locality Mean >= 0.95");
+        assert_eq!(
+            s.assertions[2].label(),
+            "hot-set locality Mean <= 0.5 at 0 s"
+        );
+        assert_eq!(
+            s.assertions[3].label(),
+            "access locality Mean >= 0.95 within 20 s"
+        );
+        assert!(!s.assertions[3].is_boot_time());
+        assert!(
+            Scenario::from_toml("[[assert]]\nkind = \"locality\"\nmin = 1\nmeasure = \"x\"")
+                .is_err()
+        );
     }
 
     #[test]

@@ -298,6 +298,23 @@ pub fn read_guest_ram_bytes_per_node(
     numa_maps_mapping_bytes_per_node(&read_numa_maps(root, pid)?, start, n_nodes)
 }
 
+/// The `Cpus_allowed_list` value of a `/proc/PID/task/TID/status` text: the CPUs the
+/// task may run on, as the kernel lists them (`0-3,6`).
+pub fn parse_cpus_allowed(status: &str) -> Option<&str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(str::trim)
+}
+
+/// A task's allowed CPUs (see [`parse_cpus_allowed`]).
+pub fn read_cpus_allowed(root: &Path, pid: u32, tid: u32) -> Result<String, TruthError> {
+    let text = read(root, &format!("proc/{pid}/task/{tid}/status"))?;
+    parse_cpus_allowed(&text)
+        .map(str::to_string)
+        .ok_or_else(|| parse_err("status", "no Cpus_allowed_list"))
+}
+
 pub fn read_task_stat(root: &Path, pid: u32, tid: u32) -> Result<TaskStat, TruthError> {
     parse_task_stat(&read(root, &format!("proc/{pid}/task/{tid}/stat"))?)
 }
@@ -376,6 +393,13 @@ mod tests {
             vec![4096, 0, 0, 8192]
         );
         assert!(numa_maps_mapping_bytes_per_node(numa, 0x1000, 4).is_err());
+    }
+
+    #[test]
+    fn allowed_cpus() {
+        let status = "Name:\tCPU 0/KVM\nCpus_allowed:\tf\nCpus_allowed_list:\t0-1,3\nMems_allowed_list:\t0-3\n";
+        assert_eq!(parse_cpus_allowed(status), Some("0-1,3"));
+        assert_eq!(parse_cpus_allowed("Name:\tx\n"), None);
     }
 
     #[test]

@@ -1,5 +1,14 @@
 //! The comparison table: one row per balancer, from each run's summary.
 //!
+//! Locality is shown two ways in every column: page-weighted (the share of each VM's
+//! memory on its vCPUs' node) and access-weighted (the estimated share of its memory
+//! accesses that are local, from the fake VMs' known hot/cold access split; defined in
+//! `vmbalancer_tests::lab::access`). A balancer that moves the hot set first is ahead
+//! on the second long before the first. Beside them: the hot set's own locality and
+//! the estimated off-node accesses per second at the last sample, the time each
+//! measure first reached 0.95, and the reaction time (first CPU move after t = 0).
+//! The legend under the table says how each is measured.
+//!
 //! Work done is also shown relative to the first balancer in the same table
 //! (normally `none`), measured in the same way in the same guest configuration.
 
@@ -26,6 +35,51 @@ fn secs(v: Option<f64>) -> String {
     v.map_or("never".into(), |s| format!("{s:.0} s"))
 }
 
+/// The value of a `(t_s, value)` series at `t_s`, if that sample has one.
+fn at(series: &[(f64, f64)], t_s: f64) -> Option<f64> {
+    series
+        .iter()
+        .find(|&&(t, _)| (t - t_s).abs() < 1e-6)
+        .map(|&(_, v)| v)
+}
+
+fn fraction(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.3}"))
+}
+
+/// A rate with a k/M suffix.
+fn per_s(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(v) if v >= 1e6 => format!("{:.2}M", v / 1e6),
+        Some(v) if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        Some(v) => format!("{v:.0}"),
+    }
+}
+
+/// The reaction time: the first CPU move seen in vCPU affinities, with vmbalancer's
+/// own record of it when there is one.
+fn first_move(r: &Summary) -> String {
+    let seen = r
+        .first_cpu_move_affinity_s
+        .map_or("none seen".into(), |s| format!("{s:.1} s"));
+    match r.first_cpu_move_status_s {
+        Some(s) => format!("{seen} (status {s:.1} s)"),
+        None => seen,
+    }
+}
+
+/// What the columns mean, printed under the table.
+pub const LEGEND: &str = "\
+pages/access: page-weighted / access-weighted mean locality (access: each VM's hot-set and \
+cold-part locality weighted by its known hot/cold access split, VMs weighted by their touches). \
+hot: the hot set's locality. off-node acc/s: estimated off-node accesses per second over all \
+VMs at the last sample, touch counters x the remote share of accesses (an estimate from the \
+known access split, not a hardware counter). t->0.95: first sample at or above 0.95. \
+1st CPU move: first change of a vCPU thread's allowed CPUs after the balancer started \
+(250 ms polling; autoNUMA moves tasks within their allowed CPUs, which this cannot see), \
+with vmbalancer's first applied SetCpus decision from its status in parentheses.\n";
+
 /// A markdown table comparing `rows`.
 pub fn table(rows: &[Summary]) -> String {
     let mut out = String::new();
@@ -35,9 +89,13 @@ pub fn table(rows: &[Summary]) -> String {
     let cols = pick_columns(first.locality.len());
     let mut header = String::from("| balancer |");
     for &c in &cols {
-        let _ = write!(header, " loc@{:.0}s |", first.locality[c].0);
+        let _ = write!(header, " loc@{:.0}s pages/access |", first.locality[c].0);
     }
-    header.push_str(" t->0.9 | t->0.95 | numa_pages_migrated | pgmigrate_success | CPU balance | touches/vCPU/s | work vs first |");
+    header.push_str(
+        " hot@end | off-node acc/s@end (est.) | t->0.9 pages | t->0.95 pages | t->0.95 access \
+         | t->0.95 hot | 1st CPU move | numa_pages_migrated | pgmigrate_success | CPU balance \
+         | touches/vCPU/s | work vs first |",
+    );
     let sep: String = header
         .split('|')
         .skip(1)
@@ -50,17 +108,22 @@ pub fn table(rows: &[Summary]) -> String {
         let mut line = format!("| {} |", r.balancer);
         for &c in &cols {
             match r.locality.get(c) {
-                Some((_, l)) => {
-                    let _ = write!(line, " {l:.3} |");
+                Some(&(t, l)) => {
+                    let _ = write!(line, " {l:.3}/{} |", fraction(at(&r.access_locality, t)));
                 }
                 None => line.push_str(" - |"),
             }
         }
         let _ = writeln!(
             out,
-            "{line} {} | {} | {} | {} | {:.2} | {:.0} | {:.2} |",
+            "{line} {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} |",
+            fraction(r.hot_locality.last().map(|&(_, v)| v)),
+            per_s(r.offnode_accesses_per_s.last().map(|&(_, v)| v)),
             secs(r.time_to_090_s),
             secs(r.time_to_095_s),
+            secs(r.access_time_to_095_s),
+            secs(r.hot_time_to_095_s),
+            first_move(r),
             r.numa_pages_migrated,
             r.pgmigrate_success,
             r.cpu_balance,
@@ -68,6 +131,8 @@ pub fn table(rows: &[Summary]) -> String {
             r.work_touches as f64 / base
         );
     }
+    out.push('\n');
+    out.push_str(LEGEND);
     out
 }
 
@@ -83,21 +148,25 @@ pub fn before_after(balancer: &str, samples: &[Sample]) -> String {
         return format!("{balancer}: no samples\n");
     };
     let mut out = format!(
-        "{balancer}: before (t={:.0}s) -> after (t={:.0}s): vCPU node, MiB per node, locality\n",
+        "{balancer}: before (t={:.0}s) -> after (t={:.0}s): vCPU node, MiB per node, locality \
+         (pages, access-weighted)\n",
         first.t_s, last.t_s
     );
+    let pct = |v: Option<f64>| v.map_or("  -".into(), |v| format!("{:>3.0}", v * 100.0));
     for (a, b) in first.vms.iter().zip(&last.vms) {
         let node = |n: Option<usize>| n.map_or("-".into(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "  {:<6} node {} [{}] {:>4.0}%  ->  node {} [{}] {:>4.0}%",
+            "  {:<6} node {} [{}] {:>4.0}% acc {}%  ->  node {} [{}] {:>4.0}% acc {}%",
             a.name,
             node(a.main_node),
             mib_per_node(&a.bytes_per_node),
             a.locality * 100.0,
+            pct(a.access_locality),
             node(b.main_node),
             mib_per_node(&b.bytes_per_node),
-            b.locality * 100.0
+            b.locality * 100.0,
+            pct(b.access_locality)
         );
     }
     out
@@ -108,11 +177,12 @@ mod tests {
     use super::*;
 
     fn summary(name: &str, work: u64, loc: f64) -> Summary {
+        let series: Vec<(f64, f64)> = (0..13).map(|i| (i as f64 * 5.0, loc)).collect();
         Summary {
             balancer: name.into(),
             kernel: "6.1".into(),
             vms: 8,
-            locality: (0..13).map(|i| (i as f64 * 5.0, loc)).collect(),
+            locality: series.clone(),
             time_to_090_s: (loc >= 0.9).then_some(10.0),
             time_to_095_s: None,
             numa_pages_migrated: 7,
@@ -121,6 +191,19 @@ mod tests {
             work_touches: work,
             touches_per_vcpu_s: 1000.0,
             run_s: 60.0,
+            access_locality: series
+                .iter()
+                .map(|&(t, l)| (t, (l + 0.02).min(1.0)))
+                .collect(),
+            hot_locality: series
+                .iter()
+                .map(|&(t, l)| (t, (l + 0.04).min(1.0)))
+                .collect(),
+            offnode_accesses_per_s: series.iter().map(|&(t, l)| (t, (1.0 - l) * 2e6)).collect(),
+            access_time_to_095_s: (loc >= 0.93).then_some(5.0),
+            hot_time_to_095_s: (loc >= 0.91).then_some(5.0),
+            first_cpu_move_affinity_s: (loc >= 0.9).then_some(2.25),
+            first_cpu_move_status_s: (loc >= 0.9).then_some(2.0),
         }
     }
 
@@ -128,11 +211,50 @@ mod tests {
     fn table_has_one_row_per_balancer_and_ratios() {
         let t = table(&[summary("none", 100, 0.25), summary("autonuma", 150, 0.95)]);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 4);
-        assert!(lines[0].contains("loc@0s") && lines[0].contains("loc@60s"));
+        assert_eq!(lines.len(), 6, "{t}");
+        assert!(lines[0].contains("loc@0s pages/access") && lines[0].contains("loc@60s"));
         assert_eq!(lines[0].matches("loc@").count(), 7);
-        assert!(lines[2].starts_with("| none |") && lines[2].ends_with("| 1.00 |"));
-        assert!(lines[3].contains("| 10 s | never |") && lines[3].ends_with("| 1.50 |"));
+        assert!(lines[2].starts_with("| none | 0.250/0.270 |") && lines[2].ends_with("| 1.00 |"));
+        // hot, off-node rate, t->0.9, t->0.95 pages/access/hot, reaction time.
+        assert!(
+            lines[2].contains("| 0.290 | 1.50M | never | never | never | never | none seen |"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3]
+                .contains("| 0.990 | 100.0k | 10 s | never | 5 s | 5 s | 2.2 s (status 2.0 s) |"),
+            "{}",
+            lines[3]
+        );
+        assert!(lines[3].ends_with("| 1.50 |"));
         assert_eq!(lines[1].matches('|').count(), lines[0].matches('|').count());
+        assert_eq!(lines[2].matches('|').count(), lines[0].matches('|').count());
+        assert!(lines[5].starts_with("pages/access:"));
+    }
+
+    #[test]
+    fn an_older_guest_without_access_weighted_values_shows_dashes() {
+        let mut old = summary("none", 100, 0.25);
+        old.access_locality.clear();
+        old.hot_locality.clear();
+        old.offnode_accesses_per_s.clear();
+        let t = table(&[old]);
+        let row = t.lines().nth(2).unwrap();
+        assert!(row.starts_with("| none | 0.250/- |"), "{row}");
+        assert!(row.contains("| - | - | never |"), "{row}");
+    }
+
+    #[test]
+    fn rates_are_short() {
+        // (rate, shown)
+        for (v, want) in [
+            (None, "-"),
+            (Some(12.4), "12"),
+            (Some(56_250.0), "56.2k"),
+            (Some(3_250_000.0), "3.25M"),
+        ] {
+            assert_eq!(per_s(v), want);
+        }
     }
 }

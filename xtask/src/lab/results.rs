@@ -76,8 +76,15 @@ pub fn render(line: &str) -> Option<String> {
                 .iter()
                 .map(|l| format!("{l:.1}"))
                 .collect();
+            let access = match (s.access_locality_mean, s.hot_locality_mean) {
+                (Some(a), Some(h)) => format!(
+                    " access {a:.3} hot {h:.3} off-node ~{:.0}/s",
+                    s.offnode_accesses_per_s.unwrap_or(0.0)
+                ),
+                _ => String::new(),
+            };
             format!(
-                "t={:>5.1}s locality mean {:.3} min {:.3} | vCPU load/node [{}] | {}",
+                "t={:>5.1}s locality mean {:.3} min {:.3}{access} | vCPU load/node [{}] | {}",
                 s.t_s,
                 s.locality_mean,
                 s.locality_min,
@@ -87,10 +94,14 @@ pub fn render(line: &str) -> Option<String> {
         }
         Record::Event { source, text } => format!("[{source}] {text}"),
         Record::Summary(s) => format!(
-            "summary: {} VMs, t->0.9 {:?} s, t->0.95 {:?} s, numa_pages_migrated {}, pgmigrate_success {}, CPU balance {:.2}, {:.0} touches/vCPU/s",
+            "summary: {} VMs, t->0.9 {:?} s, t->0.95 {:?} s (access {:?} s, hot set {:?} s), first CPU move {:?} s (status {:?} s), numa_pages_migrated {}, pgmigrate_success {}, CPU balance {:.2}, {:.0} touches/vCPU/s",
             s.vms,
             s.time_to_090_s,
             s.time_to_095_s,
+            s.access_time_to_095_s,
+            s.hot_time_to_095_s,
+            s.first_cpu_move_affinity_s,
+            s.first_cpu_move_status_s,
             s.numa_pages_migrated,
             s.pgmigrate_success,
             s.cpu_balance,

@@ -2,7 +2,7 @@
 
 use vmbalancer_tests::lab::judge;
 use vmbalancer_tests::lab::protocol::{Record, Sample, Summary};
-use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Which};
+use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Measure, Which};
 use vmbalancer_tests::lab::truth::NodeInfo;
 
 use crate::consistency::Consistency;
@@ -143,34 +143,65 @@ pub fn run_check(
     samples: &[Sample],
     facts: &RunFacts,
 ) -> Option<Outcome> {
-    let loc = |s: &Sample, which: &Which| match which {
-        Which::Mean => s.locality_mean,
-        Which::Min => s.locality_min,
-    };
     let no_sample = |at_s: &Option<f64>| format!("no sample at or after {at_s:?} s");
+    // `pass` decides on the value; a sample without the measure fails.
+    let judged = |a: &Assertion,
+                  measure: Measure,
+                  which: Which,
+                  at_s: Option<f64>,
+                  pass: &dyn Fn(f64) -> bool| {
+        let Some(s) = judge::sample_at(samples, at_s) else {
+            return outcome(a, false, no_sample(&at_s));
+        };
+        match judge::locality_at(s, measure, which) {
+            Some(v) => outcome(
+                a,
+                pass(v),
+                format!(
+                    "{measure:?} locality {which:?} {}: {v:.3}",
+                    sample_label(s, at_s)
+                ),
+            ),
+            None => outcome(
+                a,
+                false,
+                format!("no {measure:?} locality {}", sample_label(s, at_s)),
+            ),
+        }
+    };
     Some(match a {
-        Assertion::Locality { min, which, at_s } => match judge::sample_at(samples, *at_s) {
-            Some(s) => {
-                let v = loc(s, which);
-                outcome(
-                    a,
-                    v >= *min,
-                    format!("locality {which:?} {}: {v:.3}", sample_label(s, *at_s)),
-                )
-            }
-            None => outcome(a, false, no_sample(at_s)),
-        },
-        Assertion::LocalityAtMost { max, which, at_s } => match judge::sample_at(samples, *at_s) {
-            Some(s) => {
-                let v = loc(s, which);
-                outcome(
-                    a,
-                    v <= *max,
-                    format!("locality {which:?} {}: {v:.3}", sample_label(s, *at_s)),
-                )
-            }
-            None => outcome(a, false, no_sample(at_s)),
-        },
+        Assertion::Locality {
+            min,
+            which,
+            at_s,
+            measure,
+        } => judged(a, *measure, *which, *at_s, &|v| v >= *min),
+        Assertion::LocalityAtMost {
+            max,
+            which,
+            at_s,
+            measure,
+        } => judged(a, *measure, *which, *at_s, &|v| v <= *max),
+        Assertion::AccessLocality {
+            min,
+            which,
+            within_s,
+        } => {
+            let reached = judge::first_time_at_least(samples, Measure::Access, *which, *min);
+            let last = samples
+                .last()
+                .and_then(|s| judge::locality_at(s, Measure::Access, *which));
+            let ok = reached.is_some_and(|t| within_s.is_none_or(|w| t <= w + 1e-9));
+            outcome(
+                a,
+                ok,
+                format!(
+                    "access locality {which:?} reached {min} at {}; at the last sample {}",
+                    reached.map_or("no sample".into(), |t| format!("t={t} s")),
+                    last.map_or("unknown".into(), |v| format!("{v:.3}"))
+                ),
+            )
+        }
         Assertion::PagesMigrated {
             min,
             max,

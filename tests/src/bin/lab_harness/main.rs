@@ -28,7 +28,7 @@ use anyhow::Context;
 use clap::Parser;
 use vmbalancer_tests::lab::protocol::Record;
 use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Event, Scenario, signal_number};
-use vmbalancer_tests::lab::truth;
+use vmbalancer_tests::lab::{access, truth};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -165,6 +165,7 @@ fn run() -> anyhow::Result<bool> {
     let mut sampler = sampler::Sampler::new(&nodes, &running, per_page)?;
     // One second of vCPU history, so the first sample knows where vCPUs run.
     sampler.poll_for(Duration::from_secs(1));
+    sampler.start_clock();
     let t0 = Instant::now();
     let mut guard = balancer::start(balancer, &scenario)?;
     let end_s = args.capture_at_s.unwrap_or(scenario.duration_s);
@@ -231,7 +232,18 @@ fn run() -> anyhow::Result<bool> {
     if let Some(problems) = consistency {
         facts.consistency = Some(consistency::after_stop(problems, &guard.state_dir));
     }
-    let summary = sampler.summary(balancer.name(), &args.kernel, run_s);
+    let (query_total_s, query_max_s) = sampler.query_cost_s();
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "per-page queries took {query_total_s:.2} s over {} samples (longest {query_max_s:.2} s)",
+            sampler.samples().len()
+        ),
+    });
+    let mut summary = sampler.summary(balancer.name(), &args.kernel, run_s);
+    if let (Some(Ok(status)), Some(t0_ns)) = (&facts.status, sampler.t0_monotonic_ns()) {
+        summary.first_cpu_move_status_s = access::first_cpu_move_in_status(status, t0_ns);
+    }
     emit(&Record::Summary(summary.clone()));
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
         if a.needs_vmbalancer()

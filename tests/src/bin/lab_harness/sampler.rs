@@ -4,23 +4,38 @@
 //! CPU time), so "where a VM runs" is CPU time per node over an interval, not one
 //! instantaneous look. Memory placement is read from numa_maps at each sample.
 //!
-//! With per-page truth on (scenarios asserting hot-set order or per-VM pages moved),
-//! each sample also asks the kernel where every page of each VM's guest RAM mapping
-//! is (move_pages(2) with no target nodes only reports): exact, and cheaper than
-//! numa_maps of sub-ranges, which the kernel cannot give for part of a mapping.
+//! Each sample also asks the kernel where the pages of each VM's guest RAM mapping
+//! are (move_pages(2) with no target nodes only reports), which numa_maps cannot give
+//! for part of a mapping: the hot set's and the cold part's locality, from which the
+//! access-weighted locality and off-node access rate follow (`lab::access`). Scenarios
+//! asserting hot-set order or per-VM pages moved query every page (exact, and pages
+//! moved are counted); the others query every n-th page, at most
+//! [`MAX_QUERY_PAGES`] per VM, so a sample stays cheap in the emulated guest where
+//! the VMs compete for the same CPUs.
+//!
+//! For the reaction time, each poll also reads every vCPU thread's allowed CPUs
+//! (`Cpus_allowed_list`): the first change after the balancer started is its first
+//! CPU move as the kernel sees it (numad and vmbalancer restrict CPU sets or
+//! affinities; autoNUMA moves tasks inside their allowed set, which no affinity shows,
+//! so it has no such time).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmbalancer_tests::lab::metrics;
 use vmbalancer_tests::lab::protocol::{Sample, Summary, VmTruth};
 use vmbalancer_tests::lab::scenario::hot_pages;
 use vmbalancer_tests::lab::truth::{self, NodeInfo};
+use vmbalancer_tests::lab::{access, metrics};
 
 use crate::vms::RunningVm;
 
 const POLL: Duration = Duration::from_millis(250);
+
+/// Pages of guest RAM queried per VM and sample when every page is not needed. The
+/// query costs tens of microseconds per page in the emulated guest; 2048 evenly
+/// spaced pages (512 in a 25 % hot set) still place a locality within a few percent.
+pub const MAX_QUERY_PAGES: usize = 2048;
 
 struct Track {
     name: String,
@@ -34,6 +49,10 @@ struct Track {
     last_touches: u64,
     first_touches: Option<u64>,
     pages: Option<PageTrack>,
+    /// Share of touches on hot-set pages (`access::hot_access_share`).
+    hot_share: f64,
+    /// Each vCPU thread's allowed CPUs when the balancer started.
+    allowed_at_start: HashMap<u32, String>,
 }
 
 /// Per-page node history of one VM's guest RAM mapping.
@@ -43,22 +62,26 @@ struct PageTrack {
     hot_offset: f64,
     /// (start, length) once found in /proc/PID/maps.
     mapping: Option<(u64, u64)>,
+    /// Every `stride`-th page is queried; 1 = all, and only then are moves counted.
+    stride: usize,
     prev: Vec<i32>,
     moved: u64,
 }
 
 const QUERY_BATCH: usize = 8192;
 
-/// The node of every page of `[start, start + len)` of process `pid` (negative errno
-/// for pages not present), from move_pages(2) with `nodes = NULL`.
-fn page_nodes(pid: u32, start: u64, len: u64) -> Vec<i32> {
+/// The node of every `stride`-th page of `[start, start + len)` of process `pid`
+/// (negative errno for pages not present), from move_pages(2) with `nodes = NULL`.
+fn page_nodes(pid: u32, start: u64, len: u64, stride: usize) -> Vec<i32> {
     let pages = (len / 4096) as usize;
+    let step = stride.max(1) as u64 * 4096;
+    let pages = pages.div_ceil(stride.max(1));
     let mut out = vec![-libc::ENOENT; pages];
     let mut addrs: Vec<*mut libc::c_void> = Vec::with_capacity(QUERY_BATCH);
     for first in (0..pages).step_by(QUERY_BATCH) {
         let n = QUERY_BATCH.min(pages - first);
         addrs.clear();
-        addrs.extend((first..first + n).map(|i| (start + i as u64 * 4096) as *mut libc::c_void));
+        addrs.extend((first..first + n).map(|i| (start + i as u64 * step) as *mut libc::c_void));
         let status = &mut out[first..first + n];
         // SAFETY: `addrs` and `status` hold `n` elements each; a null `nodes` makes
         // the call a query that writes only `status`.
@@ -92,33 +115,44 @@ fn share_on(nodes: &[i32], node: Option<usize>) -> f64 {
 }
 
 impl PageTrack {
-    /// (hot locality, cold locality, pages moved so far) with `main` as home.
-    fn sample(&mut self, pid: u32, main: Option<usize>) -> Option<(f64, f64, u64)> {
+    /// (hot locality, cold locality, pages moved so far when every page is queried)
+    /// with `main` as home.
+    fn sample(&mut self, pid: u32, main: Option<usize>) -> Option<(f64, f64, Option<u64>)> {
         if self.mapping.is_none() {
             let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
             self.mapping = truth::guest_ram_mapping(&maps, self.memory_bytes).ok();
         }
         let (start, _) = self.mapping?;
-        let nodes = page_nodes(pid, start, self.memory_bytes);
-        if !self.prev.is_empty() {
+        let nodes = page_nodes(pid, start, self.memory_bytes, self.stride);
+        let exact = self.stride == 1;
+        if exact && !self.prev.is_empty() {
             self.moved += nodes
                 .iter()
                 .zip(&self.prev)
                 .filter(|&(&a, &b)| a >= 0 && b >= 0 && a != b)
                 .count() as u64;
         }
-        let hot = hot_pages(nodes.len(), self.hot_fraction, self.hot_offset);
-        let cold: Vec<i32> = nodes[..hot.start]
-            .iter()
-            .chain(&nodes[hot.end..])
-            .copied()
-            .collect();
-        let out = (
-            share_on(&nodes[hot], main),
-            share_on(&cold, main),
-            self.moved,
+        let hot = hot_pages(
+            (self.memory_bytes / 4096) as usize,
+            self.hot_fraction,
+            self.hot_offset,
         );
-        self.prev = nodes;
+        let (mut hot_nodes, mut cold_nodes) = (Vec::new(), Vec::new());
+        for (i, &n) in nodes.iter().enumerate() {
+            if hot.contains(&(i * self.stride)) {
+                hot_nodes.push(n);
+            } else {
+                cold_nodes.push(n);
+            }
+        }
+        let out = (
+            share_on(&hot_nodes, main),
+            share_on(&cold_nodes, main),
+            exact.then_some(self.moved),
+        );
+        if exact {
+            self.prev = nodes;
+        }
         Some(out)
     }
 }
@@ -131,6 +165,12 @@ pub struct Sampler {
     samples: Vec<Sample>,
     vmstat0: BTreeMap<String, u64>,
     interval_start: Instant,
+    /// When the balancer started ([`Sampler::start_clock`]), and CLOCK_MONOTONIC then.
+    t0: Option<(Instant, u64)>,
+    /// Seconds after `t0` when a vCPU thread's allowed CPUs first changed.
+    first_affinity_change_s: Option<f64>,
+    /// Time spent in per-page queries: (total, longest sample) in seconds.
+    query_s: (f64, f64),
 }
 
 fn read_touches(path: &Path) -> u64 {
@@ -146,7 +186,7 @@ fn read_touches(path: &Path) -> u64 {
 }
 
 impl Sampler {
-    /// `per_page`: also query every page of guest RAM at each sample.
+    /// `per_page`: query every page of guest RAM at each sample (else every n-th).
     pub fn new(nodes: &[NodeInfo], vms: &[RunningVm], per_page: bool) -> anyhow::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let clk_tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -163,14 +203,21 @@ impl Sampler {
                 last_nodes: Vec::new(),
                 last_touches: read_touches(&v.progress),
                 first_touches: None,
-                pages: per_page.then(|| PageTrack {
+                pages: Some(PageTrack {
                     memory_bytes: v.memory_bytes,
                     hot_fraction: v.hot_fraction,
                     hot_offset: v.hot_offset,
                     mapping: None,
+                    stride: if per_page {
+                        1
+                    } else {
+                        access::query_stride((v.memory_bytes / 4096) as usize, MAX_QUERY_PAGES)
+                    },
                     prev: Vec::new(),
                     moved: 0,
                 }),
+                hot_share: access::hot_access_share(v.hot_access_pct, v.hot_fraction),
+                allowed_at_start: HashMap::new(),
             })
             .collect();
         Ok(Self {
@@ -181,7 +228,38 @@ impl Sampler {
             samples: Vec::new(),
             vmstat0: truth::read_vmstat(Path::new("/"))?,
             interval_start: Instant::now(),
+            t0: None,
+            first_affinity_change_s: None,
+            query_s: (0.0, 0.0),
         })
+    }
+
+    /// Marks the balancer's start (t = 0): CPU moves are looked for from here on,
+    /// against each vCPU thread's allowed CPUs now.
+    pub fn start_clock(&mut self) {
+        let root = Path::new("/");
+        for t in &mut self.tracks {
+            t.allowed_at_start = t
+                .threads
+                .iter()
+                .filter_map(|&(tid, _)| {
+                    Some((tid, truth::read_cpus_allowed(root, t.pid, tid).ok()?))
+                })
+                .collect();
+        }
+        self.t0 = Some((Instant::now(), monotonic_ns()));
+        self.first_affinity_change_s = None;
+    }
+
+    /// Seconds spent in per-page queries over the run, and in the longest sample:
+    /// the harness's own cost, which the VMs and the balancer share CPUs with.
+    pub fn query_cost_s(&self) -> (f64, f64) {
+        self.query_s
+    }
+
+    /// CLOCK_MONOTONIC (ns) at [`Sampler::start_clock`].
+    pub fn t0_monotonic_ns(&self) -> Option<u64> {
+        self.t0.map(|(_, ns)| ns)
     }
 
     pub fn samples(&self) -> &[Sample] {
@@ -206,6 +284,15 @@ impl Sampler {
                     .unwrap_or(stat.cpu_ticks);
                 t.interval_ticks[node] += stat.cpu_ticks.saturating_sub(prev);
                 t.last_nodes.push(node);
+                if let Some((t0, _)) = self.t0
+                    && self.first_affinity_change_s.is_none()
+                    && let Ok(now) = truth::read_cpus_allowed(root, t.pid, tid)
+                {
+                    let before = t.allowed_at_start.entry(tid).or_insert_with(|| now.clone());
+                    if *before != now {
+                        self.first_affinity_change_s = Some(t0.elapsed().as_secs_f64());
+                    }
+                }
             }
         }
     }
@@ -237,6 +324,8 @@ impl Sampler {
         }
         let mut load = vec![0.0; self.n_nodes];
         let mut vms = Vec::new();
+        let mut weights = Vec::new();
+        let mut query_s = 0.0;
         for t in &mut self.tracks {
             let bytes = truth::read_numa_maps(root, t.pid)
                 .map(|m| truth::numa_maps_private_bytes_per_node(&m, self.n_nodes))
@@ -247,9 +336,14 @@ impl Sampler {
             }
             let touches = read_touches(&t.progress);
             t.first_touches.get_or_insert(touches);
-            let rate = touches.saturating_sub(t.last_touches) as f64 / dt / t.vcpus.max(1) as f64;
+            let interval_touches = touches.saturating_sub(t.last_touches);
+            let rate = interval_touches as f64 / dt / t.vcpus.max(1) as f64;
             t.last_touches = touches;
+            let queried = Instant::now();
             let paged = t.pages.as_mut().and_then(|p| p.sample(t.pid, main));
+            query_s += queried.elapsed().as_secs_f64();
+            let access_locality =
+                paged.map(|(h, c, _)| access::vm_access_locality(t.hot_share, h, c));
             vms.push(VmTruth {
                 name: t.name.clone(),
                 pid: t.pid,
@@ -264,18 +358,38 @@ impl Sampler {
                 touches_per_vcpu_s: rate,
                 hot_locality: paged.map(|p| p.0),
                 cold_locality: paged.map(|p| p.1),
-                pages_moved: paged.map(|p| p.2),
+                pages_moved: paged.and_then(|p| p.2),
+                access_locality,
+                offnode_accesses_per_s: access_locality
+                    .map(|a| access::offnode_accesses_per_s(interval_touches as f64 / dt, a)),
             });
+            weights.push(interval_touches);
         }
         let weighted: Vec<(f64, u64)> = vms
             .iter()
             .map(|v| (v.locality, v.bytes_per_node.iter().sum()))
+            .collect();
+        let by_accesses = |f: fn(&VmTruth) -> Option<f64>| {
+            let pairs: Vec<(f64, u64)> = vms
+                .iter()
+                .zip(&weights)
+                .filter_map(|(v, &w)| Some((f(v)?, w)))
+                .collect();
+            access::mean_by_accesses(&pairs)
+        };
+        self.query_s = (self.query_s.0 + query_s, self.query_s.1.max(query_s));
+        let offnode: Vec<f64> = vms
+            .iter()
+            .filter_map(|v| v.offnode_accesses_per_s)
             .collect();
         let sample = Sample {
             t_s,
             locality_mean: metrics::weighted_mean(&weighted),
             locality_min: vms.iter().map(|v| v.locality).fold(1.0, f64::min),
             vcpu_load_per_node: load,
+            access_locality_mean: by_accesses(|v| v.access_locality),
+            hot_locality_mean: by_accesses(|v| v.hot_locality),
+            offnode_accesses_per_s: (!offnode.is_empty()).then(|| offnode.iter().sum()),
             vms,
         };
         self.samples.push(sample.clone());
@@ -297,6 +411,14 @@ impl Sampler {
             .iter()
             .map(|s| (s.t_s, s.locality_mean))
             .collect();
+        let series = |f: fn(&Sample) -> Option<f64>| -> Vec<(f64, f64)> {
+            self.samples
+                .iter()
+                .filter_map(|s| Some((s.t_s, f(s)?)))
+                .collect()
+        };
+        let access_locality = series(|s| s.access_locality_mean);
+        let hot_locality = series(|s| s.hot_locality_mean);
         let balances: Vec<f64> = self
             .samples
             .iter()
@@ -330,6 +452,24 @@ impl Sampler {
             work_touches: work,
             touches_per_vcpu_s: work as f64 / span_s / vcpus.max(1) as f64,
             run_s,
+            access_time_to_095_s: metrics::time_to(&access_locality, 0.95),
+            hot_time_to_095_s: metrics::time_to(&hot_locality, 0.95),
+            access_locality,
+            hot_locality,
+            offnode_accesses_per_s: series(|s| s.offnode_accesses_per_s),
+            first_cpu_move_affinity_s: self.first_affinity_change_s,
+            first_cpu_move_status_s: None,
         }
     }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of vmbalancer's decision times.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

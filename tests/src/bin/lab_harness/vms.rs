@@ -28,6 +28,8 @@ pub struct RunningVm {
     pub hot_fraction: f64,
     /// Where the hot set starts (fraction of guest RAM).
     pub hot_offset: f64,
+    /// Share (%) of vCPU touches aimed at the hot set.
+    pub hot_access_pct: f64,
     child: Child,
 }
 
@@ -227,6 +229,7 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
             memory_bytes: vm.spec.memory_mib << 20,
             hot_fraction: vm.spec.hot_fraction,
             hot_offset: vm.spec.hot_offset,
+            hot_access_pct: vm.spec.hot_access_pct,
             child,
         });
     }
