@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::CpuSet;
+
 const MIB: u64 = 1 << 20;
 const SEC_NS: u64 = 1_000_000_000;
 
@@ -65,6 +67,12 @@ pub struct EngineConfig {
     /// How far back reverts count, and how long a remembered peak takes to fade to
     /// nothing once the unit stops reaching it. Default 600 s.
     pub recurrence_window_ns: u64,
+    /// CPUs never given to VMs (numad's `-R`): they count for no node's capacity and
+    /// never appear in a CPU set the engine plans, so a node keeps its other CPUs for
+    /// VMs and a node whose CPUs are all reserved has no capacity at all. The daemon
+    /// fills it from its own `reserved_cpus` (see `daemon::policy::engine_config`).
+    /// Default none.
+    pub reserved_cpus: CpuSet,
 }
 
 impl Default for EngineConfig {
@@ -88,6 +96,7 @@ impl Default for EngineConfig {
             swap_candidates: 12,
             recurrence_reverts: 1,
             recurrence_window_ns: 600 * SEC_NS,
+            reserved_cpus: CpuSet::new(),
         }
     }
 }
