@@ -121,6 +121,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     let observer_cfg = ObserverConfig {
         write_heat: cfg.write_heat_sampling,
+        locality_target_pct: cfg.target_locality_pct,
         ..ObserverConfig::default()
     };
     let observer = LinuxObserver::new(host_paths(&cfg), observer_cfg)

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::CpuSet;
+use crate::model::{CpuSet, DEFAULT_TARGET_LOCALITY_PCT};
 
 const MIB: u64 = 1 << 20;
 const SEC_NS: u64 = 1_000_000_000;
@@ -35,7 +35,8 @@ pub struct EngineConfig {
     /// Migration rate for the whole host, all VMs together. Default 512 MiB/s.
     pub host_rate_bytes_per_s: u64,
     /// Stop migrating a VM once this share of its memory is on its home nodes; the
-    /// coldest remainder may stay. Default 95 %.
+    /// coldest remainder may stay. Default 90 % ([`DEFAULT_TARGET_LOCALITY_PCT`],
+    /// numad's `-m` default, the same as the daemon's `target_locality_pct`).
     pub locality_target_pct: f64,
     /// Never plan memory onto a node whose free memory would drop below this. Default
     /// 512 MiB.
@@ -86,7 +87,7 @@ impl Default for EngineConfig {
             hot_rate_bytes_per_s: 256 * MIB,
             cold_rate_bytes_per_s: 64 * MIB,
             host_rate_bytes_per_s: 512 * MIB,
-            locality_target_pct: 95.0,
+            locality_target_pct: f64::from(DEFAULT_TARGET_LOCALITY_PCT),
             free_headroom_bytes: 512 * MIB,
             max_moves_per_tick: 4,
             tick_ns: SEC_NS,

@@ -415,7 +415,7 @@ fn probation_commits_when_the_need_lasts_then_memory_follows() {
             .iter()
             .any(|a| a.vm == pid && matches!(a.reason, Reason::ProbationCommitted { .. }))
     );
-    // Hot at 256 MiB/s, then cold at 64 MiB/s, until 95 % local.
+    // Hot at 256 MiB/s, then cold at 64 MiB/s, until the default target is local.
     assert_eq!(m10.iter().find(|m| m.0 == pid).unwrap().3, 256 * MIB);
     let later: Vec<u64> = plans[11..]
         .iter()
@@ -425,7 +425,8 @@ fn probation_commits_when_the_need_lasts_then_memory_follows() {
         .collect();
     assert!(later.iter().all(|&b| b <= 64 * MIB), "{later:?}");
     let total: u64 = 256 * MIB + later.iter().sum::<u64>();
-    let target = (0.95 * (2 * GIB) as f64) as u64;
+    let target_pct = EngineConfig::default().locality_target_pct;
+    let target = (target_pct / 100.0 * (2 * GIB) as f64) as u64;
     assert!(total >= target && total < 2 * GIB, "moved {total}");
 }
 
