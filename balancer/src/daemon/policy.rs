@@ -182,6 +182,16 @@ mod tests {
     }
 
     #[test]
+    fn daemon_and_engine_share_the_default_locality_target() {
+        let from_daemon = engine_config(&Config::default()).locality_target_pct;
+        assert_eq!(from_daemon, EngineConfig::default().locality_target_pct);
+        assert_eq!(
+            from_daemon,
+            f64::from(crate::model::DEFAULT_TARGET_LOCALITY_PCT)
+        );
+    }
+
+    #[test]
     fn default_daemon_config_keeps_engine_rates_within_the_limit() {
         let e = engine_config(&Config::default());
         assert!(e.hot_rate_bytes_per_s <= e.host_rate_bytes_per_s);
