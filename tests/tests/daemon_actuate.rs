@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 
 use std::path::{Path, PathBuf};
 use vmbalancer_tests::actuate_target::Target;
+use vmbalancer_tests::require_root;
 
 use balancer::host::Applier;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, RestoreWhat, sys};
@@ -58,14 +59,6 @@ impl TargetExt for Target {
     }
 }
 
-fn is_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipped: needs root");
-    false
-}
-
 fn host_snapshot(vms: Vec<Vm>) -> Snapshot {
     Snapshot {
         topology: balancer::host::linux::topology::read_topology(
@@ -111,10 +104,9 @@ fn status_list(pid: u32, tid: u32) -> String {
 }
 
 #[test]
+#[ignore = "needs root: sets the CPU affinity of another process"]
 fn affinity_of_both_threads_is_set_read_back_and_restored() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
     let t = spawn_target();
     let before = sys::get_affinity(t.tids[1]).unwrap();
@@ -162,10 +154,9 @@ fn affinity_of_both_threads_is_set_read_back_and_restored() {
 }
 
 #[test]
+#[ignore = "needs root: moves another process's pages"]
 fn move_pages_to_node_0_succeeds_and_node_1_is_refused() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let t = spawn_target();
     let page = sys::page_size_bytes();
     let pages: Vec<u64> = (0..t.len / page).map(|i| t.addr + i * page).collect();
@@ -220,10 +211,9 @@ fn fake_sys(name: &str, node1_free_kb: u64) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs root: moves another process's pages"]
 fn moves_need_free_memory_plus_headroom_and_count_failed_pages() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let t = spawn_target();
     let snap = host_snapshot(vec![t.vm()]);
     let region = vec![(t.addr, t.len)];
@@ -265,10 +255,9 @@ fn moves_need_free_memory_plus_headroom_and_count_failed_pages() {
 }
 
 #[test]
+#[ignore = "needs root: acts on other processes as the daemon does"]
 fn exited_processes_and_vanished_threads_are_quiet() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let mut t = spawn_target();
     let vm = t.vm();
     let snap = host_snapshot(vec![vm.clone()]);
@@ -328,10 +317,9 @@ impl Drop for V1Group {
 }
 
 #[test]
+#[ignore = "needs root: creates and writes cgroup v1 cpuset groups"]
 fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let root = Path::new("/sys/fs/cgroup/cpuset");
     if !root.join("cpuset.cpus").exists() {
         eprintln!("skipped: no cgroup v1 cpuset hierarchy");

@@ -59,11 +59,9 @@ fn as_nobody(path: &Path) -> i32 {
 }
 
 #[test]
+#[ignore = "needs root: a forked child switches to uid 65534"]
 fn non_root_is_refused_by_mode_and_by_peer_credentials() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    vmbalancer_tests::require_root();
     let dir = std::env::temp_dir().join(format!("vmb-ctl-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -83,11 +83,9 @@ fn daemon(state: &Path, snap: &Snapshot, plans: Vec<Plan>) -> Daemon<Fixed, Linu
 }
 
 #[test]
+#[ignore = "needs root: the Linux applier sets another process's CPU affinity"]
 fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    vmbalancer_tests::require_root();
     let online = read_topology(&HostPaths::system()).unwrap().all_cpus();
     if online.len() < 2 {
         eprintln!("skipped: needs 2 CPUs");

@@ -3,18 +3,14 @@
 //! flipping its affinity, and check that the per-thread count matches the moves that
 //! happened, while an untracked thread doing the same is not counted.
 //!
-//! Needs root (CI runs as root) and at least two CPUs; skips with a message otherwise.
+//! Needs root (ignored unless asked for, `-- --include-ignored`; CI runs it as root)
+//! and at least two CPUs; skips with a message without them.
 
 use std::sync::mpsc;
 
 use balancer::telemetry::{Telemetry, TelemetryError, TrackedThread, topology};
 
 const FLIPS: u32 = 200;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn allowed_cpus() -> Vec<u32> {
     // SAFETY: a zeroed cpu_set_t is valid; the size matches.
@@ -82,11 +78,9 @@ fn flipper(
 }
 
 #[test]
+#[ignore = "needs root: loads eBPF programs"]
 fn migrations_of_a_tracked_thread_are_counted() {
-    if !is_root() {
-        eprintln!("SKIPPED ebpf_migrate: needs root to load eBPF programs (CI runs as root)");
-        return;
-    }
+    vmbalancer_tests::require_root();
     let cpus = allowed_cpus();
     if cpus.len() < 2 {
         eprintln!("SKIPPED ebpf_migrate: needs two CPUs, this process may use {cpus:?}");

@@ -6,7 +6,7 @@
 //! untracked thread doing the same leaves no trace. Also prints the features active
 //! on this kernel and the measured cost per event of each program.
 //!
-//! Needs root (CI runs as root); skips with a message otherwise.
+//! Needs root: ignored unless asked for (`-- --include-ignored`); CI runs it as root.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -124,12 +124,9 @@ fn wait_until_blocked(tid: u32) {
 }
 
 #[test]
+#[ignore = "needs root: loads eBPF programs"]
 fn on_cpu_time_and_page_faults_of_a_tracked_thread() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED ebpf_telemetry: needs root to load eBPF programs (CI runs as root)");
-        return;
-    }
+    vmbalancer_tests::require_root();
     let mut telemetry = match Telemetry::load() {
         Ok(t) => t,
         Err(e @ TelemetryError::MissingCapability) => {

@@ -130,12 +130,9 @@ fn trace_once_json_lists_the_fake_vm() {
 }
 
 #[test]
+#[ignore = "needs root: trace loads eBPF programs"]
 fn trace_once_json_shows_ebpf_run_time_of_the_vcpus() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED trace with eBPF: needs root to load eBPF programs (CI runs as root)");
-        return;
-    }
+    vmbalancer_tests::require_root();
     let vm = MiniQemu::start("ebpf");
     let out = Command::new(env!("CARGO_BIN_EXE_vmbalancer_cli"))
         .args([
@@ -241,17 +238,14 @@ fn captured_live_tree_reads_back_the_same() {
 }
 
 #[test]
+#[ignore = "needs root: loads eBPF programs"]
 fn ebpf_source_heats_faulted_regions_and_decays_them() {
     use balancer::host::linux::ebpf_source::HEAT_HALF_LIFE_NS;
     use balancer::host::linux::{EbpfTelemetry, TelemetrySource, TrackedVm};
     use balancer::model::{Node, Snapshot, Topology, Vcpu, Vm};
     use balancer::telemetry::Telemetry;
 
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED ebpf source hot regions: needs root to load eBPF programs");
-        return;
-    }
+    vmbalancer_tests::require_root();
     let mut src = EbpfTelemetry::new(Telemetry::load().expect("load eBPF telemetry"));
     // This process plays the VM and one of its threads the vCPU that faults.
     let pid = std::process::id();

@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use crate::daemon::config::{Config, Overrides, PinnedVms, VmSelector};
 use crate::daemon::journal::Journal;
+use crate::daemon::notify::{self, Notifier};
 use crate::daemon::policy::EnginePolicy;
 use crate::daemon::run::{Daemon, Shutdown, run};
 use crate::host::linux::actuate::{ApplierConfig, LinuxApplier};
@@ -121,6 +122,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     let observer_cfg = ObserverConfig {
         write_heat: cfg.write_heat_sampling,
+        locality_target_pct: cfg.target_locality_pct,
         ..ObserverConfig::default()
     };
     let observer = LinuxObserver::new(host_paths(&cfg), observer_cfg)
@@ -130,6 +132,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             ebpf_source::load_or_explain,
         )));
     let policy = EnginePolicy::new(&cfg);
+    // The only place the daemon reads systemd's environment.
+    let notifier = Notifier::from_env();
+    let watchdog_every = notify::watchdog_interval();
     if args.dry_run {
         let d = Daemon::new(
             cfg,
@@ -139,7 +144,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             None,
             shutdown,
             true,
-        );
+        )
+        .with_notify(notifier, watchdog_every);
         rt.block_on(run(d))?;
     } else {
         let journal = Journal::open(&cfg.state_dir)?;
@@ -154,6 +160,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             shutdown,
             false,
         )
+        .with_notify(notifier, watchdog_every)
         .with_progress(progress);
         rt.block_on(run(d))?;
     }

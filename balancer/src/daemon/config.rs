@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{CpuSet, Vm};
+use crate::model::{CpuSet, DEFAULT_TARGET_LOCALITY_PCT, Vm};
 
 /// Where the daemon looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmbalancer/config.toml";
@@ -93,7 +93,8 @@ pub struct Config {
     pub tick_ms: u64,
     /// A node counts as busy above this share of its CPUs in use, percent. Default 85.
     pub target_utilisation_pct: u32,
-    /// Memory is moved while a VM has less than this share local, percent. Default 90.
+    /// Memory is moved while a VM has less than this share local, percent. Default 90
+    /// ([`DEFAULT_TARGET_LOCALITY_PCT`], numad's `-m` default).
     pub target_locality_pct: u32,
     /// Balance only these VMs (pids or name patterns); empty = all VMs. Default [].
     pub include_vms: Vec<VmSelector>,
@@ -141,7 +142,7 @@ impl Default for Config {
         Self {
             tick_ms: 1000,
             target_utilisation_pct: 85,
-            target_locality_pct: 90,
+            target_locality_pct: DEFAULT_TARGET_LOCALITY_PCT,
             include_vms: Vec::new(),
             exclude_vms: Vec::new(),
             reserved_cpus: CpuSet::new(),

@@ -4,28 +4,35 @@
 //! `$NOTIFY_SOCKET` (a path, or an abstract name when it starts with `@`). It is small
 //! enough to speak directly instead of pulling in a crate. Without `$NOTIFY_SOCKET`
 //! (not started by systemd) every call is a no-op.
+//!
+//! The environment is read once, by the program's entry point ([`Notifier::from_env`]);
+//! everything below it gets a [`Notifier`] for an explicit socket
+//! ([`Notifier::new`]), so tests never share a process-wide variable.
 
+use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 /// A connection to systemd's notification socket, if there is one.
-#[derive(Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Notifier {
     target: Option<Target>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Target {
     Path(std::path::PathBuf),
     Abstract(Vec<u8>),
 }
 
 impl Notifier {
-    /// Reads `$NOTIFY_SOCKET`.
-    pub fn from_env() -> Self {
-        let target = std::env::var_os("NOTIFY_SOCKET").and_then(|v| {
-            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(v.as_os_str()).to_vec();
+    /// Notifications to `socket`, written as in `$NOTIFY_SOCKET`: a path, or `@name`
+    /// for an abstract socket. `None` or empty: every call is a no-op.
+    pub fn new(socket: Option<&OsStr>) -> Self {
+        let target = socket.and_then(|v| {
+            let bytes = v.as_bytes();
             match bytes.first() {
                 None => None,
                 Some(b'@') => Some(Target::Abstract(bytes[1..].to_vec())),
@@ -33,6 +40,11 @@ impl Notifier {
             }
         });
         Self { target }
+    }
+
+    /// The socket systemd named in `$NOTIFY_SOCKET`, for the program's entry point.
+    pub fn from_env() -> Self {
+        Self::new(std::env::var_os("NOTIFY_SOCKET").as_deref())
     }
 
     pub fn enabled(&self) -> bool {
@@ -104,12 +116,7 @@ mod tests {
         server
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        // The environment is process-wide: only this test sets NOTIFY_SOCKET, and it
-        // is read once here.
-        // SAFETY: no other test reads or writes NOTIFY_SOCKET.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        let n = Notifier::from_env();
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let n = Notifier::new(Some(path.as_os_str()));
         assert!(n.enabled());
         n.ready("balancing 3 VMs\nok").unwrap();
         n.watchdog().unwrap();
@@ -133,13 +140,13 @@ mod tests {
         server
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        let n = Notifier {
-            target: Some(Target::Abstract(name.into_bytes())),
-        };
+        let n = Notifier::new(Some(OsStr::new(&format!("@{name}"))));
         n.status("x").unwrap();
         let mut buf = [0u8; 64];
         let len = server.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"STATUS=x");
-        assert!(!Notifier { target: None }.enabled());
+        assert!(!Notifier::new(None).enabled());
+        assert!(!Notifier::new(Some(OsStr::new(""))).enabled());
+        assert!(Notifier::new(None).ready("no-op").is_ok());
     }
 }

@@ -23,6 +23,8 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         busy_floor_pct: f64::from(cfg.target_utilisation_pct),
         locality_target_pct: f64::from(cfg.target_locality_pct),
         free_headroom_bytes: cfg.memory_headroom_bytes,
+        // Plans never name a reserved CPU, so the applier's guard never has to refuse.
+        reserved_cpus: cfg.reserved_cpus.clone(),
         // The operator's limit bounds the host; per-VM rates never exceed it.
         host_rate_bytes_per_s: limit,
         hot_rate_bytes_per_s: defaults.hot_rate_bytes_per_s.min(limit),
@@ -111,6 +113,7 @@ mod tests {
             target_locality_pct: 92,
             migration_rate_limit_bytes_per_s: 32 << 20,
             memory_headroom_bytes: 1 << 30,
+            reserved_cpus: crate::model::CpuSet::parse_list("0,8-9").unwrap(),
             ..Config::default()
         };
         let e = engine_config(&cfg);
@@ -119,6 +122,7 @@ mod tests {
         assert_eq!(e.busy_floor_pct, 70.0);
         assert_eq!(e.locality_target_pct, 92.0);
         assert_eq!(e.free_headroom_bytes, 1 << 30);
+        assert_eq!(e.reserved_cpus.to_string(), "0,8-9");
         assert_eq!(e.host_rate_bytes_per_s, 32 << 20);
         assert!(e.hot_rate_bytes_per_s <= 32 << 20 && e.cold_rate_bytes_per_s <= 32 << 20);
     }
@@ -175,6 +179,16 @@ mod tests {
             ..Config::default()
         };
         assert!(placed(&exclude).is_empty());
+    }
+
+    #[test]
+    fn daemon_and_engine_share_the_default_locality_target() {
+        let from_daemon = engine_config(&Config::default()).locality_target_pct;
+        assert_eq!(from_daemon, EngineConfig::default().locality_target_pct);
+        assert_eq!(
+            from_daemon,
+            f64::from(crate::model::DEFAULT_TARGET_LOCALITY_PCT)
+        );
     }
 
     #[test]

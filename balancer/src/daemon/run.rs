@@ -22,7 +22,7 @@ use super::advice;
 use super::config::Config;
 use super::control::{self, Handler, Request, Response};
 use super::journal::{self, Journal, JournalError};
-use super::notify::{self, Notifier};
+use super::notify::Notifier;
 use super::status::{self, Decision, StatusDoc};
 use super::{Actuator, Policy};
 use crate::host::Observer;
@@ -165,6 +165,10 @@ pub struct Daemon<O, A, P> {
     dry_run: bool,
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
+    /// Where READY/STATUS/WATCHDOG go; none unless [`Daemon::with_notify`] names one.
+    notifier: Notifier,
+    /// How often to send WATCHDOG=1, when systemd asked for it.
+    watchdog_every: Option<Duration>,
 }
 
 impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
@@ -200,8 +204,20 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             dry_run,
             observe_failing: false,
             heartbeat_ms: Arc::new(AtomicU64::new(0)),
+            notifier: Notifier::default(),
+            watchdog_every: None,
             cfg,
         }
+    }
+
+    /// Tells systemd (or whoever listens on the notifier's socket) when the daemon is
+    /// ready and what it does, and sends WATCHDOG=1 every `watchdog_every`. The
+    /// entry point reads both from the environment ([`Notifier::from_env`],
+    /// [`super::notify::watchdog_interval`]); nothing below it does.
+    pub fn with_notify(mut self, notifier: Notifier, watchdog_every: Option<Duration>) -> Self {
+        self.notifier = notifier;
+        self.watchdog_every = watchdog_every;
+        self
     }
 
     /// Gives the status handler live access to the applier's migration progress.
@@ -613,14 +629,14 @@ where
             Ok(())
         });
     }
-    let notifier = Notifier::from_env();
-    if let Some(every) = notify::watchdog_interval() {
+    let notifier = daemon.notifier.clone();
+    if let Some(every) = daemon.watchdog_every {
         let s = shutdown.clone();
         let beat = daemon.heartbeat_ms.clone();
         let started = daemon.started;
         let stale_ms = (every.as_millis() as u64 * 2).max(cfg.tick_ms * 3);
+        let n = notifier.clone();
         tasks.spawn(async move {
-            let n = Notifier::from_env();
             loop {
                 tokio::select! {
                     _ = s.stopped() => return Ok(()),

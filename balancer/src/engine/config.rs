@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{CpuSet, DEFAULT_TARGET_LOCALITY_PCT};
+
 const MIB: u64 = 1 << 20;
 const SEC_NS: u64 = 1_000_000_000;
 
@@ -33,7 +35,8 @@ pub struct EngineConfig {
     /// Migration rate for the whole host, all VMs together. Default 512 MiB/s.
     pub host_rate_bytes_per_s: u64,
     /// Stop migrating a VM once this share of its memory is on its home nodes; the
-    /// coldest remainder may stay. Default 95 %.
+    /// coldest remainder may stay. Default 90 % ([`DEFAULT_TARGET_LOCALITY_PCT`],
+    /// numad's `-m` default, the same as the daemon's `target_locality_pct`).
     pub locality_target_pct: f64,
     /// Never plan memory onto a node whose free memory would drop below this. Default
     /// 512 MiB.
@@ -65,6 +68,12 @@ pub struct EngineConfig {
     /// How far back reverts count, and how long a remembered peak takes to fade to
     /// nothing once the unit stops reaching it. Default 600 s.
     pub recurrence_window_ns: u64,
+    /// CPUs never given to VMs (numad's `-R`): they count for no node's capacity and
+    /// never appear in a CPU set the engine plans, so a node keeps its other CPUs for
+    /// VMs and a node whose CPUs are all reserved has no capacity at all. The daemon
+    /// fills it from its own `reserved_cpus` (see `daemon::policy::engine_config`).
+    /// Default none.
+    pub reserved_cpus: CpuSet,
 }
 
 impl Default for EngineConfig {
@@ -78,7 +87,7 @@ impl Default for EngineConfig {
             hot_rate_bytes_per_s: 256 * MIB,
             cold_rate_bytes_per_s: 64 * MIB,
             host_rate_bytes_per_s: 512 * MIB,
-            locality_target_pct: 95.0,
+            locality_target_pct: f64::from(DEFAULT_TARGET_LOCALITY_PCT),
             free_headroom_bytes: 512 * MIB,
             max_moves_per_tick: 4,
             tick_ns: SEC_NS,
@@ -88,6 +97,7 @@ impl Default for EngineConfig {
             swap_candidates: 12,
             recurrence_reverts: 1,
             recurrence_window_ns: 600 * SEC_NS,
+            reserved_cpus: CpuSet::new(),
         }
     }
 }

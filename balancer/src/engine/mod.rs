@@ -54,6 +54,12 @@
 //!    thread stacks, heap) on other nodes gets one `MigrateProcessMemory` home, at
 //!    most once a minute per VM.
 //!
+//! # Reserved CPUs
+//! CPUs in `EngineConfig::reserved_cpus` (numad's `-R`) are never given to VMs: a
+//! node's capacity counts only its other CPUs (a node with all CPUs reserved has
+//! none), and every planned CPU set leaves them out. The host's appliers refuse a set
+//! that touches one, as a guard; the engine never plans one.
+//!
 //! # Safety (`safety.rs`)
 //! Memory is never planned onto a node whose free memory would fall below the
 //! headroom, nor a huge-page VM onto a node without free huge pages of its size; such
@@ -182,7 +188,7 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
         _ => cfg.tick_ns,
     };
     state.last_now_ns = Some(snap.now_ns);
-    let (units, nodes, _masker) = view::build(snap);
+    let (units, nodes, _masker) = view::build(snap, &cfg.reserved_cpus);
     // Forget units that no longer exist.
     let live: std::collections::BTreeSet<UnitKey> = units.iter().map(|u| u.key).collect();
     state.units.retain(|k, _| live.contains(k));
@@ -294,10 +300,13 @@ impl<'a> Ctx<'a> {
         mask_nodes(mask).map(|i| self.node_id(i)).collect()
     }
 
+    /// The CPUs VMs may use on the nodes of `mask`: reserved CPUs never appear.
     pub fn cpus_of_mask(&self, mask: u64) -> CpuSet {
-        mask_nodes(mask).fold(CpuSet::new(), |acc, i| {
-            acc.union(&self.snap.topology.nodes[i].cpus)
-        })
+        mask_nodes(mask)
+            .fold(CpuSet::new(), |acc, i| {
+                acc.union(&self.snap.topology.nodes[i].cpus)
+            })
+            .difference(&self.cfg.reserved_cpus)
     }
 
     /// Adds (`sign = 1`) or removes (`-1`) a unit's demand spread over `mask`.

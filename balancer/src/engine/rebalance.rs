@@ -61,8 +61,13 @@ impl Ctx<'_> {
 
     /// Idle CPUs node `n` still has this decision: what the host measured, minus the
     /// demand moved there since. `None` when the host does not measure idle time.
+    /// The host counts reserved CPUs too, and VMs cannot use them: the reading is
+    /// taken as if they were all idle (the lower bound of what VMs may use), so an
+    /// idle reserved CPU never makes a busy node look free.
     fn idle_left(&self, n: usize, load_before: &[f64]) -> Option<f64> {
-        let idle = self.snap.topology.nodes.get(n)?.idle_cpus?;
+        let node = self.snap.topology.nodes.get(n)?;
+        let reserved = node.cpus.len() as f64 - self.nodes[n].cap;
+        let idle = node.idle_cpus? - reserved;
         Some(idle - (self.load[n] - load_before[n]).max(0.0))
     }
 

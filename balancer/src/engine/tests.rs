@@ -415,7 +415,7 @@ fn probation_commits_when_the_need_lasts_then_memory_follows() {
             .iter()
             .any(|a| a.vm == pid && matches!(a.reason, Reason::ProbationCommitted { .. }))
     );
-    // Hot at 256 MiB/s, then cold at 64 MiB/s, until 95 % local.
+    // Hot at 256 MiB/s, then cold at 64 MiB/s, until the default target is local.
     assert_eq!(m10.iter().find(|m| m.0 == pid).unwrap().3, 256 * MIB);
     let later: Vec<u64> = plans[11..]
         .iter()
@@ -425,7 +425,8 @@ fn probation_commits_when_the_need_lasts_then_memory_follows() {
         .collect();
     assert!(later.iter().all(|&b| b <= 64 * MIB), "{later:?}");
     let total: u64 = 256 * MIB + later.iter().sum::<u64>();
-    let target = (0.95 * (2 * GIB) as f64) as u64;
+    let target_pct = EngineConfig::default().locality_target_pct;
+    let target = (target_pct / 100.0 * (2 * GIB) as f64) as u64;
     assert!(total >= target && total < 2 * GIB, "moved {total}");
 }
 
@@ -874,6 +875,94 @@ fn garbage_demand_and_short_vectors_do_not_panic() {
     assert!(e.plan(&snap(9, big, vec![])).actions.is_empty());
 }
 
+fn with_reserved(list: &str) -> EngineConfig {
+    EngineConfig {
+        reserved_cpus: CpuSet::parse_list(list).unwrap(),
+        ..EngineConfig::default()
+    }
+}
+
+#[test]
+fn reserved_cpus_are_left_out_of_initial_placement() {
+    // Two nodes of 4 CPUs (0-3, 4-7); a 2-vCPU VM busy on node 1; a new 2-vCPU VM.
+    // (case, reserved, expected CPU set of the new VM)
+    let cases: &[(&str, &str, &str)] = &[
+        ("nothing reserved: the idle node, whole", "", "0-3"),
+        ("CPU 0 reserved: the idle node without it", "0", "1-3"),
+        ("one reserved on each node", "0,4", "1-3"),
+        ("node 0 all reserved: node 1 though busy", "0-3", "4-7"),
+        ("node 0 and CPU 4 reserved", "0-4", "5-7"),
+    ];
+    for (name, reserved, want) in cases {
+        let t = topo(2, 4, 64);
+        let busy = vm(1, 2, 1.0, Some(1), &[0, GIB], &t);
+        let new = vm(2, 2, 0.0, None, &[0, 0], &t);
+        let plan = Engine::new(with_reserved(reserved)).plan(&snap(0, t, vec![busy, new]));
+        let moves = set_cpus_of(&plan, 2);
+        assert_eq!(moves.len(), 1, "{name}: {plan:?}");
+        assert_eq!(moves[0].0.to_string(), *want, "{name}: {plan:?}");
+    }
+}
+
+#[test]
+fn reserved_cpus_are_no_capacity_when_rebalancing() {
+    // Node 1 (CPUs 4-7) fully used by two 2-vCPU VMs, node 0 (CPUs 0-3) empty.
+    // (case, reserved, expected CPU set of the VM moved to node 0, None = no move)
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        ("nothing reserved: move to the whole node", "", Some("0-3")),
+        ("CPU 0 reserved: move to the rest", "0", Some("1-3")),
+        // One CPU left: a 2-vCPU VM there would be worse off than where it is.
+        ("three reserved: the move would overshoot", "0-2", None),
+        ("node 0 all reserved: no capacity at all", "0-3", None),
+    ];
+    for (name, reserved, want) in cases {
+        let t = topo(2, 4, 64);
+        let vms = vec![
+            vm(1, 2, 1.0, Some(1), &[0, GIB], &t),
+            vm(2, 2, 1.0, Some(1), &[0, GIB], &t),
+        ];
+        let plan = Engine::new(with_reserved(reserved)).plan(&snap(0, t, vms));
+        let moved: Vec<String> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match (&a.action, &a.reason) {
+                (Action::SetCpus { cpus, .. }, Reason::CpuImbalance { to: 0, .. }) => {
+                    Some(cpus.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        let want: Vec<String> = want.iter().map(|w| w.to_string()).collect();
+        assert_eq!(moved, want, "{name}: {plan:?}");
+    }
+}
+
+#[test]
+fn idle_reserved_cpus_do_not_make_a_node_look_free() {
+    // Four 1-vCPU VMs fill node 1 (CPUs 4-7); node 0 (CPUs 0-3) has CPUs 0-2 reserved.
+    // The host's idle reading of node 0 counts the reserved CPUs too.
+    // (case, reserved, idle CPUs measured on node 0, expect a move)
+    let cases: &[(&str, &str, f64, bool)] = &[
+        ("nothing reserved, 3 idle", "", 3.0, true),
+        ("3 idle are the reserved ones", "0-2", 3.0, false),
+        ("CPU 3 idle besides the reserved", "0-2", 3.9, true),
+    ];
+    for (name, reserved, idle_on_0, want) in cases {
+        let mut t = topo(2, 4, 64);
+        t.nodes[0].idle_cpus = Some(*idle_on_0);
+        t.nodes[1].idle_cpus = Some(0.0);
+        let vms = (1..=4)
+            .map(|pid| vm(pid, 1, 1.0, Some(1), &[0, GIB], &t))
+            .collect();
+        let plan = Engine::new(with_reserved(reserved)).plan(&snap(0, t, vms));
+        let moved = plan
+            .actions
+            .iter()
+            .any(|a| matches!(a.reason, Reason::CpuImbalance { .. }));
+        assert_eq!(moved, *want, "{name}: {plan:?}");
+    }
+}
+
 #[test]
 fn decisions_are_deterministic() {
     let s = crate::host::sim::bench::snapshot(200, 4, 1);
@@ -944,10 +1033,17 @@ fn random_host(rng: &mut Rng) -> (Topology, Vec<Vm>) {
 
 #[test]
 fn property_invariants_hold_on_random_hosts() {
-    let cfg = EngineConfig::default();
     for seed in 0..60 {
         let mut rng = Rng::new(seed);
         let (t, mut vms) = random_host(&mut rng);
+        // Odd seeds reserve the first CPU of every node but the last.
+        let mut cfg = EngineConfig::default();
+        if seed % 2 == 1 {
+            cfg.reserved_cpus = t.nodes[..t.nodes.len() - 1]
+                .iter()
+                .filter_map(|n| n.cpus.first())
+                .collect();
+        }
         let mut e = Engine::new(cfg.clone());
         let mut last_move: std::collections::BTreeMap<(u32, Option<Vec<u32>>), u64> =
             Default::default();
@@ -962,7 +1058,8 @@ fn property_invariants_hold_on_random_hosts() {
             let sn = snap(s, t.clone(), vms.clone());
             let plan = e.plan(&sn);
             // 1. No vCPU double-booked: each (vm, vcpu) in at most one SetCpus, and a
-            //    SetCpus never names CPUs outside the host or an empty set.
+            //    SetCpus never names CPUs outside the host, a reserved CPU or an
+            //    empty set.
             let mut seen = std::collections::BTreeSet::new();
             for a in &plan.actions {
                 if let Action::SetCpus { vcpus, cpus } = &a.action {
@@ -970,6 +1067,7 @@ fn property_invariants_hold_on_random_hosts() {
                         !cpus.is_empty() && cpus.is_subset(&t.all_cpus()),
                         "seed {seed}"
                     );
+                    assert!(!cpus.intersects(&cfg.reserved_cpus), "seed {seed}: {cpus}");
                     let vm = sn.vms.iter().find(|v| v.pid == a.vm).unwrap();
                     for v in &vm.vcpus {
                         if vcpus.as_ref().is_none_or(|l| l.contains(&v.index)) {

@@ -35,6 +35,7 @@ pub struct UnitView {
 /// One node as seen now.
 #[derive(Clone, Debug)]
 pub struct NodeView {
+    /// CPUs VMs may use: the node's CPUs minus the reserved ones.
     pub cap: f64,
     pub free_bytes: u64,
 }
@@ -80,8 +81,12 @@ impl<'a> NodeMasker<'a> {
     }
 }
 
-/// Splits the snapshot's VMs into units and summarises the nodes.
-pub fn build(snap: &Snapshot) -> (Vec<UnitView>, Vec<NodeView>, NodeMasker<'_>) {
+/// Splits the snapshot's VMs into units and summarises the nodes. A node's capacity
+/// is its CPUs outside `reserved`.
+pub fn build<'a>(
+    snap: &'a Snapshot,
+    reserved: &CpuSet,
+) -> (Vec<UnitView>, Vec<NodeView>, NodeMasker<'a>) {
     let topo = &snap.topology;
     let nn = topo.nodes.len();
     let mut masker = NodeMasker::new(topo);
@@ -89,7 +94,7 @@ pub fn build(snap: &Snapshot) -> (Vec<UnitView>, Vec<NodeView>, NodeMasker<'_>) 
         .nodes
         .iter()
         .map(|n| NodeView {
-            cap: n.cpus.len() as f64,
+            cap: n.cpus.difference(reserved).len() as f64,
             free_bytes: n.memory.free_bytes,
         })
         .collect();

@@ -15,6 +15,13 @@ pub use idset::{CpuId, CpuSet, IdSet, IdSetParseError, NodeId, NodeSet};
 pub use plan::{Action, ActionOutcome, Plan, PlannedAction, Reason, Refusal, RefusalReason};
 pub use snapshot::{HostSettings, KsmState, Snapshot};
 pub use topology::{HugePagePool, Node, NodeMemory, Topology};
+/// The share of a VM's memory on its home nodes that counts as local enough, in
+/// percent, when nobody configured one: 90, numad's `-m` default and the documented
+/// default of the daemon's `target_locality_pct`. The one definition behind the
+/// daemon's configuration, the engine's `locality_target_pct` and the observer's
+/// choice of VMs worth write-heat sampling (those that may still have memory to move).
+pub const DEFAULT_TARGET_LOCALITY_PCT: u32 = 90;
+
 pub use vm::{
     GuestCell, HotRegion, MemoryBacking, Pinning, ThreadKind, Vcpu, VcpuTelemetry, Vm, VmId,
     VmMemory,

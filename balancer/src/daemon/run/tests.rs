@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::host::Applier;
+use crate::host::linux::actuate::cpus::reserved_refusal;
 use crate::host::linux::actuate::{OriginalSets, QuietCounters, RestoreWhat};
 use crate::model::{Action, CpuSet, Pinning, Reason, Topology};
 
@@ -57,9 +58,16 @@ struct Fake {
     outcome: ActionOutcome,
     alive: BTreeSet<u32>,
     journal: Option<PathBuf>,
+    /// Refuses CPU sets touching these, with the Linux applier's own guard.
+    reserved: CpuSet,
 }
 impl Applier for Fake {
     fn apply(&mut self, _s: &Snapshot, a: &PlannedAction) -> ActionOutcome {
+        if let Action::SetCpus { cpus, .. } = &a.action
+            && let Some(why) = reserved_refusal(cpus, &self.reserved)
+        {
+            return ActionOutcome::Refused { why };
+        }
         // The journal must name the action before the host changes.
         if let Some(p) = &self.journal {
             let text = std::fs::read_to_string(p).unwrap_or_default();
@@ -178,6 +186,7 @@ fn tick_applies_guards_journals_and_reports() {
         outcome: ActionOutcome::Done { moved_bytes: 0 },
         alive: [1, 2, 3].into(),
         journal: Some(journal.path().to_path_buf()),
+        reserved: CpuSet::new(),
     };
     let vms = vec![
         vm(1, "web", Pinning::None),
@@ -274,6 +283,7 @@ fn crash_recovery_finishes_or_reverts_through_the_actuator() {
             outcome: ActionOutcome::Done { moved_bytes: 0 },
             alive: [1, 2, 3].into(),
             journal: None,
+            reserved: CpuSet::new(),
         };
         for v in [1, 2, 3] {
             j.adopt(fake.adopt(&vm(v, "x", Pinning::None)).unwrap())
@@ -289,6 +299,7 @@ fn crash_recovery_finishes_or_reverts_through_the_actuator() {
         outcome: ActionOutcome::Done { moved_bytes: 0 },
         alive: [1, 2].into(),
         journal: None,
+        reserved: CpuSet::new(),
     };
     let observer = Scripted {
         snaps: [Some(snap(vec![
@@ -338,6 +349,7 @@ fn async_run_serves_status_and_restores_on_shutdown() {
         outcome: ActionOutcome::Done { moved_bytes: 0 },
         alive: [1].into(),
         journal: None,
+        reserved: CpuSet::new(),
     };
     let observer = Scripted {
         snaps: [Some(snap(vec![vm(1, "web", Pinning::None)]))].into(),
@@ -398,4 +410,117 @@ fn shutdown_wakes_sleepers() {
     assert!(s.flag().load(Ordering::SeqCst));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(s.stopped());
+}
+
+/// Two busy 2-vCPU VMs confined to node 1 (CPUs 4-7) of a 2 x 4-CPU host.
+fn crowded_node_1() -> Snapshot {
+    let t = Topology::uniform(2, 4, 8 << 30);
+    let busy = |pid: u32| Vm {
+        pid,
+        name: format!("vm{pid}"),
+        vcpus: (0..2)
+            .map(|i| crate::model::Vcpu {
+                index: i,
+                tid: pid * 10 + i,
+                affinity: CpuSet::parse_list("4-7").unwrap(),
+                last_cpu: Some(4 + i),
+                cpu_demand: 1.0,
+                ..Default::default()
+            })
+            .collect(),
+        memory: crate::model::VmMemory {
+            bytes_per_node: vec![0, 1 << 30],
+            configured_bytes: 1 << 30,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Snapshot {
+        now_ns: 5,
+        topology: t,
+        vms: vec![busy(1), busy(2)],
+        ..Default::default()
+    }
+}
+
+/// The CPU moves of the last tick with their outcomes, from the status document.
+fn cpu_decisions<O: Observer, A: Actuator, P: Policy>(
+    d: &Daemon<O, A, P>,
+) -> Vec<(String, ActionOutcome)> {
+    let shared = d.shared();
+    let s = shared.lock().unwrap();
+    s.status
+        .decisions
+        .iter()
+        .filter_map(|dec| match &dec.action {
+            Action::SetCpus { cpus, .. } => Some((cpus.to_string(), dec.outcome.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn reserved_cpu_node_still_takes_a_vm_on_its_other_cpus() {
+    // `-R 0`: node 0 (CPUs 0-3) keeps CPU 0 for the host. Node 1 is crowded, so one VM
+    // must move to node 0, and the host (with the Linux applier's guard) must accept
+    // the set the daemon's engine plans.
+    let dir = temp("reserved");
+    let cfg = Config {
+        reserved_cpus: CpuSet::parse_list("0").unwrap(),
+        ..test_config(&dir)
+    };
+    let host = |rec: &Record| Fake {
+        rec: rec.clone(),
+        outcome: ActionOutcome::Done { moved_bytes: 0 },
+        alive: [1, 2].into(),
+        journal: None,
+        reserved: cfg.reserved_cpus.clone(),
+    };
+    let observer = || Scripted {
+        snaps: [Some(crowded_node_1())].into(),
+        last: None,
+    };
+    let rec = Record::default();
+    let mut d = Daemon::new(
+        cfg.clone(),
+        observer(),
+        host(&rec),
+        super::super::policy::EnginePolicy::new(&cfg),
+        None,
+        Shutdown::new(),
+        false,
+    );
+    let r = d.tick();
+    assert_eq!(r.applied, 1, "{r:?}");
+    assert_eq!(
+        cpu_decisions(&d),
+        vec![("1-3".to_string(), ActionOutcome::Done { moved_bytes: 0 })]
+    );
+    assert_eq!(rec.applied.lock().unwrap().len(), 1);
+
+    // An engine that does not hear of the reservation plans the whole node, and the
+    // guard refuses it: the VM could never move to node 0.
+    let rec = Record::default();
+    let mut d = Daemon::new(
+        cfg.clone(),
+        observer(),
+        host(&rec),
+        super::super::policy::EnginePolicy::new(&Config {
+            reserved_cpus: CpuSet::new(),
+            ..cfg.clone()
+        }),
+        None,
+        Shutdown::new(),
+        false,
+    );
+    d.tick();
+    let decisions = cpu_decisions(&d);
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert_eq!(decisions[0].0, "0-3");
+    assert!(
+        matches!(&decisions[0].1, ActionOutcome::Refused { why } if why.contains("reserved")),
+        "{decisions:?}"
+    );
+    assert!(rec.applied.lock().unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(dir);
 }

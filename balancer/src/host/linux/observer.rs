@@ -29,7 +29,8 @@ use super::telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, Trac
 use super::{HostError, HostPaths, monotonic_ns, procfs, topology};
 use crate::host::Observer;
 use crate::model::{
-    Action, ActionOutcome, PlannedAction, Snapshot, ThreadKind, Topology, Vcpu, Vm, VmId, VmMemory,
+    Action, ActionOutcome, DEFAULT_TARGET_LOCALITY_PCT, PlannedAction, Snapshot, ThreadKind,
+    Topology, Vcpu, Vm, VmId, VmMemory,
 };
 
 /// Settings of the observer.
@@ -45,6 +46,10 @@ pub struct ObserverConfig {
     /// regions of resident memory (`write_heat.rs`). This writes the VMs'
     /// `clear_refs`, so it is off in `trace`, which changes nothing.
     pub write_heat: bool,
+    /// The locality target memory moves towards, percent: write heat is sampled only
+    /// for VMs below it. Default [`DEFAULT_TARGET_LOCALITY_PCT`]; the daemon passes
+    /// its `target_locality_pct`.
+    pub locality_target_pct: u32,
 }
 
 impl Default for ObserverConfig {
@@ -54,6 +59,7 @@ impl Default for ObserverConfig {
             full_rescan_interval_ns: 30_000_000_000,
             use_proc_events: true,
             write_heat: true,
+            locality_target_pct: DEFAULT_TARGET_LOCALITY_PCT,
         }
     }
 }
@@ -144,9 +150,9 @@ impl LinuxObserver {
         Ok(Self {
             memory: MemoryTracker::new(config.memory.clone()),
             cpu_load: super::cpu_load::CpuSampler::new(&paths.proc),
-            write_heat: config
-                .write_heat
-                .then(|| super::write_heat::WriteHeat::new(&paths.proc)),
+            write_heat: config.write_heat.then(|| {
+                super::write_heat::WriteHeat::new(&paths.proc, config.locality_target_pct)
+            }),
             paths,
             config,
             topology,

@@ -24,9 +24,10 @@
 //! Cost and scope: clearing write-protects the VM's pages, so its next write to each
 //! page (or huge page) takes a minor fault, and on a KVM VM the clear also drops its
 //! secondary (EPT) mappings, which refault as the guest runs. That is paid only by
-//! VMs with more than [`REMOTE_SHARE`] of their guest RAM off the nodes their vCPUs
-//! run on (those whose memory may move), at most once per [`ROUND_EVERY_NS`]. Pages
-//! only read are not seen.
+//! VMs with more of their guest RAM off the nodes their vCPUs run on than the
+//! locality target leaves (those whose memory may move; the target comes from the
+//! daemon's configuration), at most once per [`ROUND_EVERY_NS`]. Pages only read are
+//! not seen.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -36,9 +37,6 @@ use std::time::{Duration, Instant};
 
 use crate::model::{HotRegion, NodeId, Snapshot, Vm};
 
-/// A VM is sampled while more than this share of its guest RAM is off its vCPUs'
-/// nodes: below it, at the default 90 % locality target, no memory of it will move.
-pub const REMOTE_SHARE: f64 = 0.10;
 /// Shortest time between two sampling rounds of one VM. Each round clears the bits,
 /// which costs a TLB flush per huge page and a write fault per written page.
 pub const ROUND_EVERY_NS: u64 = 2_000_000_000;
@@ -78,19 +76,25 @@ struct VmState {
 #[derive(Debug)]
 pub struct WriteHeat {
     proc_root: PathBuf,
+    /// A VM is sampled while more than this share of its guest RAM is off its vCPUs'
+    /// nodes: at or below it, the locality target is met and none of it will move.
+    min_remote_share: f64,
     vms: BTreeMap<u32, VmState>,
     /// Set once clearing failed (no soft-dirty support): stop trying.
     unsupported: bool,
 }
 
 impl WriteHeat {
-    pub fn new(proc_root: &Path) -> Self {
+    /// Samples VMs below `locality_target_pct` (the engine's target: above it no
+    /// memory moves, so its heat would go unused).
+    pub fn new(proc_root: &Path, locality_target_pct: u32) -> Self {
         let supported = soft_dirty_works();
         if !supported {
             log_unsupported();
         }
         Self {
             proc_root: proc_root.to_path_buf(),
+            min_remote_share: 1.0 - f64::from(locality_target_pct.min(100)) / 100.0,
             vms: BTreeMap::new(),
             unsupported: !supported,
         }
@@ -108,7 +112,7 @@ impl WriteHeat {
         let now = snapshot.now_ns;
         let mut due = Vec::new();
         for vm in &snapshot.vms {
-            if remote_share(vm, &snapshot.topology) <= REMOTE_SHARE
+            if remote_share(vm, &snapshot.topology) <= self.min_remote_share
                 || vm.memory.guest_ranges.is_empty()
             {
                 self.vms.remove(&vm.pid);

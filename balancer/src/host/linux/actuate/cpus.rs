@@ -45,14 +45,8 @@ pub fn set_cpus(
             format!("CPUs {} are not in the topology", cpus.difference(&known)),
         );
     }
-    if cpus.intersects(&a.cfg.reserved_cpus) {
-        return a.refuse(
-            vm.pid,
-            format!(
-                "CPUs {} are reserved",
-                cpus.intersection(&a.cfg.reserved_cpus)
-            ),
-        );
+    if let Some(why) = reserved_refusal(cpus, &a.cfg.reserved_cpus) {
+        return a.refuse(vm.pid, why);
     }
     if let Some(list) = vcpus
         && let Some(missing) = list
@@ -66,6 +60,14 @@ pub fn set_cpus(
     } else {
         set_cpus_threads(a, vm, vcpus, cpus)
     }
+}
+
+/// Why `cpus` may not be given to a VM when `reserved` are kept from VMs; `None`
+/// when it may. The engine already leaves reserved CPUs out of its plans; this is
+/// the guard for any other planner (and for a configuration changed under it).
+pub fn reserved_refusal(cpus: &CpuSet, reserved: &CpuSet) -> Option<String> {
+    cpus.intersects(reserved)
+        .then(|| format!("CPUs {} are reserved", cpus.intersection(reserved)))
 }
 
 fn set_cpus_cgroup(
