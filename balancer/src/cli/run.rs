@@ -177,6 +177,7 @@ pub fn applier_config(cfg: &Config) -> ApplierConfig {
         rate_limit_bytes_per_s: cfg.migration_rate_limit_bytes_per_s,
         batch_pages: cfg.migration_batch_pages,
         migration_threads: cfg.migration_threads,
+        migration_nice: cfg.migration_nice,
         headroom_bytes: cfg.memory_headroom_bytes,
         reserved_cpus: cfg.reserved_cpus.clone(),
     }

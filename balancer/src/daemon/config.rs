@@ -105,10 +105,19 @@ pub struct Config {
     /// Upper bound of page migration, bytes per second, all VMs together.
     /// Default 268435456 (256 MiB/s).
     pub migration_rate_limit_bytes_per_s: u64,
-    /// Pages per move_pages call; shutdown stops a move between two batches. Default 512.
+    /// Most pages per move_pages call; shutdown stops a move between two batches.
+    /// Default 8192 (32 MiB of 4 KiB pages): every call pays a fixed cost on every CPU
+    /// (the kernel drains its per-CPU page lists), which on a host whose CPUs are
+    /// busy made 512-page calls 4 times slower than 8192-page ones
+    /// (tests/results/lab-bench-mover.md).
     pub migration_batch_pages: u64,
     /// Threads moving one VM's pages at once (1..=64). Default 4.
     pub migration_threads: usize,
+    /// Nice value of the threads that move pages (-20..=19). Default -10: on a host
+    /// whose CPUs are all busy with vCPUs, movers at nice 0 get a fraction of a CPU
+    /// each and a move meant to take a second takes many; the rate limit still
+    /// bounds what they take from the VMs.
+    pub migration_nice: i32,
     /// Find hot regions of resident memory from soft-dirty bits, for VMs whose memory
     /// is away from their vCPUs. Default true.
     pub write_heat_sampling: bool,
@@ -147,8 +156,9 @@ impl Default for Config {
             exclude_vms: Vec::new(),
             reserved_cpus: CpuSet::new(),
             migration_rate_limit_bytes_per_s: 256 << 20,
-            migration_batch_pages: 512,
+            migration_batch_pages: 8192,
             migration_threads: 4,
+            migration_nice: -10,
             write_heat_sampling: true,
             memory_headroom_bytes: 512 << 20,
             probation_window_ms: 10_000,
@@ -264,6 +274,12 @@ impl Config {
             return bad(
                 "migration_batch_pages",
                 format!("{} is outside 1..=65536", self.migration_batch_pages),
+            );
+        }
+        if !(-20..=19).contains(&self.migration_nice) {
+            return bad(
+                "migration_nice",
+                format!("{} is outside -20..=19", self.migration_nice),
             );
         }
         if !(1..=64).contains(&self.migration_threads) {

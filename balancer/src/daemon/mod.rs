@@ -29,7 +29,9 @@ use crate::host::linux::actuate::{
     LinuxApplier, MigrationProgress, OriginalSets, QuietCounters, RestoreWhat,
 };
 use crate::host::logonly::LogOnly;
-use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot, Vm};
+use std::time::Duration;
+
+use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot, Vm, VmId};
 
 /// The decision-maker the loop consults every tick. The engine implements it; tests
 /// use scripted policies.
@@ -59,6 +61,16 @@ pub trait Actuator: Applier {
     fn forget(&mut self, vm: u32);
     fn counters(&self) -> QuietCounters;
     fn progress(&self) -> Option<MigrationProgress>;
+    /// From now on memory moves may run in the background: `apply` then answers
+    /// `ActionOutcome::Started` and [`Actuator::ended_moves`] brings the outcome.
+    /// Appliers without a worker keep applying everything at once.
+    fn move_in_background(&mut self) {}
+    /// Outcomes of background moves that ended, by VM; with `wait`, waits that long
+    /// for every move still running (after a stop request they end at their next
+    /// batch boundary).
+    fn ended_moves(&mut self, _wait: Option<Duration>) -> Vec<(VmId, ActionOutcome)> {
+        Vec::new()
+    }
 }
 
 impl Actuator for LinuxApplier {
@@ -82,6 +94,12 @@ impl Actuator for LinuxApplier {
     }
     fn progress(&self) -> Option<MigrationProgress> {
         self.progress_handle().lock().ok().and_then(|p| p.clone())
+    }
+    fn move_in_background(&mut self) {
+        LinuxApplier::move_in_background(self);
+    }
+    fn ended_moves(&mut self, wait: Option<Duration>) -> Vec<(VmId, ActionOutcome)> {
+        LinuxApplier::ended_moves(self, wait)
     }
 }
 

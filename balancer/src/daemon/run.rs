@@ -91,6 +91,11 @@ impl Shutdown {
     }
 }
 
+/// How long the way out waits for background memory moves to reach a batch
+/// boundary. A batch is at most `migration_batch_pages` pages, well under a second
+/// of copying; the unit's stop timeout is longer.
+const STOP_MOVES_WAIT: Duration = Duration::from_secs(10);
+
 /// State shared between the loop and the async side.
 #[derive(Default)]
 pub struct Shared {
@@ -165,6 +170,9 @@ pub struct Daemon<O, A, P> {
     dry_run: bool,
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
+    /// Memory moves running in the background, by VM: the action and when it was
+    /// planned. Their journal entries stay open until their outcome arrives.
+    moving: std::collections::BTreeMap<u32, (PlannedAction, u64)>,
     /// Where READY/STATUS/WATCHDOG go; none unless [`Daemon::with_notify`] names one.
     notifier: Notifier,
     /// How often to send WATCHDOG=1, when systemd asked for it.
@@ -204,6 +212,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             dry_run,
             observe_failing: false,
             heartbeat_ms: Arc::new(AtomicU64::new(0)),
+            moving: std::collections::BTreeMap::new(),
             notifier: Notifier::default(),
             watchdog_every: None,
             cfg,
@@ -279,6 +288,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     pub fn tick(&mut self) -> TickReport {
         let t0 = Instant::now();
         let mut report = TickReport::default();
+        let mut decisions = self.collect_moves(None);
         let snap = match self.observer.observe() {
             Ok(s) => {
                 if self.observe_failing {
@@ -297,6 +307,10 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
                 self.observe_failing = true;
                 if let Ok(mut s) = self.shared.lock() {
                     s.status.daemon.observe_errors += 1;
+                    let keep = self.cfg.status_history;
+                    for d in decisions {
+                        s.status.push_decision(d, keep);
+                    }
                 }
                 return report;
             }
@@ -311,21 +325,12 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         for refusal in &plan.refusals {
             tracing::debug!(vm = ?refusal.vm, why = ?refusal.why, "policy refused");
         }
-        let mut decisions = Vec::new();
         for action in &plan.actions {
             if self.shutdown.is_set() {
                 break;
             }
             let outcome = self.carry_out(&snap, action, &mut report);
-            self.policy.feedback(action, &outcome);
-            self.observer.note_outcome(action, &outcome);
-            decisions.push(Decision {
-                at_ns: snap.now_ns,
-                vm: action.vm,
-                action: action.action.clone(),
-                reason: action.reason.clone(),
-                outcome,
-            });
+            decisions.push(self.learn(action, outcome, snap.now_ns));
         }
 
         tracing::debug!(
@@ -391,6 +396,12 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let Some(vm) = snap.vms.iter().find(|v| v.pid == action.vm) else {
             return ActionOutcome::VmGone;
         };
+        if self.moving.contains_key(&vm.pid) {
+            // One change of a VM at a time: its journal entry belongs to the move.
+            return ActionOutcome::Refused {
+                why: format!("a memory move of VM {} is still running", vm.pid),
+            };
+        }
         if let Err(why) = manage_verdict(&self.cfg, vm) {
             report.refused_by_config += 1;
             tracing::debug!(vm = vm.pid, %why, "action on an unmanaged VM dropped");
@@ -416,15 +427,55 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         report.applied += 1;
         let outcome = self.actuator.apply(snap, action);
         tracing::info!(vm = vm.pid, action = ?action.action, reason = ?action.reason, ?outcome, "applied");
+        if outcome == ActionOutcome::Started {
+            self.moving.insert(vm.pid, (action.clone(), snap.now_ns));
+            return outcome;
+        }
+        self.end_action(vm.pid, &outcome);
+        outcome
+    }
+
+    /// Feeds an outcome back to the policy and the observer; the decision for status.
+    fn learn(&mut self, action: &PlannedAction, outcome: ActionOutcome, at_ns: u64) -> Decision {
+        self.policy.feedback(action, &outcome);
+        self.observer.note_outcome(action, &outcome);
+        Decision {
+            at_ns,
+            vm: action.vm,
+            action: action.action.clone(),
+            reason: action.reason.clone(),
+            outcome,
+        }
+    }
+
+    /// Background moves that ended (with `wait`, waiting that long for all of them):
+    /// their journal entries end and the policy learns their outcomes.
+    fn collect_moves(&mut self, wait: Option<Duration>) -> Vec<Decision> {
+        if self.moving.is_empty() {
+            return Vec::new();
+        }
+        let mut decisions = Vec::new();
+        for (vm, outcome) in self.actuator.ended_moves(wait) {
+            let Some((action, at_ns)) = self.moving.remove(&vm) else {
+                continue;
+            };
+            tracing::info!(vm, action = ?action.action, ?outcome, "memory move ended");
+            self.end_action(vm, &outcome);
+            decisions.push(self.learn(&action, outcome, at_ns));
+        }
+        decisions
+    }
+
+    /// Closes the journal entry of an action that ended.
+    fn end_action(&mut self, vm: u32, outcome: &ActionOutcome) {
         if let Some(j) = self.journal.as_mut()
-            && let Err(e) = j.end(vm.pid)
+            && let Err(e) = j.end(vm)
         {
             tracing::error!(error = %e, "journal not writable");
         }
-        if outcome == ActionOutcome::VmGone {
-            self.forget(vm.pid);
+        if *outcome == ActionOutcome::VmGone {
+            self.forget(vm);
         }
-        outcome
     }
 
     fn forget(&mut self, vm: u32) {
@@ -456,6 +507,10 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
 
     /// Ticks until the shutdown signal, then [`Daemon::finish`]es.
     pub fn run_blocking(&mut self, notifier: &Notifier) {
+        // After recovery (which finishes moves at once): moves no longer hold the tick.
+        if !self.dry_run {
+            self.actuator.move_in_background();
+        }
         let tick = Duration::from_millis(self.cfg.tick_ms);
         let mut ready = false;
         let mut due: Option<Instant> = None;
@@ -500,6 +555,21 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     /// VMs in the journal, as nothing of ours is left on them), else keeps the journal
     /// so a later run can still restore.
     pub fn finish(&mut self) {
+        // Moves still running stop at their next batch boundary (the stop flag is
+        // set); their journal entries end with what they moved.
+        let ended = self.collect_moves(Some(STOP_MOVES_WAIT));
+        if let Ok(mut s) = self.shared.lock() {
+            let keep = self.cfg.status_history;
+            for d in ended {
+                s.status.push_decision(d, keep);
+            }
+        }
+        if !self.moving.is_empty() {
+            tracing::warn!(
+                vms = ?self.moving.keys().collect::<Vec<_>>(),
+                "memory moves did not stop in time; the journal finishes them at the next start"
+            );
+        }
         if !self.cfg.restore_on_exit || self.dry_run {
             return;
         }

@@ -41,7 +41,11 @@ impl Ctx<'_> {
             let Some(st) = self.state.units.get(&self.units[u].key) else {
                 continue;
             };
-            if !matches!(st.phase, Phase::Settled) || busy.contains(&self.units[u].key.vm) {
+            let vm = self.units[u].key.vm;
+            if !matches!(st.phase, Phase::Settled)
+                || busy.contains(&vm)
+                || self.state.moving.contains(&vm)
+            {
                 continue;
             }
             let unit = &self.units[u];

@@ -133,6 +133,14 @@ impl Engine {
     /// Feeds back what the host did with an action, so state follows reality: a
     /// refused CPU move is undone in the engine's books, moved bytes are counted.
     pub fn record_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
+        if action.action.moves_memory() {
+            // A move in the background keeps its VM busy until its outcome comes.
+            if *outcome == ActionOutcome::Started {
+                self.state.moving.insert(action.vm);
+            } else {
+                self.state.moving.remove(&action.vm);
+            }
+        }
         let stats = &mut self.state.stats;
         match (&action.action, outcome) {
             (a, ActionOutcome::Done { moved_bytes }) if a.moves_memory() => {
@@ -195,6 +203,7 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     state
         .inflight_bytes
         .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
+    state.moving.retain(|vm| live.iter().any(|k| k.vm == *vm));
     recurrence::track(cfg, &mut state, &units, snap.now_ns);
     let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
     ctx.report_host();

@@ -112,5 +112,10 @@ pub struct EngineState {
     /// it may be planned again (`process_memory.rs`).
     #[serde(default)]
     pub process_memory_after_ns: BTreeMap<VmId, u64>,
+    /// VMs with a memory move running in the background (`ActionOutcome::Started`),
+    /// until its outcome arrives. Nothing new is planned for their memory meanwhile.
+    /// Not carried across a restart: the moves of a stopped daemon are over.
+    #[serde(skip)]
+    pub moving: std::collections::BTreeSet<VmId>,
     pub stats: EngineStats,
 }

@@ -1130,3 +1130,31 @@ fn property_invariants_hold_on_random_hosts() {
         }
     }
 }
+
+#[test]
+fn a_move_running_in_the_background_keeps_its_vm_busy_until_it_ends() {
+    let t = topo(2, 64, 256);
+    let vms = vec![vm(1, 1, 0.5, Some(0), &[0, 4 * GIB], &t)];
+    let mut e = Engine::new(EngineConfig::default());
+    let mut now = 0;
+    let mut plan_at = |e: &mut Engine| {
+        now += 1_000_000_000;
+        e.plan(&snap(now, t.clone(), vms.clone()))
+    };
+    let plan = plan_at(&mut e);
+    let first = plan
+        .actions
+        .iter()
+        .find(|a| a.action.moves_memory())
+        .unwrap()
+        .clone();
+    e.record_outcome(&first, &ActionOutcome::Started);
+    // Still running: nothing new for that VM, however many decisions pass.
+    for _ in 0..3 {
+        assert!(migrations(&plan_at(&mut e)).is_empty());
+    }
+    // It ended: memory follows again, and the bytes count.
+    e.record_outcome(&first, &ActionOutcome::Done { moved_bytes: 4096 });
+    assert!(!migrations(&plan_at(&mut e)).is_empty());
+    assert_eq!(e.state().stats.migrated_bytes, 4096);
+}

@@ -150,4 +150,7 @@ pub enum ActionOutcome {
     VmGone,
     /// Only logged (trace, `--dry-run`).
     LoggedOnly,
+    /// Checked and running in the background (a memory move on the applier's
+    /// worker); its real outcome is reported when it ends.
+    Started,
 }

@@ -61,6 +61,9 @@ struct Fake {
     /// Refuses CPU sets touching these, with the Linux applier's own guard.
     reserved: CpuSet,
 }
+
+/// Outcomes of background moves the test lets end, by VM.
+type EndedQueue = Arc<Mutex<Vec<(u32, ActionOutcome)>>>;
 impl Applier for Fake {
     fn apply(&mut self, _s: &Snapshot, a: &PlannedAction) -> ActionOutcome {
         if let Action::SetCpus { cpus, .. } = &a.action
@@ -108,6 +111,165 @@ impl Actuator for Fake {
     fn progress(&self) -> Option<MigrationProgress> {
         None
     }
+}
+
+/// Moves memory in the background: memory actions answer `Started` and end when
+/// the test pushes their outcome.
+struct Background {
+    inner: Fake,
+    ended: EndedQueue,
+    waited: Arc<Mutex<Vec<Option<Duration>>>>,
+}
+impl Applier for Background {
+    fn apply(&mut self, s: &Snapshot, a: &PlannedAction) -> ActionOutcome {
+        let o = self.inner.apply(s, a);
+        if a.action.moves_memory() {
+            ActionOutcome::Started
+        } else {
+            o
+        }
+    }
+}
+impl Actuator for Background {
+    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
+        self.inner.adopt(vm)
+    }
+    fn readopt(&mut self, o: OriginalSets) {
+        self.inner.readopt(o)
+    }
+    fn restore(&mut self, o: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
+        self.inner.restore(o, what)
+    }
+    fn alive(&self, o: &OriginalSets) -> bool {
+        self.inner.alive(o)
+    }
+    fn forget(&mut self, vm: u32) {
+        self.inner.forget(vm)
+    }
+    fn counters(&self) -> QuietCounters {
+        self.inner.counters()
+    }
+    fn progress(&self) -> Option<MigrationProgress> {
+        None
+    }
+    fn ended_moves(&mut self, wait: Option<Duration>) -> Vec<(u32, ActionOutcome)> {
+        self.waited.lock().unwrap().push(wait);
+        std::mem::take(&mut *self.ended.lock().unwrap())
+    }
+}
+
+fn mem(vm: u32) -> PlannedAction {
+    PlannedAction {
+        vm,
+        action: Action::MigrateMemory {
+            from: 0,
+            to: 1,
+            regions: vec![],
+            max_bytes: 1 << 20,
+        },
+        reason: Reason::Locality {
+            locality_pct: 25.0,
+            target_pct: 90.0,
+        },
+    }
+}
+
+#[test]
+fn background_moves_keep_their_journal_entry_until_they_end() {
+    let dir = temp("background");
+    let cfg = test_config(&dir);
+    let journal = Journal::open(&cfg.state_dir).unwrap();
+    let rec = Record::default();
+    let ended: EndedQueue = Arc::default();
+    let waited = Arc::new(Mutex::new(Vec::new()));
+    let host = Background {
+        inner: Fake {
+            rec: rec.clone(),
+            outcome: ActionOutcome::Done { moved_bytes: 0 },
+            alive: [1, 2].into(),
+            journal: None,
+            reserved: CpuSet::new(),
+        },
+        ended: ended.clone(),
+        waited: waited.clone(),
+    };
+    let vms = vec![vm(1, "web", Pinning::None), vm(2, "db", Pinning::None)];
+    let observer = Scripted {
+        snaps: [Some(snap(vms))].into(),
+        last: None,
+    };
+    let policy = ScriptedPolicy {
+        plans: [
+            Plan {
+                actions: vec![mem(1), cpus(1, "2-3"), cpus(2, "2-3")],
+                ..Default::default()
+            },
+            Plan {
+                actions: vec![mem(2)],
+                ..Default::default()
+            },
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let feedback = policy.feedback.clone();
+    let mut d = Daemon::new(
+        cfg,
+        observer,
+        host,
+        policy,
+        Some(journal),
+        Shutdown::new(),
+        false,
+    );
+
+    d.tick();
+    // The move runs: its journal entry stays in flight, and no other change of that
+    // VM starts meanwhile; other VMs go on.
+    let fb = feedback.lock().unwrap().clone();
+    assert_eq!(fb[0], (1, ActionOutcome::Started));
+    assert!(matches!(&fb[1].1, ActionOutcome::Refused { why } if why.contains("still running")));
+    assert_eq!(fb[2], (2, ActionOutcome::Done { moved_bytes: 0 }));
+    assert!(d.journal().unwrap().entries()[&1].in_flight.is_some());
+    assert!(d.journal().unwrap().entries()[&2].in_flight.is_none());
+
+    // It ends between two ticks: the next tick learns the outcome and closes the entry.
+    ended
+        .lock()
+        .unwrap()
+        .push((1, ActionOutcome::Done { moved_bytes: 4096 }));
+    d.tick();
+    let fb = feedback.lock().unwrap().clone();
+    assert_eq!(fb[3], (1, ActionOutcome::Done { moved_bytes: 4096 }));
+    assert_eq!(fb[4], (2, ActionOutcome::Started));
+    assert!(d.journal().unwrap().entries()[&1].in_flight.is_none());
+    {
+        let s = d.shared();
+        let s = s.lock().unwrap();
+        assert!(
+            s.status
+                .decisions
+                .iter()
+                .any(|x| x.vm == 1 && x.outcome == ActionOutcome::Done { moved_bytes: 4096 })
+        );
+    }
+
+    // On the way out the daemon waits for the move still running (bounded).
+    ended.lock().unwrap().push((
+        2,
+        ActionOutcome::Partial {
+            moved_bytes: 0,
+            left_bytes: 1 << 20,
+            why: "stopped at a batch boundary by shutdown".into(),
+        },
+    ));
+    d.finish();
+    assert_eq!(waited.lock().unwrap().last(), Some(&Some(STOP_MOVES_WAIT)));
+    assert!(
+        d.journal()
+            .is_none_or(|j| j.entries().get(&2).is_none_or(|e| e.in_flight.is_none()))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Plans one scripted plan per tick and keeps the feedback.

@@ -17,9 +17,10 @@
 //!
 //! Methods:
 //! - `migratepages`: numactl's command, one process per VM (migrate_pages(2) for the
-//!   whole process);
+//!   whole process), at nice 0 as numad runs it, and at nice -10 (the mover's
+//!   default), which shows how much of a difference is priority alone;
 //! - `vmbalancer`: the daemon's page mover at the daemon's default configuration
-//!   (threads, batch size and migration rate limit);
+//!   (threads, batch size, nice value and migration rate limit);
 //! - `vmbalancer, no rate limit`: the same mover with the limit lifted, which shows
 //!   whether the mover or the limit sets the pace;
 //! - `move_pages xN`: one thread, the guest RAM in move_pages calls of N pages with
@@ -113,13 +114,21 @@ const CAP: Duration = Duration::from_secs(45);
 
 #[derive(Clone, Copy, Debug)]
 enum Method {
-    Migratepages,
-    Mover { rate_limited: bool },
-    RawMovePages { batch_pages: usize },
+    /// numactl's command at the given nice value (numad runs it at 0).
+    Migratepages {
+        nice: i32,
+    },
+    Mover {
+        rate_limited: bool,
+    },
+    RawMovePages {
+        batch_pages: usize,
+    },
 }
 
 const METHODS: &[Method] = &[
-    Method::Migratepages,
+    Method::Migratepages { nice: 0 },
+    Method::Migratepages { nice: -10 },
     Method::Mover { rate_limited: true },
     Method::Mover {
         rate_limited: false,
@@ -131,7 +140,8 @@ const METHODS: &[Method] = &[
 impl Method {
     fn name(self) -> String {
         match self {
-            Method::Migratepages => "migratepages".into(),
+            Method::Migratepages { nice: 0 } => "migratepages".into(),
+            Method::Migratepages { nice } => format!("migratepages at nice {nice}"),
             Method::Mover { rate_limited: true } => "vmbalancer".into(),
             Method::Mover {
                 rate_limited: false,
@@ -233,8 +243,9 @@ fn measure(
             break;
         }
         match method {
-            Method::Migratepages => {
-                let mut child = std::process::Command::new("migratepages")
+            Method::Migratepages { nice } => {
+                let mut child = std::process::Command::new("nice")
+                    .args(["-n", &nice.to_string(), "migratepages"])
                     .args([vm.pid.to_string(), from.to_string(), to.to_string()])
                     .spawn()
                     .context("running migratepages")?;
@@ -263,6 +274,8 @@ fn measure(
                 let limit = RateLimit::new(rate, stop.clone());
                 let ranges = [vm.ram];
                 let _cap = Watchdog::arm(deadline, stop);
+                // As the daemon's mover thread: its helper threads inherit this.
+                sys::set_own_nice(defaults.migration_nice).context("setting the mover's nice")?;
                 let t = pages::move_pages_between(
                     &PageMove {
                         pid: vm.pid,
@@ -279,8 +292,9 @@ fn measure(
                     &limit,
                     &|_| {},
                 )
-                .map_err(|_| anyhow::anyhow!("VM {} exited", vm.pid))?;
-                calls += t.move_calls;
+                .map_err(|_| anyhow::anyhow!("VM {} exited", vm.pid));
+                sys::set_own_nice(0).context("resetting nice")?;
+                calls += t?.move_calls;
             }
             Method::RawMovePages { batch_pages } => {
                 let addrs = page_addrs(vm, page);

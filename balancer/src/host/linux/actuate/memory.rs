@@ -19,11 +19,14 @@
 use std::path::{Path, PathBuf};
 
 use super::cgroup::{self, SetKind};
+use std::sync::Mutex;
+
 use super::pages::{self, PageMove};
+use super::rate::RateLimit;
 use super::{LinuxApplier, MigrationProgress};
 use crate::host::linux::HostError;
 use crate::host::linux::numa_maps::{MapsEntry, read_maps};
-use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm};
+use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm, VmId};
 
 /// Which pages of the VM's process a move covers.
 #[derive(Clone, Copy, Debug)]
@@ -36,9 +39,44 @@ pub enum Scope<'a> {
     ProcessOwn,
 }
 
-/// Applies `MigrateMemory` (scope `Regions` or `WholeVm`) and `MigrateProcessMemory`
-/// (scope `ProcessOwn`).
-pub fn migrate(
+/// A move that passed its checks: its ranges are listed and the VM's memory nodes
+/// widened. The page mover needs the first part ([`Prepared::page_move`]),
+/// [`finish`] the rest. Owned and `Send`, so a background worker can carry it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub vm: VmId,
+    from: NodeId,
+    to: NodeId,
+    ranges: Vec<(u64, u64)>,
+    /// Step between page addresses (base page, or hugetlbfs page).
+    page_bytes: u64,
+    max_bytes: u64,
+    /// What the snapshot said is on the source (guest RAM or own memory).
+    from_bytes: Option<u64>,
+    /// Listed regions (hot first) rather than whole mappings.
+    named_regions: bool,
+    whole_vm: bool,
+    widened: Widened,
+    started: std::time::Instant,
+}
+
+impl Prepared {
+    /// The page mover's part.
+    pub fn page_move(&self) -> PageMove<'_> {
+        PageMove {
+            pid: self.vm,
+            from: self.from,
+            to: self.to,
+            ranges: &self.ranges,
+            page_bytes: self.page_bytes,
+            budget_bytes: self.max_bytes,
+        }
+    }
+}
+
+/// The checks, the ranges and the widened memory nodes of a move; the outcome to
+/// report instead when it may not start (nothing changed then).
+pub fn prepare(
     a: &mut LinuxApplier,
     snapshot: &Snapshot,
     vm: &Vm,
@@ -46,16 +84,16 @@ pub fn migrate(
     to: NodeId,
     scope: Scope<'_>,
     max_bytes: u64,
-) -> ActionOutcome {
+) -> Result<Prepared, ActionOutcome> {
     if from == to {
-        return a.refuse(vm.pid, format!("source and target are both node {to}"));
+        return Err(a.refuse(vm.pid, format!("source and target are both node {to}")));
     }
     if max_bytes == 0 {
-        return a.refuse(vm.pid, "nothing to move (max_bytes is 0)".into());
+        return Err(a.refuse(vm.pid, "nothing to move (max_bytes is 0)".into()));
     }
     let node_dir = a.cfg.sys_root.join(format!("devices/system/node/node{to}"));
     if !node_dir.is_dir() {
-        return a.refuse(vm.pid, format!("node {to} does not exist on this host"));
+        return Err(a.refuse(vm.pid, format!("node {to} does not exist on this host")));
     }
     let from_bytes = from_node_bytes(snapshot, vm, from, scope);
     let need_bytes = from_bytes.map_or(max_bytes, |b| b.min(max_bytes));
@@ -66,7 +104,7 @@ pub fn migrate(
         _ => None,
     };
     if let Err(why) = check_room(a, snapshot, to, need_bytes, &node_dir, huge_page_bytes) {
-        return a.refuse(vm.pid, why);
+        return Err(a.refuse(vm.pid, why));
     }
 
     let ranges = match scope {
@@ -74,11 +112,11 @@ pub fn migrate(
         Scope::WholeVm => writable_ranges(&a.cfg.proc_root, vm.pid, |_| true),
         Scope::ProcessOwn => {
             if vm.memory.guest_ranges.is_empty() {
-                return a.refuse(
+                return Err(a.refuse(
                     vm.pid,
                     "guest RAM is not located, so the process's own memory cannot be told apart"
                         .into(),
-                );
+                ));
             }
             let own = |m: &MapsEntry| {
                 m.is_anonymous()
@@ -93,68 +131,89 @@ pub fn migrate(
     };
     let ranges = match ranges {
         Ok(r) => r,
-        Err(e) if e.is_vanished() => return a.gone(vm.pid),
-        Err(e) => return a.refuse(vm.pid, e.to_string()),
+        Err(e) if e.is_vanished() => return Err(a.gone(vm.pid)),
+        Err(e) => return Err(a.refuse(vm.pid, e.to_string())),
     };
 
     let widened = match widen_mems(a, vm, to) {
         Ok(w) => w,
-        Err(why) => return a.refuse(vm.pid, why),
+        Err(why) => return Err(a.refuse(vm.pid, why)),
     };
-
-    set_progress(a, |p| {
-        *p = Some(MigrationProgress {
-            vm: vm.pid,
-            from,
-            to,
-            moved_bytes: 0,
-            left_bytes: from_bytes.unwrap_or(0),
-            max_bytes,
-        })
-    });
-
     // hugetlbfs pages move whole and only through their first address.
-    let step = huge_page_bytes
+    let page_bytes = huge_page_bytes
         .filter(|&p| p > a.page_size_bytes)
         .unwrap_or(a.page_size_bytes);
-    let started = std::time::Instant::now();
-    let progress = a.progress.clone();
-    let report = |done_bytes: u64| {
-        if let Ok(mut p) = progress.lock()
-            && let Some(p) = p.as_mut().filter(|p| p.vm == vm.pid)
-        {
-            p.moved_bytes = done_bytes.min(p.max_bytes);
+    Ok(Prepared {
+        vm: vm.pid,
+        from,
+        to,
+        ranges,
+        page_bytes,
+        max_bytes,
+        from_bytes,
+        named_regions: matches!(scope, Scope::Regions(_)),
+        whole_vm: matches!(scope, Scope::WholeVm),
+        widened,
+        started: std::time::Instant::now(),
+    })
+}
+
+/// Moves the pages of a prepared move, showing its progress meanwhile. Touches
+/// nothing of the applier but the shared rate limit and the progress slot, so it
+/// runs on any thread.
+pub fn move_prepared(
+    p: &Prepared,
+    settings: pages::MoverSettings,
+    limit: &RateLimit,
+    progress: &Mutex<Option<MigrationProgress>>,
+) -> Result<pages::Tally, pages::Gone> {
+    let set = |v: Option<MigrationProgress>| {
+        if let Ok(mut g) = progress.lock() {
+            *g = v;
         }
     };
-    let result = pages::move_pages_between(
-        &PageMove {
-            pid: vm.pid,
-            from,
-            to,
-            ranges: &ranges,
-            page_bytes: step,
-            budget_bytes: max_bytes,
-        },
-        a.mover_settings(),
-        &a.limit,
-        &report,
-    );
-    set_progress(a, |p| *p = None);
+    set(Some(MigrationProgress {
+        vm: p.vm,
+        from: p.from,
+        to: p.to,
+        moved_bytes: 0,
+        left_bytes: p.from_bytes.unwrap_or(0),
+        max_bytes: p.max_bytes,
+    }));
+    let report = |done_bytes: u64| {
+        if let Ok(mut g) = progress.lock()
+            && let Some(m) = g.as_mut().filter(|m| m.vm == p.vm)
+        {
+            m.moved_bytes = done_bytes.min(m.max_bytes);
+        }
+    };
+    let result = pages::move_pages_between(&p.page_move(), settings, limit, &report);
+    set(None);
+    result
+}
 
+/// After the pages moved: the memory nodes as the move leaves them, and the
+/// outcome from what the mover verified.
+pub fn finish(
+    a: &mut LinuxApplier,
+    p: Prepared,
+    result: Result<pages::Tally, pages::Gone>,
+) -> ActionOutcome {
+    let (vm, from, to, max_bytes) = (p.vm, p.from, p.to, p.max_bytes);
     let tally = match result {
         Ok(t) => t,
         Err(pages::Gone) => {
-            undo_widen(a, &widened);
-            return a.gone(vm.pid);
+            undo_widen(a, &p.widened);
+            return a.gone(vm);
         }
     };
-    let page = step;
+    let page = p.page_bytes;
     let moved_bytes = tally.verified_pages * page;
-    // Windows after the budget ran out were not scanned: estimate what is left there
+    // Batches after the budget ran out were not scanned: estimate what is left there
     // from the snapshot (unnamed moves only; named regions were scanned as needed).
     let mut left_bytes = tally.left_pages * page;
-    if !matches!(scope, Scope::Regions(_))
-        && let Some(b) = from_bytes
+    if !p.named_regions
+        && let Some(b) = p.from_bytes
     {
         left_bytes = left_bytes.max(b.saturating_sub(moved_bytes));
     }
@@ -165,20 +224,20 @@ pub fn migrate(
     // than 20 s after a move that had already left nothing behind. The source stays
     // allowed there; the VM's faults allocate on its home node anyway.
     let narrowing_migrates = matches!(a.cpuset, Some(cgroup::CpusetFs::V2(_)));
-    let whole_vm = matches!(scope, Scope::WholeVm);
-    if whole_vm && tally.left_pages == 0 && !tally.cancelled && !narrowing_migrates {
-        narrow_mems(a, &widened, from, to);
+    if p.whole_vm && tally.left_pages == 0 && !tally.cancelled && !narrowing_migrates {
+        narrow_mems(a, &p.widened, from, to);
     }
     // memory_migrate goes back as it was found (mems may stay widened).
-    restore_migrate_flag(a, &widened);
+    restore_migrate_flag(a, &p.widened);
     tracing::debug!(
-        vm = vm.pid,
+        vm,
         from,
         to,
         moved_bytes,
         left_bytes,
         failed_pages = tally.failed_pages,
-        elapsed_ms = started.elapsed().as_millis() as u64,
+        move_calls = tally.move_calls,
+        elapsed_ms = p.started.elapsed().as_millis() as u64,
         "memory move"
     );
     if tally.cancelled {
@@ -214,12 +273,6 @@ pub fn migrate(
         };
     }
     ActionOutcome::Done { moved_bytes }
-}
-
-fn set_progress(a: &LinuxApplier, f: impl FnOnce(&mut Option<MigrationProgress>)) {
-    if let Ok(mut p) = a.progress.lock() {
-        f(&mut p);
-    }
 }
 
 /// What the snapshot says the move may find on `from`: guest RAM, or for the
@@ -305,6 +358,7 @@ fn writable_ranges(
 
 /// `cpuset.mems` of the VM's groups around a move: each group, its set before and
 /// whether the move widened it.
+#[derive(Debug)]
 struct Widened {
     /// (group, configured mems before, effective mems before, widened by us)
     groups: Vec<(PathBuf, NodeSet, NodeSet, bool)>,

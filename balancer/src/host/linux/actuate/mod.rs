@@ -27,6 +27,7 @@ pub mod memory;
 pub mod pages;
 pub mod rate;
 pub mod sys;
+pub mod worker;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -52,6 +53,8 @@ pub struct ApplierConfig {
     pub batch_pages: u64,
     /// Threads moving one VM's pages at once (move_pages is CPU-bound in the caller).
     pub migration_threads: usize,
+    /// Nice value of the background mover's threads.
+    pub migration_nice: i32,
     /// Free memory a target node must keep after a move.
     pub headroom_bytes: u64,
     /// CPUs never given to VMs.
@@ -65,8 +68,9 @@ impl Default for ApplierConfig {
             sys_root: PathBuf::from("/sys"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             rate_limit_bytes_per_s: 256 << 20,
-            batch_pages: 512,
+            batch_pages: 8192,
             migration_threads: 4,
+            migration_nice: 0,
             headroom_bytes: 512 << 20,
             reserved_cpus: CpuSet::new(),
         }
@@ -138,6 +142,9 @@ pub struct LinuxApplier {
     page_size_bytes: u64,
     /// The shared rate limit of page moves.
     limit: Arc<rate::RateLimit>,
+    /// Runs memory moves off the caller's thread once [`Self::move_in_background`]
+    /// was called; `None`: moves run inside `apply`.
+    worker: Option<worker::MoveWorker>,
 }
 
 impl LinuxApplier {
@@ -156,7 +163,67 @@ impl LinuxApplier {
             counters: QuietCounters::default(),
             progress: Arc::new(Mutex::new(None)),
             page_size_bytes: sys::page_size_bytes(),
+            worker: None,
         }
+    }
+
+    /// From now on memory moves run on a worker thread: `apply` checks and prepares
+    /// them, returns `ActionOutcome::Started`, and [`Self::ended_moves`] reports
+    /// their outcomes. Stays synchronous if the thread cannot be started.
+    pub fn move_in_background(&mut self) {
+        if self.worker.is_some() {
+            return;
+        }
+        match worker::MoveWorker::spawn(
+            self.mover_settings(),
+            self.cfg.migration_nice,
+            self.limit.clone(),
+            self.progress.clone(),
+        ) {
+            Ok(w) => self.worker = Some(w),
+            Err(e) => tracing::warn!(error = %e, "no mover thread: memory moves run on the tick"),
+        }
+    }
+
+    /// Outcomes of background moves that ended since the last call, by VM; with
+    /// `wait`, waits up to that long for every move in flight to end.
+    pub fn ended_moves(&mut self, wait: Option<std::time::Duration>) -> Vec<(VmId, ActionOutcome)> {
+        let Some(w) = self.worker.as_mut() else {
+            return Vec::new();
+        };
+        let ended = match wait {
+            Some(limit) => w.wait_all(limit),
+            None => w.ended(),
+        };
+        ended
+            .into_iter()
+            .map(|(p, result)| (p.vm, memory::finish(self, p, result)))
+            .collect()
+    }
+
+    /// A memory move: prepared here; run now, or handed to the worker.
+    fn migrate_memory(
+        &mut self,
+        snapshot: &Snapshot,
+        vm: &Vm,
+        (from, to): (u32, u32),
+        scope: memory::Scope<'_>,
+        max_bytes: u64,
+    ) -> ActionOutcome {
+        let p = match memory::prepare(self, snapshot, vm, from, to, scope, max_bytes) {
+            Ok(p) => p,
+            Err(refused) => return refused,
+        };
+        let p = match self.worker.as_mut() {
+            Some(w) => match w.submit(p) {
+                Ok(()) => return ActionOutcome::Started,
+                // The worker is gone: run the move here rather than lose it.
+                Err(p) => p,
+            },
+            None => p,
+        };
+        let result = memory::move_prepared(&p, self.mover_settings(), &self.limit, &self.progress);
+        memory::finish(self, p, result)
     }
 
     /// Uses `flag` as the stop signal: a running migration stops at the next batch
@@ -402,18 +469,16 @@ impl Applier for LinuxApplier {
                 } else {
                     memory::Scope::Regions(regions)
                 };
-                memory::migrate(self, snapshot, vm, *from, *to, scope, *max_bytes)
+                self.migrate_memory(snapshot, vm, (*from, *to), scope, *max_bytes)
             }
             Action::MigrateProcessMemory {
                 from,
                 to,
                 max_bytes,
-            } => memory::migrate(
-                self,
+            } => self.migrate_memory(
                 snapshot,
                 vm,
-                *from,
-                *to,
+                (*from, *to),
                 memory::Scope::ProcessOwn,
                 *max_bytes,
             ),

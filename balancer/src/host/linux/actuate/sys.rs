@@ -100,6 +100,18 @@ pub fn migrate_pages(pid: u32, from: &NodeSet, to: &NodeSet) -> Result<u64, nix:
     }
 }
 
+/// Sets the calling thread's nice value (Linux keeps one per thread; threads it
+/// creates afterwards inherit it). Lowering it needs CAP_SYS_NICE.
+pub fn set_own_nice(nice: i32) -> Result<(), nix::Error> {
+    // SAFETY: no pointers; who = 0 names the calling thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if r < 0 {
+        Err(nix::Error::last())
+    } else {
+        Ok(())
+    }
+}
+
 /// The node set `{node}`.
 pub fn one_node(node: NodeId) -> NodeSet {
     std::iter::once(node).collect()
