@@ -244,11 +244,13 @@ fn measure(
         }
         match method {
             Method::Migratepages { nice } => {
-                let mut child = std::process::Command::new("nice")
-                    .args(["-n", &nice.to_string(), "migratepages"])
+                // The child inherits the nice value of the thread that starts it.
+                sys::set_own_nice(nice).context("setting nice for migratepages")?;
+                let child = std::process::Command::new("migratepages")
                     .args([vm.pid.to_string(), from.to_string(), to.to_string()])
-                    .spawn()
-                    .context("running migratepages")?;
+                    .spawn();
+                sys::set_own_nice(0).context("resetting nice")?;
+                let mut child = child.context("running migratepages")?;
                 calls += 1;
                 loop {
                     if let Some(status) = child.try_wait()? {

@@ -218,7 +218,7 @@ impl LinuxApplier {
             Some(w) => match w.submit(p) {
                 Ok(()) => return ActionOutcome::Started,
                 // The worker is gone: run the move here rather than lose it.
-                Err(p) => p,
+                Err(p) => *p,
             },
             None => p,
         };

@@ -14,7 +14,7 @@
 //! cancel flag) ends the running move at its next batch boundary; queued moves then
 //! end at once with nothing moved, each reported as stopped.
 
-use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -70,16 +70,16 @@ impl MoveWorker {
     }
 
     /// Queues a prepared move; gives it back if the worker is gone.
-    pub fn submit(&mut self, p: Prepared) -> Result<(), Prepared> {
+    pub fn submit(&mut self, p: Prepared) -> Result<(), Box<Prepared>> {
         let Some(tx) = self.jobs.as_ref() else {
-            return Err(p);
+            return Err(Box::new(p));
         };
         match tx.send(p) {
             Ok(()) => {
                 self.in_flight += 1;
                 Ok(())
             }
-            Err(e) => Err(e.0),
+            Err(e) => Err(Box::new(e.0)),
         }
     }
 
@@ -90,11 +90,8 @@ impl MoveWorker {
     /// Moves that ended since the last call, without waiting.
     pub fn ended(&mut self) -> Vec<Ended> {
         let mut out = Vec::new();
-        loop {
-            match self.ended.try_recv() {
-                Ok(e) => out.push(e),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        while let Ok(e) = self.ended.try_recv() {
+            out.push(e);
         }
         self.in_flight -= out.len().min(self.in_flight);
         out
