@@ -448,6 +448,10 @@ pub enum Assertion {
         #[serde(default = "default_one")]
         min: u64,
     },
+    /// vmbalancer only: no tick of the daemon started more than `max_ms` after it
+    /// was due (`daemon.max_tick_late_ns` in `vmbalancer status --json` at the end
+    /// of the run), so memory moves never held the loop.
+    TickLate { max_ms: f64 },
     /// vmbalancer only, with `[vmbalancer] notify = true`: READY=1 arrived on the
     /// notification socket within `ready_within_s` of its start.
     Notified { ready_within_s: f64 },
@@ -600,6 +604,7 @@ impl Assertion {
             Assertion::Refusals { contains, min } => {
                 format!("status refusals containing {contains:?} >= {min}")
             }
+            Assertion::TickLate { max_ms } => format!("no tick started > {max_ms} ms late"),
             Assertion::Notified { ready_within_s } => {
                 format!("READY=1 within {ready_within_s} s")
             }
@@ -641,6 +646,7 @@ impl Assertion {
             Assertion::Consistent { .. }
                 | Assertion::Decisions { .. }
                 | Assertion::Refusals { .. }
+                | Assertion::TickLate { .. }
                 | Assertion::Notified { .. }
                 | Assertion::Command {
                     vmbalancer_only: true,

@@ -332,6 +332,30 @@ pub fn run_check(
             }
             Err(e) => outcome(a, false, e),
         },
+        Assertion::TickLate { max_ms } => match status_of(facts) {
+            Ok(st) => {
+                let late_ms = st
+                    .pointer("/daemon/max_tick_late_ns")
+                    .and_then(|v| v.as_u64())
+                    .map(|ns| ns as f64 / 1e6);
+                let longest_ms = st
+                    .pointer("/daemon/max_tick_ns")
+                    .and_then(|v| v.as_u64())
+                    .map_or(0.0, |ns| ns as f64 / 1e6);
+                match late_ms {
+                    Some(late) => outcome(
+                        a,
+                        late <= *max_ms,
+                        format!(
+                            "a tick started at most {late:.0} ms late; the longest tick took \
+                             {longest_ms:.0} ms"
+                        ),
+                    ),
+                    None => outcome(a, false, "status has no daemon.max_tick_late_ns".into()),
+                }
+            }
+            Err(e) => outcome(a, false, e),
+        },
         Assertion::Refusals { contains, min } => match status_of(facts) {
             Ok(st) => {
                 let n = judge::count_refusals(st, contains);

@@ -296,6 +296,7 @@ impl Job<'_> {
             t.left_pages += on_src.len() as u64;
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let take = self.reserve(on_src.len() as u64) as usize;
         let (moved, stuck) = if take > 0 {
             move_and_verify(self.m, &on_src[..take], t)?
@@ -304,7 +305,7 @@ impl Job<'_> {
         };
         // Unused reservation goes back to the budget.
         self.reserved.fetch_sub(take as u64 - moved, SeqCst);
-        self.limit.spend(moved * self.page);
+        self.limit.spend(moved * self.page, started);
         t.verified_pages += moved;
         t.failed_pages += stuck;
         t.left_pages += stuck + (on_src.len() - take) as u64;

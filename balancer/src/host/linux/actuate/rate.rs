@@ -3,8 +3,12 @@
 //! Why a shared pacer rather than a per-move budget: a memory move runs on several
 //! threads at once (move_pages is CPU-bound in the caller, and the daemon competes
 //! with busy vCPUs for CPU time), and the operator's limit is for the whole host.
-//! Each batch waits until the pacer allows it, then charges what it moved; waiting
-//! ends early when the daemon stops, so a shutdown never waits for the budget.
+//! Each batch waits until the pacer allows it, then charges what it moved from the
+//! moment it started: a batch that took longer than its bytes' share of the budget
+//! leaves no pause behind it (charging from the end instead paused every slow
+//! mover for a whole batch's budget after each batch, so the limit slowed moves
+//! that never reached it). Waiting ends early when the daemon stops, so a shutdown
+//! never waits for the budget.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,11 +47,11 @@ impl RateLimit {
         }
     }
 
-    /// Charges `bytes` moved to the budget.
-    pub fn spend(&self, bytes: u64) {
+    /// Charges `bytes` moved by a batch that started at `started`.
+    pub fn spend(&self, bytes: u64, started: Instant) {
         let d = Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
         let mut g = self.next_at.lock().unwrap_or_else(|p| p.into_inner());
-        *g = (*g).max(Instant::now()) + d;
+        *g = (*g).max(started) + d;
     }
 }
 
@@ -56,20 +60,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_slower_than_the_limit_leaves_no_pause() {
+        let r = RateLimit::new(4 << 20, Arc::new(AtomicBool::new(false)));
+        // 1 MiB (250 ms of budget) that took 300 ms to move: the next may start now.
+        assert!(r.wait());
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(300));
+        r.spend(1 << 20, started);
+        let t = Instant::now();
+        assert!(r.wait());
+        assert!(t.elapsed() < Duration::from_millis(20), "{:?}", t.elapsed());
+    }
+
+    #[test]
     fn spaces_batches_and_stops_on_cancel() {
         let flag = Arc::new(AtomicBool::new(false));
         let r = RateLimit::new(4 << 20, flag.clone());
         let t0 = Instant::now();
         assert!(r.wait());
-        r.spend(1 << 20); // 250 ms of budget
+        r.spend(1 << 20, Instant::now()); // 250 ms of budget
         assert!(r.wait());
-        r.spend(1 << 20);
+        r.spend(1 << 20, Instant::now());
         assert!(r.wait());
         let waited = t0.elapsed();
         assert!(waited >= Duration::from_millis(490), "{waited:?}");
         assert!(waited < Duration::from_millis(900), "{waited:?}");
         // A stop request ends the wait at once, whatever budget is left.
-        r.spend(64 << 20);
+        r.spend(64 << 20, Instant::now());
         flag.store(true, Ordering::Relaxed);
         let t1 = Instant::now();
         assert!(!r.wait());
@@ -86,7 +103,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for _ in 0..2 {
                         assert!(r.wait());
-                        r.spend(1 << 20);
+                        r.spend(1 << 20, Instant::now());
                     }
                 })
             })
