@@ -170,9 +170,10 @@ pub struct Daemon<O, A, P> {
     dry_run: bool,
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
-    /// Memory moves running in the background, by VM: the action and when it was
-    /// planned. Their journal entries stay open until their outcome arrives.
-    moving: std::collections::BTreeMap<u32, (PlannedAction, u64)>,
+    /// Memory moves running or queued in the background, by VM, in the order they
+    /// were handed over (the applier's worker ends them in that order): the action
+    /// and when it was planned. A VM's journal entry stays open until the last ends.
+    moving: std::collections::BTreeMap<u32, std::collections::VecDeque<(PlannedAction, u64)>>,
     /// Where READY/STATUS/WATCHDOG go; none unless [`Daemon::with_notify`] names one.
     notifier: Notifier,
     /// How often to send WATCHDOG=1, when systemd asked for it.
@@ -396,8 +397,10 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let Some(vm) = snap.vms.iter().find(|v| v.pid == action.vm) else {
             return ActionOutcome::VmGone;
         };
-        if self.moving.contains_key(&vm.pid) {
-            // One change of a VM at a time: its journal entry belongs to the move.
+        if self.moving.contains_key(&vm.pid) && !action.action.moves_memory() {
+            // No CPU change under a memory move: the journal entry belongs to the
+            // move until it ends. (Further memory moves of the VM queue behind it:
+            // the engine plans one per source node, all towards the same home.)
             return ActionOutcome::Refused {
                 why: format!("a memory move of VM {} is still running", vm.pid),
             };
@@ -428,7 +431,10 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         let outcome = self.actuator.apply(snap, action);
         tracing::info!(vm = vm.pid, action = ?action.action, reason = ?action.reason, ?outcome, "applied");
         if outcome == ActionOutcome::Started {
-            self.moving.insert(vm.pid, (action.clone(), snap.now_ns));
+            self.moving
+                .entry(vm.pid)
+                .or_default()
+                .push_back((action.clone(), snap.now_ns));
             return outcome;
         }
         self.end_action(vm.pid, &outcome);
@@ -456,11 +462,17 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         }
         let mut decisions = Vec::new();
         for (vm, outcome) in self.actuator.ended_moves(wait) {
-            let Some((action, at_ns)) = self.moving.remove(&vm) else {
+            let Some(queue) = self.moving.get_mut(&vm) else {
                 continue;
             };
+            let Some((action, at_ns)) = queue.pop_front() else {
+                continue;
+            };
+            if queue.is_empty() {
+                self.moving.remove(&vm);
+                self.end_action(vm, &outcome);
+            }
             tracing::info!(vm, action = ?action.action, ?outcome, "memory move ended");
-            self.end_action(vm, &outcome);
             decisions.push(self.learn(&action, outcome, at_ns));
         }
         decisions

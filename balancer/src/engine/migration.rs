@@ -44,7 +44,7 @@ impl Ctx<'_> {
             let vm = self.units[u].key.vm;
             if !matches!(st.phase, Phase::Settled)
                 || busy.contains(&vm)
-                || self.state.moving.contains(&vm)
+                || self.state.moving.contains_key(&vm)
             {
                 continue;
             }

@@ -135,10 +135,14 @@ impl Engine {
     pub fn record_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
         if action.action.moves_memory() {
             // A move in the background keeps its VM busy until its outcome comes.
+            let moving = &mut self.state.moving;
             if *outcome == ActionOutcome::Started {
-                self.state.moving.insert(action.vm);
-            } else {
-                self.state.moving.remove(&action.vm);
+                *moving.entry(action.vm).or_default() += 1;
+            } else if let Some(n) = moving.get_mut(&action.vm) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    moving.remove(&action.vm);
+                }
             }
         }
         let stats = &mut self.state.stats;
@@ -203,7 +207,7 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     state
         .inflight_bytes
         .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
-    state.moving.retain(|vm| live.iter().any(|k| k.vm == *vm));
+    state.moving.retain(|vm, _| live.iter().any(|k| k.vm == *vm));
     recurrence::track(cfg, &mut state, &units, snap.now_ns);
     let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
     ctx.report_host();

@@ -112,10 +112,10 @@ pub struct EngineState {
     /// it may be planned again (`process_memory.rs`).
     #[serde(default)]
     pub process_memory_after_ns: BTreeMap<VmId, u64>,
-    /// VMs with a memory move running in the background (`ActionOutcome::Started`),
-    /// until its outcome arrives. Nothing new is planned for their memory meanwhile.
-    /// Not carried across a restart: the moves of a stopped daemon are over.
+    /// Memory moves running in the background (`ActionOutcome::Started`) per VM,
+    /// until their outcomes arrive. Nothing new is planned for a VM's memory
+    /// meanwhile. Not carried across a restart: the moves of a stopped daemon are over.
     #[serde(skip)]
-    pub moving: std::collections::BTreeSet<VmId>,
+    pub moving: BTreeMap<VmId, u32>,
     pub stats: EngineStats,
 }

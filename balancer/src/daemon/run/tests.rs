@@ -201,7 +201,7 @@ fn background_moves_keep_their_journal_entry_until_they_end() {
     let policy = ScriptedPolicy {
         plans: [
             Plan {
-                actions: vec![mem(1), cpus(1, "2-3"), cpus(2, "2-3")],
+                actions: vec![mem(1), mem(1), cpus(1, "2-3"), cpus(2, "2-3")],
                 ..Default::default()
             },
             Plan {
@@ -224,24 +224,36 @@ fn background_moves_keep_their_journal_entry_until_they_end() {
     );
 
     d.tick();
-    // The move runs: its journal entry stays in flight, and no other change of that
-    // VM starts meanwhile; other VMs go on.
+    // The moves run (the second queued behind the first): the journal entry stays in
+    // flight, and no CPU change of that VM starts meanwhile; other VMs go on.
     let fb = feedback.lock().unwrap().clone();
     assert_eq!(fb[0], (1, ActionOutcome::Started));
-    assert!(matches!(&fb[1].1, ActionOutcome::Refused { why } if why.contains("still running")));
-    assert_eq!(fb[2], (2, ActionOutcome::Done { moved_bytes: 0 }));
+    assert_eq!(fb[1], (1, ActionOutcome::Started));
+    assert!(matches!(&fb[2].1, ActionOutcome::Refused { why } if why.contains("still running")));
+    assert_eq!(fb[3], (2, ActionOutcome::Done { moved_bytes: 0 }));
     assert!(d.journal().unwrap().entries()[&1].in_flight.is_some());
     assert!(d.journal().unwrap().entries()[&2].in_flight.is_none());
 
-    // It ends between two ticks: the next tick learns the outcome and closes the entry.
+    // The first ends: the entry stays open for the second.
     ended
         .lock()
         .unwrap()
         .push((1, ActionOutcome::Done { moved_bytes: 4096 }));
     d.tick();
     let fb = feedback.lock().unwrap().clone();
-    assert_eq!(fb[3], (1, ActionOutcome::Done { moved_bytes: 4096 }));
-    assert_eq!(fb[4], (2, ActionOutcome::Started));
+    assert_eq!(fb[4], (1, ActionOutcome::Done { moved_bytes: 4096 }));
+    assert_eq!(fb[5], (2, ActionOutcome::Started));
+    assert!(d.journal().unwrap().entries()[&1].in_flight.is_some());
+    // The second ends between two ticks: the next tick closes the entry.
+    ended
+        .lock()
+        .unwrap()
+        .push((1, ActionOutcome::Done { moved_bytes: 8192 }));
+    d.tick();
+    assert_eq!(
+        feedback.lock().unwrap()[6],
+        (1, ActionOutcome::Done { moved_bytes: 8192 })
+    );
     assert!(d.journal().unwrap().entries()[&1].in_flight.is_none());
     {
         let s = d.shared();

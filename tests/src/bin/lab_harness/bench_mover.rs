@@ -75,7 +75,9 @@ impl Layout {
 }
 
 /// The layouts measured: THP-backed (qemu's default) and 4 KiB guest RAM, 256 MiB
-/// and 1 GiB VMs, one and eight VMs.
+/// and 1 GiB VMs, one and eight VMs. No 1 GiB VM on 4 KiB pages: under emulation
+/// those pages move at about a thousand a second, and a `migratepages` call cannot
+/// be stopped at the cap, so that one row alone would take over four minutes.
 const LAYOUTS: &[Layout] = &[
     Layout {
         vm_mib: 256,
@@ -94,11 +96,6 @@ const LAYOUTS: &[Layout] = &[
     },
     Layout {
         vm_mib: 256,
-        vms: 1,
-        small_pages: true,
-    },
-    Layout {
-        vm_mib: 1024,
         vms: 1,
         small_pages: true,
     },
