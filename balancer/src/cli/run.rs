@@ -149,6 +149,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         rt.block_on(run(d))?;
     } else {
         let journal = Journal::open(&cfg.state_dir)?;
+        let cfg_nice = cfg.migration_nice;
         let applier = LinuxApplier::new(applier_config(&cfg)).with_cancel(shutdown.flag());
         let progress = applier.progress_handle();
         let d = Daemon::new(
@@ -161,6 +162,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             false,
         )
         .with_notify(notifier, watchdog_every)
+        .with_loop_nice(cfg_nice)
         .with_progress(progress);
         rt.block_on(run(d))?;
     }

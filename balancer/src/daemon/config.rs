@@ -113,10 +113,11 @@ pub struct Config {
     pub migration_batch_pages: u64,
     /// Threads moving one VM's pages at once (1..=64). Default 4.
     pub migration_threads: usize,
-    /// Nice value of the threads that move pages (-20..=19). Default -10: on a host
-    /// whose CPUs are all busy with vCPUs, movers at nice 0 get a fraction of a CPU
-    /// each and a move meant to take a second takes many; the rate limit still
-    /// bounds what they take from the VMs.
+    /// Nice value of the threads that move pages and of the tick loop that starts
+    /// them (-20..=19). Default -10: on a host whose CPUs are all busy with vCPUs,
+    /// movers at nice 0 get a fraction of a CPU each and a move meant to take a
+    /// second takes many; the rate limit still bounds what they take from the VMs.
+    /// The loop shares their priority so its own movers never starve it.
     pub migration_nice: i32,
     /// Find hot regions of resident memory from soft-dirty bits, for VMs whose memory
     /// is away from their vCPUs. Default true.

@@ -178,6 +178,8 @@ pub struct Daemon<O, A, P> {
     notifier: Notifier,
     /// How often to send WATCHDOG=1, when systemd asked for it.
     watchdog_every: Option<Duration>,
+    /// Nice value of the loop's thread (`None`: leave it as started).
+    loop_nice: Option<i32>,
 }
 
 impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
@@ -214,6 +216,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             observe_failing: false,
             heartbeat_ms: Arc::new(AtomicU64::new(0)),
             moving: std::collections::BTreeMap::new(),
+            loop_nice: None,
             notifier: Notifier::default(),
             watchdog_every: None,
             cfg,
@@ -227,6 +230,15 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     pub fn with_notify(mut self, notifier: Notifier, watchdog_every: Option<Duration>) -> Self {
         self.notifier = notifier;
         self.watchdog_every = watchdog_every;
+        self
+    }
+
+    /// Runs the loop's thread at `nice`: the same priority as the page movers it
+    /// starts, which would otherwise starve it on a host whose CPUs are all busy
+    /// (in the lab every tick then started up to two seconds late, all of it
+    /// spent waiting for a CPU to observe the host).
+    pub fn with_loop_nice(mut self, nice: i32) -> Self {
+        self.loop_nice = Some(nice);
         self
     }
 
@@ -522,6 +534,11 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         // After recovery (which finishes moves at once): moves no longer hold the tick.
         if !self.dry_run {
             self.actuator.move_in_background();
+        }
+        if let Some(nice) = self.loop_nice
+            && let Err(e) = crate::host::linux::actuate::sys::set_own_nice(nice)
+        {
+            tracing::warn!(nice, error = %e, "the tick loop keeps its priority");
         }
         let tick = Duration::from_millis(self.cfg.tick_ms);
         let mut ready = false;
