@@ -207,7 +207,9 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     state
         .inflight_bytes
         .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
-    state.moving.retain(|vm, _| live.iter().any(|k| k.vm == *vm));
+    state
+        .moving
+        .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
     recurrence::track(cfg, &mut state, &units, snap.now_ns);
     let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
     ctx.report_host();

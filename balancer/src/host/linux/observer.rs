@@ -595,8 +595,13 @@ impl Observer for LinuxObserver {
         if self.paths.is_live_proc()
             && let Some(write_heat) = self.write_heat.as_mut()
         {
-            write_heat.fill(&mut snapshot, |pid, addr| {
-                super::ebpf_source::pages_node(pid, addr, super::write_heat::REGION_BYTES)
+            write_heat.fill(&mut snapshot, |pid, starts| {
+                super::ebpf_source::regions_nodes(
+                    pid,
+                    starts,
+                    super::write_heat::REGION_BYTES,
+                    super::write_heat::NODE_SAMPLES,
+                )
             });
         }
         tracing::trace!(

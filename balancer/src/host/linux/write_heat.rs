@@ -51,6 +51,10 @@ pub const MAX_REGIONS_PER_ROUND: usize = 4096;
 pub const ROUND_WEIGHT: f64 = 0.3;
 /// Region size heat is counted in (the huge page size).
 pub const REGION_BYTES: u64 = 2 << 20;
+
+/// Pages sampled per region to tell its node: a region is one transparent huge
+/// page, or 512 small pages that moved together, so a few samples agree.
+pub const NODE_SAMPLES: u64 = 8;
 /// Averaged heat (weighted written pages) below which a region is forgotten.
 const MIN_HEAT: f64 = 0.01;
 const PAGE_BYTES: u64 = 4096;
@@ -103,7 +107,13 @@ impl WriteHeat {
     /// Runs a round for the VMs due one and gives every sampled VM its regions by
     /// write heat, hottest first, in place of fault heat (first-touch faults say
     /// nothing about memory already resident). `node_of` tells a region's node.
-    pub fn fill(&mut self, snapshot: &mut Snapshot, node_of: impl Fn(u32, u64) -> Option<NodeId>) {
+    /// `nodes_of(pid, starts)` gives the node of each region starting at `starts`
+    /// (one query per VM).
+    pub fn fill(
+        &mut self,
+        snapshot: &mut Snapshot,
+        nodes_of: impl Fn(u32, &[u64]) -> Vec<Option<NodeId>>,
+    ) {
         self.vms
             .retain(|pid, _| snapshot.vms.iter().any(|v| v.pid == *pid));
         if self.unsupported {
@@ -142,14 +152,17 @@ impl WriteHeat {
             let Some(state) = self.vms.get(&vm.pid).filter(|s| !s.heat.is_empty()) else {
                 continue;
             };
+            let starts: Vec<u64> = state.heat.keys().copied().collect();
+            let nodes = nodes_of(vm.pid, &starts);
             vm.hot_regions = state
                 .heat
                 .iter()
-                .filter_map(|(&start, &heat)| {
+                .zip(nodes)
+                .filter_map(|((&start, &heat), node)| {
                     Some(HotRegion {
                         start_addr: start,
                         len_bytes: REGION_BYTES,
-                        node: node_of(vm.pid, start)?,
+                        node: node?,
                         heat,
                     })
                 })
