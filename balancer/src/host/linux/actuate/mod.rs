@@ -237,7 +237,11 @@ impl LinuxApplier {
     pub fn mover_settings(&self) -> pages::MoverSettings {
         pages::MoverSettings {
             threads: self.cfg.migration_threads,
-            batch_pages: self.cfg.batch_pages,
+            batch_pages: pages::paced_batch_pages(
+                self.cfg.batch_pages,
+                self.cfg.rate_limit_bytes_per_s,
+                self.page_size_bytes,
+            ),
         }
     }
 

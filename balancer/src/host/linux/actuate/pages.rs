@@ -58,6 +58,21 @@ pub struct MoverSettings {
     pub batch_pages: u64,
 }
 
+/// Longest a batch may take of the rate limit's budget. A batch moves whole and is
+/// charged after it moved: under a low limit, one batch of the full size would move
+/// many seconds' worth of pages at once, in whatever order it holds, and then wait,
+/// so the limit would no longer space moves and a cold batch could run far ahead
+/// of hot pages planned a tick later.
+pub const BATCH_BUDGET_MS: u64 = 250;
+
+/// The batch size for a rate limit: `batch_pages`, or fewer where the limit allows
+/// fewer in [`BATCH_BUDGET_MS`] (at least one page). At the default limit (256 MiB/s)
+/// and 4 KiB pages that is 16384 pages, above the default batch.
+pub fn paced_batch_pages(batch_pages: u64, rate_limit_bytes_per_s: u64, page_bytes: u64) -> u64 {
+    let paced = rate_limit_bytes_per_s.saturating_mul(BATCH_BUDGET_MS) / 1000 / page_bytes.max(1);
+    batch_pages.min(paced).max(1)
+}
+
 /// One move: pages of `ranges` (in their order) found on `from` go to `to`, at most
 /// `budget_bytes` of them.
 #[derive(Clone, Copy, Debug)]
@@ -440,6 +455,16 @@ mod tests {
         let gib = 1 << 30;
         let b = batches_of(&[(gib, 2 * gib)], gib, 512);
         assert_eq!(b.iter().map(|x| pages_in(x, gib)).sum::<u64>(), 2);
+    }
+
+    #[test]
+    fn low_rate_limits_shrink_batches() {
+        // The default limit leaves the default batch alone.
+        assert_eq!(paced_batch_pages(8192, 256 << 20, 4096), 8192);
+        // 8 MiB/s: a quarter of a second is 2 MiB, 512 pages.
+        assert_eq!(paced_batch_pages(8192, 8 << 20, 4096), 512);
+        // Never below one page.
+        assert_eq!(paced_batch_pages(8192, 4096, 4096), 1);
     }
 
     #[test]
