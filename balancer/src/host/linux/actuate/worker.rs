@@ -83,10 +83,6 @@ impl MoveWorker {
         }
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
     /// Moves that ended since the last call, without waiting.
     pub fn ended(&mut self) -> Vec<Ended> {
         let mut out = Vec::new();
