@@ -427,6 +427,8 @@ mod tests {
             ("tick_ms = \"fast\"", "tick_ms"),
             ("tick_ms = 5", "tick_ms"),
             ("target_locality_pct = 150", "target_locality_pct"),
+            ("migration_nice = -21", "migration_nice"),
+            ("migration_nice = 20", "migration_nice"),
             ("reserved_cpus = \"3-1\"", "reserved_cpus"),
             ("pinned_vms = \"sometimes\"", "pinned_vms"),
             ("prometheus_listen = \"0.0.0.0:9767\"", "prometheus_listen"),
