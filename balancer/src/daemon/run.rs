@@ -320,10 +320,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
                 self.observe_failing = true;
                 if let Ok(mut s) = self.shared.lock() {
                     s.status.daemon.observe_errors += 1;
-                    let keep = self.cfg.status_history;
-                    for d in decisions {
-                        s.status.push_decision(d, keep);
-                    }
+                    s.status.push_decisions(decisions, self.cfg.status_history);
                 }
                 return report;
             }
@@ -378,10 +375,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             if busy.is_some() {
                 s.node_busy_cpus = busy;
             }
-            let keep = self.cfg.status_history;
-            for d in decisions {
-                s.status.push_decision(d, keep);
-            }
+            s.status.push_decisions(decisions, self.cfg.status_history);
             s.status.vms = vms;
             s.status.note_refusals(snap.now_ns, &plan.refusals);
             s.status.probations = probations;
@@ -588,10 +582,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         // set); their journal entries end with what they moved.
         let ended = self.collect_moves(Some(STOP_MOVES_WAIT));
         if let Ok(mut s) = self.shared.lock() {
-            let keep = self.cfg.status_history;
-            for d in ended {
-                s.status.push_decision(d, keep);
-            }
+            s.status.push_decisions(ended, self.cfg.status_history);
         }
         if !self.moving.is_empty() {
             tracing::warn!(

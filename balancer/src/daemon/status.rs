@@ -135,8 +135,9 @@ impl StatusDoc {
     }
 
     /// Appends a decision, keeping at most `keep`.
-    pub fn push_decision(&mut self, d: Decision, keep: usize) {
-        self.decisions.push_back(d);
+    /// Appends decisions in order, keeping the last `keep`.
+    pub fn push_decisions(&mut self, ds: impl IntoIterator<Item = Decision>, keep: usize) {
+        self.decisions.extend(ds);
         while self.decisions.len() > keep {
             self.decisions.pop_front();
         }
@@ -382,8 +383,8 @@ mod tests {
             ..Default::default()
         };
         for i in 0..5 {
-            doc.push_decision(
-                Decision {
+            doc.push_decisions(
+                [Decision {
                     at_ns: i,
                     vm: 42,
                     action: Action::SetCpus {
@@ -394,7 +395,7 @@ mod tests {
                     outcome: ActionOutcome::Refused {
                         why: "node 0 is full".into(),
                     },
-                },
+                }],
                 3,
             );
         }
