@@ -39,6 +39,14 @@ pub enum Scope<'a> {
     ProcessOwn,
 }
 
+/// [`Scope`] without the borrowed regions, kept with a prepared move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Covers {
+    Regions,
+    WholeVm,
+    ProcessOwn,
+}
+
 /// A move that passed its checks: its ranges are listed and the VM's memory nodes
 /// widened. The page mover needs the first part ([`Prepared::page_move`]),
 /// [`finish`] the rest. Owned and `Send`, so a background worker can carry it.
@@ -53,9 +61,8 @@ pub struct Prepared {
     max_bytes: u64,
     /// What the snapshot said is on the source (guest RAM or own memory).
     from_bytes: Option<u64>,
-    /// Listed regions (hot first) rather than whole mappings.
-    named_regions: bool,
-    whole_vm: bool,
+    /// What the move covers.
+    covers: Covers,
     widened: Widened,
     started: std::time::Instant,
 }
@@ -151,8 +158,11 @@ pub fn prepare(
         page_bytes,
         max_bytes,
         from_bytes,
-        named_regions: matches!(scope, Scope::Regions(_)),
-        whole_vm: matches!(scope, Scope::WholeVm),
+        covers: match scope {
+            Scope::Regions(_) => Covers::Regions,
+            Scope::WholeVm => Covers::WholeVm,
+            Scope::ProcessOwn => Covers::ProcessOwn,
+        },
         widened,
         started: std::time::Instant::now(),
     })
@@ -212,7 +222,7 @@ pub fn finish(
     // Batches after the budget ran out were not scanned: estimate what is left there
     // from the snapshot (unnamed moves only; named regions were scanned as needed).
     let mut left_bytes = tally.left_pages * page;
-    if !p.named_regions
+    if p.covers != Covers::Regions
         && let Some(b) = p.from_bytes
     {
         left_bytes = left_bytes.max(b.saturating_sub(moved_bytes));
@@ -224,7 +234,11 @@ pub fn finish(
     // than 20 s after a move that had already left nothing behind. The source stays
     // allowed there; the VM's faults allocate on its home node anyway.
     let narrowing_migrates = matches!(a.cpuset, Some(cgroup::CpusetFs::V2(_)));
-    if p.whole_vm && tally.left_pages == 0 && !tally.cancelled && !narrowing_migrates {
+    if p.covers == Covers::WholeVm
+        && tally.left_pages == 0
+        && !tally.cancelled
+        && !narrowing_migrates
+    {
         narrow_mems(a, &p.widened, from, to);
     }
     // memory_migrate goes back as it was found (mems may stay widened).
