@@ -12,3 +12,10 @@ pub fn require_root() {
         "this test needs root; run it as root (CI does) or leave it ignored"
     );
 }
+
+/// A clock's reading in nanoseconds (0 if the clock cannot be read).
+pub fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}

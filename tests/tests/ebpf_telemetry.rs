@@ -20,13 +20,7 @@ const PAGE: usize = 4096;
 const SPIN: Duration = Duration::from_millis(200);
 
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    vmbalancer_tests::clock_ns(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
 }
 
 fn pin_self(cpu: u32) {

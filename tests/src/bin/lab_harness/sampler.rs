@@ -465,11 +465,5 @@ impl Sampler {
 
 /// CLOCK_MONOTONIC in ns, the clock of vmbalancer's decision times.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    vmbalancer_tests::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
 }
