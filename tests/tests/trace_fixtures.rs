@@ -431,3 +431,85 @@ fn lab_layout_without_maps_or_thread_status() {
     assert_eq!(s.vms[1].memory.bytes_per_node, vec![256 * MIB, 768 * MIB]);
     let _ = std::fs::remove_dir_all(root);
 }
+
+/// libvirt's status file of a domain, as `run/libvirt/qemu/NAME.xml` of a tree.
+fn write_domain_status(root: &Path, name: &str, pid: u32, extra: &str) {
+    let dir = root.join("run/libvirt/qemu");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.xml")),
+        format!(
+            "<domstatus state='running' pid='{pid}'>\n  <domain type='kvm' id='2'>\n    \
+             <name>{name}</name>\n    <vcpu placement='static'>2</vcpu>\n{extra}  </domain>\n\
+             </domstatus>\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn libvirt_domain_xml_decides_pinning_not_thread_affinity() {
+    let root = scratch_copy("handmade-2node", "libvirt-xml");
+    let web = |root: &Path| {
+        let (_, s) = observe(root).unwrap();
+        s.vms.into_iter().find(|v| v.name == "web").unwrap().pinning
+    };
+    // No status file: the narrowed threads are the only evidence.
+    assert!(matches!(web(&root), Pinning::Operator { .. }));
+    // The domain XML pins nothing: the narrowed affinity is some tool's, not the
+    // operator's.
+    write_domain_status(&root, "web", 3001, "");
+    assert_eq!(web(&root), Pinning::None);
+    // The operator's vcpupin, in words.
+    write_domain_status(
+        &root,
+        "web",
+        3001,
+        "    <cputune>\n      <vcpupin vcpu='0' cpuset='6'/>\n      <vcpupin vcpu='1' cpuset='7'/>\n    </cputune>\n",
+    );
+    let Pinning::Operator { why } = web(&root) else {
+        panic!("vcpupin is the operator's")
+    };
+    assert!(why.contains("vcpupin 0->6 1->7"), "{why}");
+    // A file left by an earlier process of the same name is not this VM's.
+    write_domain_status(&root, "web", 99999, "");
+    assert!(matches!(web(&root), Pinning::Operator { why } if why.contains("CPUs 6-7")));
+    // Unparsable XML: judged from the threads, never guessed free.
+    std::fs::write(root.join("run/libvirt/qemu/web.xml"), "<domstatus").unwrap();
+    assert!(matches!(web(&root), Pinning::Operator { .. }));
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn trace_does_not_call_a_vm_the_daemon_placed_operator_pinned() {
+    let root = scratch_copy("handmade-2node", "held");
+    let pinning = |extra: &[&str]| {
+        let r = trace_json(&root, extra);
+        let web = r["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "web")
+            .unwrap()
+            .clone();
+        web["pinning"].as_str().unwrap().to_string()
+    };
+    assert_eq!(pinning(&[]), "operator");
+    // The daemon's journal holds web (same pid and start time): its CPU sets are the
+    // daemon's doing.
+    let state = root.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let journal = |start: u64| {
+        format!(
+            "{{\"version\":1,\"entries\":{{\"3001\":{{\"original\":{{\"vm\":3001,\
+             \"start_time_ticks\":{start},\"threads\":{{}},\"groups\":[]}},\"in_flight\":null}}}}}}"
+        )
+    };
+    std::fs::write(state.join("journal.json"), journal(7000)).unwrap();
+    let dir = state.to_str().unwrap();
+    assert_eq!(pinning(&["--state-dir", dir]), "none");
+    // A journal of another process with the same pid does not count.
+    std::fs::write(state.join("journal.json"), journal(1)).unwrap();
+    assert_eq!(pinning(&["--state-dir", dir]), "operator");
+    std::fs::remove_dir_all(root).unwrap();
+}

@@ -191,5 +191,6 @@ pub fn host_paths(cfg: &Config) -> HostPaths {
         proc: cfg.proc_root.clone(),
         sys: cfg.sys_root.clone(),
         cgroup: cfg.cgroup_root.clone(),
+        libvirt: cfg.libvirt_status_dir.clone(),
     }
 }

@@ -11,7 +11,9 @@
 //! Options: `--once` samples for `--interval` seconds, prints one report and exits;
 //! `--json` prints one JSON object per interval on one line; `--vm NAME|PID` (repeat
 //! for several) keeps only those VMs; `--root DIR` reads a fixture tree holding
-//! `proc/`, `sys/` and `cgroup/` instead of the live host.
+//! `proc/`, `sys/` and `cgroup/` instead of the live host; `--state-dir DIR` names the
+//! daemon's state directory, whose journal tells which VMs the daemon placed (their
+//! narrowed CPU sets are the daemon's, not an operator's pins).
 //!
 //! # JSON schema (version 1)
 //!
@@ -102,6 +104,38 @@ pub struct Args {
     /// Read a captured tree holding proc/, sys/ and cgroup/ instead of the live host.
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
+    /// The daemon's state directory, whose journal names the VMs it placed (default:
+    /// `state_dir` of the daemon's configuration; none with `--root`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Tells the observer which VMs the daemon placed: their narrowed CPU sets are the
+/// daemon's, not an operator's pins. A VM counts only while its process is the one
+/// the daemon adopted (same start time).
+fn note_daemon_placements(observer: &mut LinuxObserver, args: &Args) -> anyhow::Result<()> {
+    let state_dir = match (&args.state_dir, &args.root) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(_)) => return Ok(()),
+        (None, None) => {
+            crate::daemon::config::Config::load(None)
+                .context("reading the daemon's configuration for its state directory")?
+                .state_dir
+        }
+    };
+    let held = crate::daemon::journal::Journal::held(&state_dir)
+        .context("reading the daemon's journal")?;
+    let proc = observer.paths().proc.clone();
+    observer.set_managed(
+        held.into_iter()
+            .map(|o| (o.vm, o.start_time_ticks))
+            .filter(|&(pid, start)| {
+                crate::host::linux::procfs::read_stat(&proc, pid)
+                    .is_ok_and(|s| s.starttime_ticks == start)
+            })
+            .map(|(pid, _)| pid),
+    );
+    Ok(())
 }
 
 /// The telemetry trace reads: the eBPF programs on the live host, or the reason they
@@ -134,10 +168,12 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let mut observer = LinuxObserver::new(paths, observer_cfg)
         .context("reading the host topology")?
         .with_telemetry(open_telemetry(args.root.as_deref()));
+    note_daemon_placements(&mut observer, &args)?;
     let mut prev = observer.observe().context("observing the host")?;
     let live_table = !args.json && !args.once && std::io::stdout().is_terminal();
     loop {
         std::thread::sleep(Duration::from_secs_f64(args.interval));
+        note_daemon_placements(&mut observer, &args)?;
         let cur = observer.observe().context("observing the host")?;
         let report = report::build(
             Some(&prev),

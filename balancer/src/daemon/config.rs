@@ -145,6 +145,9 @@ pub struct Config {
     pub sys_root: PathBuf,
     /// Root of the cgroup mount(s). Default "/sys/fs/cgroup".
     pub cgroup_root: PathBuf,
+    /// libvirt's status files of running qemu domains, where the operator's pins
+    /// (vcpupin, emulatorpin, numatune) are read. Default "/run/libvirt/qemu".
+    pub libvirt_status_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -172,6 +175,7 @@ impl Default for Config {
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            libvirt_status_dir: PathBuf::from("/run/libvirt/qemu"),
         }
     }
 }
@@ -324,6 +328,7 @@ impl Config {
             ("proc_root", &self.proc_root),
             ("sys_root", &self.sys_root),
             ("cgroup_root", &self.cgroup_root),
+            ("libvirt_status_dir", &self.libvirt_status_dir),
         ] {
             if !dir.is_absolute() {
                 return bad(key, format!("{} is not an absolute path", dir.display()));

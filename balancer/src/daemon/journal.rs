@@ -107,6 +107,23 @@ impl Journal {
         Ok(Self { path, file })
     }
 
+    /// The VMs a running (or killed) daemon holds, read without changing anything:
+    /// for `trace`, so a CPU set the daemon applied is not taken for an operator's
+    /// pin. No journal: none held.
+    pub fn held(state_dir: &Path) -> Result<Vec<OriginalSets>, JournalError> {
+        let path = state_dir.join("journal.json");
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(JournalError::Io { path, source }),
+        };
+        let file: File = serde_json::from_slice(&bytes).map_err(|e| JournalError::Io {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        Ok(file.entries.into_values().map(|e| e.original).collect())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -328,6 +328,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         report.observed = true;
         let observe_ns = t0.elapsed().as_nanos() as u64;
         self.forget_exited(&snap);
+        self.release_operator_pinned(&snap);
 
         let plan: Plan = self.policy.plan(&snap);
         let plan_ns = t0.elapsed().as_nanos() as u64 - observe_ns;
@@ -519,6 +520,35 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             .collect();
         for vm in gone {
             tracing::debug!(vm, "VM exited");
+            self.forget(vm);
+        }
+    }
+
+    /// Lets go of held VMs the operator has pinned since (`virsh vcpupin`, numatune):
+    /// their sets are the operator's now, so they leave the journal and are not put
+    /// back on exit. A VM whose memory move is still running is let go when it ends.
+    fn release_operator_pinned(&mut self, snap: &Snapshot) {
+        let Some(j) = self.journal.as_ref() else {
+            return;
+        };
+        let pinned: Vec<(u32, String, String)> = snap
+            .vms
+            .iter()
+            .filter(|vm| j.entries().contains_key(&vm.pid) && !self.moving.contains_key(&vm.pid))
+            .filter_map(|vm| match &vm.pinning {
+                crate::model::Pinning::Operator { why } => {
+                    Some((vm.pid, vm.name.clone(), why.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (vm, name, why) in pinned {
+            tracing::info!(
+                vm,
+                %name,
+                %why,
+                "the operator pinned a VM vmbalancer held: letting go of it, its sets stay as the operator set them"
+            );
             self.forget(vm);
         }
     }

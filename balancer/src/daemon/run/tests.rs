@@ -698,3 +698,62 @@ fn reserved_cpu_node_still_takes_a_vm_on_its_other_cpus() {
     assert!(rec.applied.lock().unwrap().is_empty());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_vm_the_operator_pins_after_adoption_is_let_go_not_restored() {
+    let dir = temp("letgo");
+    let cfg = test_config(&dir);
+    let journal = Journal::open(&cfg.state_dir).unwrap();
+    let rec = Record::default();
+    let fake = Fake {
+        rec: rec.clone(),
+        outcome: ActionOutcome::Done { moved_bytes: 0 },
+        alive: [1].into(),
+        journal: None,
+        reserved: CpuSet::new(),
+    };
+    let pinned = Pinning::Operator {
+        why: "libvirt domain XML: vcpupin 0->3".into(),
+    };
+    let observer = Scripted {
+        snaps: [
+            Some(snap(vec![vm(1, "web", Pinning::None)])),
+            Some(snap(vec![vm(1, "web", pinned)])),
+        ]
+        .into(),
+        last: None,
+    };
+    let policy = ScriptedPolicy {
+        plans: [Plan {
+            actions: vec![cpus(1, "0-1")],
+            ..Default::default()
+        }]
+        .into(),
+        ..Default::default()
+    };
+    let mut d = Daemon::new(
+        cfg,
+        observer,
+        fake,
+        policy,
+        Some(journal),
+        Shutdown::new(),
+        false,
+    );
+    d.tick();
+    assert!(d.journal().unwrap().entries().contains_key(&1), "held");
+    // `virsh vcpupin`: the next observation says the operator pinned it.
+    d.tick();
+    assert!(d.journal().unwrap().entries().is_empty(), "let go");
+    {
+        let shared = d.shared();
+        let s = shared.lock().unwrap();
+        assert!(!s.status.vms[0].managed);
+        let why = s.status.vms[0].unmanaged_why.as_deref().unwrap_or("");
+        assert!(why.contains("vcpupin 0->3"), "{why}");
+    }
+    // On exit the operator's pins stay: nothing is restored.
+    d.finish();
+    assert!(rec.restored.lock().unwrap().is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}

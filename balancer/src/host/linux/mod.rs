@@ -24,6 +24,7 @@ pub mod cgroup;
 pub mod cpu_load;
 pub mod discovery;
 pub mod ebpf_source;
+pub mod libvirt;
 pub mod memory;
 pub mod numa_maps;
 pub mod observer;
@@ -53,6 +54,8 @@ pub struct HostPaths {
     /// The cgroup mount point, normally `/sys/fs/cgroup` (v1 controllers below it in
     /// `cpuset/`, `cpu/`..., or the v2 unified tree itself, or v2 in `unified/`).
     pub cgroup: PathBuf,
+    /// libvirt's status files of running qemu domains, normally `/run/libvirt/qemu`.
+    pub libvirt: PathBuf,
 }
 
 impl Default for HostPaths {
@@ -68,6 +71,7 @@ impl HostPaths {
             proc: PathBuf::from("/proc"),
             sys: PathBuf::from("/sys"),
             cgroup: PathBuf::from("/sys/fs/cgroup"),
+            libvirt: PathBuf::from("/run/libvirt/qemu"),
         }
     }
 
@@ -84,6 +88,7 @@ impl HostPaths {
             } else {
                 cgroup
             },
+            libvirt: root.join("run/libvirt/qemu"),
         }
     }
 

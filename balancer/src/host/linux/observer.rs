@@ -96,6 +96,8 @@ struct KnownVm {
     threads: HashMap<u32, ThreadState>,
     cpu_ticks: u64,
     sampled_at_ns: Option<u64>,
+    /// The operator's placement from libvirt's status file, when it is a domain.
+    libvirt: super::libvirt::IntentCache,
 }
 
 /// The observer of the real Linux host.
@@ -206,6 +208,12 @@ impl LinuxObserver {
         self.managed.insert(pid);
     }
 
+    /// Replaces the set of VMs placed by the balancer (for `trace`, which learns it
+    /// from the daemon's journal each interval).
+    pub fn set_managed(&mut self, pids: impl IntoIterator<Item = u32>) {
+        self.managed = pids.into_iter().collect();
+    }
+
     fn discover(&mut self, now_ns: u64) {
         let mut full = self.events.is_none()
             || self
@@ -297,6 +305,7 @@ impl LinuxObserver {
                         threads: HashMap::new(),
                         cpu_ticks: stat.cpu_ticks(),
                         sampled_at_ns: None,
+                        libvirt: Default::default(),
                     },
                 );
             }
@@ -477,12 +486,20 @@ impl LinuxObserver {
             guest_ranges: tracked.reading.guest_ranges.clone(),
         };
 
+        let libvirt = match &known.config.name {
+            Some(domain) => known
+                .libvirt
+                .get(&paths.libvirt, domain, pid)
+                .unwrap_or_default(),
+            None => None,
+        };
         let pinning = pinning::detect(&PinningInput {
             host_cpus: &host_cpus,
             host_mem_nodes: &host_mems,
             vcpu_affinities: vcpus.iter().map(|v| &v.affinity).collect(),
             cgroup_mems: cpuset.as_ref().map(|c| &c.mems),
             cmdline_binding: known.config.strict_memory_binding(),
+            libvirt,
             managed: self.managed.contains(&pid),
         });
         let mems_allowed = cpuset

@@ -5,10 +5,17 @@
 //! `interleave`) expresses a decision the balancer must respect: it is reported as
 //! [`Pinning::Operator`] with the evidence and never moved.
 //!
-//! The balancer narrows affinities and cpusets itself, so a VM it manages would look
-//! pinned by the same test; for those VMs ([`PinningInput::managed`]) only the command
-//! line counts, which the balancer never changes.
+//! For a libvirt domain the operator's intent is written down: libvirt's live domain
+//! XML ([`super::libvirt`]). Then only that file and the command line count: an
+//! affinity some other tool narrowed is not the operator's decision, and a pin the
+//! operator adds with `virsh vcpupin` counts even on a VM the balancer holds.
+//!
+//! Without that file (plain qemu, another management stack) the threads are the only
+//! evidence. The balancer narrows affinities and cpusets itself, so a VM it manages
+//! would look pinned by the same test; for those VMs ([`PinningInput::managed`]) only
+//! the command line counts, which the balancer never changes.
 
+use super::libvirt::DomainIntent;
 use crate::model::{CpuSet, NodeSet, Pinning};
 
 /// The evidence about one VM.
@@ -24,6 +31,9 @@ pub struct PinningInput<'a> {
     pub cgroup_mems: Option<&'a NodeSet>,
     /// Memory binding from the command line (nodes, policy).
     pub cmdline_binding: Option<(NodeSet, String)>,
+    /// The operator's placement from libvirt's live domain XML, when the VM is a
+    /// libvirt domain whose status file could be read.
+    pub libvirt: Option<&'a DomainIntent>,
     /// The balancer itself has changed this VM's placement.
     pub managed: bool,
 }
@@ -35,6 +45,12 @@ pub fn detect(input: &PinningInput<'_>) -> Pinning {
             why: format!(
                 "guest memory bound to host node(s) {nodes} on the command line (policy={policy})"
             ),
+        };
+    }
+    if let Some(intent) = input.libvirt {
+        return match intent.evidence() {
+            Some(why) => Pinning::Operator { why },
+            None => Pinning::None,
         };
     }
     if input.managed {
@@ -91,6 +107,7 @@ mod tests {
             vcpu_affinities: vec![&free, &free],
             cgroup_mems: None,
             cmdline_binding: None,
+            libvirt: None,
             managed: false,
         };
         assert_eq!(detect(&base), Pinning::None);
@@ -132,5 +149,36 @@ mod tests {
             ..base
         };
         assert!(matches!(detect(&cmd), Pinning::Operator { why } if why.contains("policy=bind")));
+    }
+
+    #[test]
+    fn libvirt_xml_is_the_operators_word() {
+        let host = set("0-15");
+        let mems = set("0-1");
+        let narrow = set("4");
+        let node1 = set("1");
+        let free_xml = DomainIntent::default();
+        let pinned_xml = DomainIntent {
+            vcpupins: vec![(0, set("2"))],
+            ..DomainIntent::default()
+        };
+        // Threads narrowed by some tool, cpuset.mems narrowed, XML free: not pinned.
+        let base = PinningInput {
+            host_cpus: &host,
+            host_mem_nodes: &mems,
+            vcpu_affinities: vec![&narrow],
+            cgroup_mems: Some(&node1),
+            cmdline_binding: None,
+            libvirt: Some(&free_xml),
+            managed: false,
+        };
+        assert_eq!(detect(&base), Pinning::None);
+        // `virsh vcpupin` on a VM the balancer holds: the operator's now.
+        let held = PinningInput {
+            libvirt: Some(&pinned_xml),
+            managed: true,
+            ..base
+        };
+        assert!(matches!(detect(&held), Pinning::Operator { why } if why.contains("vcpupin 0->2")),);
     }
 }
