@@ -46,7 +46,7 @@ struct Track {
     last_ticks: HashMap<u32, u64>,
     interval_ticks: Vec<u64>,
     last_nodes: Vec<usize>,
-    last_touches: u64,
+    work: WorkRate,
     first_touches: Option<u64>,
     pages: Option<PageTrack>,
     /// Share of touches on hot-set pages (`access::hot_access_share`).
@@ -173,16 +173,61 @@ pub struct Sampler {
     query_s: (f64, f64),
 }
 
-fn read_touches(path: &Path) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| {
-            v.get("touches")?
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_u64()).sum())
-        })
-        .unwrap_or(0)
+/// The fake VM's last progress report: its own clock (`t_s`) and touches of all vCPUs.
+fn read_report(path: &Path) -> Option<(f64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let t_s = v.get("t_s")?.as_f64()?;
+    let touches = v
+        .get("touches")?
+        .as_array()?
+        .iter()
+        .filter_map(|x| x.as_u64())
+        .sum();
+    Some((t_s, touches))
+}
+
+/// A VM that has not reported for this long (harness time) counts as doing no work.
+const REPORT_STALE: Duration = Duration::from_secs(5);
+
+/// The work rate of one VM from two of its own progress reports.
+///
+/// Why not touches over the sample interval: the VM reports once a second, so a
+/// sample taken less than a second after the previous one (the harness runs
+/// scenario commands between samples, and a slow command delays one sample and
+/// crowds the next) sees no new report and would count a running VM as idle. The
+/// rate holds from the VM's last report until a newer one, and drops to zero when
+/// reports stop for [`REPORT_STALE`].
+#[derive(Debug, Default)]
+struct WorkRate {
+    last: Option<(f64, u64, Instant)>,
+    per_s: f64,
+}
+
+impl WorkRate {
+    fn new(report: Option<(f64, u64)>, now: Instant) -> Self {
+        Self {
+            last: report.map(|(t, n)| (t, n, now)),
+            per_s: 0.0,
+        }
+    }
+
+    /// Takes the current report; returns touches per second (all vCPUs).
+    fn update(&mut self, report: Option<(f64, u64)>, now: Instant) -> f64 {
+        match (report, self.last) {
+            (Some((t, n)), Some((t0, n0, _))) if t > t0 => {
+                self.per_s = n.saturating_sub(n0) as f64 / (t - t0);
+                self.last = Some((t, n, now));
+            }
+            (Some((t, n)), None) => self.last = Some((t, n, now)),
+            (_, Some((_, _, at))) if now.duration_since(at) < REPORT_STALE => {}
+            _ => self.per_s = 0.0,
+        }
+        self.per_s
+    }
+
+    fn touches(&self) -> u64 {
+        self.last.map_or(0, |(_, n, _)| n)
+    }
 }
 
 impl Sampler {
@@ -201,7 +246,7 @@ impl Sampler {
                 last_ticks: HashMap::new(),
                 interval_ticks: vec![0; nodes.len()],
                 last_nodes: Vec::new(),
-                last_touches: read_touches(&v.progress),
+                work: WorkRate::new(read_report(&v.progress), Instant::now()),
                 first_touches: None,
                 pages: Some(PageTrack {
                     memory_bytes: v.memory_bytes,
@@ -334,11 +379,9 @@ impl Sampler {
             for (n, &ticks) in t.interval_ticks.iter().enumerate() {
                 load[n] += ticks as f64 / self.clk_tck / dt;
             }
-            let touches = read_touches(&t.progress);
-            t.first_touches.get_or_insert(touches);
-            let interval_touches = touches.saturating_sub(t.last_touches);
-            let rate = interval_touches as f64 / dt / t.vcpus.max(1) as f64;
-            t.last_touches = touches;
+            let touches_per_s = t.work.update(read_report(&t.progress), Instant::now());
+            t.first_touches.get_or_insert(t.work.touches());
+            let rate = touches_per_s / t.vcpus.max(1) as f64;
             let queried = Instant::now();
             let paged = t.pages.as_mut().and_then(|p| p.sample(t.pid, main));
             query_s += queried.elapsed().as_secs_f64();
@@ -361,9 +404,10 @@ impl Sampler {
                 pages_moved: paged.and_then(|p| p.2),
                 access_locality,
                 offnode_accesses_per_s: access_locality
-                    .map(|a| access::offnode_accesses_per_s(interval_touches as f64 / dt, a)),
+                    .map(|a| access::offnode_accesses_per_s(touches_per_s, a)),
             });
-            weights.push(interval_touches);
+            // Accesses per second weigh the VMs (whole touches: the weights are counts).
+            weights.push(touches_per_s.round() as u64);
         }
         let weighted: Vec<(f64, u64)> = vms
             .iter()
@@ -429,8 +473,9 @@ impl Sampler {
             .tracks
             .iter()
             .map(|t| {
-                t.last_touches
-                    .saturating_sub(t.first_touches.unwrap_or(t.last_touches))
+                t.work
+                    .touches()
+                    .saturating_sub(t.first_touches.unwrap_or(t.work.touches()))
             })
             .sum();
         let vcpus: u32 = self.tracks.iter().map(|t| t.vcpus).sum();
@@ -466,4 +511,34 @@ impl Sampler {
 /// CLOCK_MONOTONIC in ns, the clock of vmbalancer's decision times.
 fn monotonic_ns() -> u64 {
     vmbalancer_tests::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+#[cfg(test)]
+mod work_rate_tests {
+    use super::*;
+
+    #[test]
+    fn a_crowded_sample_keeps_the_last_rate_and_silence_means_no_work() {
+        let t0 = Instant::now();
+        let mut w = WorkRate::new(Some((1.0, 100)), t0);
+        assert_eq!(
+            w.update(Some((3.0, 500)), t0 + Duration::from_secs(2)),
+            200.0
+        );
+        // 0.3 s later: no new report yet; the VM is still working at its last rate.
+        let crowded = t0 + Duration::from_millis(2300);
+        assert_eq!(w.update(Some((3.0, 500)), crowded), 200.0);
+        // A VM whose counters stop is idle at its next report.
+        assert_eq!(w.update(Some((4.0, 500)), t0 + Duration::from_secs(3)), 0.0);
+        assert_eq!(
+            w.update(Some((5.0, 900)), t0 + Duration::from_secs(4)),
+            400.0
+        );
+        // No report for longer than REPORT_STALE: no work.
+        assert_eq!(
+            w.update(Some((5.0, 900)), t0 + Duration::from_secs(10)),
+            0.0
+        );
+        assert_eq!(w.touches(), 900);
+    }
 }
