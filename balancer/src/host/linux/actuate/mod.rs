@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use self::cgroup::{CpusetFs, LibvirtGroups, SetKind};
+use super::{HostError, procfs, read_idset};
 use crate::host::Applier;
 use crate::model::{Action, ActionOutcome, CpuSet, NodeSet, PlannedAction, Snapshot, Vm, VmId};
 
@@ -490,27 +491,28 @@ impl Applier for LinuxApplier {
     }
 }
 
-/// Thread ids of a process, from `/proc/PID/task`.
-pub fn list_threads(proc_root: &Path, pid: u32) -> io::Result<Vec<u32>> {
-    let mut tids: Vec<u32> = std::fs::read_dir(proc_root.join(pid.to_string()).join("task"))?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    tids.sort_unstable();
-    Ok(tids)
+/// Thread ids of a process, from `/proc/PID/task` (the observer's reader).
+pub fn list_threads(proc_root: &Path, pid: u32) -> Result<Vec<u32>, HostError> {
+    procfs::list_tasks(proc_root, pid)
 }
 
-/// Field 22 of `/proc/PID/stat` (start time in clock ticks).
+/// Start time of the process in clock ticks (`/proc/PID/stat` field 22, read by the
+/// observer's reader); `None` when it is gone or its `stat` does not parse.
 pub fn process_start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    match procfs::read_stat(proc_root, pid) {
+        Ok(stat) => Some(stat.starttime_ticks),
+        Err(e) => {
+            if !e.is_vanished() {
+                tracing::warn!(pid, error = %e, "cannot read the process start time");
+            }
+            None
+        }
+    }
 }
 
 /// CPUs online on the host (`devices/system/cpu/online`).
-pub fn online_cpus(sys_root: &Path) -> io::Result<CpuSet> {
-    let text = std::fs::read_to_string(sys_root.join("devices/system/cpu/online"))?;
-    CpuSet::parse_list(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+pub fn online_cpus(sys_root: &Path) -> Result<CpuSet, HostError> {
+    read_idset(&sys_root.join("devices/system/cpu/online"))
 }
 
 /// The outcome of a CPU-set change (no pages move): done when every thread or group
