@@ -1,11 +1,12 @@
 //! Ground-truth readers: what the kernel itself says, from /proc and /sys.
 //!
 //! The lab judges a balancer by these numbers, so what it measures the balancer by
-//! (memory per node from `numa_maps`, the guest RAM mapping, node lists) is read here
-//! with our own small parsers rather than through vmbalancer's host layer: a bug
-//! there must not be able to hide itself. Per-thread `stat` is the exception: it is
-//! parsed by the `procfs` crate through the balancer's one reader, so no hand parser
-//! of it is left to disagree. Every reader takes a root directory, so the parsers run
+//! (memory per node from `numa_maps`, the guest RAM mapping) is read here with our
+//! own small parsers rather than through vmbalancer's host layer: a bug there must not
+//! be able to hide itself. Formats with one well-tested reader are the exception:
+//! per-thread `stat` (the `procfs` crate's parser through the balancer's reader),
+//! thread lists and the kernel's list format (`0-3,8`) go through the balancer, so no
+//! second hand parser of them is left to disagree. Every reader takes a root directory, so the parsers run
 //! on captured fixture trees in tests.
 
 use std::collections::BTreeMap;
@@ -37,24 +38,12 @@ fn parse_err(what: &str, detail: impl Into<String>) -> TruthError {
     }
 }
 
-/// Parses the kernel list format (`0-3,8,10-11`).
+/// Parses the kernel list format (`0-3,8,10-11`) with the balancer's one parser of it
+/// ([`balancer::model::IdSet::parse_list`]), in ascending order.
 pub fn parse_list(text: &str) -> Result<Vec<u32>, TruthError> {
-    let mut out = Vec::new();
-    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
-        let bad = || parse_err("cpu/node list", format!("{text:?}"));
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let a: u32 = a.parse().map_err(|_| bad())?;
-                let b: u32 = b.parse().map_err(|_| bad())?;
-                if b < a {
-                    return Err(bad());
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(part.parse().map_err(|_| bad())?),
-        }
-    }
-    Ok(out)
+    balancer::model::IdSet::parse_list(text)
+        .map(|set| set.iter().collect())
+        .map_err(|e| parse_err("cpu/node list", format!("{text:?}: {e}")))
 }
 
 /// One online NUMA node.

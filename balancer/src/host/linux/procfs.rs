@@ -330,6 +330,28 @@ mod tests {
         assert!(parse_stat(&bad_pid).unwrap_err().contains("pid"));
     }
 
+    /// Through the reader: a malformed file is a parse error naming the file, an
+    /// empty one (an exiting task) or a missing one is a vanished process.
+    #[test]
+    fn reader_errors_name_the_file() {
+        let root = std::env::temp_dir().join(format!("vmbalancer-procfs-{}", std::process::id()));
+        let dir = root.join("42/task/43");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(root.join("42/stat"), "42 (qemu-kvm)S 1\n").unwrap();
+        std::fs::write(dir.join("stat"), "").unwrap();
+        match read_stat(&root, 42) {
+            Err(HostError::Parse { path, what }) => {
+                assert!(path.ends_with("42/stat"), "{path:?}");
+                assert!(what.contains("no state"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(read_task_stat(&root, 42, 43).unwrap_err().is_vanished());
+        assert!(read_stat(&root, 44).unwrap_err().is_vanished());
+        assert_eq!(list_tasks(&root, 42).unwrap(), vec![43]);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
     #[test]
     fn parses_status() {
         let s = "Name:\tCPU 1/KVM\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\n\
