@@ -9,7 +9,10 @@
 //! `stat` is parsed by the `procfs` crate ([`Stat`]). The files are read here rather
 //! than through `procfs::process::Process`, which would open the process directory
 //! (one more descriptor and system call per thread per tick) and turn every error into
-//! its own type; the text is handed to the crate's parser. Written by hand, and why:
+//! its own type; the text is handed to the crate's parser. That parser costs a few
+//! microseconds a line (measured 3-4 us, against 1-2.5 us for the hand parser it
+//! replaced and about 40 us to read the file on the same machine), small next to the
+//! read. Written by hand, and why:
 //! - `status`: the crate's `Status` requires some twenty lines the balancer never uses
 //!   (`Uid`, `Gid`, `FDSize`, `Groups`, `SigQ`, the signal and capability masks), and
 //!   it turns a malformed `Cpus_allowed_list` into "absent" without an error; the
