@@ -151,10 +151,15 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// The knobs that map onto the engine take the engine's defaults
+    /// ([`crate::daemon::policy::engine_config`] maps them back), so each default has
+    /// one definition; the documented numbers above are checked by a test.
     fn default() -> Self {
+        let engine = crate::engine::EngineConfig::default();
+        let ns_per_ms = 1_000_000;
         Self {
-            tick_ms: 1000,
-            target_utilisation_pct: 85,
+            tick_ms: engine.tick_ns / ns_per_ms,
+            target_utilisation_pct: engine.busy_floor_pct.round() as u32,
             target_locality_pct: DEFAULT_TARGET_LOCALITY_PCT,
             include_vms: Vec::new(),
             exclude_vms: Vec::new(),
@@ -164,8 +169,8 @@ impl Default for Config {
             migration_threads: 4,
             migration_nice: -10,
             write_heat_sampling: true,
-            memory_headroom_bytes: 512 << 20,
-            probation_window_ms: 10_000,
+            memory_headroom_bytes: engine.free_headroom_bytes,
+            probation_window_ms: engine.probation_ns / ns_per_ms,
             pinned_vms: PinnedVms::Leave,
             restore_on_exit: true,
             state_dir: PathBuf::from("/var/lib/vmbalancer"),

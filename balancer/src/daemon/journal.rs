@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Actuator;
-use crate::host::linux::actuate::{OriginalSets, RestoreWhat};
 use crate::model::{Action, ActionOutcome, CpuSet, NodeSet, PlannedAction, Snapshot, VmId};
+use crate::model::{OriginalSets, RestoreWhat};
 
 const VERSION: u32 = 1;
 

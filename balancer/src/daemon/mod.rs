@@ -24,14 +24,13 @@ pub mod prometheus;
 pub mod run;
 pub mod status;
 
-use crate::host::Applier;
-use crate::host::linux::actuate::{
-    LinuxApplier, MigrationProgress, OriginalSets, QuietCounters, RestoreWhat,
-};
-use crate::host::logonly::LogOnly;
 use std::time::Duration;
 
-use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot, Vm, VmId};
+use crate::host::Applier;
+use crate::model::{
+    ActionOutcome, MigrationProgress, OriginalSets, Plan, PlannedAction, QuietCounters,
+    RestoreWhat, Snapshot, Vm, VmId,
+};
 
 /// The decision-maker the loop consults every tick. The engine implements it; tests
 /// use scripted policies.
@@ -70,60 +69,5 @@ pub trait Actuator: Applier {
     /// batch boundary).
     fn ended_moves(&mut self, _wait: Option<Duration>) -> Vec<(VmId, ActionOutcome)> {
         Vec::new()
-    }
-}
-
-impl Actuator for LinuxApplier {
-    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
-        LinuxApplier::adopt(self, vm).cloned()
-    }
-    fn readopt(&mut self, original: OriginalSets) {
-        self.insert_original(original);
-    }
-    fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
-        LinuxApplier::restore(self, original, what)
-    }
-    fn alive(&self, original: &OriginalSets) -> bool {
-        self.same_process(original)
-    }
-    fn forget(&mut self, vm: u32) {
-        LinuxApplier::forget(self, vm);
-    }
-    fn counters(&self) -> QuietCounters {
-        LinuxApplier::counters(self).clone()
-    }
-    fn progress(&self) -> Option<MigrationProgress> {
-        self.progress_handle().lock().ok().and_then(|p| p.clone())
-    }
-    fn move_in_background(&mut self) {
-        LinuxApplier::move_in_background(self);
-    }
-    fn ended_moves(&mut self, wait: Option<Duration>) -> Vec<(VmId, ActionOutcome)> {
-        LinuxApplier::ended_moves(self, wait)
-    }
-}
-
-/// `--dry-run`: nothing is adopted, restored or moved.
-impl Actuator for LogOnly {
-    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
-        Some(OriginalSets {
-            vm: vm.pid,
-            ..Default::default()
-        })
-    }
-    fn readopt(&mut self, _original: OriginalSets) {}
-    fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
-        tracing::info!(vm = original.vm, ?what, "would restore original sets");
-        ActionOutcome::LoggedOnly
-    }
-    fn alive(&self, _original: &OriginalSets) -> bool {
-        false
-    }
-    fn forget(&mut self, _vm: u32) {}
-    fn counters(&self) -> QuietCounters {
-        QuietCounters::default()
-    }
-    fn progress(&self) -> Option<MigrationProgress> {
-        None
     }
 }

@@ -191,6 +191,29 @@ mod tests {
         );
     }
 
+    /// Every engine knob the daemon maps keeps the engine's default under the
+    /// daemon's defaults, except the host rate, which the operator's limit sets
+    /// (256 MiB/s by default, below the engine's own 512 MiB/s).
+    #[test]
+    fn daemon_defaults_are_the_engine_defaults() {
+        let cfg = Config::default();
+        let engine = EngineConfig::default();
+        assert_eq!(
+            EngineConfig {
+                host_rate_bytes_per_s: engine.host_rate_bytes_per_s,
+                ..engine_config(&cfg)
+            },
+            engine
+        );
+        // The numbers the configuration documents.
+        assert_eq!(cfg.tick_ms, 1000);
+        assert_eq!(cfg.target_utilisation_pct, 85);
+        assert_eq!(cfg.target_locality_pct, 90);
+        assert_eq!(cfg.memory_headroom_bytes, 536_870_912);
+        assert_eq!(cfg.probation_window_ms, 10_000);
+        assert_eq!(cfg.migration_rate_limit_bytes_per_s, 256 << 20);
+    }
+
     #[test]
     fn default_daemon_config_keeps_engine_rates_within_the_limit() {
         let e = engine_config(&Config::default());

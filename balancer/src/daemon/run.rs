@@ -26,7 +26,7 @@ use super::notify::Notifier;
 use super::status::{self, Decision, StatusDoc};
 use super::{Actuator, Policy};
 use crate::host::Observer;
-use crate::host::linux::actuate::MigrationProgress;
+use crate::model::MigrationProgress;
 use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot, Vm};
 
 /// The one stop signal, visible to threads (flag + condvar) and tasks (watch).
@@ -630,7 +630,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         for o in entries {
             let out = self.actuator.restore(
                 &o,
-                crate::host::linux::actuate::RestoreWhat {
+                crate::model::RestoreWhat {
                     cpus: true,
                     mems: false,
                 },

@@ -8,8 +8,8 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::linux::actuate::{MigrationProgress, QuietCounters};
 use crate::model::{Action, ActionOutcome, CpuSet, NodeId, NodeSet, Reason, Snapshot, VmId};
+use crate::model::{MigrationProgress, QuietCounters};
 
 /// Everything `vmbalancer status` shows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -171,12 +171,11 @@ pub fn vm_statuses(
                 .zip(&vm.memory.bytes_per_node)
                 .map(|(n, b)| (n.id, *b))
                 .collect();
-            let total: u64 = memory_bytes_per_node.iter().map(|(_, b)| b).sum();
-            let local: u64 = memory_bytes_per_node
-                .iter()
-                .filter(|(n, _)| home_nodes.contains(*n))
-                .map(|(_, b)| b)
-                .sum();
+            let bytes: Vec<u64> = memory_bytes_per_node.iter().map(|(_, b)| *b).collect();
+            let locality_pct = crate::model::local_share_on(&bytes, |i| {
+                home_nodes.contains(memory_bytes_per_node[i].0)
+            })
+            .map(|s| 100.0 * s);
             let verdict = managed(vm);
             VmStatus {
                 pid: vm.pid,
@@ -186,31 +185,25 @@ pub fn vm_statuses(
                 home_nodes,
                 cpus,
                 memory_bytes_per_node,
-                locality_pct: (total > 0).then(|| 100.0 * local as f64 / total as f64),
+                locality_pct,
             }
         })
         .collect()
 }
 
-/// The daemon's own CPU time and resident memory, from `/proc/self`.
+/// The daemon's own CPU time and resident memory, from `/proc/self` (`stat` through
+/// the host layer's reader, `statm` through the `procfs` crate); 0 when unreadable.
 pub fn self_usage() -> (u64, u64) {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    use crate::host::linux::procfs;
+    let hz = procfs::clock_ticks_per_s().max(1);
     let page = crate::host::linux::actuate::sys::page_size_bytes();
-    let cpu_ns = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s[s.rfind(')')? + 1..].to_string();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime are fields 14 and 15; `rest` starts at field 3.
-            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some(ticks * 1_000_000_000 / hz)
-        })
-        .unwrap_or(0);
-    let rss = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |p| p * page);
+    let cpu_ns = procfs::read_stat(std::path::Path::new("/proc"), std::process::id())
+        .map_or(0, |s| {
+            (u128::from(s.cpu_ticks()) * 1_000_000_000 / u128::from(hz)) as u64
+        });
+    let rss = ::procfs::process::Process::myself()
+        .and_then(|p| p.statm())
+        .map_or(0, |m| m.resident.saturating_mul(page));
     (cpu_ns, rss)
 }
 

@@ -53,8 +53,8 @@ impl Ctx<'_> {
                 continue;
             }
             let home = self.home[u];
-            let local: u64 = mask_nodes(home).map(|n| unit.bytes_per_node[n]).sum();
-            let loc = local as f64 / unit.resident_bytes as f64;
+            let loc = crate::model::local_share_on(&unit.bytes_per_node, |n| home & (1 << n) != 0)
+                .unwrap_or(0.0);
             if loc >= target {
                 // Nothing to follow: a commit's reason has nothing to ride on.
                 let key = unit.key;

@@ -421,14 +421,9 @@ impl<'a> Ctx<'a> {
             if unit.pinned {
                 // Where its vCPUs really run, for the load.
                 let mask = unit.affinity_mask;
-                let remote = if unit.resident_bytes == 0 {
-                    0.0
-                } else {
-                    let local: u64 = mask_nodes(mask)
-                        .map(|i| unit.bytes_per_node.get(i).copied().unwrap_or(0))
-                        .sum();
-                    100.0 * (1.0 - local as f64 / unit.resident_bytes as f64)
-                };
+                let remote =
+                    crate::model::local_share_on(&unit.bytes_per_node, |i| mask & (1 << i) != 0)
+                        .map_or(0.0, |local| 100.0 * (1.0 - local));
                 let first_unit = unit
                     .key
                     .cell

@@ -27,11 +27,7 @@ const MEMORY_AFFINITY: f64 = 0.5;
 impl Ctx<'_> {
     /// Share of unit `u`'s resident memory already on node index `n`.
     fn memory_share_on(&self, u: usize, n: usize) -> f64 {
-        let unit = &self.units[u];
-        if unit.resident_bytes == 0 {
-            return 0.0;
-        }
-        unit.bytes_per_node.get(n).copied().unwrap_or(0) as f64 / unit.resident_bytes as f64
+        crate::model::local_share_on(&self.units[u].bytes_per_node, |i| i == n).unwrap_or(0.0)
     }
 
     fn demand_estimate(&self, u: usize) -> f64 {

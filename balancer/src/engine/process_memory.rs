@@ -66,7 +66,8 @@ impl Ctx<'_> {
             let (Some(home), None) = (homes.next(), homes.next()) else {
                 continue;
             };
-            let local = unit.bytes_per_node[home] as f64 / unit.resident_bytes as f64;
+            let local =
+                crate::model::local_share_on(&unit.bytes_per_node, |n| n == home).unwrap_or(0.0);
             if local < target {
                 continue;
             }

@@ -1,7 +1,10 @@
 //! The applier of `vmbalancer trace` and `--dry-run`: logs each action, changes nothing.
 
 use super::Applier;
-use crate::model::{ActionOutcome, PlannedAction, Snapshot};
+use crate::model::{
+    ActionOutcome, MigrationProgress, OriginalSets, PlannedAction, QuietCounters, RestoreWhat,
+    Snapshot, Vm,
+};
 
 /// Logs actions instead of applying them.
 #[derive(Debug, Default)]
@@ -15,5 +18,30 @@ impl Applier for LogOnly {
         tracing::info!(vm = action.vm, action = ?action.action, reason = ?action.reason, "would apply");
         self.logged.push(action.clone());
         ActionOutcome::LoggedOnly
+    }
+}
+
+/// `--dry-run`: nothing is adopted, restored or moved.
+impl crate::daemon::Actuator for LogOnly {
+    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
+        Some(OriginalSets {
+            vm: vm.pid,
+            ..Default::default()
+        })
+    }
+    fn readopt(&mut self, _original: OriginalSets) {}
+    fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
+        tracing::info!(vm = original.vm, ?what, "would restore original sets");
+        ActionOutcome::LoggedOnly
+    }
+    fn alive(&self, _original: &OriginalSets) -> bool {
+        false
+    }
+    fn forget(&mut self, _vm: u32) {}
+    fn counters(&self) -> QuietCounters {
+        QuietCounters::default()
+    }
+    fn progress(&self) -> Option<MigrationProgress> {
+        None
     }
 }

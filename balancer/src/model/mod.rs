@@ -5,13 +5,17 @@
 //! describe a real Linux host, a simulated one, and captured test fixtures.
 //! Units are in field names: `_bytes`, `_pages`, `_ns`, `_pct`.
 
+mod adoption;
 mod idset;
+mod locality;
 mod plan;
 mod snapshot;
 mod topology;
 mod vm;
 
+pub use adoption::{GroupSets, MigrationProgress, OriginalSets, QuietCounters, RestoreWhat};
 pub use idset::{CpuId, CpuSet, IdSet, IdSetParseError, NodeId, NodeSet};
+pub use locality::{local_share, local_share_on};
 pub use plan::{Action, ActionOutcome, Plan, PlannedAction, Reason, Refusal, RefusalReason};
 pub use snapshot::{HostSettings, KsmState, Snapshot};
 pub use topology::{HugePagePool, Node, NodeMemory, Topology};

@@ -1,51 +1,36 @@
 //! The CPU -> NUMA node table the programs use to tell a cross-node migration from a
-//! local one, read from sysfs (`devices/system/node/node*/cpulist`) under a root
-//! directory so tests can use fixture trees.
+//! local one. The node CPU lists come from the host layer's one reader of sysfs
+//! (`devices/system/node/{online,nodeN/cpulist}`, [`read_node_cpus`]) under a root
+//! directory, so tests can use fixture trees.
 
 use std::path::Path;
 
 use super::TelemetryError;
-use crate::model::IdSet;
+use crate::host::linux::HostError;
+use crate::host::linux::topology::read_node_cpus;
 
-/// `(cpu, node)` for every CPU sysfs lists under a node, sorted by CPU. A kernel without
-/// NUMA support has no `node/` directory: every possible CPU is then on node 0.
+/// `(cpu, node)` for every CPU sysfs lists under an online node (offline CPUs
+/// included: a CPU brought online later is already in the table), sorted by CPU. A
+/// kernel without NUMA support has no `node/` directory: every possible CPU is then on
+/// node 0.
 pub fn cpu_nodes(sys_root: &Path) -> Result<Vec<(u32, u32)>, TelemetryError> {
-    let node_dir = sys_root.join("devices/system/node");
-    let mut out = Vec::new();
-    if node_dir.is_dir() {
-        let entries = std::fs::read_dir(&node_dir)
-            .map_err(|e| TelemetryError::io(format!("reading {}", node_dir.display()), e))?;
-        for entry in entries {
-            let entry = entry
-                .map_err(|e| TelemetryError::io(format!("reading {}", node_dir.display()), e))?;
-            let name = entry.file_name();
-            let Some(node) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("node"))
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let cpus = read_list(&entry.path().join("cpulist"))?;
-            out.extend(cpus.iter().map(|cpu| (cpu, node)));
+    let topology_error = |e: HostError| TelemetryError::Topology {
+        path: sys_root.join("devices/system/node"),
+        reason: e.to_string(),
+    };
+    let mut out: Vec<(u32, u32)> = match read_node_cpus(sys_root).map_err(topology_error)? {
+        Some(nodes) => nodes
+            .iter()
+            .flat_map(|(node, cpus)| cpus.iter().map(move |cpu| (cpu, *node)))
+            .collect(),
+        None => {
+            let path = sys_root.join("devices/system/cpu/possible");
+            let possible = crate::host::linux::read_idset(&path).map_err(topology_error)?;
+            possible.iter().map(|cpu| (cpu, 0)).collect()
         }
-    } else {
-        let possible = read_list(&sys_root.join("devices/system/cpu/possible"))?;
-        out.extend(possible.iter().map(|cpu| (cpu, 0)));
-    }
+    };
     out.sort_unstable();
     Ok(out)
-}
-
-fn read_list(path: &Path) -> Result<IdSet, TelemetryError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TelemetryError::Topology {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    IdSet::parse_list(text.trim()).map_err(|e| TelemetryError::Topology {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
 }
 
 #[cfg(test)]
@@ -98,6 +83,7 @@ mod tests {
     #[test]
     fn bad_list_is_an_error() {
         let root = tempdir("bad");
+        write(&root, "devices/system/node/online", "0\n");
         write(&root, "devices/system/node/node0/cpulist", "zero\n");
         assert!(matches!(
             cpu_nodes(&root),

@@ -34,12 +34,10 @@ fn argmax(values: impl Iterator<Item = u64>) -> Option<usize> {
 }
 
 /// Share (0..1) of a VM's memory on `node`; 0 for a VM without memory.
+/// The balancer's one definition ([`balancer::model::local_share_on`]).
 pub fn locality(bytes_per_node: &[u64], node: Option<usize>) -> f64 {
-    let total: u64 = bytes_per_node.iter().sum();
-    match node {
-        Some(n) if total > 0 => bytes_per_node.get(n).copied().unwrap_or(0) as f64 / total as f64,
-        _ => 0.0,
-    }
+    node.and_then(|n| balancer::model::local_share_on(bytes_per_node, |i| i == n))
+        .unwrap_or(0.0)
 }
 
 /// Page-weighted mean locality over VMs given as (locality, bytes).

@@ -1,8 +1,12 @@
 //! Ground-truth readers: what the kernel itself says, from /proc and /sys.
 //!
-//! The lab judges a balancer by these numbers, so they are read here with our own
-//! small parsers rather than through vmbalancer's host layer: a bug there must not
-//! be able to hide itself. Every reader takes a root directory, so the parsers run
+//! The lab judges a balancer by these numbers, so what it measures the balancer by
+//! (memory per node from `numa_maps`, the guest RAM mapping) is read here with our
+//! own small parsers rather than through vmbalancer's host layer: a bug there must not
+//! be able to hide itself. Formats with one well-tested reader are the exception:
+//! per-thread `stat` (the `procfs` crate's parser through the balancer's reader),
+//! thread lists and the kernel's list format (`0-3,8`) go through the balancer, so no
+//! second hand parser of them is left to disagree. Every reader takes a root directory, so the parsers run
 //! on captured fixture trees in tests.
 
 use std::collections::BTreeMap;
@@ -34,24 +38,12 @@ fn parse_err(what: &str, detail: impl Into<String>) -> TruthError {
     }
 }
 
-/// Parses the kernel list format (`0-3,8,10-11`).
+/// Parses the kernel list format (`0-3,8,10-11`) with the balancer's one parser of it
+/// ([`balancer::model::IdSet::parse_list`]), in ascending order.
 pub fn parse_list(text: &str) -> Result<Vec<u32>, TruthError> {
-    let mut out = Vec::new();
-    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
-        let bad = || parse_err("cpu/node list", format!("{text:?}"));
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let a: u32 = a.parse().map_err(|_| bad())?;
-                let b: u32 = b.parse().map_err(|_| bad())?;
-                if b < a {
-                    return Err(bad());
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(part.parse().map_err(|_| bad())?),
-        }
-    }
-    Ok(out)
+    balancer::model::IdSet::parse_list(text)
+        .map(|set| set.iter().collect())
+        .map_err(|e| parse_err("cpu/node list", format!("{text:?}: {e}")))
 }
 
 /// One online NUMA node.
@@ -154,24 +146,16 @@ pub struct TaskStat {
     pub cpu_ticks: u64,
 }
 
-/// Parses a stat line. The comm (field 2) may hold spaces and parentheses
-/// (`CPU 0/KVM`), so fields are counted after the LAST `)`.
+/// Parses a stat line with the balancer's one reader of `stat` (the `procfs` crate's
+/// parser behind a framing check). The CPU last run on is required here: the lab places
+/// threads by it.
 pub fn parse_task_stat(text: &str) -> Result<TaskStat, TruthError> {
-    let rest = text
-        .rfind(')')
-        .map(|i| &text[i + 1..])
-        .ok_or_else(|| parse_err("stat", "no `)` after comm"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is field 3 (state).
-    let get = |field: usize| -> Result<u64, TruthError> {
-        fields
-            .get(field - 3)
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| parse_err("stat", format!("field {field} missing in {text:?}")))
-    };
+    let stat = balancer::host::linux::procfs::parse_stat(text).map_err(|w| parse_err("stat", w))?;
     Ok(TaskStat {
-        processor: get(39)? as u32,
-        cpu_ticks: get(14)? + get(15)?,
+        processor: stat
+            .processor
+            .ok_or_else(|| parse_err("stat", format!("field 39 missing in {text:?}")))?,
+        cpu_ticks: stat.cpu_ticks(),
     })
 }
 
@@ -192,20 +176,18 @@ pub fn read_vmstat(root: &Path) -> Result<BTreeMap<String, u64>, TruthError> {
 /// The vCPU threads of a qemu-like process: (tid, vCPU index) for every thread
 /// named `CPU n/KVM`.
 pub fn vcpu_threads(root: &Path, pid: u32) -> Result<Vec<(u32, u32)>, TruthError> {
-    let dir = root.join(format!("proc/{pid}/task"));
-    let entries = fs::read_dir(&dir).map_err(|source| TruthError::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
+    let proc = root.join("proc");
+    let tids =
+        balancer::host::linux::procfs::list_tasks(&proc, pid).map_err(|e| TruthError::Io {
+            path: proc.join(format!("{pid}/task")).display().to_string(),
+            source: io::Error::other(e.to_string()),
+        })?;
     let mut out = Vec::new();
-    for e in entries.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(comm) = fs::read_to_string(e.path().join("comm")) else {
+    for tid in tids {
+        let Ok(comm) = balancer::host::linux::procfs::read_task_comm(&proc, pid, tid) else {
             continue; // the thread exited
         };
-        if let Some(idx) = parse_vcpu_comm(comm.trim()) {
+        if let Some(idx) = parse_vcpu_comm(&comm) {
             out.push((tid, idx));
         }
     }

@@ -226,14 +226,14 @@ fn vm_report(
         });
     }
     let weight_total: f64 = run_weights.iter().sum();
-    let locality_pct = (mem_total > 0 && weight_total > 0.0).then(|| {
-        let local: f64 = run_weights
-            .iter()
-            .zip(&vm.memory.bytes_per_node)
-            .map(|(w, &b)| w / weight_total * b as f64)
-            .sum();
-        pct(local, mem_total as f64)
-    });
+    let locality_pct = (weight_total > 0.0)
+        .then(|| {
+            crate::model::local_share(&vm.memory.bytes_per_node, |i| {
+                run_weights.get(i).map_or(0.0, |w| w / weight_total)
+            })
+        })
+        .flatten()
+        .map(|s| pct(s, 1.0));
     let rate = |n: u64| (telemetry && dt_s > 0.0).then(|| round1(n as f64 / dt_s));
     let (pinning, pinning_reason) = match &vm.pinning {
         Pinning::None => ("none", None),
@@ -385,7 +385,8 @@ pub fn warnings(s: &Snapshot, vms: &[&Vm]) -> Vec<Warning> {
                 .enumerate()
                 .max_by_key(|(i, b)| (**b, usize::MAX - i))
                 .unwrap_or((0, &0));
-            let local_b = vm.memory.bytes_per_node.get(cpu_i).copied().unwrap_or(0);
+            let local_pct = crate::model::local_share_on(&vm.memory.bytes_per_node, |i| i == cpu_i)
+                .map_or(0.0, |s| s * 100.0);
             if cpu_i != mem_i && cpu_n * 2 > placed && mem_b * 2 > total {
                 out.push(Warning {
                     kind: "memory_remote_from_vcpus".into(),
@@ -397,7 +398,7 @@ pub fn warnings(s: &Snapshot, vms: &[&Vm]) -> Vec<Warning> {
                         mem_b as f64 / total as f64 * 100.0,
                         gib(mem_b),
                         t.nodes[mem_i].id,
-                        local_b as f64 / total as f64 * 100.0,
+                        local_pct,
                     ),
                 });
             }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use super::*;
 use crate::host::Applier;
 use crate::host::linux::actuate::cpus::reserved_refusal;
-use crate::host::linux::actuate::{OriginalSets, QuietCounters, RestoreWhat};
 use crate::model::{Action, CpuSet, Pinning, Reason, Topology};
+use crate::model::{OriginalSets, QuietCounters, RestoreWhat};
 
 #[derive(Debug)]
 struct Boom;

@@ -11,8 +11,14 @@
 //!   under `<cgroup mount>/cpuset`; files `cpuset.{cpus,mems,effective_cpus,effective_mems}`;
 //! - v2: the `0::PATH` line, under the mount itself (unified) or `unified/` (hybrid);
 //!   files `cpuset.{cpus,mems,cpus.effective,mems.effective}`.
+//!
+//! `/proc/PID/cgroup` is parsed by the `procfs` crate; the cgroup files themselves
+//! (no crate reads cpuset files under a chosen root) are read here by hand, once.
 
 use std::path::{Path, PathBuf};
+
+use ::procfs::FromRead;
+use ::procfs::ProcessCGroups;
 
 use super::{HostError, HostPaths, read_small};
 use crate::model::{CpuSet, NodeSet};
@@ -32,26 +38,32 @@ pub struct TaskCgroup {
     pub path: String,
 }
 
-/// Parses `/proc/PID/cgroup` and returns the cgroup that governs cpusets: the v1
-/// `cpuset` hierarchy when mounted, else the v2 one.
+/// Parses `/proc/PID/cgroup` (with the `procfs` crate's parser) and returns the cgroup
+/// that governs cpusets: the v1 `cpuset` hierarchy when mounted, else the v2 one.
+/// Blank lines are skipped; any other line that is not `ID:CONTROLLERS:PATH` is an
+/// error.
 pub fn parse_proc_cgroup(text: &str) -> Result<Option<TaskCgroup>, String> {
+    let lines: String = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    let groups = ProcessCGroups::from_read(lines.as_bytes()).map_err(|e| match e {
+        ::procfs::ProcError::InternalError(i) => format!("not a cgroup list: {}", i.msg),
+        other => format!("not a cgroup list: {other}"),
+    })?;
     let mut v2 = None;
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(format!("malformed line {line:?}"));
-        };
-        if ctrls.split(',').any(|c| c == "cpuset") {
+    for g in groups {
+        if g.controllers.iter().any(|c| c == "cpuset") {
             return Ok(Some(TaskCgroup {
                 version: CgroupVersion::V1,
-                path: path.to_string(),
+                path: g.pathname,
             }));
         }
-        if ctrls.is_empty() {
+        if g.controllers.is_empty() {
             v2 = Some(TaskCgroup {
                 version: CgroupVersion::V2,
-                path: path.to_string(),
+                path: g.pathname,
             });
         }
     }
@@ -253,7 +265,13 @@ mod tests {
         let cg = parse_proc_cgroup(v2).unwrap().unwrap();
         assert_eq!(cg.version, CgroupVersion::V2);
         assert!(parse_proc_cgroup("garbage").is_err());
+        assert!(parse_proc_cgroup("x:cpuset:/a\n").is_err());
+        assert!(parse_proc_cgroup("5:cpuset\n").is_err());
         assert_eq!(parse_proc_cgroup("").unwrap(), None);
+        assert_eq!(parse_proc_cgroup("\n\n").unwrap(), None);
+        // Blank lines between entries are skipped.
+        let spaced = "12:pids:/a\n\n0::/b\n";
+        assert_eq!(parse_proc_cgroup(spaced).unwrap().unwrap().path, "/b");
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! their CPUs are (other processes run too). The observer samples once per
 //! observation; `vmbalancer advise` samples once when the daemon is not running. The
 //! root is a parameter, so tests read fixture trees.
+//!
+//! The `cpuN` lines are parsed by hand, and only here: the `procfs` crate's
+//! `KernelStats` keeps per-CPU times in a list without the CPU numbers, and the kernel
+//! leaves offline CPUs out of the file, so with a CPU offline its positions no longer
+//! name CPUs and load would be charged to the wrong node.
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -9,6 +9,13 @@
 //!
 //! numa_maps has no end address, so the mapping sizes come from `maps` (which takes the
 //! lock but walks no page tables) and the two are joined on the start address.
+//!
+//! Both are parsed by hand, each only here. No crate reads numa_maps. The `procfs`
+//! crate reads `maps` (`MemoryMaps`), but its path classification slices a name that
+//! starts with `/SYSV` at fixed byte offsets and panics on a shorter one: the names of
+//! mapped files are chosen by whoever created them, so a VM's mapping could stop the
+//! daemon. Its errors also name no line. This reader needs the range, the permissions
+//! and the path as the kernel wrote it, and refuses a bad line with its number.
 
 use std::collections::BTreeMap;
 use std::path::Path;

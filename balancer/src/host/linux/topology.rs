@@ -6,6 +6,14 @@
 //! `/proc/sys/kernel/numa_balancing`. The shape (nodes, CPUs, distances) changes only on
 //! hotplug; the memory figures change all the time, so [`refresh_node_memory`] re-reads
 //! just those.
+//!
+//! Each file has one reader here, used by the observer, the applier (its check for
+//! room on the target node re-reads [`read_node_meminfo`]) and the eBPF loader (its
+//! CPU -> node table comes from [`read_node_cpus`]). No crate reads sysfs node files,
+//! so they are parsed by hand. `/proc/meminfo` (hosts without NUMA) goes through the
+//! same [`parse_meminfo`] rather than the `procfs` crate's `Meminfo`, which multiplies
+//! kB by 1024 unchecked (a wrap in release builds, a panic in debug ones) and requires
+//! fields this reader does not use.
 
 use std::path::Path;
 
@@ -22,17 +30,16 @@ fn node_dir(sys: &Path) -> std::path::PathBuf {
 pub fn read_topology(paths: &HostPaths) -> Result<Topology, HostError> {
     let sys = &paths.sys;
     let online_cpus = read_idset(&sys.join("devices/system/cpu/online"))?;
-    let nodes_dir = node_dir(sys);
-    if !nodes_dir.exists() {
+    let Some(node_cpus) = read_node_cpus(sys)? else {
         return single_node_fallback(paths, online_cpus);
-    }
-    let online_nodes = read_idset(&nodes_dir.join("online"))?;
+    };
+    let online_nodes: crate::model::IdSet = node_cpus.iter().map(|(id, _)| *id).collect();
     let mut nodes = Vec::new();
     let mut rows = Vec::new();
-    for id in online_nodes.iter() {
-        let dir = nodes_dir.join(format!("node{id}"));
-        let cpus = read_idset(&dir.join("cpulist"))?.intersection(&online_cpus);
-        let memory = read_node_memory(&dir, id)?;
+    for (id, node_cpus) in node_cpus {
+        let dir = node_dir(sys).join(format!("node{id}"));
+        let cpus = node_cpus.intersection(&online_cpus);
+        let memory = read_node_memory(sys, id)?;
         if cpus.is_empty() && memory.total_bytes == 0 {
             continue;
         }
@@ -71,10 +78,30 @@ pub fn read_topology(paths: &HostPaths) -> Result<Topology, HostError> {
     Ok(Topology { nodes, distance })
 }
 
+/// Reads `/proc/meminfo`: the memory of a host without NUMA support.
+fn read_host_meminfo(paths: &HostPaths) -> Result<NodeMemory, HostError> {
+    let path = paths.proc.join("meminfo");
+    let text = read_small(&path)?;
+    parse_meminfo(&text, None).map_err(|w| HostError::parse(&path, w))
+}
+
+/// The online nodes and the CPUs sysfs lists under each (`node/online`,
+/// `node/nodeN/cpulist`, offline CPUs included), in node order; `None` on a kernel
+/// without NUMA support (no `devices/system/node`).
+pub fn read_node_cpus(sys: &Path) -> Result<Option<Vec<(u32, CpuSet)>>, HostError> {
+    let dir = node_dir(sys);
+    if !dir.exists() {
+        return Ok(None);
+    }
+    read_idset(&dir.join("online"))?
+        .iter()
+        .map(|id| Ok((id, read_idset(&dir.join(format!("node{id}/cpulist")))?)))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 fn single_node_fallback(paths: &HostPaths, cpus: CpuSet) -> Result<Topology, HostError> {
-    let meminfo_path = paths.proc.join("meminfo");
-    let text = read_small(&meminfo_path)?;
-    let memory = parse_meminfo(&text, None).map_err(|w| HostError::parse(&meminfo_path, w))?;
+    let memory = read_host_meminfo(paths)?;
     let smt_siblings = cpus
         .iter()
         .map(|cpu| read_siblings(&paths.sys, cpu))
@@ -146,11 +173,17 @@ pub fn parse_meminfo(text: &str, node: Option<u32>) -> Result<NodeMemory, String
     Ok(mem)
 }
 
-fn read_node_memory(dir: &Path, id: u32) -> Result<NodeMemory, HostError> {
-    let path = dir.join("meminfo");
+/// Reads `devices/system/node/nodeN/meminfo` (huge page pools left empty): the one
+/// reader of that file, for the observer and for the applier's check for room.
+pub fn read_node_meminfo(sys: &Path, id: u32) -> Result<NodeMemory, HostError> {
+    let path = node_dir(sys).join(format!("node{id}")).join("meminfo");
     let text = read_small(&path)?;
-    let mut mem = parse_meminfo(&text, Some(id)).map_err(|w| HostError::parse(&path, w))?;
-    mem.hugepages = read_hugepages(&dir.join("hugepages"))?;
+    parse_meminfo(&text, Some(id)).map_err(|w| HostError::parse(&path, w))
+}
+
+fn read_node_memory(sys: &Path, id: u32) -> Result<NodeMemory, HostError> {
+    let mut mem = read_node_meminfo(sys, id)?;
+    mem.hugepages = read_hugepages(&node_dir(sys).join(format!("node{id}/hugepages")))?;
     Ok(mem)
 }
 
@@ -186,15 +219,13 @@ fn read_hugepages(dir: &Path) -> Result<Vec<HugePagePool>, HostError> {
 pub fn refresh_node_memory(paths: &HostPaths, topology: &mut Topology) -> Result<(), HostError> {
     let dir = node_dir(&paths.sys);
     if !dir.exists() {
-        let path = paths.proc.join("meminfo");
-        let text = read_small(&path)?;
         if let Some(n) = topology.nodes.first_mut() {
-            n.memory = parse_meminfo(&text, None).map_err(|w| HostError::parse(&path, w))?;
+            n.memory = read_host_meminfo(paths)?;
         }
         return Ok(());
     }
     for node in &mut topology.nodes {
-        node.memory = read_node_memory(&dir.join(format!("node{}", node.id)), node.id)?;
+        node.memory = read_node_memory(&paths.sys, node.id)?;
     }
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! Evaluates assertions and keeps the verdict.
 
-use vmbalancer_tests::lab::judge;
 use vmbalancer_tests::lab::protocol::{Record, Sample, Summary};
 use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Measure, Which};
 use vmbalancer_tests::lab::truth::NodeInfo;
+use vmbalancer_tests::lab::{judge, metrics};
 
 use crate::consistency::Consistency;
 use crate::{command, emit};
@@ -281,9 +281,7 @@ pub fn run_check(
                 .iter()
                 .filter(|v| vm.as_ref().is_none_or(|n| n == &v.name))
             {
-                let total: u64 = v.bytes_per_node.iter().sum();
-                let share =
-                    v.bytes_per_node.get(*node).copied().unwrap_or(0) as f64 / total.max(1) as f64;
+                let share = metrics::locality(&v.bytes_per_node, Some(*node));
                 if worst.is_none_or(|(w, _)| share > w) {
                     worst = Some((share, &v.name));
                 }
@@ -433,12 +431,7 @@ pub fn run_check(
             match found {
                 Some(v) => {
                     let total: u64 = v.bytes_per_node.iter().sum();
-                    let on = v.bytes_per_node.get(*node).copied().unwrap_or(0);
-                    let share = if total == 0 {
-                        0.0
-                    } else {
-                        on as f64 / total as f64
-                    };
+                    let share = metrics::locality(&v.bytes_per_node, Some(*node));
                     outcome(
                         a,
                         share >= *min_share,

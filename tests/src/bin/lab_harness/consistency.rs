@@ -61,14 +61,12 @@ pub fn running_problems(vms: &[RunningVm]) -> Vec<String> {
         .unwrap_or_default();
     let mut problems = Vec::new();
     for vm in vms {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", vm.pid)) else {
+        let Ok(tasks) = balancer::host::linux::procfs::list_tasks(Path::new("/proc"), vm.pid)
+        else {
             problems.push(format!("{}: gone", vm.name));
             continue;
         };
-        for t in tasks.flatten() {
-            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
+        for tid in tasks {
             match affinity(tid) {
                 Ok(cpus) if cpus.is_empty() => {
                     problems.push(format!("{} thread {tid}: empty affinity", vm.name))

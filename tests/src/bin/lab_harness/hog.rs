@@ -22,20 +22,10 @@ const MPOL_BIND: i32 = 2;
 const STEP_BYTES: u64 = 16 << 20;
 const PAGE_BYTES: u64 = 4096;
 
-/// A node's free memory from `/sys/devices/system/node/nodeN/meminfo`.
+/// A node's free memory from `/sys/devices/system/node/nodeN/meminfo`, through the
+/// balancer's one reader of that file.
 pub fn node_free_bytes(node: u32) -> anyhow::Result<u64> {
-    let path = format!("/sys/devices/system/node/node{node}/meminfo");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_node_free_bytes(&text).with_context(|| format!("no MemFree in {path}"))
-}
-
-/// `Node 2 MemFree:  123456 kB` -> bytes.
-fn parse_node_free_bytes(meminfo: &str) -> Option<u64> {
-    meminfo.lines().find_map(|l| {
-        let rest = l.split_once("MemFree:")?.1;
-        let kb: u64 = rest.split_whitespace().next()?.parse().ok()?;
-        Some(kb * 1024)
-    })
+    Ok(balancer::host::linux::topology::read_node_meminfo(Path::new("/sys"), node)?.free_bytes)
 }
 
 /// The hog process itself: never returns while it holds the memory.
@@ -158,16 +148,4 @@ pub fn start_all(hogs: &[Hog]) -> anyhow::Result<Hogs> {
         out.0.push(child);
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_node_meminfo() {
-        let text = "Node 2 MemTotal:       2097152 kB\nNode 2 MemFree:         65536 kB\n";
-        assert_eq!(parse_node_free_bytes(text), Some(64 << 20));
-        assert_eq!(parse_node_free_bytes("Node 0 MemTotal: 1 kB"), None);
-    }
 }

@@ -283,10 +283,8 @@ pub fn confine(vms: &[RunningVm]) -> anyhow::Result<()> {
             // SAFETY: CPU numbers come from sysfs and are below CPU_SETSIZE.
             unsafe { libc::CPU_SET(c as usize, &mut set) };
         }
-        for t in fs::read_dir(format!("/proc/{}/task", vm.pid))?.flatten() {
-            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
+        for tid in balancer::host::linux::procfs::list_tasks(Path::new("/proc"), vm.pid)? {
+            let tid = i32::try_from(tid)?;
             // SAFETY: a valid set of the size passed.
             if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
                 bail!(

@@ -26,6 +26,7 @@ use super::rate::RateLimit;
 use super::{LinuxApplier, MigrationProgress};
 use crate::host::linux::HostError;
 use crate::host::linux::numa_maps::{MapsEntry, read_maps};
+use crate::host::linux::topology;
 use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm, VmId};
 
 /// Which pages of the VM's process a move covers.
@@ -110,7 +111,7 @@ pub fn prepare(
         (_, MemoryBacking::HugeTlb { page_size_bytes }) => Some(*page_size_bytes),
         _ => None,
     };
-    if let Err(why) = check_room(a, snapshot, to, need_bytes, &node_dir, huge_page_bytes) {
+    if let Err(why) = check_room(a, snapshot, to, need_bytes, huge_page_bytes) {
         return Err(a.refuse(vm.pid, why));
     }
 
@@ -306,7 +307,6 @@ fn check_room(
     snapshot: &Snapshot,
     to: NodeId,
     need_bytes: u64,
-    node_dir: &Path,
     huge_page_bytes: Option<u64>,
 ) -> Result<(), String> {
     if let Some(page_size_bytes) = huge_page_bytes {
@@ -330,7 +330,13 @@ fn check_room(
         return Ok(());
     }
     let snap_free = snapshot.topology.node(to).map(|n| n.memory.free_bytes);
-    let now_free = read_node_free_bytes(node_dir);
+    let now_free = match topology::read_node_meminfo(&a.cfg.sys_root, to) {
+        Ok(m) => Some(m.free_bytes),
+        Err(e) => {
+            tracing::warn!(node = to, error = %e, "cannot re-read the node's free memory");
+            None
+        }
+    };
     let free = match (snap_free, now_free) {
         (Some(s), Some(n)) => s.min(n),
         (Some(s), None) => s,
@@ -344,16 +350,6 @@ fn check_room(
         ));
     }
     Ok(())
-}
-
-/// `MemFree` of a node's meminfo, in bytes.
-pub fn read_node_free_bytes(node_dir: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(node_dir.join("meminfo")).ok()?;
-    text.lines().find_map(|l| {
-        let rest = l.split_once("MemFree:")?.1;
-        let kb: u64 = rest.split_whitespace().next()?.parse().ok()?;
-        Some(kb * 1024)
-    })
 }
 
 /// Writable mappings of the process that `keep` accepts, as `(start, len)`. Kernel
@@ -482,8 +478,8 @@ mod tests {
 
     #[test]
     fn reads_node_free_memory_and_own_maps() {
-        let free = read_node_free_bytes(Path::new("/sys/devices/system/node/node0"));
-        assert!(free.unwrap() > 0);
+        let free = topology::read_node_meminfo(Path::new("/sys"), 0).unwrap();
+        assert!(free.free_bytes > 0);
         let ranges = writable_ranges(Path::new("/proc"), std::process::id(), |_| true).unwrap();
         assert!(!ranges.is_empty());
         assert!(ranges.iter().all(|(_, len)| *len > 0));

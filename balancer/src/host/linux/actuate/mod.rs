@@ -35,11 +35,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
 use self::cgroup::{CpusetFs, LibvirtGroups, SetKind};
+use super::{HostError, procfs, read_idset};
 use crate::host::Applier;
 use crate::model::{Action, ActionOutcome, CpuSet, NodeSet, PlannedAction, Snapshot, Vm, VmId};
+pub use crate::model::{GroupSets, MigrationProgress, OriginalSets, QuietCounters, RestoreWhat};
 
 /// Settings of the Linux applier.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,61 +75,6 @@ impl Default for ApplierConfig {
             reserved_cpus: CpuSet::new(),
         }
     }
-}
-
-/// Things that happen to VMs under us, handled quietly and counted.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuietCounters {
-    /// Actions that found their VM gone (ESRCH, no `/proc/PID`).
-    pub vm_gone: u64,
-    /// Threads that vanished between listing and acting.
-    pub threads_gone: u64,
-    /// cgroups removed under us.
-    pub cgroups_gone: u64,
-    /// Actions refused before touching the host.
-    pub refused: u64,
-}
-
-/// A cpuset group's sets as first seen.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupSets {
-    pub dir: PathBuf,
-    pub cpus: CpuSet,
-    pub mems: NodeSet,
-    /// `cpuset.memory_migrate` on cgroup v1.
-    pub memory_migrate: Option<bool>,
-}
-
-/// The CPU and memory sets of a VM when vmbalancer adopted it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OriginalSets {
-    pub vm: VmId,
-    /// Start time of the process (`/proc/PID/stat` field 22, clock ticks), so a reused
-    /// pid is not mistaken for the VM.
-    pub start_time_ticks: u64,
-    /// Affinity of each thread.
-    pub threads: BTreeMap<u32, CpuSet>,
-    /// The VM's cpuset groups, parents first (empty for plain processes).
-    pub groups: Vec<GroupSets>,
-}
-
-/// What to put back in [`LinuxApplier::restore`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RestoreWhat {
-    pub cpus: bool,
-    pub mems: bool,
-}
-
-/// A memory move in progress, for status.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationProgress {
-    pub vm: VmId,
-    pub from: u32,
-    pub to: u32,
-    pub moved_bytes: u64,
-    /// Bytes still on `from` in the regions being moved (known after the first pass).
-    pub left_bytes: u64,
-    pub max_bytes: u64,
 }
 
 /// The real Linux applier.
@@ -490,27 +435,28 @@ impl Applier for LinuxApplier {
     }
 }
 
-/// Thread ids of a process, from `/proc/PID/task`.
-pub fn list_threads(proc_root: &Path, pid: u32) -> io::Result<Vec<u32>> {
-    let mut tids: Vec<u32> = std::fs::read_dir(proc_root.join(pid.to_string()).join("task"))?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    tids.sort_unstable();
-    Ok(tids)
+/// Thread ids of a process, from `/proc/PID/task` (the observer's reader).
+pub fn list_threads(proc_root: &Path, pid: u32) -> Result<Vec<u32>, HostError> {
+    procfs::list_tasks(proc_root, pid)
 }
 
-/// Field 22 of `/proc/PID/stat` (start time in clock ticks).
+/// Start time of the process in clock ticks (`/proc/PID/stat` field 22, read by the
+/// observer's reader); `None` when it is gone or its `stat` does not parse.
 pub fn process_start_ticks(proc_root: &Path, pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    match procfs::read_stat(proc_root, pid) {
+        Ok(stat) => Some(stat.starttime_ticks),
+        Err(e) => {
+            if !e.is_vanished() {
+                tracing::warn!(pid, error = %e, "cannot read the process start time");
+            }
+            None
+        }
+    }
 }
 
 /// CPUs online on the host (`devices/system/cpu/online`).
-pub fn online_cpus(sys_root: &Path) -> io::Result<CpuSet> {
-    let text = std::fs::read_to_string(sys_root.join("devices/system/cpu/online"))?;
-    CpuSet::parse_list(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+pub fn online_cpus(sys_root: &Path) -> Result<CpuSet, HostError> {
+    read_idset(&sys_root.join("devices/system/cpu/online"))
 }
 
 /// The outcome of a CPU-set change (no pages move): done when every thread or group
@@ -524,6 +470,37 @@ fn cpu_change_outcome(problems: Vec<String>) -> ActionOutcome {
             left_bytes: 0,
             why: problems.join("; "),
         }
+    }
+}
+
+/// The daemon's view of the real applier.
+impl crate::daemon::Actuator for LinuxApplier {
+    fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
+        LinuxApplier::adopt(self, vm).cloned()
+    }
+    fn readopt(&mut self, original: OriginalSets) {
+        self.insert_original(original);
+    }
+    fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
+        LinuxApplier::restore(self, original, what)
+    }
+    fn alive(&self, original: &OriginalSets) -> bool {
+        self.same_process(original)
+    }
+    fn forget(&mut self, vm: u32) {
+        LinuxApplier::forget(self, vm);
+    }
+    fn counters(&self) -> QuietCounters {
+        LinuxApplier::counters(self).clone()
+    }
+    fn progress(&self) -> Option<MigrationProgress> {
+        self.progress_handle().lock().ok().and_then(|p| p.clone())
+    }
+    fn move_in_background(&mut self) {
+        LinuxApplier::move_in_background(self);
+    }
+    fn ended_moves(&mut self, wait: Option<std::time::Duration>) -> Vec<(VmId, ActionOutcome)> {
+        LinuxApplier::ended_moves(self, wait)
     }
 }
 
