@@ -4,9 +4,9 @@
 //! cargo-deb packages files; three of them do not exist until the release binary
 //! does, so this command makes them first, next to the binary (cargo-deb's
 //! `target/release/`):
-//! - the man pages and shell completions, which the binary writes from its own
-//!   command-line definition (`vmbalancer package-assets`), so they always describe
-//!   the packaged flags;
+//! - the man pages (gzipped here) and shell completions, which the binary writes from
+//!   its own command-line definition (`vmbalancer package-assets`), so they always
+//!   describe the packaged flags;
 //! - `/etc/vmbalancer/config.toml`, a conffile: `systemd/config.toml.example` with
 //!   every setting commented out. The daemon then runs on its built-in defaults, and
 //!   a later package whose defaults changed is not held back by a conffile that
@@ -67,6 +67,7 @@ pub fn build_deb() -> anyhow::Result<PathBuf> {
             .arg(&assets)
             .stdout(Stdio::null()),
     )?;
+    gzip_man_pages(&assets.join("man8"))?;
     let example = build::workspace_root().join("systemd/config.toml.example");
     let text = std::fs::read_to_string(&example)
         .with_context(|| format!("reading {}", example.display()))?;
@@ -81,10 +82,28 @@ pub fn build_deb() -> anyhow::Result<PathBuf> {
     run_step(
         "package: cargo deb",
         cargo()
-            .args(["deb", "-p", "balancer", "--no-build", "--output"])
+            // The release profile keeps debug info (for profiling); the package does not.
+            .args(["deb", "-p", "balancer", "--no-build", "--strip", "--output"])
             .arg(&deb),
     )?;
     Ok(deb)
+}
+
+/// `gzip -9n` every page: Debian installs man pages compressed, and cargo-deb only
+/// compresses files it did not find under the build directory.
+fn gzip_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    let pages: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "8"))
+        .collect();
+    if pages.is_empty() {
+        bail!("no man pages in {}", dir.display());
+    }
+    run_step(
+        "package: compress man pages",
+        Command::new("gzip").arg("-9n").args(&pages),
+    )
 }
 
 /// Whether `cargo deb` runs and is the pinned release.
