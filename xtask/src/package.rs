@@ -33,7 +33,27 @@ pub struct Args {}
 pub fn main(_args: Args) -> anyhow::Result<()> {
     let deb = build_deb()?;
     eprintln!("xtask package: built {}", deb.display());
+    lint(&deb);
     Ok(())
+}
+
+/// Prints what lintian says about the package, when lintian is installed. Advisory:
+/// the package has no maintainer e-mail address or Debian changelog, which lintian
+/// reports as errors.
+fn lint(deb: &std::path::Path) {
+    match Command::new("lintian")
+        .args(["--tag-display-limit", "0"])
+        .arg(deb)
+        .output()
+    {
+        Ok(out) => eprintln!(
+            "xtask package: lintian ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => eprintln!("xtask package: lintian is not installed, not checked"),
+    }
 }
 
 /// Builds the release binary and the generated files, then the .deb; returns its path
