@@ -1,6 +1,7 @@
 //! The tick loop with the real Linux applier on a real process (needs root): an
 //! action applied and journaled, a crash with an action in flight, and the next
-//! start finishing or reverting it; restore on exit.
+//! start finishing or reverting it; restore on exit, also when the running daemon gets
+//! SIGTERM (what `systemctl stop` and removing the package send).
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -63,6 +64,41 @@ fn affinity(tids: [u32; 2]) -> Vec<String> {
         .collect()
 }
 
+/// Root, two CPUs, the test program and an empty state directory: (every online CPU,
+/// the process, its pid, its threads, the state directory). `None` on a 1-CPU host.
+fn setup(name: &str) -> Option<(String, Child, u32, [u32; 2], PathBuf)> {
+    vmbalancer_tests::require_root();
+    let online = read_topology(&HostPaths::system()).unwrap().all_cpus();
+    if online.len() < 2 {
+        eprintln!("skipped: needs 2 CPUs");
+        return None;
+    }
+    let (child, pid, tids) = spawn();
+    let state = std::env::temp_dir().join(format!("vmb-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    Some((online.to_string(), child, pid, tids, state))
+}
+
+/// This host with the test program as its one VM (its two threads are the vCPUs).
+fn target_snapshot(pid: u32, tids: [u32; 2]) -> Snapshot {
+    Snapshot {
+        topology: read_topology(&HostPaths::system()).unwrap(),
+        vms: vec![Vm {
+            pid,
+            name: "recovery-target".into(),
+            vcpus: (0..2)
+                .map(|i| Vcpu {
+                    index: i,
+                    tid: tids[i as usize],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 fn daemon(state: &Path, snap: &Snapshot, plans: Vec<Plan>) -> Daemon<Fixed, LinuxApplier, Once> {
     let cfg = Config {
         state_dir: state.to_path_buf(),
@@ -85,32 +121,10 @@ fn daemon(state: &Path, snap: &Snapshot, plans: Vec<Plan>) -> Daemon<Fixed, Linu
 #[test]
 #[ignore = "needs root: the Linux applier sets another process's CPU affinity"]
 fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
-    vmbalancer_tests::require_root();
-    let online = read_topology(&HostPaths::system()).unwrap().all_cpus();
-    if online.len() < 2 {
-        eprintln!("skipped: needs 2 CPUs");
+    let Some((all, mut child, pid, tids, state)) = setup("recovery") else {
         return;
-    }
-    let all = online.to_string();
-    let (mut child, pid, tids) = spawn();
-    let snap = Snapshot {
-        topology: read_topology(&HostPaths::system()).unwrap(),
-        vms: vec![Vm {
-            pid,
-            name: "recovery-target".into(),
-            vcpus: (0..2)
-                .map(|i| Vcpu {
-                    index: i,
-                    tid: tids[i as usize],
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }],
-        ..Default::default()
     };
-    let state: PathBuf = std::env::temp_dir().join(format!("vmb-recovery-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state);
+    let snap = target_snapshot(pid, tids);
 
     // Run 1: one action applied, read back, journaled with the original sets.
     let mut d = daemon(
@@ -191,5 +205,41 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
     let done = d.recover().unwrap();
     assert_eq!(done[0].1, Recovery::Forget);
     assert!(d.journal().unwrap().entries().is_empty());
+    std::fs::remove_dir_all(&state).unwrap();
+}
+
+#[test]
+#[ignore = "needs root: the Linux applier sets another process's CPU affinity"]
+fn sigterm_restores_the_cpu_sets_the_daemon_changed() {
+    let Some((all, mut child, pid, tids, state)) = setup("sigterm") else {
+        return;
+    };
+    let d = daemon(
+        &state,
+        &target_snapshot(pid, tids),
+        vec![Plan {
+            actions: vec![set_cpus(pid, "1")],
+            ..Default::default()
+        }],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let running = rt.spawn(balancer::daemon::run::run(d));
+    let moved = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        affinity(tids) == ["1", "1"]
+    });
+    assert!(
+        moved,
+        "the daemon did not move the VM: {:?}",
+        affinity(tids)
+    );
+    // The daemon's own SIGTERM handler is installed by now (it ticked): the signal
+    // stops it instead of this test process.
+    nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    rt.block_on(running).unwrap().unwrap();
+    assert_eq!(affinity(tids), vec![all.clone(), all]);
+    assert!(Journal::open(&state).unwrap().entries().is_empty());
+    drop(child.stdin.take());
+    child.wait().unwrap();
     std::fs::remove_dir_all(&state).unwrap();
 }

@@ -28,7 +28,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     }
     if args.root == Path::new("/") {
         eprintln!(
-            "xtask install: copy /etc/vmbalancer/config.toml.example to config.toml, then \
+            "xtask install: without /etc/vmbalancer/config.toml the daemon runs on its \
+             defaults (copy config.toml.example there to change them); then \
              `systemctl daemon-reload && systemctl enable --now vmbalancer`"
         );
     }

@@ -6,6 +6,7 @@
 mod build;
 mod install;
 mod lab;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -34,6 +35,8 @@ enum Command {
     Test(test::Args),
     /// Install the binary, the systemd unit and an example configuration.
     Install(install::Args),
+    /// Build the Debian package target/debian/vmbalancer_VERSION_amd64.deb.
+    Package(package::Args),
     /// Boot the 4-node NUMA lab guest and run scenarios in it.
     Lab(lab::Args),
 }
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(a) => run::main(a),
         Command::Test(a) => test::main(a),
         Command::Install(a) => install::main(a),
+        Command::Package(a) => package::main(a),
         Command::Lab(a) => lab::main(a),
     }
 }

@@ -6,7 +6,8 @@
 //! 2. a `bpf-linker` that reads the bitcode of the nightly's own LLVM. Prebuilt
 //!    binaries follow a different LLVM, so it is built from crates.io against the
 //!    `libLLVM` shipped inside the nightly sysroot;
-//! 3. the Debian packages the tests and the lab use.
+//! 3. the Debian packages the tests and the lab use;
+//! 4. cargo-deb, pinned, for `cargo xtask package`.
 //!
 //! Every step first checks whether its result is already there (and works), so a
 //! second run does nothing and says so. A step that fails names itself.
@@ -58,6 +59,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     if !args.no_apt {
         step("Debian packages", || debian_packages(&mut done))?;
     }
+    step("cargo-deb", || cargo_deb(&mut done))?;
     if done.is_empty() {
         eprintln!("xtask setup: everything is already present, nothing was done");
     } else {
@@ -260,17 +262,7 @@ fn bpf_linker(root: Option<&Path>, done: &mut Vec<String>) -> anyhow::Result<()>
     if let Some(r) = root {
         cmd.arg("--root").arg(r);
     }
-    // Do not let the outer `cargo xtask` invocation leak its settings into the build.
-    for var in [
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTUP_TOOLCHAIN",
-        "CARGO_TARGET_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
+    without_outer_cargo_settings(&mut cmd);
     run(&mut cmd)?;
     if !bpf_linker_works(&bin, &llvm) {
         bail!(
@@ -284,6 +276,38 @@ fn bpf_linker(root: Option<&Path>, done: &mut Vec<String>) -> anyhow::Result<()>
         llvm.major,
         llvm.lib.display()
     ));
+    Ok(())
+}
+
+/// Keeps the outer `cargo xtask` invocation's settings out of a `cargo install`.
+fn without_outer_cargo_settings(cmd: &mut Command) {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
+        cmd.env_remove(var);
+    }
+}
+
+/// cargo-deb for `cargo xtask package`, built with the stable toolchain.
+fn cargo_deb(done: &mut Vec<String>) -> anyhow::Result<()> {
+    use crate::package::{CARGO_DEB_VERSION, cargo_deb_installed};
+    if cargo_deb_installed() {
+        return Ok(());
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.args(["install", "--locked", "--force", "cargo-deb", "--version"])
+        .arg(CARGO_DEB_VERSION);
+    without_outer_cargo_settings(&mut cmd);
+    run(&mut cmd)?;
+    if !cargo_deb_installed() {
+        bail!("cargo-deb {CARGO_DEB_VERSION} was installed but `cargo deb --version` disagrees");
+    }
+    done.push(format!("installed cargo-deb {CARGO_DEB_VERSION}"));
     Ok(())
 }
 

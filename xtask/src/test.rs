@@ -1,7 +1,8 @@
 //! `cargo xtask test`: everything the README's test command runs, in the order that
 //! fails fastest: formatting, clippy (userspace with the stable toolchain, the eBPF
 //! crate with the nightly for `bpfel-unknown-none`), `systemd-analyze verify` of the
-//! unit, then unit and integration tests, including the ignored ones that need root
+//! unit and its exposure score (`systemd-analyze security`, at most
+//! [`MAX_UNIT_EXPOSURE`]), then unit and integration tests, including the ignored ones that need root
 //! (eBPF programs, other processes' affinity and pages, the lab guest; CI runs as
 //! root), then the lab's CI scenarios on a 4-node guest kernel.
 
@@ -40,6 +41,7 @@ pub fn main(_args: Args) -> anyhow::Result<()> {
     // `cargo test` below builds the binary too; build it first for the unit check.
     build::build(false)?;
     verify_unit()?;
+    unit_exposure()?;
     // Tests that need root are `#[ignore]`d so that a plain `cargo test` reports
     // them as not run; here (CI runs as root) they run with the others.
     run_step(
@@ -50,6 +52,49 @@ pub fn main(_args: Args) -> anyhow::Result<()> {
     crate::lab::ci()?;
     eprintln!("xtask test: all steps passed");
     Ok(())
+}
+
+/// The highest `systemd-analyze security` exposure the unit may have (0.0 = fully
+/// locked down, 10.0 = nothing restricted).
+pub const MAX_UNIT_EXPOSURE: f64 = 3.0;
+
+/// Scores the unit offline and fails above [`MAX_UNIT_EXPOSURE`]; prints the score.
+fn unit_exposure() -> anyhow::Result<()> {
+    let unit = build::workspace_root().join("systemd/vmbalancer.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&unit)
+        .output()
+        .context("could not run systemd-analyze (is the `systemd` package installed? run `cargo xtask setup`)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score = exposure_score(&text).with_context(|| {
+        format!(
+            "systemd-analyze security printed no overall exposure ({}):\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    eprintln!("xtask: unit: exposure {score:.1} (at most {MAX_UNIT_EXPOSURE:.1})");
+    if score > MAX_UNIT_EXPOSURE {
+        bail!(
+            "step `unit exposure` failed: {score:.1} > {MAX_UNIT_EXPOSURE:.1}; what is open:\n{}",
+            text.lines()
+                .filter(|l| l.trim_start().starts_with('✗'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// The number in `→ Overall exposure level for vmbalancer.service: 2.4 OK`.
+fn exposure_score(report: &str) -> Option<f64> {
+    report
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for "))
+        .and_then(|(_, rest)| rest.split_once(": "))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
 }
 
 /// Clippy on the eBPF crate needs the same toolchain and target as its build.
@@ -94,6 +139,8 @@ fn verify_unit() -> anyhow::Result<()> {
     eprintln!("xtask: unit: systemd-analyze verify {}", checked.display());
     let out = Command::new("systemd-analyze")
         .arg("verify")
+        // Documentation= names the man pages, which exist once the package is installed.
+        .arg("--man=no")
         .arg(&checked)
         .output()
         .context("could not run systemd-analyze (is the `systemd` package installed? run `cargo xtask setup`)")?;
@@ -117,4 +164,17 @@ fn verify_unit() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_overall_exposure() {
+        let report = "✗ PrivateUsers=   Service has access to other users   0.2\n\
+                      → Overall exposure level for vmbalancer.service: 2.4 OK 🙂\n";
+        assert_eq!(exposure_score(report), Some(2.4));
+        assert_eq!(exposure_score("✗ PrivateUsers= 0.2\n"), None);
+    }
 }

@@ -2,6 +2,7 @@
 //! arguments and entry point; this module only dispatches.
 
 mod advise;
+mod assets;
 mod run;
 mod simulate;
 mod status;
@@ -33,6 +34,9 @@ pub enum Command {
     Simulate(simulate::Args),
     /// numad-compatible placement advice for a new VM (`-w NCPUS[:MB]`).
     Advise(advise::Args),
+    /// Writes the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    PackageAssets(assets::Args),
 }
 
 /// Parses the command line, sets up logging and runs the subcommand.
@@ -45,6 +49,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Status(args) => status::main(args),
         Command::Simulate(args) => simulate::main(args),
         Command::Advise(args) => advise::main(args),
+        Command::PackageAssets(args) => assets::main(args),
     }
 }
 

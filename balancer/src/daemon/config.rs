@@ -217,13 +217,21 @@ impl Config {
     /// Reads a file. A missing file at the default path means all defaults; a missing
     /// file the operator named explicitly is an error.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_or_default(path, Path::new(DEFAULT_CONFIG_PATH))
+    }
+
+    /// [`Config::load`] with the default path given (tests).
+    fn load_or_default(path: Option<&Path>, default: &Path) -> Result<Self, ConfigError> {
         let (path, explicit) = match path {
             Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+            None => (default.to_path_buf(), false),
         };
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::from_toml(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                tracing::info!(path = %path.display(), "no configuration file: built-in defaults");
+                Ok(Self::default())
+            }
             Err(source) => Err(ConfigError::Read { path, source }),
         }
     }
@@ -514,5 +522,24 @@ mod tests {
     fn missing_default_file_is_defaults_but_named_file_is_an_error() {
         let err = Config::load(Some(Path::new("/nonexistent/vmb.toml"))).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmb.toml"));
+        let missing_default = Path::new("/nonexistent/default.toml");
+        assert_eq!(
+            Config::load_or_default(None, missing_default).unwrap(),
+            Config::default()
+        );
+        // A named file wins over the default path and must exist.
+        assert!(Config::load_or_default(Some(missing_default), missing_default).is_err());
+        // The default path when present is read (and checked) like a named file.
+        let dir = std::env::temp_dir().join(format!("vmb-cfg-default-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let present = dir.join("config.toml");
+        std::fs::write(&present, "tick_ms = 500\n").unwrap();
+        assert_eq!(
+            Config::load_or_default(None, &present).unwrap().tick_ms,
+            500
+        );
+        std::fs::write(&present, "tick_ms = 5\n").unwrap();
+        assert!(Config::load_or_default(None, &present).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

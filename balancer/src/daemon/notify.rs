@@ -1,9 +1,16 @@
 //! sd_notify: tells systemd the daemon is ready, alive, and what it is doing.
 //!
 //! The protocol is one datagram of `KEY=VALUE` lines to the unix socket named in
-//! `$NOTIFY_SOCKET` (a path, or an abstract name when it starts with `@`). It is small
-//! enough to speak directly instead of pulling in a crate. Without `$NOTIFY_SOCKET`
-//! (not started by systemd) every call is a no-op.
+//! `$NOTIFY_SOCKET` (a path, or an abstract name when it starts with `@`). Without
+//! `$NOTIFY_SOCKET` (not started by systemd) every call is a no-op.
+//!
+//! Spoken here rather than through the `sd-notify` crate (0.5): its `notify()` only
+//! sends to the socket named in the process environment, so the daemon and its tests
+//! could no longer be handed a socket explicitly ([`Notifier::new`]) and tests would
+//! again share one process-wide variable; and it connects to the variable's value as
+//! a path, so an abstract `@name` socket (valid per sd_notify(3)) is not reached. The
+//! protocol part is one `sendto` of `KEY=VALUE` lines; the tests below check both
+//! address kinds and the watchdog test in `run/tests.rs` the datagrams the loop sends.
 //!
 //! The environment is read once, by the program's entry point ([`Notifier::from_env`]);
 //! everything below it gets a [`Notifier`] for an explicit socket

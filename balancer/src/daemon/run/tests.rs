@@ -757,3 +757,99 @@ fn a_vm_the_operator_pins_after_adoption_is_let_go_not_restored() {
     assert!(rec.restored.lock().unwrap().is_empty());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Observes like [`Scripted`], but blocks while `stall` is set (a tick loop stuck in
+/// a kernel file read).
+struct Stallable {
+    inner: Scripted,
+    stall: Arc<AtomicBool>,
+}
+impl Observer for Stallable {
+    type Error = Boom;
+    fn observe(&mut self) -> Result<Snapshot, Boom> {
+        while self.stall.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.inner.observe()
+    }
+}
+
+/// What arrives on the notification socket within `window`, one datagram a string.
+fn datagrams(sock: &std::os::unix::net::UnixDatagram, window: Duration) -> Vec<String> {
+    let end = Instant::now() + window;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[test]
+fn watchdog_is_fed_only_while_the_loop_ticks() {
+    let dir = temp("watchdog");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = test_config(&dir);
+    let notify_path = dir.join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let stall = Arc::new(AtomicBool::new(false));
+    let observer = Stallable {
+        inner: Scripted {
+            snaps: [Some(snap(vec![vm(1, "web", Pinning::None)]))].into(),
+            last: None,
+        },
+        stall: stall.clone(),
+    };
+    let fake = Fake {
+        rec: Record::default(),
+        outcome: ActionOutcome::Done { moved_bytes: 0 },
+        alive: [1].into(),
+        journal: None,
+        reserved: CpuSet::new(),
+    };
+    let shutdown = Shutdown::new();
+    let every = Duration::from_millis(50);
+    let d = Daemon::new(
+        cfg.clone(),
+        observer,
+        fake,
+        ScriptedPolicy::default(),
+        None,
+        shutdown.clone(),
+        true,
+    )
+    .with_notify(Notifier::new(Some(notify_path.as_os_str())), Some(every));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let handle = rt.spawn(run(d));
+
+    let ticking = datagrams(&listener, Duration::from_millis(800));
+    assert!(
+        ticking.iter().any(|m| m.starts_with("READY=1")),
+        "{ticking:?}"
+    );
+    let fed = ticking.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(fed >= 5, "every 50 ms while ticking: {ticking:?}");
+
+    // Stuck loop: after the stale limit (3 ticks of 100 ms here) no more WATCHDOG=1,
+    // so systemd's watchdog fires.
+    stall.store(true, Ordering::SeqCst);
+    let _ = datagrams(&listener, Duration::from_millis(500));
+    let stuck = datagrams(&listener, Duration::from_millis(500));
+    assert!(!stuck.iter().any(|m| m == "WATCHDOG=1"), "{stuck:?}");
+
+    // Unstuck: fed again.
+    stall.store(false, Ordering::SeqCst);
+    let again = datagrams(&listener, Duration::from_millis(500));
+    assert!(again.iter().any(|m| m == "WATCHDOG=1"), "{again:?}");
+
+    shutdown.trigger();
+    rt.block_on(handle).unwrap().unwrap();
+    let last = datagrams(&listener, Duration::from_millis(200));
+    assert!(last.iter().any(|m| m == "STOPPING=1"), "{last:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
