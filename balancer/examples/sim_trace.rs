@@ -2,15 +2,15 @@
 //! second: `cargo run --release --example sim_trace -- bursty`.
 
 use balancer::engine::{Engine, EngineConfig};
-use balancer::host::sim::SimHost;
-use balancer::host::sim::perf::PerfParams;
-use balancer::host::sim::scenario::Scenario;
 use balancer::host::{Applier, Observer};
+use balancer::sim::World;
+use balancer::sim::perf::PerfParams;
+use balancer::sim::scenario::Scenario;
 
 fn main() -> anyhow::Result<()> {
     let name = std::env::args().nth(1).unwrap_or_else(|| "bursty".into());
     let s = Scenario::load(&name)?;
-    let mut host = SimHost::new(s.clone(), PerfParams::default(), true);
+    let mut host = World::new(s.clone(), PerfParams::default(), true);
     let mut e = Engine::new(EngineConfig::default());
     for _ in 0..s.duration_s {
         let snap = host.observe()?;

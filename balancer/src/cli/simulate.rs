@@ -6,11 +6,11 @@
 use anyhow::{Context, bail};
 
 use crate::engine::EngineConfig;
-use crate::host::sim::perf::PerfParams;
-use crate::host::sim::policies::{self, NAMES};
-use crate::host::sim::run::{RunResult, run_all};
-use crate::host::sim::scenario::{BUILTIN, Scenario};
-use crate::host::sim::{bench, calibrate};
+use crate::sim::perf::PerfParams;
+use crate::sim::policies::{self, NAMES};
+use crate::sim::run::{RunResult, run_all};
+use crate::sim::scenario::{BUILTIN, Scenario};
+use crate::sim::{bench, calibrate};
 
 /// Arguments of `vmbalancer simulate`.
 #[derive(Debug, clap::Args)]

@@ -258,6 +258,10 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         &self.actuator
     }
 
+    pub fn actuator_mut(&mut self) -> &mut A {
+        &mut self.actuator
+    }
+
     pub fn policy(&self) -> &P {
         &self.policy
     }
@@ -523,12 +527,17 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         }
     }
 
-    /// Ticks until the shutdown signal, then [`Daemon::finish`]es.
-    pub fn run_blocking(&mut self, notifier: &Notifier) {
-        // After recovery (which finishes moves at once): moves no longer hold the tick.
+    /// Starts ticking, after recovery (which finishes moves at once): from now on
+    /// memory moves no longer hold the tick.
+    pub fn begin(&mut self) {
         if !self.dry_run {
             self.actuator.move_in_background();
         }
+    }
+
+    /// Ticks until the shutdown signal, then [`Daemon::finish`]es.
+    pub fn run_blocking(&mut self, notifier: &Notifier) {
+        self.begin();
         if let Some(nice) = self.loop_nice
             && let Err(e) = crate::host::linux::actuate::sys::set_own_nice(nice)
         {

@@ -2,11 +2,11 @@
 //! (seeded, so failures reproduce) of its invariants.
 
 use super::*;
-use crate::host::sim::rng::Rng;
 use crate::model::{
     GuestCell, HotRegion, HugePagePool, KsmState, MemoryBacking, Pinning, Topology, Vcpu, Vm,
     VmMemory,
 };
+use crate::sim::rng::Rng;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -965,7 +965,7 @@ fn idle_reserved_cpus_do_not_make_a_node_look_free() {
 
 #[test]
 fn decisions_are_deterministic() {
-    let s = crate::host::sim::bench::snapshot(200, 4, 1);
+    let s = crate::sim::bench::snapshot(200, 4, 1);
     let a = Engine::new(EngineConfig::default()).plan(&s);
     let b = Engine::new(EngineConfig::default()).plan(&s);
     assert_eq!(a, b);
