@@ -239,6 +239,9 @@ pub(crate) struct Ctx<'a> {
     pub pending: Vec<usize>,
     /// Bytes promised to each node by this plan.
     pub reserved: Vec<u64>,
+    /// Bytes the host may still move this decision (`host_rate_bytes_per_s` over the
+    /// time since the last decision), shared by guest RAM and process memory.
+    pub host_budget_bytes: u64,
     /// Units acted on in this plan (one action kind per unit per decision).
     pub touched: Vec<bool>,
     pub committed_now: Vec<bool>,
@@ -276,6 +279,7 @@ impl<'a> Ctx<'a> {
             managed: vec![false; n],
             pending: Vec::new(),
             reserved: vec![0; nn],
+            host_budget_bytes: (cfg.host_rate_bytes_per_s as f64 * dt_ns as f64 / 1e9) as u64,
             touched: vec![false; n],
             committed_now: vec![false; n],
             vm_units,
