@@ -145,15 +145,26 @@ impl Policy for NoActions {
     fn feedback(&mut self, _action: &PlannedAction, _outcome: &ActionOutcome) {}
 }
 
+/// Why the configuration leaves a VM alone.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unmanaged {
+    #[error("pinned by the operator ({0})")]
+    Pinned(String),
+    #[error("excluded")]
+    Excluded,
+    #[error("excluded by include_vms/exclude_vms")]
+    NotSelected,
+}
+
 /// Whether the configuration lets the daemon move `vm`, and why not.
-pub fn manage_verdict(cfg: &Config, vm: &Vm) -> Result<(), String> {
+pub fn manage_verdict(cfg: &Config, vm: &Vm) -> Result<(), Unmanaged> {
     if cfg.manages(vm) {
         return Ok(());
     }
     Err(match &vm.pinning {
-        crate::model::Pinning::Operator { why } => format!("pinned by the operator ({why})"),
-        crate::model::Pinning::Excluded => "excluded".into(),
-        crate::model::Pinning::None => "excluded by include_vms/exclude_vms".into(),
+        crate::model::Pinning::Operator { why } => Unmanaged::Pinned(why.clone()),
+        crate::model::Pinning::Excluded => Unmanaged::Excluded,
+        crate::model::Pinning::None => Unmanaged::NotSelected,
     })
 }
 
