@@ -1,7 +1,8 @@
-//! `vmbalancer simulate`: runs vmbalancer's engine and the baseline policies on the
-//! simulated host over committed scenarios, and prints one row per policy. Also
-//! `--calibrate` (fits the performance model on seed 004 and prints held-out
-//! predictions) and `--bench` (times one engine decision at several host sizes).
+//! `vmbalancer simulate`: runs vmbalancer (the daemon's tick with its engine) and the
+//! baseline policies on the simulated world over committed scenarios, and prints one
+//! row per policy. Also `--calibrate` (fits the performance model on seed 004 and
+//! prints held-out predictions) and `--bench` (times one engine decision at several
+//! host sizes).
 
 use anyhow::{Context, bail};
 
