@@ -35,6 +35,13 @@ impl DaemonLoop {
     }
 }
 
+impl DaemonLoop {
+    /// The daemon, once the first tick built it (for its status document).
+    pub fn daemon(&self) -> Option<&Daemon<SimObserver, SimActuator, EnginePolicy>> {
+        self.daemon.as_ref()
+    }
+}
+
 impl Policy for DaemonLoop {
     fn name(&self) -> &'static str {
         "vmbalancer"
