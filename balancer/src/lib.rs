@@ -9,9 +9,11 @@
 //!   no randomness.
 //! - [`host`]: the boundary. An [`host::Observer`] builds snapshots and an
 //!   [`host::Applier`] carries out actions. Behind it sit the real Linux host
-//!   ([`host::linux`]), the simulated host ([`host::sim`]) and the log-only applier
-//!   ([`host::logonly`]) used by `trace` and `--dry-run`, so every mode runs the
-//!   same code path.
+//!   ([`host::linux`]) and the log-only applier ([`host::logonly`]) used by `trace`
+//!   and `--dry-run`.
+//! - [`sim`]: the simulator. A simulated world behind the same traits, in which the
+//!   daemon's own tick runs vmbalancer, compared with baseline policies over
+//!   committed scenarios (`vmbalancer simulate`).
 //! - [`telemetry`]: loads the eBPF programs and drains their maps into the snapshot.
 //! - [`daemon`]: the tick loop, journal, control socket and configuration of
 //!   `vmbalancer run`.
@@ -22,4 +24,5 @@ pub mod daemon;
 pub mod engine;
 pub mod host;
 pub mod model;
+pub mod sim;
 pub mod telemetry;

@@ -14,9 +14,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "vmbalancer", version, about, long_about = None)]
 pub struct Cli {
-    /// Log filter, as in RUST_LOG (e.g. `info`, `balancer::daemon=debug`).
-    #[arg(long, global = true, default_value = "info", env = "VMBALANCER_LOG")]
-    pub log: String,
+    /// Log filter, as in RUST_LOG (e.g. `info`, `balancer::daemon=debug`). Default
+    /// `info`; `warn` for `simulate`, whose daemon would log every simulated action.
+    #[arg(long, global = true, env = "VMBALANCER_LOG")]
+    pub log: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -42,7 +43,12 @@ pub enum Command {
 /// Parses the command line, sets up logging and runs the subcommand.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    let quiet = matches!(cli.command, Command::Simulate(_));
+    init_logging(
+        cli.log
+            .as_deref()
+            .unwrap_or(if quiet { "warn" } else { "info" }),
+    );
     match cli.command {
         Command::Trace(args) => trace::main(args),
         Command::Run(args) => run::main(args),

@@ -41,7 +41,7 @@ pub struct Args {
     #[arg(long = "exclude", short = 'x', value_parser = parse_selector)]
     pub exclude: Vec<VmSelector>,
     /// CPUs never given to VMs, e.g. `0,8-9` (numad -R).
-    #[arg(long, short = 'R', value_parser = parse_cpus)]
+    #[arg(long, short = 'R', value_parser = CpuSet::parse_list)]
     pub reserved_cpus: Option<CpuSet>,
     /// Page migration limit in bytes per second.
     #[arg(long)]
@@ -64,10 +64,19 @@ pub struct Args {
     pub prometheus_listen: Option<String>,
 }
 
+/// A flag value that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgError {
+    #[error("empty VM selector")]
+    EmptySelector,
+    #[error("{0:?}: expected `leave` or `balance`")]
+    PinnedVms(String),
+}
+
 /// A number is a pid, anything else a name pattern.
-pub fn parse_selector(s: &str) -> Result<VmSelector, String> {
+pub fn parse_selector(s: &str) -> Result<VmSelector, ArgError> {
     if s.is_empty() {
-        return Err("empty VM selector".into());
+        return Err(ArgError::EmptySelector);
     }
     Ok(match s.parse::<u32>() {
         Ok(pid) => VmSelector::Pid(pid),
@@ -75,15 +84,11 @@ pub fn parse_selector(s: &str) -> Result<VmSelector, String> {
     })
 }
 
-fn parse_cpus(s: &str) -> Result<CpuSet, String> {
-    CpuSet::parse_list(s).map_err(|e| e.to_string())
-}
-
-fn parse_pinned(s: &str) -> Result<PinnedVms, String> {
+fn parse_pinned(s: &str) -> Result<PinnedVms, ArgError> {
     match s {
         "leave" => Ok(PinnedVms::Leave),
         "balance" => Ok(PinnedVms::Balance),
-        _ => Err(format!("{s:?}: expected `leave` or `balance`")),
+        _ => Err(ArgError::PinnedVms(s.to_owned())),
     }
 }
 

@@ -1,16 +1,17 @@
-//! `vmbalancer simulate`: runs vmbalancer's engine and the baseline policies on the
-//! simulated host over committed scenarios, and prints one row per policy. Also
-//! `--calibrate` (fits the performance model on seed 004 and prints held-out
-//! predictions) and `--bench` (times one engine decision at several host sizes).
+//! `vmbalancer simulate`: runs vmbalancer (the daemon's tick with its engine) and the
+//! baseline policies on the simulated world over committed scenarios, and prints one
+//! row per policy. Also `--calibrate` (fits the performance model on seed 004 and
+//! prints held-out predictions) and `--bench` (times one engine decision at several
+//! host sizes).
 
 use anyhow::{Context, bail};
 
 use crate::engine::EngineConfig;
-use crate::host::sim::perf::PerfParams;
-use crate::host::sim::policies::{self, NAMES};
-use crate::host::sim::run::{RunResult, run_all};
-use crate::host::sim::scenario::{BUILTIN, Scenario};
-use crate::host::sim::{bench, calibrate};
+use crate::sim::perf::PerfParams;
+use crate::sim::policies::{self, NAMES};
+use crate::sim::run::{RunResult, run_all};
+use crate::sim::scenario::{BUILTIN, Scenario};
+use crate::sim::{bench, calibrate};
 
 /// Arguments of `vmbalancer simulate`.
 #[derive(Debug, clap::Args)]

@@ -52,12 +52,21 @@ impl<F: Fn(Request) -> Response + Send + Sync + 'static> Handler for F {
     }
 }
 
+/// Why a peer may not talk to the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("permission denied: uid {0} is not root")]
+    NotRoot(u32),
+    #[error("permission denied: peer credentials unknown")]
+    UnknownPeer,
+}
+
 /// Whether a peer may talk to the daemon: root only.
-pub fn authorize(peer_uid: Option<u32>) -> Result<(), String> {
+pub fn authorize(peer_uid: Option<u32>) -> Result<(), Denied> {
     match peer_uid {
         Some(0) => Ok(()),
-        Some(uid) => Err(format!("permission denied: uid {uid} is not root")),
-        None => Err("permission denied: peer credentials unknown".into()),
+        Some(uid) => Err(Denied::NotRoot(uid)),
+        None => Err(Denied::UnknownPeer),
     }
 }
 
@@ -127,7 +136,8 @@ async fn connection(stream: tokio::net::UnixStream, handler: Arc<dyn Handler>) {
     let (read, mut write) = stream.into_split();
     if let Err(why) = authorize(uid) {
         tracing::info!(?uid, "control connection refused");
-        let _ = write_response(&mut write, &Response::Error { error: why }).await;
+        let error = why.to_string();
+        let _ = write_response(&mut write, &Response::Error { error }).await;
         return;
     }
     let mut lines = tokio::io::BufReader::new(read).lines();
@@ -220,7 +230,13 @@ mod tests {
     #[test]
     fn only_root_is_authorized() {
         assert!(authorize(Some(0)).is_ok());
-        assert!(authorize(Some(1000)).unwrap_err().contains("uid 1000"));
+        assert_eq!(authorize(Some(1000)), Err(Denied::NotRoot(1000)));
+        assert!(
+            authorize(Some(1000))
+                .unwrap_err()
+                .to_string()
+                .contains("uid 1000")
+        );
         assert!(authorize(Some(65534)).is_err());
         assert!(authorize(None).is_err());
     }

@@ -2,7 +2,8 @@
 //!
 //! Why it is split this way: the loop ([`run`]) only sequences observe -> plan ->
 //! journal -> apply -> read back -> feedback; what it talks to sits behind traits, so
-//! the same loop drives the real host, a fake host in tests, and `--dry-run`:
+//! the same loop drives the real host, a fake host in tests, `--dry-run`, and the
+//! simulated world of `vmbalancer simulate` ([`crate::sim`]):
 //! - [`crate::host::Observer`] builds snapshots;
 //! - [`crate::host::Applier`] changes the host; [`Actuator`] adds what the daemon
 //!   needs beyond one action (adoption, restore, counters, progress);

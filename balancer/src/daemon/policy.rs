@@ -43,8 +43,14 @@ pub struct EnginePolicy {
 
 impl EnginePolicy {
     pub fn new(cfg: &Config) -> Self {
+        Self::with_engine_config(cfg, engine_config(cfg))
+    }
+
+    /// With an engine configured apart from the daemon's (the simulator's
+    /// `--engine-config`); `cfg` still chooses which VMs are moved.
+    pub fn with_engine_config(cfg: &Config, engine: EngineConfig) -> Self {
         Self {
-            engine: Engine::new(engine_config(cfg)),
+            engine: Engine::new(engine),
             selection: cfg.clone(),
         }
     }

@@ -145,15 +145,26 @@ impl Policy for NoActions {
     fn feedback(&mut self, _action: &PlannedAction, _outcome: &ActionOutcome) {}
 }
 
+/// Why the configuration leaves a VM alone.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unmanaged {
+    #[error("pinned by the operator ({0})")]
+    Pinned(String),
+    #[error("excluded")]
+    Excluded,
+    #[error("excluded by include_vms/exclude_vms")]
+    NotSelected,
+}
+
 /// Whether the configuration lets the daemon move `vm`, and why not.
-pub fn manage_verdict(cfg: &Config, vm: &Vm) -> Result<(), String> {
+pub fn manage_verdict(cfg: &Config, vm: &Vm) -> Result<(), Unmanaged> {
     if cfg.manages(vm) {
         return Ok(());
     }
     Err(match &vm.pinning {
-        crate::model::Pinning::Operator { why } => format!("pinned by the operator ({why})"),
-        crate::model::Pinning::Excluded => "excluded".into(),
-        crate::model::Pinning::None => "excluded by include_vms/exclude_vms".into(),
+        crate::model::Pinning::Operator { why } => Unmanaged::Pinned(why.clone()),
+        crate::model::Pinning::Excluded => Unmanaged::Excluded,
+        crate::model::Pinning::None => Unmanaged::NotSelected,
     })
 }
 
@@ -256,6 +267,10 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
 
     pub fn actuator(&self) -> &A {
         &self.actuator
+    }
+
+    pub fn actuator_mut(&mut self) -> &mut A {
+        &mut self.actuator
     }
 
     pub fn policy(&self) -> &P {
@@ -553,12 +568,17 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         }
     }
 
-    /// Ticks until the shutdown signal, then [`Daemon::finish`]es.
-    pub fn run_blocking(&mut self, notifier: &Notifier) {
-        // After recovery (which finishes moves at once): moves no longer hold the tick.
+    /// Starts ticking, after recovery (which finishes moves at once): from now on
+    /// memory moves no longer hold the tick.
+    pub fn begin(&mut self) {
         if !self.dry_run {
             self.actuator.move_in_background();
         }
+    }
+
+    /// Ticks until the shutdown signal, then [`Daemon::finish`]es.
+    pub fn run_blocking(&mut self, notifier: &Notifier) {
+        self.begin();
         if let Some(nice) = self.loop_nice
             && let Err(e) = crate::host::linux::actuate::sys::set_own_nice(nice)
         {

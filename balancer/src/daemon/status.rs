@@ -148,7 +148,7 @@ impl StatusDoc {
 /// it and why not.
 pub fn vm_statuses(
     snapshot: &Snapshot,
-    managed: impl Fn(&crate::model::Vm) -> Result<(), String>,
+    managed: impl Fn(&crate::model::Vm) -> Result<(), super::run::Unmanaged>,
 ) -> Vec<VmStatus> {
     let topo = &snapshot.topology;
     snapshot
@@ -181,7 +181,7 @@ pub fn vm_statuses(
                 pid: vm.pid,
                 name: vm.name.clone(),
                 managed: verdict.is_ok(),
-                unmanaged_why: verdict.err(),
+                unmanaged_why: verdict.err().map(|why| why.to_string()),
                 home_nodes,
                 cpus,
                 memory_bytes_per_node,
@@ -367,7 +367,7 @@ mod tests {
             },
             ..Default::default()
         });
-        let vms = vm_statuses(&snap, |_| Err("excluded".into()));
+        let vms = vm_statuses(&snap, |_| Err(crate::daemon::run::Unmanaged::Excluded));
         assert_eq!(vms[0].home_nodes.to_string(), "1");
         assert_eq!(vms[0].locality_pct, Some(75.0));
         assert!(!vms[0].managed);

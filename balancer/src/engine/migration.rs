@@ -19,7 +19,6 @@ use super::{Ctx, Phase};
 impl Ctx<'_> {
     pub(super) fn migrate(&mut self) {
         let secs = self.dt_ns as f64 / 1e9;
-        let mut host_budget = (self.cfg.host_rate_bytes_per_s as f64 * secs) as u64;
         // Background migrations still running: assume they drain at the hot rate and
         // plan nothing new for those VMs meanwhile.
         let drain = (self.cfg.hot_rate_bytes_per_s as f64 * secs) as u64;
@@ -72,7 +71,7 @@ impl Ctx<'_> {
                 .then(self.units[a.2].key.cmp(&self.units[b.2].key))
         });
         for (_, loc, u) in todo {
-            if host_budget == 0 {
+            if self.host_budget_bytes == 0 {
                 break;
             }
             let home = self.home[u];
@@ -92,12 +91,10 @@ impl Ctx<'_> {
             let mut unit_budget = None;
             let mut planned = 0u64;
             for src in sources {
-                if host_budget == 0 || planned >= to_target.max(1) {
+                if self.host_budget_bytes == 0 || planned >= to_target.max(1) {
                     break;
                 }
-                if let Some(b) =
-                    self.plan_move(u, src, loc, secs, &mut unit_budget, &mut host_budget)
-                {
+                if let Some(b) = self.plan_move(u, src, loc, secs, &mut unit_budget) {
                     planned += b;
                 }
             }
@@ -117,7 +114,6 @@ impl Ctx<'_> {
         loc: f64,
         secs: f64,
         unit_budget: &mut Option<u64>,
-        host_budget: &mut u64,
     ) -> Option<u64> {
         let home = self.home[u];
         let unit = &self.units[u];
@@ -134,7 +130,9 @@ impl Ctx<'_> {
             self.cfg.hot_rate_bytes_per_s
         };
         let budget = *unit_budget.get_or_insert((rate as f64 * secs) as u64);
-        let mut max_bytes = budget.min(unit.bytes_per_node[src]).min(*host_budget);
+        let mut max_bytes = budget
+            .min(unit.bytes_per_node[src])
+            .min(self.host_budget_bytes);
         let room = self.room_on(u, dst);
         if room == 0 {
             if let Err(why) = self.memory_fits(u, dst, 1) {
@@ -147,7 +145,7 @@ impl Ctx<'_> {
         if max_bytes == 0 {
             return None;
         }
-        *host_budget -= max_bytes;
+        self.host_budget_bytes -= max_bytes;
         *unit_budget = Some(budget - max_bytes);
         let recurring = self.take_recurring_reason(u, self.node_id(dst));
         let reason = if let Some(r) = recurring {

@@ -222,6 +222,21 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     (ctx.plan, ctx.state)
 }
 
+/// How unequal the nodes' load ratios (CPU demand over capacity) are; nodes
+/// without capacity are left out.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Imbalance {
+    /// Busiest minus idlest ratio, as a share of the mean ratio (at least 0.05), in
+    /// percent.
+    pub spread_pct: f64,
+    /// Node index with the highest ratio.
+    pub busiest: usize,
+    /// Node index with the lowest ratio.
+    pub idlest: usize,
+    /// The busiest node's ratio (1.0 = demand equals capacity).
+    pub busiest_ratio: f64,
+}
+
 /// Working data of one decision.
 pub(crate) struct Ctx<'a> {
     pub cfg: &'a EngineConfig,
@@ -239,6 +254,9 @@ pub(crate) struct Ctx<'a> {
     pub pending: Vec<usize>,
     /// Bytes promised to each node by this plan.
     pub reserved: Vec<u64>,
+    /// Bytes the host may still move this decision (`host_rate_bytes_per_s` over the
+    /// time since the last decision), shared by guest RAM and process memory.
+    pub host_budget_bytes: u64,
     /// Units acted on in this plan (one action kind per unit per decision).
     pub touched: Vec<bool>,
     pub committed_now: Vec<bool>,
@@ -276,6 +294,7 @@ impl<'a> Ctx<'a> {
             managed: vec![false; n],
             pending: Vec::new(),
             reserved: vec![0; nn],
+            host_budget_bytes: (cfg.host_rate_bytes_per_s as f64 * dt_ns as f64 / 1e9) as u64,
             touched: vec![false; n],
             committed_now: vec![false; n],
             vm_units,
@@ -326,13 +345,7 @@ impl<'a> Ctx<'a> {
 
     /// Adds (`sign = 1`) or removes (`-1`) a unit's demand spread over `mask`.
     pub fn add_load(&mut self, mask: u64, demand: f64, sign: f64) {
-        let cap: f64 = mask_nodes(mask).map(|i| self.nodes[i].cap).sum();
-        if cap <= 0.0 {
-            return;
-        }
-        for i in mask_nodes(mask) {
-            self.load[i] += sign * demand * self.nodes[i].cap / cap;
-        }
+        view::spread(&self.nodes, &mut self.load, mask, demand, sign);
     }
 
     /// `sum(load^2/cap)`: lowest when load ratios are equal.
@@ -344,33 +357,38 @@ impl<'a> Ctx<'a> {
             .sum()
     }
 
-    /// Spread of load ratios as a share of the mean ratio, in percent, with the busiest
-    /// and idlest node indices and the busiest ratio.
-    pub fn imbalance(&self, load: &[f64]) -> (f64, usize, usize, f64) {
-        let (mut hi, mut lo) = (usize::MAX, usize::MAX);
-        let (mut rhi, mut rlo) = (f64::MIN, f64::MAX);
-        let (mut tl, mut tc) = (0.0, 0.0);
+    /// How unequal the nodes' load ratios are under `load`.
+    pub fn imbalance(&self, load: &[f64]) -> Imbalance {
+        let mut found: Option<Imbalance> = None;
+        let (mut idlest_ratio, mut total_load, mut total_cap) = (f64::MAX, 0.0, 0.0);
         for (i, n) in self.nodes.iter().enumerate() {
             if n.cap <= 0.0 {
                 continue;
             }
             let r = load[i] / n.cap;
-            tl += load[i];
-            tc += n.cap;
-            if r > rhi {
-                rhi = r;
-                hi = i;
+            total_load += load[i];
+            total_cap += n.cap;
+            let f = found.get_or_insert(Imbalance {
+                spread_pct: 0.0,
+                busiest: i,
+                idlest: i,
+                busiest_ratio: r,
+            });
+            if r > f.busiest_ratio {
+                f.busiest_ratio = r;
+                f.busiest = i;
             }
-            if r < rlo {
-                rlo = r;
-                lo = i;
+            if r < idlest_ratio {
+                idlest_ratio = r;
+                f.idlest = i;
             }
         }
-        if hi == usize::MAX {
-            return (0.0, 0, 0, 0.0);
-        }
-        let mean = (tl / tc).max(0.05);
-        ((rhi - rlo) / mean * 100.0, hi, lo, rhi)
+        let Some(mut f) = found else {
+            return Imbalance::default();
+        };
+        let mean = (total_load / total_cap).max(0.05);
+        f.spread_pct = (f.busiest_ratio - idlest_ratio) / mean * 100.0;
+        f
     }
 
     pub fn refuse(&mut self, vm: Option<u32>, why: RefusalReason) {

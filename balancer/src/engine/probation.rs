@@ -11,6 +11,7 @@
 
 use crate::model::Reason;
 
+use super::view::spread;
 use super::{Ctx, Phase};
 
 impl Ctx<'_> {
@@ -59,10 +60,10 @@ impl Ctx<'_> {
             let mut trial = base.clone();
             spread(&self.nodes, &mut trial, home_mask, dj, -1.0);
             spread(&self.nodes, &mut trial, from_mask, dj, 1.0);
-            let (imb, _, _, busiest) = self.imbalance(&trial);
+            let trial_imbalance = self.imbalance(&trial);
             let need_gone = from_mask != 0
-                && (imb <= self.cfg.imbalance_threshold_pct
-                    || busiest * 100.0 < self.cfg.busy_floor_pct
+                && (trial_imbalance.spread_pct <= self.cfg.imbalance_threshold_pct
+                    || trial_imbalance.busiest_ratio * 100.0 < self.cfg.busy_floor_pct
                     || self.cost_of(&trial) <= self.cost_of(&base) + 1e-9);
             let mut commit_blocked = None;
             if !need_gone {
@@ -123,16 +124,5 @@ fn note_late_demand(state: &mut super::EngineState, key: super::UnitKey, d: f64)
     {
         *late_demand_sum += d;
         *late_samples += 1;
-    }
-}
-
-/// Adds `sign * d` spread over the nodes of `mask` in proportion to capacity.
-pub(super) fn spread(nodes: &[super::NodeView], load: &mut [f64], mask: u64, d: f64, sign: f64) {
-    let cap: f64 = super::view::mask_nodes(mask).map(|i| nodes[i].cap).sum();
-    if cap <= 0.0 {
-        return;
-    }
-    for i in super::view::mask_nodes(mask) {
-        load[i] += sign * d * nodes[i].cap / cap;
     }
 }

@@ -11,7 +11,7 @@
 //! guest RAM has reached the locality target and no move of it is running, each
 //! remote node holding at least [`MIN_REMOTE_BYTES`] of the process's own memory
 //! gets one `MigrateProcessMemory` to the home node, at the cold rate, within the
-//! room above the headroom. Shared program and library pages are not the process's
+//! room above the headroom and what guest RAM left of the host-wide budget. Shared program and library pages are not the process's
 //! own (they are page cache of every process mapping them) and are never moved.
 //!
 //! Pages that do not move (pinned, or faulted back by a thread running elsewhere)
@@ -85,11 +85,12 @@ impl Ctx<'_> {
             for (src, bytes) in sources {
                 // Own memory is small pages even for a huge-page VM: plain free memory.
                 let room = self.small_page_room_on(home);
-                let max_bytes = bytes.min(budget).min(room);
+                let max_bytes = bytes.min(budget).min(room).min(self.host_budget_bytes);
                 if max_bytes == 0 {
                     break;
                 }
                 budget -= max_bytes;
+                self.host_budget_bytes -= max_bytes;
                 let (from, to) = (self.node_id(src), self.node_id(home));
                 self.push_memory_move(
                     u,

@@ -4,8 +4,8 @@
 
 use crate::model::{Reason, RefusalReason};
 
-use super::probation::spread;
-use super::{Ctx, Phase};
+use super::view::spread;
+use super::{Ctx, Imbalance, Phase};
 
 /// A unit that may move now.
 #[derive(Clone, Copy)]
@@ -74,8 +74,14 @@ impl Ctx<'_> {
     pub(super) fn rebalance(&mut self) {
         let load_before = self.load.clone();
         for _ in 0..self.cfg.max_moves_per_tick {
-            let (imb, hi, lo, busiest) = self.imbalance(&self.load);
-            if imb <= self.cfg.imbalance_threshold_pct || busiest * 100.0 < self.cfg.busy_floor_pct
+            let Imbalance {
+                spread_pct: imb,
+                busiest: hi,
+                idlest: lo,
+                busiest_ratio,
+            } = self.imbalance(&self.load);
+            if imb <= self.cfg.imbalance_threshold_pct
+                || busiest_ratio * 100.0 < self.cfg.busy_floor_pct
             {
                 return;
             }

@@ -108,7 +108,7 @@ impl Ctx<'_> {
         for u in 0..self.units.len() {
             if self.home[u] != 0 {
                 let d = self.peak_demand(u);
-                super::probation::spread(&self.nodes, &mut load, self.home[u], d, 1.0);
+                super::view::spread(&self.nodes, &mut load, self.home[u], d, 1.0);
             }
         }
         load

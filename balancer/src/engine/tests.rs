@@ -2,11 +2,11 @@
 //! (seeded, so failures reproduce) of its invariants.
 
 use super::*;
-use crate::host::sim::rng::Rng;
 use crate::model::{
     GuestCell, HotRegion, HugePagePool, KsmState, MemoryBacking, Pinning, Topology, Vcpu, Vm,
     VmMemory,
 };
+use crate::sim::rng::Rng;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -76,6 +76,21 @@ fn migrations(plan: &Plan) -> Vec<(u32, NodeId, NodeId, u64, usize)> {
                 regions,
             } => Some((a.vm, *from, *to, *max_bytes, regions.len())),
             _ => None,
+        })
+        .collect()
+}
+
+/// Every page move of a plan, guest RAM and the process's own memory alike:
+/// (vm, to, bytes, whether it is process memory).
+fn page_moves(plan: &Plan) -> Vec<(u32, NodeId, u64, bool)> {
+    plan.actions
+        .iter()
+        .filter_map(|a| match &a.action {
+            Action::MigrateMemory { to, max_bytes, .. } => Some((a.vm, *to, *max_bytes, false)),
+            Action::MigrateProcessMemory { to, max_bytes, .. } => {
+                Some((a.vm, *to, *max_bytes, true))
+            }
+            Action::SetCpus { .. } => None,
         })
         .collect()
 }
@@ -963,12 +978,82 @@ fn idle_reserved_cpus_do_not_make_a_node_look_free() {
     }
 }
 
+/// Two engines fed the same long run (3000 decisions on a host whose demand
+/// wanders, CPU and memory moves applied, outcomes fed back) plan the same actions
+/// at every decision and end in the same state. Each engine builds its own hash
+/// maps (own random seeds), so an order leaking from one would show here.
 #[test]
-fn decisions_are_deterministic() {
-    let s = crate::host::sim::bench::snapshot(200, 4, 1);
+fn decisions_are_deterministic_over_a_long_run() {
+    let run = || {
+        let mut rng = Rng::new(7);
+        let (t, mut vms) = random_host(&mut rng);
+        let mut e = Engine::new(EngineConfig::default());
+        let mut plans = Vec::new();
+        for s in 0..3000u64 {
+            for v in &mut vms {
+                if rng.below(20) == 0 {
+                    let d = rng.f64();
+                    v.vcpus.iter_mut().for_each(|c| c.cpu_demand = d);
+                }
+            }
+            let plan = e.plan(&snap(s, t.clone(), vms.clone()));
+            for a in &plan.actions {
+                let moved_bytes = apply_memory(&mut vms, a);
+                e.record_outcome(a, &ActionOutcome::Done { moved_bytes });
+            }
+            apply_cpus(&mut vms, &plan);
+            plans.push(plan);
+        }
+        (plans, e.state().clone())
+    };
+    let (a, state_a) = run();
+    let (b, state_b) = run();
+    let acting = a.iter().filter(|p| !p.actions.is_empty()).count();
+    assert!(acting >= 10, "only {acting} decisions acted");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x, y, "decision {i}");
+    }
+    assert_eq!(state_a, state_b);
+    // A large host gives the same first plan too.
+    let s = crate::sim::bench::snapshot(200, 4, 1);
     let a = Engine::new(EngineConfig::default()).plan(&s);
     let b = Engine::new(EngineConfig::default()).plan(&s);
     assert_eq!(a, b);
+}
+
+/// Moves a guest-RAM or process-memory move's bytes in the VMs (a stand-in host);
+/// returns the bytes moved.
+fn apply_memory(vms: &mut [Vm], a: &PlannedAction) -> u64 {
+    let (from, to, max_bytes, own) = match &a.action {
+        Action::MigrateMemory {
+            from,
+            to,
+            max_bytes,
+            ..
+        } => (*from, *to, *max_bytes, false),
+        Action::MigrateProcessMemory {
+            from,
+            to,
+            max_bytes,
+        } => (*from, *to, *max_bytes, true),
+        Action::SetCpus { .. } => return 0,
+    };
+    let Some(vm) = vms.iter_mut().find(|v| v.pid == a.vm) else {
+        return 0;
+    };
+    let per_node = if own {
+        &mut vm.memory.own_overhead_bytes_per_node
+    } else {
+        &mut vm.memory.bytes_per_node
+    };
+    let (from, to) = (from as usize, to as usize);
+    if from >= per_node.len() || to >= per_node.len() {
+        return 0;
+    }
+    let moved = per_node[from].min(max_bytes);
+    per_node[from] -= moved;
+    per_node[to] += moved;
+    moved
 }
 
 // ---- Properties over random hosts (seeded) ----
@@ -987,9 +1072,17 @@ fn random_host(rng: &mut Rng) -> (Topology, Vec<Vm>) {
                 0 => None,
                 _ => Some(rng.below(nodes as usize) as u32),
             };
-            let bytes: Vec<u64> = (0..nodes)
+            let mut bytes: Vec<u64> = (0..nodes)
                 .map(|_| (rng.f64() * 3.0 * GIB as f64) as u64)
                 .collect();
+            // Some confined VMs have all guest RAM home already.
+            if let Some(n) = node
+                && rng.below(3) == 0
+            {
+                let total = bytes.iter().sum();
+                bytes.iter_mut().for_each(|b| *b = 0);
+                bytes[n as usize] = total;
+            }
             let mut v = vm(
                 i as u32 + 1,
                 1 + rng.below(8) as u32,
@@ -1012,6 +1105,11 @@ fn random_host(rng: &mut Rng) -> (Topology, Vec<Vm>) {
             if rng.below(10) == 0 {
                 v.pinning = Pinning::Operator { why: "test".into() };
             }
+            // Half the VMs have some of their process's own memory on each node.
+            if rng.below(2) == 0 {
+                v.memory.own_overhead_bytes_per_node =
+                    (0..nodes).map(|_| rng.below(64) as u64 * MIB).collect();
+            }
             let picks: Vec<(u32, f64)> = (0..nodes)
                 .map(|n| (n, rng.f64()))
                 .filter(|(_, h)| *h < 0.5)
@@ -1033,6 +1131,7 @@ fn random_host(rng: &mut Rng) -> (Topology, Vec<Vm>) {
 
 #[test]
 fn property_invariants_hold_on_random_hosts() {
+    let mut process_moves = 0;
     for seed in 0..60 {
         let mut rng = Rng::new(seed);
         let (t, mut vms) = random_host(&mut rng);
@@ -1079,10 +1178,12 @@ fn property_invariants_hold_on_random_hosts() {
                     }
                 }
             }
-            // 2. Memory never planned onto a node without room above the headroom.
+            // 2. Memory (guest RAM and the process's own) never planned onto a node
+            //    without room above the headroom.
             let mut to_node = vec![0u64; t.nodes.len()];
-            for (_, _, to, b, _) in migrations(&plan) {
+            for (_, to, b, process) in page_moves(&plan) {
                 to_node[to as usize] += b;
+                process_moves += usize::from(process);
             }
             for (i, n) in t.nodes.iter().enumerate() {
                 if to_node[i] > 0 {
@@ -1094,13 +1195,13 @@ fn property_invariants_hold_on_random_hosts() {
                     );
                 }
             }
-            // 3. Budgets: host total and per VM rate.
+            // 3. Budgets: host total (every page move) and per VM rate.
             let total: u64 = to_node.iter().sum();
             assert!(
                 total <= cfg.host_rate_bytes_per_s,
                 "seed {seed}: host budget"
             );
-            for (_, _, _, b, _) in migrations(&plan) {
+            for (_, _, b, _) in page_moves(&plan) {
                 assert!(b <= cfg.hot_rate_bytes_per_s, "seed {seed}: vm rate");
             }
             // 4. Pinned VMs get no actions.
@@ -1129,6 +1230,7 @@ fn property_invariants_hold_on_random_hosts() {
             apply_cpus(&mut vms, &plan);
         }
     }
+    assert!(process_moves > 0, "no process-memory move was ever planned");
 }
 
 #[test]

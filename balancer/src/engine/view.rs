@@ -181,3 +181,15 @@ fn sane(d: f64) -> f64 {
 pub fn mask_nodes(mask: u64) -> impl Iterator<Item = usize> {
     (0..64).filter(move |i| mask & (1 << i) != 0)
 }
+
+/// Adds `sign * demand` to `load`, spread over the nodes of `mask` in proportion to
+/// their capacity (a unit wider than a node loads each of its nodes by its share).
+pub fn spread(nodes: &[NodeView], load: &mut [f64], mask: u64, demand: f64, sign: f64) {
+    let cap: f64 = mask_nodes(mask).map(|i| nodes[i].cap).sum();
+    if cap <= 0.0 {
+        return;
+    }
+    for i in mask_nodes(mask) {
+        load[i] += sign * demand * nodes[i].cap / cap;
+    }
+}

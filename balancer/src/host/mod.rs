@@ -6,12 +6,13 @@
 //! behind these traits differ:
 //!
 //! - [`linux`]: procfs, sysfs, cgroups, sched_setaffinity, move_pages;
-//! - [`sim`]: a simulated host with a scheduler and a NUMA performance model;
-//! - [`logonly`]: applies nothing and logs what would have been done.
+//! - [`logonly`]: applies nothing and logs what would have been done;
+//! - the simulated world ([`crate::sim`]), with a scheduler and a NUMA performance
+//!   model, implements them in its own module: it is a world to run the daemon in,
+//!   not a host.
 
 pub mod linux;
 pub mod logonly;
-pub mod sim;
 
 use crate::model::{ActionOutcome, PlannedAction, Snapshot, VmId};
 

@@ -23,6 +23,27 @@ struct Type {
     members: Vec<(String, u32, u32)>,
 }
 
+/// Why a BTF blob could not be read, or a member not found in it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BtfError {
+    #[error("bad BTF magic (only little-endian BTF is supported)")]
+    BadMagic,
+    #[error("BTF sections extend past the end of the data")]
+    SectionsPastEnd,
+    #[error("BTF truncated at byte {at}")]
+    Truncated { at: usize },
+    #[error("string offset {offset} out of range")]
+    StringOutOfRange { offset: u32 },
+    #[error("unknown BTF kind {kind} at byte {at}")]
+    UnknownKind { kind: u32, at: usize },
+    #[error("no struct {name} in BTF")]
+    NoStruct { name: String },
+    #[error("struct {name} has no member {field}")]
+    NoMember { name: String, field: String },
+    #[error("{name}.{field} is a bitfield")]
+    Bitfield { name: String, field: String },
+}
+
 /// The types of a BTF blob, indexed by type id (id 0 is `void`).
 pub struct Btf {
     types: Vec<Option<Type>>,
@@ -35,16 +56,16 @@ impl Btf {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        Self::parse(&bytes).map_err(|reason| TelemetryError::NoBtf {
+        Self::parse(&bytes).map_err(|e| TelemetryError::NoBtf {
             path: path.to_owned(),
-            reason,
+            reason: e.to_string(),
         })
     }
 
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, BtfError> {
         let r = Reader(bytes);
         if r.u16(0)? != BTF_MAGIC {
-            return Err("bad BTF magic (only little-endian BTF is supported)".into());
+            return Err(BtfError::BadMagic);
         }
         let hdr_len = r.u32(4)? as usize;
         let type_off = r.u32(8)? as usize;
@@ -56,13 +77,13 @@ impl Btf {
         let strs_start = hdr_len + str_off;
         let strs_end = strs_start + str_len;
         if types_end > bytes.len() || strs_end > bytes.len() {
-            return Err("BTF sections extend past the end of the data".into());
+            return Err(BtfError::SectionsPastEnd);
         }
         let strings = &bytes[strs_start..strs_end];
-        let name = |off: u32| -> Result<String, String> {
+        let name = |offset: u32| -> Result<String, BtfError> {
             let s = strings
-                .get(off as usize..)
-                .ok_or_else(|| format!("string offset {off} out of range"))?;
+                .get(offset as usize..)
+                .ok_or(BtfError::StringOutOfRange { offset })?;
             let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
             Ok(String::from_utf8_lossy(&s[..end]).into_owned())
         };
@@ -82,7 +103,7 @@ impl Btf {
                 6 | 13 => 8 * vlen,        // ENUM, FUNC_PROTO
                 15 | 19 => 12 * vlen,      // DATASEC, ENUM64
                 2 | 7..=12 | 16 | 18 => 0, // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
-                k => return Err(format!("unknown BTF kind {k} at byte {pos}")),
+                kind => return Err(BtfError::UnknownKind { kind, at: pos }),
             };
             let mut members = Vec::new();
             if kind == KIND_STRUCT || kind == KIND_UNION {
@@ -107,18 +128,26 @@ impl Btf {
 
     /// Byte offset of `field` in `struct name`, looking through anonymous struct and
     /// union members as C does.
-    pub fn member_offset(&self, name: &str, field: &str) -> Result<u32, String> {
+    pub fn member_offset(&self, name: &str, field: &str) -> Result<u32, BtfError> {
         let st = self
             .types
             .iter()
             .flatten()
             .find(|t| t.kind == KIND_STRUCT && t.name == name && !t.members.is_empty())
-            .ok_or_else(|| format!("no struct {name} in BTF"))?;
+            .ok_or_else(|| BtfError::NoStruct {
+                name: name.to_owned(),
+            })?;
         let bits = self
             .find_member(st, field, 0)
-            .ok_or_else(|| format!("struct {name} has no member {field}"))?;
+            .ok_or_else(|| BtfError::NoMember {
+                name: name.to_owned(),
+                field: field.to_owned(),
+            })?;
         if bits % 8 != 0 {
-            return Err(format!("{name}.{field} is a bitfield"));
+            return Err(BtfError::Bitfield {
+                name: name.to_owned(),
+                field: field.to_owned(),
+            });
         }
         Ok(bits / 8)
     }
@@ -147,18 +176,18 @@ impl Btf {
 struct Reader<'a>(&'a [u8]);
 
 impl Reader<'_> {
-    fn u16(&self, at: usize) -> Result<u16, String> {
+    fn u16(&self, at: usize) -> Result<u16, BtfError> {
         self.0
             .get(at..at + 2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
-            .ok_or_else(|| format!("BTF truncated at byte {at}"))
+            .ok_or(BtfError::Truncated { at })
     }
 
-    fn u32(&self, at: usize) -> Result<u32, String> {
+    fn u32(&self, at: usize) -> Result<u32, BtfError> {
         self.0
             .get(at..at + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(|| format!("BTF truncated at byte {at}"))
+            .ok_or(BtfError::Truncated { at })
     }
 }
 

@@ -29,7 +29,10 @@ pub enum TelemetryError {
         path: PathBuf,
     },
     #[error("cannot parse tracepoint format {path}: {reason}")]
-    BadFormat { path: PathBuf, reason: String },
+    BadFormat {
+        path: PathBuf,
+        reason: super::tracefs::FormatError,
+    },
     #[error("cannot read CPU to NUMA node table under {path}: {reason}")]
     Topology { path: PathBuf, reason: String },
     #[error("the kernel rejected eBPF program {program}: {reason}")]

@@ -72,14 +72,31 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
+/// Why an optional tracepoint's layout is unknown on this kernel.
+#[derive(Debug, thiserror::Error)]
+enum LayoutError {
+    #[error(transparent)]
+    Format(#[from] super::tracefs::FormatError),
+    #[error(transparent)]
+    Btf(#[from] super::btf::BtfError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error("no fields")]
+    NoFields,
+    #[error("first argument is `{c_type} {name}`, expected `unsigned long address`")]
+    NotAnAddress { c_type: String, name: String },
+    #[error("the kvm module is not loaded")]
+    NoKvm,
+}
+
 /// Layouts of every tracepoint, each available or not (with the reason).
 struct Layouts {
     migrate: SchedMigrateLayout,
-    switch: Result<SchedSwitchLayout, String>,
-    page_fault_user: Result<FaultAddressLayout, String>,
-    kvm_page_fault: Result<FaultAddressLayout, String>,
-    move_numa: Result<NumaMoveLayout, String>,
-    swap_numa: Result<NumaMoveLayout, String>,
+    switch: Result<SchedSwitchLayout, LayoutError>,
+    page_fault_user: Result<FaultAddressLayout, LayoutError>,
+    kvm_page_fault: Result<FaultAddressLayout, LayoutError>,
+    move_numa: Result<NumaMoveLayout, LayoutError>,
+    swap_numa: Result<NumaMoveLayout, LayoutError>,
 }
 
 impl Layouts {
@@ -89,7 +106,7 @@ impl Layouts {
         sys_root: &Path,
     ) -> Result<Self, TelemetryError> {
         let migrate = tracefs.format("sched", "sched_migrate_task")?;
-        let migrate = (|| -> Result<_, String> {
+        let migrate = (|| -> Result<_, super::tracefs::FormatError> {
             Ok(SchedMigrateLayout {
                 pid_offset: migrate.offset_of("pid", 4)?,
                 orig_cpu_offset: migrate.offset_of("orig_cpu", 4)?,
@@ -101,15 +118,16 @@ impl Layouts {
             path: tracefs.format_path("sched", "sched_migrate_task"),
             reason,
         })?;
-        let optional = |sys: &str, event: &str| -> Result<TracepointFormat, String> {
-            tracefs.format(sys, event).map_err(|e| e.to_string())
+        let optional = |sys: &str, event: &str| -> Result<TracepointFormat, LayoutError> {
+            Ok(tracefs.format(sys, event)?)
         };
         let switch = btf
             .member_offset("task_struct", "pid")
             .map(|task_pid_offset| SchedSwitchLayout {
                 task_pid_offset,
                 valid: 1,
-            });
+            })
+            .map_err(LayoutError::from);
         // Read as a raw tracepoint: the address is the first TP_PROTO argument,
         // which the format file shows as the first field after the common ones.
         let page_fault_user = optional("exceptions", "page_fault_user").and_then(|f| {
@@ -117,12 +135,12 @@ impl Layouts {
                 .fields
                 .iter()
                 .find(|x| !x.name.starts_with("common_"))
-                .ok_or("no fields")?;
+                .ok_or(LayoutError::NoFields)?;
             if first.name != "address" || first.size_bytes != 8 {
-                return Err(format!(
-                    "first argument is `{} {}`, expected `unsigned long address`",
-                    first.c_type, first.name
-                ));
+                return Err(LayoutError::NotAnAddress {
+                    c_type: first.c_type.clone(),
+                    name: first.name.clone(),
+                });
             }
             Ok(FaultAddressLayout {
                 address_offset: first.offset_bytes,
@@ -139,7 +157,7 @@ impl Layouts {
                 })
             })
         } else {
-            Err("the kvm module is not loaded".to_owned())
+            Err(LayoutError::NoKvm)
         };
         let move_numa = optional("sched", "sched_move_numa").and_then(|f| {
             Ok(NumaMoveLayout {
@@ -299,28 +317,27 @@ fn attach_all(
     layouts: &Layouts,
     sys_root: &Path,
 ) -> Result<Vec<(Feature, FeatureState)>, TelemetryError> {
-    fn state(r: Result<(), String>) -> FeatureState {
-        match r {
-            Ok(()) => FeatureState::Active,
-            Err(reason) => FeatureState::Unavailable(reason),
+    // A layout that is unknown makes the feature unavailable for that reason; else
+    // attaching decides.
+    fn state<T>(
+        layout: &Result<T, LayoutError>,
+        attach: impl FnOnce() -> Result<(), TelemetryError>,
+    ) -> FeatureState {
+        match layout.as_ref().map(|_| attach()) {
+            Ok(Ok(())) => FeatureState::Active,
+            Ok(Err(e)) => FeatureState::Unavailable(e.to_string()),
+            Err(e) => FeatureState::Unavailable(e.to_string()),
         }
     }
-    let tracepoint =
-        |ebpf: &mut Ebpf, layout: Result<(), String>, sys: &str, event: &str| {
-            state(layout.and_then(|()| {
-                attach_tracepoint(ebpf, event, sys, event).map_err(|e| e.to_string())
-            }))
-        };
-    let raw = |ebpf: &mut Ebpf, layout: Result<(), String>, name: &str| {
-        state(layout.and_then(|()| attach_raw_tracepoint(ebpf, name).map_err(|e| e.to_string())))
-    };
 
     // Required: without it there is no telemetry worth running.
     attach_tracepoint(ebpf, "sched_migrate_task", "sched", "sched_migrate_task")?;
     let mut features = vec![(Feature::Migrations, FeatureState::Active)];
     features.push((
         Feature::OnCpuTime,
-        raw(ebpf, ok(&layouts.switch), "sched_switch"),
+        state(&layouts.switch, || {
+            attach_raw_tracepoint(ebpf, "sched_switch")
+        }),
     ));
     features.push((
         Feature::NumaHintingFaults,
@@ -328,14 +345,22 @@ fn attach_all(
     ));
     features.push((
         Feature::UserPageFaults,
-        raw(ebpf, ok(&layouts.page_fault_user), "page_fault_user"),
+        state(&layouts.page_fault_user, || {
+            attach_raw_tracepoint(ebpf, "page_fault_user")
+        }),
     ));
     features.push((
         Feature::KvmPageFaults,
-        tracepoint(ebpf, ok(&layouts.kvm_page_fault), "kvm", "kvm_page_fault"),
+        state(&layouts.kvm_page_fault, || {
+            attach_tracepoint(ebpf, "kvm_page_fault", "kvm", "kvm_page_fault")
+        }),
     ));
-    let moves = tracepoint(ebpf, ok(&layouts.move_numa), "sched", "sched_move_numa");
-    let swaps = tracepoint(ebpf, ok(&layouts.swap_numa), "sched", "sched_swap_numa");
+    let moves = state(&layouts.move_numa, || {
+        attach_tracepoint(ebpf, "sched_move_numa", "sched", "sched_move_numa")
+    });
+    let swaps = state(&layouts.swap_numa, || {
+        attach_tracepoint(ebpf, "sched_swap_numa", "sched", "sched_swap_numa")
+    });
     let numa_moves = match (moves, swaps) {
         (FeatureState::Active, FeatureState::Active) => FeatureState::Active,
         (FeatureState::Unavailable(r), _) | (_, FeatureState::Unavailable(r)) => {
@@ -366,10 +391,6 @@ fn attach_numa_fault(ebpf: &mut Ebpf, btf: &Btf, sys_root: &Path) -> FeatureStat
             FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
         }
     }
-}
-
-fn ok<T>(r: &Result<T, String>) -> Result<(), String> {
-    r.as_ref().map(|_| ()).map_err(Clone::clone)
 }
 
 fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<(), TelemetryError> {

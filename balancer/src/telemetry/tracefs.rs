@@ -32,9 +32,42 @@ pub struct TracepointFormat {
     pub fields: Vec<Field>,
 }
 
+/// Why a tracepoint `format` file could not be read, or lacks a field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("bad ID line {line:?}")]
+    BadId { line: String },
+    #[error("no `field:` lines")]
+    NoFields,
+    #[error("no `name:` line")]
+    NoName,
+    #[error("no `ID:` line")]
+    NoId,
+    #[error("bad field part {part:?} in {line:?}")]
+    BadPart { part: String, line: String },
+    #[error("bad number {value:?} in {line:?}")]
+    BadNumber { value: String, line: String },
+    #[error("no declaration in {line:?}")]
+    NoDeclaration { line: String },
+    #[error("cannot split type and name in {decl:?}")]
+    NoTypeName { decl: String },
+    #[error("no offset in {line:?}")]
+    NoOffset { line: String },
+    #[error("no size in {line:?}")]
+    NoSize { line: String },
+    #[error("no field `{name}`")]
+    NoField { name: String },
+    #[error("field `{name}` has {found} bytes, expected {expected}")]
+    FieldSize {
+        name: String,
+        found: u32,
+        expected: u32,
+    },
+}
+
 impl TracepointFormat {
     /// Parses the text of a `format` file.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, FormatError> {
         let mut name = None;
         let mut id = None;
         let mut fields = Vec::new();
@@ -46,18 +79,18 @@ impl TracepointFormat {
                 id = Some(
                     i.trim()
                         .parse()
-                        .map_err(|_| format!("bad ID line {line:?}"))?,
+                        .map_err(|_| FormatError::BadId { line: line.into() })?,
                 );
             } else if line.starts_with("field:") {
                 fields.push(parse_field(line)?);
             }
         }
         if fields.is_empty() {
-            return Err("no `field:` lines".into());
+            return Err(FormatError::NoFields);
         }
         Ok(Self {
-            name: name.ok_or("no `name:` line")?,
-            id: id.ok_or("no `ID:` line")?,
+            name: name.ok_or(FormatError::NoName)?,
+            id: id.ok_or(FormatError::NoId)?,
             fields,
         })
     }
@@ -67,35 +100,38 @@ impl TracepointFormat {
     }
 
     /// Offset of a field that must exist and have `size_bytes` bytes.
-    pub fn offset_of(&self, name: &str, size_bytes: u32) -> Result<u32, String> {
-        let f = self
-            .field(name)
-            .ok_or_else(|| format!("no field `{name}`"))?;
+    pub fn offset_of(&self, name: &str, size_bytes: u32) -> Result<u32, FormatError> {
+        let f = self.field(name).ok_or_else(|| FormatError::NoField {
+            name: name.to_owned(),
+        })?;
         if f.size_bytes != size_bytes {
-            return Err(format!(
-                "field `{name}` has {} bytes, expected {size_bytes}",
-                f.size_bytes
-            ));
+            return Err(FormatError::FieldSize {
+                name: name.to_owned(),
+                found: f.size_bytes,
+                expected: size_bytes,
+            });
         }
         Ok(f.offset_bytes)
     }
 }
 
 /// `field:int orig_cpu;\toffset:20;\tsize:4;\tsigned:1;`
-fn parse_field(line: &str) -> Result<Field, String> {
+fn parse_field(line: &str) -> Result<Field, FormatError> {
     let mut decl = None;
     let mut offset = None;
     let mut size = None;
     let mut signed = None;
     for part in line.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-        let (key, value) = part
-            .split_once(':')
-            .ok_or_else(|| format!("bad field part {part:?} in {line:?}"))?;
+        let (key, value) = part.split_once(':').ok_or_else(|| FormatError::BadPart {
+            part: part.into(),
+            line: line.into(),
+        })?;
         let value = value.trim();
         let num = || {
-            value
-                .parse::<u32>()
-                .map_err(|_| format!("bad number {value:?} in {line:?}"))
+            value.parse::<u32>().map_err(|_| FormatError::BadNumber {
+                value: value.into(),
+                line: line.into(),
+            })
         };
         match key.trim() {
             "field" => decl = Some(value.to_owned()),
@@ -105,7 +141,7 @@ fn parse_field(line: &str) -> Result<Field, String> {
             _ => {}
         }
     }
-    let decl = decl.ok_or_else(|| format!("no declaration in {line:?}"))?;
+    let decl = decl.ok_or_else(|| FormatError::NoDeclaration { line: line.into() })?;
     // The name is the last identifier, before any array suffix: `char comm[16]`.
     let without_array = match decl.find('[') {
         Some(i) if !decl.starts_with("__data_loc") || decl.rfind(' ') < Some(i) => &decl[..i],
@@ -114,13 +150,13 @@ fn parse_field(line: &str) -> Result<Field, String> {
     let (c_type, name) = without_array
         .trim()
         .rsplit_once(' ')
-        .ok_or_else(|| format!("cannot split type and name in {decl:?}"))?;
+        .ok_or_else(|| FormatError::NoTypeName { decl: decl.clone() })?;
     let array = &decl[without_array.len()..];
     Ok(Field {
         c_type: format!("{}{}", c_type.trim(), array),
         name: name.trim_start_matches('*').to_owned(),
-        offset_bytes: offset.ok_or_else(|| format!("no offset in {line:?}"))?,
-        size_bytes: size.ok_or_else(|| format!("no size in {line:?}"))?,
+        offset_bytes: offset.ok_or_else(|| FormatError::NoOffset { line: line.into() })?,
+        size_bytes: size.ok_or_else(|| FormatError::NoSize { line: line.into() })?,
         signed: signed.unwrap_or(false),
     })
 }
@@ -278,8 +314,26 @@ print fmt: \"comm=%s pid=%d prio=%d orig_cpu=%d dest_cpu=%d\", REC->comm, REC->p
     #[test]
     fn wrong_size_and_missing_field_are_errors() {
         let f = TracepointFormat::parse(MIGRATE_6_1).unwrap();
-        assert!(f.offset_of("comm", 4).unwrap_err().contains("16 bytes"));
-        assert!(f.offset_of("nope", 4).unwrap_err().contains("no field"));
+        assert_eq!(
+            f.offset_of("comm", 4),
+            Err(FormatError::FieldSize {
+                name: "comm".into(),
+                found: 16,
+                expected: 4
+            })
+        );
+        assert!(
+            f.offset_of("comm", 4)
+                .unwrap_err()
+                .to_string()
+                .contains("16 bytes")
+        );
+        assert!(
+            f.offset_of("nope", 4)
+                .unwrap_err()
+                .to_string()
+                .contains("no field")
+        );
     }
 
     #[test]

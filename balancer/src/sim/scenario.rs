@@ -147,33 +147,30 @@ pub struct Burst {
 
 /// The committed scenarios, compiled in.
 pub const BUILTIN: &[(&str, &str)] = &[
-    (
-        "seed-40vm",
-        include_str!("../../../scenarios/seed-40vm.toml"),
-    ),
+    ("seed-40vm", include_str!("../../scenarios/seed-40vm.toml")),
     (
         "seed-20vm-squeezed",
-        include_str!("../../../scenarios/seed-20vm-squeezed.toml"),
+        include_str!("../../scenarios/seed-20vm-squeezed.toml"),
     ),
-    ("bursty", include_str!("../../../scenarios/bursty.toml")),
+    ("bursty", include_str!("../../scenarios/bursty.toml")),
     (
         "burst-once",
-        include_str!("../../../scenarios/burst-once.toml"),
+        include_str!("../../scenarios/burst-once.toml"),
     ),
     (
         "bursty-long",
-        include_str!("../../../scenarios/bursty-long.toml"),
+        include_str!("../../scenarios/bursty-long.toml"),
     ),
     (
         "memory-heavy",
-        include_str!("../../../scenarios/memory-heavy.toml"),
+        include_str!("../../scenarios/memory-heavy.toml"),
     ),
-    ("big-vm", include_str!("../../../scenarios/big-vm.toml")),
+    ("big-vm", include_str!("../../scenarios/big-vm.toml")),
     (
         "overcommit",
-        include_str!("../../../scenarios/overcommit.toml"),
+        include_str!("../../scenarios/overcommit.toml"),
     ),
-    ("arrivals", include_str!("../../../scenarios/arrivals.toml")),
+    ("arrivals", include_str!("../../scenarios/arrivals.toml")),
 ];
 
 /// Why a scenario could not be loaded.

@@ -13,7 +13,7 @@
 
 use serde::Serialize;
 
-use super::SimHost;
+use super::World;
 use super::perf::PerfParams;
 use super::policies::{Manual, NoBalancer, Policy, Vmbalanced};
 use super::run::run;
@@ -42,7 +42,7 @@ pub struct Calibration {
 }
 
 fn largest_share_none(s: &Scenario, p: &PerfParams) -> f64 {
-    let mut host = SimHost::new(s.clone(), p.clone(), false);
+    let mut host = World::new(s.clone(), p.clone(), false);
     for _ in 0..s.duration_s {
         let _ = host.observe();
         host.step();

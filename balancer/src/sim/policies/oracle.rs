@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use crate::model::{Action, PlannedAction, Reason, Snapshot};
 
 use super::super::scenario::Scenario;
-use super::{Policy, SimHost};
+use super::{Baseline, World};
 use crate::host::Applier;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -200,12 +200,12 @@ impl Oracle {
     }
 }
 
-impl Policy for Oracle {
+impl Baseline for Oracle {
     fn name(&self) -> &'static str {
         "oracle"
     }
 
-    fn tick(&mut self, host: &mut SimHost, snap: &Snapshot) -> Vec<PlannedAction> {
+    fn tick(&mut self, host: &mut World, snap: &Snapshot) -> Vec<PlannedAction> {
         let mut out = Vec::new();
         for vm in &snap.vms {
             let Some(i) = host.vm_index(vm.pid) else {

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use crate::model::{PlannedAction, Reason, Snapshot};
 
 use super::super::rng::Rng;
-use super::{Policy, SimHost, cpuset_move};
+use super::{Baseline, World, cpuset_move};
 
 const MARGIN: f64 = 4.0;
 
@@ -32,12 +32,12 @@ impl Vmbalanced {
     }
 }
 
-impl Policy for Vmbalanced {
+impl Baseline for Vmbalanced {
     fn name(&self) -> &'static str {
         "vmbalanced"
     }
 
-    fn tick(&mut self, host: &mut SimHost, snap: &Snapshot) -> Vec<PlannedAction> {
+    fn tick(&mut self, host: &mut World, snap: &Snapshot) -> Vec<PlannedAction> {
         let t = (snap.now_ns / 1_000_000_000) as u32;
         if t < self.next_check_s {
             return Vec::new();

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use crate::model::{Action, PlannedAction, Reason, Snapshot};
 
-use super::{Policy, SimHost, migrate_all};
+use super::{Baseline, World, migrate_all};
 use crate::host::Applier;
 
 const MIN_RSS_BYTES: u64 = 300 * 1000 * 1000;
@@ -28,12 +28,12 @@ pub struct Numad {
     last_seen: BTreeMap<u32, u32>,
 }
 
-impl Policy for Numad {
+impl Baseline for Numad {
     fn name(&self) -> &'static str {
         "numad"
     }
 
-    fn tick(&mut self, host: &mut SimHost, snap: &Snapshot) -> Vec<PlannedAction> {
+    fn tick(&mut self, host: &mut World, snap: &Snapshot) -> Vec<PlannedAction> {
         let t = (snap.now_ns / 1_000_000_000) as u32;
         if t < self.next_s {
             return Vec::new();

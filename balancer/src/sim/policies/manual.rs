@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use crate::model::{PlannedAction, Reason, Snapshot};
 
-use super::{Policy, SimHost, cpuset_move};
+use super::{Baseline, World, cpuset_move};
 
 /// Manual binding.
 #[derive(Default)]
@@ -14,12 +14,12 @@ pub struct Manual {
     bound: BTreeSet<u32>,
 }
 
-impl Policy for Manual {
+impl Baseline for Manual {
     fn name(&self) -> &'static str {
         "manual"
     }
 
-    fn tick(&mut self, host: &mut SimHost, snap: &Snapshot) -> Vec<PlannedAction> {
+    fn tick(&mut self, host: &mut World, snap: &Snapshot) -> Vec<PlannedAction> {
         let mut out = Vec::new();
         for vm in &snap.vms {
             if !self.bound.insert(vm.pid) {

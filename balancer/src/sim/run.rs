@@ -1,13 +1,15 @@
 //! Runs a policy over a scenario on the simulated host and summarises the run.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use serde::Serialize;
 
-use crate::host::Observer;
 use crate::model::{Action, Reason};
 
-use super::SimHost;
+use super::World;
 use super::perf::PerfParams;
-use super::policies::Policy;
+use super::policies::{Policy, SharedWorld};
 use super::scenario::Scenario;
 
 /// Summary of one policy on one scenario.
@@ -36,18 +38,14 @@ pub struct RunResult {
 
 /// Runs `policy` on `scenario` with model `params`.
 pub fn run(scenario: &Scenario, params: &PerfParams, policy: &mut dyn Policy) -> RunResult {
-    let mut host = SimHost::new(
+    let world: SharedWorld = Rc::new(RefCell::new(World::new(
         scenario.clone(),
         params.clone(),
         policy.keeps_initial_binding(),
-    );
+    )));
     let (mut moves, mut reverts) = (0u64, 0u64);
     for _ in 0..scenario.duration_s {
-        let snap = match host.observe() {
-            Ok(s) => s,
-            Err(never) => match never {},
-        };
-        for a in policy.tick(&mut host, &snap) {
+        for a in policy.tick(&world) {
             if let Action::SetCpus { .. } = a.action {
                 match a.reason {
                     Reason::CpuImbalance { .. }
@@ -58,12 +56,12 @@ pub fn run(scenario: &Scenario, params: &PerfParams, policy: &mut dyn Policy) ->
                 }
             }
         }
-        host.step();
+        world.borrow_mut().step();
     }
-    summarise(scenario, policy.name(), &host, moves, reverts)
+    summarise(scenario, policy.name(), &world.borrow(), moves, reverts)
 }
 
-fn summarise(s: &Scenario, policy: &str, host: &SimHost, moves: u64, reverts: u64) -> RunResult {
+fn summarise(s: &Scenario, policy: &str, host: &World, moves: u64, reverts: u64) -> RunResult {
     let tp = &host.series.throughput_mb_s;
     let n = tp.len().max(1) as f64;
     let mean = tp.iter().sum::<f64>() / n;
@@ -118,7 +116,7 @@ pub fn run_all(
 mod tests {
     use super::*;
     use crate::engine::EngineConfig;
-    use crate::host::sim::policies::{self, NAMES};
+    use crate::sim::policies::{self, NAMES};
 
     fn results(name: &str) -> Vec<RunResult> {
         let s = Scenario::load(name).unwrap();

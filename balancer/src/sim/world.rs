@@ -1,7 +1,7 @@
-//! The simulated host: topology, VMs with CPU demand over time, a scheduler model and a
-//! NUMA performance model, behind the same [`Observer`](super::Observer) and
-//! [`Applier`](super::Applier) traits as the real host, so `vmbalancer simulate` runs
-//! exactly the daemon's `observe -> engine -> apply` loop.
+//! The simulated world: topology, VMs with CPU demand over time, a scheduler model
+//! and a NUMA performance model. It advances one simulated second per [`World::step`];
+//! nothing in it reads a clock or sleeps, and the same scenario and seed give the
+//! same run.
 //!
 //! # What is modelled, per simulated second
 //! 1. **Arrivals and departures** of VMs (scenario times).
@@ -19,38 +19,22 @@
 //! 5. **First touch.** A guest touches new memory at its fault rate until its working
 //!    set is resident; pages land on the nodes where its vCPUs ran (or the nearest
 //!    allowed node with room).
-//! 6. **Performance** ([`perf`]): throughput from CPU received and the
+//! 6. **Performance** ([`super::perf`]): throughput from CPU received and the
 //!    distance-weighted remote share of accesses.
 //!
-//! All randomness comes from one seeded [`rng::Rng`]: the same scenario and seed give
-//! the same run.
+//! All randomness comes from one seeded [`Rng`].
 
-pub mod bench;
-pub mod calibrate;
-pub mod perf;
-pub mod policies;
-pub mod rng;
-pub mod run;
-pub mod scenario;
+use crate::model::{ActionOutcome, CpuSet};
 
-use std::convert::Infallible;
+use super::perf::{PerfParams, distance_weight};
+use super::rng::Rng;
+use super::scenario::{self, Scenario};
 
-use crate::model::{
-    Action, ActionOutcome, CpuSet, GuestCell, HostSettings, HotRegion, HugePagePool, KsmState,
-    MemoryBacking, Node, NodeMemory, Pinning, PlannedAction, Snapshot, Topology, Vcpu, Vm,
-    VmMemory,
-};
-
-use super::{Applier, Observer};
-use perf::{PerfParams, distance_weight};
-use rng::Rng;
-use scenario::Scenario;
-
-const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
-const HUGE_2M: u64 = 2 << 20;
+pub(super) const GIB: f64 = (1u64 << 30) as f64;
+pub(super) const MIB: f64 = (1u64 << 20) as f64;
+pub(super) const HUGE_2M: u64 = 2 << 20;
 /// Guest address space of each VM starts here; cells follow each other.
-const GUEST_BASE: u64 = 0x7f00_0000_0000;
+pub(super) const GUEST_BASE: u64 = 0x7f00_0000_0000;
 
 /// One vCPU thread.
 #[derive(Clone, Debug)]
@@ -76,7 +60,7 @@ impl SimCell {
     fn resident(&self) -> f64 {
         self.hot.iter().sum::<f64>() + self.cold.iter().sum::<f64>()
     }
-    fn on(&self, n: usize) -> f64 {
+    pub(super) fn on(&self, n: usize) -> f64 {
         self.hot[n] + self.cold[n]
     }
 }
@@ -99,13 +83,19 @@ pub struct SimVm {
 }
 
 #[derive(Clone, Debug)]
-struct MigJob {
-    vm: usize,
-    cell: Option<usize>,
-    from: usize,
-    to: usize,
-    remaining: f64,
-    hot_first: bool,
+/// A page migration queued by `MigrateMemory`, running at the migration bandwidth.
+pub(super) struct MigJob {
+    pub(super) vm: usize,
+    pub(super) cell: Option<usize>,
+    pub(super) from: usize,
+    pub(super) to: usize,
+    pub(super) remaining: f64,
+    pub(super) hot_first: bool,
+    /// Bytes moved so far.
+    pub(super) moved: f64,
+    /// Whether its end is reported ([`World::ended_moves`]): the daemon's applier
+    /// answered `Started` for it.
+    pub(super) reported: bool,
 }
 
 /// Per-second measurements of a run.
@@ -119,7 +109,7 @@ pub struct Series {
 }
 
 /// The simulated host.
-pub struct SimHost {
+pub struct World {
     pub scenario: Scenario,
     pub params: PerfParams,
     rng: Rng,
@@ -131,12 +121,17 @@ pub struct SimHost {
     pub mem_total: Vec<f64>,
     pub dist: Vec<Vec<u32>>,
     pub vms: Vec<SimVm>,
-    jobs: Vec<MigJob>,
+    pub(super) jobs: Vec<MigJob>,
     mig_budget_used: Vec<f64>,
+    /// Memory moves run in the background, as the daemon's Linux applier runs them:
+    /// `MigrateMemory` answers `Started` and the outcome comes when the job ends.
+    pub(super) background_moves: bool,
+    /// Background moves that ended and were not yet collected: pid, outcome.
+    ended: Vec<(u32, ActionOutcome)>,
     pub series: Series,
 }
 
-impl SimHost {
+impl World {
     /// Builds the host at t = 0. `keep_initial_binding`: VMs marked
     /// `bound_initially` start confined to their initial node (every policy but
     /// "none", which runs without cpusets).
@@ -236,13 +231,15 @@ impl SimHost {
             vms,
             jobs: Vec::new(),
             mig_budget_used: Vec::new(),
+            background_moves: false,
+            ended: Vec::new(),
             series: Series::default(),
         };
         host.arrivals();
         host
     }
 
-    fn group(&self, vm: usize) -> &scenario::VmGroup {
+    pub(super) fn group(&self, vm: usize) -> &scenario::VmGroup {
         &self.scenario.vms[self.vms[vm].group]
     }
 
@@ -258,7 +255,7 @@ impl SimHost {
         (self.mem_total[n] - used).max(0.0)
     }
 
-    fn hugetlb_used(&self, n: usize) -> f64 {
+    pub(super) fn hugetlb_used(&self, n: usize) -> f64 {
         self.vms
             .iter()
             .enumerate()
@@ -268,7 +265,7 @@ impl SimHost {
             .sum()
     }
 
-    fn node_load(&self) -> Vec<f64> {
+    pub(super) fn node_load(&self) -> Vec<f64> {
         let mut load = vec![0.0; self.nn];
         for vm in self.vms.iter().filter(|v| v.alive) {
             for v in &vm.vcpus {
@@ -319,7 +316,13 @@ impl SimHost {
                     c.hot.iter_mut().for_each(|b| *b = 0.0);
                     c.cold.iter_mut().for_each(|b| *b = 0.0);
                 }
-                self.jobs.retain(|j| j.vm != i);
+                let (gone, kept): (Vec<MigJob>, Vec<MigJob>) = std::mem::take(&mut self.jobs)
+                    .into_iter()
+                    .partition(|j| j.vm == i);
+                self.jobs = kept;
+                for j in gone {
+                    self.end_job(&j, ActionOutcome::VmGone);
+                }
             }
         }
     }
@@ -483,18 +486,19 @@ impl SimHost {
         self.mig_budget_used = vec![0.0; self.vms.len()];
         let bw = self.params.migrate_bytes_per_s;
         let mut free: Vec<f64> = (0..self.nn).map(|n| self.free_bytes(n)).collect();
-        let hot_share = self.params.hot_mem_share;
         let jobs = std::mem::take(&mut self.jobs);
         let mut left = Vec::new();
         for mut job in jobs {
-            let budget = bw - self.mig_budget_used[job.vm];
-            if budget <= 0.0 || !self.vms[job.vm].alive {
-                if self.vms[job.vm].alive {
-                    left.push(job);
-                }
+            if !self.vms[job.vm].alive {
+                self.end_job(&job, ActionOutcome::VmGone);
                 continue;
             }
-            let mut want = job.remaining.min(budget).min(free[job.to]);
+            let budget = bw - self.mig_budget_used[job.vm];
+            if budget <= 0.0 {
+                left.push(job);
+                continue;
+            }
+            let want = job.remaining.min(budget).min(free[job.to]);
             let mut moved = 0.0;
             let ncells = self.vms[job.vm].cells.len();
             let cells: Vec<usize> = match job.cell {
@@ -506,6 +510,7 @@ impl SimHost {
                 .map(|&c| self.vms[job.vm].cells[c].on(job.from))
                 .sum();
             if total_from <= 0.0 {
+                self.end_job(&job, job_outcome(&job));
                 continue;
             }
             for &ci in &cells {
@@ -528,13 +533,11 @@ impl SimHost {
                 c.cold[job.from] -= k;
                 c.cold[job.to] += k;
                 moved += h + k;
-                let _ = hot_share;
             }
-            want -= moved;
-            let _ = want;
             free[job.to] -= moved;
             free[job.from] += moved;
             job.remaining -= moved;
+            job.moved += moved;
             self.mig_budget_used[job.vm] += moved;
             self.series.migrated_bytes += moved;
             cpu[job.to] += moved / GIB * self.params.migrate_cpu_s_per_gib;
@@ -544,10 +547,25 @@ impl SimHost {
                 .sum();
             if job.remaining > 1.0 && from_left > 1.0 && moved > 0.0 {
                 left.push(job);
+            } else {
+                self.end_job(&job, job_outcome(&job));
             }
         }
         self.jobs = left;
         cpu
+    }
+
+    /// Records the end of a job whose outcome the daemon's applier owes.
+    fn end_job(&mut self, job: &MigJob, outcome: ActionOutcome) {
+        if job.reported {
+            self.ended.push((self.vms[job.vm].pid, outcome));
+        }
+    }
+
+    /// Outcomes of background moves that ended since the last call, in the order
+    /// they ended (per VM, the order they were queued in).
+    pub fn ended_moves(&mut self) -> Vec<(u32, ActionOutcome)> {
+        std::mem::take(&mut self.ended)
     }
 
     fn first_touch(&mut self) {
@@ -690,6 +708,22 @@ impl SimHost {
     }
 }
 
+/// What a background move that ended reports: done when nothing it was asked to
+/// move is left, else how far it got (the target filled up or the source drained).
+fn job_outcome(job: &MigJob) -> ActionOutcome {
+    if job.remaining <= 1.0 {
+        ActionOutcome::Done {
+            moved_bytes: job.moved as u64,
+        }
+    } else {
+        ActionOutcome::Partial {
+            moved_bytes: job.moved as u64,
+            left_bytes: job.remaining as u64,
+            why: "stopped early: the source drained or the target is full".into(),
+        }
+    }
+}
+
 /// Mask of nodes `0..nn`.
 pub fn all_nodes(nn: usize) -> u64 {
     if nn >= 64 { u64::MAX } else { (1u64 << nn) - 1 }
@@ -700,296 +734,15 @@ pub fn node_cpus(n: usize, cpn: u32) -> CpuSet {
     (n as u32 * cpn..(n as u32 + 1) * cpn).collect()
 }
 
-impl Observer for SimHost {
-    type Error = Infallible;
-
-    fn observe(&mut self) -> Result<Snapshot, Infallible> {
-        let nn = self.nn;
-        let h = &self.scenario.host;
-        let nodes = (0..nn)
-            .map(|n| {
-                let cpus = node_cpus(n, self.cpn);
-                let used_huge = self.hugetlb_used(n);
-                let hugepages = if h.hugepages_2m_per_node > 0 {
-                    let used = (used_huge / HUGE_2M as f64).ceil() as u64;
-                    vec![HugePagePool {
-                        page_size_bytes: HUGE_2M,
-                        total_pages: h.hugepages_2m_per_node,
-                        free_pages: h.hugepages_2m_per_node.saturating_sub(used),
-                    }]
-                } else {
-                    Vec::new()
-                };
-                // Huge page pools are reserved out of the node's memory.
-                let pool = (h.hugepages_2m_per_node * HUGE_2M) as f64;
-                let free = (self.free_bytes(n) + used_huge - pool).max(0.0);
-                Node {
-                    id: n as u32,
-                    smt_siblings: cpus.iter().map(|c| std::iter::once(c).collect()).collect(),
-                    cpus,
-                    memory: NodeMemory {
-                        total_bytes: self.mem_total[n] as u64,
-                        free_bytes: free as u64,
-                        file_bytes: 0,
-                        hugepages,
-                    },
-                    // The simulated host does not model idle time per node.
-                    idle_cpus: None,
-                }
-            })
-            .collect();
-        let topology = Topology {
-            nodes,
-            distance: self.dist.clone(),
-        };
-        let mut vms = Vec::new();
-        for (i, vm) in self.vms.iter().enumerate() {
-            if !vm.alive {
-                continue;
-            }
-            let g = self.group(i);
-            let ncells = vm.cells.len();
-            let cell_span = (g.mem_gib * GIB) as u64 / ncells as u64;
-            let base = GUEST_BASE + i as u64 * (1u64 << 40);
-            let vcpus: Vec<Vcpu> = vm
-                .vcpus
-                .iter()
-                .enumerate()
-                .map(|(j, v)| Vcpu {
-                    index: j as u32,
-                    tid: vm.pid * 1000 + j as u32 + 1,
-                    affinity: v.cpus.clone(),
-                    last_cpu: Some(v.node as u32 * self.cpn + (j as u32 % self.cpn)),
-                    cpu_demand: v.demand,
-                    telemetry: Default::default(),
-                })
-                .collect();
-            let bytes_per_node = (0..nn)
-                .map(|n| vm.cells.iter().map(|c| c.on(n)).sum::<f64>() as u64)
-                .collect();
-            let mut hot_regions = Vec::new();
-            for (ci, c) in vm.cells.iter().enumerate() {
-                let cbase = base + ci as u64 * cell_span;
-                for n in 0..nn {
-                    if c.hot[n] >= MIB {
-                        hot_regions.push(HotRegion {
-                            start_addr: cbase + n as u64 * (cell_span / nn as u64),
-                            len_bytes: c.hot[n] as u64,
-                            node: n as u32,
-                            heat: c.hot[n] / MIB,
-                        });
-                    }
-                }
-            }
-            let cells = if ncells > 1 {
-                vm.cells
-                    .iter()
-                    .enumerate()
-                    .map(|(ci, c)| GuestCell {
-                        id: ci as u32,
-                        vcpus: vm
-                            .vcpus
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, v)| v.cell == ci)
-                            .map(|(j, _)| j as u32)
-                            .collect(),
-                        memory_bytes: c.mem_bytes as u64,
-                        host_nodes: None,
-                        bytes_per_node: (0..nn).map(|n| c.on(n) as u64).collect(),
-                        addr_range: Some((base + ci as u64 * cell_span, cell_span)),
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let ksm_shared_pages = match g.ksm_group {
-                Some(kg) => self
-                    .vms
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, o)| {
-                        *j != i && o.alive && self.scenario.vms[o.group].ksm_group == Some(kg)
-                    })
-                    .map(|(_, o)| (o.pid, g.ksm_shared_mib * 256))
-                    .collect(),
-                None => Vec::new(),
-            };
-            let threads_cpu_demand: f64 = vcpus.iter().map(|v| v.cpu_demand).sum();
-            vms.push(Vm {
-                pid: vm.pid,
-                name: vm.name.clone(),
-                vcpus,
-                other_threads: Vec::new(),
-                memory: VmMemory {
-                    bytes_per_node,
-                    backing: if g.hugepages {
-                        MemoryBacking::HugeTlb {
-                            page_size_bytes: HUGE_2M,
-                        }
-                    } else {
-                        MemoryBacking::Anonymous
-                    },
-                    configured_bytes: (g.mem_gib * GIB) as u64,
-                    measured_at_ns: self.t as u64 * 1_000_000_000,
-                    ..Default::default()
-                },
-                cells,
-                pinning: if g.operator_pinned {
-                    Pinning::Operator {
-                        why: "vcpupin in the domain XML".into(),
-                    }
-                } else {
-                    Pinning::None
-                },
-                hot_regions,
-                cgroup: Some(format!("machine.slice/{}", vm.name)),
-                mems_allowed: (0..nn as u32)
-                    .filter(|n| vm.mems_allowed & (1 << n) != 0)
-                    .collect(),
-                ksm_shared_pages,
-                threads_cpu_demand,
-                kernel_numa_moves: 0,
-            });
-        }
-        let any_ksm = self.scenario.vms.iter().any(|g| g.ksm_group.is_some());
-        Ok(Snapshot {
-            now_ns: self.t as u64 * 1_000_000_000,
-            topology,
-            vms,
-            settings: HostSettings {
-                numa_balancing: false,
-                ksm: KsmState {
-                    running: h.ksm_running || any_ksm,
-                    merge_across_nodes: h.ksm_merge_across_nodes,
-                    pages_sharing: 0,
-                },
-            },
-        })
-    }
-}
-
-impl Applier for SimHost {
-    fn apply(&mut self, _snapshot: &Snapshot, action: &PlannedAction) -> ActionOutcome {
-        let Some(i) = self.vm_index(action.vm) else {
-            return ActionOutcome::VmGone;
-        };
-        if !self.vms[i].alive {
-            return ActionOutcome::VmGone;
-        }
-        if self.group(i).operator_pinned {
-            return ActionOutcome::Refused {
-                why: "VM is pinned by the operator".into(),
-            };
-        }
-        match &action.action {
-            // Simulated VMs have no process memory besides guest RAM (their snapshots
-            // report none, so the engine never plans this here).
-            Action::MigrateProcessMemory { .. } => ActionOutcome::Refused {
-                why: "the simulator models no process memory outside guest RAM".into(),
-            },
-            Action::SetCpus { vcpus, cpus } => {
-                let mut mask = 0u64;
-                for c in cpus.iter() {
-                    let n = (c / self.cpn) as usize;
-                    if n < self.nn {
-                        mask |= 1 << n;
-                    }
-                }
-                if mask == 0 {
-                    return ActionOutcome::Refused {
-                        why: "empty CPU set".into(),
-                    };
-                }
-                for (j, v) in self.vms[i].vcpus.iter_mut().enumerate() {
-                    if vcpus.as_ref().is_none_or(|l| l.contains(&(j as u32))) {
-                        v.cpus = cpus.clone();
-                        v.allowed = mask;
-                    }
-                }
-                // The scheduler honours a new affinity at once.
-                let load = self.node_load();
-                for v in self.vms[i].vcpus.iter_mut() {
-                    if v.allowed & (1 << v.node) == 0 {
-                        v.node = (0..self.nn)
-                            .filter(|n| mask & (1 << n) != 0)
-                            .min_by(|&a, &b| {
-                                (load[a] / self.cap[a]).total_cmp(&(load[b] / self.cap[b]))
-                            })
-                            .unwrap_or(v.node);
-                    }
-                }
-                ActionOutcome::Done { moved_bytes: 0 }
-            }
-            Action::MigrateMemory {
-                from,
-                to,
-                regions,
-                max_bytes,
-            } => {
-                let (from, to) = (*from as usize, *to as usize);
-                if from >= self.nn || to >= self.nn || from == to {
-                    return ActionOutcome::Refused {
-                        why: "bad nodes".into(),
-                    };
-                }
-                let ncells = self.vms[i].cells.len();
-                let cell = if ncells > 1 {
-                    let g = self.group(i);
-                    let span = (g.mem_gib * GIB) as u64 / ncells as u64;
-                    let base = GUEST_BASE + i as u64 * (1u64 << 40);
-                    regions
-                        .first()
-                        .map(|(a, _)| ((a.saturating_sub(base)) / span.max(1)) as usize)
-                        .filter(|&c| c < ncells)
-                } else {
-                    None
-                };
-                let avail: f64 = self.vms[i]
-                    .cells
-                    .iter()
-                    .enumerate()
-                    .filter(|(ci, _)| cell.is_none_or(|c| c == *ci))
-                    .map(|(_, c)| c.on(from))
-                    .sum();
-                let bytes = (*max_bytes as f64).min(avail);
-                // As the real applier does with cpuset.mems: the target becomes allowed.
-                self.vms[i].mems_allowed |= 1 << to;
-                if bytes <= 0.0 {
-                    return ActionOutcome::Done { moved_bytes: 0 };
-                }
-                self.jobs.push(MigJob {
-                    vm: i,
-                    cell,
-                    from,
-                    to,
-                    remaining: bytes,
-                    hot_first: !regions.is_empty(),
-                });
-                let now = bytes.min(self.params.migrate_bytes_per_s);
-                if now >= bytes {
-                    ActionOutcome::Done {
-                        moved_bytes: bytes as u64,
-                    }
-                } else {
-                    ActionOutcome::Partial {
-                        moved_bytes: now as u64,
-                        left_bytes: (bytes - now) as u64,
-                        why: "continues in the background at the migration bandwidth".into(),
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::{Applier, Observer};
+    use crate::model::{Action, PlannedAction};
 
     /// Runs `secs` seconds; `bind` confines VM i to node i % nodes first.
-    fn run_for(s: &Scenario, keep: bool, secs: u32, bind: bool) -> SimHost {
-        let mut host = SimHost::new(s.clone(), PerfParams::default(), keep);
+    fn run_for(s: &Scenario, keep: bool, secs: u32, bind: bool) -> World {
+        let mut host = World::new(s.clone(), PerfParams::default(), keep);
         if bind {
             let nn = host.nn;
             for (i, vm) in host.vms.iter_mut().enumerate() {
@@ -1041,7 +794,7 @@ mod tests {
     #[test]
     fn migration_moves_hot_pages_first_at_the_bandwidth() {
         let s = Scenario::load("seed-20vm-squeezed").unwrap();
-        let mut host = SimHost::new(s, PerfParams::default(), true);
+        let mut host = World::new(s, PerfParams::default(), true);
         let snap = host.observe().unwrap();
         let vm = &snap.vms[0];
         let from = vm

@@ -1,27 +1,35 @@
-//! Policies the simulator compares. Each sees the host only through snapshots and
-//! acts through [`Applier::apply`](crate::host::Applier::apply) like the daemon does;
-//! the baselines that bind memory (cpuset.mems, numactl) also call
-//! [`SimHost::set_mems`]. Baselines are faithful models of the systems named in the
-//! project notes, not vmbalancer's engine.
+//! The contenders the simulator compares. vmbalancer ([`DaemonLoop`]) is the daemon
+//! itself: its tick observes, plans, guards, applies and learns through the
+//! simulated observer and actuator. The baselines ([`Baseline`]) are faithful models
+//! of the systems named in the project notes, not vmbalancer's engine: each sees the
+//! world only through snapshots and acts through
+//! [`Applier::apply`](crate::host::Applier::apply); those that bind memory
+//! (cpuset.mems, numactl) also call [`World::set_mems`].
 
-mod engine;
+mod daemon_loop;
 mod manual;
 mod numad;
 mod oracle;
 mod vmbalanced;
 
-pub use engine::EnginePolicy;
+pub use daemon_loop::DaemonLoop;
 pub use manual::Manual;
 pub use numad::Numad;
 pub use oracle::Oracle;
 pub use vmbalanced::Vmbalanced;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use crate::host::{Applier, Observer};
 use crate::model::{Action, ActionOutcome, NodeId, PlannedAction, Reason, Snapshot};
 
-use super::SimHost;
-use crate::host::Applier;
+use super::World;
 
-/// A policy driving the simulated host.
+/// The world, shared by a run and the contender's observer and actuator.
+pub type SharedWorld = Rc<RefCell<World>>;
+
+/// A contender driving the simulated world.
 pub trait Policy {
     fn name(&self) -> &'static str;
     /// Whether VMs marked `bound_initially` start confined (cpusets left by a previous
@@ -29,21 +37,49 @@ pub trait Policy {
     fn keeps_initial_binding(&self) -> bool {
         true
     }
+    /// One simulated second: observe, decide, apply. Returns the actions applied.
+    fn tick(&mut self, world: &SharedWorld) -> Vec<PlannedAction>;
+}
+
+/// A baseline: decides from a snapshot of the world and acts on it directly.
+pub trait Baseline {
+    fn name(&self) -> &'static str;
+    /// See [`Policy::keeps_initial_binding`].
+    fn keeps_initial_binding(&self) -> bool {
+        true
+    }
     /// One second: decide from `snap` and apply. Returns the actions applied.
-    fn tick(&mut self, host: &mut SimHost, snap: &Snapshot) -> Vec<PlannedAction>;
+    fn tick(&mut self, host: &mut World, snap: &Snapshot) -> Vec<PlannedAction>;
+}
+
+impl<B: Baseline> Policy for B {
+    fn name(&self) -> &'static str {
+        Baseline::name(self)
+    }
+    fn keeps_initial_binding(&self) -> bool {
+        Baseline::keeps_initial_binding(self)
+    }
+    fn tick(&mut self, world: &SharedWorld) -> Vec<PlannedAction> {
+        let mut world = world.borrow_mut();
+        let snap = match world.observe() {
+            Ok(s) => s,
+            Err(never) => match never {},
+        };
+        Baseline::tick(self, &mut world, &snap)
+    }
 }
 
 /// No balancer: the kernel scheduler alone.
 pub struct NoBalancer;
 
-impl Policy for NoBalancer {
+impl Baseline for NoBalancer {
     fn name(&self) -> &'static str {
         "none"
     }
     fn keeps_initial_binding(&self) -> bool {
         false
     }
-    fn tick(&mut self, _host: &mut SimHost, _snap: &Snapshot) -> Vec<PlannedAction> {
+    fn tick(&mut self, _host: &mut World, _snap: &Snapshot) -> Vec<PlannedAction> {
         Vec::new()
     }
 }
@@ -70,7 +106,7 @@ pub fn by_name(
         "vmbalanced" => Box::new(Vmbalanced::new(scenario.seed)),
         "numad" => Box::new(Numad::default()),
         "oracle" => Box::new(Oracle::new(scenario)),
-        "vmbalancer" => Box::new(EnginePolicy::new(engine_cfg.clone())),
+        "vmbalancer" => Box::new(DaemonLoop::new(engine_cfg.clone())),
         _ => return None,
     })
 }
@@ -78,7 +114,7 @@ pub fn by_name(
 /// Moves a whole VM to `node` the cpuset way: CPUs, allowed memory, and all its
 /// memory migrated (`cpuset.memory_migrate`). Returns the actions applied.
 pub(crate) fn cpuset_move(
-    host: &mut SimHost,
+    host: &mut World,
     snap: &Snapshot,
     pid: u32,
     node: usize,
@@ -105,7 +141,7 @@ pub(crate) fn cpuset_move(
 
 /// Migrates all of a VM's memory outside `keep` to `to` (`migrate_pages`).
 pub(crate) fn migrate_all(
-    host: &mut SimHost,
+    host: &mut World,
     snap: &Snapshot,
     pid: u32,
     keep: u64,
