@@ -6,7 +6,9 @@
 //! 2. a `bpf-linker` that reads the bitcode of the nightly's own LLVM. Prebuilt
 //!    binaries follow a different LLVM, so it is built from crates.io against the
 //!    `libLLVM` shipped inside the nightly sysroot;
-//! 3. the Debian packages the tests and the lab use.
+//! 3. cargo-fuzz, which `cargo xtask fuzz` (and the short fuzz run of `cargo xtask
+//!    test`) drives;
+//! 4. the Debian packages the tests and the lab use.
 //!
 //! Every step first checks whether its result is already there (and works), so a
 //! second run does nothing and says so. A step that fails names itself.
@@ -34,6 +36,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "numactl",
 ];
 
+/// The cargo-fuzz release `cargo xtask fuzz` drives (builds with the stable toolchain;
+/// the fuzz targets themselves build with the nightly's sanitizers).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// The bpf-linker release known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -55,6 +61,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     step("bpf-linker", || {
         bpf_linker(args.bpf_linker_root.as_deref(), &mut done)
     })?;
+    step("cargo-fuzz", || cargo_fuzz(&mut done))?;
     if !args.no_apt {
         step("Debian packages", || debian_packages(&mut done))?;
     }
@@ -284,6 +291,38 @@ fn bpf_linker(root: Option<&Path>, done: &mut Vec<String>) -> anyhow::Result<()>
         llvm.major,
         llvm.lib.display()
     ));
+    Ok(())
+}
+
+/// Whether `cargo fuzz` is the pinned release.
+pub fn cargo_fuzz_present() -> bool {
+    Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains(&format!(" {CARGO_FUZZ_VERSION}"))
+        })
+}
+
+fn cargo_fuzz(done: &mut Vec<String>) -> anyhow::Result<()> {
+    if cargo_fuzz_present() {
+        return Ok(());
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "install",
+        "--locked",
+        "--force",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]);
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"] {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd)?;
+    done.push(format!("installed cargo-fuzz {CARGO_FUZZ_VERSION}"));
     Ok(())
 }
 
