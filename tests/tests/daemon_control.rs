@@ -1,5 +1,6 @@
 //! The control socket refuses non-root users, for real: a forked child drops to uid
-//! 65534 and tries to talk to the daemon's socket (needs root to setuid).
+//! 65534 and tries to talk to the daemon's socket (needs root to setuid). With a
+//! `status_group`, members (by primary or supplementary group) may read, others not.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -17,13 +18,24 @@ const OTHER: i32 = 13;
 
 /// Forks; the child becomes uid/gid 65534, connects and sends a status request.
 fn as_nobody(path: &Path) -> i32 {
+    as_user(path, 65534, &[])
+}
+
+/// Forks; the child becomes uid 65534 with group `gid` and supplementary `groups`,
+/// connects and sends a status request.
+fn as_user(path: &Path, gid: u32, groups: &[u32]) -> i32 {
+    let groups: Vec<nix::unistd::Gid> = groups
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
     // SAFETY: the child only makes syscalls and std calls that do not depend on other
     // threads of the parent, then _exits.
     match unsafe { nix::unistd::fork() }.unwrap() {
         nix::unistd::ForkResult::Child => {
             let code = (|| {
                 let nobody = nix::unistd::Uid::from_raw(65534);
-                if nix::unistd::setgid(nix::unistd::Gid::from_raw(65534)).is_err()
+                if nix::unistd::setgroups(&groups).is_err()
+                    || nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)).is_err()
                     || nix::unistd::setuid(nobody).is_err()
                 {
                     return OTHER;
@@ -39,7 +51,9 @@ fn as_nobody(path: &Path) -> i32 {
                 let mut line = String::new();
                 let _ = BufReader::new(&s).read_line(&mut line);
                 match serde_json::from_str::<Response>(&line) {
-                    Ok(Response::Error { error }) if error.contains("uid 65534") => {
+                    Ok(Response::Error { error })
+                        if error.contains("uid 65534") && error.contains("permission denied") =>
+                    {
                         REFUSED_BY_PEERCRED
                     }
                     Ok(Response::Status(_)) => ANSWERED,
@@ -70,12 +84,15 @@ fn non_root_is_refused_by_mode_and_by_peer_credentials() {
     let path = dir.join("control.sock");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let listener = rt.block_on(async { control::bind(&path) }).unwrap();
+    let access = control::SocketAccess::default();
+    let listener = rt
+        .block_on(async { control::bind(&path, &access) })
+        .unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let handler: Arc<dyn Handler> = Arc::new(|_r: Request| Response::Status(Box::default()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    rt.spawn(control::serve(listener, handler, async {
+    rt.spawn(control::serve(listener, access, handler, async {
         let _ = rx.await;
     }));
 
@@ -89,6 +106,54 @@ fn non_root_is_refused_by_mode_and_by_peer_credentials() {
     // Loosened by mistake: the peer credential check still refuses.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(as_nobody(&path), REFUSED_BY_PEERCRED);
+
+    tx.send(()).unwrap();
+    drop(rt);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+#[ignore = "needs root: forked children switch to uid 65534 and chosen groups"]
+fn status_group_members_may_read_and_others_may_not() {
+    vmbalancer_tests::require_root();
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::env::temp_dir().join(format!("vmb-ctl-group-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("run").join("control.sock");
+    // The status group: gid 65534 (nogroup on Debian; any gid works for the kernel).
+    const GROUP: u32 = 65534;
+    const OTHER_GID: u32 = 65533;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let access = control::SocketAccess {
+        status_group: Some((GROUP, "nogroup".into())),
+    };
+    let listener = rt
+        .block_on(async { control::bind(&path, &access) })
+        .unwrap();
+    let sock = std::fs::metadata(&path).unwrap();
+    assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, GROUP));
+    let run = std::fs::metadata(path.parent().unwrap()).unwrap();
+    assert_eq!((run.mode() & 0o777, run.gid()), (0o750, GROUP));
+    let handler: Arc<dyn Handler> = Arc::new(|_r: Request| Response::Status(Box::default()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(control::serve(listener, access, handler, async {
+        let _ = rx.await;
+    }));
+
+    // A member by its primary group, and one by a supplementary group (SO_PEERGROUPS).
+    assert_eq!(as_user(&path, GROUP, &[]), ANSWERED);
+    assert_eq!(as_user(&path, OTHER_GID, &[GROUP]), ANSWERED);
+    // Not a member: the directory (0750) and the socket (0660) refuse it.
+    assert_eq!(as_user(&path, OTHER_GID, &[]), REFUSED_BY_MODE);
+    // Modes loosened by mistake: the credential check still refuses it.
+    for p in [path.parent().unwrap(), &path] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    assert_eq!(as_user(&path, OTHER_GID, &[]), REFUSED_BY_PEERCRED);
+    assert_eq!(as_user(&path, GROUP, &[]), ANSWERED);
 
     tx.send(()).unwrap();
     drop(rt);

@@ -4,6 +4,7 @@
 //! qemu with clear messages naming the step that failed.
 
 mod build;
+mod fuzz;
 mod install;
 mod lab;
 mod package;
@@ -31,6 +32,8 @@ enum Command {
     Build(build::Args),
     /// Build, then run `vmbalancer ARGS` as root.
     Run(run::Args),
+    /// Fuzz every parser of outside input for a while and print what was found.
+    Fuzz(fuzz::Args),
     /// Run everything the README's test command runs.
     Test(test::Args),
     /// Install the binary, the systemd unit and an example configuration.
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup(a) => setup::main(a),
         Command::Build(a) => build::main(a),
         Command::Run(a) => run::main(a),
+        Command::Fuzz(a) => fuzz::main(a),
         Command::Test(a) => test::main(a),
         Command::Install(a) => install::main(a),
         Command::Package(a) => package::main(a),

@@ -6,8 +6,10 @@
 //! 2. a `bpf-linker` that reads the bitcode of the nightly's own LLVM. Prebuilt
 //!    binaries follow a different LLVM, so it is built from crates.io against the
 //!    `libLLVM` shipped inside the nightly sysroot;
-//! 3. the Debian packages the tests and the lab use;
-//! 4. cargo-deb, pinned, for `cargo xtask package`.
+//! 3. cargo-fuzz, which `cargo xtask fuzz` (and the short fuzz run of `cargo xtask
+//!    test`) drives;
+//! 4. the Debian packages the tests and the lab use;
+//! 5. cargo-deb, pinned, for `cargo xtask package`.
 //!
 //! Every step first checks whether its result is already there (and works), so a
 //! second run does nothing and says so. A step that fails names itself.
@@ -35,6 +37,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "numactl",
 ];
 
+/// The cargo-fuzz release `cargo xtask fuzz` drives (builds with the stable toolchain;
+/// the fuzz targets themselves build with the nightly's sanitizers).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// The bpf-linker release known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -56,6 +62,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     step("bpf-linker", || {
         bpf_linker(args.bpf_linker_root.as_deref(), &mut done)
     })?;
+    step("cargo-fuzz", || cargo_fuzz(&mut done))?;
     if !args.no_apt {
         step("Debian packages", || debian_packages(&mut done))?;
     }
@@ -308,6 +315,36 @@ fn cargo_deb(done: &mut Vec<String>) -> anyhow::Result<()> {
         bail!("cargo-deb {CARGO_DEB_VERSION} was installed but `cargo deb --version` disagrees");
     }
     done.push(format!("installed cargo-deb {CARGO_DEB_VERSION}"));
+    Ok(())
+}
+
+/// Whether `cargo fuzz` is the pinned release.
+pub fn cargo_fuzz_present() -> bool {
+    Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains(&format!(" {CARGO_FUZZ_VERSION}"))
+        })
+}
+
+fn cargo_fuzz(done: &mut Vec<String>) -> anyhow::Result<()> {
+    if cargo_fuzz_present() {
+        return Ok(());
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "install",
+        "--locked",
+        "--force",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]);
+    without_outer_cargo_settings(&mut cmd);
+    run(&mut cmd)?;
+    done.push(format!("installed cargo-fuzz {CARGO_FUZZ_VERSION}"));
     Ok(())
 }
 

@@ -4,7 +4,8 @@
 //! unit and its exposure score (`systemd-analyze security`, at most
 //! [`MAX_UNIT_EXPOSURE`]), then unit and integration tests, including the ignored ones that need root
 //! (eBPF programs, other processes' affinity and pages, the lab guest; CI runs as
-//! root), then the lab's CI scenarios on a 4-node guest kernel.
+//! root), a short fuzz run of every parser of outside input ([`FUZZ_SECONDS`] each),
+//! then the lab's CI scenarios on a 4-node guest kernel.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,6 +13,9 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 use crate::build::{self, cargo, run_step};
+
+/// Seconds of fuzzing per target in CI (18 targets: about 2 minutes once they are built).
+const FUZZ_SECONDS: u64 = 4;
 
 /// Arguments of `cargo xtask test`.
 #[derive(Debug, clap::Args)]
@@ -48,6 +52,15 @@ pub fn main(_args: Args) -> anyhow::Result<()> {
         "tests",
         cargo().args(["test", "--workspace", "--", "--include-ignored"]),
     )?;
+    // A short fuzz run: catches a parser change that panics on the seeds' neighbours.
+    // The long run's figures are in tests/results/fuzz.md.
+    let targets: Vec<String> = crate::fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+    let outcomes = crate::fuzz::run(&targets, FUZZ_SECONDS)?;
+    crate::fuzz::print_table(&outcomes);
+    let found: usize = outcomes.iter().map(|o| o.findings.len()).sum();
+    if found > 0 {
+        bail!("step `fuzz` failed: {found} input(s) break a parser (see above)");
+    }
     // NUMA behaviour is proven on a real 4-node kernel: the lab's CI scenarios.
     crate::lab::ci()?;
     eprintln!("xtask test: all steps passed");

@@ -51,6 +51,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
                 println!("{nodes}");
                 return Ok(());
             }
+            Ok(Response::Error { error }) if error.starts_with("permission denied") => {
+                tracing::warn!(%error, "the daemon refused, looking directly")
+            }
             Ok(other) => tracing::debug!(?other, "daemon gave no advice, looking directly"),
             Err(ClientError::NotRunning(_)) => {
                 tracing::debug!("daemon not running, looking directly")

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::control::SocketAccess;
 use crate::model::{CpuSet, DEFAULT_TARGET_LOCALITY_PCT, Vm};
 
 /// Where the daemon looks for its configuration when `--config` is not given.
@@ -59,6 +60,18 @@ impl VmSelector {
             VmSelector::Name(pattern) => glob_match(pattern, &vm.name),
         }
     }
+}
+
+/// A POSIX-portable group name as `groupadd` accepts it, or a numeric gid.
+fn is_group_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit());
+    s.len() <= 32
+        && first_ok
+        && (s.parse::<u32>().is_ok() || !s.starts_with(|c: char| c.is_ascii_digit()))
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 /// `*` matches any (possibly empty) run of characters; everything else literally.
@@ -135,6 +148,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Control socket directory. Default "/run/vmbalancer".
     pub runtime_dir: PathBuf,
+    /// Group (name or gid) whose members may run the read-only `status` and `advise`
+    /// over the control socket; "" = root only. Default "".
+    pub status_group: String,
     /// Prometheus text endpoint, loopback only (`127.0.0.1:9767`); "" = off. Default "".
     pub prometheus_listen: String,
     /// Decisions kept for `vmbalancer status`. Default 32.
@@ -175,6 +191,7 @@ impl Default for Config {
             restore_on_exit: true,
             state_dir: PathBuf::from("/var/lib/vmbalancer"),
             runtime_dir: PathBuf::from("/run/vmbalancer"),
+            status_group: String::new(),
             prometheus_listen: String::new(),
             status_history: 32,
             proc_root: PathBuf::from("/proc"),
@@ -347,8 +364,49 @@ impl Config {
                 return bad(key, format!("{} is not an absolute path", dir.display()));
             }
         }
+        if !self.status_group.is_empty() && !is_group_name(&self.status_group) {
+            return bad(
+                "status_group",
+                format!(
+                    "{:?} is neither a group name ([a-z_][a-z0-9_-]*, at most 32) nor a gid",
+                    self.status_group
+                ),
+            );
+        }
+        if self.status_group == "0" || self.status_group == "root" {
+            return bad(
+                "status_group",
+                "root's group would let every root-group process read; leave it empty".into(),
+            );
+        }
         self.prometheus_addr()?;
         Ok(())
+    }
+
+    /// Who may use the control socket besides root: the `status_group` looked up in the
+    /// group database (a gid that has no name is taken as it is).
+    pub fn socket_access(&self) -> Result<SocketAccess, ConfigError> {
+        use nix::unistd::{Gid, Group};
+        if self.status_group.is_empty() {
+            return Ok(SocketAccess::default());
+        }
+        let invalid = |why: String| ConfigError::Invalid {
+            key: "status_group",
+            why,
+        };
+        let name = &self.status_group;
+        let found = match name.parse::<u32>() {
+            Ok(gid) => Group::from_gid(Gid::from_raw(gid))
+                .map(|g| Some(g.map_or((gid, name.clone()), |g| (gid, g.name))))
+                .map_err(|e| invalid(format!("looking up gid {gid}: {e}")))?,
+            Err(_) => Group::from_name(name)
+                .map(|g| g.map(|g| (g.gid.as_raw(), g.name)))
+                .map_err(|e| invalid(format!("looking up group {name:?}: {e}")))?,
+        };
+        let group = found.ok_or_else(|| invalid(format!("no group named {name:?}")))?;
+        Ok(SocketAccess {
+            status_group: Some(group),
+        })
     }
 
     /// The Prometheus listen address, `None` when the endpoint is off.
@@ -541,5 +599,31 @@ mod tests {
         std::fs::write(&present, "tick_ms = 5\n").unwrap();
         assert!(Config::load_or_default(None, &present).is_err());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn status_group_is_checked_and_looked_up() {
+        let parse = |v: &str| Config::from_toml(&format!("status_group = {v:?}"), Path::new("t"));
+        for bad in ["Admins", "-x", "a b", "0", "root", "9x", &"a".repeat(33)] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("status_group"), "{bad}: {e}");
+        }
+        assert_eq!(
+            Config::default().socket_access().unwrap(),
+            SocketAccess::default()
+        );
+        // Looked up in the group database (root and nogroup exist on any Debian).
+        let by_name = parse("nogroup").unwrap().socket_access().unwrap();
+        assert_eq!(by_name.status_group, Some((65534, "nogroup".into())));
+        let by_gid = parse("65534").unwrap().socket_access().unwrap();
+        assert_eq!(by_gid.status_group, Some((65534, "nogroup".into())));
+        // A gid without a name is taken as it is; a name that does not exist is an error.
+        let unnamed = parse("4000123").unwrap().socket_access().unwrap();
+        assert_eq!(unnamed.status_group, Some((4000123, "4000123".into())));
+        let e = parse("no_such_group_vmb")
+            .unwrap()
+            .socket_access()
+            .unwrap_err();
+        assert!(e.to_string().contains("no group named"), "{e}");
     }
 }

@@ -10,10 +10,10 @@
 //! - [`Policy`] turns a snapshot into a plan and learns from outcomes.
 //!
 //! Everything else is a small module with one job: [`config`] (TOML + flags),
-//! [`journal`] (moves in flight, crash recovery), [`control`] (root-only unix
-//! socket), [`status`] (the document `vmbalancer status` shows), [`notify`]
-//! (sd_notify), [`prometheus`] (optional metrics), [`advice`] (numad-compatible
-//! placement advice, pure).
+//! [`journal`] (moves in flight, crash recovery), [`control`] (the unix socket:
+//! root, or a status group for reading), [`status`] (the document `vmbalancer
+//! status` shows), [`notify`] (sd_notify), [`prometheus`] (optional metrics),
+//! [`advice`] (numad-compatible placement advice, pure).
 
 pub mod advice;
 pub mod config;

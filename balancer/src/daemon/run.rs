@@ -116,6 +116,8 @@ pub enum DaemonError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
     #[error("prometheus endpoint: {0}")]
     Prometheus(std::io::Error),
     #[error("signal handler: {0}")]
@@ -723,14 +725,18 @@ where
         reserved_cpus: cfg.reserved_cpus.clone(),
     };
     let socket_path = cfg.control_socket_path();
-    let listener = control::bind(&socket_path)?;
+    let access = cfg.socket_access()?;
+    let listener = control::bind(&socket_path, &access)?;
     let mut tasks = tokio::task::JoinSet::new();
     {
         let s = shutdown.clone();
         tasks.spawn(async move {
-            control::serve(listener, handler(shared.clone(), params), async move {
-                s.stopped().await
-            })
+            control::serve(
+                listener,
+                access,
+                handler(shared.clone(), params),
+                async move { s.stopped().await },
+            )
             .await;
             Ok(())
         });

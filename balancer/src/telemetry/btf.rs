@@ -7,9 +7,14 @@
 //! the string section and enough of each type record to step over it and to read
 //! struct members.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::TelemetryError;
+
+/// Longest type or member name read; kernel identifiers are far shorter (KSYM_NAME_LEN
+/// is 512). Bounds what a string section without terminators can make us copy.
+const MAX_NAME_BYTES: usize = 1024;
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -34,6 +39,8 @@ pub enum BtfError {
     Truncated { at: usize },
     #[error("string offset {offset} out of range")]
     StringOutOfRange { offset: u32 },
+    #[error("string at offset {offset} has no end within {MAX_NAME_BYTES} bytes")]
+    UnterminatedString { offset: u32 },
     #[error("unknown BTF kind {kind} at byte {at}")]
     UnknownKind { kind: u32, at: usize },
     #[error("no struct {name} in BTF")]
@@ -84,7 +91,11 @@ impl Btf {
             let s = strings
                 .get(offset as usize..)
                 .ok_or(BtfError::StringOutOfRange { offset })?;
-            let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+            let end = s
+                .iter()
+                .take(MAX_NAME_BYTES + 1)
+                .position(|&b| b == 0)
+                .ok_or(BtfError::UnterminatedString { offset })?;
             Ok(String::from_utf8_lossy(&s[..end]).into_owned())
         };
         let mut types = vec![None];
@@ -138,7 +149,7 @@ impl Btf {
                 name: name.to_owned(),
             })?;
         let bits = self
-            .find_member(st, field, 0)
+            .find_member(st, field, 0, &mut HashMap::new())
             .ok_or_else(|| BtfError::NoMember {
                 name: name.to_owned(),
                 field: field.to_owned(),
@@ -152,7 +163,17 @@ impl Btf {
         Ok(bits / 8)
     }
 
-    fn find_member(&self, t: &Type, field: &str, depth: u32) -> Option<u32> {
+    /// Bit offset of `field` in `t`, looking through anonymous members. `searched`
+    /// holds the answer per anonymous member type already looked into: malformed BTF
+    /// can make a type contain itself or fan out (a struct of many anonymous members of
+    /// one type, nested), and searching each type once keeps the lookup linear.
+    fn find_member(
+        &self,
+        t: &Type,
+        field: &str,
+        depth: u32,
+        searched: &mut HashMap<u32, Option<u32>>,
+    ) -> Option<u32> {
         if depth > 8 {
             return None;
         }
@@ -160,13 +181,27 @@ impl Btf {
             if m_name == field {
                 return Some(*bits);
             }
-            if m_name.is_empty() {
-                let inner = self.types.get(*m_type as usize)?.as_ref()?;
-                if (inner.kind == KIND_STRUCT || inner.kind == KIND_UNION)
-                    && let Some(b) = self.find_member(inner, field, depth + 1)
-                {
-                    return Some(bits + b);
+            if !m_name.is_empty() {
+                continue;
+            }
+            let found = match searched.get(m_type) {
+                Some(found) => *found,
+                None => {
+                    // Marked first, so a type that contains itself ends here.
+                    searched.insert(*m_type, None);
+                    let found = self
+                        .types
+                        .get(*m_type as usize)
+                        .and_then(Option::as_ref)
+                        .filter(|inner| inner.kind == KIND_STRUCT || inner.kind == KIND_UNION)
+                        .and_then(|inner| self.find_member(inner, field, depth + 1, searched));
+                    searched.insert(*m_type, found);
+                    found
                 }
+            };
+            // An offset past u32 is no offset in a real struct.
+            if let Some(b) = found {
+                return bits.checked_add(b);
             }
         }
         None
@@ -241,6 +276,11 @@ mod tests {
             push(ty);
             push(o);
         }
+        blob(&t, strings)
+    }
+
+    /// A BTF blob of these type records and strings.
+    fn blob(types: &[u8], strings: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
         b.extend_from_slice(&BTF_MAGIC.to_le_bytes());
         b.push(1);
@@ -248,15 +288,64 @@ mod tests {
         for v in [
             24u32,
             0,
-            t.len() as u32,
-            t.len() as u32,
+            types.len() as u32,
+            types.len() as u32,
             strings.len() as u32,
         ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
-        b.extend_from_slice(&t);
+        b.extend_from_slice(types);
         b.extend_from_slice(strings);
         b
+    }
+
+    /// `struct NAME` with the given (name offset, type id, bit offset) members.
+    fn struct_record(name_off: u32, members: &[(u32, u32, u32)]) -> Vec<u8> {
+        let mut t = Vec::new();
+        for v in [name_off, (4 << 24) | members.len() as u32, 8] {
+            t.extend_from_slice(&v.to_le_bytes());
+        }
+        for (n, ty, o) in members {
+            for v in [*n, *ty, *o] {
+                t.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn a_struct_made_of_itself_is_searched_once() {
+        // Seen while writing the fuzz target: [1] struct "s" with 200 anonymous members
+        // of type 1 made the search branch 200 ways at each of 9 levels (effectively
+        // forever); now every type is searched once.
+        let strings = b"\0s\0x\0";
+        let t = struct_record(1, &vec![(0, 1, 0); 200]);
+        let btf = Btf::parse(&blob(&t, strings)).unwrap();
+        let start = std::time::Instant::now();
+        assert!(
+            btf.member_offset("s", "x")
+                .unwrap_err()
+                .to_string()
+                .contains("no member x")
+        );
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn offsets_past_u32_and_unterminated_names_are_errors() {
+        // [1] struct "s" { anonymous [2] at bit 0xffff_ffff }, [2] struct "t" { x at 8 }.
+        let strings = b"\0s\0x\0t\0";
+        let mut t = struct_record(1, &[(0, 2, u32::MAX)]);
+        t.extend(struct_record(5, &[(3, 0, 8)]));
+        let btf = Btf::parse(&blob(&t, strings)).unwrap();
+        assert_eq!(btf.member_offset("t", "x"), Ok(1));
+        assert!(btf.member_offset("s", "x").is_err());
+        // A name running to the end of the data without a NUL.
+        let long = [b"\0".as_slice(), &[b'a'; 2 * MAX_NAME_BYTES]].concat();
+        let Err(e) = Btf::parse(&blob(&struct_record(1, &[]), &long)) else {
+            panic!("an unterminated name was accepted");
+        };
+        assert!(e.to_string().contains("no end"), "{e}");
     }
 
     #[test]

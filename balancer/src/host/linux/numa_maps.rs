@@ -115,7 +115,11 @@ pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, String> {
             {
                 let node: NodeId = k[1..].parse().map_err(|_| format!("bad node in {t:?}"))?;
                 let pages = num(v, k)?;
-                *m.pages_per_node.entry(node).or_default() += pages;
+                // The kernel prints each node once; a repeated one must not wrap.
+                let sum = m.pages_per_node.entry(node).or_default();
+                *sum = sum
+                    .checked_add(pages)
+                    .ok_or_else(|| format!("N{node} pages overflow in {line:?}"))?;
             }
             Some(_) => {} // dirty=, mapped=, mapmax=, active=, writeback=, swapcache=...
         }
@@ -290,6 +294,11 @@ mod tests {
         let m = parse_numa_maps_line("7f00 default N0=18446744073709551615 kernelpagesize_kB=4")
             .unwrap();
         assert!(m.bytes_per_node().is_err());
+        // A node printed twice must not wrap its page count (a panic in debug builds).
+        let e =
+            parse_numa_maps_line("7f00 default N0=18446744073709551615 N0=1 kernelpagesize_kB=4")
+                .unwrap_err();
+        assert!(e.contains("overflow"), "{e}");
         let err =
             parse_numa_maps("7f00 default kernelpagesize_kB=4\n7f01 default N0=\n").unwrap_err();
         assert!(err.starts_with("line 2"), "{err}");
