@@ -16,6 +16,7 @@ mod capture;
 mod checks;
 mod command;
 mod consistency;
+mod domains;
 mod hog;
 mod sampler;
 mod trace_truth;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use vmbalancer_tests::lab::protocol::Record;
-use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Event, Scenario, signal_number};
+use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Event, Guest, Scenario, signal_number};
 use vmbalancer_tests::lab::{access, truth};
 
 #[derive(Debug, Parser)]
@@ -127,13 +128,27 @@ fn run() -> anyhow::Result<bool> {
         return Ok(verdict.finish());
     }
 
-    vms::setup_cgroups(scenario.cgroup)?;
+    let stack = scenario.guest == Guest::Stack;
+    if !stack {
+        // systemd mounted the stack guest's cgroups and libvirt made its groups.
+        vms::setup_cgroups(scenario.cgroup)?;
+    }
     vms::setup_sysctls(&scenario, &nodes)?;
     let oom_kills0 = oom_kills();
     std::fs::create_dir_all("/run/lab")?;
     let hogs = hog::start_all(&scenario.hogs)?;
-    let mut running = vms::start_all(&scenario, &nodes)?;
-    vms::wait_ready(&mut running, Duration::from_secs(180))?;
+    let mut running = if stack {
+        domains::check_payload()?;
+        domains::start_all(&scenario)?
+    } else {
+        vms::start_all(&scenario, &nodes)?
+    };
+    // A libvirt domain's start and first touch take tens of seconds under emulation.
+    let ready_limit_s = if stack { 300 } else { 180 };
+    vms::wait_ready(&mut running, Duration::from_secs(ready_limit_s))?;
+    if stack {
+        domains::place(&scenario, &running, &nodes)?;
+    }
     vms::confine(&running)?;
 
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
