@@ -294,6 +294,17 @@ pub fn build_image(
     let wants = root.join("etc/systemd/system/multi-user.target.wants");
     fs::create_dir_all(&wants)?;
     symlink("../vmblab.service", wants.join("vmblab.service"))?;
+    // Debian enables numad.service with the package: numad would bind every qemu
+    // above 300 MB to a node (a CPU set that looks like an operator's pin) in every
+    // run. It runs only when the scenario's balancer is numad (the harness starts
+    // it). The periodic maintenance timers (apt, man-db, fstrim, ...) are off too:
+    // each would take CPU from the measured run at a random moment.
+    let wants_dir = root.join("etc/systemd/system");
+    let _ = fs::remove_file(wants_dir.join("multi-user.target.wants/numad.service"));
+    let timers = wants_dir.join("timers.target.wants");
+    if timers.exists() {
+        fs::remove_dir_all(&timers)?;
+    }
     // The console belongs to the scenario's output, not a login prompt.
     symlink(
         "/dev/null",

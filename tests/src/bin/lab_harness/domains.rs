@@ -273,6 +273,9 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
             .join()
             .map_err(|_| anyhow::anyhow!("placement thread panicked"))??;
     }
+    for vm in vms {
+        describe(vm, nodes.len());
+    }
     emit(&Record::Event {
         source: "harness".into(),
         text: format!(
@@ -282,6 +285,35 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
         ),
     });
     Ok(())
+}
+
+/// Reports where a domain's guest RAM lies and how its threads may run: the
+/// ground truth a reader of the run needs to trust the placement.
+fn describe(vm: &RunningVm, n_nodes: usize) {
+    let root = Path::new("/");
+    let maps = fs::read_to_string(format!("/proc/{}/maps", vm.pid)).unwrap_or_default();
+    let mapping = truth::guest_ram_mapping(&maps, vm.memory_bytes).ok();
+    let per_node = truth::read_guest_ram_bytes_per_node(root, vm.pid, vm.memory_bytes, n_nodes)
+        .map(|b| b.iter().map(|x| x >> 20).collect::<Vec<_>>());
+    let threads: Vec<String> = truth::vcpu_threads(root, vm.pid)
+        .unwrap_or_default()
+        .iter()
+        .map(|&(tid, idx)| {
+            format!(
+                "vCPU{idx}=tid {tid} allowed {}",
+                truth::read_cpus_allowed(root, vm.pid, tid).unwrap_or_default()
+            )
+        })
+        .collect();
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "{} pid {}: guest RAM mapping {mapping:x?}, MiB per node {per_node:?}; {}",
+            vm.name,
+            vm.pid,
+            threads.join(", ")
+        ),
+    });
 }
 
 /// Ends domain `name` (`virsh destroy`), reporting a failure as an event.

@@ -228,6 +228,9 @@ fn run() -> anyhow::Result<bool> {
     let mut consistency = None;
     if balancer == Balancer::Vmbalancer {
         guard.take_status();
+        if stack {
+            report_status_vms(guard.status.as_ref());
+        }
         if wants(|a| matches!(a, Assertion::Consistent { .. })) {
             consistency = Some(consistency::running_problems(&running));
         }
@@ -278,6 +281,33 @@ fn run() -> anyhow::Result<bool> {
     vms::stop_all(running);
     drop(hogs);
     Ok(verdict.finish())
+}
+
+/// One line per VM of `vmbalancer status --json`: what the daemon thinks of each.
+fn report_status_vms(status: Option<&Result<serde_json::Value, String>>) {
+    let Some(Ok(status)) = status else {
+        return;
+    };
+    for vm in status
+        .get("vms")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let field = |k: &str| vm.get(k).map_or("-".to_string(), |v| v.to_string());
+        emit(&Record::Event {
+            source: "status".into(),
+            text: format!(
+                "{} pid {}: managed {} ({}), cpus {}, locality {} %",
+                field("name"),
+                field("pid"),
+                field("managed"),
+                field("unmanaged_why"),
+                field("cpus"),
+                field("locality_pct")
+            ),
+        });
+    }
 }
 
 /// /proc/vmstat `oom_kill` (0 when unreadable).
