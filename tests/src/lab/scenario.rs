@@ -701,6 +701,10 @@ pub struct Event {
     /// configuration; its log is appended to.
     #[serde(default)]
     pub start_balancer: bool,
+    /// After the wait, before the signal: a shell command (`sh -c`), e.g. `virsh
+    /// destroy vm2` in the middle of a memory move. Its exit status is reported.
+    #[serde(default)]
+    pub run: Option<String>,
 }
 
 /// A process that fills one node's memory before the VMs start.
@@ -821,9 +825,9 @@ impl Scenario {
                     "unknown signal {sig:?} (KILL, TERM, INT, STOP, CONT)"
                 ));
             }
-            if e.kill_balancer.is_none() && !e.start_balancer {
+            if e.kill_balancer.is_none() && !e.start_balancer && e.run.is_none() {
                 return bad(format!(
-                    "event at {} s does nothing (kill_balancer or start_balancer)",
+                    "event at {} s does nothing (kill_balancer, start_balancer or run)",
                     e.at_s
                 ));
             }

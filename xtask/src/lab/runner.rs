@@ -202,7 +202,7 @@ impl Lab {
                 harness: &self.bins.harness,
                 vmbalancer: self.bins.vmbalancer.as_deref(),
                 payload: &payload,
-                template: &self.paths.workspace.join("tests/stack/domain.xml.in"),
+                stack_dir: &self.paths.workspace.join("tests/stack"),
                 scenario_toml: &s.text,
                 harness_args: args,
             },

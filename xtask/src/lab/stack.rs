@@ -11,8 +11,8 @@
 //!   the cache directory `target/lab/stack/<hash>/`, where mmdebstrap's tar is kept:
 //!   built once (minutes), rebuilt only when the recipe changes.
 //! - Per run: the tar is unpacked into a fresh tree, the run's files are added
-//!   (harness, vmbalancer as installed on a host, the guest payload, the domain
-//!   template, the scenario, a oneshot unit that runs the harness after libvirtd and
+//!   (harness, vmbalancer as installed on a host, the guest payload, tests/stack
+//!   (domain template, scripts), the scenario, a oneshot unit that runs the harness after libvirtd and
 //!   powers off), and `mke2fs -d` makes the ext4 image booted with the kernel and
 //!   initrd from the image's own /boot.
 //! - The suite is a parameter: bookworm (6.1) today; trixie (6.12) is the same
@@ -199,7 +199,8 @@ pub struct RunFiles<'a> {
     pub harness: &'a Path,
     pub vmbalancer: Option<&'a Path>,
     pub payload: &'a Path,
-    pub template: &'a Path,
+    /// tests/stack: the domain template and the scripts scenarios run, to /lab/stack.
+    pub stack_dir: &'a Path,
     pub scenario_toml: &'a str,
     pub harness_args: &'a str,
 }
@@ -286,7 +287,19 @@ pub fn build_image(
         &root.join("var/lib/libvirt/images/vmblab-payload.elf"),
         0o644,
     )?;
-    copy_mode(run.template, &root.join("lab/domain.xml.in"), 0o644)?;
+    for entry in fs::read_dir(run.stack_dir)
+        .with_context(|| format!("reading {}", run.stack_dir.display()))?
+    {
+        let path = entry?.path();
+        let executable = path.extension().is_some_and(|e| e == "sh");
+        if let Some(name) = path.file_name() {
+            copy_mode(
+                &path,
+                &root.join("lab/stack").join(name),
+                if executable { 0o755 } else { 0o644 },
+            )?;
+        }
+    }
     write_mode(&root.join("lab/scenario.toml"), run.scenario_toml, 0o644)?;
     write_mode(&root.join("lab/args"), run.harness_args, 0o644)?;
     write_mode(&root.join("lab/run.sh"), RUN_SH, 0o755)?;

@@ -1,7 +1,8 @@
 //! The stack guest's VMs: libvirt domains of real qemu running the lab's guest
-//! payload (tests/guest/payload.c), started as an operator would (`virsh create`
-//! of a domain XML without pinning), in parallel because each start costs tens of
-//! seconds under emulation.
+//! payload (tests/guest/payload.c), defined and started as an operator would
+//! (`virsh define` of a domain XML without pinning, `virsh start`), the starts in
+//! parallel because each costs tens of seconds under emulation. Defined, not
+//! transient: a scenario may destroy a domain and start it again.
 //!
 //! The rest of the harness knows VMs by their progress file (`vms::RunningVm`):
 //! written by the fake VM itself in the busybox guest. A real guest cannot write
@@ -31,7 +32,7 @@ use crate::emit;
 use crate::vms::{RunningVm, VmProcess};
 
 /// The domain template and the payload, as the image carries them.
-const TEMPLATE: &str = "/lab/domain.xml.in";
+const TEMPLATE: &str = "/lab/stack/domain.xml.in";
 pub const PAYLOAD: &str = "/var/lib/libvirt/images/vmblab-payload.elf";
 /// Where the payload keeps its state block (guest-physical; payload.c STATE_GPA).
 const STATE_GPA: u64 = 0x20_0000;
@@ -120,10 +121,10 @@ pub fn start_all(scenario: &Scenario) -> anyhow::Result<Vec<RunningVm>> {
         let o = child
             .join()
             .map_err(|_| anyhow::anyhow!("virsh thread panicked"))?
-            .context("running virsh create")?;
+            .context("running virsh start")?;
         if !o.status.success() {
             bail!(
-                "virsh create {}: {}",
+                "virsh start {}: {}",
                 vm.name,
                 String::from_utf8_lossy(&o.stderr).trim()
             );

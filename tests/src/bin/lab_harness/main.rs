@@ -204,6 +204,9 @@ fn run() -> anyhow::Result<bool> {
                 if let Some(w) = e.wait_for_migration_s {
                     guard.wait_for_migration(Duration::from_secs_f64(w));
                 }
+                if let Some(cmd) = &e.run {
+                    run_event_command(cmd);
+                }
                 if let Some(sig) = &e.kill_balancer {
                     guard.kill(signal_number(sig).unwrap_or(libc::SIGKILL));
                 }
@@ -281,6 +284,24 @@ fn run() -> anyhow::Result<bool> {
     vms::stop_all(running);
     drop(hogs);
     Ok(verdict.finish())
+}
+
+/// Runs a scenario event's shell command and reports how it ended.
+fn run_event_command(cmd: &str) {
+    let out = std::process::Command::new("sh").args(["-c", cmd]).output();
+    let text = match out {
+        Ok(o) => format!(
+            "`{cmd}`: {}; {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout).trim(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("`{cmd}` did not start: {e}"),
+    };
+    emit(&Record::Event {
+        source: "harness".into(),
+        text,
+    });
 }
 
 /// One line per VM of `vmbalancer status --json`: what the daemon thinks of each.
