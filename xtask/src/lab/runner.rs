@@ -187,7 +187,6 @@ impl Lab {
 
     /// The stack guest's disk for one run (the base image is built once per recipe).
     fn stack_image(&self, s: &ScenarioFile, args: &str, tag: &str) -> anyhow::Result<stack::Image> {
-        stack::check_host_tools()?;
         let started = std::time::Instant::now();
         let base = stack::ensure_base(
             &self.paths.target,

@@ -24,7 +24,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use super::KernelGen;
 use super::host::run_checked;
@@ -358,19 +358,6 @@ pub fn attach_disk(cmd: &mut Command, image: &Image) {
         "file={},if=virtio,format=raw",
         image.disk.display()
     ));
-}
-
-/// Fails early with the package to install when a host tool is missing.
-pub fn check_host_tools() -> anyhow::Result<()> {
-    for (tool, package) in [
-        ("/usr/bin/mmdebstrap", "mmdebstrap"),
-        ("/usr/sbin/mke2fs", "e2fsprogs"),
-    ] {
-        if !Path::new(tool).exists() {
-            bail!("the stack lab needs {tool}: apt-get install {package} (or cargo xtask setup)");
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
