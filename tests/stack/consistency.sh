@@ -3,9 +3,13 @@
 # libvirt's and the kernel's own tools: every defined domain runs, and each vCPU
 # thread's affinity (what the kernel enforces) equals what `virsh vcpuinfo`
 # reports and lies within its cgroup's effective CPU set. Prints one line per
-# problem; exits 1 if there was any.
+# problem; exits 1 if there was any. Arguments: the domains that must exist.
 problems=0
 say() { echo "consistency: $*"; problems=$((problems + 1)); }
+
+for want in "$@"; do
+  virsh domstate "$want" >/dev/null 2>&1 || say "$want is not defined"
+done
 
 for dom in $(virsh list --all --name); do
   state=$(virsh domstate "$dom")
