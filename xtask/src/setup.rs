@@ -24,7 +24,8 @@ use anyhow::{Context, bail};
 /// - systemd: `systemd-analyze verify` checks the unit in `cargo xtask test`;
 /// - util-linux: `mount` for tracefs;
 /// - qemu-system-x86, busybox-static, cpio: the multi-node NUMA lab guest;
-/// - numad, numactl: the baseline balancer and the placement tool the lab compares with.
+/// - numad, numactl: the baseline balancer and the placement tool the lab compares with;
+/// - mmdebstrap, e2fsprogs: the stack lab's Debian image and its ext4 disk.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "build-essential",
     "pkg-config",
@@ -35,6 +36,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "cpio",
     "numad",
     "numactl",
+    "mmdebstrap",
+    "e2fsprogs",
 ];
 
 /// The cargo-fuzz release `cargo xtask fuzz` drives (builds with the stable toolchain;

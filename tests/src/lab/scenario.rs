@@ -11,6 +11,7 @@
 //! sample_every_s = 5           # ground-truth sampling period
 //! cgroup = "v2"                # v2 | v1-cpuset: which cgroup hierarchy to mount
 //! timeout_s = 400              # host side: kill the guest after this long
+//! guest = "busybox"            # busybox (fake VMs) | stack (Debian, systemd, libvirt)
 //!
 //! [numad]
 //! args = ["-i", "5"]           # numad options (it runs in the foreground, -F)
@@ -120,6 +121,20 @@ pub enum CgroupMode {
     /// A cgroup v1 cpuset hierarchy at /sys/fs/cgroup/cpuset (hybrid hosts).
     #[serde(rename = "v1-cpuset")]
     V1Cpuset,
+}
+
+/// Which guest the scenario runs in.
+///
+/// `busybox`: the small initramfs whose VMs are the project's fake qemu processes.
+/// `stack`: a Debian root filesystem with systemd, libvirt and real qemu, where VMs
+/// are libvirt domains running the lab's guest payload (tests/guest/), vmbalancer is
+/// installed from its package and started by systemd, and numad comes from Debian.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Guest {
+    #[default]
+    Busybox,
+    Stack,
 }
 
 /// Initial placement of a fake VM's memory.
@@ -686,6 +701,10 @@ pub struct Event {
     /// configuration; its log is appended to.
     #[serde(default)]
     pub start_balancer: bool,
+    /// After the wait, before the signal: a shell command (`sh -c`), e.g. `virsh
+    /// destroy vm2` in the middle of a memory move. Its exit status is reported.
+    #[serde(default)]
+    pub run: Option<String>,
 }
 
 /// A process that fills one node's memory before the VMs start.
@@ -746,6 +765,8 @@ pub struct Scenario {
     pub events: Vec<Event>,
     /// Memory hogs started before the VMs.
     pub hogs: Vec<Hog>,
+    /// The guest image the scenario runs in.
+    pub guest: Guest,
 }
 
 impl Default for Scenario {
@@ -765,6 +786,7 @@ impl Default for Scenario {
             sysctl: BTreeMap::new(),
             events: Vec::new(),
             hogs: Vec::new(),
+            guest: Guest::Busybox,
         }
     }
 }
@@ -803,9 +825,9 @@ impl Scenario {
                     "unknown signal {sig:?} (KILL, TERM, INT, STOP, CONT)"
                 ));
             }
-            if e.kill_balancer.is_none() && !e.start_balancer {
+            if e.kill_balancer.is_none() && !e.start_balancer && e.run.is_none() {
                 return bad(format!(
-                    "event at {} s does nothing (kill_balancer or start_balancer)",
+                    "event at {} s does nothing (kill_balancer, start_balancer or run)",
                     e.at_s
                 ));
             }

@@ -174,7 +174,7 @@ pub fn read_vmstat(root: &Path) -> Result<BTreeMap<String, u64>, TruthError> {
 }
 
 /// The vCPU threads of a qemu-like process: (tid, vCPU index) for every thread
-/// named `CPU n/KVM`.
+/// named `CPU n/KVM` (or `CPU n/TCG` under emulation).
 pub fn vcpu_threads(root: &Path, pid: u32) -> Result<Vec<(u32, u32)>, TruthError> {
     let proc = root.join("proc");
     let tids =
@@ -195,10 +195,11 @@ pub fn vcpu_threads(root: &Path, pid: u32) -> Result<Vec<(u32, u32)>, TruthError
     Ok(out)
 }
 
-/// `CPU 3/KVM` -> 3.
+/// `CPU 3/KVM` (or `CPU 3/TCG`, qemu's name under emulation) -> 3.
 pub fn parse_vcpu_comm(comm: &str) -> Option<u32> {
-    comm.strip_prefix("CPU ")?
-        .strip_suffix("/KVM")?
+    let rest = comm.strip_prefix("CPU ")?;
+    rest.strip_suffix("/KVM")
+        .or_else(|| rest.strip_suffix("/TCG"))?
         .parse()
         .ok()
 }
@@ -387,6 +388,8 @@ mod tests {
     #[test]
     fn vcpu_names() {
         assert_eq!(parse_vcpu_comm("CPU 12/KVM"), Some(12));
+        assert_eq!(parse_vcpu_comm("CPU 1/TCG"), Some(1));
+        assert_eq!(parse_vcpu_comm("CPU 1/XYZ"), None);
         assert_eq!(parse_vcpu_comm("IO mon_iothread"), None);
     }
 

@@ -16,6 +16,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("cpio", "/usr/bin/cpio"),
     ("numad", "/usr/bin/numad"),
     ("numactl", "/usr/bin/numactl"),
+    ("mmdebstrap", "/usr/bin/mmdebstrap"),
+    ("e2fsprogs", "/usr/sbin/mke2fs"),
 ];
 
 /// Runs `cmd`, failing with `what` in the message if it cannot start or fails.

@@ -7,7 +7,8 @@
 //! installs host packages and builds the guest binaries, [`initramfs`] packs the
 //! guest, [`qemu`] boots it and streams the console, [`results`] parses the
 //! harness's result lines, [`compare`] prints the comparison table and
-//! [`capture`] writes captured trees to `tests/fixtures/`.
+//! [`capture`] writes captured trees to `tests/fixtures/`; [`stack`] builds the
+//! Debian/systemd/libvirt guest of `guest = "stack"` scenarios.
 //!
 //! Usage:
 //! - `cargo xtask lab boot` / `cargo xtask lab S1 S2 --kernel 6.12`
@@ -28,6 +29,7 @@ mod qemu;
 mod results;
 mod runner;
 mod scenarios;
+mod stack;
 
 use std::path::{Path, PathBuf};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::scenarios::{ScenarioFile, load_scenario};
-use super::{KernelGen, Paths, compare, host, initramfs, kernel, qemu, results};
+use super::{KernelGen, Paths, compare, host, initramfs, kernel, qemu, results, stack};
 
 /// Everything prepared once per `cargo xtask lab` invocation.
 pub struct Lab {
@@ -16,6 +16,7 @@ pub struct Lab {
     kernel: PathBuf,
     base: PathBuf,
     work: PathBuf,
+    bins: host::Binaries,
     verbose: bool,
     timeout_override: Option<u64>,
 }
@@ -52,6 +53,7 @@ impl Lab {
             kernel,
             base,
             work,
+            bins,
             verbose,
             timeout_override,
         })
@@ -88,15 +90,29 @@ impl Lab {
             s.name,
             self.kernel_gen.label()
         );
-        let initrd = self.initrd(s, &args, false, tag)?;
         let timeout = Duration::from_secs(self.timeout_override.unwrap_or(s.timeout_s));
-        eprintln!(
-            "lab: booting kernel {} ({}) for scenario {} ({tag}), timeout {} s",
-            self.kernel_gen.label(),
-            self.kernel.display(),
-            s.name,
-            timeout.as_secs()
-        );
+        let command = if s.stack {
+            let image = self.stack_image(s, &args, tag)?;
+            let mut cmd = qemu::command(&image.kernel, &image.initrd, stack::APPEND);
+            stack::attach_disk(&mut cmd, &image);
+            eprintln!(
+                "lab: booting the stack image ({}) for scenario {} ({tag}), timeout {} s",
+                image.disk.display(),
+                s.name,
+                timeout.as_secs()
+            );
+            cmd
+        } else {
+            let initrd = self.initrd(s, &args, false, tag)?;
+            eprintln!(
+                "lab: booting kernel {} ({}) for scenario {} ({tag}), timeout {} s",
+                self.kernel_gen.label(),
+                self.kernel.display(),
+                s.name,
+                timeout.as_secs()
+            );
+            qemu::command(&self.kernel, &initrd, "")
+        };
         let verbose = self.verbose;
         let seen_init = std::cell::Cell::new(false);
         let echo = |line: &str| -> Option<String> {
@@ -108,13 +124,9 @@ impl Lab {
             }
             results::render(line)
         };
-        let boot = qemu::run(
-            qemu::command(&self.kernel, &initrd, ""),
-            timeout,
-            "[guest] ",
-            &echo,
-        )
-        .with_context(|| format!("scenario {} on kernel {}", s.name, self.kernel_gen.label()))?;
+        let boot = qemu::run(command, timeout, "[guest] ", &echo).with_context(|| {
+            format!("scenario {} on kernel {}", s.name, self.kernel_gen.label())
+        })?;
         let console = self
             .work
             .join(format!("console-{tag}-{}.log", self.kernel_gen.label()));
@@ -173,6 +185,35 @@ impl Lab {
         Ok(r)
     }
 
+    /// The stack guest's disk for one run (the base image is built once per recipe).
+    fn stack_image(&self, s: &ScenarioFile, args: &str, tag: &str) -> anyhow::Result<stack::Image> {
+        let started = std::time::Instant::now();
+        let base = stack::ensure_base(
+            &self.paths.target,
+            &stack::Recipe::for_kernel(self.kernel_gen),
+        )?;
+        let payload = self.work.join("vmblab-payload.elf");
+        stack::build_payload(&self.paths.workspace, &payload)?;
+        let image = stack::build_image(
+            &self.work,
+            &base,
+            &stack::RunFiles {
+                harness: &self.bins.harness,
+                vmbalancer: self.bins.vmbalancer.as_deref(),
+                payload: &payload,
+                stack_dir: &self.paths.workspace.join("tests/stack"),
+                scenario_toml: &s.text,
+                harness_args: args,
+            },
+            tag,
+        )?;
+        eprintln!(
+            "lab: stack image for {tag} ready in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(image)
+    }
+
     pub fn shell(&self) -> anyhow::Result<()> {
         let s = ScenarioFile {
             name: "shell".into(),
@@ -182,6 +223,7 @@ impl Lab {
             timeout_s: 0,
             compare: Vec::new(),
             balancer: "none".into(),
+            stack: false,
         };
         let initrd = self.initrd(
             &s,

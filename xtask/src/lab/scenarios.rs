@@ -15,6 +15,8 @@ pub struct ScenarioFile {
     pub compare: Vec<String>,
     /// The scenario's own balancer (its assertions are about this one).
     pub balancer: String,
+    /// Runs in the stack guest (`guest = "stack"`: Debian, systemd, libvirt).
+    pub stack: bool,
 }
 
 pub fn load_scenario(paths: &Paths, name: &str) -> anyhow::Result<ScenarioFile> {
@@ -51,6 +53,7 @@ pub fn load_scenario(paths: &Paths, name: &str) -> anyhow::Result<ScenarioFile> 
             .and_then(|v| v.as_str())
             .unwrap_or("none")
             .to_string(),
+        stack: value.get("guest").and_then(|v| v.as_str()) == Some("stack"),
         text,
     })
 }

@@ -4,6 +4,10 @@
 //! events), started as its systemd unit would start it (`unit_like`, with a
 //! notification socket whose messages are recorded when `notify`), and asked for
 //! `vmbalancer status --json` before it stops.
+//!
+//! In the stack guest (scenario `guest = "stack"`) vmbalancer is the installed
+//! service: `systemctl start vmbalancer` (Type=notify, so it returns once the daemon
+//! said READY=1), signals through `systemctl kill`, its log from the journal.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::DirBuilderExt;
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use vmbalancer_tests::lab::protocol::Record;
-use vmbalancer_tests::lab::scenario::{Balancer, Scenario};
+use vmbalancer_tests::lab::scenario::{Balancer, Guest, Scenario};
 
 use crate::emit;
 
@@ -53,6 +57,65 @@ pub struct Guard {
     pub status: Option<Result<serde_json::Value, String>>,
     /// vmbalancer's state directory (its journal).
     pub state_dir: PathBuf,
+    /// vmbalancer is the systemd service (stack guest).
+    service: bool,
+}
+
+/// Runs `systemctl ARGS`, failing with its message.
+fn systemctl(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("systemctl")
+        .args(args)
+        .output()
+        .context("running systemctl")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "systemctl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Starts the vmbalancer service and waits until systemd calls it active (READY=1).
+fn start_service(scenario: &Scenario) -> anyhow::Result<()> {
+    if let Some(config) = &scenario.vmbalancer.config {
+        std::fs::write(UNIT_CONFIG, config)?;
+    }
+    let start = Instant::now();
+    systemctl(&["start", "vmbalancer"])?;
+    loop {
+        let active = Command::new("systemctl")
+            .args(["is-active", "--quiet", "vmbalancer"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if active {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("vmbalancer.service not active 60 s after `systemctl start`");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "vmbalancer.service active (READY) {:.1} s after `systemctl start`",
+            start.elapsed().as_secs_f64()
+        ),
+    });
+    Ok(())
+}
+
+/// The service's journal since boot, into the log file the reports read.
+fn save_journal() {
+    if let Ok(o) = Command::new("journalctl")
+        .args(["-u", "vmbalancer", "-o", "short-monotonic", "--no-pager"])
+        .output()
+    {
+        let _ = std::fs::write(VMBALANCER_LOG, o.stdout);
+    }
 }
 
 /// The value of a top-level `key = "value"` of a TOML config, if any.
@@ -151,7 +214,16 @@ pub fn start(kind: Balancer, scenario: &Scenario) -> anyhow::Result<Guard> {
     let mut recipe = None;
     let mut notify = None;
     let started = Instant::now();
+    let service = scenario.guest == Guest::Stack;
     match kind {
+        Balancer::Vmbalancer if service => {
+            start_service(scenario)?;
+            recipe = Some(Recipe {
+                args: Vec::new(),
+                env: Vec::new(),
+                config_path: Some(PathBuf::from(UNIT_CONFIG)),
+            });
+        }
         Balancer::None => {}
         Balancer::Autonuma => std::fs::write("/proc/sys/kernel/numa_balancing", "1")
             .context("enabling kernel.numa_balancing")?,
@@ -187,6 +259,7 @@ pub fn start(kind: Balancer, scenario: &Scenario) -> anyhow::Result<Guard> {
         notify,
         status: None,
         state_dir,
+        service,
     })
 }
 
@@ -231,6 +304,14 @@ fn report_stacks(pid: u32) {
 impl Guard {
     /// Sends `signal` to vmbalancer (and reaps it when the signal ends it).
     pub fn kill(&mut self, signal: i32) {
+        if self.service {
+            let r = systemctl(&["kill", "-s", &signal.to_string(), "vmbalancer"]);
+            emit(&Record::Event {
+                source: "harness".into(),
+                text: format!("systemctl kill -s {signal} vmbalancer: {r:?}"),
+            });
+            return;
+        }
         let Some(c) = self.child.as_mut() else {
             emit(&Record::Event {
                 source: "harness".into(),
@@ -292,6 +373,14 @@ impl Guard {
 
     /// Starts vmbalancer again the same way, appending to its log.
     pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.service {
+            systemctl(&["start", "vmbalancer"])?;
+            emit(&Record::Event {
+                source: "harness".into(),
+                text: "vmbalancer.service started again".into(),
+            });
+            return Ok(());
+        }
         let Some(recipe) = &self.recipe else {
             return Ok(());
         };
@@ -356,6 +445,20 @@ impl Guard {
                 report_log("numad", NUMAD_LOG, 60, |l| {
                     !l.contains("Nodes:") && !l.contains("Node ") && !l.trim().is_empty()
                 });
+            }
+            Balancer::Vmbalancer if self.service => {
+                let start = Instant::now();
+                let r = systemctl(&["stop", "vmbalancer"]);
+                emit(&Record::Event {
+                    source: "harness".into(),
+                    text: format!(
+                        "systemctl stop vmbalancer: {} in {:.1} s",
+                        r.map_or_else(|e| format!("{e:#}"), |()| "stopped".into()),
+                        start.elapsed().as_secs_f64()
+                    ),
+                });
+                save_journal();
+                report_log("vmbalancer", VMBALANCER_LOG, self.log_lines, |_| true);
             }
             Balancer::Vmbalancer => {
                 if let Some(mut c) = self.child.take() {

@@ -16,6 +16,7 @@ mod capture;
 mod checks;
 mod command;
 mod consistency;
+mod domains;
 mod hog;
 mod sampler;
 mod trace_truth;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use vmbalancer_tests::lab::protocol::Record;
-use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Event, Scenario, signal_number};
+use vmbalancer_tests::lab::scenario::{Assertion, Balancer, Event, Guest, Scenario, signal_number};
 use vmbalancer_tests::lab::{access, truth};
 
 #[derive(Debug, Parser)]
@@ -127,13 +128,27 @@ fn run() -> anyhow::Result<bool> {
         return Ok(verdict.finish());
     }
 
-    vms::setup_cgroups(scenario.cgroup)?;
+    let stack = scenario.guest == Guest::Stack;
+    if !stack {
+        // systemd mounted the stack guest's cgroups and libvirt made its groups.
+        vms::setup_cgroups(scenario.cgroup)?;
+    }
     vms::setup_sysctls(&scenario, &nodes)?;
     let oom_kills0 = oom_kills();
     std::fs::create_dir_all("/run/lab")?;
     let hogs = hog::start_all(&scenario.hogs)?;
-    let mut running = vms::start_all(&scenario, &nodes)?;
-    vms::wait_ready(&mut running, Duration::from_secs(180))?;
+    let mut running = if stack {
+        domains::check_payload()?;
+        domains::start_all(&scenario)?
+    } else {
+        vms::start_all(&scenario, &nodes)?
+    };
+    // A libvirt domain's start and first touch take tens of seconds under emulation.
+    let ready_limit_s = if stack { 300 } else { 180 };
+    vms::wait_ready(&mut running, Duration::from_secs(ready_limit_s))?;
+    if stack {
+        domains::place(&scenario, &running, &nodes)?;
+    }
     vms::confine(&running)?;
 
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
@@ -189,6 +204,9 @@ fn run() -> anyhow::Result<bool> {
                 if let Some(w) = e.wait_for_migration_s {
                     guard.wait_for_migration(Duration::from_secs_f64(w));
                 }
+                if let Some(cmd) = &e.run {
+                    run_event_command(cmd);
+                }
                 if let Some(sig) = &e.kill_balancer {
                     guard.kill(signal_number(sig).unwrap_or(libc::SIGKILL));
                 }
@@ -213,6 +231,9 @@ fn run() -> anyhow::Result<bool> {
     let mut consistency = None;
     if balancer == Balancer::Vmbalancer {
         guard.take_status();
+        if stack {
+            report_status_vms(guard.status.as_ref());
+        }
         if wants(|a| matches!(a, Assertion::Consistent { .. })) {
             consistency = Some(consistency::running_problems(&running));
         }
@@ -263,6 +284,51 @@ fn run() -> anyhow::Result<bool> {
     vms::stop_all(running);
     drop(hogs);
     Ok(verdict.finish())
+}
+
+/// Runs a scenario event's shell command and reports how it ended.
+fn run_event_command(cmd: &str) {
+    let out = std::process::Command::new("sh").args(["-c", cmd]).output();
+    let text = match out {
+        Ok(o) => format!(
+            "`{cmd}`: {}; {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout).trim(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("`{cmd}` did not start: {e}"),
+    };
+    emit(&Record::Event {
+        source: "harness".into(),
+        text,
+    });
+}
+
+/// One line per VM of `vmbalancer status --json`: what the daemon thinks of each.
+fn report_status_vms(status: Option<&Result<serde_json::Value, String>>) {
+    let Some(Ok(status)) = status else {
+        return;
+    };
+    for vm in status
+        .get("vms")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let field = |k: &str| vm.get(k).map_or("-".to_string(), |v| v.to_string());
+        emit(&Record::Event {
+            source: "status".into(),
+            text: format!(
+                "{} pid {}: managed {} ({}), cpus {}, locality {} %",
+                field("name"),
+                field("pid"),
+                field("managed"),
+                field("unmanaged_why"),
+                field("cpus"),
+                field("locality_pct")
+            ),
+        });
+    }
 }
 
 /// /proc/vmstat `oom_kill` (0 when unreadable).

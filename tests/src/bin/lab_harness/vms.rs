@@ -30,13 +30,30 @@ pub struct RunningVm {
     pub hot_offset: f64,
     /// Share (%) of vCPU touches aimed at the hot set.
     pub hot_access_pct: f64,
-    child: Child,
+    pub process: VmProcess,
+}
+
+/// What runs a VM: a fake qemu the harness started, or a libvirt domain's qemu.
+pub enum VmProcess {
+    Fake(Child),
+    Domain,
 }
 
 impl RunningVm {
-    /// Whether the fake VM is still running.
+    /// Whether the VM's process is still running.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match &mut self.process {
+            VmProcess::Fake(child) => matches!(child.try_wait(), Ok(None)),
+            VmProcess::Domain => crate::domains::running(self.pid),
+        }
+    }
+
+    /// Why the VM's process ended, if it did.
+    fn exit_status(&mut self) -> Option<String> {
+        match &mut self.process {
+            VmProcess::Fake(child) => child.try_wait().ok().flatten().map(|s| s.to_string()),
+            VmProcess::Domain => (!crate::domains::running(self.pid)).then(|| "qemu gone".into()),
+        }
     }
 }
 
@@ -230,7 +247,7 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
             hot_fraction: vm.spec.hot_fraction,
             hot_offset: vm.spec.hot_offset,
             hot_access_pct: vm.spec.hot_access_pct,
-            child,
+            process: VmProcess::Fake(child),
         });
     }
     Ok(out)
@@ -242,9 +259,9 @@ pub fn wait_ready(vms: &mut [RunningVm], limit: Duration) -> anyhow::Result<()> 
     let start = Instant::now();
     loop {
         for vm in vms.iter_mut() {
-            if let Ok(Some(status)) = vm.child.try_wait() {
+            if let Some(status) = vm.exit_status() {
                 bail!(
-                    "fake VM {} exited during start-up ({status}); see its message above",
+                    "VM {} exited during start-up ({status}); see its message above",
                     vm.name
                 );
             }
@@ -303,8 +320,13 @@ pub fn confine(vms: &[RunningVm]) -> anyhow::Result<()> {
 }
 
 pub fn stop_all(vms: Vec<RunningVm>) {
-    for mut vm in vms {
-        let _ = vm.child.kill();
-        let _ = vm.child.wait();
+    for vm in vms {
+        match vm.process {
+            VmProcess::Fake(mut child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            VmProcess::Domain => crate::domains::destroy(&vm.name),
+        }
     }
 }

@@ -1,0 +1,374 @@
+//! The stack guest's VMs: libvirt domains of real qemu running the lab's guest
+//! payload (tests/guest/payload.c), defined and started as an operator would
+//! (`virsh define` of a domain XML without pinning, `virsh start`), the starts in
+//! parallel because each costs tens of seconds under emulation. Defined, not
+//! transient: a scenario may destroy a domain and start it again.
+//!
+//! The rest of the harness knows VMs by their progress file (`vms::RunningVm`):
+//! written by the fake VM itself in the busybox guest. A real guest cannot write
+//! host files, so a relay thread per domain reads the payload's state block from
+//! guest RAM (`/proc/PID/mem` at the guest RAM mapping + `STATE_GPA`) and writes the
+//! same progress file once the payload has first-touched its RAM. Everything
+//! downstream (readiness, touches per interval, the sampler) is then shared.
+//!
+//! Initial placement ([`place`]): the payload first-touches its RAM wherever the
+//! kernel puts it; the harness then moves the pages to the scenario's placement
+//! with move_pages(2) (round-robin chunks for `scattered`), which leaves no memory
+//! policy, cpuset or affinity behind that a balancer could mistake for an operator's
+//! choice.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use vmbalancer_tests::lab::protocol::Record;
+use vmbalancer_tests::lab::scenario::{Placement, Scenario, VmInstance};
+use vmbalancer_tests::lab::truth::{self, NodeInfo};
+
+use crate::emit;
+use crate::vms::{RunningVm, VmProcess};
+
+/// The domain template and the payload, as the image carries them.
+const TEMPLATE: &str = "/lab/stack/domain.xml.in";
+pub const PAYLOAD: &str = "/var/lib/libvirt/images/vmblab-payload.elf";
+/// Where the payload keeps its state block (guest-physical; payload.c STATE_GPA).
+const STATE_GPA: u64 = 0x20_0000;
+const STATE_MAGIC: u32 = 0x564d_424c;
+/// move_pages(2) flag: move pages shared with other processes too (linux/mempolicy.h;
+/// the libc crate does not export it).
+const MPOL_MF_MOVE_ALL: libc::c_int = 1 << 2;
+
+/// Whether process `pid` exists and is not a zombie (the state after the comm's
+/// closing parenthesis).
+pub fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// The payload's command line for `vm`.
+fn cmdline(vm: &VmInstance) -> String {
+    let s = &vm.spec;
+    let duty = s.phases.first().map_or(100.0, |p| p.duty_pct);
+    format!(
+        "ram_mib={} hot_permille={} hot_offset_permille={} hot_access_pct={} duty_pct={}",
+        s.memory_mib,
+        (s.hot_fraction * 1000.0).round() as u32,
+        (s.hot_offset * 1000.0).round() as u32,
+        s.hot_access_pct.round() as u32,
+        duty.round() as u32
+    )
+}
+
+/// The domain XML of `vm` from `template`.
+pub fn domain_xml(template: &str, vm: &VmInstance) -> String {
+    template
+        .replace("@NAME@", &vm.name)
+        .replace("@MEMORY_MIB@", &vm.spec.memory_mib.to_string())
+        .replace("@VCPUS@", &vm.spec.vcpus.to_string())
+        .replace("@KERNEL@", PAYLOAD)
+        .replace("@CMDLINE@", &cmdline(vm))
+}
+
+fn virsh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("virsh")
+        .args(args)
+        .output()
+        .context("running virsh")?;
+    if !out.status.success() {
+        bail!(
+            "virsh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The pid of running domain `name` (libvirt's pid file).
+pub fn domain_pid(name: &str) -> anyhow::Result<u32> {
+    let path = format!("/run/libvirt/qemu/{name}.pid");
+    fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {path}"))
+}
+
+/// Starts (`virsh create`) every VM of the scenario in parallel; returns them once
+/// libvirt reports each running.
+pub fn start_all(scenario: &Scenario) -> anyhow::Result<Vec<RunningVm>> {
+    let template = fs::read_to_string(TEMPLATE).with_context(|| format!("reading {TEMPLATE}"))?;
+    fs::create_dir_all("/run/lab")?;
+    let start = Instant::now();
+    let instances = scenario.instances();
+    let mut children = Vec::new();
+    for vm in &instances {
+        let xml = PathBuf::from(format!("/run/lab/{}.xml", vm.name));
+        fs::write(&xml, domain_xml(&template, vm))?;
+        let child = Command::new("virsh").arg("create").arg(&xml).output();
+        children.push(std::thread::spawn(move || child));
+    }
+    let mut out = Vec::new();
+    for (vm, child) in instances.iter().zip(children) {
+        let o = child
+            .join()
+            .map_err(|_| anyhow::anyhow!("virsh thread panicked"))?
+            .context("running virsh start")?;
+        if !o.status.success() {
+            bail!(
+                "virsh start {}: {}",
+                vm.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        let pid = domain_pid(&vm.name)?;
+        let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
+        let _ = fs::remove_file(&progress);
+        let memory_bytes = vm.spec.memory_mib << 20;
+        spawn_relay(pid, memory_bytes, vm.spec.vcpus, progress.clone());
+        out.push(RunningVm {
+            name: vm.name.clone(),
+            pid,
+            vcpus: vm.spec.vcpus,
+            progress,
+            cpus: Vec::new(),
+            memory_bytes,
+            hot_fraction: vm.spec.hot_fraction,
+            hot_offset: vm.spec.hot_offset,
+            hot_access_pct: vm.spec.hot_access_pct,
+            process: VmProcess::Domain,
+        });
+    }
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "{} libvirt domains started in {:.1} s",
+            out.len(),
+            start.elapsed().as_secs_f64()
+        ),
+    });
+    Ok(out)
+}
+
+/// The payload's state block: (ready, touches).
+fn read_state(pid: u32, ram_start: u64) -> Option<(bool, u64)> {
+    let mut mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    mem.seek(SeekFrom::Start(ram_start + STATE_GPA)).ok()?;
+    let mut buf = [0u8; 16];
+    mem.read_exact(&mut buf).ok()?;
+    let word = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().unwrap_or_default());
+    if word(0) != STATE_MAGIC {
+        return None;
+    }
+    let touches = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
+    Some((word(4) == 1, touches))
+}
+
+/// Relays the payload's state to `progress` every 250 ms while qemu runs, in the
+/// fake VM's format (`{"touches": [...]}`, one entry per vCPU: only the boot vCPU
+/// works).
+fn spawn_relay(pid: u32, memory_bytes: u64, vcpus: u32, progress: PathBuf) {
+    std::thread::spawn(move || {
+        let mut ram_start = None;
+        while running(pid) {
+            if ram_start.is_none() {
+                ram_start = fs::read_to_string(format!("/proc/{pid}/maps"))
+                    .ok()
+                    .and_then(|m| truth::guest_ram_mapping(&m, memory_bytes).ok())
+                    .map(|(start, _)| start);
+            }
+            if let Some((true, touches)) = ram_start.and_then(|s| read_state(pid, s)) {
+                let mut per_vcpu = vec![0u64; vcpus.max(1) as usize];
+                per_vcpu[0] = touches;
+                let text = serde_json::json!({ "touches": per_vcpu }).to_string();
+                let tmp = progress.with_extension("tmp");
+                if fs::write(&tmp, text).is_ok() {
+                    let _ = fs::rename(&tmp, &progress);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+}
+
+/// The node page `i` of a VM's guest RAM goes to under `placement`, if any.
+fn target_node(
+    placement: Placement,
+    node: u32,
+    chunk_pages: u64,
+    n_nodes: usize,
+    i: u64,
+) -> Option<i32> {
+    match placement {
+        Placement::Default => None,
+        Placement::Node => Some(node as i32),
+        Placement::Scattered => Some(((i / chunk_pages.max(1)) % n_nodes as u64) as i32),
+        Placement::Interleave => Some((i % n_nodes as u64) as i32),
+    }
+}
+
+/// Moves each VM's resident guest RAM to its scenario placement (see the module
+/// doc), VMs in parallel.
+pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut jobs = Vec::new();
+    for (vm, spec) in vms.iter().zip(scenario.instances()) {
+        let spec = spec.spec;
+        if spec.placement == Placement::Default {
+            continue;
+        }
+        let maps = fs::read_to_string(format!("/proc/{}/maps", vm.pid))?;
+        let (ram_start, _) = truth::guest_ram_mapping(&maps, vm.memory_bytes)
+            .with_context(|| format!("VM {}: guest RAM mapping", vm.name))?;
+        let pages = vm.memory_bytes / 4096;
+        let chunk_pages = (spec.chunk_mib << 20) / 4096;
+        let n_nodes = nodes.len();
+        let pid = vm.pid;
+        let name = vm.name.clone();
+        jobs.push(std::thread::spawn(move || -> anyhow::Result<u64> {
+            let mut moved = 0u64;
+            const BATCH: u64 = 4096;
+            for first in (0..pages).step_by(BATCH as usize) {
+                let n = BATCH.min(pages - first);
+                let mut addrs = Vec::with_capacity(n as usize);
+                let mut targets = Vec::with_capacity(n as usize);
+                for i in first..first + n {
+                    if let Some(t) = target_node(spec.placement, spec.node, chunk_pages, n_nodes, i)
+                    {
+                        addrs.push((ram_start + i * 4096) as *mut libc::c_void);
+                        targets.push(t as libc::c_int);
+                    }
+                }
+                let mut status = vec![0 as libc::c_int; addrs.len()];
+                // SAFETY: the three arrays hold `addrs.len()` elements each.
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_move_pages,
+                        pid as libc::c_long,
+                        addrs.len() as libc::c_ulong,
+                        addrs.as_ptr(),
+                        targets.as_ptr(),
+                        status.as_mut_ptr(),
+                        MPOL_MF_MOVE_ALL,
+                    )
+                };
+                if r < 0 {
+                    bail!("VM {name}: move_pages: {}", std::io::Error::last_os_error());
+                }
+                moved += status.iter().filter(|&&s| s >= 0).count() as u64;
+            }
+            Ok(moved)
+        }));
+    }
+    let mut pages = 0;
+    for j in jobs {
+        pages += j
+            .join()
+            .map_err(|_| anyhow::anyhow!("placement thread panicked"))??;
+    }
+    for vm in vms {
+        describe(vm, nodes.len());
+    }
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "guest RAM of {} domains placed ({pages} pages) in {:.1} s",
+            vms.len(),
+            start.elapsed().as_secs_f64()
+        ),
+    });
+    Ok(())
+}
+
+/// Reports where a domain's guest RAM lies and how its threads may run: the
+/// ground truth a reader of the run needs to trust the placement.
+fn describe(vm: &RunningVm, n_nodes: usize) {
+    let root = Path::new("/");
+    let maps = fs::read_to_string(format!("/proc/{}/maps", vm.pid)).unwrap_or_default();
+    let mapping = truth::guest_ram_mapping(&maps, vm.memory_bytes).ok();
+    let per_node = truth::read_guest_ram_bytes_per_node(root, vm.pid, vm.memory_bytes, n_nodes)
+        .map(|b| b.iter().map(|x| x >> 20).collect::<Vec<_>>());
+    let threads: Vec<String> = truth::vcpu_threads(root, vm.pid)
+        .unwrap_or_default()
+        .iter()
+        .map(|&(tid, idx)| {
+            format!(
+                "vCPU{idx}=tid {tid} allowed {}",
+                truth::read_cpus_allowed(root, vm.pid, tid).unwrap_or_default()
+            )
+        })
+        .collect();
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "{} pid {}: guest RAM mapping {mapping:x?}, MiB per node {per_node:?}; {}",
+            vm.name,
+            vm.pid,
+            threads.join(", ")
+        ),
+    });
+}
+
+/// Ends domain `name` (`virsh destroy`), reporting a failure as an event.
+pub fn destroy(name: &str) {
+    if let Err(e) = virsh(&["destroy", name]) {
+        emit(&Record::Event {
+            source: "harness".into(),
+            text: format!("{e:#}"),
+        });
+    }
+}
+
+/// Whether `path` is readable by others (qemu runs as libvirt-qemu).
+pub fn check_payload() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        fs::metadata(Path::new(PAYLOAD)).with_context(|| format!("no guest payload {PAYLOAD}"))?;
+    if meta.permissions().mode() & 0o004 == 0 {
+        bail!("{PAYLOAD} is not readable by the qemu user");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scattered_chunks_go_round_robin() {
+        let at = |i| target_node(Placement::Scattered, 0, 1024, 4, i);
+        assert_eq!(at(0), Some(0));
+        assert_eq!(at(1023), Some(0));
+        assert_eq!(at(1024), Some(1));
+        assert_eq!(at(4 * 1024), Some(0));
+        assert_eq!(target_node(Placement::Default, 0, 1024, 4, 5), None);
+        assert_eq!(target_node(Placement::Node, 2, 1024, 4, 5), Some(2));
+    }
+
+    #[test]
+    fn template_is_filled() {
+        let vm = VmInstance {
+            id: 1,
+            name: "vm1".into(),
+            spec: Default::default(),
+        };
+        let xml = domain_xml(
+            "<name>@NAME@</name><m>@MEMORY_MIB@</m><c>@CMDLINE@</c>",
+            &vm,
+        );
+        assert!(xml.contains("<name>vm1</name>"), "{xml}");
+        assert!(xml.contains("<m>256</m>"), "{xml}");
+        assert!(
+            xml.contains("hot_permille=250 hot_offset_permille=0 hot_access_pct=95"),
+            "{xml}"
+        );
+    }
+}
