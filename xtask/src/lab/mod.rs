@@ -110,11 +110,18 @@ use scenarios::{list, load_scenario};
 /// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`), each once
 /// under its own balancer: those whose subject has no counterpart under none,
 /// autonuma or numad (a dry run, trace's own report, a SIGKILLed and restarted
-/// daemon, a systemd-style start).
+/// daemon, a systemd-style start, numad's `-R` reserved CPUs).
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
         KernelGen::V6_1,
-        &["boot", "dry-run", "trace-truth", "crash", "daemon-unit"],
+        &[
+            "boot",
+            "dry-run",
+            "trace-truth",
+            "crash",
+            "daemon-unit",
+            "reserved",
+        ],
     ),
     (KernelGen::V6_12, &["boot"]),
 ];

@@ -11,7 +11,7 @@
 //!   the cache directory `target/lab/stack/<hash>/`, where mmdebstrap's tar is kept:
 //!   built once (minutes), rebuilt only when the recipe changes.
 //! - Per run: the tar is unpacked into a fresh tree, the run's files are added
-//!   (harness, vmbalancer as installed on a host, the guest payload, tests/stack
+//!   (harness, vmbalancer's Debian package for the harness to `dpkg -i`, the guest payload, tests/stack
 //!   (domain template, scripts), the scenario, a oneshot unit that runs the harness after libvirtd and
 //!   powers off), and `mke2fs -d` makes the ext4 image booted with the kernel and
 //!   initrd from the image's own /boot.
@@ -274,13 +274,14 @@ pub fn build_image(
     fs::copy(find("initrd.img-")?, &initrd)?;
 
     copy_mode(run.harness, &root.join("usr/bin/lab-harness"), 0o755)?;
-    if let Some(vmbalancer) = run.vmbalancer {
-        crate::install::install_files(&root, vmbalancer)?;
-        // The shipped unit passes --config explicitly: an empty file is the defaults.
-        let config = root.join("etc/vmbalancer/config.toml");
-        if !config.exists() {
-            write_mode(&config, "", 0o644)?;
-        }
+    if run.vmbalancer.is_some() {
+        // As an operator installs it: the harness runs `dpkg -i` of the package.
+        let deb = crate::package::build_deb()?;
+        copy_mode(
+            &deb,
+            &root.join("var/cache/vmbalancer/vmbalancer.deb"),
+            0o644,
+        )?;
     }
     copy_mode(
         run.payload,

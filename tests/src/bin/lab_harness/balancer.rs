@@ -78,8 +78,49 @@ fn systemctl(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the image carries the package; the harness installs it as an operator does.
+const PACKAGE: &str = "/var/cache/vmbalancer/vmbalancer.deb";
+
+/// `dpkg -i` of the project's package, once per boot (an image without it has the
+/// files installed already).
+fn install_package() -> anyhow::Result<()> {
+    let installed = Command::new("dpkg")
+        .args(["-s", "vmbalancer"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed || !std::path::Path::new(PACKAGE).exists() {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let out = Command::new("dpkg")
+        .args(["-i", PACKAGE])
+        .output()
+        .context("running dpkg")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "dpkg -i {PACKAGE}: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // Installing enables and starts nothing.
+    let enabled = Command::new("systemctl")
+        .args(["is-enabled", "--quiet", "vmbalancer"])
+        .status()
+        .is_ok_and(|s| s.success());
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "dpkg -i vmbalancer.deb: {:.1} s; unit enabled after install: {enabled}",
+            start.elapsed().as_secs_f64()
+        ),
+    });
+    Ok(())
+}
+
 /// Starts the vmbalancer service and waits until systemd calls it active (READY=1).
 fn start_service(scenario: &Scenario) -> anyhow::Result<()> {
+    install_package()?;
     if let Some(config) = &scenario.vmbalancer.config {
         std::fs::write(UNIT_CONFIG, config)?;
     }
