@@ -3,22 +3,31 @@
 //! programs. Every failure is one [`TelemetryError`] line naming what is missing,
 //! checked in the order an operator would fix them: privileges, kernel version, BTF,
 //! tracefs, then the individual hooks.
+//!
+//! Kernels differ in which program types they accept on a hook (a verifier that
+//! rejects one form, no BPF trampolines, no kprobes), so a feature may have several
+//! paths that count the same thing. The loader tries them in order of preference,
+//! keeps the first the kernel accepts and records why each other one was refused
+//! ([`FeaturePaths`]): `vmbalancer trace --features` prints that matrix.
 
 use std::path::{Path, PathBuf};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::Array,
-    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint,
+        perf_event::{BreakpointConfig, PerfEventConfig, PerfEventScope, SamplePolicy},
+    },
 };
 use balancer_common::{
-    FaultAddressLayout, MAX_CPUS, NumaMoveLayout, SchedMigrateLayout, SchedSwitchLayout, globals,
-    names,
+    FaultAddressLayout, MAX_CPUS, NumaMoveLayout, SchedMigrateLayout, SchedSwitchLayout,
+    SchedSwitchRecordLayout, globals, names,
 };
 
 use super::preflight::{check_kernel_version, check_privileges, raise_memlock_limit};
 use super::{
-    Feature, FeatureState, TelemetryError, topology,
+    Feature, FeaturePaths, FeatureState, RefusedPath, TelemetryError, topology,
     tracefs::{Tracefs, TracepointFormat},
 };
 
@@ -55,6 +64,7 @@ pub struct Telemetry {
     pub(super) ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub(super) features: Vec<(Feature, FeatureState)>,
+    paths: Vec<FeaturePaths>,
     /// NUMA node of each possible CPU (index: CPU), `None` when offline/unknown.
     pub(super) cpu_node: Vec<Option<u32>>,
     /// Number of nodes the per-node vectors of the read API have.
@@ -76,6 +86,7 @@ impl std::fmt::Debug for Telemetry {
 struct Layouts {
     migrate: SchedMigrateLayout,
     switch: Result<SchedSwitchLayout, String>,
+    switch_record: Result<SchedSwitchRecordLayout, String>,
     page_fault_user: Result<FaultAddressLayout, String>,
     kvm_page_fault: Result<FaultAddressLayout, String>,
     move_numa: Result<NumaMoveLayout, String>,
@@ -110,6 +121,14 @@ impl Layouts {
                 task_pid_offset,
                 valid: 1,
             });
+        let switch_record = optional("sched", "sched_switch").and_then(|f| {
+            Ok(SchedSwitchRecordLayout {
+                prev_pid_offset: f.offset_of("prev_pid", 4)?,
+                next_pid_offset: f.offset_of("next_pid", 4)?,
+                valid: 1,
+                _pad: 0,
+            })
+        });
         // Read as a raw tracepoint: the address is the first TP_PROTO argument,
         // which the format file shows as the first field after the common ones.
         let page_fault_user = optional("exceptions", "page_fault_user").and_then(|f| {
@@ -160,6 +179,7 @@ impl Layouts {
         Ok(Self {
             migrate,
             switch,
+            switch_record,
             page_fault_user,
             kvm_page_fault,
             move_numa,
@@ -198,6 +218,9 @@ impl Telemetry {
         if let Ok(l) = &layouts.switch {
             loader.override_global(globals::SCHED_SWITCH, l, true);
         }
+        if let Ok(l) = &layouts.switch_record {
+            loader.override_global(globals::SCHED_SWITCH_RECORD, l, true);
+        }
         if let Ok(l) = &layouts.page_fault_user {
             loader.override_global(globals::PAGE_FAULT_USER, l, true);
         }
@@ -217,7 +240,17 @@ impl Telemetry {
         let table = topology::cpu_nodes(&opts.sys_root)?;
         fill_cpu_nodes(&mut ebpf, &table)?;
 
-        let features = attach_all(&mut ebpf, &btf, &layouts, &opts.sys_root)?;
+        let online_cpus: Vec<u32> = table.iter().map(|(cpu, _)| *cpu).collect();
+        let paths = attach_all(
+            &mut ebpf,
+            &btf,
+            &layouts,
+            &opts.sys_root,
+            &opts.proc_root,
+            &online_cpus,
+        )?;
+        let features: Vec<(Feature, FeatureState)> =
+            paths.iter().map(|p| (p.feature, p.state())).collect();
 
         // After loading: initialised before, aya-log breaks program loading.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -234,14 +267,26 @@ impl Telemetry {
                 None
             }
         };
-        for (feature, state) in &features {
-            match state {
-                FeatureState::Active => {
-                    tracing::info!(feature = feature.name(), "eBPF feature active")
+        for p in &paths {
+            let refused: Vec<String> = p
+                .refused
+                .iter()
+                .map(|r| format!("{}: {}", r.path, r.reason))
+                .collect();
+            match (&p.active, p.state()) {
+                (Some(path), _) if refused.is_empty() => {
+                    tracing::info!(feature = p.feature.name(), %path, "eBPF feature active")
                 }
-                FeatureState::Unavailable(reason) => {
-                    tracing::warn!(feature = feature.name(), %reason, "eBPF feature unavailable")
+                (Some(path), _) => tracing::info!(
+                    feature = p.feature.name(),
+                    %path,
+                    refused = %refused.join("; "),
+                    "eBPF feature active on a fallback path"
+                ),
+                (None, FeatureState::Unavailable(reason)) => {
+                    tracing::warn!(feature = p.feature.name(), %reason, "eBPF feature unavailable")
                 }
+                (None, FeatureState::Active) => {}
             }
         }
         let max_cpu = table.iter().map(|(c, _)| *c as usize).max().unwrap_or(0);
@@ -259,6 +304,7 @@ impl Telemetry {
             ebpf,
             logger,
             features,
+            paths,
             cpu_node,
             node_count,
             _stats: stats,
@@ -268,6 +314,11 @@ impl Telemetry {
     /// Which features are active on this kernel, and why the others are not.
     pub fn features(&self) -> &[(Feature, FeatureState)] {
         &self.features
+    }
+
+    /// For each feature, the path that runs it and the paths the kernel refused.
+    pub fn feature_paths(&self) -> &[FeaturePaths] {
+        &self.paths
     }
 
     /// Whether `feature` is active.
@@ -291,81 +342,178 @@ impl Telemetry {
     }
 }
 
+/// One way of running a feature: its name in the matrix and how to attach it.
+type Candidate<'a> = (
+    &'static str,
+    Box<dyn FnOnce(&mut Ebpf) -> Result<(), String> + 'a>,
+);
+
+/// Tries `candidates` in order; the first that attaches is the feature's path.
+fn first_that_attaches(
+    ebpf: &mut Ebpf,
+    feature: Feature,
+    candidates: Vec<Candidate<'_>>,
+) -> FeaturePaths {
+    let mut out = FeaturePaths {
+        feature,
+        active: None,
+        refused: Vec::new(),
+    };
+    for (path, attach) in candidates {
+        match attach(ebpf) {
+            Ok(()) => {
+                out.active = Some(path.to_owned());
+                break;
+            }
+            Err(reason) => out.refused.push(RefusedPath {
+                path: path.to_owned(),
+                reason,
+            }),
+        }
+    }
+    out
+}
+
 /// Attaches every program whose hook this kernel has. The migration counter is
-/// required; every other feature is reported as active or unavailable with a reason.
+/// required; every other feature gets the first of its paths the kernel accepts, or
+/// is reported unavailable with each path's reason.
 fn attach_all(
     ebpf: &mut Ebpf,
     btf: &Btf,
     layouts: &Layouts,
     sys_root: &Path,
-) -> Result<Vec<(Feature, FeatureState)>, TelemetryError> {
-    fn state(r: Result<(), String>) -> FeatureState {
-        match r {
-            Ok(()) => FeatureState::Active,
-            Err(reason) => FeatureState::Unavailable(reason),
-        }
+    proc_root: &Path,
+    online_cpus: &[u32],
+) -> Result<Vec<FeaturePaths>, TelemetryError> {
+    fn text(r: Result<(), TelemetryError>) -> Result<(), String> {
+        r.map_err(|e| match e {
+            TelemetryError::Program { reason, .. } => reason,
+            e => e.to_string(),
+        })
     }
-    let tracepoint =
-        |ebpf: &mut Ebpf, layout: Result<(), String>, sys: &str, event: &str| {
-            state(layout.and_then(|()| {
-                attach_tracepoint(ebpf, event, sys, event).map_err(|e| e.to_string())
-            }))
-        };
-    let raw = |ebpf: &mut Ebpf, layout: Result<(), String>, name: &str| {
-        state(layout.and_then(|()| attach_raw_tracepoint(ebpf, name).map_err(|e| e.to_string())))
+    let tracepoint = |layout: Result<(), String>,
+                      program: &'static str,
+                      sys: &'static str,
+                      event: &'static str|
+     -> Box<dyn FnOnce(&mut Ebpf) -> Result<(), String>> {
+        Box::new(move |ebpf: &mut Ebpf| {
+            layout.and_then(|()| text(attach_tracepoint(ebpf, program, sys, event)))
+        })
+    };
+    let raw = |layout: Result<(), String>,
+               name: &'static str|
+     -> Box<dyn FnOnce(&mut Ebpf) -> Result<(), String>> {
+        Box::new(move |ebpf: &mut Ebpf| {
+            layout.and_then(|()| text(attach_raw_tracepoint(ebpf, name)))
+        })
     };
 
     // Required: without it there is no telemetry worth running.
     attach_tracepoint(ebpf, "sched_migrate_task", "sched", "sched_migrate_task")?;
-    let mut features = vec![(Feature::Migrations, FeatureState::Active)];
-    features.push((
+    let mut features = vec![FeaturePaths {
+        feature: Feature::Migrations,
+        active: Some("tracepoint sched:sched_migrate_task".to_owned()),
+        refused: Vec::new(),
+    }];
+    let switch = ok(&layouts.switch);
+    features.push(first_that_attaches(
+        ebpf,
         Feature::OnCpuTime,
-        raw(ebpf, ok(&layouts.switch), "sched_switch"),
+        vec![
+            ("raw_tp sched_switch", raw(switch.clone(), "sched_switch")),
+            (
+                "tp_btf sched_switch",
+                Box::new(move |ebpf: &mut Ebpf| {
+                    switch.and_then(|()| {
+                        text(attach_btf_tracepoint(
+                            ebpf,
+                            btf,
+                            "sched_switch_btf",
+                            "sched_switch",
+                        ))
+                    })
+                }),
+            ),
+            (
+                "tracepoint sched:sched_switch",
+                tracepoint(
+                    ok(&layouts.switch_record),
+                    "sched_switch_tp",
+                    "sched",
+                    "sched_switch",
+                ),
+            ),
+        ],
     ));
-    features.push((
+    features.push(first_that_attaches(
+        ebpf,
         Feature::NumaHintingFaults,
-        attach_numa_fault(ebpf, btf, sys_root),
+        vec![
+            (
+                "fentry task_numa_fault",
+                Box::new(|ebpf: &mut Ebpf| text(attach_fentry(ebpf, btf, "task_numa_fault"))),
+            ),
+            (
+                "kprobe task_numa_fault",
+                Box::new(|ebpf: &mut Ebpf| {
+                    if !sys_root.join("bus/event_source/devices/kprobe").exists() {
+                        return Err("this kernel has no kprobes (CONFIG_KPROBES)".to_owned());
+                    }
+                    text(attach_kprobe(
+                        ebpf,
+                        "task_numa_fault_kprobe",
+                        "task_numa_fault",
+                    ))
+                }),
+            ),
+            (
+                "hw breakpoint task_numa_fault",
+                Box::new(|ebpf: &mut Ebpf| {
+                    text(attach_breakpoint(
+                        ebpf,
+                        "task_numa_fault_breakpoint",
+                        "task_numa_fault",
+                        proc_root,
+                        online_cpus,
+                    ))
+                }),
+            ),
+        ],
     ));
-    features.push((
+    features.push(first_that_attaches(
+        ebpf,
         Feature::UserPageFaults,
-        raw(ebpf, ok(&layouts.page_fault_user), "page_fault_user"),
+        vec![(
+            "raw_tp page_fault_user",
+            raw(ok(&layouts.page_fault_user), "page_fault_user"),
+        )],
     ));
-    features.push((
+    features.push(first_that_attaches(
+        ebpf,
         Feature::KvmPageFaults,
-        tracepoint(ebpf, ok(&layouts.kvm_page_fault), "kvm", "kvm_page_fault"),
+        vec![(
+            "tracepoint kvm:kvm_page_fault",
+            tracepoint(
+                ok(&layouts.kvm_page_fault),
+                "kvm_page_fault",
+                "kvm",
+                "kvm_page_fault",
+            ),
+        )],
     ));
-    let moves = tracepoint(ebpf, ok(&layouts.move_numa), "sched", "sched_move_numa");
-    let swaps = tracepoint(ebpf, ok(&layouts.swap_numa), "sched", "sched_swap_numa");
-    let numa_moves = match (moves, swaps) {
-        (FeatureState::Active, FeatureState::Active) => FeatureState::Active,
-        (FeatureState::Unavailable(r), _) | (_, FeatureState::Unavailable(r)) => {
-            FeatureState::Unavailable(r)
-        }
-    };
-    features.push((Feature::NumaBalancingMoves, numa_moves));
+    let (move_numa, swap_numa) = (ok(&layouts.move_numa), ok(&layouts.swap_numa));
+    features.push(first_that_attaches(
+        ebpf,
+        Feature::NumaBalancingMoves,
+        vec![(
+            "tracepoint sched:sched_move_numa + sched:sched_swap_numa",
+            Box::new(move |ebpf: &mut Ebpf| {
+                tracepoint(move_numa, "sched_move_numa", "sched", "sched_move_numa")(ebpf)?;
+                tracepoint(swap_numa, "sched_swap_numa", "sched", "sched_swap_numa")(ebpf)
+            }),
+        )],
+    ));
     Ok(features)
-}
-
-/// fentry on `task_numa_fault`, or a kprobe where the kernel refuses fentry programs
-/// (no BPF trampoline, a security policy); both count the same.
-fn attach_numa_fault(ebpf: &mut Ebpf, btf: &Btf, sys_root: &Path) -> FeatureState {
-    let Err(fentry) = attach_fentry(ebpf, btf, "task_numa_fault") else {
-        return FeatureState::Active;
-    };
-    match attach_kprobe(ebpf, "task_numa_fault_kprobe", "task_numa_fault") {
-        Ok(()) => {
-            tracing::info!(reason = %fentry, "task_numa_fault: fentry refused, using a kprobe");
-            FeatureState::Active
-        }
-        Err(kprobe) => {
-            let kprobe = if sys_root.join("bus/event_source/devices/kprobe").exists() {
-                kprobe.to_string()
-            } else {
-                "kprobe fallback: this kernel has no kprobes (CONFIG_KPROBES)".to_owned()
-            };
-            FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
-        }
-    }
 }
 
 fn ok<T>(r: &Result<T, String>) -> Result<(), String> {
@@ -428,6 +576,88 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, function: &str) -> Result<(), Telem
     Ok(())
 }
 
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &str,
+    tracepoint: &str,
+) -> Result<(), TelemetryError> {
+    let prog_err = |reason: String| TelemetryError::Program {
+        program: program.to_owned(),
+        reason,
+    };
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| prog_err("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    p.load(tracepoint, btf)
+        .map_err(|e| classify_program_error(program, &e))?;
+    if let Err(e) = p.attach() {
+        let _ = p.unload();
+        return Err(classify_program_error(program, &e));
+    }
+    Ok(())
+}
+
+/// A perf-event program on a hardware execution breakpoint at `function`'s first
+/// instruction, one event per online CPU (every task on it).
+fn attach_breakpoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    function: &str,
+    proc_root: &Path,
+    online_cpus: &[u32],
+) -> Result<(), TelemetryError> {
+    let prog_err = |reason: String| TelemetryError::Program {
+        program: program.to_owned(),
+        reason,
+    };
+    let address = kernel_symbol_address(&proc_root.join("kallsyms"), function).map_err(prog_err)?;
+    let p: &mut PerfEvent = ebpf
+        .program_mut(program)
+        .ok_or_else(|| prog_err("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    p.load().map_err(|e| classify_program_error(program, &e))?;
+    for &cpu in online_cpus {
+        if let Err(e) = p.attach(
+            PerfEventConfig::Breakpoint(BreakpointConfig::Instruction { address }),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Period(1),
+            false,
+        ) {
+            // Unloading detaches the CPUs already done.
+            let _ = p.unload();
+            return Err(classify_program_error(program, &e));
+        }
+    }
+    Ok(())
+}
+
+/// The address of a kernel text symbol in `kallsyms`.
+fn kernel_symbol_address(kallsyms: &Path, symbol: &str) -> Result<u64, String> {
+    let text = std::fs::read_to_string(kallsyms)
+        .map_err(|e| format!("reading {}: {e}", kallsyms.display()))?;
+    let address = text
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (addr, kind, name) = (f.next()?, f.next()?, f.next()?);
+            (name == symbol && matches!(kind, "t" | "T") && f.next().is_none())
+                .then(|| u64::from_str_radix(addr, 16).ok())
+                .flatten()
+        })
+        .ok_or_else(|| format!("{symbol} is not in {}", kallsyms.display()))?;
+    if address == 0 {
+        return Err(format!(
+            "{} hides kernel addresses (kernel.kptr_restrict)",
+            kallsyms.display()
+        ));
+    }
+    Ok(address)
+}
+
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
     program: &str,
@@ -484,25 +714,46 @@ fn classify_program_error(program: &str, e: &aya::programs::ProgramError) -> Tel
     if text.contains("tracefs") {
         return TelemetryError::NoTracefs { reason: text };
     }
-    // The verifier log is long; keep its last line, which names the problem.
     let short = match e {
         aya::programs::ProgramError::LoadError {
             io_error,
             verifier_log,
         } => format!(
             "{io_error}; verifier: {}",
-            verifier_log
-                .to_string()
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("(no log)")
+            verifier_rejection(&verifier_log.to_string())
         ),
         _ => text,
     };
     TelemetryError::Program {
         program: program.to_owned(),
         reason: short,
+    }
+}
+
+/// The line of a verifier log that states why the program was rejected.
+///
+/// The log ends with statistics ("processed N insns ...", "verification time",
+/// "stack depth") printed whether the program passed or not; the rejection is the
+/// last line before them. Both are kept so the reason and the program's size show.
+fn verifier_rejection(log: &str) -> String {
+    let is_summary = |l: &str| {
+        let l = l.trim();
+        l.is_empty()
+            || l.starts_with("processed ")
+            || l.starts_with("verification time")
+            || l.starts_with("stack depth")
+    };
+    let lines: Vec<&str> = log.lines().collect();
+    let summary = lines
+        .iter()
+        .rev()
+        .find(|l| l.trim().starts_with("processed "));
+    let rejection = lines.iter().rev().find(|l| !is_summary(l));
+    match (rejection, summary) {
+        (Some(r), Some(s)) => format!("{} ({})", r.trim(), s.trim()),
+        (Some(r), None) => r.trim().to_owned(),
+        (None, Some(s)) => s.trim().to_owned(),
+        (None, None) => "(no log)".to_owned(),
     }
 }
 
@@ -540,6 +791,27 @@ mod tests {
         assert!(e.to_string().contains("CONFIG_DEBUG_INFO_BTF"));
         assert!(!e.to_string().contains('\n'), "one line");
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn verifier_rejection_is_the_line_before_the_summary() {
+        let log = "0: R1=ctx() R10=fp0\n\
+                   ; let t = ...\n\
+                   12: (79) r2 = *(u64 *)(r1 +0)\n\
+                   R1 invalid mem access 'scalar'\n\
+                   verification time 310 usec\n\
+                   stack depth 48\n\
+                   processed 818 insns (limit 1000000) max_states_per_insn 2 total_states 40 peak_states 40 mark_read 13\n";
+        assert_eq!(
+            verifier_rejection(log),
+            "R1 invalid mem access 'scalar' (processed 818 insns (limit 1000000) \
+             max_states_per_insn 2 total_states 40 peak_states 40 mark_read 13)"
+        );
+        assert_eq!(verifier_rejection(""), "(no log)");
+        assert_eq!(
+            verifier_rejection("invalid func unknown#195896080\n"),
+            "invalid func unknown#195896080"
+        );
     }
 
     #[test]
