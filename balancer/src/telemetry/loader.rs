@@ -342,11 +342,11 @@ impl Telemetry {
     }
 }
 
+/// Attaches one path's programs, or says why the kernel refused them.
+type Attach<'a> = Box<dyn FnOnce(&mut Ebpf) -> Result<(), String> + 'a>;
+
 /// One way of running a feature: its name in the matrix and how to attach it.
-type Candidate<'a> = (
-    &'static str,
-    Box<dyn FnOnce(&mut Ebpf) -> Result<(), String> + 'a>,
-);
+type Candidate<'a> = (&'static str, Attach<'a>);
 
 /// Tries `candidates` in order; the first that attaches is the feature's path.
 fn first_that_attaches(
@@ -395,14 +395,12 @@ fn attach_all(
                       program: &'static str,
                       sys: &'static str,
                       event: &'static str|
-     -> Box<dyn FnOnce(&mut Ebpf) -> Result<(), String>> {
+     -> Attach<'static> {
         Box::new(move |ebpf: &mut Ebpf| {
             layout.and_then(|()| text(attach_tracepoint(ebpf, program, sys, event)))
         })
     };
-    let raw = |layout: Result<(), String>,
-               name: &'static str|
-     -> Box<dyn FnOnce(&mut Ebpf) -> Result<(), String>> {
+    let raw = |layout: Result<(), String>, name: &'static str| -> Attach<'static> {
         Box::new(move |ebpf: &mut Ebpf| {
             layout.and_then(|()| text(attach_raw_tracepoint(ebpf, name)))
         })
@@ -469,6 +467,7 @@ fn attach_all(
             (
                 "hw breakpoint task_numa_fault",
                 Box::new(|ebpf: &mut Ebpf| {
+                    let no_kprobes = !sys_root.join("bus/event_source/devices/kprobe").exists();
                     text(attach_breakpoint(
                         ebpf,
                         "task_numa_fault_breakpoint",
@@ -476,6 +475,15 @@ fn attach_all(
                         proc_root,
                         online_cpus,
                     ))
+                    .map_err(|reason| {
+                        // x86 only allows kernel execution breakpoints where a kprobe
+                        // could go, and none at all without kprobes.
+                        if no_kprobes && reason.contains("os error 22") {
+                            format!("{reason} (kernel breakpoints need CONFIG_KPROBES)")
+                        } else {
+                            reason
+                        }
+                    })
                 }),
             ),
         ],
@@ -722,7 +730,16 @@ fn classify_program_error(program: &str, e: &aya::programs::ProgramError) -> Tel
             "{io_error}; verifier: {}",
             verifier_rejection(&verifier_log.to_string())
         ),
-        _ => text,
+        // aya keeps the errno in the source chain (e.g. "`perf_event_open` failed").
+        _ => {
+            let mut text = text;
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
     };
     TelemetryError::Program {
         program: program.to_owned(),
@@ -812,6 +829,36 @@ mod tests {
             verifier_rejection("invalid func unknown#195896080\n"),
             "invalid func unknown#195896080"
         );
+    }
+
+    #[test]
+    fn kernel_symbols_are_found_by_exact_name() {
+        let dir = std::env::temp_dir().join(format!("vmbalancer-kallsyms-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kallsyms");
+        std::fs::write(
+            &path,
+            "ffffffff813c3f40 T __pfx_task_numa_fault\n\
+             ffffffff813c3f50 T task_numa_fault\n\
+             ffffffffc0a01000 t task_numa_fault_helper\t[kvm]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            kernel_symbol_address(&path, "task_numa_fault"),
+            Ok(0xffff_ffff_813c_3f50)
+        );
+        assert!(
+            kernel_symbol_address(&path, "no_such_function")
+                .unwrap_err()
+                .contains("not in")
+        );
+        std::fs::write(&path, "0000000000000000 T task_numa_fault\n").unwrap();
+        assert!(
+            kernel_symbol_address(&path, "task_numa_fault")
+                .unwrap_err()
+                .contains("kptr_restrict")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
