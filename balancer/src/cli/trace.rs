@@ -29,7 +29,9 @@
 //!   "interval_s": f64,                 // time between the two observations compared
 //!   "telemetry": { "available": bool, "reason": string|null,
 //!                  "features": [ { "name": string, "available": bool,
-//!                                  "reason": string|null, "ns_per_event": f64|null } ] },
+//!                                  "reason": string|null, "ns_per_event": f64|null,
+//!                                  "path": string|null,   // e.g. "tp_btf sched_switch"
+//!                                  "refused": [ { "path": string, "reason": string } ] } ] },
 //!   "discovery": { "new_process_detection": "proc connector"|"rescan",
 //!                  "rescan_reason": string|null,
 //!                  "counters": { "observations", "full_scans", "proc_events",
