@@ -28,6 +28,19 @@ pub struct SchedSwitchLayout {
     pub valid: u32,
 }
 
+/// Classic tracepoint `sched:sched_switch`: the thread ids in the record, for kernels
+/// that refuse the raw and BTF-typed programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedSwitchRecordLayout {
+    /// `pid_t prev_pid`.
+    pub prev_pid_offset: u32,
+    /// `pid_t next_pid`.
+    pub next_pid_offset: u32,
+    pub valid: u32,
+    pub _pad: u32,
+}
+
 /// `exceptions:page_fault_user` (x86) and `kvm:kvm_page_fault`: one address field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,6 +66,7 @@ pub struct NumaMoveLayout {
 pub mod globals {
     pub const SCHED_MIGRATE: &str = "SCHED_MIGRATE_LAYOUT";
     pub const SCHED_SWITCH: &str = "SCHED_SWITCH_LAYOUT";
+    pub const SCHED_SWITCH_RECORD: &str = "SCHED_SWITCH_RECORD_LAYOUT";
     pub const PAGE_FAULT_USER: &str = "PAGE_FAULT_USER_LAYOUT";
     pub const KVM_PAGE_FAULT: &str = "KVM_PAGE_FAULT_LAYOUT";
     pub const SCHED_MOVE_NUMA: &str = "SCHED_MOVE_NUMA_LAYOUT";
@@ -68,6 +82,7 @@ pub mod tnf {
 
 const _: () = assert!(core::mem::size_of::<SchedMigrateLayout>() == 16);
 const _: () = assert!(core::mem::size_of::<SchedSwitchLayout>() == 8);
+const _: () = assert!(core::mem::size_of::<SchedSwitchRecordLayout>() == 16);
 const _: () = assert!(core::mem::size_of::<FaultAddressLayout>() == 8);
 const _: () = assert!(core::mem::size_of::<NumaMoveLayout>() == 16);
 
@@ -76,6 +91,7 @@ mod pod {
     // SAFETY: plain old data, `#[repr(C)]`, no padding (sizes asserted above).
     unsafe impl aya::Pod for super::SchedMigrateLayout {}
     unsafe impl aya::Pod for super::SchedSwitchLayout {}
+    unsafe impl aya::Pod for super::SchedSwitchRecordLayout {}
     unsafe impl aya::Pod for super::FaultAddressLayout {}
     unsafe impl aya::Pod for super::NumaMoveLayout {}
 }

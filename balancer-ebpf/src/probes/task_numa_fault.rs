@@ -4,11 +4,16 @@
 //! Counts faults by memory node, local/remote and migrated pages per tracked thread.
 //!
 //! The same counting is also built as a kprobe, which the loader attaches where the
-//! kernel refuses fentry programs (no BPF trampoline, or a security policy).
+//! kernel refuses fentry programs (no BPF trampoline, or a security policy), and as a
+//! perf-event program on a hardware execution breakpoint at the function's first
+//! instruction, for kernels that have neither BPF trampolines nor kprobes. The
+//! breakpoint stops before the instruction runs, so the registers hold the arguments
+//! (x86-64 calling convention: rdi, rsi, rdx, rcx); it costs a debug exception per
+//! hinting fault, which is why it comes last.
 
 use aya_ebpf::{
-    macros::{fentry, kprobe},
-    programs::{FEntryContext, ProbeContext},
+    macros::{fentry, kprobe, perf_event},
+    programs::{FEntryContext, PerfEventContext, ProbeContext},
 };
 use balancer_common::{tnf, MAX_NODES};
 
@@ -25,6 +30,18 @@ pub fn task_numa_fault(ctx: FEntryContext) -> u32 {
 pub fn task_numa_fault_kprobe(ctx: ProbeContext) -> u32 {
     let (Some(mem_node), Some(pages), Some(flags)) = (ctx.arg(1), ctx.arg(2), ctx.arg(3)) else {
         return 0;
+    };
+    match count(mem_node, pages, flags) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+#[perf_event]
+pub fn task_numa_fault_breakpoint(ctx: PerfEventContext) -> u32 {
+    // SAFETY: the perf event's saved registers, a read-only part of the context.
+    let (mem_node, pages, flags) = unsafe {
+        let regs = &(*ctx.ctx).regs;
+        (regs.rsi as i32, regs.rdx as i32, regs.rcx as i32)
     };
     match count(mem_node, pages, flags) {
         Ok(r) | Err(r) => r,

@@ -8,7 +8,8 @@
 //! cross-node migrations per second and the hottest regions; node totals in a footer;
 //! then warnings in plain words. Without telemetry it says why and shows the rest.
 //!
-//! Options: `--once` samples for `--interval` seconds, prints one report and exits;
+//! Options: `--features` prints which program type and hook runs each eBPF feature on
+//! this kernel and why the kernel refused the others, then exits; `--once` samples for `--interval` seconds, prints one report and exits;
 //! `--json` prints one JSON object per interval on one line; `--vm NAME|PID` (repeat
 //! for several) keeps only those VMs; `--root DIR` reads a fixture tree holding
 //! `proc/`, `sys/` and `cgroup/` instead of the live host; `--state-dir DIR` names the
@@ -28,7 +29,9 @@
 //!   "interval_s": f64,                 // time between the two observations compared
 //!   "telemetry": { "available": bool, "reason": string|null,
 //!                  "features": [ { "name": string, "available": bool,
-//!                                  "reason": string|null, "ns_per_event": f64|null } ] },
+//!                                  "reason": string|null, "ns_per_event": f64|null,
+//!                                  "path": string|null,   // e.g. "tp_btf sched_switch"
+//!                                  "refused": [ { "path": string, "reason": string } ] } ] },
 //!   "discovery": { "new_process_detection": "proc connector"|"rescan",
 //!                  "rescan_reason": string|null,
 //!                  "counters": { "observations", "full_scans", "proc_events",
@@ -98,6 +101,10 @@ pub struct Args {
     /// Print one JSON object per interval (schema in the module documentation).
     #[arg(long)]
     pub json: bool,
+    /// Print the eBPF feature matrix (each feature's active path and the paths this
+    /// kernel refused, with its reasons) and exit; with `--json`, as one JSON object.
+    #[arg(long)]
+    pub features: bool,
     /// Show only this VM (name or qemu pid); repeat for several.
     #[arg(long = "vm", value_name = "NAME|PID")]
     pub vms: Vec<String>,
@@ -155,6 +162,17 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         args.interval.is_finite() && (0.0..=86_400.0).contains(&args.interval),
         "--interval must be a number of seconds between 0 and 86400"
     );
+    if args.features {
+        let status = open_telemetry(args.root.as_deref()).status();
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            serde_json::to_writer(&mut out, &status)?;
+            writeln!(out)?;
+        } else {
+            write!(out, "{}", render::features(&status))?;
+        }
+        return Ok(());
+    }
     let paths = match &args.root {
         Some(root) => HostPaths::under(root),
         None => HostPaths::system(),

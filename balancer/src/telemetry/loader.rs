@@ -3,22 +3,31 @@
 //! programs. Every failure is one [`TelemetryError`] line naming what is missing,
 //! checked in the order an operator would fix them: privileges, kernel version, BTF,
 //! tracefs, then the individual hooks.
+//!
+//! Kernels differ in which program types they accept on a hook (a verifier that
+//! rejects one form, no BPF trampolines, no kprobes), so a feature may have several
+//! paths that count the same thing. The loader tries them in order of preference,
+//! keeps the first the kernel accepts and records why each other one was refused
+//! ([`FeaturePaths`]): `vmbalancer trace --features` prints that matrix.
 
 use std::path::{Path, PathBuf};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::Array,
-    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, FEntry, KProbe, PerfEvent, RawTracePoint, TracePoint,
+        perf_event::{BreakpointConfig, PerfEventConfig, PerfEventScope, SamplePolicy},
+    },
 };
 use balancer_common::{
-    FaultAddressLayout, MAX_CPUS, NumaMoveLayout, SchedMigrateLayout, SchedSwitchLayout, globals,
-    names,
+    FaultAddressLayout, MAX_CPUS, NumaMoveLayout, SchedMigrateLayout, SchedSwitchLayout,
+    SchedSwitchRecordLayout, globals, names,
 };
 
 use super::preflight::{check_kernel_version, check_privileges, raise_memlock_limit};
 use super::{
-    Feature, FeatureState, TelemetryError, topology,
+    Feature, FeaturePaths, FeatureState, RefusedPath, TelemetryError, topology,
     tracefs::{Tracefs, TracepointFormat},
 };
 
@@ -55,6 +64,7 @@ pub struct Telemetry {
     pub(super) ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub(super) features: Vec<(Feature, FeatureState)>,
+    paths: Vec<FeaturePaths>,
     /// NUMA node of each possible CPU (index: CPU), `None` when offline/unknown.
     pub(super) cpu_node: Vec<Option<u32>>,
     /// Number of nodes the per-node vectors of the read API have.
@@ -72,31 +82,15 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
-/// Why an optional tracepoint's layout is unknown on this kernel.
-#[derive(Debug, thiserror::Error)]
-enum LayoutError {
-    #[error(transparent)]
-    Format(#[from] super::tracefs::FormatError),
-    #[error(transparent)]
-    Btf(#[from] super::btf::BtfError),
-    #[error(transparent)]
-    Telemetry(#[from] TelemetryError),
-    #[error("no fields")]
-    NoFields,
-    #[error("first argument is `{c_type} {name}`, expected `unsigned long address`")]
-    NotAnAddress { c_type: String, name: String },
-    #[error("the kvm module is not loaded")]
-    NoKvm,
-}
-
 /// Layouts of every tracepoint, each available or not (with the reason).
 struct Layouts {
     migrate: SchedMigrateLayout,
-    switch: Result<SchedSwitchLayout, LayoutError>,
-    page_fault_user: Result<FaultAddressLayout, LayoutError>,
-    kvm_page_fault: Result<FaultAddressLayout, LayoutError>,
-    move_numa: Result<NumaMoveLayout, LayoutError>,
-    swap_numa: Result<NumaMoveLayout, LayoutError>,
+    switch: Result<SchedSwitchLayout, String>,
+    switch_record: Result<SchedSwitchRecordLayout, String>,
+    page_fault_user: Result<FaultAddressLayout, String>,
+    kvm_page_fault: Result<FaultAddressLayout, String>,
+    move_numa: Result<NumaMoveLayout, String>,
+    swap_numa: Result<NumaMoveLayout, String>,
 }
 
 impl Layouts {
@@ -118,8 +112,8 @@ impl Layouts {
             path: tracefs.format_path("sched", "sched_migrate_task"),
             reason,
         })?;
-        let optional = |sys: &str, event: &str| -> Result<TracepointFormat, LayoutError> {
-            Ok(tracefs.format(sys, event)?)
+        let optional = |sys: &str, event: &str| -> Result<TracepointFormat, String> {
+            tracefs.format(sys, event).map_err(|e| e.to_string())
         };
         let switch = btf
             .member_offset("task_struct", "pid")
@@ -127,7 +121,15 @@ impl Layouts {
                 task_pid_offset,
                 valid: 1,
             })
-            .map_err(LayoutError::from);
+            .map_err(|e| e.to_string());
+        let switch_record = optional("sched", "sched_switch").and_then(|f| {
+            Ok(SchedSwitchRecordLayout {
+                prev_pid_offset: f.offset_of("prev_pid", 4).map_err(|e| e.to_string())?,
+                next_pid_offset: f.offset_of("next_pid", 4).map_err(|e| e.to_string())?,
+                valid: 1,
+                _pad: 0,
+            })
+        });
         // Read as a raw tracepoint: the address is the first TP_PROTO argument,
         // which the format file shows as the first field after the common ones.
         let page_fault_user = optional("exceptions", "page_fault_user").and_then(|f| {
@@ -135,12 +137,12 @@ impl Layouts {
                 .fields
                 .iter()
                 .find(|x| !x.name.starts_with("common_"))
-                .ok_or(LayoutError::NoFields)?;
+                .ok_or("no fields")?;
             if first.name != "address" || first.size_bytes != 8 {
-                return Err(LayoutError::NotAnAddress {
-                    c_type: first.c_type.clone(),
-                    name: first.name.clone(),
-                });
+                return Err(format!(
+                    "first argument is `{} {}`, expected `unsigned long address`",
+                    first.c_type, first.name
+                ));
             }
             Ok(FaultAddressLayout {
                 address_offset: first.offset_bytes,
@@ -152,16 +154,17 @@ impl Layouts {
                 Ok(FaultAddressLayout {
                     address_offset: f
                         .offset_of("fault_address", 8)
-                        .or_else(|_| f.offset_of("address", 8))?,
+                        .or_else(|_| f.offset_of("address", 8))
+                        .map_err(|e| e.to_string())?,
                     valid: 1,
                 })
             })
         } else {
-            Err(LayoutError::NoKvm)
+            Err("the kvm module is not loaded".to_owned())
         };
         let move_numa = optional("sched", "sched_move_numa").and_then(|f| {
             Ok(NumaMoveLayout {
-                src_pid_offset: f.offset_of("pid", 4)?,
+                src_pid_offset: f.offset_of("pid", 4).map_err(|e| e.to_string())?,
                 dst_pid_offset: 0,
                 valid: 1,
                 _pad: 0,
@@ -169,8 +172,8 @@ impl Layouts {
         });
         let swap_numa = optional("sched", "sched_swap_numa").and_then(|f| {
             Ok(NumaMoveLayout {
-                src_pid_offset: f.offset_of("src_pid", 4)?,
-                dst_pid_offset: f.offset_of("dst_pid", 4)?,
+                src_pid_offset: f.offset_of("src_pid", 4).map_err(|e| e.to_string())?,
+                dst_pid_offset: f.offset_of("dst_pid", 4).map_err(|e| e.to_string())?,
                 valid: 1,
                 _pad: 0,
             })
@@ -178,6 +181,7 @@ impl Layouts {
         Ok(Self {
             migrate,
             switch,
+            switch_record,
             page_fault_user,
             kvm_page_fault,
             move_numa,
@@ -216,6 +220,9 @@ impl Telemetry {
         if let Ok(l) = &layouts.switch {
             loader.override_global(globals::SCHED_SWITCH, l, true);
         }
+        if let Ok(l) = &layouts.switch_record {
+            loader.override_global(globals::SCHED_SWITCH_RECORD, l, true);
+        }
         if let Ok(l) = &layouts.page_fault_user {
             loader.override_global(globals::PAGE_FAULT_USER, l, true);
         }
@@ -235,7 +242,17 @@ impl Telemetry {
         let table = topology::cpu_nodes(&opts.sys_root)?;
         fill_cpu_nodes(&mut ebpf, &table)?;
 
-        let features = attach_all(&mut ebpf, &btf, &layouts, &opts.sys_root)?;
+        let online_cpus: Vec<u32> = table.iter().map(|(cpu, _)| *cpu).collect();
+        let paths = attach_all(
+            &mut ebpf,
+            &btf,
+            &layouts,
+            &opts.sys_root,
+            &opts.proc_root,
+            &online_cpus,
+        )?;
+        let features: Vec<(Feature, FeatureState)> =
+            paths.iter().map(|p| (p.feature, p.state())).collect();
 
         // After loading: initialised before, aya-log breaks program loading.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -252,14 +269,26 @@ impl Telemetry {
                 None
             }
         };
-        for (feature, state) in &features {
-            match state {
-                FeatureState::Active => {
-                    tracing::info!(feature = feature.name(), "eBPF feature active")
+        for p in &paths {
+            let refused: Vec<String> = p
+                .refused
+                .iter()
+                .map(|r| format!("{}: {}", r.path, r.reason))
+                .collect();
+            match (&p.active, p.state()) {
+                (Some(path), _) if refused.is_empty() => {
+                    tracing::info!(feature = p.feature.name(), %path, "eBPF feature active")
                 }
-                FeatureState::Unavailable(reason) => {
-                    tracing::warn!(feature = feature.name(), %reason, "eBPF feature unavailable")
+                (Some(path), _) => tracing::info!(
+                    feature = p.feature.name(),
+                    %path,
+                    refused = %refused.join("; "),
+                    "eBPF feature active on a fallback path"
+                ),
+                (None, FeatureState::Unavailable(reason)) => {
+                    tracing::warn!(feature = p.feature.name(), %reason, "eBPF feature unavailable")
                 }
+                (None, FeatureState::Active) => {}
             }
         }
         let max_cpu = table.iter().map(|(c, _)| *c as usize).max().unwrap_or(0);
@@ -277,6 +306,7 @@ impl Telemetry {
             ebpf,
             logger,
             features,
+            paths,
             cpu_node,
             node_count,
             _stats: stats,
@@ -286,6 +316,11 @@ impl Telemetry {
     /// Which features are active on this kernel, and why the others are not.
     pub fn features(&self) -> &[(Feature, FeatureState)] {
         &self.features
+    }
+
+    /// For each feature, the path that runs it and the paths the kernel refused.
+    pub fn feature_paths(&self) -> &[FeaturePaths] {
+        &self.paths
     }
 
     /// Whether `feature` is active.
@@ -309,88 +344,190 @@ impl Telemetry {
     }
 }
 
+/// Attaches one path's programs, or says why the kernel refused them.
+type Attach<'a> = Box<dyn FnOnce(&mut Ebpf) -> Result<(), String> + 'a>;
+
+/// One way of running a feature: its name in the matrix and how to attach it.
+type Candidate<'a> = (&'static str, Attach<'a>);
+
+/// Tries `candidates` in order; the first that attaches is the feature's path.
+fn first_that_attaches(
+    ebpf: &mut Ebpf,
+    feature: Feature,
+    candidates: Vec<Candidate<'_>>,
+) -> FeaturePaths {
+    let mut out = FeaturePaths {
+        feature,
+        active: None,
+        refused: Vec::new(),
+    };
+    for (path, attach) in candidates {
+        match attach(ebpf) {
+            Ok(()) => {
+                out.active = Some(path.to_owned());
+                break;
+            }
+            Err(reason) => out.refused.push(RefusedPath {
+                path: path.to_owned(),
+                reason,
+            }),
+        }
+    }
+    out
+}
+
 /// Attaches every program whose hook this kernel has. The migration counter is
-/// required; every other feature is reported as active or unavailable with a reason.
+/// required; every other feature gets the first of its paths the kernel accepts, or
+/// is reported unavailable with each path's reason.
 fn attach_all(
     ebpf: &mut Ebpf,
     btf: &Btf,
     layouts: &Layouts,
     sys_root: &Path,
-) -> Result<Vec<(Feature, FeatureState)>, TelemetryError> {
-    // A layout that is unknown makes the feature unavailable for that reason; else
-    // attaching decides.
-    fn state<T>(
-        layout: &Result<T, LayoutError>,
-        attach: impl FnOnce() -> Result<(), TelemetryError>,
-    ) -> FeatureState {
-        match layout.as_ref().map(|_| attach()) {
-            Ok(Ok(())) => FeatureState::Active,
-            Ok(Err(e)) => FeatureState::Unavailable(e.to_string()),
-            Err(e) => FeatureState::Unavailable(e.to_string()),
-        }
+    proc_root: &Path,
+    online_cpus: &[u32],
+) -> Result<Vec<FeaturePaths>, TelemetryError> {
+    fn text(r: Result<(), TelemetryError>) -> Result<(), String> {
+        r.map_err(|e| match e {
+            TelemetryError::Program { reason, .. } => reason,
+            e => e.to_string(),
+        })
     }
+    let tracepoint = |layout: Result<(), String>,
+                      program: &'static str,
+                      sys: &'static str,
+                      event: &'static str|
+     -> Attach<'static> {
+        Box::new(move |ebpf: &mut Ebpf| {
+            layout.and_then(|()| text(attach_tracepoint(ebpf, program, sys, event)))
+        })
+    };
+    let raw = |layout: Result<(), String>, name: &'static str| -> Attach<'static> {
+        Box::new(move |ebpf: &mut Ebpf| {
+            layout.and_then(|()| text(attach_raw_tracepoint(ebpf, name)))
+        })
+    };
 
     // Required: without it there is no telemetry worth running.
     attach_tracepoint(ebpf, "sched_migrate_task", "sched", "sched_migrate_task")?;
-    let mut features = vec![(Feature::Migrations, FeatureState::Active)];
-    features.push((
+    let mut features = vec![FeaturePaths {
+        feature: Feature::Migrations,
+        active: Some("tracepoint sched:sched_migrate_task".to_owned()),
+        refused: Vec::new(),
+    }];
+    let switch = ok(&layouts.switch);
+    features.push(first_that_attaches(
+        ebpf,
         Feature::OnCpuTime,
-        state(&layouts.switch, || {
-            attach_raw_tracepoint(ebpf, "sched_switch")
-        }),
+        vec![
+            ("raw_tp sched_switch", raw(switch.clone(), "sched_switch")),
+            (
+                "tp_btf sched_switch",
+                Box::new(move |ebpf: &mut Ebpf| {
+                    switch.and_then(|()| {
+                        text(attach_btf_tracepoint(
+                            ebpf,
+                            btf,
+                            "sched_switch_btf",
+                            "sched_switch",
+                        ))
+                    })
+                }),
+            ),
+            (
+                "tracepoint sched:sched_switch",
+                tracepoint(
+                    ok(&layouts.switch_record),
+                    "sched_switch_tp",
+                    "sched",
+                    "sched_switch",
+                ),
+            ),
+        ],
     ));
-    features.push((
+    features.push(first_that_attaches(
+        ebpf,
         Feature::NumaHintingFaults,
-        attach_numa_fault(ebpf, btf, sys_root),
+        vec![
+            (
+                "fentry task_numa_fault",
+                Box::new(|ebpf: &mut Ebpf| text(attach_fentry(ebpf, btf, "task_numa_fault"))),
+            ),
+            (
+                "kprobe task_numa_fault",
+                Box::new(|ebpf: &mut Ebpf| {
+                    if !sys_root.join("bus/event_source/devices/kprobe").exists() {
+                        return Err("this kernel has no kprobes (CONFIG_KPROBES)".to_owned());
+                    }
+                    text(attach_kprobe(
+                        ebpf,
+                        "task_numa_fault_kprobe",
+                        "task_numa_fault",
+                    ))
+                }),
+            ),
+            (
+                "hw breakpoint task_numa_fault",
+                Box::new(|ebpf: &mut Ebpf| {
+                    let no_kprobes = !sys_root.join("bus/event_source/devices/kprobe").exists();
+                    text(attach_breakpoint(
+                        ebpf,
+                        "task_numa_fault_breakpoint",
+                        "task_numa_fault",
+                        proc_root,
+                        online_cpus,
+                    ))
+                    .map_err(|reason| {
+                        // x86 only allows kernel execution breakpoints where a kprobe
+                        // could go, and none at all without kprobes.
+                        if no_kprobes && reason.contains("os error 22") {
+                            format!("{reason} (kernel breakpoints need CONFIG_KPROBES)")
+                        } else {
+                            reason
+                        }
+                    })
+                }),
+            ),
+        ],
     ));
-    features.push((
+    features.push(first_that_attaches(
+        ebpf,
         Feature::UserPageFaults,
-        state(&layouts.page_fault_user, || {
-            attach_raw_tracepoint(ebpf, "page_fault_user")
-        }),
+        vec![(
+            "raw_tp page_fault_user",
+            raw(ok(&layouts.page_fault_user), "page_fault_user"),
+        )],
     ));
-    features.push((
+    features.push(first_that_attaches(
+        ebpf,
         Feature::KvmPageFaults,
-        state(&layouts.kvm_page_fault, || {
-            attach_tracepoint(ebpf, "kvm_page_fault", "kvm", "kvm_page_fault")
-        }),
+        vec![(
+            "tracepoint kvm:kvm_page_fault",
+            tracepoint(
+                ok(&layouts.kvm_page_fault),
+                "kvm_page_fault",
+                "kvm",
+                "kvm_page_fault",
+            ),
+        )],
     ));
-    let moves = state(&layouts.move_numa, || {
-        attach_tracepoint(ebpf, "sched_move_numa", "sched", "sched_move_numa")
-    });
-    let swaps = state(&layouts.swap_numa, || {
-        attach_tracepoint(ebpf, "sched_swap_numa", "sched", "sched_swap_numa")
-    });
-    let numa_moves = match (moves, swaps) {
-        (FeatureState::Active, FeatureState::Active) => FeatureState::Active,
-        (FeatureState::Unavailable(r), _) | (_, FeatureState::Unavailable(r)) => {
-            FeatureState::Unavailable(r)
-        }
-    };
-    features.push((Feature::NumaBalancingMoves, numa_moves));
+    let (move_numa, swap_numa) = (ok(&layouts.move_numa), ok(&layouts.swap_numa));
+    features.push(first_that_attaches(
+        ebpf,
+        Feature::NumaBalancingMoves,
+        vec![(
+            "tracepoint sched:sched_move_numa + sched:sched_swap_numa",
+            Box::new(move |ebpf: &mut Ebpf| {
+                tracepoint(move_numa, "sched_move_numa", "sched", "sched_move_numa")(ebpf)?;
+                tracepoint(swap_numa, "sched_swap_numa", "sched", "sched_swap_numa")(ebpf)
+            }),
+        )],
+    ));
     Ok(features)
 }
 
-/// fentry on `task_numa_fault`, or a kprobe where the kernel refuses fentry programs
-/// (no BPF trampoline, a security policy); both count the same.
-fn attach_numa_fault(ebpf: &mut Ebpf, btf: &Btf, sys_root: &Path) -> FeatureState {
-    let Err(fentry) = attach_fentry(ebpf, btf, "task_numa_fault") else {
-        return FeatureState::Active;
-    };
-    match attach_kprobe(ebpf, "task_numa_fault_kprobe", "task_numa_fault") {
-        Ok(()) => {
-            tracing::info!(reason = %fentry, "task_numa_fault: fentry refused, using a kprobe");
-            FeatureState::Active
-        }
-        Err(kprobe) => {
-            let kprobe = if sys_root.join("bus/event_source/devices/kprobe").exists() {
-                kprobe.to_string()
-            } else {
-                "kprobe fallback: this kernel has no kprobes (CONFIG_KPROBES)".to_owned()
-            };
-            FeatureState::Unavailable(format!("{fentry}; {kprobe}"))
-        }
-    }
+fn ok<T>(r: &Result<T, String>) -> Result<(), String> {
+    r.as_ref().map(|_| ()).map_err(Clone::clone)
 }
 
 fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<(), TelemetryError> {
@@ -449,6 +586,88 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, function: &str) -> Result<(), Telem
     Ok(())
 }
 
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &str,
+    tracepoint: &str,
+) -> Result<(), TelemetryError> {
+    let prog_err = |reason: String| TelemetryError::Program {
+        program: program.to_owned(),
+        reason,
+    };
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| prog_err("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    p.load(tracepoint, btf)
+        .map_err(|e| classify_program_error(program, &e))?;
+    if let Err(e) = p.attach() {
+        let _ = p.unload();
+        return Err(classify_program_error(program, &e));
+    }
+    Ok(())
+}
+
+/// A perf-event program on a hardware execution breakpoint at `function`'s first
+/// instruction, one event per online CPU (every task on it).
+fn attach_breakpoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    function: &str,
+    proc_root: &Path,
+    online_cpus: &[u32],
+) -> Result<(), TelemetryError> {
+    let prog_err = |reason: String| TelemetryError::Program {
+        program: program.to_owned(),
+        reason,
+    };
+    let address = kernel_symbol_address(&proc_root.join("kallsyms"), function).map_err(prog_err)?;
+    let p: &mut PerfEvent = ebpf
+        .program_mut(program)
+        .ok_or_else(|| prog_err("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    p.load().map_err(|e| classify_program_error(program, &e))?;
+    for &cpu in online_cpus {
+        if let Err(e) = p.attach(
+            PerfEventConfig::Breakpoint(BreakpointConfig::Instruction { address }),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Period(1),
+            false,
+        ) {
+            // Unloading detaches the CPUs already done.
+            let _ = p.unload();
+            return Err(classify_program_error(program, &e));
+        }
+    }
+    Ok(())
+}
+
+/// The address of a kernel text symbol in `kallsyms`.
+fn kernel_symbol_address(kallsyms: &Path, symbol: &str) -> Result<u64, String> {
+    let text = std::fs::read_to_string(kallsyms)
+        .map_err(|e| format!("reading {}: {e}", kallsyms.display()))?;
+    let address = text
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (addr, kind, name) = (f.next()?, f.next()?, f.next()?);
+            (name == symbol && matches!(kind, "t" | "T") && f.next().is_none())
+                .then(|| u64::from_str_radix(addr, 16).ok())
+                .flatten()
+        })
+        .ok_or_else(|| format!("{symbol} is not in {}", kallsyms.display()))?;
+    if address == 0 {
+        return Err(format!(
+            "{} hides kernel addresses (kernel.kptr_restrict)",
+            kallsyms.display()
+        ));
+    }
+    Ok(address)
+}
+
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
     program: &str,
@@ -505,25 +724,55 @@ fn classify_program_error(program: &str, e: &aya::programs::ProgramError) -> Tel
     if text.contains("tracefs") {
         return TelemetryError::NoTracefs { reason: text };
     }
-    // The verifier log is long; keep its last line, which names the problem.
     let short = match e {
         aya::programs::ProgramError::LoadError {
             io_error,
             verifier_log,
         } => format!(
             "{io_error}; verifier: {}",
-            verifier_log
-                .to_string()
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("(no log)")
+            verifier_rejection(&verifier_log.to_string())
         ),
-        _ => text,
+        // aya keeps the errno in the source chain (e.g. "`perf_event_open` failed").
+        _ => {
+            let mut text = text;
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
     };
     TelemetryError::Program {
         program: program.to_owned(),
         reason: short,
+    }
+}
+
+/// The line of a verifier log that states why the program was rejected.
+///
+/// The log ends with statistics ("processed N insns ...", "verification time",
+/// "stack depth") printed whether the program passed or not; the rejection is the
+/// last line before them. Both are kept so the reason and the program's size show.
+fn verifier_rejection(log: &str) -> String {
+    let is_summary = |l: &str| {
+        let l = l.trim();
+        l.is_empty()
+            || l.starts_with("processed ")
+            || l.starts_with("verification time")
+            || l.starts_with("stack depth")
+    };
+    let lines: Vec<&str> = log.lines().collect();
+    let summary = lines
+        .iter()
+        .rev()
+        .find(|l| l.trim().starts_with("processed "));
+    let rejection = lines.iter().rev().find(|l| !is_summary(l));
+    match (rejection, summary) {
+        (Some(r), Some(s)) => format!("{} ({})", r.trim(), s.trim()),
+        (Some(r), None) => r.trim().to_owned(),
+        (None, Some(s)) => s.trim().to_owned(),
+        (None, None) => "(no log)".to_owned(),
     }
 }
 
@@ -561,6 +810,57 @@ mod tests {
         assert!(e.to_string().contains("CONFIG_DEBUG_INFO_BTF"));
         assert!(!e.to_string().contains('\n'), "one line");
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn verifier_rejection_is_the_line_before_the_summary() {
+        let log = "0: R1=ctx() R10=fp0\n\
+                   ; let t = ...\n\
+                   12: (79) r2 = *(u64 *)(r1 +0)\n\
+                   R1 invalid mem access 'scalar'\n\
+                   verification time 310 usec\n\
+                   stack depth 48\n\
+                   processed 818 insns (limit 1000000) max_states_per_insn 2 total_states 40 peak_states 40 mark_read 13\n";
+        assert_eq!(
+            verifier_rejection(log),
+            "R1 invalid mem access 'scalar' (processed 818 insns (limit 1000000) \
+             max_states_per_insn 2 total_states 40 peak_states 40 mark_read 13)"
+        );
+        assert_eq!(verifier_rejection(""), "(no log)");
+        assert_eq!(
+            verifier_rejection("invalid func unknown#195896080\n"),
+            "invalid func unknown#195896080"
+        );
+    }
+
+    #[test]
+    fn kernel_symbols_are_found_by_exact_name() {
+        let dir = std::env::temp_dir().join(format!("vmbalancer-kallsyms-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kallsyms");
+        std::fs::write(
+            &path,
+            "ffffffff813c3f40 T __pfx_task_numa_fault\n\
+             ffffffff813c3f50 T task_numa_fault\n\
+             ffffffffc0a01000 t task_numa_fault_helper\t[kvm]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            kernel_symbol_address(&path, "task_numa_fault"),
+            Ok(0xffff_ffff_813c_3f50)
+        );
+        assert!(
+            kernel_symbol_address(&path, "no_such_function")
+                .unwrap_err()
+                .contains("not in")
+        );
+        std::fs::write(&path, "0000000000000000 T task_numa_fault\n").unwrap();
+        assert!(
+            kernel_symbol_address(&path, "task_numa_fault")
+                .unwrap_err()
+                .contains("kptr_restrict")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -114,6 +114,41 @@ pub enum FeatureState {
     Unavailable(String),
 }
 
+/// A way of running a feature that the kernel refused, and its words for why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RefusedPath {
+    /// e.g. `raw_tp sched_switch`, `fentry task_numa_fault`.
+    pub path: String,
+    pub reason: String,
+}
+
+/// How one feature runs on this kernel: the path the loader attached (the first one,
+/// in order of preference, the kernel accepted) and every path tried before it or
+/// instead of it, with the kernel's reason.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FeaturePaths {
+    pub feature: Feature,
+    /// `None` when no path loads: the feature is unavailable.
+    pub active: Option<String>,
+    pub refused: Vec<RefusedPath>,
+}
+
+impl FeaturePaths {
+    /// The feature's state: active, or unavailable with every path's reason.
+    pub fn state(&self) -> FeatureState {
+        if self.active.is_some() {
+            return FeatureState::Active;
+        }
+        FeatureState::Unavailable(
+            self.refused
+                .iter()
+                .map(|r| format!("{}: {}", r.path, r.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+}
+
 /// Kernel-measured cost of one program since it was loaded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ProgramCost {

@@ -5,6 +5,7 @@
 use std::fmt::Write;
 
 use super::report::TraceReport;
+use crate::host::linux::TelemetryStatus;
 
 fn mib(b: u64) -> u64 {
     (b + (1 << 19)) >> 20
@@ -18,6 +19,27 @@ fn per_node_mib(bytes: &[u64]) -> String {
 
 fn opt(x: Option<f64>, suffix: &str) -> String {
     x.map_or_else(|| "-".to_string(), |v| format!("{v:.1}{suffix}"))
+}
+
+/// Renders the eBPF feature matrix: one line per feature with the path that runs it,
+/// then one indented line per path the kernel refused.
+pub fn features(t: &TelemetryStatus) -> String {
+    let mut o = String::new();
+    if let Some(why) = t.reason.as_deref().filter(|_| !t.available) {
+        let _ = writeln!(o, "eBPF telemetry unavailable: {why}");
+    }
+    let _ = writeln!(o, "{:<22} {:<12} path", "FEATURE", "STATE");
+    for f in &t.features {
+        let (state, path) = match &f.path {
+            Some(p) => ("active", p.as_str()),
+            None => ("unavailable", "-"),
+        };
+        let _ = writeln!(o, "{:<22} {:<12} {}", f.name, state, path);
+        for r in &f.refused {
+            let _ = writeln!(o, "{:<22}   refused: {}: {}", "", r.path, r.reason);
+        }
+    }
+    o
 }
 
 /// Renders one report as text.

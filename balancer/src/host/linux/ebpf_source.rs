@@ -198,8 +198,12 @@ pub fn regions_nodes(
 fn programs_of(feature: Feature) -> &'static [&'static str] {
     match feature {
         Feature::Migrations => &["sched_migrate_task"],
-        Feature::OnCpuTime => &["sched_switch"],
-        Feature::NumaHintingFaults => &["task_numa_fault", "task_numa_fault_kprobe"],
+        Feature::OnCpuTime => &["sched_switch", "sched_switch_btf", "sched_switch_tp"],
+        Feature::NumaHintingFaults => &[
+            "task_numa_fault",
+            "task_numa_fault_kprobe",
+            "task_numa_fault_breakpoint",
+        ],
         Feature::UserPageFaults => &["page_fault_user"],
         Feature::KvmPageFaults => &["kvm_page_fault"],
         Feature::NumaBalancingMoves => &["sched_move_numa", "sched_swap_numa"],
@@ -229,9 +233,11 @@ impl TelemetrySource for EbpfTelemetry {
         });
         let features: Vec<FeatureStatus> = self
             .telemetry
-            .features()
+            .feature_paths()
             .iter()
-            .map(|(f, state)| {
+            .map(|paths| {
+                let f = &paths.feature;
+                let state = paths.state();
                 let (count, ns) = cost
                     .iter()
                     .filter(|c| programs_of(*f).contains(&c.program.as_str()))
@@ -248,12 +254,14 @@ impl TelemetrySource for EbpfTelemetry {
                 });
                 FeatureStatus {
                     name: f.name().to_owned(),
-                    available: *state == FeatureState::Active,
+                    available: state == FeatureState::Active,
                     reason: match state {
                         FeatureState::Active => None,
-                        FeatureState::Unavailable(r) => Some(r.clone()),
+                        FeatureState::Unavailable(r) => Some(r),
                     },
                     ns_per_event,
+                    path: paths.active.clone(),
+                    refused: paths.refused.clone(),
                 }
             })
             .collect();

@@ -31,6 +31,10 @@ pub struct FeatureStatus {
     pub reason: Option<String>,
     /// Measured cost of the program, ns per event (bpf stats), when known.
     pub ns_per_event: Option<f64>,
+    /// The program type and hook that runs it (e.g. `raw_tp sched_switch`).
+    pub path: Option<String>,
+    /// The paths the kernel refused, with its reasons.
+    pub refused: Vec<crate::telemetry::RefusedPath>,
 }
 
 /// Whether telemetry is available, in whole or in part.
