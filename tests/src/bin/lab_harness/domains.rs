@@ -173,10 +173,11 @@ fn read_state(pid: u32, ram_start: u64) -> Option<(bool, u64)> {
 }
 
 /// Relays the payload's state to `progress` every 250 ms while qemu runs, in the
-/// fake VM's format (`{"touches": [...]}`, one entry per vCPU: only the boot vCPU
-/// works).
+/// fake VM's format (`{"t_s": when the state was read, "touches": [...]}`, one entry
+/// per vCPU: only the boot vCPU works).
 fn spawn_relay(pid: u32, memory_bytes: u64, vcpus: u32, progress: PathBuf) {
     std::thread::spawn(move || {
+        let start = std::time::Instant::now();
         let mut ram_start = None;
         while running(pid) {
             if ram_start.is_none() {
@@ -188,7 +189,11 @@ fn spawn_relay(pid: u32, memory_bytes: u64, vcpus: u32, progress: PathBuf) {
             if let Some((true, touches)) = ram_start.and_then(|s| read_state(pid, s)) {
                 let mut per_vcpu = vec![0u64; vcpus.max(1) as usize];
                 per_vcpu[0] = touches;
-                let text = serde_json::json!({ "touches": per_vcpu }).to_string();
+                let text = serde_json::json!({
+                    "t_s": start.elapsed().as_secs_f64(),
+                    "touches": per_vcpu,
+                })
+                .to_string();
                 let tmp = progress.with_extension("tmp");
                 if fs::write(&tmp, text).is_ok() {
                     let _ = fs::rename(&tmp, &progress);
