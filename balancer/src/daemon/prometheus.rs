@@ -162,6 +162,17 @@ mod tests {
         let page = render(&doc);
         assert!(page.contains("vmbalancer_ticks_total 7\n"), "{page}");
         assert!(page.contains("vmbalancer_vm_locality_ratio{pid=\"3\",name=\"a\\\"b\"} 0.5"));
+        // An operator's VM name with a quote, a backslash and a newline stays one
+        // sample line, escaped as the text format asks.
+        doc.vms[0].name = "web\"1\\\nx".into();
+        let page = render(&doc);
+        assert!(
+            page.contains(
+                "vmbalancer_vm_locality_ratio{pid=\"3\",name=\"web\\\"1\\\\\\nx\"} 0.5\n"
+            ),
+            "{page}"
+        );
+        assert!(page.lines().all(|l| !l.starts_with('x')), "{page}");
 
         let rt = tokio::runtime::Runtime::new().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
