@@ -110,7 +110,8 @@ use scenarios::{list, load_scenario};
 /// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`), each once
 /// under its own balancer: those whose subject has no counterpart under none,
 /// autonuma or numad (a dry run, trace's own report, a SIGKILLed and restarted
-/// daemon, a systemd-style start, numad's `-R` reserved CPUs).
+/// daemon, a systemd-style start, numad's `-R` reserved CPUs; the stack guest's
+/// libvirt domains balanced by the packaged daemon under systemd).
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
         KernelGen::V6_1,
@@ -121,6 +122,7 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
             "crash",
             "daemon-unit",
             "reserved",
+            "stack-scattered",
         ],
     ),
     (KernelGen::V6_12, &["boot"]),
