@@ -102,19 +102,25 @@ pub fn domain_pid(name: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("parsing {path}"))
 }
 
-/// Starts (`virsh create`) every VM of the scenario in parallel; returns them once
-/// libvirt reports each running.
+/// Defines every VM of the scenario (`virsh define`: persistent, so a destroyed
+/// domain can be started again, as an operator's can) and starts them in parallel
+/// (`virsh start`); returns them once libvirt reports each running.
 pub fn start_all(scenario: &Scenario) -> anyhow::Result<Vec<RunningVm>> {
     let template = fs::read_to_string(TEMPLATE).with_context(|| format!("reading {TEMPLATE}"))?;
     fs::create_dir_all("/run/lab")?;
     let start = Instant::now();
     let instances = scenario.instances();
-    let mut children = Vec::new();
     for vm in &instances {
         let xml = PathBuf::from(format!("/run/lab/{}.xml", vm.name));
         fs::write(&xml, domain_xml(&template, vm))?;
-        let child = Command::new("virsh").arg("create").arg(&xml).output();
-        children.push(std::thread::spawn(move || child));
+        virsh(&["define", &xml.to_string_lossy()])?;
+    }
+    let mut children = Vec::new();
+    for vm in &instances {
+        let name = vm.name.clone();
+        children.push(std::thread::spawn(move || {
+            Command::new("virsh").arg("start").arg(&name).output()
+        }));
     }
     let mut out = Vec::new();
     for (vm, child) in instances.iter().zip(children) {
