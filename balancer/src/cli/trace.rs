@@ -79,7 +79,7 @@ mod render;
 mod report;
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -120,18 +120,9 @@ pub struct Args {
 /// Tells the observer which VMs the daemon placed: their narrowed CPU sets are the
 /// daemon's, not an operator's pins. A VM counts only while its process is the one
 /// the daemon adopted (same start time).
-fn note_daemon_placements(observer: &mut LinuxObserver, args: &Args) -> anyhow::Result<()> {
-    let state_dir = match (&args.state_dir, &args.root) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(_)) => return Ok(()),
-        (None, None) => {
-            crate::daemon::config::Config::load(None)
-                .context("reading the daemon's configuration for its state directory")?
-                .state_dir
-        }
-    };
-    let held = crate::daemon::journal::Journal::held(&state_dir)
-        .context("reading the daemon's journal")?;
+fn note_daemon_placements(observer: &mut LinuxObserver, state_dir: &Path) -> anyhow::Result<()> {
+    let held =
+        crate::daemon::journal::Journal::held(state_dir).context("reading the daemon's journal")?;
     let proc = observer.paths().proc.clone();
     observer.set_managed(
         held.into_iter()
@@ -143,6 +134,21 @@ fn note_daemon_placements(observer: &mut LinuxObserver, args: &Args) -> anyhow::
             .map(|(pid, _)| pid),
     );
     Ok(())
+}
+
+/// The daemon's state directory whose journal trace reads: `--state-dir`, else the
+/// daemon's configured one on the live host; none for a captured tree (`--root`).
+/// Resolved once: the configuration is not read again every interval.
+fn daemon_state_dir(args: &Args) -> anyhow::Result<Option<PathBuf>> {
+    Ok(match (&args.state_dir, &args.root) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(_)) => None,
+        (None, None) => Some(
+            crate::daemon::config::Config::load(None)
+                .context("reading the daemon's configuration for its state directory")?
+                .state_dir,
+        ),
+    })
 }
 
 /// The telemetry trace reads: the eBPF programs on the live host, or the reason they
@@ -186,12 +192,17 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let mut observer = LinuxObserver::new(paths, observer_cfg)
         .context("reading the host topology")?
         .with_telemetry(open_telemetry(args.root.as_deref()));
-    note_daemon_placements(&mut observer, &args)?;
+    let state_dir = daemon_state_dir(&args)?;
+    if let Some(dir) = &state_dir {
+        note_daemon_placements(&mut observer, dir)?;
+    }
     let mut prev = observer.observe().context("observing the host")?;
     let live_table = !args.json && !args.once && std::io::stdout().is_terminal();
     loop {
         std::thread::sleep(Duration::from_secs_f64(args.interval));
-        note_daemon_placements(&mut observer, &args)?;
+        if let Some(dir) = &state_dir {
+            note_daemon_placements(&mut observer, dir)?;
+        }
         let cur = observer.observe().context("observing the host")?;
         let report = report::build(
             Some(&prev),
