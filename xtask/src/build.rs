@@ -35,6 +35,21 @@ pub fn build(release: bool) -> anyhow::Result<()> {
     run_step("build", &mut cmd)
 }
 
+/// `cargo build --release` of the `vmbalancer` binary alone (packaging and the lab
+/// need nothing else of the workspace).
+pub fn vmbalancer_release() -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "balancer",
+        "--bin",
+        "vmbalancer",
+    ]);
+    cmd
+}
+
 /// The repository root (the parent of `xtask/`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

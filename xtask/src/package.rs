@@ -65,17 +65,7 @@ pub fn build_deb() -> anyhow::Result<PathBuf> {
              (or `cargo install cargo-deb --locked --version {CARGO_DEB_VERSION}`)"
         );
     }
-    run_step(
-        "package: release build",
-        cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "balancer",
-            "--bin",
-            "vmbalancer",
-        ]),
-    )?;
+    run_step("package: release build", &mut build::vmbalancer_release())?;
     let assets = build::target_dir().join("release/package-assets");
     let _ = std::fs::remove_dir_all(&assets);
     std::fs::create_dir_all(&assets).with_context(|| format!("creating {}", assets.display()))?;

@@ -83,16 +83,7 @@ pub fn build_binaries(workspace: &Path, target_dir: &Path) -> anyhow::Result<Bin
         "building the lab's guest programs failed; if the error names the eBPF \
          toolchain (nightly, rust-src, bpf-linker), run `cargo xtask setup` first",
     )?;
-    let status = Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "balancer",
-            "--bin",
-            "vmbalancer",
-        ])
-        .current_dir(workspace)
+    let status = crate::build::vmbalancer_release()
         .status()
         .context("starting cargo build -p balancer")?;
     let vmbalancer = if status.success() {
