@@ -770,6 +770,36 @@ fn ksm_merge_across_nodes_is_reported_and_grouping_used_otherwise() {
 }
 
 #[test]
+fn hot_moves_carry_only_the_hot_regions_so_every_vm_gets_one_in_a_decision() {
+    // 4 VMs on node 0 with all 384 MiB on node 1: 12 hot regions (the hot set) and
+    // 20 warm ones (written now and then) each. One decision starts every VM's hot
+    // set, each move listing the hot regions only and charged their bytes.
+    let t = topo(2, 64, 256);
+    let region = 2 * MIB;
+    let vms: Vec<Vm> = (0..4)
+        .map(|i| {
+            let mut v = vm(i + 1, 1, 0.5, Some(0), &[0, 384 * MIB], &t);
+            v.hot_regions = (0..32u64)
+                .map(|r| HotRegion {
+                    start_addr: (u64::from(i) + 1) * GIB + r * region,
+                    len_bytes: region,
+                    node: 1,
+                    heat: if r < 12 { 512.0 - r as f64 } else { 32.0 },
+                })
+                .collect();
+            v
+        })
+        .collect();
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vms));
+    let moves = migrations(&plan);
+    assert_eq!(moves.len(), 4, "{plan:?}");
+    for (pid, from, to, max_bytes, regions) in moves {
+        assert_eq!((from, to, regions), (1, 0, 12), "vm {pid}: {plan:?}");
+        assert_eq!(max_bytes, 12 * region, "vm {pid}");
+    }
+}
+
+#[test]
 fn host_budget_bounds_migration() {
     // 8 VMs, all memory remote: per plan at most host_rate x tick bytes.
     let t = topo(2, 64, 256);
