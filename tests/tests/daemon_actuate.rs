@@ -255,6 +255,49 @@ fn moves_need_free_memory_plus_headroom_and_count_failed_pages() {
 }
 
 #[test]
+#[ignore = "needs root: moves another process's pages"]
+fn background_moves_all_end_and_are_handed_back() {
+    require_root();
+    let t = spawn_target();
+    let snap = host_snapshot(vec![t.vm()]);
+    // Node 1 "exists" with room; the kernel refuses every page (no such node), so
+    // each move runs its batches on the mover threads and ends refused.
+    let sys_root = fake_sys("pool", 8 << 20);
+    let mut a = LinuxApplier::new(ApplierConfig {
+        sys_root: sys_root.clone(),
+        headroom_bytes: 0,
+        batch_pages: 64,
+        ..ApplierConfig::default()
+    });
+    a.move_in_background();
+    let half = t.len / 2;
+    let moves = [
+        migrate(0, 1, vec![], t.len),
+        migrate(0, 1, vec![(t.addr, half)], half),
+        migrate(0, 1, vec![(t.addr + half, half)], half),
+    ];
+    for m in &moves {
+        assert_eq!(
+            a.apply(&snap, &act(t.pid, m.clone())),
+            ActionOutcome::Started
+        );
+    }
+    let ended = a.ended_moves(Some(std::time::Duration::from_secs(30)));
+    assert_eq!(ended.len(), moves.len(), "{ended:?}");
+    for (vm, out) in &ended {
+        assert_eq!(*vm, t.pid);
+        match out {
+            ActionOutcome::Refused { why } => assert!(why.contains("no page could move"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(a.progress_handle().lock().unwrap().is_empty());
+    assert!(a.ended_moves(None).is_empty());
+    std::fs::remove_dir_all(sys_root).unwrap();
+    t.exit();
+}
+
+#[test]
 #[ignore = "needs root: acts on other processes as the daemon does"]
 fn exited_processes_and_vanished_threads_are_quiet() {
     require_root();

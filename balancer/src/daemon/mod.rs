@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use crate::host::Applier;
 use crate::model::{
-    ActionOutcome, MigrationProgress, OriginalSets, Plan, PlannedAction, QuietCounters,
-    RestoreWhat, Snapshot, Vm, VmId,
+    ActionOutcome, OriginalSets, Plan, PlannedAction, QuietCounters, RestoreWhat, Snapshot, Vm,
+    VmId,
 };
 
 /// The decision-maker the loop consults every tick. The engine implements it; tests
@@ -60,7 +60,6 @@ pub trait Actuator: Applier {
     /// Forgets an exited VM.
     fn forget(&mut self, vm: u32);
     fn counters(&self) -> QuietCounters;
-    fn progress(&self) -> Option<MigrationProgress>;
     /// From now on memory moves may run in the background: `apply` then answers
     /// `ActionOutcome::Started` and [`Actuator::ended_moves`] brings the outcome.
     /// Appliers without a worker keep applying everything at once.

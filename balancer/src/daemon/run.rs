@@ -101,8 +101,8 @@ const STOP_MOVES_WAIT: Duration = Duration::from_secs(10);
 pub struct Shared {
     pub status: StatusDoc,
     pub snapshot: Option<Snapshot>,
-    /// Live progress of the applier's current memory move.
-    pub progress: Option<Arc<Mutex<Option<MigrationProgress>>>>,
+    /// Live progress of the applier's memory moves.
+    pub progress: Option<Arc<Mutex<Vec<MigrationProgress>>>>,
     /// CPUs in use per node over the last tick (all processes), for advice.
     pub node_busy_cpus: Option<Vec<f64>>,
 }
@@ -256,7 +256,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     }
 
     /// Gives the status handler live access to the applier's migration progress.
-    pub fn with_progress(self, handle: Arc<Mutex<Option<MigrationProgress>>>) -> Self {
+    pub fn with_progress(self, handle: Arc<Mutex<Vec<MigrationProgress>>>) -> Self {
         if let Ok(mut s) = self.shared.lock() {
             s.progress = Some(handle);
         }
@@ -679,8 +679,12 @@ pub fn handler(shared: SharedState, params: advice::Params) -> Arc<dyn Handler> 
         match req {
             Request::Status => {
                 let mut doc = s.status.clone();
-                if let Some(p) = s.progress.as_ref().and_then(|p| p.lock().ok()?.clone()) {
-                    doc.migrations = vec![p];
+                if let Some(p) = s
+                    .progress
+                    .as_ref()
+                    .and_then(|p| p.lock().ok().map(|g| g.clone()))
+                {
+                    doc.migrations = p;
                 }
                 Response::Status(Box::new(doc))
             }

@@ -2,8 +2,7 @@
 
 use super::Applier;
 use crate::model::{
-    ActionOutcome, MigrationProgress, OriginalSets, PlannedAction, QuietCounters, RestoreWhat,
-    Snapshot, Vm,
+    ActionOutcome, OriginalSets, PlannedAction, QuietCounters, RestoreWhat, Snapshot, Vm,
 };
 
 /// Logs actions instead of applying them.
@@ -40,8 +39,5 @@ impl crate::daemon::Actuator for LogOnly {
     fn forget(&mut self, _vm: u32) {}
     fn counters(&self) -> QuietCounters {
         QuietCounters::default()
-    }
-    fn progress(&self) -> Option<MigrationProgress> {
-        None
     }
 }

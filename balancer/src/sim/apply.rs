@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::daemon::Actuator;
 use crate::host::Applier;
-use crate::host::linux::actuate::{MigrationProgress, OriginalSets, QuietCounters, RestoreWhat};
+use crate::host::linux::actuate::{OriginalSets, QuietCounters, RestoreWhat};
 use crate::model::{Action, ActionOutcome, PlannedAction, Snapshot, Vm, VmId};
 
 use super::world::{GIB, GUEST_BASE, MigJob, World};
@@ -192,9 +192,6 @@ impl Actuator for SimActuator {
     fn forget(&mut self, _vm: u32) {}
     fn counters(&self) -> QuietCounters {
         QuietCounters::default()
-    }
-    fn progress(&self) -> Option<MigrationProgress> {
-        None
     }
     fn move_in_background(&mut self) {
         self.world.borrow_mut().background_moves = true;

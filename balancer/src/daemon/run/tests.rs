@@ -108,9 +108,6 @@ impl Actuator for Fake {
             ..Default::default()
         }
     }
-    fn progress(&self) -> Option<MigrationProgress> {
-        None
-    }
 }
 
 /// Moves memory in the background: memory actions answer `Started` and end when
@@ -148,9 +145,6 @@ impl Actuator for Background {
     }
     fn counters(&self) -> QuietCounters {
         self.inner.counters()
-    }
-    fn progress(&self) -> Option<MigrationProgress> {
-        None
     }
     fn ended_moves(&mut self, wait: Option<Duration>) -> Vec<(u32, ActionOutcome)> {
         self.waited.lock().unwrap().push(wait);

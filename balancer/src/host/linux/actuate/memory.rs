@@ -80,6 +80,24 @@ impl Prepared {
             budget_bytes: self.max_bytes,
         }
     }
+
+    /// Whether the move carries listed (hot) regions: the movers take its batches
+    /// before those of moves of whole source nodes.
+    pub fn is_hot(&self) -> bool {
+        self.covers == Covers::Regions
+    }
+
+    /// The move as status shows it, with `moved_bytes` verified so far.
+    pub fn progress(&self, moved_bytes: u64) -> MigrationProgress {
+        MigrationProgress {
+            vm: self.vm,
+            from: self.from,
+            to: self.to,
+            moved_bytes: moved_bytes.min(self.max_bytes),
+            left_bytes: self.from_bytes.unwrap_or(0),
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 /// The checks, the ranges and the widened memory nodes of a move; the outcome to
@@ -169,37 +187,26 @@ pub fn prepare(
     })
 }
 
-/// Moves the pages of a prepared move, showing its progress meanwhile. Touches
-/// nothing of the applier but the shared rate limit and the progress slot, so it
-/// runs on any thread.
+/// Moves the pages of a prepared move on the calling thread and its own helpers,
+/// showing its progress meanwhile (the synchronous path: recovery, or no worker).
+/// Touches nothing of the applier but the shared rate limit and the progress list.
 pub fn move_prepared(
     p: &Prepared,
     settings: pages::MoverSettings,
     limit: &RateLimit,
-    progress: &Mutex<Option<MigrationProgress>>,
+    progress: &Mutex<Vec<MigrationProgress>>,
 ) -> Result<pages::Tally, pages::Gone> {
-    let set = |v: Option<MigrationProgress>| {
+    let show = |moved_bytes: Option<u64>| {
         if let Ok(mut g) = progress.lock() {
-            *g = v;
+            g.retain(|m| m.vm != p.vm);
+            if let Some(b) = moved_bytes {
+                g.push(p.progress(b));
+            }
         }
     };
-    set(Some(MigrationProgress {
-        vm: p.vm,
-        from: p.from,
-        to: p.to,
-        moved_bytes: 0,
-        left_bytes: p.from_bytes.unwrap_or(0),
-        max_bytes: p.max_bytes,
-    }));
-    let report = |done_bytes: u64| {
-        if let Ok(mut g) = progress.lock()
-            && let Some(m) = g.as_mut().filter(|m| m.vm == p.vm)
-        {
-            m.moved_bytes = done_bytes.min(m.max_bytes);
-        }
-    };
-    let result = pages::move_pages_between(&p.page_move(), settings, limit, &report);
-    set(None);
+    show(Some(0));
+    let result = pages::move_pages_between(&p.page_move(), settings, limit, &|b| show(Some(b)));
+    show(None);
     result
 }
 

@@ -83,7 +83,8 @@ pub struct LinuxApplier {
     cpuset: Option<CpusetFs>,
     originals: BTreeMap<VmId, OriginalSets>,
     counters: QuietCounters,
-    progress: Arc<Mutex<Option<MigrationProgress>>>,
+    /// The memory moves running, for status.
+    progress: Arc<Mutex<Vec<MigrationProgress>>>,
     page_size_bytes: u64,
     /// The shared rate limit of page moves.
     limit: Arc<rate::RateLimit>,
@@ -106,13 +107,13 @@ impl LinuxApplier {
             cpuset,
             originals: BTreeMap::new(),
             counters: QuietCounters::default(),
-            progress: Arc::new(Mutex::new(None)),
+            progress: Arc::new(Mutex::new(Vec::new())),
             page_size_bytes: sys::page_size_bytes(),
             worker: None,
         }
     }
 
-    /// From now on memory moves run on a worker thread: `apply` checks and prepares
+    /// From now on memory moves run on the mover threads: `apply` checks and prepares
     /// them, returns `ActionOutcome::Started`, and [`Self::ended_moves`] reports
     /// their outcomes. Stays synchronous if the thread cannot be started.
     pub fn move_in_background(&mut self) {
@@ -159,8 +160,9 @@ impl LinuxApplier {
             Ok(p) => p,
             Err(refused) => return refused,
         };
+        let batch_pages = self.mover_settings().batch_pages;
         let p = match self.worker.as_mut() {
-            Some(w) => match w.submit(p) {
+            Some(w) => match w.submit(p, batch_pages) {
                 Ok(()) => return ActionOutcome::Started,
                 // The worker is gone: run the move here rather than lose it.
                 Err(p) => *p,
@@ -190,8 +192,8 @@ impl LinuxApplier {
         }
     }
 
-    /// The live progress of the current memory move, for status.
-    pub fn progress_handle(&self) -> Arc<Mutex<Option<MigrationProgress>>> {
+    /// The live progress of the memory moves running, for status.
+    pub fn progress_handle(&self) -> Arc<Mutex<Vec<MigrationProgress>>> {
         self.progress.clone()
     }
 
@@ -492,9 +494,6 @@ impl crate::daemon::Actuator for LinuxApplier {
     }
     fn counters(&self) -> QuietCounters {
         LinuxApplier::counters(self).clone()
-    }
-    fn progress(&self) -> Option<MigrationProgress> {
-        self.progress_handle().lock().ok().and_then(|p| p.clone())
     }
     fn move_in_background(&mut self) {
         LinuxApplier::move_in_background(self);

@@ -128,45 +128,31 @@ impl Tally {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gone;
 
-/// Moves the pages of `m` that are on `m.from` to `m.to`. `on_progress` receives the
-/// bytes verified on the target so far, after every batch.
+/// Moves the pages of `m` that are on `m.from` to `m.to`, on `settings.threads`
+/// threads of its own. `on_progress` receives the bytes verified on the target so
+/// far, after every batch. The daemon's movers run the same [`Job`]s from a pool
+/// shared by all moves ([`super::worker`]).
 pub fn move_pages_between(
     m: &PageMove<'_>,
     settings: MoverSettings,
     limit: &RateLimit,
     on_progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Tally, Gone> {
-    let page = m.page_bytes.max(1);
-    let batches = batches_of(m.ranges, page, settings.batch_pages.max(1));
-    let job = Job {
-        m,
-        page,
-        batches: &batches,
-        next: AtomicUsize::new(0),
-        budget_pages: m.budget_bytes.div_ceil(page),
-        reserved: AtomicU64::new(0),
-        moved: AtomicU64::new(0),
-        gone: AtomicBool::new(false),
-        limit,
-        on_progress,
-        lock: Mutex::new(()),
-    };
-    let threads = settings.threads.clamp(1, batches.len().max(1));
-    let mut t = Tally::default();
-    std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(|| job.work())).collect();
-        t.add(job.work());
-        for h in helpers {
-            // A panicking helper only loses its own count; the pages are where they are.
-            if let Ok(x) = h.join() {
-                t.add(x);
-            }
+    let job = Job::new(m, settings.batch_pages);
+    let threads = settings.threads.clamp(1, job.batches.len().max(1));
+    let work = || {
+        while let Some(i) = job.claim() {
+            job.run(i, limit);
+            on_progress(job.moved_bytes());
         }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(work);
+        }
+        work();
     });
-    if job.gone.load(SeqCst) {
-        return Err(Gone);
-    }
-    Ok(t)
+    job.result()
 }
 
 /// Node of each page (`-ENOENT` etc. for pages not present).
@@ -223,26 +209,96 @@ fn batches_of(ranges: &[(u64, u64)], page: u64, batch_pages: u64) -> Vec<Batch> 
     out
 }
 
-/// What the threads of one move share.
-struct Job<'a> {
-    m: &'a PageMove<'a>,
+/// One move cut into batches, which any number of threads take in order. It owns
+/// what it needs, so a pool of threads can hold several moves at once and hand out
+/// the batches of the most urgent one first.
+#[derive(Debug)]
+pub struct Job {
+    pid: u32,
+    from: NodeId,
+    to: NodeId,
     page: u64,
-    batches: &'a [Batch],
+    batches: Vec<Batch>,
     /// Index of the next batch to take.
     next: AtomicUsize,
     budget_pages: u64,
     /// Pages reserved from the budget by batches (started or done).
     reserved: AtomicU64,
-    /// Pages verified on the target so far, for progress.
+    /// Pages verified on the target so far.
     moved: AtomicU64,
     gone: AtomicBool,
-    limit: &'a RateLimit,
-    on_progress: &'a (dyn Fn(u64) + Sync),
-    /// Serialises progress reports so they never go backwards.
-    lock: Mutex<()>,
+    cancelled: AtomicBool,
+    tally: Mutex<Tally>,
 }
 
-impl Job<'_> {
+impl Job {
+    /// The batches of `m`, at most `batch_pages` pages each.
+    pub fn new(m: &PageMove<'_>, batch_pages: u64) -> Self {
+        let page = m.page_bytes.max(1);
+        Self {
+            pid: m.pid,
+            from: m.from,
+            to: m.to,
+            page,
+            batches: batches_of(m.ranges, page, batch_pages.max(1)),
+            next: AtomicUsize::new(0),
+            budget_pages: m.budget_bytes.div_ceil(page),
+            reserved: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
+            tally: Mutex::new(Tally::default()),
+        }
+    }
+
+    /// Whether a batch may still be taken: some are left, the budget is not spent,
+    /// the process is there and no stop request ended the move.
+    pub fn open(&self) -> bool {
+        !self.gone.load(SeqCst)
+            && !self.cancelled.load(SeqCst)
+            && self.next.load(SeqCst) < self.batches.len()
+            && self.reserved.load(SeqCst) < self.budget_pages
+    }
+
+    /// Takes the next batch, if the move is still [`open`](Self::open).
+    pub fn claim(&self) -> Option<usize> {
+        if !self.open() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, SeqCst);
+        (i < self.batches.len()).then_some(i)
+    }
+
+    /// Runs batch `i` (from [`claim`](Self::claim)) and adds what it did to the tally.
+    pub fn run(&self, i: usize, limit: &RateLimit) {
+        let Some(batch) = self.batches.get(i) else {
+            return;
+        };
+        let mut t = Tally::default();
+        if self.batch(batch, &mut t, limit).is_err() {
+            self.gone.store(true, SeqCst);
+        }
+        if t.cancelled {
+            self.cancelled.store(true, SeqCst);
+        }
+        if let Ok(mut all) = self.tally.lock() {
+            all.add(t);
+        }
+    }
+
+    /// Bytes verified on the target so far.
+    pub fn moved_bytes(&self) -> u64 {
+        self.moved.load(SeqCst) * self.page
+    }
+
+    /// What the move did, once no batch is running any more.
+    pub fn result(&self) -> Result<Tally, Gone> {
+        if self.gone.load(SeqCst) {
+            return Err(Gone);
+        }
+        Ok(self.tally.lock().map(|t| t.clone()).unwrap_or_default())
+    }
+
     /// Takes up to `want` pages of the budget; 0 when it is spent.
     fn reserve(&self, want: u64) -> u64 {
         let mut cur = self.reserved.load(SeqCst);
@@ -261,40 +317,20 @@ impl Job<'_> {
         }
     }
 
-    /// One thread's share: batches are taken in order until none is left, the
-    /// budget is spent, the process is gone or the daemon stops.
-    fn work(&self) -> Tally {
-        let mut t = Tally::default();
-        while !self.gone.load(SeqCst) && !t.cancelled {
-            let i = self.next.fetch_add(1, SeqCst);
-            let Some(batch) = self.batches.get(i) else {
-                break;
-            };
-            if self.reserved.load(SeqCst) >= self.budget_pages {
-                break;
-            }
-            if self.batch(batch, &mut t).is_err() {
-                self.gone.store(true, SeqCst);
-                break;
-            }
-        }
-        t
-    }
-
-    fn batch(&self, pieces: &[(u64, u64)], t: &mut Tally) -> Result<(), Gone> {
+    fn batch(&self, pieces: &[(u64, u64)], t: &mut Tally, limit: &RateLimit) -> Result<(), Gone> {
         let pages: Vec<u64> = pieces
             .iter()
             .flat_map(|&(s, e)| (s..e).step_by(self.page as usize))
             .collect();
         let t_query = std::time::Instant::now();
-        let status = match query_nodes(self.m.pid, &pages) {
+        let status = match query_nodes(self.pid, &pages) {
             Ok(s) => s,
             Err(e) => return gone_or(e, t),
         };
         let on_src: Vec<u64> = pages
             .iter()
             .zip(&status)
-            .filter(|(_, s)| **s == self.m.from as i32)
+            .filter(|(_, s)| **s == self.from as i32)
             .map(|(p, _)| *p)
             .collect();
         tracing::trace!(
@@ -306,7 +342,7 @@ impl Job<'_> {
         if on_src.is_empty() {
             return Ok(());
         }
-        if !self.limit.wait() {
+        if !limit.wait() {
             t.cancelled = true;
             t.left_pages += on_src.len() as u64;
             return Ok(());
@@ -314,19 +350,17 @@ impl Job<'_> {
         let started = std::time::Instant::now();
         let take = self.reserve(on_src.len() as u64) as usize;
         let (moved, stuck) = if take > 0 {
-            move_and_verify(self.m, &on_src[..take], t)?
+            move_and_verify(self.pid, self.from, self.to, &on_src[..take], t)?
         } else {
             (0, 0)
         };
         // Unused reservation goes back to the budget.
         self.reserved.fetch_sub(take as u64 - moved, SeqCst);
-        self.limit.spend(moved * self.page, started);
+        limit.spend(moved * self.page, started);
         t.verified_pages += moved;
         t.failed_pages += stuck;
         t.left_pages += stuck + (on_src.len() - take) as u64;
-        let _g = self.lock.lock();
-        let done = self.moved.fetch_add(moved, SeqCst) + moved;
-        (self.on_progress)(done * self.page);
+        self.moved.fetch_add(moved, SeqCst);
         Ok(())
     }
 }
@@ -341,29 +375,35 @@ fn gone_or(e: nix::Error, t: &mut Tally) -> Result<(), Gone> {
 
 /// Moves `pages` (all seen on the source) to the target. Returns (pages now on the
 /// target, pages that are not).
-fn move_and_verify(m: &PageMove<'_>, pages: &[u64], t: &mut Tally) -> Result<(u64, u64), Gone> {
+fn move_and_verify(
+    pid: u32,
+    from: NodeId,
+    to: NodeId,
+    pages: &[u64],
+    t: &mut Tally,
+) -> Result<(u64, u64), Gone> {
     let mut todo: Vec<u64> = pages.to_vec();
     let mut moved = 0u64;
     let mut failed = 0u64;
     for attempt in 0..2 {
-        let nodes = vec![m.to as i32; todo.len()];
+        let nodes = vec![to as i32; todo.len()];
         // A value the kernel never writes: entries it did not reach stay visible.
         let mut st = vec![i32::MIN; todo.len()];
         let t_move = std::time::Instant::now();
         t.move_calls += 1;
-        if let Err(e) = sys::move_pages(m.pid, &todo, Some(&nodes), &mut st) {
+        if let Err(e) = sys::move_pages(pid, &todo, Some(&nodes), &mut st) {
             gone_or(e, t)?;
         }
         let move_ns = t_move.elapsed().as_nanos() as u64;
         // The kernel's word is enough for pages it put on the target; the rest
         // (huge-page tails reported busy, entries it never reached) are looked up.
-        let unsure: Vec<usize> = (0..todo.len()).filter(|&i| st[i] != m.to as i32).collect();
+        let unsure: Vec<usize> = (0..todo.len()).filter(|&i| st[i] != to as i32).collect();
         moved += (todo.len() - unsure.len()) as u64;
         let unsure_pages: Vec<u64> = unsure.iter().map(|&i| todo[i]).collect();
         let after = if unsure_pages.is_empty() {
             Vec::new()
         } else {
-            match query_nodes(m.pid, &unsure_pages) {
+            match query_nodes(pid, &unsure_pages) {
                 Ok(s) => s,
                 Err(e) => {
                     gone_or(e, t)?;
@@ -380,15 +420,15 @@ fn move_and_verify(m: &PageMove<'_>, pages: &[u64], t: &mut Tally) -> Result<(u6
         );
         let mut retry = Vec::new();
         for (&i, now) in unsure.iter().zip(&after) {
-            if *now == m.to as i32 {
+            if *now == to as i32 {
                 moved += 1;
-            } else if *now == m.from as i32 && attempt == 0 {
+            } else if *now == from as i32 && attempt == 0 {
                 retry.push(todo[i]);
             } else {
                 failed += 1;
             }
             let reported = st[i];
-            if *now != m.to as i32 && reported < 0 && reported != i32::MIN {
+            if *now != to as i32 && reported < 0 && reported != i32::MIN {
                 t.note_error(|| nix::Error::from_raw(-reported).to_string());
             }
         }
