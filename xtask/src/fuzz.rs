@@ -231,7 +231,7 @@ pub fn seed(fuzz: &Path) -> anyhow::Result<BTreeMap<String, usize>> {
             let name = rel.file_name().unwrap_or_default().to_string_lossy();
             let in_proc = rel.starts_with("proc");
             let target = match name.as_ref() {
-                "stat" if in_proc => "proc_stat",
+                "stat" | "schedstat" if in_proc => "proc_stat",
                 "status" if in_proc => "proc_status",
                 "cmdline" if in_proc => "proc_cmdline",
                 "maps" if in_proc => "proc_maps",

@@ -82,9 +82,11 @@ pub struct ObserverCounters {
 }
 
 /// Per-thread state kept between observations.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct ThreadState {
     cpu_ticks: u64,
+    /// What a vCPU thread ran plus waited to run, from `schedstat` (ns).
+    wanted_ns: Option<u64>,
 }
 
 /// A qemu process being followed.
@@ -372,15 +374,19 @@ impl LinuxObserver {
                 }
                 Err(e) => return Err(e),
             };
-            let before = known.threads.get(&tid).map(|t| t.cpu_ticks);
-            threads.insert(
-                tid,
-                ThreadState {
-                    cpu_ticks: tstat.cpu_ticks(),
-                },
-            );
+            let before = known.threads.get(&tid).copied();
+            let mut state = ThreadState {
+                cpu_ticks: tstat.cpu_ticks(),
+                wanted_ns: None,
+            };
             match discovery::classify_thread(pid, tid, &comm) {
                 ThreadKind::Vcpu(index) => {
+                    state.wanted_ns = match procfs::read_task_schedstat(proc, pid, tid) {
+                        Ok(s) => s.map(|s| s.wanted_ns()),
+                        Err(e) if e.is_vanished() => continue,
+                        Err(e) => return Err(e),
+                    };
+                    threads.insert(tid, state);
                     let affinity = match procfs::read_task_status(proc, pid, tid) {
                         Ok(s) => s.cpus_allowed,
                         // The thread exited; or, in a capture without the file, the
@@ -396,11 +402,22 @@ impl LinuxObserver {
                         tid,
                         affinity,
                         last_cpu: tstat.processor,
-                        cpu_demand: demand_since(tstat.cpu_ticks(), before, tstat.starttime_ticks),
+                        cpu_demand: vcpu_demand(&state, before.as_ref(), dt_s).unwrap_or_else(
+                            || {
+                                demand_since(
+                                    tstat.cpu_ticks(),
+                                    before.map(|b| b.cpu_ticks),
+                                    tstat.starttime_ticks,
+                                )
+                            },
+                        ),
                         telemetry: Default::default(),
                     });
                 }
-                _ => other_threads.push(tid),
+                _ => {
+                    threads.insert(tid, state);
+                    other_threads.push(tid);
+                }
             }
         }
         vcpus.sort_by_key(|v| v.index);
@@ -656,5 +673,51 @@ impl Observer for LinuxObserver {
                 .note_process_migration(action.vm, *from, *to, moved_bytes),
             Action::MigrateMemory { .. } | Action::MigrateProcessMemory { .. } => {}
         }
+    }
+}
+
+/// A vCPU thread's CPU demand over the last interval: the share of it the thread ran
+/// or waited on a run queue (`schedstat`), at most one CPU. `None` without two
+/// readings, where the caller falls back to CPU time alone.
+///
+/// Why not CPU time alone: on a node whose CPUs are all taken, a busy vCPU runs only
+/// part of the time, and what it gets depends on everything else running there
+/// (other VMs, page copies of memory moves, the daemon). Equal VMs then look unequal
+/// and the engine would swap them back and forth for nothing; in the lab's
+/// `scattered` case two such swaps of identical VMs undid the memory moves just
+/// finished. Time spent waiting is demand the node could not serve.
+fn vcpu_demand(now: &ThreadState, before: Option<&ThreadState>, dt_s: Option<f64>) -> Option<f64> {
+    let (now_ns, before_ns) = (now.wanted_ns?, before?.wanted_ns?);
+    let dt_s = dt_s?;
+    Some((now_ns.saturating_sub(before_ns) as f64 / 1e9 / dt_s).min(1.0))
+}
+
+#[cfg(test)]
+mod demand_tests {
+    use super::*;
+
+    #[test]
+    fn a_starved_vcpu_demands_what_it_ran_and_waited() {
+        let at = |ns| ThreadState {
+            cpu_ticks: 0,
+            wanted_ns: Some(ns),
+        };
+        // Ran 0.4 s and waited 0.5 s of a 1 s interval: 0.9 CPU wanted.
+        assert_eq!(
+            vcpu_demand(&at(1_900_000_000), Some(&at(1_000_000_000)), Some(1.0)),
+            Some(0.9)
+        );
+        // Never above one CPU (clock skew between the reads).
+        assert_eq!(
+            vcpu_demand(&at(3_000_000_000), Some(&at(0)), Some(1.0)),
+            Some(1.0)
+        );
+        // No earlier reading, or no schedstat: the caller's CPU-time estimate.
+        assert_eq!(vcpu_demand(&at(5), None, Some(1.0)), None);
+        let none = ThreadState {
+            cpu_ticks: 0,
+            wanted_ns: None,
+        };
+        assert_eq!(vcpu_demand(&none, Some(&at(0)), Some(1.0)), None);
     }
 }

@@ -24,7 +24,7 @@
 use std::path::Path;
 
 use ::procfs::FromRead;
-use ::procfs::process::Stat;
+use ::procfs::process::{Schedstat, Stat};
 
 use super::{HostError, read_small};
 use crate::model::CpuSet;
@@ -82,6 +82,34 @@ pub fn parse_stat(s: &str) -> Result<TaskStat, String> {
         stime_ticks: st.stime,
         starttime_ticks: st.starttime,
         processor: st.processor.and_then(|p| u32::try_from(p).ok()),
+    })
+}
+
+/// `/proc/PID/task/TID/schedstat`: what a thread ran and what it waited to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedStat {
+    /// Time on a CPU, in nanoseconds.
+    pub run_ns: u64,
+    /// Time runnable but waiting on a run queue, in nanoseconds.
+    pub wait_ns: u64,
+}
+
+impl SchedStat {
+    /// Time the thread wanted a CPU: ran or waited for one.
+    pub fn wanted_ns(&self) -> u64 {
+        self.run_ns.saturating_add(self.wait_ns)
+    }
+}
+
+/// Parses `schedstat` with the `procfs` crate's parser (three numbers).
+pub fn parse_schedstat(s: &str) -> Result<SchedStat, String> {
+    let st = Schedstat::from_read(s.as_bytes()).map_err(|e| match e {
+        ::procfs::ProcError::InternalError(i) => format!("not a schedstat line: {}", i.msg),
+        other => format!("not a schedstat line: {other}"),
+    })?;
+    Ok(SchedStat {
+        run_ns: st.sum_exec_runtime,
+        wait_ns: st.run_delay,
     })
 }
 
@@ -191,6 +219,24 @@ pub fn read_task_stat(proc: &Path, pid: u32, tid: u32) -> Result<TaskStat, HostE
     parse_stat(&s).map_err(|w| HostError::parse(&path, w))
 }
 
+/// Reads and parses `/proc/PID/task/TID/schedstat`; `Ok(None)` where the kernel has
+/// no such file (built without `CONFIG_SCHED_INFO`) or a capture left it out.
+pub fn read_task_schedstat(
+    proc: &Path,
+    pid: u32,
+    tid: u32,
+) -> Result<Option<SchedStat>, HostError> {
+    let dir = task_dir(proc, pid, tid);
+    let path = dir.join("schedstat");
+    match read_proc_file(&path, tid) {
+        Ok(s) => parse_schedstat(&s)
+            .map(Some)
+            .map_err(|w| HostError::parse(&path, w)),
+        Err(e) if e.is_vanished() && dir.is_dir() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads and parses `/proc/PID/status`.
 pub fn read_status(proc: &Path, pid: u32) -> Result<TaskStatus, HostError> {
     let path = pid_dir(proc, pid).join("status");
@@ -275,6 +321,18 @@ mod tests {
     const STAT: &str = "4242 (qemu-kvm) S 1 4242 4242 0 -1 4194560 5000 0 0 0 \
         1500 250 0 0 20 0 7 0 123456 4000000000 20000 18446744073709551615 1 1 0 0 0 0 0 \
         4096 0 0 0 0 17 3 0 0 0 0 0";
+
+    #[test]
+    fn parses_schedstat_and_refuses_garbage() {
+        let s = parse_schedstat("1500000000 250000000 42\n").unwrap();
+        assert_eq!(
+            (s.run_ns, s.wait_ns, s.wanted_ns()),
+            (1_500_000_000, 250_000_000, 1_750_000_000)
+        );
+        for bad in ["", "12", "12 x 3", "-1 2 3"] {
+            assert!(parse_schedstat(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_stat() {
