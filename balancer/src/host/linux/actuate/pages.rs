@@ -260,6 +260,11 @@ impl Job {
             && self.reserved.load(SeqCst) < self.budget_pages
     }
 
+    /// Batches taken so far.
+    pub fn taken(&self) -> usize {
+        self.next.load(SeqCst).min(self.batches.len())
+    }
+
     /// Takes the next batch, if the move is still [`open`](Self::open).
     pub fn claim(&self) -> Option<usize> {
         if !self.open() {

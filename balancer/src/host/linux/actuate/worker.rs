@@ -16,9 +16,10 @@
 //! VM's hot set waited for every move queued before it: in the lab's `scattered`
 //! case (8 VMs x 384 MiB) the hot sets took half a minute to come home. Here the
 //! `migration_threads` threads always take the next batch of the most urgent move
-//! that has one: moves of listed (hot) regions before moves of whole source nodes,
-//! then in the order they were handed over (the engine's order: VMs with remote hot
-//! memory first). A stop request (the rate limit's cancel flag) ends every move at
+//! that has one: moves of listed (hot) regions before moves of whole source nodes.
+//! Hot moves take turns batch by batch, so the hottest batch of every VM goes before
+//! the second of any; the others go in the order they were handed over (the
+//! engine's order: VMs with remote hot memory first). A stop request (the rate limit's cancel flag) ends every move at
 //! its next batch boundary; moves not started yet then end at once with nothing
 //! moved, each reported as stopped.
 
@@ -217,11 +218,15 @@ fn serve(shared: &Shared) {
     }
 }
 
-/// The next batch of the most urgent move that has one: hot moves first, then in
-/// hand-over order.
+/// The next batch of the most urgent move that has one: hot moves first, taking
+/// turns (the first, hottest batch of every hot move before the second of any), then
+/// the others in hand-over order.
 fn take(q: &mut Queue) -> Option<(u64, Arc<Job>, usize)> {
     let mut order: Vec<usize> = (0..q.entries.len()).collect();
-    order.sort_by_key(|&i| (!q.entries[i].hot, q.entries[i].seq));
+    order.sort_by_key(|&i| {
+        let e = &q.entries[i];
+        (!e.hot, if e.hot { e.job.taken() } else { 0 }, e.seq)
+    });
     for i in order {
         let e = &mut q.entries[i];
         if let Some(batch) = e.job.claim() {
