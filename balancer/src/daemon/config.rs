@@ -124,7 +124,8 @@ pub struct Config {
     /// busy made 512-page calls 4 times slower than 8192-page ones
     /// (tests/results/lab-bench-mover.md).
     pub migration_batch_pages: u64,
-    /// Threads moving one VM's pages at once (1..=64). Default 4.
+    /// Mover threads, shared by all moves (1..=64): each takes the next batch of the
+    /// most urgent move (hot regions first, VMs taking turns). Default 4.
     pub migration_threads: usize,
     /// Nice value of the threads that move pages and of the tick loop that starts
     /// them (-20..=19). Default -10: on a host whose CPUs are all busy with vCPUs,

@@ -51,7 +51,7 @@ pub struct ApplierConfig {
     pub rate_limit_bytes_per_s: u64,
     /// Pages per move_pages call.
     pub batch_pages: u64,
-    /// Threads moving one VM's pages at once (move_pages is CPU-bound in the caller).
+    /// Mover threads shared by all moves (move_pages is CPU-bound in the caller).
     pub migration_threads: usize,
     /// Nice value of the background mover's threads.
     pub migration_nice: i32,
