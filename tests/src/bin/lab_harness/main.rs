@@ -177,6 +177,7 @@ fn run() -> anyhow::Result<bool> {
             Assertion::HotFirst { .. } | Assertion::VmPagesMoved { .. }
         )
     });
+    balancer::prepare(balancer, &scenario)?;
     let mut sampler = sampler::Sampler::new(&nodes, &running, per_page)?;
     // One second of vCPU history, so the first sample knows where vCPUs run.
     sampler.poll_for(Duration::from_secs(1));
