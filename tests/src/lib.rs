@@ -1,6 +1,7 @@
 //! Helpers shared by vmbalancer's test programs and integration tests.
 
 pub mod actuate_target;
+pub mod fault;
 pub mod lab;
 
 /// Fails the calling test with a plain message unless it runs as root. Tests that

@@ -74,7 +74,10 @@ pub struct Journal {
 
 impl Journal {
     /// Opens (creating the state directory, mode 0700) and loads the journal. A journal
-    /// that does not parse is moved aside (`journal.json.corrupt`), never deleted.
+    /// that does not parse is moved aside (`journal.json.corrupt`), one of another
+    /// version too (`journal.json.old`), never deleted: a name already taken by an
+    /// earlier one gets a number (`journal.json.corrupt.1`), so none is overwritten.
+    /// When it cannot be moved aside (a read-only state directory), opening fails.
     pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -90,14 +93,13 @@ impl Journal {
             Ok(bytes) => match serde_json::from_slice::<File>(&bytes) {
                 Ok(f) if f.version == VERSION => f,
                 Ok(f) => {
-                    tracing::warn!(version = f.version, "journal of another version ignored");
-                    let _ = std::fs::rename(&path, path.with_extension("json.old"));
+                    let aside = set_aside(&path, "old").map_err(io(&path))?;
+                    tracing::warn!(version = f.version, aside = %aside.display(), "journal of another version moved aside");
                     File::default()
                 }
                 Err(e) => {
-                    let aside = path.with_extension("json.corrupt");
+                    let aside = set_aside(&path, "corrupt").map_err(io(&path))?;
                     tracing::warn!(error = %e, aside = %aside.display(), "journal unreadable, moved aside");
-                    std::fs::rename(&path, &aside).map_err(io(&path))?;
                     File::default()
                 }
             },
@@ -134,55 +136,71 @@ impl Journal {
 
     /// Records a VM's original sets (kept if already recorded).
     pub fn adopt(&mut self, original: OriginalSets) -> Result<(), JournalError> {
-        if self.file.entries.contains_key(&original.vm) {
-            return Ok(());
-        }
-        self.file.entries.insert(
-            original.vm,
-            Entry {
-                original,
-                in_flight: None,
-            },
-        );
-        self.save()
+        self.update(|f| {
+            if f.entries.contains_key(&original.vm) {
+                return false;
+            }
+            f.entries.insert(
+                original.vm,
+                Entry {
+                    original,
+                    in_flight: None,
+                },
+            );
+            true
+        })
     }
 
     /// Marks an action as started; call after [`Journal::adopt`] of its VM.
     pub fn begin(&mut self, action: &PlannedAction, now_ns: u64) -> Result<(), JournalError> {
-        if let Some(e) = self.file.entries.get_mut(&action.vm) {
+        self.update(|f| {
+            let Some(e) = f.entries.get_mut(&action.vm) else {
+                return false;
+            };
             e.in_flight = Some(InFlight {
                 action: action.clone(),
                 started_ns: now_ns,
             });
-            self.save()?;
-        }
-        Ok(())
+            true
+        })
     }
 
     /// Marks a VM's action as finished.
     pub fn end(&mut self, vm: VmId) -> Result<(), JournalError> {
-        if let Some(e) = self.file.entries.get_mut(&vm)
-            && e.in_flight.take().is_some()
-        {
-            self.save()?;
-        }
-        Ok(())
+        self.update(|f| {
+            f.entries
+                .get_mut(&vm)
+                .is_some_and(|e| e.in_flight.take().is_some())
+        })
     }
 
     /// Drops a VM (it exited, or was restored for good).
     pub fn forget(&mut self, vm: VmId) -> Result<(), JournalError> {
-        if self.file.entries.remove(&vm).is_some() {
-            self.save()?;
+        self.update(|f| f.entries.remove(&vm).is_some())
+    }
+
+    /// Applies `change` (which says whether it changed anything) to a copy of the
+    /// contents, writes the copy, and only then keeps it. A write that fails (state
+    /// directory full or read-only) leaves the journal in memory as it is on disk:
+    /// otherwise the next write that succeeds would persist a change that never
+    /// happened, such as an action refused for want of a journal, which a recovery
+    /// after a crash would then "finish".
+    fn update(&mut self, change: impl FnOnce(&mut File) -> bool) -> Result<(), JournalError> {
+        let mut next = self.file.clone();
+        if !change(&mut next) {
+            return Ok(());
         }
+        self.save(&next)?;
+        self.file = next;
         Ok(())
     }
 
-    fn save(&self) -> Result<(), JournalError> {
+    fn save(&self, file: &File) -> Result<(), JournalError> {
         let err = |source| JournalError::Io {
             path: self.path.clone(),
             source,
         };
-        let bytes = serde_json::to_vec_pretty(&self.file).map_err(|e| err(e.into()))?;
+        let bytes = serde_json::to_vec_pretty(file).map_err(|e| err(e.into()))?;
         let tmp = self.path.with_extension("json.tmp");
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -202,6 +220,20 @@ impl Journal {
         }
         Ok(())
     }
+}
+
+/// Renames `path` to `path.KIND`, or `path.KIND.N` with the first free N, and
+/// returns the new name.
+fn set_aside(path: &Path, kind: &str) -> std::io::Result<PathBuf> {
+    let base = path.with_extension(format!("json.{kind}"));
+    let mut aside = base.clone();
+    let mut n = 0u32;
+    while aside.symlink_metadata().is_ok() {
+        n += 1;
+        aside = PathBuf::from(format!("{}.{n}", base.display()));
+    }
+    std::fs::rename(path, &aside)?;
+    Ok(aside)
 }
 
 /// What the host looks like now, for recovery decisions.
@@ -261,6 +293,11 @@ pub fn decide(entry: &Entry, facts: &HostFacts) -> Recovery {
 
 /// Recovers every journal entry through the actuator. A finish that the host refuses
 /// falls back to a revert. Returns what was done per VM.
+///
+/// A journal that cannot be written (state directory full or read-only) does not
+/// stop the recovery of the other entries: every VM is put right all the same, the
+/// failed write is logged, and the entry it left is recovered again at the next
+/// start (finishing and reverting are idempotent).
 pub fn recover<A: Actuator>(
     journal: &mut Journal,
     actuator: &mut A,
@@ -280,7 +317,9 @@ pub fn recover<A: Actuator>(
         let decision = decide(&entry, &facts);
         let outcome = match &decision {
             Recovery::Forget => {
-                journal.forget(vm)?;
+                if let Err(e) = journal.forget(vm) {
+                    tracing::error!(vm, error = %e, "journal not writable: the entry of an exited VM stays");
+                }
                 ActionOutcome::VmGone
             }
             Recovery::Keep => {
@@ -304,8 +343,10 @@ pub fn recover<A: Actuator>(
                 actuator.restore(&entry.original, *what)
             }
         };
-        if !matches!(decision, Recovery::Forget) {
-            journal.end(vm)?;
+        if !matches!(decision, Recovery::Forget)
+            && let Err(e) = journal.end(vm)
+        {
+            tracing::error!(vm, error = %e, "journal not writable: the action stays in flight for the next start");
         }
         tracing::info!(vm, ?decision, ?outcome, "recovered journal entry");
         done.push((vm, decision, outcome));
@@ -388,6 +429,42 @@ mod tests {
             std::fs::read(dir.join("journal.json.corrupt")).unwrap(),
             b"{ half a jour"
         );
+        // A second bad journal does not overwrite the first one set aside, and one
+        // of another version is kept too.
+        std::fs::write(dir.join("journal.json"), b"\0\xff garbage").unwrap();
+        assert!(Journal::open(&dir).unwrap().entries().is_empty());
+        std::fs::write(dir.join("journal.json"), br#"{"version":99,"entries":{}}"#).unwrap();
+        assert!(Journal::open(&dir).unwrap().entries().is_empty());
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        assert_eq!(read("journal.json.corrupt"), b"{ half a jour");
+        assert_eq!(read("journal.json.corrupt.1"), b"\0\xff garbage");
+        assert_eq!(read("journal.json.old"), br#"{"version":99,"entries":{}}"#);
+        assert!(!dir.join("journal.json").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_changes_nothing_in_memory() {
+        let dir = temp_dir("journal-failed-write");
+        let mut j = Journal::open(&dir).unwrap();
+        j.adopt(original(10)).unwrap();
+        // The next writes cannot happen, as on a full or read-only state directory.
+        std::fs::create_dir(dir.join("journal.json.tmp")).unwrap();
+        assert!(j.adopt(original(11)).is_err());
+        assert!(j.begin(&set_cpus(10, "4-7"), 1).is_err());
+        assert!(!j.entries().contains_key(&11));
+        assert!(j.entries()[&10].in_flight.is_none());
+        // Writable again: a later change does not carry what failed to disk (a
+        // recovery would otherwise finish an action that was refused).
+        std::fs::remove_dir(dir.join("journal.json.tmp")).unwrap();
+        j.adopt(original(12)).unwrap();
+        let on_disk = Journal::open(&dir).unwrap();
+        assert_eq!(on_disk.entries(), j.entries());
+        assert_eq!(
+            on_disk.entries().keys().copied().collect::<Vec<_>>(),
+            [10, 12]
+        );
+        assert!(on_disk.entries()[&10].in_flight.is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

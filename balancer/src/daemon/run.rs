@@ -10,6 +10,11 @@
 //! the same flag), and on the way out the original CPU sets are restored when the
 //! configuration asks for it.
 //!
+//! The configuration is read once, at start; there is no reload. SIGHUP is caught
+//! and only logged: its default action would kill the daemon on the spot, leaving
+//! the VMs it moved as they are, and systemd counts a SIGHUP death as a clean exit
+//! that `Restart=on-failure` does not restart.
+//!
 //! Each tick: observe -> drop exited VMs from the journal -> plan -> for each action:
 //! configuration guard (excluded/pinned VMs are refused here, whatever the policy
 //! says) -> adopt + journal -> apply (reads back) -> journal end -> feedback -> status.
@@ -768,12 +773,24 @@ where
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
         let s = shutdown.clone();
         tasks.spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-                _ = s.stopped() => {}
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                    _ = int.recv() => tracing::info!("SIGINT: stopping"),
+                    _ = hup.recv() => {
+                        tracing::warn!(
+                            "SIGHUP: the configuration is not reloaded; the daemon keeps \
+                             running with the one it started with (restart it to apply a \
+                             changed file)"
+                        );
+                        continue;
+                    }
+                    _ = s.stopped() => {}
+                }
+                break;
             }
             s.trigger();
             Ok(())

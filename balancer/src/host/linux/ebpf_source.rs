@@ -5,7 +5,10 @@
 //! the programs' tracked-thread map is made equal to the discovered threads (new ones
 //! tracked, gone ones untracked and their counters dropped, exited VMs forgotten), and
 //! each snapshot gets the counters of its vCPUs, the kernel's NUMA moves of each VM and
-//! its hot regions.
+//! its hot regions. A thread the map refuses (it holds
+//! [`MAX_TRACKED_THREADS`](balancer_common::MAX_TRACKED_THREADS) threads) is left out
+//! of telemetry, not of balancing: it is retried every pass, with one warning per
+//! streak of refusals.
 //!
 //! Hot regions: the programs count page faults per 2 MiB region and never reset them,
 //! so a region faulted heavily an hour ago would stay "hot" forever. Heat is therefore
@@ -75,6 +78,8 @@ pub struct EbpfTelemetry {
     /// Per VM: region start address -> state.
     heat: HashMap<VmId, HashMap<u64, RegionState>>,
     last_fill_ns: Option<u64>,
+    /// Threads the last pass could not track (e.g. the map was full).
+    untracked: usize,
 }
 
 impl EbpfTelemetry {
@@ -85,7 +90,13 @@ impl EbpfTelemetry {
             vms: HashSet::new(),
             heat: HashMap::new(),
             last_fill_ns: None,
+            untracked: 0,
         }
+    }
+
+    /// Threads the last pass could not track (the programs' thread map was full).
+    pub fn untracked_threads(&self) -> usize {
+        self.untracked
     }
 
     /// Updates the heat of `vm`'s regions from the programs' current counts and
@@ -308,6 +319,8 @@ impl TelemetrySource for EbpfTelemetry {
                 self.tracked.remove(&tid);
             }
         }
+        let mut untracked = 0usize;
+        let mut first_error = None;
         for (&tid, &thread) in &wanted {
             if self.tracked.get(&tid) == Some(&thread) {
                 continue;
@@ -316,9 +329,27 @@ impl TelemetrySource for EbpfTelemetry {
                 Ok(()) => {
                     self.tracked.insert(tid, thread);
                 }
-                Err(e) => tracing::warn!(tid, error = %e, "tracking a thread"),
+                Err(e) => {
+                    untracked += 1;
+                    first_error.get_or_insert(e);
+                }
             }
         }
+        // One warning per failure streak (a full thread map fails every pass until
+        // threads exit), not one per thread and pass; the threads are retried.
+        match first_error {
+            Some(e) if self.untracked == 0 => tracing::warn!(
+                threads = untracked,
+                error = %e,
+                "threads not tracked by the eBPF programs (retried every pass)"
+            ),
+            Some(e) => {
+                tracing::debug!(threads = untracked, error = %e, "threads still not tracked")
+            }
+            None if self.untracked > 0 => tracing::info!("every thread is tracked again"),
+            None => {}
+        }
+        self.untracked = untracked;
         let now: HashSet<VmId> = vms.iter().map(|v| v.pid).collect();
         for &gone in self.vms.difference(&now) {
             if let Err(e) = self.telemetry.forget_vm(gone) {

@@ -287,8 +287,9 @@ impl LinuxApplier {
     }
 
     /// Puts back a VM's original sets. CPU sets: children first on the way down,
-    /// so every write keeps child within parent. `mems` is restored only when asked:
-    /// on cgroup v2 that migrates pages back.
+    /// so every write keeps child within parent; thread affinities when the VM has
+    /// no group or one was removed ([`Self::restore_threads`]). `mems` is restored
+    /// only when asked: on cgroup v2 that migrates pages back.
     pub fn restore(&mut self, o: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
         if !self.same_process(o) {
             self.counters.vm_gone += 1;
@@ -331,16 +332,35 @@ impl LinuxApplier {
                 }
             }
         }
-        if what.cpus && o.groups.is_empty() {
-            for (&tid, set) in &o.threads {
-                match sys::set_affinity(tid, set) {
-                    Ok(()) => {}
-                    Err(nix::Error::ESRCH) => self.counters.threads_gone += 1,
-                    Err(e) => problems.push(format!("thread {tid}: {e}")),
-                }
-            }
+        // Threads too when the VM has no group, or when a group it had was removed
+        // meanwhile: the applier then moved its threads one by one.
+        let group_gone = o.groups.iter().any(|g| !g.dir.is_dir());
+        if what.cpus && (o.groups.is_empty() || group_gone) {
+            self.restore_threads(o, &mut problems);
         }
         cpu_change_outcome(problems)
+    }
+
+    /// Puts back the affinity of the VM's threads as they are now. Only its current
+    /// threads: a recorded thread that exited may have left its id to a thread of
+    /// another process. A thread born since adoption inherited its set from a thread
+    /// the daemon had moved; it gets the set the main thread had at adoption.
+    fn restore_threads(&mut self, o: &OriginalSets, problems: &mut Vec<String>) {
+        let Ok(current) = list_threads(&self.cfg.proc_root, o.vm) else {
+            self.counters.vm_gone += 1;
+            return;
+        };
+        let born_since = o.threads.get(&o.vm);
+        for tid in current {
+            let Some(set) = o.threads.get(&tid).or(born_since) else {
+                continue;
+            };
+            match sys::set_affinity(tid, set) {
+                Ok(()) => {}
+                Err(nix::Error::ESRCH) => self.counters.threads_gone += 1,
+                Err(e) => problems.push(format!("thread {tid}: {e}")),
+            }
+        }
     }
 
     /// Restores the CPU sets of every adopted VM (shutdown with `restore_on_exit`).

@@ -241,21 +241,25 @@ fn take(q: &mut Queue) -> Option<(u64, Arc<Job>, usize)> {
 /// Hands back every move with no batch left to take and none running.
 fn retire<'a>(shared: &'a Shared, mut q: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
     let mut i = 0;
-    let mut changed = false;
+    let mut done = Vec::new();
     while i < q.entries.len() {
         let e = &q.entries[i];
         if e.running > 0 || e.job.open() {
             i += 1;
             continue;
         }
-        let e = q.entries.remove(i);
+        done.push(q.entries.remove(i));
+    }
+    if done.is_empty() {
+        return q;
+    }
+    // Status stops listing the moves before they are handed back: whoever receives
+    // one never sees it still running.
+    publish(shared, &q);
+    for e in done {
         let result = e.job.result();
         // The receiver is gone only when the applier is: nobody waits for it then.
         let _ = q.outbox.send((e.prepared, result));
-        changed = true;
-    }
-    if changed {
-        publish(shared, &q);
     }
     q
 }
