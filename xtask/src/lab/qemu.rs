@@ -4,7 +4,8 @@
 //! 21 (adjacent nodes in a ring) and 31 (opposite nodes). TCG, not KVM: nested KVM
 //! hangs on the machines this runs on, and TCG behaves identically everywhere.
 //! Console lines are echoed with a prefix; result lines are parsed and handed back.
-//! A guest that does not power off in time is killed with a clear message.
+//! A guest that does not power off in time is killed with a clear message
+//! ([`GuestHung`], which keeps what it printed).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -13,6 +14,37 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+/// The guest did not power off in time and was killed; `lines` is its console.
+#[derive(Debug)]
+pub struct GuestHung {
+    pub timeout_s: u64,
+    pub lines: Vec<String>,
+}
+
+impl GuestHung {
+    /// Whether the guest kernel reported a CPU stuck in the kernel (soft lockup) or
+    /// an RCU stall: the emulated machine stopped making progress, as opposed to a
+    /// scenario that waited too long.
+    pub fn kernel_stalled(&self) -> bool {
+        self.lines
+            .iter()
+            .any(|l| l.contains("soft lockup") || l.contains("rcu_preempt self-detected stall"))
+    }
+}
+
+impl std::fmt::Display for GuestHung {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the lab guest did not power off within {} s and was killed; last console line: {:?}",
+            self.timeout_s,
+            self.lines.last().map_or("(none)", String::as_str)
+        )
+    }
+}
+
+impl std::error::Error for GuestHung {}
 
 /// Nodes, CPUs per node, memory per node.
 pub const NODES: usize = 4;
@@ -135,11 +167,11 @@ pub fn run(
         if now >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
-                "the lab guest did not power off within {} s and was killed; last console line: {:?}",
-                timeout.as_secs(),
-                lines.last().map_or("(none)", |l: &String| l.as_str())
-            );
+            return Err(GuestHung {
+                timeout_s: timeout.as_secs(),
+                lines,
+            }
+            .into());
         }
         match rx.recv_timeout((deadline - now).min(Duration::from_millis(500))) {
             Ok(line) => {
@@ -197,5 +229,22 @@ mod tests {
         );
         assert!(args.contains(&"dist,src=0,dst=2,val=31".to_string()));
         assert!(args.contains(&"tcg,thread=multi".to_string()));
+    }
+
+    #[test]
+    fn a_stalled_kernel_is_told_from_a_slow_scenario() {
+        let hung = |lines: &[&str]| GuestHung {
+            timeout_s: 1,
+            lines: lines.iter().map(|l| l.to_string()).collect(),
+        };
+        assert!(
+            hung(&["[  121.2] watchdog: BUG: soft lockup - CPU#6 stuck for 44s! [x:1]"])
+                .kernel_stalled()
+        );
+        assert!(
+            hung(&["[   94.6] rcu: INFO: rcu_preempt self-detected stall on CPU"]).kernel_stalled()
+        );
+        assert!(!hung(&["t= 30.0s locality mean 0.9", "(still sampling)"]).kernel_stalled());
+        assert!(hung(&[]).to_string().contains("(none)"));
     }
 }
