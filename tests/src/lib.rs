@@ -1,6 +1,7 @@
 //! Helpers shared by vmbalancer's test programs and integration tests.
 
 pub mod actuate_target;
+pub mod cgroup_v1;
 pub mod fault;
 pub mod lab;
 

@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 
 use std::path::{Path, PathBuf};
 use vmbalancer_tests::actuate_target::Target;
+use vmbalancer_tests::cgroup_v1::V1Group;
 use vmbalancer_tests::require_root;
 
 use balancer::host::Applier;
@@ -340,25 +341,6 @@ fn exited_processes_and_vanished_threads_are_quiet() {
     assert_eq!(a.restore(&o, what), ActionOutcome::VmGone);
 }
 
-/// A cpuset v1 group tree made for one test, removed on drop.
-struct V1Group {
-    dir: PathBuf,
-    tids: Vec<u32>,
-}
-
-impl Drop for V1Group {
-    fn drop(&mut self) {
-        let root = self.dir.parent().unwrap();
-        for tid in &self.tids {
-            let _ = std::fs::write(root.join("tasks"), tid.to_string());
-        }
-        for sub in ["vcpu0", "vcpu1", "emulator"] {
-            let _ = std::fs::remove_dir(self.dir.join(sub));
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
 #[test]
 #[ignore = "needs root: creates and writes cgroup v1 cpuset groups"]
 fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
@@ -376,20 +358,7 @@ fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
     }
     let t = spawn_target();
     let name = format!("vmb-test-{}", std::process::id());
-    let guard = V1Group {
-        dir: root.join(&name),
-        tids: t.tids.to_vec(),
-    };
-    for sub in ["", "vcpu0", "vcpu1", "emulator"] {
-        let d = guard.dir.join(sub);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("cpuset.cpus"), all.trim()).unwrap();
-        std::fs::write(d.join("cpuset.mems"), mems.trim()).unwrap();
-    }
-    // libvirt's v1 layout: each vCPU thread in its own group.
-    for (i, tid) in t.tids.iter().enumerate() {
-        std::fs::write(guard.dir.join(format!("vcpu{i}/tasks")), tid.to_string()).unwrap();
-    }
+    let guard = V1Group::create(root, &name, &all, &mems, &t.tids);
     let mut vm = t.vm();
     vm.cgroup = Some(format!("/{name}"));
     let snap = host_snapshot(vec![vm.clone()]);

@@ -28,6 +28,7 @@ use balancer::host::linux::{EbpfTelemetry, TelemetrySource, TrackedVm};
 use balancer::model::{ActionOutcome, CpuSet, Plan, PlannedAction, Snapshot};
 use balancer::telemetry::Telemetry;
 use vmbalancer_tests::actuate_target::Target;
+use vmbalancer_tests::cgroup_v1::V1Group;
 use vmbalancer_tests::fault::{Fixed, Script, affinities, page_nodes, set_cpus, vm_snapshot};
 use vmbalancer_tests::require_root;
 
@@ -671,26 +672,6 @@ fn fault_sigkill_in_each_phase_of_a_move() {
     std::fs::remove_dir_all(&fake_sys).unwrap();
 }
 
-/// A cpuset v1 group tree made for one test; dropping it removes it the way a VM's
-/// group goes away (its threads leave to the root group first).
-struct V1Group {
-    dir: PathBuf,
-    tids: Vec<u32>,
-}
-
-impl Drop for V1Group {
-    fn drop(&mut self) {
-        let root = self.dir.parent().unwrap();
-        for tid in &self.tids {
-            let _ = std::fs::write(root.join("tasks"), tid.to_string());
-        }
-        for sub in ["vcpu0", "vcpu1", "emulator"] {
-            let _ = std::fs::remove_dir(self.dir.join(sub));
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
 /// Plays a script, and removes a cgroup when it plans its second tick: after the
 /// daemon observed the VM in it and adopted it, before the move is applied.
 struct RemoveGroup {
@@ -723,19 +704,7 @@ fn fault_cgroup_removed_under_a_move() {
     let mems = std::fs::read_to_string(root.join("cpuset.mems")).unwrap();
     let t = target(1 << 20);
     let name = format!("vmb-fault-{}", std::process::id());
-    let group = V1Group {
-        dir: root.join(&name),
-        tids: t.tids.to_vec(),
-    };
-    for sub in ["", "vcpu0", "vcpu1", "emulator"] {
-        let d = group.dir.join(sub);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("cpuset.cpus"), all.to_string()).unwrap();
-        std::fs::write(d.join("cpuset.mems"), mems.trim()).unwrap();
-    }
-    for (i, tid) in t.tids.iter().enumerate() {
-        std::fs::write(group.dir.join(format!("vcpu{i}/tasks")), tid.to_string()).unwrap();
-    }
+    let group = V1Group::create(root, &name, &all.to_string(), &mems, &t.tids);
     let state = temp("cgroup");
     let snap = vm_snapshot(t.pid, &t.tids, Some(format!("/{name}")));
     let policy = RemoveGroup {
