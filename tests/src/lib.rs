@@ -2,6 +2,7 @@
 
 pub mod actuate_target;
 pub mod cgroup_v1;
+pub mod fake_sys;
 pub mod fault;
 pub mod lab;
 

@@ -4,9 +4,10 @@
 
 use std::io::{BufRead, BufReader, Write};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use vmbalancer_tests::actuate_target::Target;
 use vmbalancer_tests::cgroup_v1::V1Group;
+use vmbalancer_tests::fake_sys;
 use vmbalancer_tests::require_root;
 
 use balancer::host::Applier;
@@ -194,23 +195,6 @@ fn move_pages_to_node_0_succeeds_and_node_1_is_refused() {
     t.exit();
 }
 
-/// A sysfs copy where node 1 exists with the given free memory, for refusal paths.
-fn fake_sys(name: &str, node1_free_kb: u64) -> PathBuf {
-    let root = std::env::temp_dir().join(format!("vmb-sys-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let cpu = root.join("devices/system/cpu");
-    std::fs::create_dir_all(&cpu).unwrap();
-    std::fs::copy("/sys/devices/system/cpu/online", cpu.join("online")).unwrap();
-    let n1 = root.join("devices/system/node/node1");
-    std::fs::create_dir_all(&n1).unwrap();
-    std::fs::write(
-        n1.join("meminfo"),
-        format!("Node 1 MemTotal: 8388608 kB\nNode 1 MemFree: {node1_free_kb} kB\n"),
-    )
-    .unwrap();
-    root
-}
-
 #[test]
 #[ignore = "needs root: moves another process's pages"]
 fn moves_need_free_memory_plus_headroom_and_count_failed_pages() {
@@ -220,7 +204,7 @@ fn moves_need_free_memory_plus_headroom_and_count_failed_pages() {
     let region = vec![(t.addr, t.len)];
 
     // Node 1 "exists" with 100 MiB free; 16 MiB + 512 MiB headroom does not fit.
-    let sys_root = fake_sys("full", 100 << 10);
+    let sys_root = fake_sys::with_node1("full", 100 << 10);
     let mut a = LinuxApplier::new(ApplierConfig {
         sys_root: sys_root.clone(),
         ..ApplierConfig::default()
@@ -236,7 +220,7 @@ fn moves_need_free_memory_plus_headroom_and_count_failed_pages() {
 
     // Enough room on paper: the kernel refuses every page (no such node), the per-page
     // accounting says so and nothing moved.
-    let sys_root = fake_sys("roomy", 8 << 20);
+    let sys_root = fake_sys::with_node1("roomy", 8 << 20);
     let mut a = LinuxApplier::new(ApplierConfig {
         sys_root: sys_root.clone(),
         headroom_bytes: 0,
@@ -263,7 +247,7 @@ fn background_moves_all_end_and_are_handed_back() {
     let snap = host_snapshot(vec![t.vm()]);
     // Node 1 "exists" with room; the kernel refuses every page (no such node), so
     // each move runs its batches on the mover threads and ends refused.
-    let sys_root = fake_sys("pool", 8 << 20);
+    let sys_root = fake_sys::with_node1("pool", 8 << 20);
     let mut a = LinuxApplier::new(ApplierConfig {
         sys_root: sys_root.clone(),
         headroom_bytes: 0,

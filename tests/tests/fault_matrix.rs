@@ -29,6 +29,7 @@ use balancer::model::{ActionOutcome, CpuSet, Plan, PlannedAction, Snapshot};
 use balancer::telemetry::Telemetry;
 use vmbalancer_tests::actuate_target::Target;
 use vmbalancer_tests::cgroup_v1::V1Group;
+use vmbalancer_tests::fake_sys;
 use vmbalancer_tests::fault::{Fixed, Script, affinities, page_nodes, set_cpus, vm_snapshot};
 use vmbalancer_tests::require_root;
 
@@ -480,23 +481,6 @@ fn fault_runtime_dir_missing() {
     std::fs::remove_dir_all(&state).unwrap();
 }
 
-/// A sysfs copy in which node 1 exists with free memory: a memory move to it passes
-/// the applier's checks on a one-node host, and the kernel then refuses its pages.
-fn sys_with_node1(name: &str) -> PathBuf {
-    let root = temp(&format!("sys-{name}"));
-    let cpu = root.join("devices/system/cpu");
-    std::fs::create_dir_all(&cpu).unwrap();
-    std::fs::copy("/sys/devices/system/cpu/online", cpu.join("online")).unwrap();
-    let n1 = root.join("devices/system/node/node1");
-    std::fs::create_dir_all(&n1).unwrap();
-    std::fs::write(
-        n1.join("meminfo"),
-        "Node 1 MemTotal: 8388608 kB\nNode 1 MemFree: 8388608 kB\n",
-    )
-    .unwrap();
-    root
-}
-
 /// Runs `fault_daemon` on the VM; true when it was SIGKILLed, false when it ended.
 fn fault_daemon(state: &Path, sys_root: &Path, phase: &str, t: &Target, action: &str) -> bool {
     let out = Command::new(env!("CARGO_BIN_EXE_fault_daemon"))
@@ -546,7 +530,7 @@ fn fault_sigkill_in_each_phase_of_a_move() {
     let Some(all) = online() else { return };
     let one = CpuSet::parse_list("1").unwrap();
     let real_sys = Path::new("/sys");
-    let fake_sys = sys_with_node1("kill");
+    let node1_sys = fake_sys::with_node1("kill", 8388608);
     let cases = [
         Kill {
             phase: "adopt",
@@ -575,7 +559,7 @@ fn fault_sigkill_in_each_phase_of_a_move() {
         Kill {
             phase: "moving",
             action: "mem",
-            sys_root: &fake_sys,
+            sys_root: &node1_sys,
             in_flight: true,
             after: &all,
             next_start: |r| matches!(r, Recovery::Revert(w) if w.mems && !w.cpus),
@@ -669,7 +653,7 @@ fn fault_sigkill_in_each_phase_of_a_move() {
     assert!(Journal::open(&state).unwrap().entries().is_empty());
     end(t);
     std::fs::remove_dir_all(&state).unwrap();
-    std::fs::remove_dir_all(&fake_sys).unwrap();
+    std::fs::remove_dir_all(&node1_sys).unwrap();
 }
 
 /// Plays a script, and removes a cgroup when it plans its second tick: after the
