@@ -1,7 +1,14 @@
 //! vmbalancer's eBPF programs. One file per kernel hook under [`probes`]; the maps
-//! they share and small helpers live here. Every program first looks the thread up in
-//! [`TRACKED`] and returns when it is not there, so the cost on the rest of the host
-//! is one hash lookup per event.
+//! they share and small helpers live here.
+//!
+//! Most events of a host are about threads that are not tracked, so every program
+//! decides that case first and with the least work: the thread id and one bit of
+//! [`TRACKED_BITS`] (an array lookup, which the JIT inlines into a bounds check and
+//! a load); no hash lookup, no write. Only for tracked threads do the programs read
+//! further fields and touch their counters (hash maps keyed by thread or VM: a call
+//! and a hash of the key each). No program reads a clock: a clock read costs more
+//! than the rest of an event's work (on-CPU time comes from the scheduler's own
+//! accounting, see [`probes::sched_switch`]).
 //!
 //! Per-thread maps are keyed by the thread the event is about, which is the current
 //! thread or a thread the kernel serialises (a task is switched out or migrated by one
@@ -13,19 +20,24 @@
 mod probes;
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::map,
-    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuHashMap},
 };
 use balancer_common::{
-    MigrationCounts, NumaFaults, OnCpuState, OnCpuTime, RegionFaults, RegionKey, TrackedThread,
+    tracked_bit, MigrationCounts, NumaFaults, OnCpuTime, RegionFaults, RegionKey, TrackedThread,
     VmNumaEvents, MAX_CPUS, MAX_HOT_REGIONS, MAX_TRACKED_THREADS, MAX_VMS, REGION_SHIFT,
-    UNKNOWN_NODE,
+    TRACKED_BITS_WORDS, UNKNOWN_NODE,
 };
 
 /// Threads to watch (tid -> thread), written by userspace.
 #[map(name = "TRACKED")]
 static TRACKED: HashMap<u32, TrackedThread> = HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
+
+/// The keys of [`TRACKED`] as a bitmap indexed by thread id, written by userspace
+/// (which sizes it from `kernel.pid_max`).
+#[map(name = "TRACKED_BITS")]
+static TRACKED_BITS: Array<u64> = Array::with_max_entries(TRACKED_BITS_WORDS, 0);
 
 /// CPU -> NUMA node, written by userspace from sysfs.
 #[map(name = "CPU_NODE")]
@@ -35,10 +47,6 @@ static CPU_NODE: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
 #[map(name = "MIGRATIONS")]
 static MIGRATIONS: HashMap<u32, MigrationCounts> =
     HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
-
-/// The tracked thread this CPU runs, since when.
-#[map(name = "ON_CPU_STATE")]
-static ON_CPU_STATE: PerCpuArray<OnCpuState> = PerCpuArray::with_max_entries(1, 0);
 
 /// On-CPU time per tracked thread (tid -> time by node).
 #[map(name = "ON_CPU")]
@@ -58,9 +66,25 @@ static HOT_REGIONS: LruPerCpuHashMap<RegionKey, RegionFaults> =
 static VM_NUMA_EVENTS: PerCpuHashMap<u32, VmNumaEvents> =
     PerCpuHashMap::with_max_entries(MAX_VMS, 0);
 
-/// The tracked thread with id `tid`, if any.
+/// Whether thread `tid` is tracked. Thread ids beyond the bitmap (`kernel.pid_max`
+/// raised after loading) are looked up in [`TRACKED`] instead.
+#[inline(always)]
+fn is_tracked(tid: u32) -> bool {
+    let (word, mask) = tracked_bit(tid);
+    match TRACKED_BITS.get(word) {
+        Some(bits) => *bits & mask != 0,
+        // SAFETY: only the presence of the key is used.
+        None => unsafe { TRACKED.get(tid) }.is_some(),
+    }
+}
+
+/// The tracked thread with id `tid`, if any: the bitmap first, the hash only for a
+/// tracked thread.
 #[inline(always)]
 fn tracked(tid: u32) -> Option<TrackedThread> {
+    if !is_tracked(tid) {
+        return None;
+    }
     // SAFETY: the value is copied out at once.
     unsafe { TRACKED.get(tid) }.copied()
 }
@@ -69,6 +93,15 @@ fn tracked(tid: u32) -> Option<TrackedThread> {
 #[inline(always)]
 fn current_tid() -> u32 {
     bpf_get_current_pid_tgid() as u32
+}
+
+/// The current thread's VM if it is tracked. A tracked thread's VM is its thread
+/// group (the qemu process, [`TrackedThread::vm_pid`]), which comes with the thread
+/// id from one helper: no lookup of [`TRACKED`].
+#[inline(always)]
+fn current_tracked_vm() -> Option<u32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    is_tracked(pid_tgid as u32).then_some((pid_tgid >> 32) as u32)
 }
 
 /// NUMA node of a CPU, [`UNKNOWN_NODE`] when the table does not know it.
@@ -84,11 +117,26 @@ fn this_cpu() -> u32 {
     unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() }
 }
 
-/// Nanoseconds since boot (CLOCK_MONOTONIC).
+/// A field read straight through a BTF-typed pointer (tp_btf arguments): the
+/// verifier knows the pointer's type and, because the loader's global is read-only
+/// and frozen, the offset as a constant, so it checks the field against the kernel's
+/// BTF and the JIT emits one load (guarded by the exception table) instead of a
+/// `bpf_probe_read_kernel` call.
+///
+/// # Safety
+/// `base` is a typed pointer argument of a tp_btf program and a `T` field lies at
+/// `offset` in what it points to.
 #[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+pub(crate) unsafe fn btf_field<T: Copy>(base: *const u8, offset: u32) -> T {
+    core::ptr::read_volatile(base.add(offset as usize) as *const T)
+}
+
+/// A field of an untyped kernel pointer, read with `bpf_probe_read_kernel`.
+#[inline(always)]
+pub(crate) fn kernel_field<T: Copy>(base: u64, offset: u32) -> Result<T, i32> {
+    let ptr = (base as usize + offset as usize) as *const T;
+    // SAFETY: a checked kernel read.
+    unsafe { bpf_probe_read_kernel(ptr) }.map_err(|_| 0)
 }
 
 /// A pointer to `map[key]`, inserting `V::default()` first when missing. `None` only
@@ -111,20 +159,13 @@ fn count_region_fault(vm_pid: u32, kind: u32, address: u64) {
         kind,
         region: address >> REGION_SHIFT,
     };
-    let now = now_ns();
     match HOT_REGIONS.get_ptr_mut(key) {
         Some(p) => {
             // SAFETY: this CPU's slot of a live map value.
-            unsafe {
-                (*p).faults += 1;
-                (*p).last_seen_ns = now;
-            }
+            unsafe { (*p).faults += 1 };
         }
         None => {
-            let v = RegionFaults {
-                faults: 1,
-                last_seen_ns: now,
-            };
+            let v = RegionFaults { faults: 1 };
             // An LRU map evicts instead of failing; ignore the rare race with another
             // CPU inserting the same key (one fault lost).
             let _ = HOT_REGIONS.insert(key, v, 0);

@@ -1,4 +1,5 @@
-//! `/proc/PID/cmdline`: the NUL-separated argv, then QEMU's options read from it.
+//! `/proc/PID/cmdline`: the NUL-separated argv, then QEMU's options read from it
+//! (memory backends, guest cells, QMP monitor sockets, confidential-guest objects).
 #![no_main]
 use balancer::host::linux::discovery::{is_qemu, parse_qemu_cmdline};
 use balancer::host::linux::procfs::parse_cmdline;
@@ -11,4 +12,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = config.ram_backends();
     let _ = config.backing();
     let _ = config.strict_memory_binding();
+    for s in &config.qmp_sockets {
+        let _ = s.to_string();
+    }
+    if let Some(n) = &config.not_movable {
+        let _ = n.to_string();
+    }
 });

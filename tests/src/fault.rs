@@ -1,13 +1,18 @@
-//! Scaffolding of the fault matrix (`tests/fault_matrix.rs`, and the `fault_daemon`
-//! program it SIGKILLs): an observer that always shows the same host, a policy that
-//! plays a script, an actuator around the real Linux applier that kills its own
-//! process at a chosen phase of a move, and what the tests read of a VM afterwards.
+//! Scaffolding of the daemon's tests on this host (`tests/fault_matrix.rs`, the
+//! `fault_daemon` program it SIGKILLs, `tests/daemon_recovery.rs`): the daemon as
+//! `vmbalancer run` builds it over an observer that always shows the same host and a
+//! policy that plays a script, an actuator around the real Linux applier that kills
+//! its own process at a chosen phase of a move, and what the tests read of a VM
+//! afterwards.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use balancer::daemon::config::Config;
+use balancer::daemon::journal::Journal;
+use balancer::daemon::run::{Daemon, Shutdown};
 use balancer::daemon::{Actuator, Policy};
 use balancer::host::linux::actuate::{LinuxApplier, list_threads, sys};
 use balancer::host::linux::{HostPaths, topology::read_topology};
@@ -25,6 +30,37 @@ impl Observer for Fixed {
     fn observe(&mut self) -> Result<Snapshot, std::io::Error> {
         Ok(self.0.clone())
     }
+}
+
+/// The daemon's defaults, with its state directory at `state` and its runtime
+/// directory (the control socket) in `state/run`.
+pub fn config(state: &Path) -> Config {
+    Config {
+        state_dir: state.to_path_buf(),
+        runtime_dir: state.join("run"),
+        ..Config::default()
+    }
+}
+
+/// The daemon as `vmbalancer run` builds it (journal in `cfg.state_dir`, not a dry
+/// run), observing the fixed view `snap`, acting through `actuator`, playing `policy`.
+pub fn daemon<A: Actuator, P: Policy>(
+    cfg: Config,
+    snap: Snapshot,
+    actuator: A,
+    policy: P,
+    stop: Shutdown,
+) -> Daemon<Fixed, A, P> {
+    let journal = Journal::open(&cfg.state_dir).expect("the journal in the state directory");
+    Daemon::new(
+        cfg,
+        Fixed(snap),
+        actuator,
+        policy,
+        Some(journal),
+        stop,
+        false,
+    )
 }
 
 /// Plans the scripted plans in order, then nothing.
@@ -100,6 +136,7 @@ pub fn move_memory(vm: VmId, addr: u64, len: u64) -> PlannedAction {
             to: 1,
             regions: vec![(addr, len)],
             max_bytes: len,
+            within: None,
         },
         reason: Reason::ProbationCommitted { node: 1 },
     }

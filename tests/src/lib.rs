@@ -16,6 +16,16 @@ pub fn require_root() {
     );
 }
 
+/// Fails the calling test unless `ok`, naming what it needs (`what`). A test whose
+/// precondition is missing fails rather than returning early as a pass: it is
+/// `#[ignore]`d by default, and where it is asked for (CI) it must really run.
+pub fn require(ok: bool, what: impl std::fmt::Display) {
+    assert!(
+        ok,
+        "this test needs {what}; run it where that holds (CI does)"
+    );
+}
+
 /// A clock's reading in nanoseconds (0 if the clock cannot be read).
 pub fn clock_ns(clock: nix::time::ClockId) -> u64 {
     nix::time::clock_gettime(clock).map_or(0, |t| {

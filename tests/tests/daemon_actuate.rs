@@ -12,7 +12,9 @@ use vmbalancer_tests::require_root;
 
 use balancer::host::Applier;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, RestoreWhat, sys};
-use balancer::model::{Action, ActionOutcome, CpuSet, PlannedAction, Reason, Snapshot, Vcpu, Vm};
+use balancer::model::{
+    Action, ActionOutcome, CpuSet, OperatorPins, PlannedAction, Reason, Snapshot, Vcpu, Vm,
+};
 
 /// Starts the test program with its default mapping.
 fn spawn_target() -> Target {
@@ -93,6 +95,7 @@ fn migrate(from: u32, to: u32, regions: Vec<(u64, u64)>, max_bytes: u64) -> Acti
         to,
         regions,
         max_bytes,
+        within: None,
     }
 }
 
@@ -325,26 +328,36 @@ fn exited_processes_and_vanished_threads_are_quiet() {
     assert_eq!(a.restore(&o, what), ActionOutcome::VmGone);
 }
 
-#[test]
-#[ignore = "needs root: creates and writes cgroup v1 cpuset groups"]
-fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
+/// The test program in a libvirt-like cgroup v1 cpuset group of its own (`vcpu0`,
+/// `vcpu1`, `emulator`), on every CPU of the root cpuset: the group, those CPUs and
+/// the VM. Needs root and at least 2 CPUs.
+fn in_v1_group(t: &Target, test: &str) -> (V1Group, String, Vm) {
     require_root();
     let root = Path::new("/sys/fs/cgroup/cpuset");
-    if !root.join("cpuset.cpus").exists() {
-        eprintln!("skipped: no cgroup v1 cpuset hierarchy");
-        return;
-    }
+    vmbalancer_tests::require(
+        root.join("cpuset.cpus").exists(),
+        "a cgroup v1 cpuset hierarchy at /sys/fs/cgroup/cpuset",
+    );
     let all = std::fs::read_to_string(root.join("cpuset.cpus")).unwrap();
     let mems = std::fs::read_to_string(root.join("cpuset.mems")).unwrap();
-    if CpuSet::parse_list(&all).unwrap().len() < 2 {
-        eprintln!("skipped: needs 2 CPUs");
-        return;
-    }
-    let t = spawn_target();
-    let name = format!("vmb-test-{}", std::process::id());
+    vmbalancer_tests::require(
+        CpuSet::parse_list(&all).unwrap().len() >= 2,
+        "2 CPUs in the root cpuset",
+    );
+    let name = format!("vmb-{test}-{}", std::process::id());
     let guard = V1Group::create(root, &name, &all, &mems, &t.tids);
     let mut vm = t.vm();
     vm.cgroup = Some(format!("/{name}"));
+    (guard, all.trim().to_string(), vm)
+}
+
+#[test]
+#[ignore = "needs root: creates and writes cgroup v1 cpuset groups"]
+fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
+    let t = spawn_target();
+    let (guard, all, vm) = in_v1_group(&t, "test");
+    let root = Path::new("/sys/fs/cgroup/cpuset");
+    let name = guard.dir.file_name().unwrap().to_owned();
     let snap = host_snapshot(vec![vm.clone()]);
     let mut a = LinuxApplier::new(ApplierConfig::default());
     assert!(!a.cpuset_fs().unwrap().is_v2());
@@ -358,7 +371,7 @@ fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
             .to_string()
     };
     assert_eq!(read("vcpu1/cpuset.cpus"), "1");
-    assert_eq!(read("vcpu0/cpuset.cpus"), all.trim());
+    assert_eq!(read("vcpu0/cpuset.cpus"), all);
     // The kernel applied the group's set to the thread.
     assert_eq!(status_list(vm.pid, t.tids[1]), "1");
 
@@ -382,9 +395,9 @@ fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
     );
     assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
     for g in ["vcpu0", "vcpu1", "emulator"] {
-        assert_eq!(read(&format!("{g}/cpuset.cpus")), all.trim());
+        assert_eq!(read(&format!("{g}/cpuset.cpus")), all);
     }
-    assert_eq!(status_list(vm.pid, t.tids[1]), all.trim());
+    assert_eq!(status_list(vm.pid, t.tids[1]), all);
 
     // The group vanishes under us (the VM is being torn down): quiet, no error.
     drop(guard);
@@ -395,5 +408,44 @@ fn cgroup_v1_cpuset_groups_are_written_and_read_back() {
         ActionOutcome::Done { moved_bytes: 0 },
         "falls back to threads"
     );
+    t.exit();
+}
+
+#[test]
+#[ignore = "needs root: creates and writes cgroup v1 cpuset groups"]
+fn letting_go_keeps_the_operators_vcpu_groups_and_puts_back_the_rest() {
+    let t = spawn_target();
+    let (guard, all, vm) = in_v1_group(&t, "letgo");
+    let snap = host_snapshot(vec![vm.clone()]);
+    let mut a = LinuxApplier::new(ApplierConfig::default());
+    let read = |p: &str| {
+        std::fs::read_to_string(guard.dir.join(p))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    // vmbalancer moves the whole VM to CPU 0.
+    let out = a.apply(&snap, &act(vm.pid, set_cpus(None, "0")));
+    assert_eq!(out, ActionOutcome::Done { moved_bytes: 0 });
+    assert_eq!(read("emulator/cpuset.cpus"), "0");
+    // The operator pins vCPU 0 to CPU 1 (`virsh vcpupin`: libvirt writes its group),
+    // and the daemon observes that pin only.
+    std::fs::write(guard.dir.join("vcpu0/cpuset.cpus"), "1").unwrap();
+    let pins = OperatorPins {
+        vcpus: vec![0],
+        ..OperatorPins::default()
+    };
+    let released = a.originals()[&vm.pid].released(&pins);
+    // The operator's next `virsh vcpupin`, of vCPU 1, lands before the daemon lets go.
+    std::fs::write(guard.dir.join("vcpu1/cpuset.cpus"), "1").unwrap();
+    // Letting go puts back what is still the applier's (the emulator group, the
+    // parent) and leaves both pinned vCPU groups and their threads alone.
+    assert_eq!(a.release(&released), ActionOutcome::Done { moved_bytes: 0 });
+    assert_eq!(read("emulator/cpuset.cpus"), all);
+    for (i, g) in ["vcpu0", "vcpu1"].iter().enumerate() {
+        assert_eq!(read(&format!("{g}/cpuset.cpus")), "1");
+        assert_eq!(status_list(vm.pid, t.tids[i]), "1");
+    }
+    drop(guard);
     t.exit();
 }

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use balancer::daemon::control::{self, Handler, Request, Response};
@@ -72,29 +72,63 @@ fn as_user(path: &Path, gid: u32, groups: &[u32]) -> i32 {
     }
 }
 
+/// A control socket at `path`, bound with `access` and answering every request
+/// with an empty status, served on its own runtime until dropped.
+struct Served {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Served {
+    fn start(path: &Path, access: control::SocketAccess) -> Self {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt.block_on(async { control::bind(path, &access) }).unwrap();
+        let handler: Arc<dyn Handler> = Arc::new(|_r: Request| Response::Status(Box::default()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(control::serve(
+            listener,
+            path.to_path_buf(),
+            access,
+            handler,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            stop: Some(tx),
+            rt: Some(rt),
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        drop(self.rt.take());
+    }
+}
+
+/// A fresh directory for a socket, traversable by everyone (mode 0755), so only the
+/// modes the daemon sets below it protect the socket.
+fn open_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 #[test]
 #[ignore = "needs root: a forked child switches to uid 65534"]
 fn non_root_is_refused_by_mode_and_by_peer_credentials() {
     vmbalancer_tests::require_root();
-    let dir = std::env::temp_dir().join(format!("vmb-ctl-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    // The directory is traversable, so only the socket's own mode protects it.
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = open_dir("vmb-ctl");
     let path = dir.join("control.sock");
-
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let access = control::SocketAccess::default();
-    let listener = rt
-        .block_on(async { control::bind(&path, &access) })
-        .unwrap();
+    let served = Served::start(&path, control::SocketAccess::default());
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let handler: Arc<dyn Handler> = Arc::new(|_r: Request| Response::Status(Box::default()));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    rt.spawn(control::serve(listener, access, handler, async {
-        let _ = rx.await;
-    }));
 
     // Root is answered.
     let r = control::request(&path, &Request::Status, std::time::Duration::from_secs(5));
@@ -107,8 +141,7 @@ fn non_root_is_refused_by_mode_and_by_peer_credentials() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(as_nobody(&path), REFUSED_BY_PEERCRED);
 
-    tx.send(()).unwrap();
-    drop(rt);
+    drop(served);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -117,31 +150,22 @@ fn non_root_is_refused_by_mode_and_by_peer_credentials() {
 fn status_group_members_may_read_and_others_may_not() {
     vmbalancer_tests::require_root();
     use std::os::unix::fs::MetadataExt;
-    let dir = std::env::temp_dir().join(format!("vmb-ctl-group-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = open_dir("vmb-ctl-group");
     let path = dir.join("run").join("control.sock");
     // The status group: gid 65534 (nogroup on Debian; any gid works for the kernel).
     const GROUP: u32 = 65534;
     const OTHER_GID: u32 = 65533;
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let access = control::SocketAccess {
-        status_group: Some((GROUP, "nogroup".into())),
-    };
-    let listener = rt
-        .block_on(async { control::bind(&path, &access) })
-        .unwrap();
+    let served = Served::start(
+        &path,
+        control::SocketAccess {
+            status_group: Some((GROUP, "nogroup".into())),
+        },
+    );
     let sock = std::fs::metadata(&path).unwrap();
     assert_eq!((sock.mode() & 0o777, sock.gid()), (0o660, GROUP));
     let run = std::fs::metadata(path.parent().unwrap()).unwrap();
     assert_eq!((run.mode() & 0o777, run.gid()), (0o750, GROUP));
-    let handler: Arc<dyn Handler> = Arc::new(|_r: Request| Response::Status(Box::default()));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    rt.spawn(control::serve(listener, access, handler, async {
-        let _ = rx.await;
-    }));
 
     // A member by its primary group, and one by a supplementary group (SO_PEERGROUPS).
     assert_eq!(as_user(&path, GROUP, &[]), ANSWERED);
@@ -155,7 +179,6 @@ fn status_group_members_may_read_and_others_may_not() {
     assert_eq!(as_user(&path, OTHER_GID, &[]), REFUSED_BY_PEERCRED);
     assert_eq!(as_user(&path, GROUP, &[]), ANSWERED);
 
-    tx.send(()).unwrap();
-    drop(rt);
+    drop(served);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -6,33 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
-use balancer::daemon::Policy;
-use balancer::daemon::config::Config;
 use balancer::daemon::journal::{Journal, Recovery};
 use balancer::daemon::run::{Daemon, Shutdown};
-use balancer::host::Observer;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier, sys};
 use balancer::host::linux::{HostPaths, topology::read_topology};
-use balancer::model::{
-    Action, ActionOutcome, CpuSet, Plan, PlannedAction, Reason, Snapshot, Vcpu, Vm,
-};
+use balancer::model::{ActionOutcome, PlannedAction, Snapshot, Vcpu, Vm};
 use vmbalancer_tests::actuate_target::Target;
-
-struct Fixed(Snapshot);
-impl Observer for Fixed {
-    type Error = std::io::Error;
-    fn observe(&mut self) -> Result<Snapshot, std::io::Error> {
-        Ok(self.0.clone())
-    }
-}
-
-struct Once(Vec<Plan>);
-impl Policy for Once {
-    fn plan(&mut self, _s: &Snapshot) -> Plan {
-        self.0.pop().unwrap_or_default()
-    }
-    fn feedback(&mut self, _a: &PlannedAction, _o: &ActionOutcome) {}
-}
+use vmbalancer_tests::fault::{self, Fixed, Script, set_cpus};
 
 /// The test program with a 1 MiB mapping: (process, pid, its two threads).
 fn spawn() -> (Child, u32, [u32; 2]) {
@@ -43,21 +23,6 @@ fn spawn() -> (Child, u32, [u32; 2]) {
     (t.child, t.pid, t.tids)
 }
 
-fn set_cpus(vm: u32, cpus: &str) -> PlannedAction {
-    PlannedAction {
-        vm,
-        action: Action::SetCpus {
-            vcpus: None,
-            cpus: CpuSet::parse_list(cpus).unwrap(),
-        },
-        reason: Reason::CpuImbalance {
-            from: 0,
-            to: 0,
-            imbalance_pct: 50.0,
-        },
-    }
-}
-
 fn affinity(tids: [u32; 2]) -> Vec<String> {
     tids.iter()
         .map(|t| sys::get_affinity(*t).unwrap().to_string())
@@ -65,18 +30,15 @@ fn affinity(tids: [u32; 2]) -> Vec<String> {
 }
 
 /// Root, two CPUs, the test program and an empty state directory: (every online CPU,
-/// the process, its pid, its threads, the state directory). `None` on a 1-CPU host.
-fn setup(name: &str) -> Option<(String, Child, u32, [u32; 2], PathBuf)> {
+/// the process, its pid, its threads, the state directory).
+fn setup(name: &str) -> (String, Child, u32, [u32; 2], PathBuf) {
     vmbalancer_tests::require_root();
     let online = read_topology(&HostPaths::system()).unwrap().all_cpus();
-    if online.len() < 2 {
-        eprintln!("skipped: needs 2 CPUs");
-        return None;
-    }
+    vmbalancer_tests::require(online.len() >= 2, "2 online CPUs");
     let (child, pid, tids) = spawn();
     let state = std::env::temp_dir().join(format!("vmb-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
-    Some((online.to_string(), child, pid, tids, state))
+    (online.to_string(), child, pid, tids, state)
 }
 
 /// This host with the test program as its one VM (its two threads are the vCPUs).
@@ -99,42 +61,29 @@ fn target_snapshot(pid: u32, tids: [u32; 2]) -> Snapshot {
     }
 }
 
-fn daemon(state: &Path, snap: &Snapshot, plans: Vec<Plan>) -> Daemon<Fixed, LinuxApplier, Once> {
-    let cfg = Config {
-        state_dir: state.to_path_buf(),
-        runtime_dir: state.join("run"),
-        ..Config::default()
-    };
-    let applier = LinuxApplier::new(ApplierConfig::default());
-    let journal = Journal::open(state).unwrap();
-    Daemon::new(
-        cfg,
-        Fixed(snap.clone()),
-        applier,
-        Once(plans),
-        Some(journal),
+/// The daemon with the real Linux applier on `snap`, playing `actions` one a tick.
+fn daemon(
+    state: &Path,
+    snap: &Snapshot,
+    actions: Vec<PlannedAction>,
+) -> Daemon<Fixed, LinuxApplier, Script> {
+    fault::daemon(
+        fault::config(state),
+        snap.clone(),
+        LinuxApplier::new(ApplierConfig::default()),
+        Script::actions(actions),
         Shutdown::new(),
-        false,
     )
 }
 
 #[test]
 #[ignore = "needs root: the Linux applier sets another process's CPU affinity"]
 fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
-    let Some((all, mut child, pid, tids, state)) = setup("recovery") else {
-        return;
-    };
+    let (all, mut child, pid, tids, state) = setup("recovery");
     let snap = target_snapshot(pid, tids);
 
     // Run 1: one action applied, read back, journaled with the original sets.
-    let mut d = daemon(
-        &state,
-        &snap,
-        vec![Plan {
-            actions: vec![set_cpus(pid, "1")],
-            ..Default::default()
-        }],
-    );
+    let mut d = daemon(&state, &snap, vec![set_cpus(pid, "1")]);
     let r = d.tick();
     assert_eq!(r.applied, 1);
     assert_eq!(affinity(tids), vec!["1", "1"]);
@@ -169,14 +118,7 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
     assert!(d.journal().unwrap().entries()[&pid].in_flight.is_none());
 
     // Restore on exit puts back the originals and clears the journal.
-    let mut d = daemon(
-        &state,
-        &snap,
-        vec![Plan {
-            actions: vec![set_cpus(pid, "1")],
-            ..Default::default()
-        }],
-    );
+    let mut d = daemon(&state, &snap, vec![set_cpus(pid, "1")]);
     d.recover().unwrap();
     d.tick();
     assert_eq!(affinity(tids), vec!["1", "1"]);
@@ -211,16 +153,11 @@ fn crash_with_action_in_flight_is_finished_or_reverted_on_restart() {
 #[test]
 #[ignore = "needs root: the Linux applier sets another process's CPU affinity"]
 fn sigterm_restores_the_cpu_sets_the_daemon_changed() {
-    let Some((all, mut child, pid, tids, state)) = setup("sigterm") else {
-        return;
-    };
+    let (all, mut child, pid, tids, state) = setup("sigterm");
     let d = daemon(
         &state,
         &target_snapshot(pid, tids),
-        vec![Plan {
-            actions: vec![set_cpus(pid, "1")],
-            ..Default::default()
-        }],
+        vec![set_cpus(pid, "1")],
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let running = rt.spawn(balancer::daemon::run::run(d));

@@ -8,7 +8,7 @@
 
 use std::sync::mpsc;
 
-use balancer::telemetry::{Telemetry, TelemetryError, TrackedThread, topology};
+use balancer::telemetry::{Feature, LoadOptions, Telemetry, TrackedThread, topology};
 
 const FLIPS: u32 = 200;
 
@@ -80,21 +80,50 @@ fn flipper(
 #[test]
 #[ignore = "needs root: loads eBPF programs"]
 fn migrations_of_a_tracked_thread_are_counted() {
+    migrations_counted_on(&[], "tp_btf");
+}
+
+#[test]
+#[ignore = "needs root: loads eBPF programs"]
+fn migrations_are_counted_on_the_raw_tracepoint() {
+    migrations_counted_on(&["tp_btf"], "raw_tp");
+}
+
+#[test]
+#[ignore = "needs root: loads eBPF programs"]
+fn migrations_are_counted_on_the_classic_tracepoint() {
+    migrations_counted_on(&["tp_btf", "raw_tp"], "tracepoint");
+}
+
+/// Loads the programs without the path kinds in `skip` and checks the migration
+/// counts of the path the loader took, which must be of kind `expected`.
+fn migrations_counted_on(skip: &[&str], expected: &str) {
     vmbalancer_tests::require_root();
     let cpus = allowed_cpus();
-    if cpus.len() < 2 {
-        eprintln!("SKIPPED ebpf_migrate: needs two CPUs, this process may use {cpus:?}");
-        return;
-    }
+    vmbalancer_tests::require(
+        cpus.len() >= 2,
+        format!("two CPUs (this process may use {cpus:?})"),
+    );
     let (a, b) = (cpus[0], cpus[1]);
-    let mut telemetry = match Telemetry::load() {
+    let opts = LoadOptions {
+        skip_paths: skip.iter().map(|s| s.to_string()).collect(),
+        ..LoadOptions::default()
+    };
+    let mut telemetry = match Telemetry::load_with(&opts) {
         Ok(t) => t,
-        Err(e @ TelemetryError::MissingCapability) => {
-            eprintln!("SKIPPED ebpf_migrate: {e}");
-            return;
-        }
         Err(e) => panic!("loading eBPF telemetry failed: {e}"),
     };
+    let path = telemetry
+        .feature_paths()
+        .iter()
+        .find(|p| p.feature == Feature::Migrations)
+        .and_then(|p| p.active.clone())
+        .expect("migrations are required");
+    eprintln!("ebpf_migrate: migrations on {path}");
+    assert!(
+        path.starts_with(expected),
+        "{path} is not a {expected} path"
+    );
 
     let spawn = || {
         let (tid_tx, tid_rx) = mpsc::channel();

@@ -30,7 +30,7 @@ use balancer::telemetry::Telemetry;
 use vmbalancer_tests::actuate_target::Target;
 use vmbalancer_tests::cgroup_v1::V1Group;
 use vmbalancer_tests::fake_sys;
-use vmbalancer_tests::fault::{Fixed, Script, affinities, page_nodes, set_cpus, vm_snapshot};
+use vmbalancer_tests::fault::{self, Fixed, Script, affinities, page_nodes, set_cpus, vm_snapshot};
 use vmbalancer_tests::require_root;
 
 /// The stand-in VM with a mapping of `len` bytes.
@@ -57,18 +57,15 @@ fn end(mut t: Target) {
 }
 
 /// Every online CPU; `None` (the test is skipped) on a 1-CPU host.
-fn online() -> Option<CpuSet> {
+fn online() -> CpuSet {
     let all = CpuSet::parse_list(
         std::fs::read_to_string("/sys/devices/system/cpu/online")
             .unwrap()
             .trim(),
     )
     .unwrap();
-    if all.len() < 2 {
-        eprintln!("skipped: needs 2 CPUs");
-        return None;
-    }
-    Some(all)
+    vmbalancer_tests::require(all.len() >= 2, "2 online CPUs");
+    all
 }
 
 /// A fresh directory path (not created).
@@ -96,11 +93,9 @@ fn assert_vm_sets(pid: u32, online: &CpuSet, want: Option<&CpuSet>) {
 
 fn config(state: &Path) -> Config {
     Config {
-        state_dir: state.to_path_buf(),
-        runtime_dir: state.join("run"),
         tick_ms: 100,
         probation_window_ms: 100,
-        ..Config::default()
+        ..fault::config(state)
     }
 }
 
@@ -111,31 +106,27 @@ fn daemon_on(
     snap: Snapshot,
     actions: Vec<PlannedAction>,
 ) -> Daemon<Fixed, LinuxApplier, Script> {
-    let journal = Journal::open(state).unwrap();
     daemon_with(
         config(state),
         snap,
         Script::actions(actions),
-        journal,
         Shutdown::new(),
     )
 }
 
+/// The daemon with the real Linux applier, playing `policy`.
 fn daemon_with<P: Policy>(
     cfg: Config,
     snap: Snapshot,
     policy: P,
-    journal: Journal,
     stop: Shutdown,
 ) -> Daemon<Fixed, LinuxApplier, P> {
-    Daemon::new(
+    fault::daemon(
         cfg,
-        Fixed(snap),
+        snap,
         LinuxApplier::new(ApplierConfig::default()),
         policy,
-        Some(journal),
         stop,
-        false,
     )
 }
 
@@ -206,7 +197,7 @@ fn set_aside(state: &Path) -> BTreeMap<String, Vec<u8>> {
 #[ignore = "needs root: the Linux applier sets another process's CPU affinity"]
 fn fault_truncated_or_garbage_journal_at_start() {
     require_root();
-    let Some(all) = online() else { return };
+    let all = online();
     let t = target(1 << 20);
     let state = temp("journal");
     let snap = vm_snapshot(t.pid, &t.tids, None);
@@ -274,7 +265,7 @@ fn fault_truncated_or_garbage_journal_at_start() {
 #[ignore = "needs root: mounts a tmpfs and sets another process's CPU affinity"]
 fn fault_state_dir_read_only() {
     require_root();
-    let Some(all) = online() else { return };
+    let all = online();
     let t = target(1 << 20);
     let state = temp("ro");
     let mount = TmpMount::new(&state, "size=1m,mode=0700");
@@ -341,7 +332,7 @@ fn fault_state_dir_read_only() {
 #[ignore = "needs root: mounts a tmpfs and sets another process's CPU affinity"]
 fn fault_state_dir_full() {
     require_root();
-    let Some(all) = online() else { return };
+    let all = online();
     let (a, b) = (target(1 << 20), target(1 << 20));
     let state = temp("full");
     let mount = TmpMount::new(&state, "size=64k,mode=0700");
@@ -404,7 +395,7 @@ fn fault_state_dir_full() {
 #[ignore = "needs root: the Linux applier sets another process's CPU affinity"]
 fn fault_runtime_dir_missing() {
     require_root();
-    let Some(all) = online() else { return };
+    let all = online();
     let t = target(1 << 20);
     let state = temp("runtime");
     let runtime = state.join("run-gone/vmbalancer");
@@ -416,13 +407,11 @@ fn fault_runtime_dir_missing() {
         runtime_dir: runtime.clone(),
         ..config(&state)
     };
-    let journal = Journal::open(&state).unwrap();
     let stop = Shutdown::new();
     let d = daemon_with(
         cfg.clone(),
         snap.clone(),
         Script::actions(vec![set_cpus(t.pid, "1")]),
-        journal,
         stop.clone(),
     );
     let shared = d.shared();
@@ -439,14 +428,30 @@ fn fault_runtime_dir_missing() {
     let r = control::request(&socket, &Request::Status, Duration::from_secs(5));
     assert!(matches!(r, Ok(Response::Status(_))), "{r:?}");
 
-    // Removed while running: the daemon carries on ticking.
+    // Removed while running: the daemon carries on ticking, and binds its socket
+    // again (0700 directory, 0600 socket) within its check interval.
     std::fs::remove_dir_all(state.join("run-gone")).unwrap();
+    let removed = Instant::now();
     let ticks = || shared.lock().unwrap().status.daemon.ticks;
     let before = ticks();
     std::thread::sleep(Duration::from_millis(500));
     assert!(ticks() >= before + 2, "{before} -> {}", ticks());
+    while !socket.exists() {
+        assert!(
+            removed.elapsed() < Duration::from_secs(15),
+            "the socket was not bound again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let back_ms = removed.elapsed().as_millis();
+    let r = control::request(&socket, &Request::Status, Duration::from_secs(5));
+    assert!(matches!(r, Ok(Response::Status(_))), "{r:?}");
+    let mode = std::fs::metadata(&runtime).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
     eprintln!(
-        "figure: runtime dir gone: {} ticks in 500 ms",
+        "figure: runtime dir gone: {} ticks in 500 ms, status answers again after {back_ms} ms",
         ticks() - before
     );
     assert!(!running.is_finished());
@@ -461,12 +466,10 @@ fn fault_runtime_dir_missing() {
         runtime_dir: state.join("ro-run/vmbalancer"),
         ..config(&state)
     };
-    let journal = Journal::open(&state).unwrap();
     let d = daemon_with(
         cfg,
         snap,
         Script::actions(vec![set_cpus(t.pid, "1")]),
-        journal,
         Shutdown::new(),
     );
     let err = rt
@@ -527,7 +530,7 @@ struct Kill<'a> {
 #[ignore = "needs root: the Linux applier sets another process's CPU affinity and moves its pages"]
 fn fault_sigkill_in_each_phase_of_a_move() {
     require_root();
-    let Some(all) = online() else { return };
+    let all = online();
     let one = CpuSet::parse_list("1").unwrap();
     let real_sys = Path::new("/sys");
     let node1_sys = fake_sys::with_node1("kill", 8388608);
@@ -679,12 +682,12 @@ impl Policy for RemoveGroup {
 #[ignore = "needs root: creates and removes cgroup v1 cpuset groups"]
 fn fault_cgroup_removed_under_a_move() {
     require_root();
-    let Some(all) = online() else { return };
+    let all = online();
     let root = Path::new("/sys/fs/cgroup/cpuset");
-    if !root.join("cpuset.cpus").exists() {
-        eprintln!("skipped: no cgroup v1 cpuset hierarchy");
-        return;
-    }
+    vmbalancer_tests::require(
+        root.join("cpuset.cpus").exists(),
+        "a cgroup v1 cpuset hierarchy at /sys/fs/cgroup/cpuset",
+    );
     let mems = std::fs::read_to_string(root.join("cpuset.mems")).unwrap();
     let t = target(1 << 20);
     let name = format!("vmb-fault-{}", std::process::id());
@@ -696,8 +699,7 @@ fn fault_cgroup_removed_under_a_move() {
         group: Some(group),
         ticks: 0,
     };
-    let journal = Journal::open(&state).unwrap();
-    let mut d = daemon_with(config(&state), snap, policy, journal, Shutdown::new());
+    let mut d = daemon_with(config(&state), snap, policy, Shutdown::new());
     // Tick 1: the VM is adopted with its groups and moved through them.
     d.tick();
     let read = |p: &str| std::fs::read_to_string(root.join(&name).join(p)).unwrap();
@@ -729,7 +731,7 @@ fn fault_cgroup_removed_under_a_move() {
 #[ignore = "needs root: the Linux applier sets another process's CPU affinity"]
 fn fault_vm_threads_churning() {
     require_root();
-    let Some(all) = online() else { return };
+    let all = online();
     let mut t = target(1 << 20);
     let state = temp("churn");
     let snap = vm_snapshot(t.pid, &t.tids, None);
@@ -958,8 +960,9 @@ fn fault_bad_configuration_values() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("tick_ms"));
     assert!(!dir.join("state").exists());
 
-    // While running there is no reload: a bad file and SIGHUP leave it running on
-    // the configuration it started with.
+    // While running, SIGHUP reloads: a bad file is refused with the key named and
+    // the daemon goes on with the configuration it has; a good file then takes effect
+    // at the next tick.
     let file = daemon_config(&dir, "tick_ms = 200\nprobation_window_ms = 1000\n");
     let log = dir.join("daemon.log");
     let mut child = Command::new(cli)
@@ -975,34 +978,80 @@ fn fault_bad_configuration_values() {
         Ok(Response::Status(doc)) => Some(doc),
         _ => None,
     };
-    let until = Instant::now() + Duration::from_secs(30);
-    while status().is_none_or(|s| s.daemon.ticks < 2) {
-        assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
-        assert!(Instant::now() < until, "the daemon did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let wait_for = |what: &str, done: &dyn Fn(&balancer::daemon::status::StatusDoc) -> bool| {
+        let until = Instant::now() + Duration::from_secs(30);
+        while !status().is_some_and(|s| done(&s)) {
+            assert!(Instant::now() < until, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("the daemon did not start", &|s| s.daemon.ticks >= 2);
     daemon_config(&dir, "tick_ms = 5\nmigration_threads = 0\n");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    std::thread::sleep(Duration::from_millis(600));
+    wait_for("the bad reload was not reported", &|s| {
+        s.daemon.reload_failures == 1
+    });
     assert!(
         child.try_wait().unwrap().is_none(),
         "SIGHUP ended the daemon"
     );
     let doc = status().expect("the daemon answers after SIGHUP");
     assert_eq!(doc.daemon.tick_ms, 200);
+    assert!(
+        doc.daemon
+            .last_reload_error
+            .as_deref()
+            .is_some_and(|e| e.contains("tick_ms")),
+        "{:?}",
+        doc.daemon.last_reload_error
+    );
     let ticks = doc.daemon.ticks;
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         status().unwrap().daemon.ticks > ticks,
         "the daemon stopped ticking"
     );
+    // `vmbalancer reload` (the unit's ExecReload) waits for the answer: a bad file
+    // fails the command with the key named, a good one says what changed.
+    let reload = || {
+        let out = Command::new(cli)
+            .args(["reload", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = reload();
+    assert!(!ok && text.contains("tick_ms"), "{text}");
+    daemon_config(&dir, "tick_ms = 300\nprobation_window_ms = 1000\n");
+    let (ok, text) = reload();
+    assert!(ok && text.contains("changed: tick_ms"), "{text}");
+    let doc = status().unwrap();
+    assert_eq!(
+        (
+            doc.daemon.tick_ms,
+            doc.daemon.reloads,
+            doc.daemon.reload_failures
+        ),
+        (300, 1, 2)
+    );
+    assert_eq!(doc.daemon.last_reload_error, None);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let st = child.wait().unwrap();
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(st.success(), "{st}: {log}");
     assert!(log.contains("SIGHUP"), "{log}");
-    eprintln!("figure: config: 11 bad starts refused, running daemon survived SIGHUP");
+    assert!(log.contains("configuration not reloaded"), "{log}");
+    assert!(log.contains("configuration reloaded"), "{log}");
+    eprintln!(
+        "figure: config: 11 bad starts refused; a running daemon refused a bad reload and took a good one"
+    );
     assert!(
         Journal::open(&dir.join("state"))
             .unwrap()

@@ -56,7 +56,7 @@ fn captured_vms_look_like_qemu_and_hold_their_memory() {
             assert!(stat.processor < 8);
         }
         let maps = truth::read_numa_maps(&root, pid).unwrap();
-        let bytes = truth::numa_maps_bytes_per_node(&maps, 4);
+        let bytes = truth::numa_maps_bytes_per_node(&maps, 4).unwrap();
         let total: u64 = bytes.iter().sum();
         // 384 MiB of guest memory plus the binary, stacks and heap.
         assert!(

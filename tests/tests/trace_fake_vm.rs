@@ -334,3 +334,68 @@ fn ebpf_source_heats_faulted_regions_and_decays_them() {
     }
     src.track(&[]);
 }
+
+#[test]
+fn observer_locates_each_guest_cell_of_the_fake_vm() {
+    // Two guest cells as libvirt writes them: two RAM backends, two `-numa node`s.
+    let name = format!("cells-{}", std::process::id());
+    let progress = std::env::temp_dir().join(format!("{name}.progress"));
+    let _ = std::fs::remove_file(&progress);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fake_qemu"))
+        .args([
+            "-name",
+            &format!("guest={name},debug-threads=on"),
+            "-smp",
+            "4",
+            "-m",
+            "64M",
+            "-object",
+            r#"{"qom-type":"memory-backend-ram","id":"ram-node0","size":33554432}"#,
+            "-numa",
+            "node,nodeid=0,cpus=0-1,memdev=ram-node0",
+            "-object",
+            "memory-backend-ram,id=ram-node1,size=32M",
+            "-numa",
+            "node,nodeid=1,cpus=2-3,memdev=ram-node1",
+            "-lab-phases",
+            "0:5",
+            "-lab-progress",
+        ])
+        .arg(&progress)
+        .spawn()
+        .expect("start fake_qemu");
+    let started = std::time::Instant::now();
+    while !progress.exists() {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "fake_qemu never got ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&progress).unwrap()).unwrap();
+    let mut o = LinuxObserver::new(HostPaths::system(), ObserverConfig::default()).unwrap();
+    let s = o.observe().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&progress);
+    let vm = s
+        .vms
+        .iter()
+        .find(|v| v.pid == child.id())
+        .expect("the fake VM is observed");
+    assert_eq!(vm.cells.len(), 2, "{vm:?}");
+    for (cell, ram) in vm.cells.iter().zip(report["ram"].as_array().unwrap()) {
+        assert_eq!(u64::from(cell.id), ram["cell"].as_u64().unwrap());
+        assert_eq!(cell.vcpus, vec![2 * cell.id, 2 * cell.id + 1]);
+        // The observer's pick of the cell's mapping is the one the VM made for it.
+        assert_eq!(
+            cell.addr_range,
+            Some((ram["start"].as_u64().unwrap(), 32 * MIB)),
+            "cell {}",
+            cell.id
+        );
+        // All of it touched at start-up, on this host's one node.
+        assert_eq!(cell.bytes_per_node.iter().sum::<u64>(), 32 * MIB);
+    }
+}

@@ -248,7 +248,19 @@ fn trace_table_says_telemetry_is_unavailable() {
     assert!(text.contains("eBPF telemetry: unavailable ("), "{text}");
     assert!(text.contains("Node 1"), "{text}");
     assert!(
-        text.contains("VM db runs 2 of its 2 vCPUs on node 0 but 100% of its memory"),
+        text.contains(
+            "VM db runs 2 of its 2 vCPUs on node 0 (100% of their CPU use) but 100% of its memory"
+        ),
+        "{text}"
+    );
+    // The seed 002 case in words: page size, where the pages are, where the vCPUs
+    // run, and whether that node has free huge pages of that size.
+    assert!(
+        text.contains(
+            "Its guest RAM is on hugetlbfs in 2 MiB huge pages: 1024 of them on node 1, 0 on \
+             node 0 where its vCPUs run. Node 0 has only 0 free 2 MiB huge pages where 1024 \
+             are needed"
+        ),
         "{text}"
     );
 }

@@ -37,6 +37,7 @@ pub const TARGETS: &[&str] = &[
     "config",
     "control",
     "libvirt_status",
+    "qmp_reply",
 ];
 
 /// Header of a file in a tree listing (the format `fuzz/src/lib.rs` reads).
@@ -131,6 +132,17 @@ pub fn run(targets: &[String], seconds: u64) -> anyhow::Result<Vec<Outcome>> {
     seed(&fuzz_dir())?;
     crate::build::run_step("fuzz build", cargo_fuzz().args(["build", "-a"]))?;
     targets.iter().map(|t| run_one(t, seconds)).collect()
+}
+
+/// Removes the fuzz targets' build (about 2.5 GiB; rebuilt by the next run). The
+/// corpora and any findings stay.
+pub fn remove_build() -> anyhow::Result<()> {
+    let dir = fuzz_dir().join("target");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        eprintln!("xtask: fuzz: removed its build ({})", dir.display());
+    }
+    Ok(())
 }
 
 fn run_one(target: &str, seconds: u64) -> anyhow::Result<Outcome> {
@@ -279,6 +291,37 @@ pub fn seed(fuzz: &Path) -> anyhow::Result<BTreeMap<String, usize>> {
     .enumerate()
     {
         add("control", format!("seed-{i}"), line.as_bytes().to_vec());
+    }
+    // qemu command lines the fixtures do not hold: monitors and confidential guests.
+    for (i, argv) in [
+        "qemu-system-x86_64\0-name\0vm1\0-qmp\0unix:/run/vm1.qmp,server=on,wait=off\0-smp\0cpus=2\0",
+        "qemu-system-x86_64\0-chardev\0socket,id=m,path=/run/m.sock,server,nowait\0-mon\0chardev=m,mode=control,pretty=on\0",
+        "qemu-system-x86_64\0-machine\0q35,confidential-guest-support=sev0\0-object\0sev-guest,id=sev0,cbitpos=47,reduced-phys-bits=1\0",
+        "qemu-system-x86_64\0-machine\0q35,confidential-guest-support=lsec0\0-object\0{\"qom-type\":\"tdx-guest\",\"id\":\"lsec0\"}\0",
+        "qemu-system-x86_64\0-object\0memory-backend-memfd,id=ram0,size=1G,x-guest-memfd=on,share=on\0-machine\0q35,memory-backend=ram0\0",
+    ]
+    .iter()
+    .enumerate()
+    {
+        add("proc_cmdline", format!("seed-qemu-{i}"), argv.as_bytes().to_vec());
+    }
+    // What monitors say: a whole exchange, a pretty one with an event, a refusal.
+    let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
+    for (i, transcript) in [
+        format!(
+            "{greeting}\r\n{{\"return\": {{}}, \"id\": 1}}\r\n{{\"return\": [{{\"thread-id\": 501, \"cpu-index\": 0, \"qom-path\": \"/machine/unattached/device[0]\", \"target\": \"x86_64\", \"props\": {{\"socket-id\": 0}}}}], \"id\": 2}}\r\n"
+        ),
+        format!(
+            "{greeting}\n{{\n  \"return\": {{}},\n  \"id\": 1\n}}\n{{\"event\": \"RTC_CHANGE\", \"data\": {{\"offset\": 0}}, \"timestamp\": {{\"seconds\": 1, \"microseconds\": 2}}}}\n{{\"return\": [], \"id\": 2}}\n"
+        ),
+        format!(
+            "{greeting}\r\n{{\"return\": {{}}, \"id\": 1}}\r\n{{\"id\": 2, \"error\": {{\"class\": \"CommandNotFound\", \"desc\": \"The command query-cpus-fast has not been found\"}}}}\r\n"
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        add("qmp_reply", format!("seed-{i}"), transcript.as_bytes().to_vec());
     }
     for (i, journal) in [
         r#"{"version":1,"entries":{}}"#,

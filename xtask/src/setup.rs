@@ -384,14 +384,7 @@ fn dpkg_installed(package: &str) -> bool {
         .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
 }
 
-/// Effective uid 0, read from /proc so xtask needs no libc dependency.
+/// Effective uid 0.
 pub fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
+    nix::unistd::geteuid().is_root()
 }

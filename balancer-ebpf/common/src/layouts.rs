@@ -17,15 +17,35 @@ pub struct SchedMigrateLayout {
     pub valid: u32,
 }
 
-/// Raw tracepoint `sched_switch`, `TP_PROTO(bool preempt, struct task_struct *prev,
-/// struct task_struct *next, ...)`: the programs read `pid` from the two task
-/// pointers, at the offset userspace found in the kernel's BTF.
+/// `sched_migrate_task` as a BTF-typed or raw tracepoint, `TP_PROTO(struct
+/// task_struct *p, int dest_cpu)`: the programs read the task's `pid` and its
+/// current CPU (the origin of the move) at the offsets userspace found in the
+/// kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskMigrateLayout {
+    /// Offset of `pid_t pid` in `struct task_struct`.
+    pub task_pid_offset: u32,
+    /// Offset of the task's CPU (`thread_info.cpu`, or `cpu` on kernels before 5.16
+    /// and architectures without the thread info in the task).
+    pub task_cpu_offset: u32,
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+/// `sched_switch`, `TP_PROTO(bool preempt, struct task_struct *prev, struct
+/// task_struct *next, ...)`: the programs read the switched-out task's `pid` and its
+/// run time (`se.sum_exec_runtime`) at the offsets userspace found in the kernel's
+/// BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedSwitchLayout {
     /// Offset of `pid_t pid` in `struct task_struct`.
     pub task_pid_offset: u32,
+    /// Offset of `u64 se.sum_exec_runtime` in `struct task_struct`.
+    pub task_runtime_offset: u32,
     pub valid: u32,
+    pub _pad: u32,
 }
 
 /// Classic tracepoint `sched:sched_switch`: the thread ids in the record, for kernels
@@ -65,6 +85,7 @@ pub struct NumaMoveLayout {
 /// Global names the loader patches.
 pub mod globals {
     pub const SCHED_MIGRATE: &str = "SCHED_MIGRATE_LAYOUT";
+    pub const TASK_MIGRATE: &str = "TASK_MIGRATE_LAYOUT";
     pub const SCHED_SWITCH: &str = "SCHED_SWITCH_LAYOUT";
     pub const SCHED_SWITCH_RECORD: &str = "SCHED_SWITCH_RECORD_LAYOUT";
     pub const PAGE_FAULT_USER: &str = "PAGE_FAULT_USER_LAYOUT";
@@ -81,7 +102,8 @@ pub mod tnf {
 }
 
 const _: () = assert!(core::mem::size_of::<SchedMigrateLayout>() == 16);
-const _: () = assert!(core::mem::size_of::<SchedSwitchLayout>() == 8);
+const _: () = assert!(core::mem::size_of::<TaskMigrateLayout>() == 16);
+const _: () = assert!(core::mem::size_of::<SchedSwitchLayout>() == 16);
 const _: () = assert!(core::mem::size_of::<SchedSwitchRecordLayout>() == 16);
 const _: () = assert!(core::mem::size_of::<FaultAddressLayout>() == 8);
 const _: () = assert!(core::mem::size_of::<NumaMoveLayout>() == 16);
@@ -90,6 +112,7 @@ const _: () = assert!(core::mem::size_of::<NumaMoveLayout>() == 16);
 mod pod {
     // SAFETY: plain old data, `#[repr(C)]`, no padding (sizes asserted above).
     unsafe impl aya::Pod for super::SchedMigrateLayout {}
+    unsafe impl aya::Pod for super::TaskMigrateLayout {}
     unsafe impl aya::Pod for super::SchedSwitchLayout {}
     unsafe impl aya::Pod for super::SchedSwitchRecordLayout {}
     unsafe impl aya::Pod for super::FaultAddressLayout {}

@@ -4,7 +4,9 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackedThread {
-    /// Thread group id (the qemu process) the thread belongs to.
+    /// Thread group id (the qemu process) the thread belongs to. It must be the
+    /// thread's own thread group: the page fault programs take the VM of a fault
+    /// from the faulting task's thread group id rather than from this record.
     pub vm_pid: u32,
     /// vCPU index, or [`TrackedThread::NOT_A_VCPU`] for emulator and I/O threads.
     pub vcpu_index: u32,
@@ -26,6 +28,23 @@ pub struct MigrationCounts {
 
 /// Capacity of the tracked-thread map (threads of all VMs on the host).
 pub const MAX_TRACKED_THREADS: u32 = 16384;
+/// Largest thread id limit the kernel allows on 64-bit (`PID_MAX_LIMIT`, 4 Mi):
+/// `kernel.pid_max` can be raised to it and no further.
+pub const PID_MAX_LIMIT: u32 = 4 * 1024 * 1024;
+/// Thread ids per word of [`names::TRACKED_BITS`].
+pub const TRACKED_BITS_PER_WORD: u32 = 64;
+/// Words of [`names::TRACKED_BITS`] in the object; the loader sizes the map from
+/// `kernel.pid_max` instead (512 bytes per 4096 thread ids).
+pub const TRACKED_BITS_WORDS: u32 = PID_MAX_LIMIT / TRACKED_BITS_PER_WORD;
+
+/// Word index and mask of thread `tid` in [`names::TRACKED_BITS`].
+#[inline(always)]
+pub const fn tracked_bit(tid: u32) -> (u32, u64) {
+    (
+        tid / TRACKED_BITS_PER_WORD,
+        1u64 << (tid % TRACKED_BITS_PER_WORD),
+    )
+}
 /// Capacity of the CPU -> NUMA node table (the kernel's NR_CPUS upper bound is 8192).
 pub const MAX_CPUS: u32 = 8192;
 /// Node of a CPU the table does not know (offline or beyond the table).
@@ -40,18 +59,6 @@ pub const REGION_SHIFT: u32 = 21;
 /// Capacity of the per-VM event map.
 pub const MAX_VMS: u32 = 1024;
 
-/// Which CPU runs a tracked thread right now (per-CPU array, one slot).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OnCpuState {
-    /// Thread switched in, 0 when the CPU runs an untracked thread.
-    pub tid: u32,
-    /// NUMA node of this CPU.
-    pub node: u32,
-    /// `bpf_ktime_get_ns()` at switch-in.
-    pub since_ns: u64,
-}
-
 /// On-CPU time of one tracked thread by the node of the CPU (key: thread id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,6 +66,9 @@ pub struct OnCpuTime {
     pub ns_by_node: [u64; MAX_NODES],
     /// All on-CPU time, including nodes beyond [`MAX_NODES`] and unknown CPUs.
     pub total_ns: u64,
+    /// The thread's `se.sum_exec_runtime` when it was last switched out (or when it
+    /// was tracked): the next switch-out adds the difference.
+    pub last_runtime_ns: u64,
 }
 
 /// NUMA hinting faults of one tracked thread (`task_numa_fault`, key: thread id).
@@ -94,13 +104,13 @@ pub struct RegionKey {
 }
 
 /// Faults in one region seen by one CPU (per-CPU LRU map value). The node of the
-/// faults is the node of the CPU, so userspace sums the CPUs by node.
+/// faults is the node of the CPU, so userspace sums the CPUs by node. No time stamp:
+/// a clock read would cost a tracked page fault more than the rest of its counting,
+/// and userspace ages regions by how their counts change between its reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RegionFaults {
     pub faults: u64,
-    /// `bpf_ktime_get_ns()` of the last fault on this CPU.
-    pub last_seen_ns: u64,
 }
 
 /// Kernel NUMA balancing moves of a VM's threads (per-CPU hash, key: VM pid).
@@ -117,12 +127,15 @@ pub struct VmNumaEvents {
 pub mod names {
     /// `HashMap<u32 tid, TrackedThread>`, filled by userspace.
     pub const TRACKED: &str = "TRACKED";
+    /// `Array<u64>`, filled by userspace in step with `TRACKED`: bit `tid % 64` of
+    /// word `tid / 64` is set while `tid` is a key of `TRACKED`. The programs decide
+    /// "not tracked" (most events of a host) from it with an array lookup the JIT
+    /// inlines, instead of a hash lookup (a call and a hash of the key).
+    pub const TRACKED_BITS: &str = "TRACKED_BITS";
     /// `Array<u32 node>` indexed by CPU number, filled by userspace from sysfs.
     pub const CPU_NODE: &str = "CPU_NODE";
     /// `HashMap<u32 tid, MigrationCounts>`, filled by `sched_migrate_task`.
     pub const MIGRATIONS: &str = "MIGRATIONS";
-    /// `PerCpuArray<OnCpuState>` (one slot), `sched_switch` state.
-    pub const ON_CPU_STATE: &str = "ON_CPU_STATE";
     /// `HashMap<u32 tid, OnCpuTime>`, filled by `sched_switch`.
     pub const ON_CPU: &str = "ON_CPU";
     /// `HashMap<u32 tid, NumaFaults>`, filled by `task_numa_fault`.
@@ -135,11 +148,10 @@ pub mod names {
 
 const _: () = assert!(core::mem::size_of::<TrackedThread>() == 8);
 const _: () = assert!(core::mem::size_of::<MigrationCounts>() == 16);
-const _: () = assert!(core::mem::size_of::<OnCpuState>() == 16);
-const _: () = assert!(core::mem::size_of::<OnCpuTime>() == 8 * (MAX_NODES + 1));
+const _: () = assert!(core::mem::size_of::<OnCpuTime>() == 8 * (MAX_NODES + 2));
 const _: () = assert!(core::mem::size_of::<NumaFaults>() == 8 * (MAX_NODES + 4));
 const _: () = assert!(core::mem::size_of::<RegionKey>() == 16);
-const _: () = assert!(core::mem::size_of::<RegionFaults>() == 16);
+const _: () = assert!(core::mem::size_of::<RegionFaults>() == 8);
 const _: () = assert!(core::mem::size_of::<VmNumaEvents>() == 16);
 
 #[cfg(feature = "user")]
@@ -147,7 +159,6 @@ mod pod {
     // SAFETY: plain old data, `#[repr(C)]`, no padding (sizes asserted above).
     unsafe impl aya::Pod for super::TrackedThread {}
     unsafe impl aya::Pod for super::MigrationCounts {}
-    unsafe impl aya::Pod for super::OnCpuState {}
     unsafe impl aya::Pod for super::OnCpuTime {}
     unsafe impl aya::Pod for super::NumaFaults {}
     unsafe impl aya::Pod for super::RegionKey {}

@@ -6,7 +6,7 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use balancer_common::{FaultAddressLayout, REGION_KIND_GPA};
 
-use crate::{count_region_fault, current_tid, tracked};
+use crate::{count_region_fault, current_tracked_vm};
 
 /// Field offsets on the running kernel, patched by the loader.
 #[no_mangle]
@@ -28,11 +28,11 @@ fn try_kvm_page_fault(ctx: &TracePointContext) -> Result<u32, u32> {
     if layout.valid == 0 {
         return Err(0);
     }
-    let Some(thread) = tracked(current_tid()) else {
+    let Some(vm_pid) = current_tracked_vm() else {
         return Ok(0);
     };
     // SAFETY: offset from the running kernel's format file.
     let gpa: u64 = unsafe { ctx.read_at(layout.address_offset as usize) }.map_err(|_| 0u32)?;
-    count_region_fault(thread.vm_pid, REGION_KIND_GPA, gpa);
+    count_region_fault(vm_pid, REGION_KIND_GPA, gpa);
     Ok(0)
 }

@@ -14,7 +14,7 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use balancer_common::{FaultAddressLayout, REGION_KIND_HVA};
 
-use crate::{count_region_fault, current_tid, tracked};
+use crate::{count_region_fault, current_tracked_vm};
 
 /// `valid` is set by the loader once it checked the prototype.
 #[no_mangle]
@@ -36,10 +36,10 @@ fn try_page_fault_user(ctx: &RawTracePointContext) -> Result<i32, i32> {
     if layout.valid == 0 {
         return Err(0);
     }
-    let Some(thread) = tracked(current_tid()) else {
+    let Some(vm_pid) = current_tracked_vm() else {
         return Ok(0);
     };
     let address: u64 = ctx.arg(0);
-    count_region_fault(thread.vm_pid, REGION_KIND_HVA, address);
+    count_region_fault(vm_pid, REGION_KIND_HVA, address);
     Ok(0)
 }

@@ -1,12 +1,29 @@
-//! Tracepoint `sched:sched_migrate_task` (kernel/sched/core.c, `set_task_cpu()`): a
-//! task is moved to another CPU. Counts migrations, and those that cross NUMA nodes,
-//! per tracked thread.
+//! `sched_migrate_task` (kernel/sched/core.c, `set_task_cpu()`): a task is moved to
+//! another CPU. Counts migrations, and those that cross NUMA nodes, per tracked
+//! thread.
+//!
+//! Three entry points share the counting; the loader attaches the first one the
+//! running kernel accepts:
+//! - the BTF-typed tracepoint (`tp_btf`, preferred), `TP_PROTO(struct task_struct *p,
+//!   int dest_cpu)`: the thread id and the origin CPU (`task_cpu(p)`, not yet
+//!   changed when the tracepoint fires) are plain loads through the typed pointer,
+//!   and no trace record is built;
+//! - the raw tracepoint: the same arguments, the fields read with
+//!   `bpf_probe_read_kernel`;
+//! - the classic tracepoint `sched:sched_migrate_task`: the fields come from the
+//!   record, at offsets from its format file.
+//!
+//! In each, an untracked thread costs its thread id and one bit of the tracked
+//! bitmap.
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+};
 use aya_log_ebpf::warn;
-use balancer_common::SchedMigrateLayout;
+use balancer_common::{SchedMigrateLayout, TaskMigrateLayout};
 
-use crate::{get_or_insert, node_of, tracked, MIGRATIONS};
+use crate::{btf_field, get_or_insert, is_tracked, kernel_field, node_of, MIGRATIONS};
 
 /// Field offsets of the record on the running kernel, written by userspace from the
 /// tracepoint's `format` file before the program is loaded.
@@ -17,6 +34,63 @@ static SCHED_MIGRATE_LAYOUT: SchedMigrateLayout = SchedMigrateLayout {
     dest_cpu_offset: 0,
     valid: 0,
 };
+
+/// `task_struct` offsets on the running kernel, from its BTF.
+#[no_mangle]
+static TASK_MIGRATE_LAYOUT: TaskMigrateLayout = TaskMigrateLayout {
+    task_pid_offset: 0,
+    task_cpu_offset: 0,
+    valid: 0,
+    _pad: 0,
+};
+
+#[btf_tracepoint(function = "sched_migrate_task")]
+pub fn sched_migrate_task_btf(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: a read of a global the loader patched; volatile keeps it a load.
+    let layout = unsafe { core::ptr::read_volatile(&TASK_MIGRATE_LAYOUT) };
+    if layout.valid == 0 {
+        return 0;
+    }
+    let task: *const u8 = ctx.arg(0);
+    // SAFETY: `task` is the kernel's task pointer of this move, the offsets are its
+    // fields on this kernel.
+    let tid = unsafe { btf_field::<i32>(task, layout.task_pid_offset) } as u32;
+    if !is_tracked(tid) {
+        return 0;
+    }
+    // SAFETY: as above.
+    let orig = unsafe { btf_field::<u32>(task, layout.task_cpu_offset) };
+    let dest: u64 = ctx.arg(1);
+    if !count(tid, orig, dest as u32) {
+        warn!(&ctx, "MIGRATIONS map full, tid {} not counted", tid);
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_migrate_task")]
+pub fn sched_migrate_task_raw(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: a read of a global the loader patched; volatile keeps it a load.
+    let layout = unsafe { core::ptr::read_volatile(&TASK_MIGRATE_LAYOUT) };
+    if layout.valid == 0 {
+        return 0;
+    }
+    let task: u64 = ctx.arg(0);
+    let Ok(tid) = kernel_field::<i32>(task, layout.task_pid_offset) else {
+        return 0;
+    };
+    let tid = tid as u32;
+    if !is_tracked(tid) {
+        return 0;
+    }
+    let Ok(orig) = kernel_field::<u32>(task, layout.task_cpu_offset) else {
+        return 0;
+    };
+    let dest: u64 = ctx.arg(1);
+    if !count(tid, orig, dest as u32) {
+        warn!(&ctx, "MIGRATIONS map full, tid {} not counted", tid);
+    }
+    0
+}
 
 #[tracepoint]
 pub fn sched_migrate_task(ctx: TracePointContext) -> u32 {
@@ -35,17 +109,26 @@ fn try_sched_migrate_task(ctx: &TracePointContext) -> Result<u32, u32> {
     // SAFETY: offsets come from the running kernel's format file; read_at checks them.
     let tid: i32 = unsafe { ctx.read_at(layout.pid_offset as usize) }.map_err(|_| 0u32)?;
     let tid = tid as u32;
-    if tracked(tid).is_none() {
+    if !is_tracked(tid) {
         return Ok(0);
     }
     let orig: i32 = unsafe { ctx.read_at(layout.orig_cpu_offset as usize) }.map_err(|_| 0u32)?;
     let dest: i32 = unsafe { ctx.read_at(layout.dest_cpu_offset as usize) }.map_err(|_| 0u32)?;
-    let cross = node_of(orig as u32) != node_of(dest as u32);
-
-    let Some(counts) = get_or_insert(&MIGRATIONS, tid) else {
+    if !count(tid, orig as u32, dest as u32) {
         // Only when the map is full: a configuration problem, not a hot path.
         warn!(ctx, "MIGRATIONS map full, tid {} not counted", tid);
         return Err(0);
+    }
+    Ok(0)
+}
+
+/// Counts one move of tracked thread `tid` from CPU `orig` to CPU `dest`; false when
+/// the map is full.
+#[inline(always)]
+fn count(tid: u32, orig: u32, dest: u32) -> bool {
+    let cross = node_of(orig) != node_of(dest);
+    let Some(counts) = get_or_insert(&MIGRATIONS, tid) else {
+        return false;
     };
     // SAFETY: `counts` points into a live map value. Plain increments are enough:
     // the kernel serialises `set_task_cpu()` per task (it holds the task's pi_lock or
@@ -57,5 +140,5 @@ fn try_sched_migrate_task(ctx: &TracePointContext) -> Result<u32, u32> {
             (*counts).cross_node += 1;
         }
     }
-    Ok(0)
+    true
 }

@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use balancer_common::{tnf, MAX_NODES};
 
-use crate::{current_tid, get_or_insert, tracked, NUMA_FAULTS};
+use crate::{current_tid, get_or_insert, is_tracked, NUMA_FAULTS};
 
 #[fentry(function = "task_numa_fault")]
 pub fn task_numa_fault(ctx: FEntryContext) -> u32 {
@@ -52,7 +52,7 @@ pub fn task_numa_fault_breakpoint(ctx: PerfEventContext) -> u32 {
 #[inline(always)]
 fn count(mem_node: i32, pages: i32, flags: i32) -> Result<u32, u32> {
     let tid = current_tid();
-    if tracked(tid).is_none() {
+    if !is_tracked(tid) {
         return Ok(0);
     }
     let f = get_or_insert(&NUMA_FAULTS, tid).ok_or(0u32)?;

@@ -1,9 +1,10 @@
 //! `vmbalancer advise -w NCPUS[:MB]`: numad-compatible placement advice.
 //!
 //! Prints a node list (`2-3,6`) on stdout, as `numad -w` does for libvirt's
-//! `placement='auto'`. The running daemon answers from its current view; when it is
-//! not running, a fresh look at the nodes (free memory, CPU load sampled over
-//! 200 ms) is taken here.
+//! `placement='auto'`. The running daemon answers from its current view, counting
+//! the answers it gave in the last minute as used room (VMs started together are
+//! spread); when it is not running, a fresh look at the nodes (free memory, CPU load
+//! sampled over 200 ms) is taken here, which knows nothing of earlier answers.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,7 +30,8 @@ pub struct Args {
     /// Control socket [default: RUNTIME_DIR/control.sock].
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Do not ask the daemon; look at the host directly.
+    /// Do not ask the daemon; look at the host directly (earlier answers are not
+    /// counted).
     #[arg(long)]
     pub local: bool,
 }
@@ -74,7 +76,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         headroom_bytes: cfg.memory_headroom_bytes,
         reserved_cpus: cfg.reserved_cpus.clone(),
     };
-    let nodes = advice::advise(&snapshot, &req, &busy, &params);
+    // Alone, nothing remembers earlier answers: VMs started together may all get the
+    // same node until their load shows. The daemon holds its answers (advice::HOLD).
+    let nodes = advice::advise(&snapshot, &req, &busy, &[], &params);
     anyhow::ensure!(
         !nodes.is_empty(),
         "no NUMA node found under {}",

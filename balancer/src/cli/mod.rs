@@ -3,6 +3,7 @@
 
 mod advise;
 mod assets;
+mod reload;
 mod run;
 mod simulate;
 mod status;
@@ -31,6 +32,8 @@ pub enum Command {
     Run(run::Args),
     /// Ask the running daemon for its state.
     Status(status::Args),
+    /// Ask the running daemon to read its configuration again.
+    Reload(reload::Args),
     /// Run the engine and baseline policies on a simulated host.
     Simulate(simulate::Args),
     /// numad-compatible placement advice for a new VM (`-w NCPUS[:MB]`).
@@ -53,6 +56,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Trace(args) => trace::main(args),
         Command::Run(args) => run::main(args),
         Command::Status(args) => status::main(args),
+        Command::Reload(args) => reload::main(args),
         Command::Simulate(args) => simulate::main(args),
         Command::Advise(args) => advise::main(args),
         Command::PackageAssets(args) => assets::main(args),

@@ -17,7 +17,7 @@ use crate::host::logonly::LogOnly;
 use crate::model::CpuSet;
 
 /// Arguments of `vmbalancer run`. Flags override the configuration file.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct Args {
     /// Configuration file [default: /etc/vmbalancer/config.toml, if it exists].
     #[arg(long, short = 'c')]
@@ -96,7 +96,12 @@ impl Args {
     /// The configuration file with these flags applied.
     pub fn config(&self) -> anyhow::Result<Config> {
         let cfg = Config::load(self.config.as_deref())?;
-        let o = Overrides {
+        Ok(cfg.apply(self.overrides())?)
+    }
+
+    /// The flags that override the file.
+    fn overrides(&self) -> Overrides {
+        Overrides {
             tick_ms: self.tick_ms,
             target_utilisation_pct: self.target_utilisation_pct,
             target_locality_pct: self.target_locality_pct,
@@ -110,8 +115,7 @@ impl Args {
             state_dir: self.state_dir.clone(),
             runtime_dir: self.runtime_dir.clone(),
             prometheus_listen: self.prometheus_listen.clone(),
-        };
-        Ok(cfg.apply(o)?)
+        }
     }
 }
 
@@ -150,7 +154,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             shutdown,
             true,
         )
-        .with_notify(notifier, watchdog_every);
+        .with_notify(notifier, watchdog_every)
+        .with_reload(reader(args.clone()));
         rt.block_on(run(d))?;
     } else {
         let journal = Journal::open(&cfg.state_dir)?;
@@ -168,11 +173,20 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         )
         .with_notify(notifier, watchdog_every)
         .with_loop_nice(cfg_nice)
-        .with_progress(progress);
+        .with_progress(progress)
+        .with_reload(reader(args.clone()));
         rt.block_on(run(d))?;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reads the configuration again as at start: the same file, the same flags on top.
+fn reader(args: Args) -> crate::daemon::run::Reloader {
+    Box::new(move || {
+        let cfg = Config::load(args.config.as_deref())?;
+        cfg.apply(args.overrides())
+    })
 }
 
 /// The applier's settings from the daemon's configuration.

@@ -37,7 +37,7 @@
 //!                  "counters": { "observations", "full_scans", "proc_events",
 //!                                "proc_event_overflows", "vms_found", "vms_exited",
 //!                                "vms_skipped", "vanished_mid_read", "numa_maps_reads",
-//!                                "numa_maps_read_ns_total": u64 } },
+//!                                "numa_maps_read_ns_total", "memory_probe_changes": u64 } },
 //!   "settings": { "numa_balancing": bool, "ksm_running": bool,
 //!                 "ksm_merge_across_nodes": bool, "ksm_pages_sharing": u64 },
 //!   "nodes": [ { "id": u32, "cpus": "0-3,8", "mem_total_bytes": u64,
@@ -65,12 +65,18 @@
 //!                  "affinity": "0-7", "cpu_pct": f64,
 //!                  "run_pct_per_node": [f64]|null, "run_ns_total": u64|null,
 //!                  "migrations": u64|null, "cross_node_migrations": u64|null } ],
+//!     "vcpus_found_by": "thread names"|"qmp"|"unknown", // unknown: `vcpus` is empty
+//!     "vcpus_found_detail": string|null, // the QMP socket, or why they are unknown
+//!     "memory_not_movable": string|null, // why guest memory is never migrated
 //!     "other_threads": [u32],
 //!     "hot_regions": [ { "start_addr": "0x7f..", "len_bytes": u64, "node": u32,
-//!                        "heat": f64 } ]    // hottest first, at most 5
+//!                        "heat": f64 } ],   // hottest first, at most 5
+//!     "ksm_merging_pages": u64|null,    // pages KSM merged (/proc/PID/ksm_merging_pages)
+//!     "ksm_partners": [ { "pid": u32, "name": string, "pages": u64 } ] // sampled
 //!   } ],
 //!   "warnings": [ { "kind": "memory_remote_from_vcpus"|"autonuma_with_pinning"|
-//!                           "ksm_across_nodes"|"vm_wider_than_node",
+//!                           "ksm_across_nodes"|"vm_wider_than_node"|
+//!                           "vcpus_unknown"|"memory_not_movable",
 //!                   "vm": u32|null, "message": string } ]
 //! }
 //! ```

@@ -10,8 +10,89 @@
 //!
 //! Load per node comes from the caller (measured `/proc/stat` deltas, or the vCPU
 //! demand of the snapshot's VMs via [`load_from_vms`]), so this stays free of I/O.
+//! The daemon averages its measurements over [`LOAD_WINDOW`] ([`LoadWindow`]): the
+//! binding libvirt makes from the advice lasts, so the load that decides it should
+//! be the load that lasts, not the last second's (libvirt itself, busy starting the
+//! very VMs that ask, would otherwise rule out whichever node it ran on). numad's
+//! figure spans its polling interval, 5 to 15 s.
+//!
+//! Advice given is held against its nodes ([`Held`]): libvirt binds the VM at once,
+//! but its vCPU load and its memory show in the host's figures only once the guest
+//! runs and touches its RAM, seconds to a minute later. Without holding, VMs started
+//! together (an operator's `virsh start` loop, a cloud booting a batch) all ask
+//! while the host still looks as it did, and all get the same roomiest node; numad
+//! behaves that way. The daemon keeps each answer for [`HOLD`] and counts it as
+//! used CPUs and memory on the advised nodes (shared evenly among them) when it
+//! answers the next request. Once the VM shows in the figures, its held share
+//! counts twice until the hold ends: advice in that window errs towards other
+//! nodes, which is the side numad also errs on for new VMs (it never underestimates
+//! a pre-placement request).
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use crate::model::{CpuSet, NodeId, NodeSet, Snapshot};
+
+/// How long given advice is held against its nodes (see the module doc): longer
+/// than a VM's start and its guest's first minute on a loaded host.
+pub const HOLD: Duration = Duration::from_secs(60);
+
+/// How far back the load behind the daemon's advice looks (numad's longest default
+/// polling interval).
+pub const LOAD_WINDOW: Duration = Duration::from_secs(15);
+
+/// CPUs in use per node, measured once per tick, averaged over [`LOAD_WINDOW`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadWindow {
+    samples: VecDeque<Vec<f64>>,
+    keep: usize,
+}
+
+impl LoadWindow {
+    /// A window of measurements taken every `tick`.
+    pub fn new(tick: Duration) -> Self {
+        let keep = LOAD_WINDOW.as_millis() / tick.as_millis().max(1);
+        Self {
+            samples: VecDeque::new(),
+            keep: (keep as usize).max(1),
+        }
+    }
+
+    /// Adds one tick's measurement; one for another number of nodes starts over.
+    pub fn push(&mut self, busy_cpus: Vec<f64>) {
+        if self
+            .samples
+            .front()
+            .is_some_and(|s| s.len() != busy_cpus.len())
+        {
+            self.samples.clear();
+        }
+        self.samples.push_back(busy_cpus);
+        while self.samples.len() > self.keep {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The mean per node of the measurements in the window, if any.
+    pub fn mean(&self) -> Option<Vec<f64>> {
+        let first = self.samples.front()?;
+        let n = self.samples.len() as f64;
+        Some(
+            (0..first.len())
+                .map(|i| self.samples.iter().map(|s| s[i]).sum::<f64>() / n)
+                .collect(),
+        )
+    }
+}
+
+/// Advice given and not yet expired: `cpus` and `mem_bytes` counted as used on
+/// `nodes`, shared evenly among them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Held {
+    pub nodes: NodeSet,
+    pub cpus: f64,
+    pub mem_bytes: u64,
+}
 
 /// A `-w NCPUS[:MB]` request.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,6 +170,17 @@ pub fn load_from_vms(snapshot: &Snapshot) -> Vec<f64> {
     load
 }
 
+/// CPUs and bytes that `held` advice counts on `node`: each advice's request shared
+/// evenly among its nodes.
+fn held_on(held: &[Held], node: NodeId) -> (f64, u64) {
+    held.iter()
+        .filter(|h| h.nodes.contains(node))
+        .fold((0.0, 0), |(cpus, bytes), h| {
+            let n = h.nodes.len().max(1);
+            (cpus + h.cpus / n as f64, bytes + h.mem_bytes / n as u64)
+        })
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Room {
     id: NodeId,
@@ -97,9 +189,16 @@ struct Room {
 }
 
 /// The advised node list; `busy_cpus` is CPUs in use per node, indexed like
-/// `snapshot.topology.nodes` (missing entries count as idle). Empty only when the
+/// `snapshot.topology.nodes` (missing entries count as idle), and `held` the advice
+/// given lately whose VMs may not show in those figures yet. Empty only when the
 /// snapshot has no nodes.
-pub fn advise(snapshot: &Snapshot, req: &Request, busy_cpus: &[f64], p: &Params) -> NodeSet {
+pub fn advise(
+    snapshot: &Snapshot,
+    req: &Request,
+    busy_cpus: &[f64],
+    held: &[Held],
+    p: &Params,
+) -> NodeSet {
     let topo = &snapshot.topology;
     let rooms: Vec<Room> = topo
         .nodes
@@ -109,10 +208,15 @@ pub fn advise(snapshot: &Snapshot, req: &Request, busy_cpus: &[f64], p: &Params)
             let usable = n.cpus.difference(&p.reserved_cpus).len() as f64;
             let capacity = usable * p.target_utilisation_pct as f64 / 100.0;
             let busy = busy_cpus.get(i).copied().unwrap_or(0.0);
+            let (held_cpus, held_bytes) = held_on(held, n.id);
             Room {
                 id: n.id,
-                cpus: (capacity - busy).max(0.0),
-                mem_bytes: n.memory.free_bytes.saturating_sub(p.headroom_bytes),
+                cpus: (capacity - busy - held_cpus).max(0.0),
+                mem_bytes: n
+                    .memory
+                    .free_bytes
+                    .saturating_sub(p.headroom_bytes)
+                    .saturating_sub(held_bytes),
             }
         })
         .collect();
@@ -218,12 +322,21 @@ mod tests {
             let s = snap(&free);
             let r = Request::parse(req).unwrap();
             assert_eq!(
-                advise(&s, &r, &busy, &p).to_string(),
+                advise(&s, &r, &busy, &[], &p).to_string(),
                 want,
                 "{free:?} {busy:?} {req}"
             );
         }
-        assert!(advise(&Snapshot::default(), &Request::parse("1").unwrap(), &[], &p).is_empty());
+        assert!(
+            advise(
+                &Snapshot::default(),
+                &Request::parse("1").unwrap(),
+                &[],
+                &[],
+                &p
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -242,7 +355,75 @@ mod tests {
         };
         let r = Request::parse("5:1024").unwrap();
         // Node 1 has no usable CPUs; node 0 first (ties by id), then its nearest, 3.
-        assert_eq!(advise(&s, &r, &[0.0; 4], &p).to_string(), "0,3");
+        assert_eq!(advise(&s, &r, &[0.0; 4], &[], &p).to_string(), "0,3");
+    }
+
+    /// VMs started together: each answer is held against its node, so the next
+    /// request of the same batch goes elsewhere while there is room, as the lab's
+    /// 4 domains of 1 vCPU on 4 nodes of 2 CPUs (85 % target: 1.7 CPUs each).
+    #[test]
+    fn held_advice_spreads_a_batch() {
+        let mut s = Snapshot {
+            topology: Topology::uniform(4, 2, 2 * GIB),
+            ..Default::default()
+        };
+        for (n, free_mib) in s.topology.nodes.iter_mut().zip([1300, 1900, 1800, 1850]) {
+            n.memory.free_bytes = free_mib << 20;
+        }
+        let p = Params::default();
+        let r = Request::parse("1:256").unwrap();
+        let busy = [0.2, 0.1, 0.0, 0.1];
+        let mut held = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            let nodes = advise(&s, &r, &busy, &held, &p);
+            held.push(Held {
+                nodes: nodes.clone(),
+                cpus: f64::from(r.cpus),
+                mem_bytes: r.mem_bytes,
+            });
+            answers.push(nodes.to_string());
+        }
+        // Roomiest first (CPUs x memory), each node once.
+        assert_eq!(answers, ["1", "2", "3", "0"]);
+        // Without holding, the batch would have piled onto one node.
+        assert_eq!(advise(&s, &r, &busy, &[], &p).to_string(), "1");
+        // A fifth no longer fits one node: the roomiest and the next share it.
+        assert_eq!(advise(&s, &r, &busy, &held, &p).to_string(), "1-2");
+        // Held advice over two nodes counts half on each.
+        let two = Held {
+            nodes: NodeSet::parse_list("0-1").unwrap(),
+            cpus: 2.0,
+            mem_bytes: 512 << 20,
+        };
+        assert_eq!(held_on(std::slice::from_ref(&two), 1), (1.0, 256 << 20));
+        assert_eq!(held_on(&[two], 2), (0.0, 0));
+    }
+
+    /// A second of libvirt starting VMs on node 0 weighs a fifteenth of the window.
+    #[test]
+    fn load_is_averaged_over_the_window() {
+        let mut w = LoadWindow::new(Duration::from_secs(1));
+        assert_eq!(w.mean(), None);
+        for _ in 0..14 {
+            w.push(vec![0.1, 0.0]);
+        }
+        w.push(vec![1.6, 0.0]);
+        let m = w.mean().unwrap();
+        assert!((m[0] - 0.2).abs() < 1e-9, "{m:?}");
+        // Older than the window: gone.
+        for _ in 0..15 {
+            w.push(vec![0.5, 1.0]);
+        }
+        assert_eq!(w.mean(), Some(vec![0.5, 1.0]));
+        // A node came or went: the old figures no longer line up.
+        w.push(vec![0.0, 0.0, 2.0]);
+        assert_eq!(w.mean(), Some(vec![0.0, 0.0, 2.0]));
+        // A tick longer than the window keeps the last measurement.
+        let mut w = LoadWindow::new(Duration::from_secs(60));
+        w.push(vec![1.0]);
+        w.push(vec![0.0]);
+        assert_eq!(w.mean(), Some(vec![0.0]));
     }
 
     #[test]

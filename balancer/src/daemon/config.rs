@@ -5,6 +5,17 @@
 //! bad values are errors that name the key, and nothing on the host is touched before
 //! the configuration is valid. Every field has a default (see `systemd/config.toml.example`,
 //! which a unit test proves equal to [`Config::default`]), so an empty file is valid.
+//!
+//! Reload (`systemctl reload`, SIGHUP) reads the file and the same flags again. A file
+//! that does not validate changes nothing: the daemon keeps running on the
+//! configuration it has. Of a valid file, the knobs of the policy and of the moves
+//! take effect at the next tick; the keys in [`RESTART_ONLY`] name resources the
+//! daemon set up at start (directories, the control socket's group, the metrics
+//! listener, the roots it reads, the mover threads and what the observer samples),
+//! so a changed value there is reported and keeps its running value until a restart
+//! ([`Config::reloaded`]). Why not rebuild those too: the journal, the socket and
+//! the movers hold state that a half-finished switch could lose; a restart puts
+//! them back through the same recovery as a crash.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +43,35 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {why}")]
     Invalid { key: &'static str, why: String },
+    #[error("configuration not representable as TOML: {0}")]
+    Encode(String),
+}
+
+/// Keys a reload cannot change while running (see the module doc).
+pub const RESTART_ONLY: &[&str] = &[
+    "state_dir",
+    "runtime_dir",
+    "status_group",
+    "prometheus_listen",
+    "proc_root",
+    "sys_root",
+    "cgroup_root",
+    "libvirt_status_dir",
+    "migration_threads",
+    "migration_nice",
+    "migration_batch_pages",
+    "write_heat_sampling",
+];
+
+/// The outcome of a reload: the configuration to run with and what differs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reloaded {
+    /// The new file's values, with the running values kept for [`RESTART_ONLY`] keys.
+    pub config: Config,
+    /// Keys whose new value takes effect now.
+    pub changed: Vec<String>,
+    /// Keys whose new value waits for a restart.
+    pub needs_restart: Vec<String>,
 }
 
 /// What to do with VMs an operator pinned by hand (vcpupin, numatune, taskset).
@@ -449,6 +489,39 @@ impl Config {
         }
     }
 
+    /// What running on `new` after `self` means: `new` for the live keys, `self` for
+    /// the [`RESTART_ONLY`] ones. Compared key by key in the TOML form, so a field
+    /// added to [`Config`] is covered without being listed here.
+    pub fn reloaded(&self, new: Config) -> Result<Reloaded, ConfigError> {
+        let table =
+            |c: &Config| toml::Table::try_from(c).map_err(|e| ConfigError::Encode(e.to_string()));
+        let old = table(self)?;
+        let mut merged = table(&new)?;
+        let (mut changed, mut needs_restart) = (Vec::new(), Vec::new());
+        for (key, old_value) in &old {
+            if merged.get(key) == Some(old_value) {
+                continue;
+            }
+            if RESTART_ONLY.contains(&key.as_str()) {
+                merged.insert(key.clone(), old_value.clone());
+                needs_restart.push(key.clone());
+            } else {
+                changed.push(key.clone());
+            }
+        }
+        // Keys the running configuration leaves out (empty lists) may appear now.
+        changed.extend(merged.keys().filter(|k| !old.contains_key(*k)).cloned());
+        let config: Config = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Encode(e.to_string()))?;
+        config.validate()?;
+        Ok(Reloaded {
+            config,
+            changed,
+            needs_restart,
+        })
+    }
+
     pub fn control_socket_path(&self) -> PathBuf {
         self.runtime_dir.join("control.sock")
     }
@@ -564,6 +637,52 @@ mod tests {
             })
             .unwrap_err();
         assert!(err.to_string().contains("target_utilisation_pct"));
+    }
+
+    #[test]
+    fn reload_takes_live_keys_and_keeps_restart_only_ones() {
+        let running = Config::default();
+        let new = parse(
+            "tick_ms = 500\ntarget_locality_pct = 80\nexclude_vms = [\"db-*\"]\n\
+             reserved_cpus = \"0\"\nmigration_threads = 8\nstate_dir = \"/elsewhere\"\n",
+        )
+        .unwrap();
+        let r = running.reloaded(new).unwrap();
+        assert_eq!(r.config.tick_ms, 500);
+        assert_eq!(r.config.target_locality_pct, 80);
+        assert_eq!(r.config.exclude_vms, vec![VmSelector::Name("db-*".into())]);
+        assert_eq!(r.config.reserved_cpus, CpuSet::from_iter([0]));
+        assert_eq!(r.config.migration_threads, running.migration_threads);
+        assert_eq!(r.config.state_dir, running.state_dir);
+        let mut changed = r.changed.clone();
+        changed.sort();
+        assert_eq!(
+            changed,
+            [
+                "exclude_vms",
+                "reserved_cpus",
+                "target_locality_pct",
+                "tick_ms"
+            ]
+        );
+        let mut kept = r.needs_restart.clone();
+        kept.sort();
+        assert_eq!(kept, ["migration_threads", "state_dir"]);
+        // The same file again changes nothing.
+        let again = r.config.reloaded(r.config.clone()).unwrap();
+        assert!(again.changed.is_empty() && again.needs_restart.is_empty());
+        assert_eq!(again.config, r.config);
+    }
+
+    #[test]
+    fn every_restart_only_key_is_a_config_key() {
+        let keys = toml::Table::try_from(Config::default()).unwrap();
+        for k in RESTART_ONLY {
+            assert!(
+                keys.contains_key(*k),
+                "{k} is not a key of the configuration"
+            );
+        }
     }
 
     #[test]

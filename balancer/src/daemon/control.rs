@@ -18,7 +18,7 @@
 //! drive from scripts (`socat`) and from `vmbalancer status` / `advise`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +44,8 @@ pub enum Request {
         cpus: u32,
         mem_mb: u64,
     },
+    /// Read the configuration again and say what took effect (root only).
+    Reload,
 }
 
 /// What a request needs from its caller.
@@ -60,6 +62,7 @@ impl Request {
     pub fn access(&self) -> Access {
         match self {
             Request::Status | Request::Advise { .. } => Access::ReadOnly,
+            Request::Reload => Access::Root,
         }
     }
 
@@ -77,8 +80,17 @@ impl Request {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<StatusDoc>),
-    Advice { nodes: String },
-    Error { error: String },
+    Advice {
+        nodes: String,
+    },
+    /// A reload took effect: the keys changed now and those waiting for a restart.
+    Reloaded {
+        changed: Vec<String>,
+        needs_restart: Vec<String>,
+    },
+    Error {
+        error: String,
+    },
 }
 
 /// Answers requests; implemented by the daemon over its shared state.
@@ -218,7 +230,6 @@ pub fn bind(path: &Path, access: &SocketAccess) -> Result<tokio::net::UnixListen
 /// Makes `gid` the group of `path`, unless it already is (systemd's `Group=` with
 /// `RuntimeDirectoryMode=0750` gives that without CAP_CHOWN).
 fn give_group(path: &Path, gid: u32, name: &str) -> Result<(), ControlError> {
-    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(|source| ControlError::Io {
         path: path.to_path_buf(),
         source,
@@ -277,18 +288,45 @@ fn peer_groups(stream: &impl std::os::fd::AsRawFd) -> std::io::Result<Vec<u32>> 
     }
 }
 
-/// Serves connections until `stop` resolves.
+/// How often [`serve`] checks that its socket file is still there.
+const SOCKET_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Serves requests on `listener` (bound at `path`) until `stop` resolves. A socket
+/// file removed while running (the runtime directory cleaned by hand or by a tool)
+/// is bound again within [`SOCKET_CHECK_EVERY`], so `status` never stays unreachable
+/// until a restart; if another daemon took the path meanwhile, it is left to it.
 pub async fn serve(
-    listener: tokio::net::UnixListener,
+    mut listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
     access: SocketAccess,
     handler: Arc<dyn Handler>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let status_gid = access.gid();
+    let inode = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| m.ino());
+    let mut bound = inode(&path);
+    let mut check = tokio::time::interval(SOCKET_CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            _ = check.tick() => {
+                if bound.is_none() || inode(&path) == bound {
+                    continue;
+                }
+                match bind(&path, &access) {
+                    Ok(l) => {
+                        tracing::warn!(path = %path.display(), "the control socket was removed: bound it again");
+                        listener = l;
+                        bound = inode(&path);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the control socket was removed and cannot be bound again");
+                        bound = None;
+                    }
+                }
+            }
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
                     let h = handler.clone();
@@ -484,6 +522,16 @@ mod tests {
             assert_eq!(permit(Caller::Reader, r), Ok(()));
             assert_eq!(permit(Caller::Root, r), Ok(()));
         }
+        // Reloading changes what the daemon does: root only.
+        let reload = Request::Reload;
+        assert_eq!(reload.access(), Access::Root);
+        assert_eq!(permit(Caller::Root, &reload), Ok(()));
+        let e = permit(Caller::Reader, &reload).unwrap_err();
+        assert!(e.contains("needs root"), "{e}");
+        assert_eq!(
+            Request::parse_line(r#"{"cmd":"reload"}"#),
+            Ok(Request::Reload)
+        );
     }
 
     #[test]
@@ -569,10 +617,19 @@ mod tests {
             Request::Advise { cpus, .. } => Response::Advice {
                 nodes: format!("0-{}", cpus - 1),
             },
+            Request::Reload => Response::Error {
+                error: "not here".into(),
+            },
         });
-        rt.spawn(serve(listener, SocketAccess::default(), handler, async {
-            let _ = rx.await;
-        }));
+        rt.spawn(serve(
+            listener,
+            path.clone(),
+            SocketAccess::default(),
+            handler,
+            async {
+                let _ = rx.await;
+            },
+        ));
         let r = request(
             &path,
             &Request::Advise { cpus: 2, mem_mb: 1 },
@@ -589,6 +646,22 @@ mod tests {
             request(&path, &Request::Status, Duration::from_secs(5)).unwrap(),
             Response::Status(_)
         ));
+        // Removed while running (a cleaned runtime directory): bound again.
+        std::fs::remove_dir_all(&dir).unwrap();
+        let back = std::time::Instant::now();
+        while !path.exists() && back.elapsed() < SOCKET_CHECK_EVERY * 3 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            matches!(
+                request(&path, &Request::Status, Duration::from_secs(5)).unwrap(),
+                Response::Status(_)
+            ),
+            "the socket answers again after {:?}",
+            back.elapsed()
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         // A second daemon must not steal a live socket.
         assert!(matches!(
             rt.block_on(async { bind(&path, &SocketAccess::default()) }),

@@ -44,6 +44,9 @@ pub trait Policy {
     fn probations(&self) -> Vec<status::Probation> {
         Vec::new()
     }
+    /// Takes a reloaded configuration, keeping what it learned so far (probations,
+    /// recurrence, moves under way).
+    fn reconfigure(&mut self, _cfg: &config::Config) {}
 }
 
 /// What the daemon needs from an applier beyond applying single actions.
@@ -55,6 +58,18 @@ pub trait Actuator: Applier {
     fn readopt(&mut self, original: OriginalSets);
     /// Puts back recorded sets.
     fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome;
+    /// Puts back the CPU sets of a VM the daemon lets go of (`original` already
+    /// reduced to what the operator's pin does not cover). Appliers that know what
+    /// they wrote leave a set someone changed since; the others restore the CPU sets.
+    fn release(&mut self, original: &OriginalSets) -> ActionOutcome {
+        self.restore(
+            original,
+            RestoreWhat {
+                cpus: true,
+                mems: false,
+            },
+        )
+    }
     /// Whether the recorded process is still the same one (not a reused pid).
     fn alive(&self, original: &OriginalSets) -> bool;
     /// Forgets an exited VM.

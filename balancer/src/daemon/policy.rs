@@ -84,6 +84,13 @@ impl Policy for EnginePolicy {
         self.engine.record_outcome(action, outcome);
     }
 
+    /// The engine's knobs derived from the reloaded file (an engine configured apart
+    /// from the daemon's, as the simulator's, is never reloaded).
+    fn reconfigure(&mut self, cfg: &Config) {
+        self.engine.reconfigure(engine_config(cfg));
+        self.selection = cfg.clone();
+    }
+
     fn probations(&self) -> Vec<Probation> {
         let state = self.engine.state();
         let window_ns = self.engine.config().probation_ns;

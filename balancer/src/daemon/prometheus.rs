@@ -33,10 +33,28 @@ pub fn render(doc: &StatusDoc) -> String {
         one(d.last_tick_ns as f64 / 1e9),
     );
     metric(
+        "tick_seconds",
+        "gauge",
+        "Tick duration percentiles over the recent ticks.",
+        vec![
+            ("{quantile=\"0.5\"}".into(), d.tick_p50_ns as f64 / 1e9),
+            ("{quantile=\"0.99\"}".into(), d.tick_p99_ns as f64 / 1e9),
+        ],
+    );
+    metric(
         "observe_errors_total",
         "counter",
         "Failed host observations.",
         one(d.observe_errors as f64),
+    );
+    metric(
+        "config_reloads_total",
+        "counter",
+        "Configuration reloads, by result.",
+        vec![
+            ("{result=\"applied\"}".into(), d.reloads as f64),
+            ("{result=\"refused\"}".into(), d.reload_failures as f64),
+        ],
     );
     metric(
         "cpu_seconds_total",

@@ -10,29 +10,34 @@
 //! the same flag), and on the way out the original CPU sets are restored when the
 //! configuration asks for it.
 //!
-//! The configuration is read once, at start; there is no reload. SIGHUP is caught
-//! and only logged: its default action would kill the daemon on the spot, leaving
-//! the VMs it moved as they are, and systemd counts a SIGHUP death as a clean exit
-//! that `Restart=on-failure` does not restart.
+//! SIGHUP (`systemctl reload`) asks the loop to read the configuration again before
+//! its next tick ([`Daemon::with_reload`], the rules in [`super::config`]): a bad
+//! file changes nothing and is reported in the log, the status and systemd's status
+//! line. Without a reader (tests, the simulator) SIGHUP is only logged: its default
+//! action would kill the daemon on the spot, leaving the VMs it moved as they are,
+//! and systemd counts a SIGHUP death as a clean exit that `Restart=on-failure` does
+//! not restart.
 //!
-//! Each tick: observe -> drop exited VMs from the journal -> plan -> for each action:
-//! configuration guard (excluded/pinned VMs are refused here, whatever the policy
-//! says) -> adopt + journal -> apply (reads back) -> journal end -> feedback -> status.
+//! Each tick: observe -> drop exited VMs from the journal -> plan -> each action
+//! screened (excluded/pinned VMs are refused here, whatever the policy says) and
+//! adopted -> one journal write for all that go -> apply each (reads back) -> one
+//! journal write closing those that ended -> feedback -> status.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::advice;
-use super::config::Config;
+use super::config::{Config, ConfigError};
 use super::control::{self, Handler, Request, Response};
 use super::journal::{self, Journal, JournalError};
 use super::notify::Notifier;
 use super::status::{self, Decision, StatusDoc};
 use super::{Actuator, Policy};
 use crate::host::Observer;
-use crate::model::MigrationProgress;
 use crate::model::{ActionOutcome, Plan, PlannedAction, Snapshot, Vm};
+use crate::model::{MigrationProgress, OriginalSets, VmId};
 
 /// The one stop signal, visible to threads (flag + condvar) and tasks (watch).
 #[derive(Clone)]
@@ -108,8 +113,12 @@ pub struct Shared {
     pub snapshot: Option<Snapshot>,
     /// Live progress of the applier's memory moves.
     pub progress: Option<Arc<Mutex<Vec<MigrationProgress>>>>,
-    /// CPUs in use per node over the last tick (all processes), for advice.
+    /// CPUs in use per node (all processes), averaged over `advice::LOAD_WINDOW`,
+    /// for advice.
     pub node_busy_cpus: Option<Vec<f64>>,
+    /// Placement advice given lately, held against its nodes until it expires
+    /// (`advice::HOLD`).
+    pub advice_held: Vec<(Instant, advice::Held)>,
 }
 
 pub type SharedState = Arc<Mutex<Shared>>;
@@ -175,6 +184,33 @@ pub fn manage_verdict(cfg: &Config, vm: &Vm) -> Result<(), Unmanaged> {
     })
 }
 
+/// Logs a search that chose a VM to move off a busy node, with every candidate's
+/// figures (MiB, CPUs, MiB per CPU and verdict), as `status` shows them.
+fn log_choice(choice: &crate::model::MoveChoice) {
+    let mib = |b: f64| b / f64::from(1u32 << 20);
+    let candidates: Vec<String> = choice
+        .candidates
+        .iter()
+        .map(|k| {
+            format!(
+                "vm {} resident {:.0} MiB, {:.2} CPUs, {} MiB/CPU: {}",
+                k.vm,
+                mib(k.resident_bytes as f64),
+                k.cpus_gained,
+                k.bytes_per_cpu
+                    .map_or("-".into(), |b| format!("{:.0}", mib(b))),
+                status::verdict_text(&k.verdict)
+            )
+        })
+        .collect();
+    tracing::info!(
+        from = choice.from,
+        chosen = ?choice.chosen,
+        candidates = %candidates.join("; "),
+        "cheapest move"
+    );
+}
+
 /// The tick loop and what it drives.
 pub struct Daemon<O, A, P> {
     cfg: Config,
@@ -198,6 +234,70 @@ pub struct Daemon<O, A, P> {
     watchdog_every: Option<Duration>,
     /// Nice value of the loop's thread (`None`: leave it as started).
     loop_nice: Option<i32>,
+    /// Reads the configuration again (file and flags) on SIGHUP.
+    reloader: Option<Reloader>,
+    /// Recent tick durations, for their percentiles in status.
+    tick_durations: status::TickDurations,
+    /// CPUs in use per node over the last ticks, for placement advice.
+    busy_window: advice::LoadWindow,
+    /// Reload requests, taken by the loop before its next tick.
+    reloads: Reloads,
+}
+
+/// Reads the configuration as at start (the file, then the command line's flags).
+pub type Reloader = Box<dyn FnMut() -> Result<Config, ConfigError> + Send>;
+
+/// What a reload did: the keys changed now and those waiting for a restart; or why
+/// nothing changed.
+pub type ReloadResult = Result<(Vec<String>, Vec<String>), String>;
+
+/// Reload requests (SIGHUP, the control socket's `reload`) and their results. The
+/// loop takes the requests before its next tick; a control request waits here for
+/// the result of its own request or a later one.
+#[derive(Clone, Default)]
+pub struct Reloads {
+    book: Arc<(Mutex<ReloadBook>, Condvar)>,
+}
+
+#[derive(Default)]
+struct ReloadBook {
+    asked: u64,
+    done: u64,
+    last: Option<ReloadResult>,
+}
+
+impl Reloads {
+    /// Asks for a reload; the ticket to [`Reloads::wait`] for.
+    pub fn ask(&self) -> u64 {
+        let mut b = self.book.0.lock().unwrap_or_else(|p| p.into_inner());
+        b.asked += 1;
+        b.asked
+    }
+
+    /// The result of the reload that served `ticket`; `None` after `timeout`.
+    pub fn wait(&self, ticket: u64, timeout: Duration) -> Option<ReloadResult> {
+        let (m, cv) = &*self.book;
+        let b = m.lock().unwrap_or_else(|p| p.into_inner());
+        let (b, _) = cv
+            .wait_timeout_while(b, timeout, |b| b.done < ticket)
+            .unwrap_or_else(|p| p.into_inner());
+        (b.done >= ticket).then(|| b.last.clone()).flatten()
+    }
+
+    /// The newest ticket not yet served, for the loop.
+    fn pending(&self) -> Option<u64> {
+        let b = self.book.0.lock().unwrap_or_else(|p| p.into_inner());
+        (b.asked > b.done).then_some(b.asked)
+    }
+
+    /// Every ticket up to `upto` was served with `result`.
+    fn served(&self, upto: u64, result: ReloadResult) {
+        let (m, cv) = &*self.book;
+        let mut b = m.lock().unwrap_or_else(|p| p.into_inner());
+        b.done = b.done.max(upto);
+        b.last = Some(result);
+        cv.notify_all();
+    }
 }
 
 impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
@@ -237,8 +337,83 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             loop_nice: None,
             notifier: Notifier::default(),
             watchdog_every: None,
+            reloader: None,
+            tick_durations: status::TickDurations::default(),
+            busy_window: advice::LoadWindow::new(Duration::from_millis(cfg.tick_ms)),
+            reloads: Reloads::default(),
             cfg,
         }
+    }
+
+    /// SIGHUP reloads the configuration with `read` (see the module doc).
+    pub fn with_reload(mut self, read: Reloader) -> Self {
+        self.reloader = Some(read);
+        self
+    }
+
+    /// Where reloads are asked for (SIGHUP, the control socket).
+    pub fn reloads(&self) -> Reloads {
+        self.reloads.clone()
+    }
+
+    /// The configuration the daemon runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Reads the configuration again and runs on it from the next tick; a file that
+    /// does not validate leaves everything as it was.
+    pub fn reload(&mut self, notifier: &Notifier) -> ReloadResult {
+        let Some(read) = self.reloader.as_mut() else {
+            tracing::warn!("reload asked: this daemon has no configuration file to read again");
+            return Err("this daemon has no configuration file to read again".into());
+        };
+        match read().and_then(|new| self.cfg.reloaded(new)) {
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded: running on the previous one");
+                let _ = notifier.status(&format!("configuration not reloaded: {e}"));
+                if let Ok(mut s) = self.shared.lock() {
+                    s.status.daemon.reload_failures += 1;
+                    s.status.daemon.last_reload_error = Some(e.to_string());
+                }
+                Err(e.to_string())
+            }
+            Ok(r) => {
+                if !r.needs_restart.is_empty() {
+                    tracing::warn!(
+                        keys = ?r.needs_restart,
+                        "these settings change at the next start; running on their previous values"
+                    );
+                }
+                tracing::info!(changed = ?r.changed, "configuration reloaded");
+                self.retune(r.config);
+                if let Ok(mut s) = self.shared.lock() {
+                    let d = &mut s.status.daemon;
+                    d.reloads += 1;
+                    d.last_reload_error = None;
+                    d.restart_pending = r.needs_restart.clone();
+                }
+                Ok((r.changed, r.needs_restart))
+            }
+        }
+    }
+
+    /// Runs on `cfg` from now on: the loop's own knobs, the policy, the observer and
+    /// the applier.
+    fn retune(&mut self, cfg: Config) {
+        let tunables = crate::host::Tunables {
+            locality_target_pct: cfg.target_locality_pct,
+            reserved_cpus: cfg.reserved_cpus.clone(),
+            rate_limit_bytes_per_s: cfg.migration_rate_limit_bytes_per_s,
+            headroom_bytes: cfg.memory_headroom_bytes,
+        };
+        self.policy.reconfigure(&cfg);
+        self.observer.retune(&tunables);
+        self.actuator.retune(&tunables);
+        if let Ok(mut s) = self.shared.lock() {
+            s.status.daemon.tick_ms = cfg.tick_ms;
+        }
+        self.cfg = cfg;
     }
 
     /// Tells systemd (or whoever listens on the notifier's socket) when the daemon is
@@ -358,13 +533,10 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         for refusal in &plan.refusals {
             tracing::debug!(vm = ?refusal.vm, why = ?refusal.why, "policy refused");
         }
-        for action in &plan.actions {
-            if self.shutdown.is_set() {
-                break;
-            }
-            let outcome = self.carry_out(&snap, action, &mut report);
-            decisions.push(self.learn(action, outcome, snap.now_ns));
+        for choice in plan.cpu_choices.iter().filter(|c| c.chosen.is_some()) {
+            log_choice(choice);
         }
+        decisions.extend(self.carry_out(&snap, &plan.actions, &mut report));
 
         tracing::debug!(
             observe_ns,
@@ -393,14 +565,28 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             run_count: c.run_count,
             events_lost: 0,
         });
+        let mut new_refusals = Vec::new();
         if let Ok(mut s) = self.shared.lock() {
             s.status.ebpf = ebpf;
-            if busy.is_some() {
-                s.node_busy_cpus = busy;
+            if let Some(b) = busy {
+                self.busy_window.push(b);
+                s.node_busy_cpus = self.busy_window.mean();
             }
             s.status.push_decisions(decisions, self.cfg.status_history);
             s.status.vms = vms;
-            s.status.note_refusals(snap.now_ns, &plan.refusals);
+            new_refusals = s
+                .status
+                .note_refusals(snap.now_ns, &plan.refusals)
+                .into_iter()
+                .map(|r| {
+                    let name =
+                        r.vm.and_then(|pid| snap.vms.iter().find(|v| v.pid == pid))
+                            .map(|v| v.name.clone());
+                    (r.vm, name, r.why.to_string())
+                })
+                .collect();
+            s.status
+                .push_cpu_choices(snap.now_ns, &plan.cpu_choices, self.cfg.status_history);
             s.status.probations = probations;
             s.status.counters = counters;
             let d = &mut s.status.daemon;
@@ -408,66 +594,123 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             d.uptime_ms = self.started.elapsed().as_millis() as u64;
             d.last_tick_ns = t0.elapsed().as_nanos() as u64;
             d.max_tick_ns = d.max_tick_ns.max(d.last_tick_ns);
+            (d.tick_p50_ns, d.tick_p99_ns) = self.tick_durations.push(d.last_tick_ns);
             d.cpu_time_ns = cpu_ns;
             d.rss_bytes = rss;
             s.snapshot = Some(snap);
+        }
+        // Once per kind and VM while status shows it: what is missing, and where.
+        for (vm, name, why) in new_refusals {
+            tracing::info!(vm = ?vm, name = ?name, "refused: {why}");
         }
         self.heartbeat_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         report
     }
 
+    /// Carries out a tick's actions: each is screened, then all that may go are
+    /// journaled in one write (no journal, no change: a crash must always be
+    /// recoverable), then applied in the plan's order, then the ones that ended at
+    /// once are closed in one more write. Returns the decisions, in the plan's order.
     fn carry_out(
         &mut self,
         snap: &Snapshot,
-        action: &PlannedAction,
+        actions: &[PlannedAction],
         report: &mut TickReport,
-    ) -> ActionOutcome {
+    ) -> Vec<Decision> {
+        let mut outcomes: Vec<Option<ActionOutcome>> = vec![None; actions.len()];
+        let mut go: Vec<(usize, OriginalSets)> = Vec::new();
+        let mut moves_memory: BTreeSet<VmId> = BTreeSet::new();
+        for (i, action) in actions.iter().enumerate() {
+            match self.screen(snap, action, &moves_memory, report) {
+                Ok(original) => {
+                    if action.action.moves_memory() {
+                        moves_memory.insert(action.vm);
+                    }
+                    go.push((i, original));
+                }
+                Err(outcome) => outcomes[i] = Some(outcome),
+            }
+        }
+        if let Some(j) = self.journal.as_mut()
+            && !go.is_empty()
+            && let Err(e) = j.begin_all(
+                go.iter().map(|(i, o)| (o.clone(), &actions[*i])),
+                snap.now_ns,
+            )
+        {
+            tracing::error!(error = %e, "journal not writable, actions not applied");
+            for (i, _) in go.drain(..) {
+                outcomes[i] = Some(ActionOutcome::Refused {
+                    why: format!("journal not writable: {e}"),
+                });
+            }
+        }
+        let mut ended: Vec<(VmId, ActionOutcome)> = Vec::new();
+        for (i, _) in go {
+            let action = &actions[i];
+            if self.shutdown.is_set() {
+                // Journaled but not applied: closed below, and not learned from.
+                ended.push((action.vm, ActionOutcome::Done { moved_bytes: 0 }));
+                continue;
+            }
+            report.applied += 1;
+            let outcome = self.actuator.apply(snap, action);
+            tracing::info!(vm = action.vm, action = ?action.action, reason = ?action.reason, ?outcome, "applied");
+            if outcome == ActionOutcome::Started {
+                self.moving
+                    .entry(action.vm)
+                    .or_default()
+                    .push_back((action.clone(), snap.now_ns));
+            } else {
+                ended.push((action.vm, outcome.clone()));
+            }
+            outcomes[i] = Some(outcome);
+        }
+        self.end_actions(&ended);
+        actions
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(action, outcome)| Some(self.learn(action, outcome?, snap.now_ns)))
+            .collect()
+    }
+
+    /// Whether an action may go: the VM is there, no memory move of it runs (or
+    /// started earlier in this tick, in `moves_memory`) under a CPU change, the
+    /// configuration manages it. Its original sets when it may.
+    fn screen(
+        &mut self,
+        snap: &Snapshot,
+        action: &PlannedAction,
+        moves_memory: &BTreeSet<VmId>,
+        report: &mut TickReport,
+    ) -> Result<OriginalSets, ActionOutcome> {
         let Some(vm) = snap.vms.iter().find(|v| v.pid == action.vm) else {
-            return ActionOutcome::VmGone;
+            return Err(ActionOutcome::VmGone);
         };
-        if self.moving.contains_key(&vm.pid) && !action.action.moves_memory() {
+        let memory_moving = self.moving.contains_key(&vm.pid) || moves_memory.contains(&vm.pid);
+        if memory_moving && !action.action.moves_memory() {
             // No CPU change under a memory move: the journal entry belongs to the
             // move until it ends. (Further memory moves of the VM queue behind it:
             // the engine plans one per source node, all towards the same home.)
-            return ActionOutcome::Refused {
+            return Err(ActionOutcome::Refused {
                 why: format!("a memory move of VM {} is still running", vm.pid),
-            };
+            });
         }
         if let Err(why) = manage_verdict(&self.cfg, vm) {
             report.refused_by_config += 1;
             tracing::debug!(vm = vm.pid, %why, "action on an unmanaged VM dropped");
-            return ActionOutcome::Refused {
+            return Err(ActionOutcome::Refused {
                 why: format!("VM {} is left alone: {why}", vm.pid),
-            };
+            });
         }
         let Some(original) = self.actuator.adopt(vm) else {
-            return ActionOutcome::VmGone;
+            return Err(ActionOutcome::VmGone);
         };
         if !self.dry_run {
             self.observer.note_adopted(vm.pid);
         }
-        if let Some(j) = self.journal.as_mut() {
-            // No journal, no change: a crash must always be recoverable.
-            if let Err(e) = j.adopt(original).and_then(|_| j.begin(action, snap.now_ns)) {
-                tracing::error!(error = %e, "journal not writable, action not applied");
-                return ActionOutcome::Refused {
-                    why: format!("journal not writable: {e}"),
-                };
-            }
-        }
-        report.applied += 1;
-        let outcome = self.actuator.apply(snap, action);
-        tracing::info!(vm = vm.pid, action = ?action.action, reason = ?action.reason, ?outcome, "applied");
-        if outcome == ActionOutcome::Started {
-            self.moving
-                .entry(vm.pid)
-                .or_default()
-                .push_back((action.clone(), snap.now_ns));
-            return outcome;
-        }
-        self.end_action(vm.pid, &outcome);
-        outcome
+        Ok(original)
     }
 
     /// Feeds an outcome back to the policy and the observer; the decision for status.
@@ -490,6 +733,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             return Vec::new();
         }
         let mut decisions = Vec::new();
+        let mut ended = Vec::new();
         for (vm, outcome) in self.actuator.ended_moves(wait) {
             let Some(queue) = self.moving.get_mut(&vm) else {
                 continue;
@@ -499,23 +743,33 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             };
             if queue.is_empty() {
                 self.moving.remove(&vm);
-                self.end_action(vm, &outcome);
+                ended.push((vm, outcome.clone()));
             }
             tracing::info!(vm, action = ?action.action, ?outcome, "memory move ended");
             decisions.push(self.learn(&action, outcome, at_ns));
         }
+        self.end_actions(&ended);
         decisions
     }
 
-    /// Closes the journal entry of an action that ended.
-    fn end_action(&mut self, vm: u32, outcome: &ActionOutcome) {
+    /// Closes the journal entries of actions that ended, in one write. A VM whose
+    /// memory move still runs keeps its entry (the move owns it until it ends).
+    fn end_actions(&mut self, ended: &[(VmId, ActionOutcome)]) {
+        let vms: Vec<VmId> = ended
+            .iter()
+            .map(|(vm, _)| *vm)
+            .filter(|vm| !self.moving.contains_key(vm))
+            .collect();
         if let Some(j) = self.journal.as_mut()
-            && let Err(e) = j.end(vm)
+            && !vms.is_empty()
+            && let Err(e) = j.end_all(&vms)
         {
             tracing::error!(error = %e, "journal not writable");
         }
-        if *outcome == ActionOutcome::VmGone {
-            self.forget(vm);
+        for (vm, outcome) in ended {
+            if *outcome == ActionOutcome::VmGone {
+                self.forget(*vm);
+            }
         }
     }
 
@@ -547,31 +801,47 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     }
 
     /// Lets go of held VMs the operator has pinned since (`virsh vcpupin`, numatune):
-    /// their sets are the operator's now, so they leave the journal and are not put
-    /// back on exit. A VM whose memory move is still running is let go when it ends.
+    /// the sets the operator's pin covers are the operator's now and stay as they are;
+    /// the CPU sets vmbalancer changed that the pin does not cover (e.g. the emulator
+    /// group after a `vcpupin` of the vCPUs only) are put back as on exit (with
+    /// `restore_on_exit`), so nothing of vmbalancer's stays behind looking like the
+    /// operator's. The VM then leaves the journal. A VM whose memory move is still
+    /// running is let go when it ends.
     fn release_operator_pinned(&mut self, snap: &Snapshot) {
         let Some(j) = self.journal.as_ref() else {
             return;
         };
-        let pinned: Vec<(u32, String, String)> = snap
+        let pinned: Vec<(&crate::model::Vm, String, crate::model::OriginalSets)> = snap
             .vms
             .iter()
-            .filter(|vm| j.entries().contains_key(&vm.pid) && !self.moving.contains_key(&vm.pid))
-            .filter_map(|vm| match &vm.pinning {
-                crate::model::Pinning::Operator { why } => {
-                    Some((vm.pid, vm.name.clone(), why.clone()))
+            .filter(|vm| !self.moving.contains_key(&vm.pid))
+            .filter_map(|vm| match (&vm.pinning, j.entries().get(&vm.pid)) {
+                (crate::model::Pinning::Operator { why }, Some(entry)) => {
+                    Some((vm, why.clone(), entry.original.clone()))
                 }
                 _ => None,
             })
             .collect();
-        for (vm, name, why) in pinned {
-            tracing::info!(
-                vm,
-                %name,
-                %why,
-                "the operator pinned a VM vmbalancer held: letting go of it, its sets stay as the operator set them"
-            );
-            self.forget(vm);
+        for (vm, why, original) in pinned {
+            let put_back = self.cfg.restore_on_exit && !self.dry_run;
+            let outcome =
+                put_back.then(|| self.actuator.release(&original.released(&vm.operator_pins)));
+            match outcome {
+                Some(put_back) => tracing::info!(
+                    vm = vm.pid,
+                    name = %vm.name,
+                    %why,
+                    ?put_back,
+                    "the operator pinned a VM vmbalancer held: letting go of it; its pins stay as the operator set them, the CPU sets vmbalancer set that they do not cover are put back"
+                ),
+                None => tracing::info!(
+                    vm = vm.pid,
+                    name = %vm.name,
+                    %why,
+                    "the operator pinned a VM vmbalancer held: letting go of it; every set stays as it is (restore_on_exit is off)"
+                ),
+            }
+            self.forget(vm.pid);
         }
     }
 
@@ -591,10 +861,14 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         {
             tracing::warn!(nice, error = %e, "the tick loop keeps its priority");
         }
-        let tick = Duration::from_millis(self.cfg.tick_ms);
         let mut ready = false;
         let mut due: Option<Instant> = None;
         while !self.shutdown.is_set() {
+            if let Some(upto) = self.reloads.pending() {
+                let result = self.reload(notifier);
+                self.reloads.served(upto, result);
+            }
+            let tick = Duration::from_millis(self.cfg.tick_ms);
             let start = Instant::now();
             if let Some(late) = due.map(|d| start.saturating_duration_since(d))
                 && let Ok(mut s) = self.shared.lock()
@@ -673,48 +947,104 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
     }
 }
 
-/// Answers control requests from the shared state.
-pub fn handler(shared: SharedState, params: advice::Params) -> Arc<dyn Handler> {
-    Arc::new(move |req: Request| {
-        let Ok(s) = shared.lock() else {
-            return Response::Error {
-                error: "daemon state unavailable".into(),
-            };
-        };
-        match req {
-            Request::Status => {
-                let mut doc = s.status.clone();
-                if let Some(p) = s
-                    .progress
-                    .as_ref()
-                    .and_then(|p| p.lock().ok().map(|g| g.clone()))
-                {
-                    doc.migrations = p;
-                }
-                Response::Status(Box::new(doc))
+/// Answers control requests from the shared state; a reload waits up to `reload_wait`
+/// for the loop to carry it out.
+pub fn handler(
+    shared: SharedState,
+    params: advice::Params,
+    reloads: Reloads,
+    reload_wait: Duration,
+) -> Arc<dyn Handler> {
+    Arc::new(move |req: Request| match req {
+        Request::Reload => {
+            let ticket = reloads.ask();
+            match reloads.wait(ticket, reload_wait) {
+                Some(Ok((changed, needs_restart))) => Response::Reloaded {
+                    changed,
+                    needs_restart,
+                },
+                Some(Err(error)) => Response::Error { error },
+                None => Response::Error {
+                    error: format!(
+                        "the tick loop did not take the reload within {} s",
+                        reload_wait.as_secs()
+                    ),
+                },
             }
-            Request::Advise { cpus, mem_mb } => {
-                let Some(snap) = s.snapshot.as_ref() else {
-                    return Response::Error {
-                        error: "no snapshot yet".into(),
-                    };
+        }
+        Request::Status => {
+            let Ok(s) = shared.lock() else {
+                return unavailable();
+            };
+            let mut doc = s.status.clone();
+            if let Some(p) = s
+                .progress
+                .as_ref()
+                .and_then(|p| p.lock().ok().map(|g| g.clone()))
+            {
+                doc.migrations = p;
+            }
+            Response::Status(Box::new(doc))
+        }
+        Request::Advise { cpus, mem_mb } => {
+            let Ok(mut guard) = shared.lock() else {
+                return unavailable();
+            };
+            // One lock for the answer and its hold: requests of a batch see each other.
+            let s = &mut *guard;
+            let Some(snap) = s.snapshot.as_ref() else {
+                return Response::Error {
+                    error: "no snapshot yet".into(),
                 };
-                let req = advice::Request {
-                    cpus: cpus.max(1),
-                    mem_bytes: mem_mb.saturating_mul(1 << 20),
-                };
-                // Measured load of the whole host when known, else the VMs' demand.
-                let load = s
-                    .node_busy_cpus
-                    .clone()
-                    .filter(|b| b.len() == snap.topology.nodes.len())
-                    .unwrap_or_else(|| advice::load_from_vms(snap));
-                Response::Advice {
-                    nodes: advice::advise(snap, &req, &load, &params).to_string(),
-                }
+            };
+            let req = advice::Request {
+                cpus: cpus.max(1),
+                mem_bytes: mem_mb.saturating_mul(1 << 20),
+            };
+            // Measured load of the whole host when known, else the VMs' demand.
+            let load = s
+                .node_busy_cpus
+                .clone()
+                .filter(|b| b.len() == snap.topology.nodes.len())
+                .unwrap_or_else(|| advice::load_from_vms(snap));
+            s.advice_held.retain(|(at, _)| at.elapsed() < advice::HOLD);
+            let held: Vec<advice::Held> = s.advice_held.iter().map(|(_, h)| h.clone()).collect();
+            let nodes = advice::advise(snap, &req, &load, &held, &params);
+            tracing::info!(
+                held = held.len(),
+                "placement advice: {} CPUs, {mem_mb} MiB -> node(s) {nodes}",
+                req.cpus
+            );
+            s.advice_held.push((
+                Instant::now(),
+                advice::Held {
+                    nodes: nodes.clone(),
+                    cpus: f64::from(req.cpus),
+                    mem_bytes: req.mem_bytes,
+                },
+            ));
+            let given = status::AdviceGiven {
+                at_uptime_ms: s.status.daemon.uptime_ms,
+                cpus: req.cpus,
+                mem_mb,
+                nodes: nodes.to_string(),
+                held_before: held.len(),
+            };
+            s.status.advice.push_back(given);
+            while s.status.advice.len() > status::ADVICE_KEPT {
+                s.status.advice.pop_front();
+            }
+            Response::Advice {
+                nodes: nodes.to_string(),
             }
         }
     })
+}
+
+fn unavailable() -> Response {
+    Response::Error {
+        error: "daemon state unavailable".into(),
+    }
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or `shutdown` from elsewhere): control
@@ -735,15 +1065,21 @@ where
     };
     let socket_path = cfg.control_socket_path();
     let access = cfg.socket_access()?;
+    let reloads = daemon.reloads();
+    // A tick (at most a minute), plus the tick that may be running when asked.
+    let reload_wait =
+        Duration::from_millis(cfg.tick_ms.saturating_mul(2)) + Duration::from_secs(30);
     let listener = control::bind(&socket_path, &access)?;
     let mut tasks = tokio::task::JoinSet::new();
     {
         let s = shutdown.clone();
+        let socket_path = socket_path.clone();
         tasks.spawn(async move {
             control::serve(
                 listener,
+                socket_path,
                 access,
-                handler(shared.clone(), params),
+                handler(shared.clone(), params, reloads, reload_wait),
                 async move { s.stopped().await },
             )
             .await;
@@ -775,17 +1111,15 @@ where
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
         let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
         let s = shutdown.clone();
+        let reloads = daemon.reloads();
         tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                     _ = int.recv() => tracing::info!("SIGINT: stopping"),
                     _ = hup.recv() => {
-                        tracing::warn!(
-                            "SIGHUP: the configuration is not reloaded; the daemon keeps \
-                             running with the one it started with (restart it to apply a \
-                             changed file)"
-                        );
+                        tracing::info!("SIGHUP: reading the configuration again before the next tick");
+                        reloads.ask();
                         continue;
                     }
                     _ = s.stopped() => {}

@@ -8,7 +8,10 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Action, ActionOutcome, CpuSet, NodeId, NodeSet, Reason, Snapshot, VmId};
+use crate::model::{
+    Action, ActionOutcome, CandidateVerdict, CpuSet, MoveChoice, NodeId, NodeSet, Reason, Snapshot,
+    VmId,
+};
 use crate::model::{MigrationProgress, QuietCounters};
 
 /// Everything `vmbalancer status` shows.
@@ -24,9 +27,35 @@ pub struct StatusDoc {
     /// memory above the headroom): the latest of each kind per VM, for
     /// [`REFUSAL_MEMORY_NS`] after it was last seen.
     pub refusals: Vec<RecentRefusal>,
+    /// The searches that moved a VM's CPUs off a busy node, most recent last (as
+    /// many as `decisions` keeps): every VM that was on the node with the figures
+    /// the engine weighed (resident bytes, CPUs gained, bytes per CPU) and why it
+    /// won or lost.
+    #[serde(default)]
+    pub cpu_choices: VecDeque<TimedChoice>,
     pub counters: QuietCounters,
     /// Cost of the eBPF programs, when telemetry is loaded.
     pub ebpf: Option<EbpfCost>,
+    /// Placement advice answered (`vmbalancer advise`, libvirt's `numad -w`), most
+    /// recent last, at most [`ADVICE_KEPT`].
+    #[serde(default)]
+    pub advice: VecDeque<AdviceGiven>,
+}
+
+/// How many answers of placement advice status keeps.
+pub const ADVICE_KEPT: usize = 32;
+
+/// One answer of placement advice.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AdviceGiven {
+    /// Daemon uptime at the last tick before it answered.
+    pub at_uptime_ms: u64,
+    pub cpus: u32,
+    pub mem_mb: u64,
+    /// The advised node list, as printed for libvirt.
+    pub nodes: String,
+    /// Earlier answers still held against their nodes when this one was given.
+    pub held_before: usize,
 }
 
 /// The daemon itself.
@@ -46,12 +75,29 @@ pub struct DaemonInfo {
     /// Most a tick started after it was due (one tick after the previous start).
     #[serde(default)]
     pub max_tick_late_ns: u64,
+    /// Median and 99th percentile of the last [`TICK_WINDOW`] ticks' durations.
+    #[serde(default)]
+    pub tick_p50_ns: u64,
+    #[serde(default)]
+    pub tick_p99_ns: u64,
     /// Observations that failed (host-wide errors).
     pub observe_errors: u64,
     /// User + system CPU time of the daemon (`/proc/self/stat`).
     pub cpu_time_ns: u64,
     /// Resident memory of the daemon (`/proc/self/statm`).
     pub rss_bytes: u64,
+    /// Configuration reloads that took effect (SIGHUP).
+    #[serde(default)]
+    pub reloads: u64,
+    /// Reloads refused because the file did not validate.
+    #[serde(default)]
+    pub reload_failures: u64,
+    /// Why the last reload was refused, until one succeeds.
+    #[serde(default)]
+    pub last_reload_error: Option<String>,
+    /// Keys the last reload changed that wait for a restart.
+    #[serde(default)]
+    pub restart_pending: Vec<String>,
 }
 
 /// One VM.
@@ -71,6 +117,13 @@ pub struct VmStatus {
     pub memory_bytes_per_node: Vec<(NodeId, u64)>,
     /// Share of resident memory on the home nodes.
     pub locality_pct: Option<f64>,
+    /// How the vCPU threads were found (thread names, QMP), or that they are unknown
+    /// and why (then the VM is balanced as a whole process).
+    #[serde(default)]
+    pub vcpus_found: String,
+    /// Why the VM's memory is never migrated, when it is not (confidential guest).
+    #[serde(default)]
+    pub memory_not_movable: Option<String>,
 }
 
 /// A CPU-first move waiting to be committed or reverted.
@@ -93,6 +146,14 @@ pub struct Decision {
     pub action: Action,
     pub reason: Reason,
     pub outcome: ActionOutcome,
+}
+
+/// A search for a CPU move, with the observer clock of its tick.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimedChoice {
+    pub at_ns: u64,
+    #[serde(flatten)]
+    pub choice: MoveChoice,
 }
 
 /// What the eBPF programs cost (from the kernel's run time statistics).
@@ -118,10 +179,26 @@ pub struct RecentRefusal {
 
 impl StatusDoc {
     /// Records this tick's refusals: each replaces an older one of the same kind for
-    /// the same VM; those not seen for [`REFUSAL_MEMORY_NS`] are dropped.
-    pub fn note_refusals(&mut self, now_ns: u64, refusals: &[crate::model::Refusal]) {
+    /// the same VM; those not seen for [`REFUSAL_MEMORY_NS`] are dropped. Returns the
+    /// refusals of a kind status did not show for that VM yet, for the log to say
+    /// once what status keeps saying (figures such as an imbalance change every tick).
+    pub fn note_refusals<'r>(
+        &mut self,
+        now_ns: u64,
+        refusals: &'r [crate::model::Refusal],
+    ) -> Vec<&'r crate::model::Refusal> {
         let kind = |w: &crate::model::RefusalReason| std::mem::discriminant(w);
+        self.refusals
+            .retain(|r| now_ns.saturating_sub(r.at_ns) <= REFUSAL_MEMORY_NS);
+        let mut news = Vec::new();
         for r in refusals {
+            let shown = self
+                .refusals
+                .iter()
+                .any(|old| old.vm == r.vm && kind(&old.why) == kind(&r.why));
+            if !shown {
+                news.push(r);
+            }
             self.refusals
                 .retain(|old| !(old.vm == r.vm && kind(&old.why) == kind(&r.why)));
             self.refusals.push(RecentRefusal {
@@ -130,16 +207,31 @@ impl StatusDoc {
                 why: r.why.clone(),
             });
         }
-        self.refusals
-            .retain(|r| now_ns.saturating_sub(r.at_ns) <= REFUSAL_MEMORY_NS);
+        news
     }
 
-    /// Appends a decision, keeping at most `keep`.
     /// Appends decisions in order, keeping the last `keep`.
     pub fn push_decisions(&mut self, ds: impl IntoIterator<Item = Decision>, keep: usize) {
         self.decisions.extend(ds);
         while self.decisions.len() > keep {
             self.decisions.pop_front();
+        }
+    }
+
+    /// Appends this tick's searches that chose a VM to move, keeping the last `keep`.
+    pub fn push_cpu_choices(&mut self, at_ns: u64, choices: &[MoveChoice], keep: usize) {
+        self.cpu_choices
+            .extend(
+                choices
+                    .iter()
+                    .filter(|c| c.chosen.is_some())
+                    .map(|c| TimedChoice {
+                        at_ns,
+                        choice: c.clone(),
+                    }),
+            );
+        while self.cpu_choices.len() > keep {
+            self.cpu_choices.pop_front();
         }
     }
 }
@@ -155,10 +247,13 @@ pub fn vm_statuses(
         .vms
         .iter()
         .map(|vm| {
-            let cpus = vm
-                .vcpus
-                .iter()
-                .fold(CpuSet::new(), |acc, v| acc.union(&v.affinity));
+            let cpus = if vm.vcpus_known() {
+                vm.vcpus
+                    .iter()
+                    .fold(CpuSet::new(), |acc, v| acc.union(&v.affinity))
+            } else {
+                vm.process_affinity.clone()
+            };
             let home_nodes: NodeSet = topo
                 .nodes
                 .iter()
@@ -186,6 +281,8 @@ pub fn vm_statuses(
                 cpus,
                 memory_bytes_per_node,
                 locality_pct,
+                vcpus_found: vm.vcpu_discovery.to_string(),
+                memory_not_movable: vm.memory.not_movable.as_ref().map(|n| n.to_string()),
             }
         })
         .collect()
@@ -211,6 +308,31 @@ fn mib(b: u64) -> String {
     format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
 }
 
+/// How many recent ticks the percentiles of [`DaemonInfo`] cover (4 minutes at the
+/// default tick).
+pub const TICK_WINDOW: usize = 256;
+
+/// The durations of the last [`TICK_WINDOW`] ticks, for their percentiles.
+#[derive(Clone, Debug, Default)]
+pub struct TickDurations {
+    recent_ns: std::collections::VecDeque<u64>,
+}
+
+impl TickDurations {
+    /// Adds a tick and returns the window's (p50, p99), nearest-rank.
+    pub fn push(&mut self, tick_ns: u64) -> (u64, u64) {
+        if self.recent_ns.len() == TICK_WINDOW {
+            self.recent_ns.pop_front();
+        }
+        self.recent_ns.push_back(tick_ns);
+        let mut sorted: Vec<u64> = self.recent_ns.iter().copied().collect();
+        sorted.sort_unstable();
+        let rank =
+            |q: f64| sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        (rank(0.50), rank(0.99))
+    }
+}
+
 /// The human-readable form of `vmbalancer status`.
 pub fn render_text(doc: &StatusDoc) -> String {
     let mut s = String::new();
@@ -218,7 +340,7 @@ pub fn render_text(doc: &StatusDoc) -> String {
     let _ = writeln!(
         s,
         "vmbalancer {} (pid {}){}: up {:.0} s, {} ticks of {} ms, last tick {:.2} ms \
-         (longest {:.0} ms, started at most {:.0} ms late)",
+         (p50 {:.2} ms, p99 {:.2} ms, longest {:.0} ms, started at most {:.0} ms late)",
         d.version,
         d.pid,
         if d.dry_run { ", DRY RUN" } else { "" },
@@ -226,6 +348,8 @@ pub fn render_text(doc: &StatusDoc) -> String {
         d.ticks,
         d.tick_ms,
         d.last_tick_ns as f64 / 1e6,
+        d.tick_p50_ns as f64 / 1e6,
+        d.tick_p99_ns as f64 / 1e6,
         d.max_tick_ns as f64 / 1e6,
         d.max_tick_late_ns as f64 / 1e6
     );
@@ -236,6 +360,23 @@ pub fn render_text(doc: &StatusDoc) -> String {
         mib(d.rss_bytes),
         d.observe_errors
     );
+    if d.reloads + d.reload_failures > 0 {
+        let _ = writeln!(
+            s,
+            "configuration: reloaded {} times, {} refused{}{}",
+            d.reloads,
+            d.reload_failures,
+            d.last_reload_error
+                .as_ref()
+                .map(|e| format!("; the last was refused: {e}"))
+                .unwrap_or_default(),
+            if d.restart_pending.is_empty() {
+                String::new()
+            } else {
+                format!("; waiting for a restart: {}", d.restart_pending.join(", "))
+            }
+        );
+    }
     match &doc.ebpf {
         Some(e) => {
             let _ = writeln!(
@@ -276,6 +417,15 @@ pub fn render_text(doc: &StatusDoc) -> String {
                 .as_ref()
                 .map_or(String::new(), |w| format!("  [left alone: {w}]"))
         );
+        if !vm.vcpus_found.is_empty() {
+            let _ = writeln!(s, "          {}", vm.vcpus_found);
+        }
+        if let Some(why) = &vm.memory_not_movable {
+            let _ = writeln!(
+                s,
+                "          memory never migrated: {why}; vCPUs stay where it is"
+            );
+        }
     }
     let _ = writeln!(s, "\nProbation ({}):", doc.probations.len());
     for p in &doc.probations {
@@ -305,8 +455,25 @@ pub fn render_text(doc: &StatusDoc) -> String {
         let _ = writeln!(s, "\nRefused lately ({}):", doc.refusals.len());
         for r in &doc.refusals {
             let who = r.vm.map_or("host".to_string(), |v| format!("vm {v}"));
-            let _ = writeln!(s, "  {who}: {:?}", r.why);
+            let _ = writeln!(s, "  {who}: {}", r.why);
         }
+    }
+    if !doc.advice.is_empty() {
+        let _ = writeln!(s, "\nPlacement advice given ({}):", doc.advice.len());
+        for a in &doc.advice {
+            let _ = writeln!(
+                s,
+                "  at {:.1} s: {} CPUs, {} MiB -> node(s) {} ({} earlier answers held)",
+                a.at_uptime_ms as f64 / 1000.0,
+                a.cpus,
+                a.mem_mb,
+                a.nodes,
+                a.held_before
+            );
+        }
+    }
+    if let Some(c) = doc.cpu_choices.back() {
+        render_choice(&mut s, doc, c);
     }
     let _ = writeln!(s, "\nLast decisions ({}):", doc.decisions.len());
     for dcs in doc.decisions.iter().rev() {
@@ -319,9 +486,85 @@ pub fn render_text(doc: &StatusDoc) -> String {
     s
 }
 
+/// Why a candidate won or lost, in words.
+pub fn verdict_text(v: &CandidateVerdict) -> String {
+    match v {
+        CandidateVerdict::Chosen => "chosen: fewest bytes per CPU".into(),
+        CandidateVerdict::Costlier { than } => format!("costlier per CPU than vm {than}"),
+        CandidateVerdict::TooLittleGain { gain, best_gain } => {
+            format!("helps too little (gain {gain:.2}, under a quarter of the best {best_gain:.2})")
+        }
+        CandidateVerdict::NoHelpfulTarget => "no node it could go to would help".into(),
+        CandidateVerdict::MemoryBlocked { why } => {
+            format!("no memory where it would help: {why:?}")
+        }
+        CandidateVerdict::NotMovable { why } => format!("not movable: {why}"),
+        CandidateVerdict::Idle => "uses no CPU".into(),
+    }
+}
+
+/// The latest CPU move's candidates, one line each.
+fn render_choice(s: &mut String, doc: &StatusDoc, c: &TimedChoice) {
+    let name = |pid: VmId| {
+        doc.vms
+            .iter()
+            .find(|v| v.pid == pid)
+            .map_or(String::new(), |v| v.name.clone())
+    };
+    let ch = &c.choice;
+    let _ = writeln!(
+        s,
+        "\nLatest CPU move off node {} (imbalance {:.0} %): {}",
+        ch.from,
+        ch.imbalance_pct,
+        ch.chosen
+            .map_or("none".into(), |v| format!("vm {v} {}", name(v)))
+    );
+    let _ = writeln!(
+        s,
+        "  {:>7} {:<16} {:>10} {:>6} {:>4} {:>10} {:>12}  verdict",
+        "vm", "name", "resident", "CPUs", "to", "to move", "per CPU"
+    );
+    for k in &ch.candidates {
+        let who = match k.cell {
+            Some(cell) => format!("{} cell {cell}", name(k.vm)),
+            None => name(k.vm),
+        };
+        let _ = writeln!(
+            s,
+            "  {:>7} {:<16} {:>10} {:>6.2} {:>4} {:>10} {:>12}  {}",
+            k.vm,
+            who,
+            mib(k.resident_bytes),
+            k.cpus_gained,
+            k.to.map_or("-".into(), |n| n.to_string()),
+            mib(k.bytes_to_move),
+            k.bytes_per_cpu
+                .map_or("-".into(), |b| format!("{}/CPU", mib(b as u64))),
+            verdict_text(&k.verdict)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_percentiles_cover_the_recent_window() {
+        let mut t = TickDurations::default();
+        assert_eq!(t.push(7), (7, 7));
+        for ns in 1..=100 {
+            t.push(ns);
+        }
+        // 102 values: 7, 1..=100 and 1000. Nearest rank: p50 is the 51st (50, as 7 is
+        // there twice), p99 the 101st (100); the one slow tick does not move p99.
+        assert_eq!(t.push(1000), (50, 100));
+        for _ in 0..TICK_WINDOW {
+            t.push(5);
+        }
+        assert_eq!(t.push(5), (5, 5), "old ticks leave the window");
+    }
     use crate::model::{Topology, Vcpu, Vm, VmMemory};
 
     #[test]
@@ -336,16 +579,84 @@ mod tests {
             },
         };
         let mut doc = StatusDoc::default();
-        doc.note_refusals(1_000, &[full(7), full(8)]);
-        // A tick without refusals keeps them; the same kind again replaces, not adds.
-        doc.note_refusals(2_000, &[]);
-        doc.note_refusals(3_000, &[full(7)]);
+        assert_eq!(doc.note_refusals(1_000, &[full(7), full(8)]).len(), 2);
+        // A tick without refusals keeps them; the same kind again replaces, not adds,
+        // and is not new for the log.
+        assert!(doc.note_refusals(2_000, &[]).is_empty());
+        assert!(doc.note_refusals(3_000, &[full(7)]).is_empty());
         assert_eq!(doc.refusals.len(), 2);
-        assert!(render_text(&doc).contains("TargetMemoryFull"));
+        assert!(render_text(&doc).contains("vm 7: node 2 has"));
         // Past the memory, only what was seen lately is left.
         doc.note_refusals(1_000 + REFUSAL_MEMORY_NS + 1, &[]);
         assert_eq!(doc.refusals.len(), 1);
         assert_eq!(doc.refusals[0].vm, Some(7));
+    }
+
+    #[test]
+    fn cpu_choices_kept_and_shown_with_their_figures() {
+        use crate::model::{CandidateVerdict, MoveCandidate, MoveChoice};
+        let mib = 1u64 << 20;
+        let cand = |vm, resident_mib: u64, cpus: f64, verdict| MoveCandidate {
+            vm,
+            cell: None,
+            resident_bytes: resident_mib * mib,
+            cpus_gained: cpus,
+            to: Some(3),
+            bytes_to_move: resident_mib * mib,
+            bytes_per_cpu: Some((resident_mib * mib) as f64 / cpus),
+            verdict,
+        };
+        let choice = |chosen| MoveChoice {
+            from: 0,
+            imbalance_pct: 120.0,
+            chosen,
+            candidates: vec![
+                cand(7, 512, 2.0, CandidateVerdict::Chosen),
+                cand(8, 128, 0.25, CandidateVerdict::Costlier { than: 7 }),
+            ],
+        };
+        let mut doc = StatusDoc::default();
+        doc.vms.push(VmStatus {
+            pid: 7,
+            name: "db".into(),
+            ..Default::default()
+        });
+        // Searches that moved nothing are not kept; the last `keep` are.
+        doc.push_cpu_choices(1, &[choice(None), choice(Some(7))], 2);
+        doc.push_cpu_choices(2, &[choice(Some(7)), choice(Some(7))], 2);
+        assert_eq!(doc.cpu_choices.len(), 2);
+        assert_eq!(doc.cpu_choices[0].at_ns, 2);
+        let text = render_text(&doc);
+        assert!(
+            text.contains("Latest CPU move off node 0 (imbalance 120 %): vm 7 db"),
+            "{text}"
+        );
+        assert!(
+            text.contains("256 MiB/CPU  chosen: fewest bytes per CPU"),
+            "{text}"
+        );
+        assert!(
+            text.contains("512 MiB/CPU  costlier per CPU than vm 7"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&doc).unwrap();
+        assert_eq!(
+            json.pointer("/cpu_choices/0/chosen"),
+            Some(&serde_json::json!(7))
+        );
+        assert_eq!(
+            json.pointer("/cpu_choices/0/candidates/1/cpus_gained"),
+            Some(&serde_json::json!(0.25))
+        );
+        // A daemon without the field still parses.
+        let mut old = json.clone();
+        old.as_object_mut().unwrap().remove("cpu_choices");
+        assert!(
+            serde_json::from_value::<StatusDoc>(old)
+                .unwrap()
+                .cpu_choices
+                .is_empty()
+        );
     }
 
     #[test]
@@ -367,7 +678,37 @@ mod tests {
             },
             ..Default::default()
         });
+        // A plain qemu whose vCPUs are unknown, and a confidential guest.
+        let mut plain = snap.vms[0].clone();
+        plain.pid = 43;
+        plain.vcpus.clear();
+        plain.process_affinity = CpuSet::parse_list("0-1").unwrap();
+        plain.vcpu_discovery = crate::model::VcpuDiscovery::Unknown {
+            why: "threads are not named".into(),
+        };
+        plain.memory.not_movable = Some(crate::model::MemoryNotMovable {
+            kind: "tdx-guest".into(),
+            option: "-object tdx-guest,id=t".into(),
+        });
+        snap.vms.push(plain);
         let vms = vm_statuses(&snap, |_| Err(crate::daemon::run::Unmanaged::Excluded));
+        assert_eq!(vms[1].home_nodes.to_string(), "0");
+        let text = render_text(&StatusDoc {
+            vms: vms.clone(),
+            ..Default::default()
+        });
+        assert!(text.contains("vCPUs by thread names"), "{text}");
+        assert!(
+            text.contains("vCPUs unknown (threads are not named): balanced as a whole process"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "memory never migrated: confidential guest, tdx-guest (-object tdx-guest,id=t)"
+            ),
+            "{text}"
+        );
+        let vms = vms[..1].to_vec();
         assert_eq!(vms[0].home_nodes.to_string(), "1");
         assert_eq!(vms[0].locality_pct, Some(75.0));
         assert!(!vms[0].managed);

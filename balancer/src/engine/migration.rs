@@ -34,31 +34,30 @@ pub const HOT_SHARE_OF_PEAK: f64 = 0.25;
 impl Ctx<'_> {
     pub(super) fn migrate(&mut self) {
         let secs = self.dt_ns as f64 / 1e9;
-        // Background migrations still running: assume they drain at the hot rate and
-        // plan nothing new for those VMs meanwhile.
-        let drain = (self.cfg.hot_rate_bytes_per_s as f64 * secs) as u64;
-        let mut busy = std::collections::BTreeSet::new();
-        for (vm, left) in self.state.inflight_bytes.iter_mut() {
-            *left = left.saturating_sub(drain);
-            if *left > 0 {
-                busy.insert(*vm);
-            }
-        }
-        self.state.inflight_bytes.retain(|_, left| *left > 0);
         let target = self.cfg.locality_target_pct / 100.0;
+        let now = self.now;
+        self.state
+            .memory_refused_until_ns
+            .retain(|_, until| *until > now);
         // (has remote hot, locality, unit)
         let mut todo: Vec<(bool, f64, usize)> = Vec::new();
         for u in 0..self.units.len() {
-            if !self.managed[u] || self.touched[u] {
+            if !self.managed[u] || self.touched[u] || self.units[u].memory_fixed {
                 continue;
             }
             let Some(st) = self.state.units.get(&self.units[u].key) else {
                 continue;
             };
             let vm = self.units[u].key.vm;
+            // A move of this VM still running: nothing new until its outcome comes; one
+            // the host mostly refused: not again until the hold is over.
             if !matches!(st.phase, Phase::Settled)
-                || busy.contains(&vm)
                 || self.state.moving.contains_key(&vm)
+                || self
+                    .state
+                    .memory_refused_until_ns
+                    .get(&vm)
+                    .is_some_and(|&until| self.now < until)
             {
                 continue;
             }
@@ -132,6 +131,7 @@ impl Ctx<'_> {
     ) -> Option<u64> {
         let home = self.home[u];
         let unit = &self.units[u];
+        let within = unit.addr_range;
         let dst = mask_nodes(home).max_by(|&a, &b| {
             self.room_on(u, a)
                 .cmp(&self.room_on(u, b))
@@ -189,6 +189,7 @@ impl Ctx<'_> {
                 to,
                 regions,
                 max_bytes,
+                within,
             },
             reason,
         );
@@ -205,6 +206,7 @@ impl Ctx<'_> {
         action: Action,
         reason: Reason,
     ) {
+        self.release_promise(u, bytes);
         self.reserved[dst] += bytes;
         self.state.stats.migrate_actions += 1;
         self.state.stats.migrate_planned_bytes += bytes;

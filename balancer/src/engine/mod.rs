@@ -35,10 +35,13 @@
 //! 3. **Rebalance CPU** (`rebalance.rs`). Load of a node = CPU demand of the units homed
 //!    there; the cost of a placement is `sum(load^2 / capacity)` over nodes, which is
 //!    lowest when load ratios are equal. Act only when the spread of load ratios
-//!    exceeds `imbalance_threshold_pct` of the mean and the busiest node is busy. Every
+//!    exceeds `imbalance_threshold_pct` of the mean and the busiest node is busy, on
+//!    two decisions in a row (the first decision of a fresh engine excepted): a VM
+//!    whose load changed during the last interval shows a partial reading. Every
 //!    candidate move of a unit off the busiest node must lower the cost without
 //!    overshooting; among moves gaining at least a quarter of the best gain, the one
-//!    with the fewest bytes to move per unit of gain wins (the cheapest to move).
+//!    with the fewest bytes to move per CPU taken off the busy node wins (the
+//!    cheapest to move; seed 004's "lowest resident memory per CPU usage").
 //!    When no single move helps, 1-for-1 and 1-for-2 swaps between the busiest and the
 //!    idlest node are searched. Units in probation or moved within the hysteresis
 //!    window are not candidates, so nothing flaps. Moves are CPU-only (probation).
@@ -46,9 +49,11 @@
 //!    target get one `MigrateMemory` per decision: from the remote node holding most of
 //!    their memory to their home, hot regions first at `hot_rate_bytes_per_s`, then the
 //!    rest at `cold_rate_bytes_per_s`, within a host-wide budget, stopping at the
-//!    target (the coldest remainder may stay). A VM whose previous migration the host
-//!    reported as still running (`ActionOutcome::Partial`) gets nothing new until that
-//!    has drained.
+//!    target (the coldest remainder may stay). A VM with a move still running in the
+//!    background gets nothing new until its outcome comes; one whose last move the
+//!    host mostly refused (`ActionOutcome::Partial` with less than half moved: shared
+//!    KSM pages, pinned pages, no room) waits [`REFUSED_MEMORY_HOLD_NS`] before its
+//!    memory is planned again.
 //! 5. **The process's own memory follows** (`process_memory.rs`). Once a whole-VM
 //!    unit's guest RAM is home, the rest of its qemu process's anonymous memory (vCPU
 //!    thread stacks, heap) on other nodes gets one `MigrateProcessMemory` home, at
@@ -59,6 +64,23 @@
 //! node's capacity counts only its other CPUs (a node with all CPUs reserved has
 //! none), and every planned CPU set leaves them out. The host's appliers refuse a set
 //! that touches one, as a guard; the engine never plans one.
+//!
+//! # Memory that never moves
+//! A VM whose snapshot says its memory is not movable (`VmMemory::not_movable`: a
+//! confidential guest such as SEV, SEV-SNP or TDX, or guest_memfd RAM) gets no
+//! `MigrateMemory` and no `MigrateProcessMemory`, ever. Its vCPUs may move (thread
+//! affinity does not touch guest memory), but since the memory can never follow, a
+//! CPU move away from it would make it remote for good: such a unit is placed on the
+//! nodes holding its memory (the fewest nodes holding the locality target of it),
+//! and is never a candidate for CPU rebalancing. Its load still counts. Every
+//! decision reports it ([`RefusalReason::MemoryNotMovable`]), so `status` says why.
+//!
+//! # vCPUs unknown
+//! A VM whose vCPU threads could not be told apart (`Vm::vcpus_known`) is one unit,
+//! the whole process: its demand is that of all its threads, its affinity that of
+//! any thread, its size in vCPUs the command line's. `SetCpus { vcpus: None }` moves
+//! every thread of it. Guest NUMA cells are not split then: no thread is known to
+//! belong to a cell.
 //!
 //! # Safety (`safety.rs`)
 //! Memory is never planned onto a node whose free memory would fall below the
@@ -86,6 +108,11 @@ mod view;
 mod tests;
 
 pub use config::EngineConfig;
+
+/// How long a VM's memory waits after the host refused most of a move of it
+/// (module doc, step 4). Long enough not to rescan the same refused pages every
+/// tick, short enough that memory follows soon once room is made.
+pub const REFUSED_MEMORY_HOLD_NS: u64 = 30_000_000_000;
 pub use state::{BurstMemory, EngineState, EngineStats, Phase, UnitKey, UnitState};
 
 use crate::model::{
@@ -116,6 +143,11 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Goes on with another configuration and the state carried so far.
+    pub fn reconfigure(&mut self, cfg: EngineConfig) {
+        self.cfg = cfg;
     }
 
     pub fn state(&self) -> &EngineState {
@@ -158,8 +190,14 @@ impl Engine {
                     ..
                 },
             ) if a.moves_memory() => {
+                // The rest stayed where it was: nothing of it is in flight.
                 stats.migrated_bytes += moved_bytes;
-                *self.state.inflight_bytes.entry(action.vm).or_default() += left_bytes;
+                if moved_bytes < left_bytes {
+                    let now = self.state.last_now_ns.unwrap_or(0);
+                    self.state
+                        .memory_refused_until_ns
+                        .insert(action.vm, now.saturating_add(REFUSED_MEMORY_HOLD_NS));
+                }
             }
             (_, ActionOutcome::VmGone) => {
                 self.state.units.retain(|k, _| k.vm != action.vm);
@@ -199,21 +237,21 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
         }
         _ => cfg.tick_ns,
     };
+    let first_decision = state.last_now_ns.is_none();
     state.last_now_ns = Some(snap.now_ns);
     let (units, nodes, _masker) = view::build(snap, &cfg.reserved_cpus);
     // Forget units that no longer exist.
     let live: std::collections::BTreeSet<UnitKey> = units.iter().map(|u| u.key).collect();
     state.units.retain(|k, _| live.contains(k));
     state
-        .inflight_bytes
-        .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
-    state
         .moving
         .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
     recurrence::track(cfg, &mut state, &units, snap.now_ns);
     let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
+    ctx.first_decision = first_decision;
     ctx.report_host();
     ctx.classify();
+    ctx.promise_huge_pages();
     ctx.place_new();
     ctx.resolve_probations();
     ctx.rebalance();
@@ -254,6 +292,10 @@ pub(crate) struct Ctx<'a> {
     pub pending: Vec<usize>,
     /// Bytes promised to each node by this plan.
     pub reserved: Vec<u64>,
+    /// Huge-page bytes promised to each node index by units homed there whose memory
+    /// has not arrived yet (see `safety.rs`), and each unit's own promise.
+    pub promised: Vec<u64>,
+    pub promise: Vec<Option<(usize, u64)>>,
     /// Bytes the host may still move this decision (`host_rate_bytes_per_s` over the
     /// time since the last decision), shared by guest RAM and process memory.
     pub host_budget_bytes: u64,
@@ -264,6 +306,8 @@ pub(crate) struct Ctx<'a> {
     pub vm_units: std::collections::HashMap<crate::model::VmId, Vec<usize>>,
     pub plan: Plan,
     pub state: EngineState,
+    /// No decision came before this one (a fresh engine).
+    pub first_decision: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -294,12 +338,15 @@ impl<'a> Ctx<'a> {
             managed: vec![false; n],
             pending: Vec::new(),
             reserved: vec![0; nn],
+            promised: vec![0; nn],
+            promise: vec![None; n],
             host_budget_bytes: (cfg.host_rate_bytes_per_s as f64 * dt_ns as f64 / 1e9) as u64,
             touched: vec![false; n],
             committed_now: vec![false; n],
             vm_units,
             plan: Plan::default(),
             state,
+            first_decision: false,
         }
     }
 
@@ -436,6 +483,20 @@ impl<'a> Ctx<'a> {
         for u in 0..self.units.len() {
             let unit = &self.units[u];
             let vm = &self.snap.vms[unit.vm_idx];
+            if let Some(fixed) = &vm.memory.not_movable
+                && unit
+                    .key
+                    .cell
+                    .is_none_or(|c| vm.cells.first().is_some_and(|f| f.id == c))
+            {
+                self.refuse(
+                    Some(unit.key.vm),
+                    RefusalReason::MemoryNotMovable {
+                        why: fixed.to_string(),
+                    },
+                );
+            }
+            let unit = &self.units[u];
             if unit.pinned {
                 // Where its vCPUs really run, for the load.
                 let mask = unit.affinity_mask;

@@ -1,7 +1,11 @@
 //! Initial placement of units the engine has not seen and that nobody confined.
 //!
-//! Units are placed biggest first (CPU demand estimate, then memory, then key, so the
-//! order is deterministic). A unit fits a node when the node has free memory plus
+//! Units are placed biggest first (CPU demand estimate, then KSM pages shared with
+//! other VMs, then memory, then key, so the order is deterministic). Sharers go
+//! before units of the same demand that share less: with `merge_across_nodes=0` a
+//! group's merged pages sit on one node, and the group claims that node's CPUs
+//! before a VM that would cost none of them anything elsewhere; placed after it, the
+//! second sharer would find the node taken and leave its merged pages remote. A unit fits a node when the node has free memory plus
 //! headroom (or free huge pages of its size) for the part of its memory not already
 //! there, and enough CPUs for its demand. Among fitting nodes the score is the CPU
 //! capacity left after placing it (as a ratio of the node), plus, where the unit's
@@ -9,7 +13,11 @@
 //! node (placing a VM by its memory moves no page), plus a bonus for KSM
 //! pages shared with units already there (`merge_across_nodes=0` only; a GiB of
 //! shared pages is worth 15 % of a node's CPUs, at most 30 %),
-//! minus a small penalty per unit of SLIT distance to the unit's sibling cells. With
+//! minus a small penalty per unit of SLIT distance to the unit's sibling cells. When
+//! a node with more CPU to spare than the chosen one was left out because the unit's
+//! memory cannot go there (no free huge pages of its size, or no headroom), the
+//! refusal is reported with that node: a huge-page VM whose pages sit on a busy node
+//! goes to its memory, and the plan says why not to the freer node. With
 //! no fitting node the unit spans: starting from the freest node with memory, the
 //! nearest nodes are added until CPUs and memory suffice. If memory cannot fit at all
 //! the unit is left where it runs and the refusal is reported.
@@ -59,11 +67,23 @@ impl Ctx<'_> {
         pages
     }
 
+    /// KSM pages unit `u`'s VM shares with any other VM, where grouping applies
+    /// (`merge_across_nodes=0`), else 0.
+    fn ksm_pages_shared(&self, u: usize) -> u64 {
+        let ksm = &self.snap.settings.ksm;
+        if !self.cfg.ksm_grouping || ksm.merge_across_nodes {
+            return 0;
+        }
+        let vm = &self.snap.vms[self.units[u].vm_idx];
+        vm.ksm_shared_pages.iter().map(|(_, p)| p).sum()
+    }
+
     pub(super) fn place_new(&mut self) {
         let mut order = std::mem::take(&mut self.pending);
         order.sort_by(|&a, &b| {
             let (da, db) = (self.demand_estimate(a), self.demand_estimate(b));
             db.total_cmp(&da)
+                .then(self.ksm_pages_shared(b).cmp(&self.ksm_pages_shared(a)))
                 .then(self.units[b].need_bytes.cmp(&self.units[a].need_bytes))
                 .then(self.units[a].key.cmp(&self.units[b].key))
         });
@@ -72,19 +92,64 @@ impl Ctx<'_> {
         }
     }
 
+    /// The nodes (index mask) holding unit `u`'s memory: the fewest, largest share
+    /// first, that hold the locality target of it. `None` before any is resident.
+    fn memory_home(&self, u: usize) -> Option<u64> {
+        let bytes = &self.units[u].bytes_per_node;
+        let total: u64 = bytes.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let mut order: Vec<usize> = (0..bytes.len()).filter(|&n| bytes[n] > 0).collect();
+        order.sort_by_key(|&n| (std::cmp::Reverse(bytes[n]), n));
+        let (mut mask, mut held) = (0u64, 0u64);
+        for n in order {
+            mask |= 1 << n;
+            held += bytes[n];
+            if held as f64 >= total as f64 * self.cfg.locality_target_pct / 100.0 {
+                break;
+            }
+        }
+        Some(mask)
+    }
+
     fn place_one(&mut self, u: usize) {
         let d = self.demand_estimate(u);
+        if self.units[u].memory_fixed
+            && let Some(mask) = self.memory_home(u)
+        {
+            // Memory that never moves: the CPUs go to it, whatever the load there.
+            let reason = if mask.count_ones() == 1 {
+                Reason::InitialPlacement {
+                    node: self.node_id(mask.trailing_zeros() as usize),
+                }
+            } else {
+                Reason::SpanNodes {
+                    nodes: self.ids_of_mask(mask),
+                }
+            };
+            self.set_cpus(u, mask, reason);
+            self.settle_placed(u, mask, d);
+            return;
+        }
         let nn = self.nodes.len();
-        let mut best: Option<(f64, usize, bool)> = None;
+        // (score, node, KSM partners there, CPU part of the score)
+        let mut best: Option<(f64, usize, bool, f64)> = None;
+        // The node with the most CPU left that memory kept the unit off, and why.
+        let mut blocked: Option<(f64, RefusalReason)> = None;
         for n in 0..nn {
             let cap = self.nodes[n].cap;
             if cap <= 0.0 || cap < d {
                 continue;
             }
-            if self.memory_fits(u, n, self.bytes_to_bring(u, n)).is_err() {
+            let cpu_score = (cap - self.load[n] - d) / cap;
+            if let Err(why) = self.memory_fits(u, n, self.bytes_to_bring(u, n)) {
+                if blocked.as_ref().is_none_or(|(s, _)| cpu_score > *s + 1e-12) {
+                    blocked = Some((cpu_score, why));
+                }
                 continue;
             }
-            let mut score = (cap - self.load[n] - d) / cap;
+            let mut score = cpu_score;
             // Only among nodes with CPUs to spare: memory already there never
             // justifies overcommitting a node while another has room.
             if cap - self.load[n] >= d {
@@ -93,13 +158,20 @@ impl Ctx<'_> {
             let ksm = self.ksm_affinity(u, n);
             score += (0.15 * ksm as f64 * 4096.0 / (1u64 << 30) as f64).min(0.3);
             score -= self.sibling_distance_penalty(u, n);
-            if best.is_none_or(|(s, _, _)| score > s + 1e-12) {
-                best = Some((score, n, ksm > 0));
+            if best.is_none_or(|(s, ..)| score > s + 1e-12) {
+                best = Some((score, n, ksm > 0, cpu_score));
             }
         }
         let key = self.units[u].key;
+        // Kept off a node with more CPU to spare by its memory (huge pages of its
+        // size or headroom missing there): say so, and where it went instead.
+        if let Some((blocked_cpu, why)) = blocked
+            && best.is_none_or(|(.., cpu)| blocked_cpu > cpu + 1e-12)
+        {
+            self.refuse(Some(key.vm), why);
+        }
         let mask = match best {
-            Some((_, n, ksm)) => {
+            Some((_, n, ksm, _)) => {
                 let reason = if ksm {
                     Reason::KsmGrouping {
                         node: self.node_id(n),
@@ -133,6 +205,12 @@ impl Ctx<'_> {
                 }
             },
         };
+        self.settle_placed(u, mask, d);
+    }
+
+    /// Books a placement of unit `u` on `mask` with demand `d`.
+    fn settle_placed(&mut self, u: usize, mask: u64, d: f64) {
+        let key = self.units[u].key;
         self.state.stats.placements += 1;
         self.state.units.insert(
             key,

@@ -88,6 +88,7 @@ impl Ctx<'_> {
                     spread(&self.nodes, peaks, from_mask, p, 1.0);
                 }
                 self.home[u] = from_mask;
+                self.release_promise(u, u64::MAX);
                 if let Some(st) = self.state.units.get_mut(&key) {
                     st.home = from_ids.clone();
                     st.phase = Phase::Settled;

@@ -46,7 +46,7 @@ impl Ctx<'_> {
             if unit.key.cell.is_some()
                 || !self.managed[u]
                 || self.touched[u]
-                || self.state.inflight_bytes.contains_key(&vm)
+                || unit.memory_fixed
                 || self.state.moving.contains_key(&vm)
                 || self.state.process_memory_after_ns.contains_key(&vm)
                 || unit.resident_bytes == 0

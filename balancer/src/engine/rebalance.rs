@@ -1,11 +1,28 @@
 //! CPU rebalancing with hysteresis: single moves off the busiest node, cheapest to
 //! move first, and 1-for-1 / 1-for-2 swaps with the idlest node when no single move
 //! lowers the cost. See the module doc of [`super`] for the rules.
+//!
+//! Cheapest means the fewest bytes to move per CPU taken off the busy node (seed
+//! 004's "lowest resident memory per CPU usage"), among the moves that lower the
+//! cost by at least a quarter of the best move's gain, so a tiny VM that barely
+//! helps never wins on price alone. Every search leaves a [`MoveChoice`] in the
+//! plan: each unit on the busy node with its resident bytes, the CPU it would take
+//! off, its bytes per CPU and why it won or lost, for `status` to show.
 
-use crate::model::{Reason, RefusalReason};
+use crate::model::{CandidateVerdict, MoveCandidate, MoveChoice, Reason, RefusalReason};
 
 use super::view::spread;
 use super::{Ctx, Imbalance, Phase};
+
+/// A move of unit `u` to node index `t`: the cost it removes and the bytes that
+/// would follow (see [`Ctx::move_bytes`]).
+#[derive(Clone, Copy)]
+struct MoveOpt {
+    gain: f64,
+    bytes: f64,
+    u: usize,
+    t: usize,
+}
 
 /// A unit that may move now.
 #[derive(Clone, Copy)]
@@ -17,7 +34,12 @@ struct Cand {
 
 impl Ctx<'_> {
     fn movable(&self, u: usize) -> bool {
-        if !self.managed[u] || self.touched[u] || self.home[u].count_ones() != 1 {
+        // Memory that never moves cannot follow a CPU move: such a unit stays put.
+        if !self.managed[u]
+            || self.touched[u]
+            || self.home[u].count_ones() != 1
+            || self.units[u].memory_fixed
+        {
             return false;
         }
         let Some(st) = self.state.units.get(&self.units[u].key) else {
@@ -73,7 +95,7 @@ impl Ctx<'_> {
 
     pub(super) fn rebalance(&mut self) {
         let load_before = self.load.clone();
-        for _ in 0..self.cfg.max_moves_per_tick {
+        for round in 0..self.cfg.max_moves_per_tick {
             let Imbalance {
                 spread_pct: imb,
                 busiest: hi,
@@ -83,7 +105,25 @@ impl Ctx<'_> {
             if imb <= self.cfg.imbalance_threshold_pct
                 || busiest_ratio * 100.0 < self.cfg.busy_floor_pct
             {
+                if round == 0 {
+                    self.state.imbalance_since_ns = None;
+                }
                 return;
+            }
+            // An imbalance acts from the second decision in a row that sees it: a
+            // VM whose load changed during the last interval shows a partial
+            // reading, and the cheapest move would be judged on it. A decision
+            // without an earlier one has nothing to wait for.
+            if round == 0 {
+                let first_seen = self.state.imbalance_since_ns.is_none();
+                self.state.imbalance_since_ns.get_or_insert(self.now);
+                if first_seen && !self.first_decision {
+                    self.refuse(
+                        None,
+                        RefusalReason::ImbalanceUnconfirmed { imbalance_pct: imb },
+                    );
+                    return;
+                }
             }
             // Measured use is not demand on a saturated host: a VM waiting for CPU
             // uses less than it wants, and an emulated or noisy host makes equal
@@ -112,21 +152,61 @@ impl Ctx<'_> {
         }
     }
 
+    /// Why unit `u` cannot move now, or `None` when it may.
+    fn unmovable_why(&self, u: usize) -> Option<String> {
+        if !self.managed[u] {
+            return Some("not managed (pinned, excluded or not yet placed)".into());
+        }
+        if self.touched[u] {
+            return Some("already acted on in this plan".into());
+        }
+        if self.home[u].count_ones() != 1 {
+            return Some("spans several nodes".into());
+        }
+        if self.movable(u) {
+            return None;
+        }
+        let st = self.state.units.get(&self.units[u].key);
+        Some(match st.map(|s| &s.phase) {
+            Some(Phase::Probation { .. }) => "in probation after its last move".into(),
+            _ => match st.and_then(|s| s.last_move_ns) {
+                Some(t) => format!(
+                    "moved {:.0} s ago (hysteresis {:.0} s)",
+                    self.now.saturating_sub(t) as f64 / 1e9,
+                    self.cfg.hysteresis_ns as f64 / 1e9
+                ),
+                None => "not tracked yet".into(),
+            },
+        })
+    }
+
+    /// One move off node `hi`: among moves of a unit to another node that lower the
+    /// cost without overshooting and gain at least a quarter of the best gain, the
+    /// one with the fewest bytes to move per CPU taken off `hi` (then the bigger
+    /// gain). Every unit on `hi` is reported with its figures in the plan.
     fn best_single_move(&mut self, hi: usize, imb: f64) -> bool {
         let nn = self.nodes.len();
         let lh = self.load[hi];
         let rh = lh / self.nodes[hi].cap;
-        // (gain, bytes, unit, target)
-        let mut opts: Vec<(f64, f64, usize, usize)> = Vec::new();
+        let mut opts: Vec<MoveOpt> = Vec::new();
+        // Units on `hi` with why they have no option (None: they have some).
+        let mut on_hi: Vec<(usize, Option<CandidateVerdict>)> = Vec::new();
         let mut blocked = None;
         for u in 0..self.units.len() {
-            if self.home[u] != 1 << hi || !self.movable(u) {
+            if self.home[u] != 1 << hi {
+                continue;
+            }
+            if let Some(why) = self.unmovable_why(u) {
+                on_hi.push((u, Some(CandidateVerdict::NotMovable { why })));
                 continue;
             }
             let d = self.units[u].demand;
             if d <= 0.0 {
+                on_hi.push((u, Some(CandidateVerdict::Idle)));
                 continue;
             }
+            let before = opts.len();
+            let mut mem_block = None;
             for t in 0..nn {
                 let ct = self.nodes[t].cap;
                 if t == hi || ct <= 0.0 {
@@ -143,25 +223,73 @@ impl Ctx<'_> {
                     continue;
                 }
                 if let Err(why) = self.memory_fits(u, t, self.bytes_to_bring(u, t)) {
-                    blocked.get_or_insert((self.units[u].key.vm, why));
+                    blocked.get_or_insert((self.units[u].key.vm, why.clone()));
+                    mem_block.get_or_insert(why);
                     continue;
                 }
-                opts.push((gain, self.move_bytes(u, hi, t), u, t));
+                opts.push(MoveOpt {
+                    gain,
+                    bytes: self.move_bytes(u, hi, t),
+                    u,
+                    t,
+                });
             }
+            let none = (opts.len() == before).then_some(match mem_block {
+                Some(why) => CandidateVerdict::MemoryBlocked { why },
+                None => CandidateVerdict::NoHelpfulTarget,
+            });
+            on_hi.push((u, none));
         }
-        let best_gain = opts.iter().map(|o| o.0).fold(0.0, f64::max);
+        let best_gain = opts.iter().map(|o| o.gain).fold(0.0, f64::max);
+        let helps = |o: &MoveOpt| o.gain >= 0.25 * best_gain;
+        let price = |o: &MoveOpt| o.bytes / self.units[o.u].demand;
+        let cheaper = |a: &MoveOpt, b: &MoveOpt| {
+            price(a)
+                .total_cmp(&price(b))
+                .then(b.gain.total_cmp(&a.gain))
+                .then(self.units[a.u].key.cmp(&self.units[b.u].key))
+                .then(a.t.cmp(&b.t))
+        };
         let pick = opts
             .iter()
-            .filter(|o| o.0 >= 0.25 * best_gain)
-            .min_by(|a, b| {
-                (a.1 / a.0)
-                    .total_cmp(&(b.1 / b.0))
-                    .then(self.units[a.2].key.cmp(&self.units[b.2].key))
-                    .then(a.3.cmp(&b.3))
-            })
+            .filter(|o| helps(o))
+            .min_by(|a, b| cheaper(a, b))
             .copied();
+        let chosen_vm = pick.map(|p| self.units[p.u].key.vm);
+        let candidates = on_hi
+            .into_iter()
+            .map(|(u, none)| {
+                let mine = opts.iter().filter(|o| o.u == u);
+                // Its best helpful option, else its biggest gain (too little).
+                let best = mine
+                    .clone()
+                    .filter(|o| helps(o))
+                    .min_by(|a, b| cheaper(a, b))
+                    .or_else(|| mine.max_by(|a, b| a.gain.total_cmp(&b.gain)))
+                    .copied();
+                let verdict = match (none, best) {
+                    (Some(v), _) => v,
+                    (None, Some(_)) if pick.is_some_and(|p| p.u == u) => CandidateVerdict::Chosen,
+                    (None, Some(o)) if helps(&o) => CandidateVerdict::Costlier {
+                        than: chosen_vm.unwrap_or_default(),
+                    },
+                    (None, Some(o)) => CandidateVerdict::TooLittleGain {
+                        gain: o.gain,
+                        best_gain,
+                    },
+                    (None, None) => CandidateVerdict::NoHelpfulTarget,
+                };
+                self.candidate(u, best, verdict)
+            })
+            .collect();
+        self.plan.cpu_choices.push(MoveChoice {
+            from: self.node_id(hi),
+            imbalance_pct: imb,
+            chosen: chosen_vm,
+            candidates,
+        });
         match pick {
-            Some((_, _, u, t)) => {
+            Some(MoveOpt { u, t, .. }) => {
                 let (from, to) = (self.node_id(hi), self.node_id(t));
                 let reason = Reason::CpuImbalance {
                     from,
@@ -180,7 +308,32 @@ impl Ctx<'_> {
         }
     }
 
+    /// Unit `u`'s figures for the plan: with its best option, the bytes that would
+    /// follow it there; without one, its resident bytes.
+    fn candidate(
+        &self,
+        u: usize,
+        best: Option<MoveOpt>,
+        verdict: CandidateVerdict,
+    ) -> MoveCandidate {
+        let unit = &self.units[u];
+        let bytes_to_move = best.map_or(unit.resident_bytes, |o| (o.bytes - 1.0).max(0.0) as u64);
+        let cpus_gained = unit.demand;
+        MoveCandidate {
+            vm: unit.key.vm,
+            cell: unit.key.cell,
+            resident_bytes: unit.resident_bytes,
+            cpus_gained,
+            to: best.map(|o| self.node_id(o.t)),
+            bytes_to_move,
+            bytes_per_cpu: (cpus_gained > 0.0).then(|| bytes_to_move as f64 / cpus_gained),
+            verdict,
+        }
+    }
+
     fn move_unit(&mut self, u: usize, from: usize, to: usize, reason: Reason) {
+        // Its old home's huge pages are no longer needed by it.
+        self.release_promise(u, u64::MAX);
         let d = self.units[u].demand;
         spread(&self.nodes, &mut self.load, 1 << from, d, -1.0);
         spread(&self.nodes, &mut self.load, 1 << to, d, 1.0);

@@ -103,11 +103,6 @@ pub struct EngineStats {
 pub struct EngineState {
     pub last_now_ns: Option<u64>,
     pub units: BTreeMap<UnitKey, UnitState>,
-    /// Migration bytes the host reported as still running in the background per VM
-    /// (`ActionOutcome::Partial::left_bytes`). No new migration is planned for a VM
-    /// until this has drained; it is assumed to drain at the hot rate.
-    #[serde(default)]
-    pub inflight_bytes: BTreeMap<VmId, u64>,
     /// VMs whose process memory moved recently, with the time (`now_ns`) after which
     /// it may be planned again (`process_memory.rs`).
     #[serde(default)]
@@ -115,7 +110,22 @@ pub struct EngineState {
     /// Memory moves running in the background (`ActionOutcome::Started`) per VM,
     /// until their outcomes arrive. Nothing new is planned for a VM's memory
     /// meanwhile. Not carried across a restart: the moves of a stopped daemon are over.
+    ///
+    /// The one record of memory in flight. A move that ends `Partial` has stopped: the
+    /// bytes it left are where they were (what the applier reports), so they hold
+    /// nothing. (An earlier second record counted those bytes as still draining at the
+    /// hot rate and held the VM for that long after its move had ended.)
     #[serde(skip)]
     pub moving: BTreeMap<VmId, u32>,
+    /// VMs whose last memory move the host mostly refused (pages shared by several
+    /// processes such as KSM pages, pinned pages, no room), with the time (`now_ns`)
+    /// after which their memory may be planned again: asking again at once would
+    /// scan the same pages for the same refusal every decision.
+    #[serde(default)]
+    pub memory_refused_until_ns: BTreeMap<VmId, u64>,
+    /// When the CPU imbalance the last decision saw was first seen (`None`: the
+    /// last decision saw none). Rebalancing acts from the second decision in a row.
+    #[serde(default)]
+    pub imbalance_since_ns: Option<u64>,
     pub stats: EngineStats,
 }

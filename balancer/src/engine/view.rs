@@ -30,6 +30,9 @@ pub struct UnitView {
     pub affinity_mask: u64,
     /// Address range of the unit's memory (cells), to select its hot regions.
     pub addr_range: Option<(u64, u64)>,
+    /// The unit's memory is never migrated (confidential guest): its CPUs go where
+    /// its memory is and never away from it.
+    pub memory_fixed: bool,
 }
 
 /// One node as seen now.
@@ -107,7 +110,9 @@ pub fn build<'a>(
         };
         let mut vm_bytes = vm.memory.bytes_per_node.clone();
         vm_bytes.resize(nn, 0);
-        if vm.cells.len() >= 2 {
+        let memory_fixed = vm.memory.not_movable.is_some();
+        // Cells are units only when their vCPU threads are known.
+        if vm.cells.len() >= 2 && vm.vcpus_known() {
             let total_cell: u64 = vm.cells.iter().map(|c| c.memory_bytes).sum::<u64>().max(1);
             for cell in &vm.cells {
                 let mut mask = 0;
@@ -145,10 +150,25 @@ pub fn build<'a>(
                     pinned,
                     affinity_mask: mask,
                     addr_range: cell.addr_range,
+                    memory_fixed,
                 });
             }
         } else {
-            let mask = vm.vcpus.iter().fold(0, |m, v| m | masker.mask(&v.affinity));
+            // vCPUs unknown: the whole process is the unit, with the demand of all
+            // its threads and where any of them may run; as many vCPUs as `-smp`.
+            let (mask, nvcpus, demand) = if vm.vcpus_known() {
+                (
+                    vm.vcpus.iter().fold(0, |m, v| m | masker.mask(&v.affinity)),
+                    vm.vcpus.len(),
+                    vm.vcpus.iter().map(|v| sane(v.cpu_demand)).sum(),
+                )
+            } else {
+                (
+                    masker.mask(&vm.process_affinity),
+                    vm.configured_vcpus.max(1) as usize,
+                    sane(vm.threads_cpu_demand),
+                )
+            };
             let resident = vm_bytes.iter().sum();
             units.push(UnitView {
                 key: UnitKey {
@@ -157,8 +177,8 @@ pub fn build<'a>(
                 },
                 vm_idx,
                 vcpus: None,
-                nvcpus: vm.vcpus.len(),
-                demand: vm.vcpus.iter().map(|v| sane(v.cpu_demand)).sum(),
+                nvcpus,
+                demand,
                 bytes_per_node: vm_bytes,
                 resident_bytes: resident,
                 need_bytes: vm.memory.configured_bytes.max(resident),
@@ -166,6 +186,7 @@ pub fn build<'a>(
                 pinned,
                 affinity_mask: mask,
                 addr_range: None,
+                memory_fixed,
             });
         }
     }

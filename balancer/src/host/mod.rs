@@ -14,7 +14,22 @@
 pub mod linux;
 pub mod logonly;
 
-use crate::model::{ActionOutcome, PlannedAction, Snapshot, VmId};
+use crate::model::{ActionOutcome, CpuSet, PlannedAction, Snapshot, VmId};
+
+/// The settings of the boundary a configuration reload may change while the daemon
+/// runs (the rest is fixed when the observer and applier are built).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tunables {
+    /// The locality target memory moves aim at, percent (observers sample write heat
+    /// only below it).
+    pub locality_target_pct: u32,
+    /// CPUs never given to VMs (the applier refuses sets that touch them).
+    pub reserved_cpus: CpuSet,
+    /// Page migration budget for all VMs together.
+    pub rate_limit_bytes_per_s: u64,
+    /// Free memory a target node must keep after a move.
+    pub headroom_bytes: u64,
+}
 
 /// Builds snapshots of a host.
 pub trait Observer {
@@ -37,6 +52,9 @@ pub trait Observer {
     fn program_cost(&self) -> Option<crate::telemetry::ProgramCost> {
         None
     }
+
+    /// Takes reloaded settings; observers without such settings ignore them.
+    fn retune(&mut self, _tunables: &Tunables) {}
 }
 
 /// Carries out actions on a host.
@@ -44,4 +62,7 @@ pub trait Applier {
     /// Applies one action planned from `snapshot`, reads the result back from the host
     /// and reports it. Never leaves a VM with an empty or inconsistent CPU or memory set.
     fn apply(&mut self, snapshot: &Snapshot, action: &PlannedAction) -> ActionOutcome;
+
+    /// Takes reloaded settings; appliers without such settings ignore them.
+    fn retune(&mut self, _tunables: &Tunables) {}
 }

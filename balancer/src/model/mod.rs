@@ -16,7 +16,10 @@ mod vm;
 pub use adoption::{GroupSets, MigrationProgress, OriginalSets, QuietCounters, RestoreWhat};
 pub use idset::{CpuId, CpuSet, IdSet, IdSetParseError, NodeId, NodeSet};
 pub use locality::{local_share, local_share_on};
-pub use plan::{Action, ActionOutcome, Plan, PlannedAction, Reason, Refusal, RefusalReason};
+pub use plan::{
+    Action, ActionOutcome, CandidateVerdict, MoveCandidate, MoveChoice, Plan, PlannedAction,
+    Reason, Refusal, RefusalReason, size_words,
+};
 pub use snapshot::{HostSettings, KsmState, Snapshot};
 pub use topology::{HugePagePool, Node, NodeMemory, Topology};
 /// The share of a VM's memory on its home nodes that counts as local enough, in
@@ -27,6 +30,6 @@ pub use topology::{HugePagePool, Node, NodeMemory, Topology};
 pub const DEFAULT_TARGET_LOCALITY_PCT: u32 = 90;
 
 pub use vm::{
-    GuestCell, HotRegion, MemoryBacking, Pinning, ThreadKind, Vcpu, VcpuTelemetry, Vm, VmId,
-    VmMemory,
+    GuestCell, HotRegion, MemoryBacking, MemoryNotMovable, OperatorPins, Pinning, ThreadKind, Vcpu,
+    VcpuDiscovery, VcpuTelemetry, Vm, VmId, VmMemory,
 };

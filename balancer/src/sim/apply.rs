@@ -70,6 +70,7 @@ impl Applier for World {
                 to,
                 regions,
                 max_bytes,
+                within,
             } => {
                 let (from, to) = (*from as usize, *to as usize);
                 if from >= self.nn || to >= self.nn || from == to {
@@ -82,8 +83,8 @@ impl Applier for World {
                     let g = self.group(i);
                     let span = (g.mem_gib * GIB) as u64 / ncells as u64;
                     let base = GUEST_BASE + i as u64 * (1u64 << 40);
-                    regions
-                        .first()
+                    within
+                        .or(regions.first().copied())
                         .map(|(a, _)| ((a.saturating_sub(base)) / span.max(1)) as usize)
                         .filter(|&c| c < ncells)
                 } else {

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use crate::host::Observer;
 use crate::model::{
     GuestCell, HostSettings, HotRegion, HugePagePool, KsmState, MemoryBacking, Node, NodeMemory,
-    Pinning, Snapshot, Topology, Vcpu, Vm, VmMemory,
+    OperatorPins, Pinning, Snapshot, Topology, Vcpu, Vm, VmMemory,
 };
 
 use super::world::{GIB, GUEST_BASE, HUGE_2M, MIB, World, node_cpus};
@@ -156,6 +156,11 @@ impl Observer for World {
                 } else {
                     Pinning::None
                 },
+                operator_pins: if g.operator_pinned {
+                    OperatorPins::everything()
+                } else {
+                    OperatorPins::default()
+                },
                 hot_regions,
                 cgroup: Some(format!("machine.slice/{}", vm.name)),
                 mems_allowed: (0..nn as u32)
@@ -164,6 +169,7 @@ impl Observer for World {
                 ksm_shared_pages,
                 threads_cpu_demand,
                 kernel_numa_moves: 0,
+                ..Default::default()
             });
         }
         let any_ksm = self.scenario.vms.iter().any(|g| g.ksm_group.is_some());

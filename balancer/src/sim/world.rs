@@ -811,6 +811,7 @@ mod tests {
                 to: to as u32,
                 regions: vec![(0, 1)],
                 max_bytes: 1 << 40,
+                within: None,
             },
             reason: crate::model::Reason::Locality {
                 locality_pct: 0.0,

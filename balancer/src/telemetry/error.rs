@@ -35,8 +35,21 @@ pub enum TelemetryError {
     },
     #[error("cannot read CPU to NUMA node table under {path}: {reason}")]
     Topology { path: PathBuf, reason: String },
+    /// `reason` is the kernel's (and aya's) words; `errno` the error number among
+    /// them, when there is one.
     #[error("the kernel rejected eBPF program {program}: {reason}")]
-    Program { program: String, reason: String },
+    Program {
+        program: String,
+        reason: String,
+        errno: Option<i32>,
+    },
+    #[error("eBPF program {program} is missing from the embedded object")]
+    MissingProgram { program: String },
+    #[error("eBPF program {program} has no address to attach to: {source}")]
+    Symbol {
+        program: String,
+        source: super::loader::KallsymsError,
+    },
     #[error("loading the eBPF object failed: {0}")]
     Load(String),
     #[error("eBPF map {map}: {reason}")]

@@ -11,6 +11,7 @@
 //! ([`FeaturePaths`]): `vmbalancer trace --features` prints that matrix.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -21,14 +22,17 @@ use aya::{
     },
 };
 use balancer_common::{
-    FaultAddressLayout, MAX_CPUS, NumaMoveLayout, SchedMigrateLayout, SchedSwitchLayout,
-    SchedSwitchRecordLayout, globals, names,
+    FaultAddressLayout, MAX_CPUS, NumaMoveLayout, PID_MAX_LIMIT, SchedMigrateLayout,
+    SchedSwitchLayout, SchedSwitchRecordLayout, TRACKED_BITS_PER_WORD, TaskMigrateLayout, globals,
+    names,
 };
 
 use super::preflight::{check_kernel_version, check_privileges, raise_memlock_limit};
 use super::{
-    Feature, FeaturePaths, FeatureState, RefusedPath, TelemetryError, topology,
-    tracefs::{Tracefs, TracepointFormat},
+    Feature, FeaturePaths, FeatureState, RefusedPath, TelemetryError,
+    btf::BtfError,
+    topology,
+    tracefs::{FormatError, Tracefs, TracepointFormat},
 };
 
 /// The eBPF object built by `balancer/build.rs`, embedded in the binary.
@@ -44,6 +48,10 @@ pub struct LoadOptions {
     pub proc_root: PathBuf,
     /// Kernel BTF.
     pub btf_path: PathBuf,
+    /// Kinds of path not to try (the first word of a path's name: `tp_btf`,
+    /// `raw_tp`, `tracepoint`, `fentry`, `kprobe`, `hw`), reported as refused. Tests
+    /// use it to run each fallback on a kernel that would take the preferred path.
+    pub skip_paths: Vec<String>,
 }
 
 impl Default for LoadOptions {
@@ -52,6 +60,7 @@ impl Default for LoadOptions {
             sys_root: PathBuf::from("/sys"),
             proc_root: PathBuf::from("/proc"),
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            skip_paths: Vec::new(),
         }
     }
 }
@@ -69,6 +78,8 @@ pub struct Telemetry {
     pub(super) cpu_node: Vec<Option<u32>>,
     /// Number of nodes the per-node vectors of the read API have.
     pub(super) node_count: usize,
+    /// procfs root, for the run time of threads as they are tracked.
+    pub(super) proc_root: PathBuf,
     /// Keeps `kernel.bpf_stats_enabled` on while we live (None if the kernel refused).
     _stats: Option<std::os::fd::OwnedFd>,
 }
@@ -82,15 +93,46 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
+/// Why the record or kernel-struct layout one program reads is unknown on this
+/// kernel. The program then keeps `valid == 0`, is not attached, and this is the
+/// reason its path shows in the feature matrix.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// The tracepoint's `format` file is missing or unreadable.
+    #[error(transparent)]
+    Tracepoint(TelemetryError),
+    #[error("{}: {reason}", path.display())]
+    Field { path: PathBuf, reason: FormatError },
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("{}: no fields after the common ones", path.display())]
+    NoFields { path: PathBuf },
+    #[error(
+        "{}: first argument is `{c_type} {name}`, expected `unsigned long address`",
+        path.display()
+    )]
+    NotAddress {
+        path: PathBuf,
+        c_type: String,
+        name: String,
+    },
+    #[error("the kvm module is not loaded")]
+    NoKvm,
+}
+
+/// A layout, or why there is none; shared by every path that needs it.
+type Layout<T> = Result<T, Arc<LayoutError>>;
+
 /// Layouts of every tracepoint, each available or not (with the reason).
 struct Layouts {
     migrate: SchedMigrateLayout,
-    switch: Result<SchedSwitchLayout, String>,
-    switch_record: Result<SchedSwitchRecordLayout, String>,
-    page_fault_user: Result<FaultAddressLayout, String>,
-    kvm_page_fault: Result<FaultAddressLayout, String>,
-    move_numa: Result<NumaMoveLayout, String>,
-    swap_numa: Result<NumaMoveLayout, String>,
+    task_migrate: Layout<TaskMigrateLayout>,
+    switch: Layout<SchedSwitchLayout>,
+    switch_record: Layout<SchedSwitchRecordLayout>,
+    page_fault_user: Layout<FaultAddressLayout>,
+    kvm_page_fault: Layout<FaultAddressLayout>,
+    move_numa: Layout<NumaMoveLayout>,
+    swap_numa: Layout<NumaMoveLayout>,
 }
 
 impl Layouts {
@@ -100,7 +142,7 @@ impl Layouts {
         sys_root: &Path,
     ) -> Result<Self, TelemetryError> {
         let migrate = tracefs.format("sched", "sched_migrate_task")?;
-        let migrate = (|| -> Result<_, super::tracefs::FormatError> {
+        let migrate = (|| -> Result<_, FormatError> {
             Ok(SchedMigrateLayout {
                 pid_offset: migrate.offset_of("pid", 4)?,
                 orig_cpu_offset: migrate.offset_of("orig_cpu", 4)?,
@@ -112,37 +154,68 @@ impl Layouts {
             path: tracefs.format_path("sched", "sched_migrate_task"),
             reason,
         })?;
-        let optional = |sys: &str, event: &str| -> Result<TracepointFormat, String> {
-            tracefs.format(sys, event).map_err(|e| e.to_string())
+        // An optional tracepoint's format, and a reader of its fields whose errors
+        // name the format file.
+        let optional = |sys: &str, event: &str| {
+            let path = tracefs.format_path(sys, event);
+            let format = tracefs
+                .format(sys, event)
+                .map_err(LayoutError::Tracepoint)?;
+            Ok::<_, LayoutError>((format, path))
         };
-        let switch = btf
-            .member_offset("task_struct", "pid")
-            .map(|task_pid_offset| SchedSwitchLayout {
-                task_pid_offset,
+        let field = |(f, path): &(TracepointFormat, PathBuf), name: &str, size_bytes: u32| {
+            f.offset_of(name, size_bytes)
+                .map_err(|reason| LayoutError::Field {
+                    path: path.clone(),
+                    reason,
+                })
+        };
+        // `task_cpu()`: `thread_info.cpu` where the thread info is in the task (x86
+        // since 5.16), the task's own `cpu` before.
+        let task_migrate = (|| -> Result<_, LayoutError> {
+            let task_cpu_offset = match btf.member_offset("task_struct", "cpu") {
+                Ok(offset) => offset,
+                Err(_) => {
+                    btf.member_offset("task_struct", "thread_info")?
+                        + btf.member_offset("thread_info", "cpu")?
+                }
+            };
+            Ok(TaskMigrateLayout {
+                task_pid_offset: btf.member_offset("task_struct", "pid")?,
+                task_cpu_offset,
                 valid: 1,
+                _pad: 0,
             })
-            .map_err(|e| e.to_string());
+        })();
+        let switch = (|| -> Result<_, LayoutError> {
+            Ok(SchedSwitchLayout {
+                task_pid_offset: btf.member_offset("task_struct", "pid")?,
+                task_runtime_offset: btf.member_offset("task_struct", "se")?
+                    + btf.member_offset("sched_entity", "sum_exec_runtime")?,
+                valid: 1,
+                _pad: 0,
+            })
+        })();
         let switch_record = optional("sched", "sched_switch").and_then(|f| {
             Ok(SchedSwitchRecordLayout {
-                prev_pid_offset: f.offset_of("prev_pid", 4).map_err(|e| e.to_string())?,
-                next_pid_offset: f.offset_of("next_pid", 4).map_err(|e| e.to_string())?,
+                prev_pid_offset: field(&f, "prev_pid", 4)?,
+                next_pid_offset: field(&f, "next_pid", 4)?,
                 valid: 1,
                 _pad: 0,
             })
         });
         // Read as a raw tracepoint: the address is the first TP_PROTO argument,
         // which the format file shows as the first field after the common ones.
-        let page_fault_user = optional("exceptions", "page_fault_user").and_then(|f| {
-            let first = f
-                .fields
-                .iter()
-                .find(|x| !x.name.starts_with("common_"))
-                .ok_or("no fields")?;
+        let page_fault_user = optional("exceptions", "page_fault_user").and_then(|(f, path)| {
+            let Some(first) = f.fields.iter().find(|x| !x.name.starts_with("common_")) else {
+                return Err(LayoutError::NoFields { path });
+            };
             if first.name != "address" || first.size_bytes != 8 {
-                return Err(format!(
-                    "first argument is `{} {}`, expected `unsigned long address`",
-                    first.c_type, first.name
-                ));
+                return Err(LayoutError::NotAddress {
+                    path,
+                    c_type: first.c_type.clone(),
+                    name: first.name.clone(),
+                });
             }
             Ok(FaultAddressLayout {
                 address_offset: first.offset_bytes,
@@ -152,19 +225,17 @@ impl Layouts {
         let kvm_page_fault = if sys_root.join("module/kvm").is_dir() {
             optional("kvm", "kvm_page_fault").and_then(|f| {
                 Ok(FaultAddressLayout {
-                    address_offset: f
-                        .offset_of("fault_address", 8)
-                        .or_else(|_| f.offset_of("address", 8))
-                        .map_err(|e| e.to_string())?,
+                    address_offset: field(&f, "fault_address", 8)
+                        .or_else(|_| field(&f, "address", 8))?,
                     valid: 1,
                 })
             })
         } else {
-            Err("the kvm module is not loaded".to_owned())
+            Err(LayoutError::NoKvm)
         };
         let move_numa = optional("sched", "sched_move_numa").and_then(|f| {
             Ok(NumaMoveLayout {
-                src_pid_offset: f.offset_of("pid", 4).map_err(|e| e.to_string())?,
+                src_pid_offset: field(&f, "pid", 4)?,
                 dst_pid_offset: 0,
                 valid: 1,
                 _pad: 0,
@@ -172,20 +243,21 @@ impl Layouts {
         });
         let swap_numa = optional("sched", "sched_swap_numa").and_then(|f| {
             Ok(NumaMoveLayout {
-                src_pid_offset: f.offset_of("src_pid", 4).map_err(|e| e.to_string())?,
-                dst_pid_offset: f.offset_of("dst_pid", 4).map_err(|e| e.to_string())?,
+                src_pid_offset: field(&f, "src_pid", 4)?,
+                dst_pid_offset: field(&f, "dst_pid", 4)?,
                 valid: 1,
                 _pad: 0,
             })
         });
         Ok(Self {
             migrate,
-            switch,
-            switch_record,
-            page_fault_user,
-            kvm_page_fault,
-            move_numa,
-            swap_numa,
+            task_migrate: task_migrate.map_err(Arc::new),
+            switch: switch.map_err(Arc::new),
+            switch_record: switch_record.map_err(Arc::new),
+            page_fault_user: page_fault_user.map_err(Arc::new),
+            kvm_page_fault: kvm_page_fault.map_err(Arc::new),
+            move_numa: move_numa.map_err(Arc::new),
+            swap_numa: swap_numa.map_err(Arc::new),
         })
     }
 }
@@ -215,8 +287,12 @@ impl Telemetry {
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&btf))
+            .map_max_entries(names::TRACKED_BITS, tracked_bits_words(&opts.proc_root))
             .override_global(globals::SCHED_MIGRATE, &layouts.migrate, true);
         // Programs whose layout is unknown keep `valid == 0` and are not attached.
+        if let Ok(l) = &layouts.task_migrate {
+            loader.override_global(globals::TASK_MIGRATE, l, true);
+        }
         if let Ok(l) = &layouts.switch {
             loader.override_global(globals::SCHED_SWITCH, l, true);
         }
@@ -250,6 +326,7 @@ impl Telemetry {
             &opts.sys_root,
             &opts.proc_root,
             &online_cpus,
+            &opts.skip_paths,
         )?;
         let features: Vec<(Feature, FeatureState)> =
             paths.iter().map(|p| (p.feature, p.state())).collect();
@@ -309,6 +386,7 @@ impl Telemetry {
             paths,
             cpu_node,
             node_count,
+            proc_root: opts.proc_root.clone(),
             _stats: stats,
         })
     }
@@ -344,8 +422,51 @@ impl Telemetry {
     }
 }
 
-/// Attaches one path's programs, or says why the kernel refused them.
-type Attach<'a> = Box<dyn FnOnce(&mut Ebpf) -> Result<(), String> + 'a>;
+/// Words of the tracked-thread bitmap: one bit per thread id below `kernel.pid_max`
+/// (the kernel allocates ids below it). The whole id space when it cannot be read.
+/// Ids beyond the bitmap (pid_max raised later) still work: the programs look those
+/// up in the tracked-thread hash.
+fn tracked_bits_words(proc_root: &Path) -> u32 {
+    let pid_max = std::fs::read_to_string(proc_root.join("sys/kernel/pid_max"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(PID_MAX_LIMIT)
+        .clamp(1, PID_MAX_LIMIT);
+    pid_max.div_ceil(TRACKED_BITS_PER_WORD)
+}
+
+/// Why one path of a feature was not used. Its text is the reason the feature
+/// matrix shows ([`RefusedPath`]), where the path already names the hook.
+#[derive(Debug, thiserror::Error)]
+enum PathRefusal {
+    #[error(transparent)]
+    Layout(#[from] Arc<LayoutError>),
+    #[error("left out by the load options")]
+    Skipped,
+    #[error("this kernel has no kprobes (CONFIG_KPROBES)")]
+    NoKprobes,
+    /// The kernel refused the program, in its words.
+    #[error("{reason}")]
+    Rejected { reason: String, errno: Option<i32> },
+    #[error(transparent)]
+    Other(TelemetryError),
+    /// x86 allows kernel execution breakpoints only where a kprobe could go, and none
+    /// at all without kprobes.
+    #[error("{0} (kernel breakpoints need CONFIG_KPROBES)")]
+    BreakpointNeedsKprobes(Box<PathRefusal>),
+}
+
+impl From<TelemetryError> for PathRefusal {
+    fn from(e: TelemetryError) -> Self {
+        match e {
+            TelemetryError::Program { reason, errno, .. } => Self::Rejected { reason, errno },
+            e => Self::Other(e),
+        }
+    }
+}
+
+/// Attaches one path's programs, or says why they were not attached.
+type Attach<'a> = Box<dyn FnOnce(&mut Ebpf) -> Result<(), PathRefusal> + 'a>;
 
 /// One way of running a feature: its name in the matrix and how to attach it.
 type Candidate<'a> = (&'static str, Attach<'a>);
@@ -353,6 +474,7 @@ type Candidate<'a> = (&'static str, Attach<'a>);
 /// Tries `candidates` in order; the first that attaches is the feature's path.
 fn first_that_attaches(
     ebpf: &mut Ebpf,
+    skip: &[String],
     feature: Feature,
     candidates: Vec<Candidate<'_>>,
 ) -> FeaturePaths {
@@ -362,14 +484,20 @@ fn first_that_attaches(
         refused: Vec::new(),
     };
     for (path, attach) in candidates {
-        match attach(ebpf) {
+        let kind = path.split_whitespace().next().unwrap_or_default();
+        let outcome = if skip.iter().any(|s| s == kind) {
+            Err(PathRefusal::Skipped)
+        } else {
+            attach(ebpf)
+        };
+        match outcome {
             Ok(()) => {
                 out.active = Some(path.to_owned());
                 break;
             }
             Err(reason) => out.refused.push(RefusedPath {
                 path: path.to_owned(),
-                reason,
+                reason: reason.to_string(),
             }),
         }
     }
@@ -386,58 +514,108 @@ fn attach_all(
     sys_root: &Path,
     proc_root: &Path,
     online_cpus: &[u32],
+    skip: &[String],
 ) -> Result<Vec<FeaturePaths>, TelemetryError> {
-    fn text(r: Result<(), TelemetryError>) -> Result<(), String> {
-        r.map_err(|e| match e {
-            TelemetryError::Program { reason, .. } => reason,
-            e => e.to_string(),
-        })
-    }
-    let tracepoint = |layout: Result<(), String>,
+    let tracepoint = |layout: Layout<()>,
                       program: &'static str,
                       sys: &'static str,
                       event: &'static str|
      -> Attach<'static> {
         Box::new(move |ebpf: &mut Ebpf| {
-            layout.and_then(|()| text(attach_tracepoint(ebpf, program, sys, event)))
+            layout?;
+            Ok(attach_tracepoint(ebpf, program, sys, event)?)
         })
     };
-    let raw = |layout: Result<(), String>, name: &'static str| -> Attach<'static> {
+    let raw = |layout: Layout<()>, name: &'static str| -> Attach<'static> {
         Box::new(move |ebpf: &mut Ebpf| {
-            layout.and_then(|()| text(attach_raw_tracepoint(ebpf, name)))
+            layout?;
+            Ok(attach_raw_tracepoint(ebpf, name)?)
         })
     };
 
     // Required: without it there is no telemetry worth running.
-    attach_tracepoint(ebpf, "sched_migrate_task", "sched", "sched_migrate_task")?;
-    let mut features = vec![FeaturePaths {
-        feature: Feature::Migrations,
-        active: Some("tracepoint sched:sched_migrate_task".to_owned()),
-        refused: Vec::new(),
-    }];
+    let task_migrate = ok(&layouts.task_migrate);
+    let migrations = first_that_attaches(
+        ebpf,
+        skip,
+        Feature::Migrations,
+        vec![
+            (
+                "tp_btf sched_migrate_task",
+                Box::new({
+                    let task_migrate = task_migrate.clone();
+                    move |ebpf: &mut Ebpf| {
+                        task_migrate?;
+                        Ok(attach_btf_tracepoint(
+                            ebpf,
+                            btf,
+                            "sched_migrate_task_btf",
+                            "sched_migrate_task",
+                        )?)
+                    }
+                }),
+            ),
+            (
+                "raw_tp sched_migrate_task",
+                Box::new(move |ebpf: &mut Ebpf| {
+                    task_migrate?;
+                    Ok(attach_raw_tracepoint_as(
+                        ebpf,
+                        "sched_migrate_task_raw",
+                        "sched_migrate_task",
+                    )?)
+                }),
+            ),
+            (
+                "tracepoint sched:sched_migrate_task",
+                Box::new(|ebpf: &mut Ebpf| {
+                    Ok(attach_tracepoint(
+                        ebpf,
+                        "sched_migrate_task",
+                        "sched",
+                        "sched_migrate_task",
+                    )?)
+                }),
+            ),
+        ],
+    );
+    if migrations.active.is_none() {
+        let FeatureState::Unavailable(reason) = migrations.state() else {
+            unreachable!("no active path");
+        };
+        return Err(TelemetryError::Program {
+            program: "sched_migrate_task".to_owned(),
+            reason,
+            errno: None,
+        });
+    }
+    let mut features = vec![migrations];
     let switch = ok(&layouts.switch);
     features.push(first_that_attaches(
         ebpf,
+        skip,
         Feature::OnCpuTime,
         vec![
-            ("raw_tp sched_switch", raw(switch.clone(), "sched_switch")),
             (
                 "tp_btf sched_switch",
-                Box::new(move |ebpf: &mut Ebpf| {
-                    switch.and_then(|()| {
-                        text(attach_btf_tracepoint(
+                Box::new({
+                    let switch = switch.clone();
+                    move |ebpf: &mut Ebpf| {
+                        switch?;
+                        Ok(attach_btf_tracepoint(
                             ebpf,
                             btf,
                             "sched_switch_btf",
                             "sched_switch",
-                        ))
-                    })
+                        )?)
+                    }
                 }),
             ),
+            ("raw_tp sched_switch", raw(switch, "sched_switch")),
             (
                 "tracepoint sched:sched_switch",
                 tracepoint(
-                    ok(&layouts.switch_record),
+                    ok(&layouts.switch).and(ok(&layouts.switch_record)),
                     "sched_switch_tp",
                     "sched",
                     "sched_switch",
@@ -447,44 +625,43 @@ fn attach_all(
     ));
     features.push(first_that_attaches(
         ebpf,
+        skip,
         Feature::NumaHintingFaults,
         vec![
             (
                 "fentry task_numa_fault",
-                Box::new(|ebpf: &mut Ebpf| text(attach_fentry(ebpf, btf, "task_numa_fault"))),
+                Box::new(|ebpf: &mut Ebpf| Ok(attach_fentry(ebpf, btf, "task_numa_fault")?)),
             ),
             (
                 "kprobe task_numa_fault",
                 Box::new(|ebpf: &mut Ebpf| {
                     if !sys_root.join("bus/event_source/devices/kprobe").exists() {
-                        return Err("this kernel has no kprobes (CONFIG_KPROBES)".to_owned());
+                        return Err(PathRefusal::NoKprobes);
                     }
-                    text(attach_kprobe(
+                    Ok(attach_kprobe(
                         ebpf,
                         "task_numa_fault_kprobe",
                         "task_numa_fault",
-                    ))
+                    )?)
                 }),
             ),
             (
                 "hw breakpoint task_numa_fault",
                 Box::new(|ebpf: &mut Ebpf| {
                     let no_kprobes = !sys_root.join("bus/event_source/devices/kprobe").exists();
-                    text(attach_breakpoint(
+                    attach_breakpoint(
                         ebpf,
                         "task_numa_fault_breakpoint",
                         "task_numa_fault",
                         proc_root,
                         online_cpus,
-                    ))
-                    .map_err(|reason| {
-                        // x86 only allows kernel execution breakpoints where a kprobe
-                        // could go, and none at all without kprobes.
-                        if no_kprobes && reason.contains("os error 22") {
-                            format!("{reason} (kernel breakpoints need CONFIG_KPROBES)")
-                        } else {
-                            reason
-                        }
+                    )
+                    .map_err(|e| match PathRefusal::from(e) {
+                        r @ PathRefusal::Rejected {
+                            errno: Some(libc::EINVAL),
+                            ..
+                        } if no_kprobes => PathRefusal::BreakpointNeedsKprobes(Box::new(r)),
+                        r => r,
                     })
                 }),
             ),
@@ -492,6 +669,7 @@ fn attach_all(
     ));
     features.push(first_that_attaches(
         ebpf,
+        skip,
         Feature::UserPageFaults,
         vec![(
             "raw_tp page_fault_user",
@@ -500,6 +678,7 @@ fn attach_all(
     ));
     features.push(first_that_attaches(
         ebpf,
+        skip,
         Feature::KvmPageFaults,
         vec![(
             "tracepoint kvm:kvm_page_fault",
@@ -514,6 +693,7 @@ fn attach_all(
     let (move_numa, swap_numa) = (ok(&layouts.move_numa), ok(&layouts.swap_numa));
     features.push(first_that_attaches(
         ebpf,
+        skip,
         Feature::NumaBalancingMoves,
         vec![(
             "tracepoint sched:sched_move_numa + sched:sched_swap_numa",
@@ -526,39 +706,50 @@ fn attach_all(
     Ok(features)
 }
 
-fn ok<T>(r: &Result<T, String>) -> Result<(), String> {
-    r.as_ref().map(|_| ()).map_err(Clone::clone)
+/// Whether a layout is known, as a value every path that needs it can keep.
+fn ok<T>(r: &Layout<T>) -> Layout<()> {
+    r.as_ref().map(|_| ()).map_err(Arc::clone)
+}
+
+/// Program `name` of the embedded object, as the program type `P` its hook needs.
+fn program_as<'e, P>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut P, TelemetryError>
+where
+    &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| TelemetryError::MissingProgram {
+            program: name.to_owned(),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| TelemetryError::Program {
+            program: name.to_owned(),
+            reason: e.to_string(),
+            errno: None,
+        })
 }
 
 fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str) -> Result<(), TelemetryError> {
-    let prog_err = |reason: String| TelemetryError::Program {
-        program: name.to_owned(),
-        reason,
-    };
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(name)
-        .ok_or_else(|| prog_err("missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
-    p.load().map_err(|e| classify_program_error(name, &e))?;
-    if let Err(e) = p.attach(name) {
+    attach_raw_tracepoint_as(ebpf, name, name)
+}
+
+/// Attaches raw tracepoint program `program` to `tracepoint`.
+fn attach_raw_tracepoint_as(
+    ebpf: &mut Ebpf,
+    program: &str,
+    tracepoint: &str,
+) -> Result<(), TelemetryError> {
+    let p: &mut RawTracePoint = program_as(ebpf, program)?;
+    p.load().map_err(|e| classify_program_error(program, &e))?;
+    if let Err(e) = p.attach(tracepoint) {
         // Unload so cost() lists only attached programs.
         let _ = p.unload();
-        return Err(classify_program_error(name, &e));
+        return Err(classify_program_error(program, &e));
     }
     Ok(())
 }
 
 fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), TelemetryError> {
-    let prog_err = |reason: String| TelemetryError::Program {
-        program: program.to_owned(),
-        reason,
-    };
-    let p: &mut KProbe = ebpf
-        .program_mut(program)
-        .ok_or_else(|| prog_err("missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    let p: &mut KProbe = program_as(ebpf, program)?;
     p.load().map_err(|e| classify_program_error(program, &e))?;
     if let Err(e) = p.attach(function, 0) {
         let _ = p.unload();
@@ -568,15 +759,7 @@ fn attach_kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), T
 }
 
 fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, function: &str) -> Result<(), TelemetryError> {
-    let prog_err = |reason: String| TelemetryError::Program {
-        program: function.to_owned(),
-        reason,
-    };
-    let p: &mut FEntry = ebpf
-        .program_mut(function)
-        .ok_or_else(|| prog_err("missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    let p: &mut FEntry = program_as(ebpf, function)?;
     p.load(function, btf)
         .map_err(|e| classify_program_error(function, &e))?;
     if let Err(e) = p.attach() {
@@ -592,15 +775,7 @@ fn attach_btf_tracepoint(
     program: &str,
     tracepoint: &str,
 ) -> Result<(), TelemetryError> {
-    let prog_err = |reason: String| TelemetryError::Program {
-        program: program.to_owned(),
-        reason,
-    };
-    let p: &mut BtfTracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| prog_err("missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    let p: &mut BtfTracePoint = program_as(ebpf, program)?;
     p.load(tracepoint, btf)
         .map_err(|e| classify_program_error(program, &e))?;
     if let Err(e) = p.attach() {
@@ -619,16 +794,14 @@ fn attach_breakpoint(
     proc_root: &Path,
     online_cpus: &[u32],
 ) -> Result<(), TelemetryError> {
-    let prog_err = |reason: String| TelemetryError::Program {
-        program: program.to_owned(),
-        reason,
-    };
-    let address = kernel_symbol_address(&proc_root.join("kallsyms"), function).map_err(prog_err)?;
-    let p: &mut PerfEvent = ebpf
-        .program_mut(program)
-        .ok_or_else(|| prog_err("missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    let address =
+        kernel_symbol_address(&proc_root.join("kallsyms"), function).map_err(|source| {
+            TelemetryError::Symbol {
+                program: program.to_owned(),
+                source,
+            }
+        })?;
+    let p: &mut PerfEvent = program_as(ebpf, program)?;
     p.load().map_err(|e| classify_program_error(program, &e))?;
     for &cpu in online_cpus {
         if let Err(e) = p.attach(
@@ -645,10 +818,26 @@ fn attach_breakpoint(
     Ok(())
 }
 
+/// Why a kernel symbol's address is unknown.
+#[derive(Debug, thiserror::Error)]
+pub enum KallsymsError {
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{symbol} is not in {}", path.display())]
+    NoSymbol { symbol: String, path: PathBuf },
+    #[error("{} hides kernel addresses (kernel.kptr_restrict)", path.display())]
+    Hidden { path: PathBuf },
+}
+
 /// The address of a kernel text symbol in `kallsyms`.
-fn kernel_symbol_address(kallsyms: &Path, symbol: &str) -> Result<u64, String> {
-    let text = std::fs::read_to_string(kallsyms)
-        .map_err(|e| format!("reading {}: {e}", kallsyms.display()))?;
+fn kernel_symbol_address(kallsyms: &Path, symbol: &str) -> Result<u64, KallsymsError> {
+    let text = std::fs::read_to_string(kallsyms).map_err(|source| KallsymsError::Read {
+        path: kallsyms.to_path_buf(),
+        source,
+    })?;
     let address = text
         .lines()
         .find_map(|l| {
@@ -658,12 +847,14 @@ fn kernel_symbol_address(kallsyms: &Path, symbol: &str) -> Result<u64, String> {
                 .then(|| u64::from_str_radix(addr, 16).ok())
                 .flatten()
         })
-        .ok_or_else(|| format!("{symbol} is not in {}", kallsyms.display()))?;
+        .ok_or_else(|| KallsymsError::NoSymbol {
+            symbol: symbol.to_owned(),
+            path: kallsyms.to_path_buf(),
+        })?;
     if address == 0 {
-        return Err(format!(
-            "{} hides kernel addresses (kernel.kptr_restrict)",
-            kallsyms.display()
-        ));
+        return Err(KallsymsError::Hidden {
+            path: kallsyms.to_path_buf(),
+        });
     }
     Ok(address)
 }
@@ -674,15 +865,7 @@ fn attach_tracepoint(
     system: &str,
     event: &str,
 ) -> Result<(), TelemetryError> {
-    let prog_err = |reason: String| TelemetryError::Program {
-        program: program.to_owned(),
-        reason,
-    };
-    let tp: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| prog_err("missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| prog_err(e.to_string()))?;
+    let tp: &mut TracePoint = program_as(ebpf, program)?;
     tp.load().map_err(|e| classify_program_error(program, &e))?;
     if let Err(e) = tp.attach(system, event) {
         let _ = tp.unload();
@@ -746,7 +929,22 @@ fn classify_program_error(program: &str, e: &aya::programs::ProgramError) -> Tel
     TelemetryError::Program {
         program: program.to_owned(),
         reason: short,
+        errno: errno_of(e),
     }
+}
+
+/// The errno somewhere in an error's chain (aya keeps it in an `io::Error` there).
+fn errno_of(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(errno) = io.raw_os_error()
+        {
+            return Some(errno);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// The line of a verifier log that states why the program was rejected.
@@ -804,6 +1002,7 @@ mod tests {
             sys_root: root.clone(),
             proc_root: root.clone(),
             btf_path: root.join("no-such-vmlinux"),
+            skip_paths: Vec::new(),
         };
         let e = Telemetry::load_with(&opts).unwrap_err();
         assert!(matches!(e, TelemetryError::NoBtf { .. }), "{e}");
@@ -846,20 +1045,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            kernel_symbol_address(&path, "task_numa_fault"),
-            Ok(0xffff_ffff_813c_3f50)
+            kernel_symbol_address(&path, "task_numa_fault").unwrap(),
+            0xffff_ffff_813c_3f50
         );
+        let missing = kernel_symbol_address(&path, "no_such_function").unwrap_err();
         assert!(
-            kernel_symbol_address(&path, "no_such_function")
-                .unwrap_err()
-                .contains("not in")
+            matches!(&missing, KallsymsError::NoSymbol { symbol, .. } if symbol == "no_such_function"),
+            "{missing}"
+        );
+        assert_eq!(
+            missing.to_string(),
+            format!("no_such_function is not in {}", path.display())
         );
         std::fs::write(&path, "0000000000000000 T task_numa_fault\n").unwrap();
+        let hidden = kernel_symbol_address(&path, "task_numa_fault").unwrap_err();
+        assert!(matches!(hidden, KallsymsError::Hidden { .. }), "{hidden}");
         assert!(
-            kernel_symbol_address(&path, "task_numa_fault")
-                .unwrap_err()
-                .contains("kptr_restrict")
+            hidden
+                .to_string()
+                .ends_with("hides kernel addresses (kernel.kptr_restrict)")
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tracked_bitmap_covers_pid_max() {
+        let dir = std::env::temp_dir().join(format!("vmbalancer-pidmax-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sys/kernel")).unwrap();
+        let words = |text: &str| {
+            std::fs::write(dir.join("sys/kernel/pid_max"), text).unwrap();
+            tracked_bits_words(&dir)
+        };
+        assert_eq!(words("32768\n"), 512);
+        assert_eq!(words("32769\n"), 513);
+        assert_eq!(words("4194304\n"), 65536);
+        // Beyond the kernel's limit, zero or garbage: the whole id space.
+        assert_eq!(words("99999999\n"), 65536);
+        assert_eq!(words("0\n"), 1);
+        assert_eq!(words("many\n"), 65536);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

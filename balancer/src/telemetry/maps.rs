@@ -2,11 +2,13 @@
 //! was counted per thread and per VM, and what the programs cost. Per-CPU maps are
 //! summed here, and per-CPU region counts are attributed to the node of their CPU.
 
-use aya::maps::{HashMap, MapError, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapError, PerCpuHashMap};
 use balancer_common::{
     MigrationCounts, NumaFaults, OnCpuTime, REGION_KIND_GPA, REGION_SHIFT, RegionFaults, RegionKey,
-    TrackedThread, VmNumaEvents, names,
+    TrackedThread, VmNumaEvents, names, tracked_bit,
 };
+
+use crate::host::linux::procfs::read_task_schedstat;
 
 use super::{
     ProgramCost, RegionHeat, RegionKind, Telemetry, TelemetryError, ThreadTelemetry, VmNumaMoves,
@@ -14,7 +16,26 @@ use super::{
 
 impl Telemetry {
     /// Starts watching thread `tid` (a vCPU, emulator or I/O thread of a VM).
+    ///
+    /// The thread goes into the hash first and into the bitmap second (untracking
+    /// goes the other way), so a program that finds the bit always finds the thread.
+    ///
+    /// A thread not tracked yet gets its on-CPU starting point here: its run time so
+    /// far (`/proc/TID/schedstat`), which the `sched_switch` programs subtract at its
+    /// next switch-out. Without it (no schedstat, the thread is gone) that switch-out
+    /// only records the starting point.
     pub fn track(&mut self, tid: u32, thread: TrackedThread) -> Result<(), TelemetryError> {
+        let already = match self
+            .hash::<u32, TrackedThread>(names::TRACKED)?
+            .get(&tid, 0)
+        {
+            Ok(_) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => return Err(TelemetryError::map(names::TRACKED, e)),
+        };
+        if !already {
+            self.start_on_cpu(tid)?;
+        }
         let map = self
             .ebpf
             .map_mut(names::TRACKED)
@@ -22,15 +43,72 @@ impl Telemetry {
         let mut map: HashMap<_, u32, TrackedThread> =
             HashMap::try_from(map).map_err(|e| TelemetryError::map(names::TRACKED, e))?;
         map.insert(tid, thread, 0)
-            .map_err(|e| TelemetryError::map(names::TRACKED, e))
+            .map_err(|e| TelemetryError::map(names::TRACKED, e))?;
+        self.set_tracked_bit(tid, true)
+    }
+
+    /// Sets thread `tid`'s on-CPU counters to zero from its current run time.
+    fn start_on_cpu(&mut self, tid: u32) -> Result<(), TelemetryError> {
+        let run_ns = match read_task_schedstat(&self.proc_root, tid, tid) {
+            Ok(Some(s)) => s.run_ns,
+            Ok(None) => {
+                self.remove::<u32, OnCpuTime>(names::ON_CPU, &tid)?;
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!(tid, error = %e, "no on-CPU starting point for a tracked thread");
+                self.remove::<u32, OnCpuTime>(names::ON_CPU, &tid)?;
+                return Ok(());
+            }
+        };
+        let name = names::ON_CPU;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
+        let mut map: HashMap<_, u32, OnCpuTime> =
+            HashMap::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
+        let start = OnCpuTime {
+            last_runtime_ns: run_ns,
+            ..OnCpuTime::default()
+        };
+        map.insert(tid, start, 0)
+            .map_err(|e| TelemetryError::map(name, e))
     }
 
     /// Stops watching thread `tid` and forgets its counters. Unknown tids are fine.
     pub fn untrack(&mut self, tid: u32) -> Result<(), TelemetryError> {
+        self.set_tracked_bit(tid, false)?;
         self.remove::<u32, TrackedThread>(names::TRACKED, &tid)?;
         self.remove::<u32, MigrationCounts>(names::MIGRATIONS, &tid)?;
         self.remove::<u32, OnCpuTime>(names::ON_CPU, &tid)?;
         self.remove::<u32, NumaFaults>(names::NUMA_FAULTS, &tid)
+    }
+
+    /// Sets or clears `tid`'s bit in the tracked-thread bitmap. This process is its
+    /// only writer (`&mut self`), so reading and writing back the word loses nothing.
+    /// A thread id beyond the bitmap has no bit: the programs look it up in the hash.
+    fn set_tracked_bit(&mut self, tid: u32, on: bool) -> Result<(), TelemetryError> {
+        let name = names::TRACKED_BITS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
+        let mut bits: Array<_, u64> =
+            Array::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
+        let (word, mask) = tracked_bit(tid);
+        if word >= bits.len() {
+            return Ok(());
+        }
+        let old = bits
+            .get(&word, 0)
+            .map_err(|e| TelemetryError::map(name, e))?;
+        let new = if on { old | mask } else { old & !mask };
+        if new != old {
+            bits.set(word, new, 0)
+                .map_err(|e| TelemetryError::map(name, e))?;
+        }
+        Ok(())
     }
 
     /// Forgets the per-VM counters of a VM that exited (its threads are untracked
@@ -104,11 +182,9 @@ impl Telemetry {
                 len_bytes: 1 << REGION_SHIFT,
                 faults_by_node: vec![0; self.node_count],
                 faults_total: 0,
-                last_seen_ns: 0,
             };
             for (cpu, v) in per_cpu.iter().enumerate() {
                 heat.faults_total += v.faults;
-                heat.last_seen_ns = heat.last_seen_ns.max(v.last_seen_ns);
                 let node = self.cpu_node.get(cpu).copied().flatten();
                 if let Some(slot) = node.and_then(|n| heat.faults_by_node.get_mut(n as usize)) {
                     *slot += v.faults;

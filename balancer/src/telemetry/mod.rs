@@ -63,8 +63,6 @@ pub struct RegionHeat {
     /// Faults by the node of the CPU that faulted.
     pub faults_by_node: Vec<u64>,
     pub faults_total: u64,
-    /// CLOCK_MONOTONIC ns of the last fault.
-    pub last_seen_ns: u64,
 }
 
 /// The kernel's automatic NUMA balancing acting on one VM's threads.

@@ -66,6 +66,27 @@ pub struct VmTruth {
     /// known access split, not a hardware counter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offnode_accesses_per_s: Option<f64>,
+    /// Each guest NUMA cell's own truth, for a VM with cells (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<CellTruth>,
+}
+
+/// One guest NUMA cell at one sample: its memory backend's mapping (as the VM
+/// reports where it is) and its own vCPU threads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellTruth {
+    /// The cell's `nodeid`.
+    pub id: u32,
+    /// Bytes of the cell's mapping on each node (its `numa_maps` line).
+    pub bytes_per_node: Vec<u64>,
+    /// The node the cell's vCPUs ran on most since the previous sample.
+    pub main_node: Option<usize>,
+    /// Share of the cell's memory on `main_node`.
+    pub locality: f64,
+    /// Access-weighted locality of the cell (its hot set and cold part, as for a
+    /// VM), when per-page truth was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_locality: Option<f64>,
 }
 
 /// One sample of the whole guest.

@@ -15,7 +15,23 @@ fn vm(name: &str, per_page: bool) -> VmTruth {
         pages_moved: per_page.then_some(12),
         access_locality: per_page.then_some(0.859375),
         offnode_accesses_per_s: per_page.then_some(421875.0),
+        cells: Vec::new(),
     }
+}
+
+#[test]
+fn cells_round_trip_and_stay_out_when_empty() {
+    let mut v = vm("wide", true);
+    assert!(!serde_json::to_string(&v).unwrap().contains("cells"));
+    v.cells = vec![CellTruth {
+        id: 1,
+        bytes_per_node: vec![0, 512 << 20, 0, 0],
+        main_node: Some(1),
+        locality: 1.0,
+        access_locality: Some(0.99),
+    }];
+    let text = serde_json::to_string(&v).unwrap();
+    assert_eq!(serde_json::from_str::<VmTruth>(&text).unwrap(), v);
 }
 
 fn sample() -> Sample {

@@ -77,6 +77,7 @@ fn migrate(vm: u32, from: u32, to: u32, regions: Vec<(u64, u64)>, max_bytes: u64
             to,
             regions,
             max_bytes,
+            within: None,
         },
         reason: Reason::Locality {
             locality_pct: 0.0,

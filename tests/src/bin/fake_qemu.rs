@@ -8,16 +8,46 @@
 //! that, with a controllable access pattern: vCPUs touch a hot set most of the time
 //! and the rest rarely, with a duty cycle that changes in phases over time.
 //!
-//! Options (qemu style; unknown `-opt [value]` pairs are accepted and ignored):
-//! `-name guest=NAME[,...]`, `-smp N`, `-m MiB[M|G]`, and the lab's own
+//! Guest NUMA cells are given as qemu takes them and libvirt writes them for
+//! `<cpu><numa><cell .../>`: `-object memory-backend-ram,id=ram-nodeN,size=BYTES`
+//! (or its JSON form) and `-numa node,nodeid=N,cpus=A-B,memdev=ram-nodeN` per cell,
+//! read by the balancer's own command-line parser. As in qemu, each backend is its
+//! own mapping (created in command-line order, with a guard page after it so the
+//! kernel never merges neighbours), and each cell's vCPU threads touch only their
+//! cell's memory, with a hot set per cell. The placement options apply to each
+//! cell's memory on its own. Cells must cover `-m` and every vCPU exactly.
+//!
+//! Guest RAM is advised `MADV_MERGEABLE`, as qemu does by default (`-machine
+//! mem-merge=on`), so KSM may merge it when the host runs KSM. Every page is first
+//! written with a value unique to the process and page, so nothing merges unless a
+//! scenario asks: `-lab-same-content KEY:FRACTION` fills the first FRACTION of each
+//! guest RAM mapping with pages whose content depends only on KEY and the page's
+//! index (VMs given the same KEY hold identical pages there, the case of guests
+//! booted from one image), and the vCPUs only read that part, so merged pages stay
+//! merged (a write would break the sharing).
+//!
+//! Options (qemu style; unknown `-opt [value]` pairs are accepted and ignored, so a
+//! confidential guest's `-object sev-guest,...` can be carried on the command line):
+//! `-name guest=NAME[,debug-threads=on]`, `-smp N`, `-m MiB[M|G]`, `-object`, `-numa`,
+//! `-qmp unix:PATH,server=on[,wait=off]`, and the lab's own
 //! `-lab-placement default|node|scattered|interleave`, `-lab-node N`,
 //! `-lab-chunk-mib N`, `-lab-hot-fraction F`, `-lab-hot-offset F`, `-lab-hot-pct P`,
-//! `-lab-hugetlb`, `-lab-small-pages`,
+//! `-lab-hugetlb`, `-lab-small-pages`, `-lab-same-content KEY:FRACTION`,
 //! `-lab-phases AT:DUTY[,AT:DUTY...]`, `-lab-progress FILE`.
 //!
+//! As qemu, it names its threads (`CPU n/KVM`, `IO mon_iothread`) only with
+//! `debug-threads=on`; otherwise every thread carries the process's name, and it
+//! lists its vCPU threads for the lab's ground truth in `vcpus/PID` beside the
+//! progress file (`/run/lab/vcpus/PID` in the lab; `tid index` lines). With `-qmp` it serves a minimal QMP monitor on that socket:
+//! the greeting, `qmp_capabilities` and `query-cpus-fast` with its real thread ids,
+//! one client at a time as qemu; any other command gets qemu's `CommandNotFound`.
+//!
 //! Progress: every second the I/O thread rewrites FILE (atomically) with one JSON
-//! object `{"t_s": seconds since the vCPUs started, "touches": [per vCPU]}`. The file
-//! appears only after guest memory is fully placed, so it also signals readiness.
+//! object `{"t_s": seconds since the vCPUs started, "touches": [per vCPU], "ram":
+//! [{"cell": id or null, "start": address, "len": bytes, "vcpus": [indexes]}]}`: the
+//! touches, and where each guest RAM mapping is (the harness's ground truth of which
+//! mapping is which cell). The file appears only after guest memory is fully placed,
+//! so it also signals readiness.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +55,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use vmbalancer_tests::lab::scenario::{Placement, hot_pages};
+use balancer::host::linux::discovery;
+use vmbalancer_tests::lab::scenario::{Placement, duty_pct_at, hot_pages};
 use vmbalancer_tests::lab::truth;
 
 const PAGE: usize = 4096;
@@ -49,6 +80,12 @@ struct Opts {
     small_pages: bool,
     phases: Vec<(f64, f64)>,
     progress: Option<PathBuf>,
+    debug_threads: bool,
+    qmp: Option<PathBuf>,
+    /// Guest NUMA cells: (cell id, vCPU indexes, bytes), from `-numa`/`-object`.
+    cells: Vec<(u32, Vec<u32>, u64)>,
+    /// `-lab-same-content`: (key, fraction of each mapping).
+    same_content: Option<(String, f64)>,
 }
 
 fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
@@ -66,6 +103,10 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
         small_pages: false,
         phases: vec![(0.0, 100.0)],
         progress: None,
+        debug_threads: false,
+        qmp: None,
+        cells: Vec::new(),
+        same_content: None,
     };
     let mut i = 0;
     while i < args.len() {
@@ -82,6 +123,19 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
                 let v = need()?;
                 let first = v.split(',').next().unwrap_or_default();
                 o.name = first.strip_prefix("guest=").unwrap_or(first).to_string();
+                o.debug_threads = v.split(',').any(|p| p == "debug-threads=on");
+            }
+            "-qmp" => {
+                let v = need()?;
+                let mut parts = v.split(',');
+                let path = parts
+                    .next()
+                    .and_then(|p| p.strip_prefix("unix:"))
+                    .context("-qmp: only unix:PATH is served")?;
+                if !parts.any(|p| p == "server" || p == "server=on") {
+                    bail!("-qmp: only a listening monitor (server=on) is served");
+                }
+                o.qmp = Some(PathBuf::from(path));
             }
             "-smp" => {
                 let v = need()?;
@@ -116,6 +170,17 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
                 used_value = false;
             }
             "-lab-phases" => o.phases = parse_phases(&need()?)?,
+            "-lab-same-content" => {
+                let v = need()?;
+                let (key, fraction) = v
+                    .rsplit_once(':')
+                    .context("-lab-same-content wants KEY:FRACTION")?;
+                let fraction: f64 = fraction.parse().context("-lab-same-content fraction")?;
+                if !(0.0..=1.0).contains(&fraction) || key.is_empty() {
+                    bail!("-lab-same-content: a key and a fraction in 0..1, not {v:?}");
+                }
+                o.same_content = Some((key.to_string(), fraction));
+            }
             "-lab-progress" => o.progress = Some(PathBuf::from(need()?)),
             _ if opt.starts_with('-') => {
                 // A qemu option we do not model; skip its value if it has one.
@@ -128,7 +193,60 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
     if o.vcpus == 0 || o.memory_mib == 0 || o.chunk_mib == 0 {
         bail!("-smp, -m and -lab-chunk-mib must be > 0");
     }
+    o.cells = guest_cells(args, o.vcpus, o.memory_mib << 20)?;
     Ok(o)
+}
+
+/// The guest NUMA cells of the command line, checked as qemu checks them: each
+/// cell's memory is a RAM backend, the cells' sizes add up to `-m`, and every vCPU
+/// is in exactly one cell. Empty without `-numa node`.
+fn guest_cells(
+    args: &[String],
+    vcpus: u32,
+    memory_bytes: u64,
+) -> anyhow::Result<Vec<(u32, Vec<u32>, u64)>> {
+    let argv: Vec<String> = std::iter::once("qemu-kvm".to_string())
+        .chain(args.iter().cloned())
+        .collect();
+    let cfg = discovery::parse_qemu_cmdline(&argv);
+    if let Some(w) = cfg.warnings.first() {
+        bail!("cannot read the command line: {w}");
+    }
+    if cfg.cells.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut seen = vec![false; vcpus as usize];
+    let mut total = 0u64;
+    let mut out = Vec::new();
+    for (cell, memdev) in cfg.cells.iter().zip(&cfg.cell_backend_ids) {
+        let backend = cfg
+            .backends
+            .iter()
+            .find(|b| &b.id == memdev)
+            .with_context(|| format!("guest cell {}: no memory backend {memdev:?}", cell.id))?;
+        if backend.kind != discovery::BackendKind::Ram || backend.size_bytes == 0 {
+            bail!(
+                "guest cell {}: backend {memdev:?} must be memory-backend-ram with a size",
+                cell.id
+            );
+        }
+        for &v in &cell.vcpus {
+            match seen.get_mut(v as usize) {
+                Some(s) if !*s => *s = true,
+                Some(_) => bail!("vCPU {v} is in two guest cells"),
+                None => bail!("guest cell {} names vCPU {v} of {vcpus}", cell.id),
+            }
+        }
+        total += backend.size_bytes;
+        out.push((cell.id, cell.vcpus.clone(), backend.size_bytes));
+    }
+    if let Some(v) = seen.iter().position(|s| !s) {
+        bail!("vCPU {v} is in no guest cell");
+    }
+    if total != memory_bytes {
+        bail!("the guest cells hold {total} bytes, -m is {memory_bytes}");
+    }
+    Ok(out)
 }
 
 fn parse_mib(v: &str) -> anyhow::Result<u64> {
@@ -184,6 +302,8 @@ struct GuestMemory {
     base: *mut u8,
     len: usize,
     page: usize,
+    /// Pages from the start holding `-lab-same-content`: only read by the vCPUs.
+    same_pages: usize,
 }
 
 // The mapping is plain memory shared by the vCPU threads, as in a real VM.
@@ -200,8 +320,10 @@ impl GuestMemory {
         if hugetlb {
             flags |= libc::MAP_HUGETLB;
         }
-        // hugetlb mappings are aligned by the kernel; anonymous ones get room to align.
-        let slack = if hugetlb { 0 } else { HUGE_PAGE };
+        // hugetlb mappings are aligned by the kernel; anonymous ones get room to align,
+        // and keep one inaccessible guard page after them, as qemu's RAM mappings do,
+        // so two backends side by side stay two mappings.
+        let slack = if hugetlb { 0 } else { HUGE_PAGE + PAGE };
         // SAFETY: a fresh anonymous mapping; the pointer is checked below.
         let raw = unsafe {
             libc::mmap(
@@ -230,8 +352,9 @@ impl GuestMemory {
                     libc::munmap(raw, head);
                 }
                 let tail = slack - head;
-                if tail > 0 {
-                    libc::munmap((aligned + len) as *mut libc::c_void, tail);
+                libc::mprotect((aligned + len) as *mut libc::c_void, PAGE, libc::PROT_NONE);
+                if tail > PAGE {
+                    libc::munmap((aligned + len + PAGE) as *mut libc::c_void, tail - PAGE);
                 }
                 base = aligned as *mut u8;
                 // Advice only: a kernel without THP keeps 4 KiB pages.
@@ -241,12 +364,15 @@ impl GuestMemory {
                     libc::MADV_HUGEPAGE
                 };
                 libc::madvise(base.cast(), len, advice);
+                // qemu's default mem-merge=on: KSM may merge guest RAM.
+                libc::madvise(base.cast(), len, libc::MADV_MERGEABLE);
             }
         }
         Ok(Self {
             base,
             len,
             page: if hugetlb { HUGE_PAGE } else { PAGE },
+            same_pages: 0,
         })
     }
 
@@ -265,13 +391,47 @@ impl GuestMemory {
         }
     }
 
+    /// Reads 4 KiB page `index` (a cache line of it), leaving it as it is.
+    #[inline]
+    fn read(&self, index: usize, salt: u64) -> u64 {
+        let offset = index * PAGE + ((salt as usize) & (PAGE - 64) & !63);
+        // SAFETY: index < pages() and offset stays inside that page.
+        unsafe { std::ptr::read_volatile(self.base.add(offset).cast::<u64>()) }
+    }
+
     /// First touch of `range` (bytes) under the calling thread's current policy.
+    /// Each 4 KiB page gets a value unique to this process and page, so KSM finds
+    /// nothing to merge but what `fill_same` writes.
     fn fault_in(&self, start: usize, end: usize) {
+        let unique = u64::from(std::process::id()) << 40 | self.base as u64 >> 12;
         let mut off = start;
         while off < end {
-            // SAFETY: off < len.
-            unsafe { std::ptr::write_volatile(self.base.add(off), 1) };
-            off += self.page;
+            // SAFETY: off < len, and off is 8-byte aligned (a page boundary).
+            unsafe {
+                std::ptr::write_volatile(self.base.add(off).cast::<u64>(), unique + off as u64)
+            };
+            off += PAGE.min(self.page);
+        }
+    }
+
+    /// Fills the first `fraction` of the mapping with pages that depend only on
+    /// `key` and the page index (see the module doc), and keeps vCPU writes off them.
+    fn fill_same(&mut self, key: &str, fraction: f64) {
+        let seed = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        self.same_pages = ((self.pages() as f64 * fraction) as usize).min(self.pages());
+        for page in 0..self.same_pages {
+            let mut x = seed ^ (page as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            for word in 0..PAGE / 8 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // SAFETY: the word lies inside page `page` < pages().
+                unsafe {
+                    std::ptr::write_volatile(self.base.add(page * PAGE + word * 8).cast::<u64>(), x)
+                };
+            }
         }
     }
 }
@@ -306,11 +466,7 @@ fn place(mem: &GuestMemory, o: &Opts, nodes: &[u32]) -> anyhow::Result<()> {
 }
 
 fn duty_at(phases: &[(f64, f64)], t_s: f64) -> f64 {
-    phases
-        .iter()
-        .take_while(|(at, _)| *at <= t_s)
-        .last()
-        .map_or(0.0, |&(_, d)| d)
+    duty_pct_at(phases.iter().copied(), t_s)
 }
 
 /// A vCPU: in every 100 ms period, touches memory for `duty` % of it and sleeps
@@ -338,7 +494,11 @@ fn vcpu_loop(mem: &GuestMemory, o: &Opts, start: Instant, counter: &AtomicU64, s
                 } else {
                     (r >> 32) as usize % pages
                 };
-                mem.touch(index, rng);
+                if index < mem.same_pages {
+                    std::hint::black_box(mem.read(index, rng));
+                } else {
+                    mem.touch(index, rng);
+                }
             }
             counter.fetch_add(256, Ordering::Relaxed);
         }
@@ -350,13 +510,160 @@ fn vcpu_loop(mem: &GuestMemory, o: &Opts, start: Instant, counter: &AtomicU64, s
     }
 }
 
-fn write_progress(path: &Path, start: Instant, counters: &[Arc<AtomicU64>]) {
+/// One guest RAM mapping: a cell's backend, or all of `-m` without cells.
+struct Ram {
+    cell: Option<u32>,
+    vcpus: Vec<u32>,
+    mem: Arc<GuestMemory>,
+}
+
+impl Ram {
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cell": self.cell,
+            "start": self.mem.base as u64,
+            "len": self.mem.len as u64,
+            "vcpus": self.vcpus,
+        })
+    }
+}
+
+/// Maps and places guest RAM: one mapping per cell in command-line order (qemu
+/// creates its backends so), else one for all of `-m`.
+fn map_ram(o: &Opts, nodes: &[u32]) -> anyhow::Result<Vec<Ram>> {
+    let parts: Vec<(Option<u32>, Vec<u32>, u64)> = if o.cells.is_empty() {
+        vec![(None, (0..o.vcpus).collect(), o.memory_mib << 20)]
+    } else {
+        o.cells
+            .iter()
+            .map(|(id, vcpus, bytes)| (Some(*id), vcpus.clone(), *bytes))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for (cell, vcpus, bytes) in parts {
+        let mut len = bytes as usize;
+        if o.hugetlb {
+            len = len.div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        }
+        let mut mem = GuestMemory::map(len, o.hugetlb, o.small_pages)?;
+        place(&mem, o, nodes)?;
+        if let Some((key, fraction)) = &o.same_content {
+            mem.fill_same(key, *fraction);
+        }
+        out.push(Ram {
+            cell,
+            vcpus,
+            mem: Arc::new(mem),
+        });
+    }
+    Ok(out)
+}
+
+fn write_progress(
+    path: &Path,
+    start: Instant,
+    counters: &[Arc<AtomicU64>],
+    ram: &serde_json::Value,
+) {
     let touches: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    let json = serde_json::json!({ "t_s": start.elapsed().as_secs_f64(), "touches": touches });
+    let json = serde_json::json!({
+        "t_s": start.elapsed().as_secs_f64(),
+        "touches": touches,
+        "ram": ram,
+    });
     let tmp = path.with_extension("tmp");
     if std::fs::write(&tmp, json.to_string()).is_ok() {
         let _ = std::fs::rename(&tmp, path);
     }
+}
+
+/// The calling thread's id.
+fn gettid() -> u32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+}
+
+/// A thread named as qemu would name it: only with `debug-threads=on`; otherwise it
+/// keeps the process's name.
+fn thread(name: String, debug_threads: bool) -> std::thread::Builder {
+    let b = std::thread::Builder::new();
+    if debug_threads { b.name(name) } else { b }
+}
+
+/// A minimal QMP monitor: one client at a time, the greeting, then one reply per
+/// command line. Only what vmbalancer may ask is implemented.
+fn serve_qmp(path: &Path, vcpu_tids: &[u32]) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let Ok(mut w) = conn.try_clone() else {
+            continue;
+        };
+        let greeting = serde_json::json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "fake_qemu"}, "capabilities": []}});
+        if writeln!(w, "{greeting}\r").is_err() {
+            continue;
+        }
+        let mut negotiated = false;
+        for line in BufReader::new(conn).lines() {
+            let Ok(line) = line else { break };
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+                let _ = writeln!(
+                    w,
+                    "{}\r",
+                    serde_json::json!({"error": {"class": "GenericError", "desc": "JSON parse error"}})
+                );
+                continue;
+            };
+            let id = msg.get("id").cloned();
+            let mut reply = match (msg["execute"].as_str(), negotiated) {
+                (Some("qmp_capabilities"), false) => {
+                    negotiated = true;
+                    serde_json::json!({"return": {}})
+                }
+                (Some("query-cpus-fast"), true) => serde_json::json!({"return": vcpu_tids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, tid)| serde_json::json!({
+                        "cpu-index": i,
+                        "qom-path": format!("/machine/unattached/device[{i}]"),
+                        "thread-id": tid,
+                        "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
+                        "target": "x86_64",
+                    }))
+                    .collect::<Vec<_>>()}),
+                (Some(cmd), _) => {
+                    serde_json::json!({"error": {"class": "CommandNotFound", "desc": format!("The command {cmd} has not been found")}})
+                }
+                (None, _) => {
+                    serde_json::json!({"error": {"class": "GenericError", "desc": "QMP input must be an object with 'execute'"}})
+                }
+            };
+            if let (Some(id), Some(obj)) = (id, reply.as_object_mut()) {
+                obj.insert("id".into(), id);
+            }
+            if writeln!(w, "{reply}\r").is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Lists the vCPU threads for the lab's ground truth (see the module doc): in
+/// `vcpus/` beside the progress file (`/run/lab/vcpus/PID` in the lab).
+fn publish_vcpus(progress: &Path, tids: &[u32]) -> anyhow::Result<()> {
+    let dir = progress.parent().unwrap_or(Path::new(".")).join("vcpus");
+    std::fs::create_dir_all(&dir)?;
+    let text: String = tids
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{t} {i}\n"))
+        .collect();
+    std::fs::write(dir.join(std::process::id().to_string()), text)?;
+    Ok(())
 }
 
 fn set_comm(name: &str) {
@@ -372,20 +679,23 @@ fn main() -> anyhow::Result<()> {
     let nodes: Vec<u32> = truth::read_nodes(Path::new("/"))
         .map(|n| n.into_iter().map(|n| n.id).collect())
         .unwrap_or_else(|_| vec![0]);
-    let mut len = (o.memory_mib as usize) << 20;
-    if o.hugetlb {
-        len = len.div_ceil(HUGE_PAGE) * HUGE_PAGE;
-    }
-    let mem = Arc::new(GuestMemory::map(len, o.hugetlb, o.small_pages)?);
-    place(&mem, &o, &nodes)?;
+    let rams = map_ram(&o, &nodes)?;
+    let ram_json = serde_json::Value::Array(rams.iter().map(Ram::describe).collect());
     let o = Arc::new(o);
     let start = Instant::now();
     let counters: Vec<Arc<AtomicU64>> = (0..o.vcpus).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     for (i, counter) in counters.iter().enumerate() {
-        let (mem, o, counter) = (mem.clone(), o.clone(), counter.clone());
-        std::thread::Builder::new()
-            .name(format!("CPU {i}/KVM"))
+        let mem = rams
+            .iter()
+            .find(|r| r.vcpus.contains(&(i as u32)))
+            .map(|r| r.mem.clone())
+            .context("a vCPU without guest RAM")?;
+        let (o, counter) = (o.clone(), counter.clone());
+        let tid_tx = tid_tx.clone();
+        thread(format!("CPU {i}/KVM"), o.debug_threads)
             .spawn(move || {
+                let _ = tid_tx.send((i, gettid()));
                 vcpu_loop(
                     &mem,
                     &o,
@@ -396,24 +706,42 @@ fn main() -> anyhow::Result<()> {
             })
             .context("spawning a vCPU thread")?;
     }
+    let mut vcpu_tids = vec![0u32; o.vcpus as usize];
+    for _ in 0..o.vcpus {
+        let (i, tid) = tid_rx.recv().context("a vCPU thread did not start")?;
+        vcpu_tids[i] = tid;
+    }
+    if let Some(progress) = o.progress.as_deref().filter(|_| !o.debug_threads) {
+        publish_vcpus(progress, &vcpu_tids).context("listing the vCPU threads")?;
+    }
+    if let Some(path) = o.qmp.clone() {
+        let tids = vcpu_tids.clone();
+        thread("IO monitor".into(), o.debug_threads)
+            .spawn(move || {
+                if let Err(e) = serve_qmp(&path, &tids) {
+                    eprintln!("fake qemu-kvm: QMP monitor: {e:#}");
+                }
+            })
+            .context("spawning the monitor thread")?;
+    }
     let progress = o.progress.clone();
-    let io = std::thread::Builder::new()
-        .name("IO mon_iothread".into())
+    let io = thread("IO mon_iothread".into(), o.debug_threads)
         .spawn(move || {
             loop {
                 if let Some(p) = &progress {
-                    write_progress(p, start, &counters);
+                    write_progress(p, start, &counters, &ram_json);
                 }
                 std::thread::sleep(Duration::from_secs(1));
             }
         })
         .context("spawning the I/O thread")?;
     eprintln!(
-        "fake qemu-kvm {}: {} vCPUs, {} MiB ({}), placement {}",
+        "fake qemu-kvm {}: {} vCPUs, {} MiB ({}) in {} guest cell(s), placement {}",
         o.name,
         o.vcpus,
         o.memory_mib,
         if o.hugetlb { "hugetlb" } else { "anonymous" },
+        o.cells.len().max(1),
         o.placement.name()
     );
     // The main thread stays as the emulator thread until the process is killed.
@@ -442,8 +770,125 @@ mod tests {
         assert_eq!(o.placement, Placement::Scattered);
         assert!(o.hugetlb);
         assert_eq!(o.phases, vec![(0.0, 100.0), (30.0, 10.0)]);
+        assert!(o.debug_threads);
+        assert_eq!(o.qmp, None);
+        let plain = parse_args(&args(
+            "-name guest=p -qmp unix:/run/p.qmp,server=on,wait=off -object sev-guest,id=sev0 \
+             -machine q35,confidential-guest-support=sev0",
+        ))
+        .unwrap();
+        assert!(!plain.debug_threads);
+        assert_eq!(plain.qmp, Some(PathBuf::from("/run/p.qmp")));
+        assert!(parse_args(&args("-qmp unix:/x")).is_err());
         assert!(parse_args(&args("-smp 0")).is_err());
         assert!(parse_args(&args("-lab-placement weird")).is_err());
+    }
+
+    #[test]
+    fn same_content_is_identical_across_processes_and_only_read() {
+        let o = parse_args(&args("-lab-same-content image:0.75")).unwrap();
+        assert_eq!(o.same_content, Some(("image".to_string(), 0.75)));
+        assert!(parse_args(&args("-lab-same-content image")).is_err());
+        assert!(parse_args(&args("-lab-same-content image:1.5")).is_err());
+        // Two mappings (as two VMs): the same key gives the same pages, the rest
+        // differs; another key differs everywhere.
+        let fill = |key: &str| {
+            let mut m = GuestMemory::map(16 * PAGE, false, true).unwrap();
+            m.fault_in(0, m.len);
+            m.fill_same(key, 0.5);
+            m
+        };
+        let (a, b, c) = (fill("image"), fill("image"), fill("other"));
+        let page = |m: &GuestMemory, i: usize| {
+            // SAFETY: page i < 16 of the mapping.
+            unsafe { std::slice::from_raw_parts(m.base.add(i * PAGE), PAGE).to_vec() }
+        };
+        assert_eq!(a.same_pages, 8);
+        for i in 0..8 {
+            assert_eq!(page(&a, i), page(&b, i), "page {i}");
+            assert_ne!(page(&a, i), page(&c, i), "page {i}");
+            assert_ne!(page(&a, i), page(&a, (i + 1) % 8), "page {i}");
+        }
+        for i in 8..16 {
+            assert_ne!(page(&a, i), page(&b, i), "page {i}");
+        }
+    }
+
+    #[test]
+    fn serves_query_cpus_fast_with_its_thread_ids() {
+        let dir = std::env::temp_dir().join(format!("fake-qmp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.sock");
+        let p = path.clone();
+        std::thread::spawn(move || serve_qmp(&p, &[101, 102]));
+        let got = (0..100).find_map(|_| {
+            let s = balancer::host::linux::qmp::QmpSocket {
+                path: path.display().to_string(),
+                abstract_ns: false,
+            };
+            std::thread::sleep(Duration::from_millis(20));
+            balancer::host::linux::qmp::query_vcpus(
+                Path::new("/proc"),
+                std::process::id(),
+                &s,
+                Duration::from_secs(2),
+            )
+            .ok()
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let got: Vec<(u32, u32)> = got.unwrap().iter().map(|v| (v.index, v.tid)).collect();
+        assert_eq!(got, vec![(0, 101), (1, 102)]);
+    }
+
+    #[test]
+    fn guest_cells_as_libvirt_writes_them() {
+        let o = parse_args(&args(
+            "-name guest=wide -smp 4,sockets=2,cores=2 -m 1024 \
+             -object memory-backend-ram,id=ram-node0,size=536870912 \
+             -numa node,nodeid=0,cpus=0-1,memdev=ram-node0 \
+             -object {\"qom-type\":\"memory-backend-ram\",\"id\":\"ram-node1\",\"size\":536870912} \
+             -numa node,nodeid=1,cpus=2-3,memdev=ram-node1",
+        ))
+        .unwrap();
+        assert_eq!(
+            o.cells,
+            vec![(0, vec![0, 1], 512 << 20), (1, vec![2, 3], 512 << 20)]
+        );
+        let bad = [
+            // Sizes that do not add up to -m.
+            "-smp 2 -m 1024 -object memory-backend-ram,id=a,size=256M \
+             -numa node,nodeid=0,cpus=0-1,memdev=a",
+            // A vCPU in no cell, and one out of range.
+            "-smp 2 -m 256 -object memory-backend-ram,id=a,size=256M \
+             -numa node,nodeid=0,cpus=0,memdev=a",
+            "-smp 2 -m 256 -object memory-backend-ram,id=a,size=256M \
+             -numa node,nodeid=0,cpus=0-2,memdev=a",
+            // A backend that is not there.
+            "-smp 1 -m 256 -numa node,nodeid=0,cpus=0,memdev=zz",
+        ];
+        for b in bad {
+            assert!(parse_args(&args(b)).is_err(), "{b}");
+        }
+    }
+
+    #[test]
+    fn each_cell_is_its_own_mapping() {
+        let o = parse_args(&args(
+            "-smp 2 -m 8 -object memory-backend-ram,id=a,size=4M \
+             -numa node,nodeid=0,cpus=0,memdev=a \
+             -object memory-backend-ram,id=b,size=4M -numa node,nodeid=1,cpus=1,memdev=b",
+        ))
+        .unwrap();
+        let rams = map_ram(&o, &[0]).unwrap();
+        assert_eq!(rams.len(), 2);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for r in &rams {
+            // One line of exactly the backend's size: no neighbour merged into it.
+            let (start, end) = (r.mem.base as u64, r.mem.base as u64 + (4 << 20));
+            assert!(maps.contains(&format!("{start:x}-{end:x} ")), "{maps}");
+            assert_eq!(r.describe()["len"], 4 << 20);
+        }
+        assert_eq!(rams[1].vcpus, vec![1]);
     }
 
     #[test]

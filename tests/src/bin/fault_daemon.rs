@@ -19,11 +19,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use balancer::daemon::config::Config;
-use balancer::daemon::journal::Journal;
-use balancer::daemon::run::{Daemon, Shutdown};
+use balancer::daemon::run::Shutdown;
 use balancer::host::linux::actuate::{ApplierConfig, LinuxApplier};
-use vmbalancer_tests::fault::{self, Fixed, KillAt, Phase, Script};
+use vmbalancer_tests::fault::{self, KillAt, Phase, Script};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -46,11 +44,6 @@ fn main() -> anyhow::Result<()> {
         ["mem", addr, len] => vec![fault::move_memory(pid, addr.parse()?, len.parse()?)],
         _ => bail!("unknown action {action:?}"),
     };
-    let cfg = Config {
-        state_dir: state.clone(),
-        runtime_dir: state.join("run"),
-        ..Config::default()
-    };
     let applier = LinuxApplier::new(ApplierConfig {
         sys_root: PathBuf::from(sys_root),
         headroom_bytes: 0,
@@ -59,18 +52,15 @@ fn main() -> anyhow::Result<()> {
         migration_threads: 1,
         ..ApplierConfig::default()
     });
-    let journal = Journal::open(&state)?;
-    let mut d = Daemon::new(
-        cfg,
-        Fixed(fault::vm_snapshot(pid, &tids, None)),
+    let mut d = fault::daemon(
+        fault::config(&state),
+        fault::vm_snapshot(pid, &tids, None),
         KillAt {
             inner: applier,
             phase,
         },
         Script::actions(actions),
-        Some(journal),
         Shutdown::new(),
-        false,
     );
     let recovered = d.recover()?;
     eprintln!("fault_daemon: recovered {recovered:?}");

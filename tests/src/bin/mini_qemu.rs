@@ -6,7 +6,11 @@
 //! one anonymous mapping of `-m` MiB, fully touched before it reports ready. The vCPU
 //! threads keep writing to their share of that memory, so they use some CPU.
 //!
-//! Usage: `mini_qemu -name guest=NAME,debug-threads=on -smp N -m MIB [-seconds S]`.
+//! With `-idle`, each vCPU thread writes one page of its share per second instead,
+//! as the vCPUs of an idle guest mostly halt: hundreds of such VMs fit on a small
+//! host, for the daemon's cost at scale.
+//!
+//! Usage: `mini_qemu -name guest=NAME,debug-threads=on -smp N -m MIB [-idle] [-seconds S]`.
 //! Prints `ready PID` on stdout once every thread is named and the memory is touched,
 //! then runs until killed or for `S` seconds.
 
@@ -28,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(64);
     let seconds: Option<u64> = arg_after(&args, "-seconds").and_then(|s| s.parse().ok());
+    let idle = args.iter().any(|a| a == "-idle");
 
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     let rc = unsafe {
@@ -85,8 +90,16 @@ fn main() -> anyhow::Result<()> {
                 let share = len / vcpus.max(1);
                 let start = base + n * share;
                 let mut round = 0u8;
+                let mut next = 0;
                 loop {
                     round = round.wrapping_add(1);
+                    if idle {
+                        // SAFETY: next < share, inside this thread's share.
+                        unsafe { ((start + next) as *mut u8).write_volatile(round) };
+                        next = (next + page) % share.max(page);
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
                     for off in (0..share).step_by(page) {
                         // SAFETY: inside this thread's share of the mapping.
                         unsafe { ((start + off) as *mut u8).write_volatile(round) };

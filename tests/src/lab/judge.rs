@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use super::protocol::{Sample, VmTruth};
+use super::protocol::{CellTruth, Sample, VmTruth};
 use super::scenario::{Measure, Which};
 
 /// Bytes per page in [`misplaced_pages_at_start`] (the kernel's base page; the
@@ -296,6 +296,382 @@ pub fn journal_migrating(journal: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The nodes a VM's vCPU threads were allowed on over the run: `(t_s, nodes)` from
+/// t = 0 (the balancer's start), one entry per change, as the harness polled them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeHistory {
+    pub name: String,
+    pub pid: u32,
+    pub changes: Vec<(f64, Vec<usize>)>,
+}
+
+impl NodeHistory {
+    /// The nodes just before `t_s` (the last entry earlier than it).
+    pub fn nodes_before(&self, t_s: f64) -> Option<&[usize]> {
+        self.changes
+            .iter()
+            .take_while(|(t, _)| *t < t_s - 1e-9)
+            .last()
+            .map(|(_, n)| n.as_slice())
+    }
+
+    /// Moves off one node: `(t_s, from, to nodes)` for each change whose previous
+    /// set was exactly one node.
+    pub fn moves(&self) -> Vec<(f64, usize, Vec<usize>)> {
+        self.changes
+            .windows(2)
+            .filter_map(|w| match w[0].1.as_slice() {
+                [from] if w[1].1 != w[0].1 => Some((w[1].0, *from, w[1].1.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A VM's known CPU load: its vCPUs times its duty cycle on its own clock, which
+/// read `clock_at_t0_s` when the balancer started.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KnownLoad {
+    pub name: String,
+    pub vcpus: u32,
+    /// `(at_s, duty_pct)` on the VM's clock.
+    pub phases: Vec<(f64, f64)>,
+    pub clock_at_t0_s: f64,
+}
+
+impl KnownLoad {
+    /// CPUs it wants at `t_s` after the balancer started.
+    pub fn cpus_at(&self, t_s: f64) -> f64 {
+        let duty =
+            super::scenario::duty_pct_at(self.phases.iter().copied(), t_s + self.clock_at_t0_s);
+        f64::from(self.vcpus) * duty / 100.0
+    }
+}
+
+/// One VM on the busiest node with the harness's own figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CandidateTruth {
+    pub name: String,
+    pub pid: u32,
+    /// Its resident memory (numa_maps, all nodes) at the last sample before the move.
+    pub resident_bytes: u64,
+    /// Its known load when it moved, in CPUs.
+    pub cpus: f64,
+}
+
+impl CandidateTruth {
+    pub fn bytes_per_cpu(&self) -> Option<f64> {
+        (self.cpus > 0.0).then(|| self.resident_bytes as f64 / self.cpus)
+    }
+}
+
+/// The first move off the busiest node and the VMs that were there, as the harness
+/// saw them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheapestMove {
+    /// Seconds after t = 0 when the harness saw the move.
+    pub t_s: f64,
+    pub from: usize,
+    pub to: Vec<usize>,
+    /// Known load on `from` just before, in CPUs.
+    pub load_cpus: f64,
+    pub moved: String,
+    /// The VMs confined to `from` just before, cheapest per CPU first.
+    pub candidates: Vec<CandidateTruth>,
+    /// Moves off other nodes seen before it: `(t_s, vm, from)`.
+    pub earlier_elsewhere: Vec<(f64, String, usize)>,
+}
+
+impl CheapestMove {
+    /// The cheapest VM per CPU of known load (idle VMs cannot win).
+    pub fn cheapest(&self) -> Option<&CandidateTruth> {
+        self.candidates.first().filter(|c| c.cpus > 0.0)
+    }
+
+    /// Whether the VM moved is the cheapest one and the first move off any node.
+    pub fn holds(&self) -> bool {
+        self.earlier_elsewhere.is_empty() && self.cheapest().is_some_and(|c| c.name == self.moved)
+    }
+
+    /// The figures in words, one VM after the other.
+    pub fn describe(&self) -> String {
+        let mib = |b: f64| b / f64::from(1u32 << 20);
+        let vms: Vec<String> = self
+            .candidates
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {:.0} MiB / {:.2} CPUs = {}{}",
+                    c.name,
+                    mib(c.resident_bytes as f64),
+                    c.cpus,
+                    c.bytes_per_cpu()
+                        .map_or("idle".into(), |b| format!("{:.0} MiB/CPU", mib(b))),
+                    if c.name == self.moved { " (moved)" } else { "" }
+                )
+            })
+            .collect();
+        let mut out = format!(
+            "node {} with {:.2} CPUs of known load: {} moved first, at t={:.1} s to node(s) {:?}; \
+             harness figures: {}",
+            self.from,
+            self.load_cpus,
+            self.moved,
+            self.t_s,
+            self.to,
+            vms.join(", ")
+        );
+        for (t, vm, from) in &self.earlier_elsewhere {
+            out.push_str(&format!(
+                "; but {vm} moved off node {from} before, at t={t:.1} s"
+            ));
+        }
+        out
+    }
+}
+
+/// Judges seed 004's cheapest move on the harness's own records: the node with the
+/// most known load among those VMs were confined to when the first move off a
+/// single node happened; the first VM moved off it; the VMs confined to it just
+/// before, with their resident bytes from the last sample before the move and their
+/// known loads. Err(why) when no VM was moved off a node, or none off the busiest.
+pub fn cheapest_move(
+    histories: &[NodeHistory],
+    loads: &[KnownLoad],
+    samples: &[Sample],
+) -> Result<CheapestMove, String> {
+    let mut moves: Vec<(f64, &NodeHistory, usize, Vec<usize>)> = histories
+        .iter()
+        .flat_map(|h| h.moves().into_iter().map(move |(t, f, to)| (t, h, f, to)))
+        .collect();
+    moves.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.name.cmp(&b.1.name)));
+    let t_first = moves
+        .first()
+        .ok_or("no VM's vCPUs were moved off a node")?
+        .0;
+    let load_of = |name: &str, t: f64| {
+        loads
+            .iter()
+            .find(|l| l.name == name)
+            .map_or(0.0, |l| l.cpus_at(t))
+    };
+    let on_node = |node: usize, t: f64| -> Vec<&NodeHistory> {
+        histories
+            .iter()
+            .filter(|h| h.nodes_before(t) == Some(&[node][..]))
+            .collect()
+    };
+    // The busiest node when the first move came, of those VMs were confined to.
+    let mut nodes: Vec<usize> = histories
+        .iter()
+        .filter_map(|h| match h.nodes_before(t_first) {
+            Some([n]) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let node_load = |n: usize| -> f64 {
+        on_node(n, t_first)
+            .iter()
+            .map(|h| load_of(&h.name, t_first))
+            .sum()
+    };
+    let from = nodes
+        .into_iter()
+        .max_by(|&a, &b| node_load(a).total_cmp(&node_load(b)).then(b.cmp(&a)))
+        .ok_or("no VM was confined to one node when the first move came")?;
+    let (t, moved, _, to) = moves
+        .iter()
+        .find(|m| m.2 == from)
+        .ok_or_else(|| {
+            format!(
+                "no VM moved off node {from}, the busiest ({:.2} CPUs of known load)",
+                node_load(from)
+            )
+        })?
+        .clone();
+    let before = samples
+        .iter()
+        .rev()
+        .find(|s| s.t_s <= t + 1e-9)
+        .or(samples.first());
+    let mut candidates: Vec<CandidateTruth> = on_node(from, t)
+        .into_iter()
+        .map(|h| CandidateTruth {
+            name: h.name.clone(),
+            pid: h.pid,
+            resident_bytes: before
+                .and_then(|s| s.vms.iter().find(|v| v.name == h.name))
+                .map_or(0, |v| v.bytes_per_node.iter().sum()),
+            cpus: load_of(&h.name, t),
+        })
+        .collect();
+    candidates.sort_by(|a, b| {
+        let price = |c: &CandidateTruth| c.bytes_per_cpu().unwrap_or(f64::INFINITY);
+        price(a).total_cmp(&price(b)).then(a.name.cmp(&b.name))
+    });
+    let earlier_elsewhere = moves
+        .iter()
+        .take_while(|m| m.0 < t - 1e-9)
+        .filter(|m| m.2 != from)
+        .map(|m| (m.0, m.1.name.clone(), m.2))
+        .collect();
+    Ok(CheapestMove {
+        t_s: t,
+        from,
+        to,
+        load_cpus: node_load(from),
+        moved: moved.name.clone(),
+        candidates,
+        earlier_elsewhere,
+    })
+}
+
+/// The earliest search in a `vmbalancer status --json` document that moved a VM
+/// (`cpu_choices`), as JSON.
+pub fn first_cpu_choice(status: &Value) -> Option<&Value> {
+    status
+        .get("cpu_choices")?
+        .as_array()?
+        .iter()
+        .filter(|c| c.get("chosen").is_some_and(|v| !v.is_null()))
+        .min_by_key(|c| c.get("at_ns").and_then(Value::as_u64).unwrap_or(u64::MAX))
+}
+
+/// What status says of the search behind `truth`'s move: Ok(figures) when it chose
+/// the same VM and lists every VM the harness found on the node, Err(why) if not.
+pub fn status_agrees(status: &Value, truth: &CheapestMove) -> Result<String, String> {
+    let choice = first_cpu_choice(status).ok_or("status lists no CPU move search (cpu_choices)")?;
+    let pid_of = |name: &str| {
+        truth
+            .candidates
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.pid)
+    };
+    let chosen = choice.get("chosen").and_then(Value::as_u64);
+    let cands: Vec<&Value> = choice
+        .get("candidates")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    let figures: Vec<String> = cands
+        .iter()
+        .map(|k| {
+            let num = |f: &str| k.get(f).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            let mib = |b: f64| b / f64::from(1u32 << 20);
+            format!(
+                "vm {} {:.0} MiB / {:.2} CPUs = {:.0} MiB/CPU, {}",
+                k.get("vm").map_or("?".into(), Value::to_string),
+                mib(num("resident_bytes")),
+                num("cpus_gained"),
+                mib(num("bytes_per_cpu")),
+                k.get("verdict")
+                    .map_or("?".into(), |v| variant(v).unwrap_or("?").to_string())
+            )
+        })
+        .collect();
+    let text = format!("status: chose vm {chosen:?}; {}", figures.join(", "));
+    if chosen != pid_of(&truth.moved).map(u64::from) {
+        return Err(format!("{text}; the harness saw {} move", truth.moved));
+    }
+    let listed = |pid: u32| {
+        cands
+            .iter()
+            .any(|k| k.get("vm").and_then(Value::as_u64) == Some(u64::from(pid)))
+    };
+    let missing: Vec<&str> = truth
+        .candidates
+        .iter()
+        .filter(|c| !listed(c.pid))
+        .map(|c| c.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("{text}; status lacks {missing:?}"));
+    }
+    Ok(text)
+}
+
+/// Every guest cell's locality at a sample, a VM without cells as one cell:
+/// (`vm` or `vm/cellN`, value). `None` when one lacks the measure (access-weighted
+/// locality needs per-page truth). Hot-set locality is judged as access-weighted
+/// for cells (cells carry no hot-set figure of their own).
+pub fn cell_localities(s: &Sample, measure: Measure) -> Option<Vec<(String, f64)>> {
+    let mut out = Vec::new();
+    for vm in &s.vms {
+        if vm.cells.is_empty() {
+            let v = match measure {
+                Measure::Pages => Some(vm.locality),
+                Measure::Access | Measure::Hot => vm.access_locality,
+            };
+            out.push((vm.name.clone(), v?));
+        }
+        for c in &vm.cells {
+            let v = match measure {
+                Measure::Pages => Some(c.locality),
+                Measure::Access | Measure::Hot => c.access_locality,
+            };
+            out.push((format!("{}/cell{}", vm.name, c.id), v?));
+        }
+    }
+    Some(out)
+}
+
+/// The worst of [`cell_localities`] (1 when there is nothing to judge).
+pub fn worst_cell(s: &Sample, measure: Measure) -> Option<(String, f64)> {
+    cell_localities(s, measure)?
+        .into_iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .or_else(|| Some((String::new(), 1.0)))
+}
+
+/// Where each VM's guest cells run at a sample, and whether they are apart and near:
+/// Ok(description) when every VM's cells have distinct main nodes no farther apart
+/// than `max_distance` in `distances` (SLIT rows, node index order); Err(why) else.
+pub fn cells_near(s: &Sample, distances: &[Vec<u32>], max_distance: u32) -> Result<String, String> {
+    let mut seen = Vec::new();
+    for vm in s.vms.iter().filter(|v| !v.cells.is_empty()) {
+        let nodes: Vec<usize> = vm
+            .cells
+            .iter()
+            .map(|c: &CellTruth| c.main_node)
+            .collect::<Option<_>>()
+            .ok_or_else(|| format!("{}: a cell's vCPUs did not run", vm.name))?;
+        let mut far = 0;
+        for (i, &a) in nodes.iter().enumerate() {
+            for &b in &nodes[i + 1..] {
+                if a == b {
+                    return Err(format!(
+                        "{}: two cells on node {a} (cells on {nodes:?})",
+                        vm.name
+                    ));
+                }
+                let d = distances
+                    .get(a)
+                    .and_then(|r| r.get(b))
+                    .copied()
+                    .ok_or_else(|| format!("no SLIT distance {a} -> {b}"))?;
+                far = far.max(d);
+            }
+        }
+        if far > max_distance {
+            return Err(format!(
+                "{}: cells on nodes {nodes:?}, {far} apart",
+                vm.name
+            ));
+        }
+        seen.push(format!(
+            "{}: cells on nodes {nodes:?} ({far} apart)",
+            vm.name
+        ));
+    }
+    if seen.is_empty() {
+        return Err("no VM with guest cells".into());
+    }
+    Ok(seen.join("; "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +691,7 @@ mod tests {
             pages_moved: None,
             access_locality: None,
             offnode_accesses_per_s: None,
+            cells: Vec::new(),
         }
     }
 
@@ -336,6 +713,67 @@ mod tests {
         v.hot_locality = Some(hot);
         v.cold_locality = Some(cold);
         sample(t_s, vec![v])
+    }
+
+    fn cell(id: u32, main: Option<usize>, loc: f64) -> CellTruth {
+        CellTruth {
+            id,
+            bytes_per_node: vec![],
+            main_node: main,
+            locality: loc,
+            access_locality: Some(loc + 0.05),
+        }
+    }
+
+    #[test]
+    fn cells_are_judged_one_by_one() {
+        let mut wide = vm("wide", [0; 4], [0; 4]);
+        wide.locality = 0.9;
+        wide.cells = vec![cell(0, Some(0), 0.95), cell(1, Some(1), 0.6)];
+        let mut small = vm("small", [0; 4], [0; 4]);
+        small.locality = 0.8;
+        small.access_locality = Some(0.99);
+        let s = sample(5.0, vec![wide, small]);
+        let pages = cell_localities(&s, Measure::Pages).unwrap();
+        assert_eq!(
+            pages,
+            vec![
+                ("wide/cell0".to_string(), 0.95),
+                ("wide/cell1".to_string(), 0.6),
+                ("small".to_string(), 0.8)
+            ]
+        );
+        assert_eq!(worst_cell(&s, Measure::Pages).unwrap().0, "wide/cell1");
+        let access = worst_cell(&s, Measure::Access).unwrap();
+        assert_eq!(access.0, "wide/cell1");
+        assert!((access.1 - 0.65).abs() < 1e-9);
+        // A VM without per-page truth: no access figure.
+        let mut s2 = s.clone();
+        s2.vms[1].access_locality = None;
+        assert!(cell_localities(&s2, Measure::Access).is_none());
+    }
+
+    #[test]
+    fn cells_near_on_a_ring() {
+        // The lab's ring: neighbours 21, across 31.
+        let slit = vec![
+            vec![10, 21, 31, 21],
+            vec![21, 10, 21, 31],
+            vec![31, 21, 10, 21],
+            vec![21, 31, 21, 10],
+        ];
+        let with = |a: Option<usize>, b: Option<usize>| {
+            let mut v = vm("wide", [0; 4], [0; 4]);
+            v.cells = vec![cell(0, a, 1.0), cell(1, b, 1.0)];
+            sample(5.0, vec![v, vm("small", [0; 4], [0; 4])])
+        };
+        assert!(cells_near(&with(Some(0), Some(1)), &slit, 21).is_ok());
+        assert!(cells_near(&with(Some(3), Some(0)), &slit, 21).is_ok());
+        let across = cells_near(&with(Some(0), Some(2)), &slit, 21).unwrap_err();
+        assert!(across.contains("31 apart"), "{across}");
+        assert!(cells_near(&with(Some(1), Some(1)), &slit, 21).is_err());
+        assert!(cells_near(&with(Some(1), None), &slit, 21).is_err());
+        assert!(cells_near(&sample(0.0, vec![]), &slit, 21).is_err());
     }
 
     #[test]
@@ -536,6 +974,148 @@ mod tests {
         .unwrap();
         assert_eq!(count_refusals(&with_list, "TargetMemoryFull"), 1);
         assert_eq!(count_decisions(&Value::Null, "X"), 0);
+    }
+
+    fn hist(name: &str, pid: u32, changes: &[(f64, &[usize])]) -> NodeHistory {
+        NodeHistory {
+            name: name.into(),
+            pid,
+            changes: changes.iter().map(|(t, n)| (*t, n.to_vec())).collect(),
+        }
+    }
+
+    fn load(name: &str, vcpus: u32, busy_pct: f64) -> KnownLoad {
+        KnownLoad {
+            name: name.into(),
+            vcpus,
+            // Quiet until 30 s of the VM's clock, which read 5 s at t = 0.
+            phases: vec![(0.0, 10.0), (30.0, busy_pct)],
+            clock_at_t0_s: 5.0,
+        }
+    }
+
+    /// A move seen by the harness: (t_s, VM, to node).
+    type Move<'a> = (f64, &'a str, usize);
+
+    /// db, web and mail placed on node 0 at 1 s, other VMs on node 1; `moves` are
+    /// (t, vm, to) after that.
+    fn cheapest_case(moves: &[Move<'_>]) -> (Vec<NodeHistory>, Vec<KnownLoad>, Vec<Sample>) {
+        let all: &[usize] = &[0, 1, 2, 3];
+        let mut hs = Vec::new();
+        for (pid, name, node) in [(1, "db", 0), (2, "web", 0), (3, "mail", 0), (4, "quiet", 1)] {
+            let mut changes: Vec<(f64, Vec<usize>)> = vec![(0.0, all.to_vec()), (1.0, vec![node])];
+            for &(t, _, to) in moves.iter().filter(|m| m.1 == name) {
+                changes.push((t, vec![to]));
+            }
+            hs.push(NodeHistory {
+                name: name.into(),
+                pid,
+                changes,
+            });
+        }
+        let loads = vec![
+            load("db", 2, 100.0),
+            load("web", 1, 100.0),
+            load("mail", 1, 25.0),
+            load("quiet", 2, 10.0),
+        ];
+        let mib = 1 << 20;
+        let samples = [0.0, 21.0, 24.0]
+            .iter()
+            .map(|&t| {
+                sample(
+                    t,
+                    vec![
+                        vm("db", [512 * mib, 0, 0, 0], [0; 4]),
+                        vm("web", [384 * mib, 0, 0, 0], [0; 4]),
+                        vm("mail", [128 * mib, 0, 0, 0], [0; 4]),
+                        vm("quiet", [0, 256 * mib, 0, 0], [0; 4]),
+                    ],
+                )
+            })
+            .collect();
+        (hs, loads, samples)
+    }
+
+    #[test]
+    fn node_history_moves_and_state() {
+        let h = hist(
+            "a",
+            1,
+            &[(0.0, &[0, 1]), (1.0, &[0]), (9.0, &[2]), (12.0, &[2, 3])],
+        );
+        assert_eq!(h.nodes_before(1.0), Some(&[0, 1][..]));
+        assert_eq!(h.nodes_before(5.0), Some(&[0][..]));
+        assert_eq!(h.nodes_before(0.0), None);
+        // Placement (from all nodes) is not a move; a widening off one node is.
+        assert_eq!(h.moves(), vec![(9.0, 0, vec![2]), (12.0, 2, vec![2, 3])]);
+        let l = load("db", 2, 100.0);
+        assert_eq!(l.cpus_at(20.0), 0.2);
+        assert_eq!(l.cpus_at(25.0), 2.0);
+    }
+
+    #[test]
+    fn cheapest_move_table() {
+        // (moves, holds, moved)
+        let cases: &[(&[Move<'_>], bool, &str)] = &[
+            // db: 256 MiB per CPU, web 384, mail 512: db first is right.
+            (&[(26.0, "db", 2)], true, "db"),
+            // Same poll as a quiet VM elsewhere: still first off the busy node.
+            (&[(26.0, "db", 2), (26.0, "quiet", 3)], true, "db"),
+            // mail (fewest bytes, most per CPU) first: wrong.
+            (&[(26.0, "mail", 2), (27.0, "db", 3)], false, "mail"),
+            // A move elsewhere before any off node 0: wrong.
+            (&[(25.5, "quiet", 3), (26.0, "db", 2)], false, "db"),
+        ];
+        for (moves, holds, moved) in cases {
+            let (hs, loads, samples) = cheapest_case(moves);
+            let m = cheapest_move(&hs, &loads, &samples).unwrap();
+            assert_eq!(m.from, 0, "{moves:?}");
+            assert_eq!(m.moved, *moved, "{moves:?}");
+            assert_eq!(m.holds(), *holds, "{moves:?}: {}", m.describe());
+            let names: Vec<&str> = m.candidates.iter().map(|c| c.name.as_str()).collect();
+            assert_eq!(names, vec!["db", "web", "mail"]);
+            assert!(
+                m.describe()
+                    .contains("db 512 MiB / 2.00 CPUs = 256 MiB/CPU"),
+                "{}",
+                m.describe()
+            );
+        }
+        let (hs, loads, samples) = cheapest_case(&[]);
+        assert!(cheapest_move(&hs, &loads, &samples).is_err());
+    }
+
+    #[test]
+    fn status_agreement() {
+        let (hs, loads, samples) = cheapest_case(&[(26.0, "db", 2)]);
+        let truth = cheapest_move(&hs, &loads, &samples).unwrap();
+        let doc = |chosen: u32, listed: &[u32]| -> Value {
+            let cands: Vec<Value> = listed
+                .iter()
+                .map(|&vm| {
+                    serde_json::json!({"vm": vm, "resident_bytes": 1u64 << 29, "cpus_gained": 2.0,
+                        "bytes_per_cpu": (1u64 << 28) as f64, "verdict": "Chosen"})
+                })
+                .collect();
+            serde_json::json!({"cpu_choices": [
+                {"at_ns": 9, "from": 1, "chosen": 4, "candidates": []},
+                {"at_ns": 5, "from": 0, "chosen": chosen, "candidates": cands},
+                {"at_ns": 1, "from": 0, "chosen": null, "candidates": []}
+            ]})
+        };
+        let ok = status_agrees(&doc(1, &[1, 2, 3]), &truth).unwrap();
+        assert!(
+            ok.contains("vm 1 512 MiB / 2.00 CPUs = 256 MiB/CPU, Chosen"),
+            "{ok}"
+        );
+        assert!(status_agrees(&doc(3, &[1, 2, 3]), &truth).is_err());
+        assert!(
+            status_agrees(&doc(1, &[1, 2]), &truth)
+                .unwrap_err()
+                .contains("mail")
+        );
+        assert!(status_agrees(&Value::Null, &truth).is_err());
     }
 
     #[test]

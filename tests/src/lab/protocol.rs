@@ -8,5 +8,5 @@
 //! harness and the judges name them as parts of the lab.
 
 pub use lab_protocol::{
-    MalformedLine, MoverBench, PREFIX, Record, Sample, Summary, VmTruth, parse_line,
+    CellTruth, MalformedLine, MoverBench, PREFIX, Record, Sample, Summary, VmTruth, parse_line,
 };

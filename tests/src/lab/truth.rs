@@ -1,18 +1,22 @@
 //! Ground-truth readers: what the kernel itself says, from /proc and /sys.
 //!
-//! The lab judges a balancer by these numbers, so what it measures the balancer by
-//! (memory per node from `numa_maps`, the guest RAM mapping) is read here with our
-//! own small parsers rather than through vmbalancer's host layer: a bug there must not
-//! be able to hide itself. Formats with one well-tested reader are the exception:
-//! per-thread `stat` (the `procfs` crate's parser through the balancer's reader),
-//! thread lists and the kernel's list format (`0-3,8`) go through the balancer, so no
-//! second hand parser of them is left to disagree. Every reader takes a root directory, so the parsers run
-//! on captured fixture trees in tests.
+//! The lab judges a balancer by these numbers. Every kernel format is parsed by the
+//! balancer's one parser of it (`numa_maps` and `maps`, per-thread `stat` through the
+//! `procfs` crate, thread lists, the kernel's list format `0-3,8`), so no second hand
+//! parser is left to disagree with it; those parsers are fuzzed and tested on captured
+//! trees. What stays the lab's own is the judgement: which mapping is guest RAM, which
+//! memory is the process's own, which node a VM's vCPUs ran on. The numbers it judges
+//! by come from the kernel's own accounting, not from anything vmbalancer computes or
+//! reports. Every reader takes a root directory, so the readers run on captured
+//! fixture trees in tests.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::Path;
+
+use balancer::host::linux::numa_maps::{self, MappingKind, NumaMapping};
+use balancer::model::CpuSet;
 
 /// Errors reading ground truth.
 #[derive(Debug, thiserror::Error)]
@@ -31,10 +35,10 @@ fn read(root: &Path, rel: &str) -> Result<String, TruthError> {
     })
 }
 
-fn parse_err(what: &str, detail: impl Into<String>) -> TruthError {
+fn parse_err(what: &str, detail: impl std::fmt::Display) -> TruthError {
     TruthError::Parse {
         what: what.into(),
-        detail: detail.into(),
+        detail: detail.to_string(),
     }
 }
 
@@ -86,55 +90,59 @@ pub fn cpu_to_node(nodes: &[NodeInfo]) -> BTreeMap<u32, usize> {
     map
 }
 
-/// Sums a `numa_maps` file into bytes per node (index = node id), honouring
-/// `kernelpagesize_kB` (hugetlb mappings count 2 MiB pages).
-pub fn numa_maps_bytes_per_node(text: &str, n_nodes: usize) -> Vec<u64> {
-    lines_bytes_per_node(text.lines(), n_nodes)
+/// Parses a `numa_maps` text with the balancer's one parser of it; a bad line is an
+/// error here too (a half-read file would under-count a VM).
+fn parse_numa_maps(text: &str) -> Result<Vec<NumaMapping>, TruthError> {
+    numa_maps::parse_numa_maps(text).map_err(|e| parse_err("numa_maps", e))
 }
 
-fn lines_bytes_per_node<'a>(lines: impl Iterator<Item = &'a str>, n_nodes: usize) -> Vec<u64> {
-    let mut out = vec![0u64; n_nodes];
-    for line in lines {
-        let page_kb = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("kernelpagesize_kB="))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(4);
-        for word in line.split_whitespace() {
-            let Some(rest) = word.strip_prefix('N') else {
-                continue;
-            };
-            let Some((node, count)) = rest.split_once('=') else {
-                continue;
-            };
-            if let (Ok(node), Ok(count)) = (node.parse::<usize>(), count.parse::<u64>())
-                && node < n_nodes
-            {
-                out[node] += count * page_kb * 1024;
-            }
+/// Adds a mapping's resident bytes per node into `out` (index = node id; nodes past
+/// `out` are not the lab's and are left out).
+fn add_bytes(out: &mut [u64], m: &NumaMapping) -> Result<(), TruthError> {
+    let per_node = m.bytes_per_node().map_err(|e| parse_err("numa_maps", e))?;
+    for (node, bytes) in per_node {
+        if let Some(sum) = out.get_mut(node as usize) {
+            *sum += bytes;
         }
     }
-    out
+    Ok(())
 }
 
-/// Whether a `numa_maps` line is the process's own memory: anonymous mappings (guest
-/// RAM, heap, stacks), memfd and hugetlb (numa_maps names it `file=/anon_hugepage` or
-/// by its hugetlbfs path, with the `huge` flag). Mappings of ordinary files (the
-/// program, shared libraries) are left out: their pages are page cache shared with
-/// every other process mapping the same file, which `move_pages` does not move for
-/// one process and no balancer should.
-fn is_private_memory(line: &str) -> bool {
-    let mut words = line.split_whitespace().skip(2);
-    match words.find_map(|w| w.strip_prefix("file=")) {
-        None => true,
-        Some(path) => path.starts_with("/memfd:") || line.split_whitespace().any(|w| w == "huge"),
+fn sum_bytes_per_node<'a>(
+    mappings: impl Iterator<Item = &'a NumaMapping>,
+    n_nodes: usize,
+) -> Result<Vec<u64>, TruthError> {
+    let mut out = vec![0u64; n_nodes];
+    for m in mappings {
+        add_bytes(&mut out, m)?;
     }
+    Ok(out)
+}
+
+/// Sums a `numa_maps` file into bytes per node (index = node id), honouring
+/// `kernelpagesize_kB` (hugetlb mappings count 2 MiB pages).
+pub fn numa_maps_bytes_per_node(text: &str, n_nodes: usize) -> Result<Vec<u64>, TruthError> {
+    sum_bytes_per_node(parse_numa_maps(text)?.iter(), n_nodes)
+}
+
+/// Whether a mapping is the process's own memory: anonymous mappings (guest RAM,
+/// heap, stacks), memfd and hugetlb (numa_maps names it `file=/anon_hugepage` or by
+/// its hugetlbfs path, with the `huge` flag). Mappings of ordinary files (the program,
+/// shared libraries) are left out: their pages are page cache shared with every other
+/// process mapping the same file, which `move_pages` does not move for one process and
+/// no balancer should.
+fn is_private_memory(m: &NumaMapping) -> bool {
+    !matches!(m.kind, MappingKind::File(_)) || m.is_memfd() || m.huge
 }
 
 /// Like [`numa_maps_bytes_per_node`], counting only the process's own memory
 /// ([`is_private_memory`]): what the lab calls a VM's memory.
-pub fn numa_maps_private_bytes_per_node(text: &str, n_nodes: usize) -> Vec<u64> {
-    lines_bytes_per_node(text.lines().filter(|l| is_private_memory(l)), n_nodes)
+pub fn numa_maps_private_bytes_per_node(
+    text: &str,
+    n_nodes: usize,
+) -> Result<Vec<u64>, TruthError> {
+    let mappings = parse_numa_maps(text)?;
+    sum_bytes_per_node(mappings.iter().filter(|m| is_private_memory(m)), n_nodes)
 }
 
 /// The fields of `/proc/PID/task/TID/stat` the lab uses.
@@ -173,9 +181,36 @@ pub fn read_vmstat(root: &Path) -> Result<BTreeMap<String, u64>, TruthError> {
     Ok(parse_vmstat(&read(root, "proc/vmstat")?))
 }
 
+/// Where a fake VM whose threads are not named lists its vCPU threads (`tid index`
+/// lines), so the lab's ground truth never depends on what vmbalancer has to find
+/// out by itself (the QMP monitor).
+pub fn vcpu_list_path(root: &Path, pid: u32) -> std::path::PathBuf {
+    root.join(format!("run/lab/vcpus/{pid}"))
+}
+
 /// The vCPU threads of a qemu-like process: (tid, vCPU index) for every thread
-/// named `CPU n/KVM` (or `CPU n/TCG` under emulation).
+/// named `CPU n/KVM` (or `CPU n/TCG` under emulation); for a fake VM without named
+/// threads, the list it wrote at [`vcpu_list_path`].
 pub fn vcpu_threads(root: &Path, pid: u32) -> Result<Vec<(u32, u32)>, TruthError> {
+    let named = named_vcpu_threads(root, pid)?;
+    if !named.is_empty() {
+        return Ok(named);
+    }
+    let Ok(list) = fs::read_to_string(vcpu_list_path(root, pid)) else {
+        return Ok(named);
+    };
+    let mut out: Vec<(u32, u32)> = list
+        .lines()
+        .filter_map(|l| {
+            let (tid, idx) = l.split_once(' ')?;
+            Some((tid.trim().parse().ok()?, idx.trim().parse().ok()?))
+        })
+        .collect();
+    out.sort_by_key(|&(_, idx)| idx);
+    Ok(out)
+}
+
+fn named_vcpu_threads(root: &Path, pid: u32) -> Result<Vec<(u32, u32)>, TruthError> {
     let proc = root.join("proc");
     let tids =
         balancer::host::linux::procfs::list_tasks(&proc, pid).map_err(|e| TruthError::Io {
@@ -208,38 +243,31 @@ pub fn read_numa_maps(root: &Path, pid: u32) -> Result<String, TruthError> {
     read(root, &format!("proc/{pid}/numa_maps"))
 }
 
-/// The guest RAM mapping of a fake VM, chosen from `/proc/PID/maps` text: the
-/// anonymous mapping (no path) exactly `configured_bytes` long, else the smallest
-/// anonymous one at least that long (the kernel may have merged a neighbour).
-/// Returns (start address, length in bytes).
+/// Whether a `/proc/PID/maps` path is hugetlbfs memory: `MAP_HUGETLB` mappings show
+/// as `/anon_hugepage`, and qemu's `memory-backend-file` on a hugetlbfs mount (libvirt's
+/// `<hugepages/>`: `/dev/hugepages/libvirt/qemu/...`, where systemd mounts it) maps an
+/// unlinked file under a `hugepages` directory.
+fn is_hugetlb_path(path: &str) -> bool {
+    path.starts_with("/anon_hugepage") || path.contains("/hugepages")
+}
+
+/// The guest RAM mapping of a VM, chosen from `/proc/PID/maps` text: the anonymous
+/// (no path) or hugetlbfs ([`is_hugetlb_path`]) mapping exactly `configured_bytes`
+/// long, else the smallest such one at least that long (the kernel may have merged a
+/// neighbour). Returns (start address, length in bytes).
 pub fn guest_ram_mapping(maps: &str, configured_bytes: u64) -> Result<(u64, u64), TruthError> {
+    let entries = numa_maps::parse_maps(maps).map_err(|e| parse_err("maps", e))?;
     let mut best: Option<(u64, u64)> = None;
-    for line in maps.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(_off), Some(_dev), Some(inode)) = (
-            words.next(),
-            words.next(),
-            words.next(),
-            words.next(),
-            words.next(),
-        ) else {
-            continue;
-        };
-        if inode != "0" || words.next().is_some() {
-            continue; // file-backed or named ([heap], [stack], ...)
-        }
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
-        let len = b.saturating_sub(a);
+    for e in entries
+        .iter()
+        .filter(|e| e.path.is_empty() || is_hugetlb_path(&e.path))
+    {
+        let len = e.len_bytes();
         if len == configured_bytes {
-            return Ok((a, len));
+            return Ok((e.start_addr, len));
         }
         if len > configured_bytes && best.is_none_or(|(_, l)| len < l) {
-            best = Some((a, len));
+            best = Some((e.start_addr, len));
         }
     }
     best.ok_or_else(|| {
@@ -256,16 +284,12 @@ pub fn numa_maps_mapping_bytes_per_node(
     start: u64,
     n_nodes: usize,
 ) -> Result<Vec<u64>, TruthError> {
-    let line = numa_maps
-        .lines()
-        .find(|l| {
-            l.split_whitespace()
-                .next()
-                .and_then(|a| u64::from_str_radix(a, 16).ok())
-                == Some(start)
-        })
+    let mappings = parse_numa_maps(numa_maps)?;
+    let m = mappings
+        .iter()
+        .find(|m| m.start_addr == start)
         .ok_or_else(|| parse_err("numa_maps", format!("no line for mapping {start:#x}")))?;
-    Ok(numa_maps_bytes_per_node(line, n_nodes))
+    sum_bytes_per_node(std::iter::once(m), n_nodes)
 }
 
 /// A fake VM's guest RAM per node (index = node id), read from /proc/PID/maps and
@@ -281,21 +305,13 @@ pub fn read_guest_ram_bytes_per_node(
     numa_maps_mapping_bytes_per_node(&read_numa_maps(root, pid)?, start, n_nodes)
 }
 
-/// The `Cpus_allowed_list` value of a `/proc/PID/task/TID/status` text: the CPUs the
-/// task may run on, as the kernel lists them (`0-3,6`).
-pub fn parse_cpus_allowed(status: &str) -> Option<&str> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(str::trim)
-}
-
-/// A task's allowed CPUs (see [`parse_cpus_allowed`]).
-pub fn read_cpus_allowed(root: &Path, pid: u32, tid: u32) -> Result<String, TruthError> {
+/// A task's allowed CPUs (`Cpus_allowed_list` of `/proc/PID/task/TID/status`), read
+/// with the balancer's one parser of that file.
+pub fn read_cpus_allowed(root: &Path, pid: u32, tid: u32) -> Result<CpuSet, TruthError> {
     let text = read(root, &format!("proc/{pid}/task/{tid}/status"))?;
-    parse_cpus_allowed(&text)
-        .map(str::to_string)
-        .ok_or_else(|| parse_err("status", "no Cpus_allowed_list"))
+    balancer::host::linux::procfs::parse_status(&text)
+        .map(|s| s.cpus_allowed)
+        .map_err(|e| parse_err("status", e))
 }
 
 pub fn read_task_stat(root: &Path, pid: u32, tid: u32) -> Result<TaskStat, TruthError> {
@@ -319,7 +335,7 @@ mod tests {
         let text = "7f00 default anon=10 dirty=10 N0=6 N2=4 kernelpagesize_kB=4\n\
                     7f80 default file=/anon_hugepage\\040(deleted) huge dirty=3 N1=3 kernelpagesize_kB=2048\n\
                     5600 default file=/usr/bin/x mapped=2 N3=2 kernelpagesize_kB=4\n";
-        let b = numa_maps_bytes_per_node(text, 4);
+        let b = numa_maps_bytes_per_node(text, 4).unwrap();
         assert_eq!(b, vec![6 * 4096, 3 * 2048 * 1024, 4 * 4096, 2 * 4096]);
     }
 
@@ -330,7 +346,7 @@ mod tests {
                     5600 default file=/usr/bin/x mapped=2 mapmax=8 N3=2 kernelpagesize_kB=4\n\
                     5700 default heap anon=1 dirty=1 N3=1 kernelpagesize_kB=4\n\
                     7e00 default file=/memfd:ram\\040(deleted) dirty=2 N3=2 kernelpagesize_kB=4\n";
-        let b = numa_maps_private_bytes_per_node(text, 4);
+        let b = numa_maps_private_bytes_per_node(text, 4).unwrap();
         assert_eq!(b, vec![6 * 4096, 3 * 2048 * 1024, 4 * 4096, 3 * 4096]);
     }
 
@@ -369,6 +385,18 @@ mod tests {
             (0x7f8000000, 0x200000)
         );
         assert!(guest_ram_mapping(maps, 0x10000000).is_err());
+        // hugetlbfs: libvirt's <hugepages/> backing file and MAP_HUGETLB.
+        let huge = "7f0000000-7f8000000 rw-s 00000000 00:2f 1234   /dev/hugepages/libvirt/qemu/1-vm1/qemu_back_mem.pc.ram.Xa3 (deleted)\n\
+                    7f8000000-7fa000000 rw-s 00000000 00:0f 99   /anon_hugepage (deleted)\n\
+                    7fa000000-7fc000000 r--s 00000000 08:01 77   /usr/lib/big.so\n";
+        assert_eq!(
+            guest_ram_mapping(huge, 0x8000000).unwrap(),
+            (0x7f0000000, 0x8000000)
+        );
+        assert_eq!(
+            guest_ram_mapping(huge, 0x2000000).unwrap(),
+            (0x7f8000000, 0x2000000)
+        );
         let numa = "7f0000000 default anon=3 dirty=3 N0=1 N3=2 kernelpagesize_kB=4\n\
                     7f8000000 default anon=9 N1=9 kernelpagesize_kB=4\n";
         assert_eq!(
@@ -380,9 +408,19 @@ mod tests {
 
     #[test]
     fn allowed_cpus() {
-        let status = "Name:\tCPU 0/KVM\nCpus_allowed:\tf\nCpus_allowed_list:\t0-1,3\nMems_allowed_list:\t0-3\n";
-        assert_eq!(parse_cpus_allowed(status), Some("0-1,3"));
-        assert_eq!(parse_cpus_allowed("Name:\tx\n"), None);
+        let root = std::env::temp_dir().join(format!("vmb-truth-{}", std::process::id()));
+        let task = root.join("proc/7/task/8");
+        fs::create_dir_all(&task).unwrap();
+        fs::write(
+            task.join("status"),
+            "Name:\tCPU 0/KVM\nTgid:\t7\nCpus_allowed:\tf\nCpus_allowed_list:\t0-1,3\n",
+        )
+        .unwrap();
+        let cpus = read_cpus_allowed(&root, 7, 8).unwrap();
+        assert_eq!(cpus.to_string(), "0-1,3");
+        fs::write(task.join("status"), "Name:\tx\nTgid:\t7\n").unwrap();
+        assert!(read_cpus_allowed(&root, 7, 8).is_err());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -141,6 +141,23 @@ fn mib_per_node(bytes: &[u64]) -> String {
     v.join("/")
 }
 
+/// Where a VM or a guest cell stood at one sample: the node its vCPUs ran on most,
+/// its memory per node (MiB), its page locality and its access-weighted locality.
+fn placement(
+    main_node: Option<usize>,
+    bytes_per_node: &[u64],
+    locality: f64,
+    access_locality: Option<f64>,
+) -> String {
+    let node = main_node.map_or("-".into(), |n| n.to_string());
+    let acc = access_locality.map_or("  -".into(), |v| format!("{:>3.0}", v * 100.0));
+    format!(
+        "node {node} [{}] {:>4.0}% acc {acc}%",
+        mib_per_node(bytes_per_node),
+        locality * 100.0
+    )
+}
+
 /// Per VM: where its vCPUs ran most and its memory per node (MiB), at the first
 /// and the last sample of one run.
 pub fn before_after(balancer: &str, samples: &[Sample]) -> String {
@@ -152,22 +169,40 @@ pub fn before_after(balancer: &str, samples: &[Sample]) -> String {
          (pages, access-weighted)\n",
         first.t_s, last.t_s
     );
-    let pct = |v: Option<f64>| v.map_or("  -".into(), |v| format!("{:>3.0}", v * 100.0));
     for (a, b) in first.vms.iter().zip(&last.vms) {
-        let node = |n: Option<usize>| n.map_or("-".into(), |n| n.to_string());
-        let _ = writeln!(
-            out,
-            "  {:<6} node {} [{}] {:>4.0}% acc {}%  ->  node {} [{}] {:>4.0}% acc {}%",
-            a.name,
-            node(a.main_node),
-            mib_per_node(&a.bytes_per_node),
-            a.locality * 100.0,
-            pct(a.access_locality),
-            node(b.main_node),
-            mib_per_node(&b.bytes_per_node),
-            b.locality * 100.0,
-            pct(b.access_locality)
+        let (before, after) = (
+            placement(
+                a.main_node,
+                &a.bytes_per_node,
+                a.locality,
+                a.access_locality,
+            ),
+            placement(
+                b.main_node,
+                &b.bytes_per_node,
+                b.locality,
+                b.access_locality,
+            ),
         );
+        let _ = writeln!(out, "  {:<6} {before}  ->  {after}", a.name);
+        // A VM with guest NUMA cells: each cell against its own vCPUs' node.
+        for (ca, cb) in a.cells.iter().zip(&b.cells) {
+            let (before, after) = (
+                placement(
+                    ca.main_node,
+                    &ca.bytes_per_node,
+                    ca.locality,
+                    ca.access_locality,
+                ),
+                placement(
+                    cb.main_node,
+                    &cb.bytes_per_node,
+                    cb.locality,
+                    cb.access_locality,
+                ),
+            );
+            let _ = writeln!(out, "    cell {} {before}  ->  {after}", ca.id);
+        }
     }
     out
 }
@@ -175,6 +210,56 @@ pub fn before_after(balancer: &str, samples: &[Sample]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn before_after_shows_each_guest_cell() {
+        use lab_protocol::{CellTruth, VmTruth};
+        let cell = |id, node, mib: [u64; 4], loc| CellTruth {
+            id,
+            bytes_per_node: mib.iter().map(|m| m << 20).collect(),
+            main_node: Some(node),
+            locality: loc,
+            access_locality: None,
+        };
+        let sample = |t_s, cells: Vec<CellTruth>| Sample {
+            t_s,
+            locality_mean: 0.0,
+            locality_min: 0.0,
+            vcpu_load_per_node: vec![0.0; 4],
+            vms: vec![VmTruth {
+                name: "wide".into(),
+                pid: 1,
+                bytes_per_node: vec![256 << 20; 4],
+                vcpu_ticks_per_node: vec![0; 4],
+                vcpu_nodes: vec![],
+                main_node: Some(0),
+                locality: 0.25,
+                touches_per_vcpu_s: 0.0,
+                hot_locality: None,
+                cold_locality: None,
+                pages_moved: None,
+                access_locality: None,
+                offnode_accesses_per_s: None,
+                cells,
+            }],
+            access_locality_mean: None,
+            hot_locality_mean: None,
+            offnode_accesses_per_s: None,
+        };
+        let text = before_after(
+            "vmbalancer",
+            &[
+                sample(0.0, vec![cell(1, 2, [128; 4], 0.25)]),
+                sample(60.0, vec![cell(1, 3, [0, 0, 0, 512], 1.0)]),
+            ],
+        );
+        assert!(
+            text.contains(
+                "cell 1 node 2 [128/128/128/128]   25% acc   -%  ->  node 3 [  0/  0/  0/512]  100%"
+            ),
+            "{text}"
+        );
+    }
 
     fn summary(name: &str, work: u64, loc: f64) -> Summary {
         let series: Vec<(f64, f64)> = (0..13).map(|i| (i as f64 * 5.0, loc)).collect();

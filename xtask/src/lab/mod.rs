@@ -110,7 +110,8 @@ use scenarios::{list, load_scenario};
 /// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`), each once
 /// under its own balancer: those whose subject has no counterpart under none,
 /// autonuma or numad (a dry run, trace's own report, a SIGKILLed and restarted
-/// daemon, a systemd-style start, numad's `-R` reserved CPUs; the stack guest's
+/// daemon, a systemd-style start, numad's `-R` reserved CPUs, the choice of the
+/// cheapest VM to move off an overloaded node; the stack guest's
 /// libvirt domains balanced by the packaged daemon under systemd).
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
@@ -122,7 +123,10 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
             "crash",
             "daemon-unit",
             "reserved",
+            "cheapest-move",
             "stack-scattered",
+            "stack-lifecycle",
+            "guest-cells",
         ],
     ),
     (KernelGen::V6_12, &["boot"]),

@@ -20,16 +20,28 @@ use anyhow::{Context, bail};
 pub struct GuestHung {
     pub timeout_s: u64,
     pub lines: Vec<String>,
+    /// Killed because it printed nothing for [`SILENCE_LIMIT`] while it sampled
+    /// (rather than at the timeout).
+    pub silent: bool,
 }
 
+/// How long a guest may print nothing once it samples (a sample line every 3-5 s,
+/// and no assertion command during the sampling blocks longer than 120 s) before it
+/// is taken for stopped.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(150);
+
 impl GuestHung {
-    /// Whether the guest kernel reported a CPU stuck in the kernel (soft lockup) or
-    /// an RCU stall: the emulated machine stopped making progress, as opposed to a
-    /// scenario that waited too long.
-    pub fn kernel_stalled(&self) -> bool {
-        self.lines
-            .iter()
-            .any(|l| l.contains("soft lockup") || l.contains("rcu_preempt self-detected stall"))
+    /// Whether the emulated machine stopped making progress, as opposed to a
+    /// scenario that waited too long: the guest kernel reported a CPU stuck in the
+    /// kernel (soft lockup) or an RCU stall, or the guest went silent in the middle
+    /// of its samples (every CPU stuck with interrupts off reports nothing: the
+    /// emulated machine has no NMI watchdog).
+    pub fn machine_stopped(&self) -> bool {
+        self.silent
+            || self
+                .lines
+                .iter()
+                .any(|l| l.contains("soft lockup") || l.contains("rcu_preempt self-detected stall"))
     }
 }
 
@@ -37,8 +49,15 @@ impl std::fmt::Display for GuestHung {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the lab guest did not power off within {} s and was killed; last console line: {:?}",
-            self.timeout_s,
+            "the lab guest {} and was killed; last console line: {:?}",
+            if self.silent {
+                format!(
+                    "printed nothing for {} s while sampling",
+                    SILENCE_LIMIT.as_secs()
+                )
+            } else {
+                format!("did not power off within {} s", self.timeout_s)
+            },
             self.lines.last().map_or("(none)", String::as_str)
         )
     }
@@ -162,14 +181,21 @@ pub fn run(
     let deadline = start + timeout;
     let mut lines = Vec::new();
     let mut init_after = None;
+    // From the first sample line to the summary: when the last line came.
+    let mut sampling_since_line: Option<Instant> = None;
+    // A soft lockup report: the machine has stopped (none of these has ever
+    // recovered); waiting for the timeout only costs CI time.
+    let mut lockup_reported = false;
     loop {
         let now = Instant::now();
-        if now >= deadline {
+        let silent = sampling_since_line.is_some_and(|t| now.duration_since(t) >= SILENCE_LIMIT);
+        if now >= deadline || silent || lockup_reported {
             let _ = child.kill();
             let _ = child.wait();
             return Err(GuestHung {
                 timeout_s: timeout.as_secs(),
                 lines,
+                silent,
             }
             .into());
         }
@@ -177,6 +203,12 @@ pub fn run(
             Ok(line) => {
                 if init_after.is_none() && line.contains("@@VMBLAB-INIT@@") {
                     init_after = Some(start.elapsed());
+                }
+                lockup_reported |= line.contains("soft lockup");
+                if line.contains("\"type\":\"summary\"") {
+                    sampling_since_line = None;
+                } else if sampling_since_line.is_some() || line.contains("\"type\":\"sample\"") {
+                    sampling_since_line = Some(Instant::now());
                 }
                 if let Some(shown) = echo(&line) {
                     eprintln!("{prefix}{shown}");
@@ -236,15 +268,23 @@ mod tests {
         let hung = |lines: &[&str]| GuestHung {
             timeout_s: 1,
             lines: lines.iter().map(|l| l.to_string()).collect(),
+            silent: false,
         };
         assert!(
             hung(&["[  121.2] watchdog: BUG: soft lockup - CPU#6 stuck for 44s! [x:1]"])
-                .kernel_stalled()
+                .machine_stopped()
         );
         assert!(
-            hung(&["[   94.6] rcu: INFO: rcu_preempt self-detected stall on CPU"]).kernel_stalled()
+            hung(&["[   94.6] rcu: INFO: rcu_preempt self-detected stall on CPU"])
+                .machine_stopped()
         );
-        assert!(!hung(&["t= 30.0s locality mean 0.9", "(still sampling)"]).kernel_stalled());
+        assert!(!hung(&["t= 30.0s locality mean 0.9", "(still sampling)"]).machine_stopped());
         assert!(hung(&[]).to_string().contains("(none)"));
+        let silent = GuestHung {
+            silent: true,
+            ..hung(&["t=  6.0s locality mean 1.000"])
+        };
+        assert!(silent.machine_stopped());
+        assert!(silent.to_string().contains("printed nothing for 150 s"));
     }
 }

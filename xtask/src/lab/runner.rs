@@ -79,7 +79,7 @@ impl Lab {
     }
 
     /// Boots the guest for scenario `s` with extra harness arguments (once more if
-    /// the guest kernel stalled, see [`qemu::GuestHung::kernel_stalled`]).
+    /// the emulated machine stopped, see [`qemu::GuestHung::machine_stopped`]).
     pub fn run_scenario(
         &self,
         s: &ScenarioFile,
@@ -102,8 +102,12 @@ impl Lab {
             self.kernel_gen.label()
         );
         let timeout = Duration::from_secs(self.timeout_override.unwrap_or(s.timeout_s));
+        // The stack image's disk (1 GiB a scenario) is deleted once its run passed:
+        // CI's disk is shared and small. A failed run keeps it for a look inside.
+        let mut stack_disk = None;
         let command = if s.stack {
             let image = self.stack_image(s, &args, tag)?;
+            stack_disk = Some(image.disk.clone());
             let mut cmd = qemu::command(&image.kernel, &image.initrd, stack::APPEND);
             stack::attach_disk(&mut cmd, &image);
             eprintln!(
@@ -143,23 +147,27 @@ impl Lab {
             Err(e) => {
                 let hung = e.downcast_ref::<qemu::GuestHung>();
                 if let Some(h) = hung {
-                    std::fs::write(&console, h.lines.join("\n"))
-                        .with_context(|| format!("writing {}", console.display()))?;
+                    // Its own name: a second boot writes the usual one.
+                    let kept = console.with_extension("stopped.log");
+                    std::fs::write(&kept, h.lines.join("\n"))
+                        .with_context(|| format!("writing {}", kept.display()))?;
                     eprintln!(
                         "lab: full console log of the hung guest in {}",
-                        console.display()
+                        kept.display()
                     );
                 }
-                // The guest kernel stalled (a CPU stuck in the kernel for minutes,
-                // the RCU grace-period thread starved): seen in 2 of about 30 runs
-                // of busy guests under vmbalancer, both while memory moved; the
-                // cause (the emulator or a kernel path the daemon drives) is not
-                // known yet. Booted once more, and said so; a second stall fails
-                // the scenario. The hung guest's console is kept for the stack.
-                if hung.is_some_and(qemu::GuestHung::kernel_stalled) && !retried {
+                // The emulated machine stopped: a CPU stuck in the kernel for
+                // minutes or the RCU grace-period thread starved (seen in 2 of about
+                // 30 runs of busy guests under vmbalancer, both while memory moved),
+                // or the whole guest silent in the middle of its samples (seen once,
+                // in `reserved`, after every VM was local). The cause (the emulator
+                // or a kernel path the daemon drives) is not known yet. Booted once
+                // more, and said so; a second stop fails the scenario. The stopped
+                // guest's console is kept.
+                if hung.is_some_and(qemu::GuestHung::machine_stopped) && !retried {
                     eprintln!(
-                        "lab: scenario {} ({tag}): the guest kernel stalled (soft lockup or \
-                         RCU stall); booting it once more",
+                        "lab: scenario {} ({tag}): the emulated machine stopped (soft \
+                         lockup, RCU stall, or silent while sampling); booting it once more",
                         s.name
                     );
                     return self.run_scenario_once(s, extra, tag, true);
@@ -215,6 +223,9 @@ impl Lab {
             r.init_s.map_or("never".into(), |s| format!("{s:.1} s")),
             if r.ok { "PASS" } else { "FAIL" }
         );
+        if let Some(disk) = stack_disk.filter(|_| r.ok) {
+            let _ = std::fs::remove_file(disk);
+        }
         if ok.is_none() {
             bail!(
                 "the guest powered off without a verdict for {} (see the console above)",
@@ -320,7 +331,12 @@ pub fn compare_runs(
             r.boot_s,
             r.init_s.map_or("?".into(), |t| format!("{t:.1} s"))
         ));
-        if show_before_after {
+        // VMs with guest NUMA cells are judged per cell: show where each cell went.
+        let has_cells = r
+            .samples
+            .iter()
+            .any(|s| s.vms.iter().any(|v| !v.cells.is_empty()));
+        if show_before_after || has_cells {
             let text = compare::before_after(b, &r.samples);
             println!("\n{text}");
             before_after.push(text);

@@ -134,6 +134,38 @@ pub fn render(r: &TraceReport) -> String {
         if let Some(why) = &vm.pinning_reason {
             let _ = writeln!(o, "{:>8}   pinned: {why}", "");
         }
+        match (vm.vcpus_found_by.as_str(), &vm.vcpus_found_detail) {
+            ("qmp", Some(socket)) => {
+                let _ = writeln!(o, "{:>8}   vCPUs from QMP query-cpus-fast ({socket})", "");
+            }
+            ("unknown", Some(why)) => {
+                let _ = writeln!(
+                    o,
+                    "{:>8}   vCPUs unknown: {why}; balanced as a whole process",
+                    ""
+                );
+            }
+            _ => {}
+        }
+        if let Some(why) = &vm.memory_not_movable {
+            let _ = writeln!(o, "{:>8}   memory never migrated: {why}", "");
+        }
+        if vm.ksm_merging_pages.is_some() || !vm.ksm_partners.is_empty() {
+            let merged = vm.ksm_merging_pages.map_or("KSM".to_string(), |p| {
+                format!("KSM merged {p} pages ({} MiB)", mib(p * 4096))
+            });
+            let partners: Vec<String> = vm
+                .ksm_partners
+                .iter()
+                .map(|p| format!("{} (~{} MiB)", p.name, mib(p.pages * 4096)))
+                .collect();
+            let with = if partners.is_empty() {
+                "shared with no other VM seen".to_string()
+            } else {
+                format!("shared with {}", partners.join(", "))
+            };
+            let _ = writeln!(o, "{:>8}   {merged}, {with}", "");
+        }
         for h in vm.hot_regions.iter().take(3) {
             let _ = writeln!(
                 o,

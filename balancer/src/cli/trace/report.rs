@@ -4,7 +4,10 @@
 use serde::Serialize;
 
 use crate::host::linux::{ObserverCounters, TelemetryStatus};
-use crate::model::{HugePagePool, NodeId, Pinning, Snapshot, Topology, Vcpu, Vm};
+use crate::model::{
+    HugePagePool, MemoryBacking, NodeId, Pinning, Snapshot, Topology, Vcpu, VcpuDiscovery, Vm,
+    size_words,
+};
 
 /// Version of the JSON schema documented in the `trace` module.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -85,8 +88,26 @@ pub struct VmReport {
     /// The kernel's own NUMA task moves per second (telemetry).
     pub kernel_numa_moves_per_s: Option<f64>,
     pub vcpus: Vec<VcpuReport>,
+    /// How the vCPU threads were found: `thread names`, `qmp` or `unknown`.
+    pub vcpus_found_by: String,
+    /// The QMP socket, or why the vCPUs are unknown.
+    pub vcpus_found_detail: Option<String>,
+    /// Why the guest's memory is never migrated, when it is not.
+    pub memory_not_movable: Option<String>,
     pub other_threads: Vec<u32>,
     pub hot_regions: Vec<HotRegionReport>,
+    /// Pages of this VM KSM merged (the kernel's per-process count), when known.
+    pub ksm_merging_pages: Option<u64>,
+    /// VMs this one shares KSM pages with, most pages first (sampled estimate).
+    pub ksm_partners: Vec<KsmPartnerReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KsmPartnerReport {
+    pub pid: u32,
+    pub name: String,
+    /// Estimated pages both map (4 KiB each).
+    pub pages: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -115,7 +136,7 @@ pub struct HotRegionReport {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Warning {
     /// `memory_remote_from_vcpus`, `autonuma_with_pinning`, `ksm_across_nodes`,
-    /// `vm_wider_than_node`.
+    /// `vm_wider_than_node`, `vcpus_unknown`, `memory_not_movable`.
     pub kind: String,
     pub vm: Option<u32>,
     pub message: String,
@@ -179,6 +200,7 @@ fn vcpu_node_weights(t: &Topology, v: &Vcpu, prev: Option<&Vcpu>) -> Vec<f64> {
 
 fn vm_report(
     t: &Topology,
+    all: &[Vm],
     vm: &Vm,
     prev: Option<&Vm>,
     now_ns: u64,
@@ -247,7 +269,7 @@ fn vm_report(
         pinning_reason,
         cgroup: vm.cgroup.clone(),
         backing: match &vm.memory.backing {
-            crate::model::MemoryBacking::HugeTlb { page_size_bytes } => {
+            MemoryBacking::HugeTlb { page_size_bytes } => {
                 format!("hugetlb-{}kB", page_size_bytes / 1024)
             }
             b => format!("{b:?}").to_lowercase(),
@@ -268,6 +290,18 @@ fn vm_report(
                 .saturating_sub(prev.map(|p| p.kernel_numa_moves).unwrap_or(0)),
         ),
         vcpus,
+        vcpus_found_by: match &vm.vcpu_discovery {
+            VcpuDiscovery::ThreadNames => "thread names",
+            VcpuDiscovery::Qmp { .. } => "qmp",
+            VcpuDiscovery::Unknown { .. } => "unknown",
+        }
+        .to_string(),
+        vcpus_found_detail: match &vm.vcpu_discovery {
+            VcpuDiscovery::ThreadNames => None,
+            VcpuDiscovery::Qmp { socket } => Some(socket.clone()),
+            VcpuDiscovery::Unknown { why } => Some(why.clone()),
+        },
+        memory_not_movable: vm.memory.not_movable.as_ref().map(|n| n.to_string()),
         other_threads: vm.other_threads.clone(),
         hot_regions: vm
             .hot_regions
@@ -280,7 +314,27 @@ fn vm_report(
                 heat: round1(h.heat),
             })
             .collect(),
+        ksm_merging_pages: vm.ksm_merging_pages,
+        ksm_partners: ksm_partners(all, vm),
     }
+}
+
+/// `vm`'s KSM partners with their names, most shared pages first.
+fn ksm_partners(all: &[Vm], vm: &Vm) -> Vec<KsmPartnerReport> {
+    let mut out: Vec<KsmPartnerReport> = vm
+        .ksm_shared_pages
+        .iter()
+        .map(|&(pid, pages)| KsmPartnerReport {
+            pid,
+            name: all
+                .iter()
+                .find(|v| v.pid == pid)
+                .map_or_else(|| pid.to_string(), |v| v.name.clone()),
+            pages,
+        })
+        .collect();
+    out.sort_by(|a, b| b.pages.cmp(&a.pages).then(a.pid.cmp(&b.pid)));
+    out
 }
 
 /// Builds the report of the interval from `prev` to `cur`.
@@ -297,7 +351,7 @@ pub fn build(prev: Option<&Snapshot>, cur: &Snapshot, ctx: ReportContext<'_>) ->
         .iter()
         .map(|vm| {
             let p = prev.and_then(|p| p.vms.iter().find(|x| x.pid == vm.pid));
-            vm_report(t, vm, p, cur.now_ns, dt_s, telemetry)
+            vm_report(t, &cur.vms, vm, p, cur.now_ns, dt_s, telemetry)
         })
         .collect();
     let nodes = t
@@ -353,15 +407,77 @@ fn gib(b: u64) -> String {
     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
+/// The seed 002 case in words: a guest on hugetlbfs whose huge pages were taken on
+/// node index `mem_i` while its vCPUs run on node index `cpu_i`. Says the page size,
+/// how many of its pages each of the two nodes holds, and whether the vCPUs' node
+/// has enough free huge pages of that size for the memory to follow (a hugetlb page
+/// can only move into a free huge page of its own size on the target node).
+fn hugetlb_words(t: &Topology, vm: &Vm, cpu_i: usize, mem_i: usize, page_bytes: u64) -> String {
+    let size = size_words(page_bytes);
+    let page = page_bytes.max(1);
+    let on = |i: usize| vm.memory.bytes_per_node.get(i).copied().unwrap_or(0) / page;
+    let (cpu_id, mem_id) = (t.nodes[cpu_i].id, t.nodes[mem_i].id);
+    let need = vm
+        .memory
+        .resident_bytes()
+        .div_ceil(page)
+        .saturating_sub(on(cpu_i));
+    let free = t.nodes[cpu_i]
+        .memory
+        .hugepages
+        .iter()
+        .find(|p| p.page_size_bytes == page_bytes)
+        .map(|p| p.free_pages);
+    let head = format!(
+        "Its guest RAM is on hugetlbfs in {size} huge pages: {} of them on node {mem_id}, {} on node {cpu_id} where its vCPUs run.",
+        on(mem_i),
+        on(cpu_i)
+    );
+    match free {
+        Some(f) if f >= need => format!(
+            "{head} Node {cpu_id} has {f} free {size} huge pages, enough for the {need} that would move: the memory can follow the vCPUs."
+        ),
+        Some(f) => format!(
+            "{head} Node {cpu_id} has only {f} free {size} huge pages where {need} are needed: the memory cannot follow until more are reserved there (nr_hugepages of node {cpu_id}); the vCPUs can go to node {mem_id} instead."
+        ),
+        None => format!(
+            "{head} Node {cpu_id} has no {size} huge page pool: the memory cannot follow; the vCPUs can go to node {mem_id} instead."
+        ),
+    }
+}
+
 /// The plain-word warnings for an operator.
 pub fn warnings(s: &Snapshot, vms: &[&Vm]) -> Vec<Warning> {
     let t = &s.topology;
     let multi = t.nodes.len() > 1;
     let mut out = Vec::new();
     for vm in vms {
+        if let VcpuDiscovery::Unknown { why } = &vm.vcpu_discovery {
+            out.push(Warning {
+                kind: "vcpus_unknown".into(),
+                vm: Some(vm.pid),
+                message: format!(
+                    "VM {}: its vCPU threads are unknown ({why}); it is balanced as a whole process. Start qemu with -name NAME,debug-threads=on, or give it a QMP socket (-qmp unix:PATH,server=on,wait=off).",
+                    vm.name
+                ),
+            });
+        }
+        if let Some(fixed) = &vm.memory.not_movable {
+            out.push(Warning {
+                kind: "memory_not_movable".into(),
+                vm: Some(vm.pid),
+                message: format!(
+                    "VM {}: its memory is never migrated ({fixed}); vmbalancer only places its vCPUs on the nodes holding its memory.",
+                    vm.name
+                ),
+            });
+        }
         let total = vm.memory.resident_bytes();
-        // Where the vCPUs run, by count of vCPUs per node of their last CPU.
+        // Where the vCPUs run: the node of each vCPU's last CPU, weighted by its CPU
+        // use, so a guest's idle vCPUs (halted, last seen anywhere) do not outvote
+        // the busy ones.
         let mut vcpu_nodes = vec![0u32; t.nodes.len()];
+        let mut vcpu_use = vec![0.0f64; t.nodes.len()];
         for v in &vm.vcpus {
             if let Some(i) = v
                 .last_cpu
@@ -369,15 +485,17 @@ pub fn warnings(s: &Snapshot, vms: &[&Vm]) -> Vec<Warning> {
                 .and_then(|n| t.node_index(n))
             {
                 vcpu_nodes[i] += 1;
+                vcpu_use[i] += v.cpu_demand.max(0.01);
             }
         }
         let placed: u32 = vcpu_nodes.iter().sum();
+        let use_total: f64 = vcpu_use.iter().sum();
         if multi && total > 0 && placed > 0 {
-            let (cpu_i, &cpu_n) = vcpu_nodes
-                .iter()
-                .enumerate()
-                .max_by_key(|(i, n)| (**n, usize::MAX - i))
-                .unwrap_or((0, &0));
+            let cpu_i = (0..vcpu_use.len())
+                .rev()
+                .max_by(|&a, &b| vcpu_use[a].total_cmp(&vcpu_use[b]))
+                .unwrap_or(0);
+            let cpu_n = vcpu_nodes[cpu_i];
             let (mem_i, &mem_b) = vm
                 .memory
                 .bytes_per_node
@@ -387,14 +505,21 @@ pub fn warnings(s: &Snapshot, vms: &[&Vm]) -> Vec<Warning> {
                 .unwrap_or((0, &0));
             let local_pct = crate::model::local_share_on(&vm.memory.bytes_per_node, |i| i == cpu_i)
                 .map_or(0.0, |s| s * 100.0);
-            if cpu_i != mem_i && cpu_n * 2 > placed && mem_b * 2 > total {
+            if cpu_i != mem_i && vcpu_use[cpu_i] * 2.0 > use_total && mem_b * 2 > total {
+                let advice = match vm.memory.backing {
+                    MemoryBacking::HugeTlb { page_size_bytes } => {
+                        hugetlb_words(t, vm, cpu_i, mem_i, page_size_bytes)
+                    }
+                    _ => "Its memory should follow its vCPUs (or the vCPUs the memory).".into(),
+                };
                 out.push(Warning {
                     kind: "memory_remote_from_vcpus".into(),
                     vm: Some(vm.pid),
                     message: format!(
-                        "VM {} runs {cpu_n} of its {placed} vCPUs on node {} but {:.0}% of its memory ({}) is on node {}; only {:.0}% is local. Its memory should follow its vCPUs (or the vCPUs the memory).",
+                        "VM {} runs {cpu_n} of its {placed} vCPUs on node {} ({:.0}% of their CPU use) but {:.0}% of its memory ({}) is on node {}; only {:.0}% is local. {advice}",
                         vm.name,
                         t.nodes[cpu_i].id,
+                        vcpu_use[cpu_i] / use_total * 100.0,
                         mem_b as f64 / total as f64 * 100.0,
                         gib(mem_b),
                         t.nodes[mem_i].id,
@@ -463,12 +588,38 @@ pub fn warnings(s: &Snapshot, vms: &[&Vm]) -> Vec<Warning> {
             kind: "ksm_across_nodes".into(),
             vm: None,
             message: format!(
-                "KSM is merging pages across nodes (merge_across_nodes=1, {} pages sharing): a merged page is remote for every VM but one. Set /sys/kernel/mm/ksm/merge_across_nodes to 0 (needs run=2 first).",
-                s.settings.ksm.pages_sharing
+                "KSM is merging pages across nodes (merge_across_nodes=1, {} pages sharing): a merged page is remote for every VM but one.{} vmbalancer does not group VMs by shared pages in this mode. Set /sys/kernel/mm/ksm/merge_across_nodes to 0 (needs run=2 first).",
+                s.settings.ksm.pages_sharing,
+                ksm_pairs_words(vms)
             ),
         });
     }
     out
+}
+
+/// " VMs a and b share about N MiB; ..." for the VMs listed, each pair once.
+fn ksm_pairs_words(vms: &[&Vm]) -> String {
+    let mut pairs = Vec::new();
+    for vm in vms {
+        for &(other, pages) in &vm.ksm_shared_pages {
+            let Some(o) = vms.iter().find(|v| v.pid == other) else {
+                continue;
+            };
+            if vm.pid < other {
+                pairs.push(format!(
+                    "{} and {} share about {} MiB",
+                    vm.name,
+                    o.name,
+                    (pages * 4096) >> 20
+                ));
+            }
+        }
+    }
+    if pairs.is_empty() {
+        String::new()
+    } else {
+        format!(" VMs sharing merged pages: {}.", pairs.join("; "))
+    }
 }
 
 #[cfg(test)]
@@ -575,5 +726,96 @@ mod tests {
         assert!(selected(&s.vms[0], &["10".into()]));
         assert!(selected(&s.vms[0], &["a".into()]));
         assert!(!selected(&s.vms[0], &["b".into(), "11".into()]));
+    }
+
+    #[test]
+    fn ksm_partners_and_the_across_nodes_warning_name_the_sharers() {
+        let mut s = snapshot(0, [0, 0], 0, [0, 0], 0);
+        s.vms[0].vcpus[0].last_cpu = Some(0);
+        s.vms[0].memory.bytes_per_node = vec![3 << 30, 1 << 30];
+        let mut b = s.vms[0].clone();
+        (b.pid, b.name) = (20, "b".into());
+        s.vms[0].ksm_shared_pages = vec![(20, 49_152)];
+        s.vms[0].ksm_merging_pages = Some(49_152);
+        b.ksm_shared_pages = vec![(10, 49_152)];
+        s.vms.push(b);
+        s.settings.ksm.running = true;
+        s.settings.ksm.merge_across_nodes = true;
+        s.settings.ksm.pages_sharing = 49_152;
+        let r = build(None, &s, ctx(false));
+        let p = &r.vms[0].ksm_partners;
+        assert_eq!((p.len(), p[0].name.as_str(), p[0].pages), (1, "b", 49_152));
+        assert_eq!(r.vms[0].ksm_merging_pages, Some(49_152));
+        let w: Vec<&Warning> = r
+            .warnings
+            .iter()
+            .filter(|w| w.kind == "ksm_across_nodes")
+            .collect();
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].message.contains("a and b share about 192 MiB"),
+            "{}",
+            w[0].message
+        );
+        let text = super::super::render::render(&r);
+        assert!(
+            text.contains("KSM merged 49152 pages (192 MiB), shared with b (~192 MiB)"),
+            "{text}"
+        );
+        // Merging per node: no warning, the partners still shown.
+        s.settings.ksm.merge_across_nodes = false;
+        let r = build(None, &s, ctx(false));
+        assert!(r.warnings.iter().all(|w| w.kind != "ksm_across_nodes"));
+        assert_eq!(r.vms[1].ksm_partners[0].name, "a");
+    }
+
+    #[test]
+    fn seed_002_hugetlb_in_words() {
+        // Busy vCPU 0 on node 0, idle vCPU 1 last seen on node 1 (it must not
+        // outvote the busy one); all 128 huge pages of 2 MiB on node 1.
+        let mut s = snapshot(0, [0, 0], 0, [0, 0], 0);
+        let vm = &mut s.vms[0];
+        vm.vcpus[0].last_cpu = Some(0);
+        let mut idle = vm.vcpus[0].clone();
+        (idle.index, idle.tid, idle.last_cpu, idle.cpu_demand) = (1, 12, Some(2), 0.0);
+        vm.vcpus.push(idle);
+        vm.memory.bytes_per_node = vec![0, 256 << 20];
+        vm.memory.backing = MemoryBacking::HugeTlb {
+            page_size_bytes: 2 << 20,
+        };
+        let pool = |free_pages| HugePagePool {
+            page_size_bytes: 2 << 20,
+            total_pages: 200,
+            free_pages,
+        };
+        let message = |s: &Snapshot| {
+            let vms: Vec<&Vm> = s.vms.iter().collect();
+            let w = warnings(s, &vms);
+            assert_eq!(w.len(), 1, "{w:?}");
+            w[0].message.clone()
+        };
+        let m = message(&s);
+        assert!(
+            m.contains("runs 1 of its 2 vCPUs on node 0 (98% of their CPU use)"),
+            "{m}"
+        );
+        assert!(
+            m.contains("2 MiB huge pages: 128 of them on node 1, 0 on node 0"),
+            "{m}"
+        );
+        assert!(m.contains("Node 0 has no 2 MiB huge page pool"), "{m}");
+        s.topology.nodes[0].memory.hugepages = vec![pool(10)];
+        let m = message(&s);
+        assert!(
+            m.contains("Node 0 has only 10 free 2 MiB huge pages where 128 are needed"),
+            "{m}"
+        );
+        assert!(m.contains("the vCPUs can go to node 1 instead"), "{m}");
+        s.topology.nodes[0].memory.hugepages = vec![pool(128)];
+        let m = message(&s);
+        assert!(
+            m.contains("Node 0 has 128 free 2 MiB huge pages, enough for the 128"),
+            "{m}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use super::*;
 use crate::host::Applier;
 use crate::host::linux::actuate::cpus::reserved_refusal;
 use crate::model::{Action, CpuSet, Pinning, Reason, Topology};
-use crate::model::{OriginalSets, QuietCounters, RestoreWhat};
+use crate::model::{GroupSets, OperatorPins, OriginalSets, QuietCounters, RestoreWhat};
 
 #[derive(Debug)]
 struct Boom;
@@ -50,6 +50,8 @@ impl Observer for Scripted {
 struct Record {
     applied: Arc<Mutex<Vec<PlannedAction>>>,
     restored: Arc<Mutex<Vec<(u32, RestoreWhat)>>>,
+    /// The record each restore was given.
+    restored_sets: Arc<Mutex<Vec<OriginalSets>>>,
     in_flight_seen: Arc<Mutex<Vec<bool>>>,
 }
 
@@ -60,6 +62,8 @@ struct Fake {
     journal: Option<PathBuf>,
     /// Refuses CPU sets touching these, with the Linux applier's own guard.
     reserved: CpuSet,
+    /// The cpuset groups each adopted VM is recorded with.
+    groups: Vec<GroupSets>,
 }
 
 /// Outcomes of background moves the test lets end, by VM.
@@ -69,7 +73,9 @@ impl Applier for Fake {
         if let Action::SetCpus { cpus, .. } = &a.action
             && let Some(why) = reserved_refusal(cpus, &self.reserved)
         {
-            return ActionOutcome::Refused { why };
+            return ActionOutcome::Refused {
+                why: why.to_string(),
+            };
         }
         // The journal must name the action before the host changes.
         if let Some(p) = &self.journal {
@@ -83,6 +89,10 @@ impl Applier for Fake {
         self.rec.applied.lock().unwrap().push(a.clone());
         self.outcome.clone()
     }
+
+    fn retune(&mut self, t: &crate::host::Tunables) {
+        self.reserved = t.reserved_cpus.clone();
+    }
 }
 impl Actuator for Fake {
     fn adopt(&mut self, vm: &Vm) -> Option<OriginalSets> {
@@ -90,12 +100,13 @@ impl Actuator for Fake {
             vm: vm.pid,
             start_time_ticks: 7,
             threads: [(vm.pid, CpuSet::parse_list("0-3").unwrap())].into(),
-            groups: vec![],
+            groups: self.groups.clone(),
         })
     }
     fn readopt(&mut self, _o: OriginalSets) {}
     fn restore(&mut self, o: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
         self.rec.restored.lock().unwrap().push((o.vm, what));
+        self.rec.restored_sets.lock().unwrap().push(o.clone());
         ActionOutcome::Done { moved_bytes: 0 }
     }
     fn alive(&self, o: &OriginalSets) -> bool {
@@ -108,6 +119,50 @@ impl Actuator for Fake {
             ..Default::default()
         }
     }
+}
+
+impl Fake {
+    /// A host where the VMs `alive` live and every action is `Done`; it checks no
+    /// journal and reserves no CPU.
+    fn new(rec: &Record, alive: impl IntoIterator<Item = u32>) -> Self {
+        Self {
+            rec: rec.clone(),
+            outcome: ActionOutcome::Done { moved_bytes: 0 },
+            alive: alive.into_iter().collect(),
+            journal: None,
+            reserved: CpuSet::new(),
+            groups: Vec::new(),
+        }
+    }
+}
+
+impl Scripted {
+    fn new(snaps: impl IntoIterator<Item = Option<Snapshot>>) -> Self {
+        Self {
+            snaps: snaps.into_iter().collect(),
+            last: None,
+        }
+    }
+}
+
+/// A daemon of `cfg` over the test's observer, host and policy, with its own
+/// shutdown signal, not a dry run.
+fn daemon<O: Observer, A: Actuator, P: Policy>(
+    cfg: &Config,
+    observer: O,
+    host: A,
+    policy: P,
+    journal: Option<Journal>,
+) -> Daemon<O, A, P> {
+    Daemon::new(
+        cfg.clone(),
+        observer,
+        host,
+        policy,
+        journal,
+        Shutdown::new(),
+        false,
+    )
 }
 
 /// Moves memory in the background: memory actions answer `Started` and end when
@@ -160,6 +215,7 @@ fn mem(vm: u32) -> PlannedAction {
             to: 1,
             regions: vec![],
             max_bytes: 1 << 20,
+            within: None,
         },
         reason: Reason::Locality {
             locality_pct: 25.0,
@@ -177,45 +233,18 @@ fn background_moves_keep_their_journal_entry_until_they_end() {
     let ended: EndedQueue = Arc::default();
     let waited = Arc::new(Mutex::new(Vec::new()));
     let host = Background {
-        inner: Fake {
-            rec: rec.clone(),
-            outcome: ActionOutcome::Done { moved_bytes: 0 },
-            alive: [1, 2].into(),
-            journal: None,
-            reserved: CpuSet::new(),
-        },
+        inner: Fake::new(&rec, [1, 2]),
         ended: ended.clone(),
         waited: waited.clone(),
     };
     let vms = vec![vm(1, "web", Pinning::None), vm(2, "db", Pinning::None)];
-    let observer = Scripted {
-        snaps: [Some(snap(vms))].into(),
-        last: None,
-    };
-    let policy = ScriptedPolicy {
-        plans: [
-            Plan {
-                actions: vec![mem(1), mem(1), cpus(1, "2-3"), cpus(2, "2-3")],
-                ..Default::default()
-            },
-            Plan {
-                actions: vec![mem(2)],
-                ..Default::default()
-            },
-        ]
-        .into(),
-        ..Default::default()
-    };
+    let observer = Scripted::new([Some(snap(vms))]);
+    let policy = ScriptedPolicy::new([
+        vec![mem(1), mem(1), cpus(1, "2-3"), cpus(2, "2-3")],
+        vec![mem(2)],
+    ]);
     let feedback = policy.feedback.clone();
-    let mut d = Daemon::new(
-        cfg,
-        observer,
-        host,
-        policy,
-        Some(journal),
-        Shutdown::new(),
-        false,
-    );
+    let mut d = daemon(&cfg, observer, host, policy, Some(journal));
 
     d.tick();
     // The moves run (the second queued behind the first): the journal entry stays in
@@ -278,11 +307,73 @@ fn background_moves_keep_their_journal_entry_until_they_end() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_tick_journals_its_actions_in_one_write_and_closes_them_in_one_more() {
+    let dir = temp("one-write");
+    let cfg = test_config(&dir);
+    let journal = Journal::open(&cfg.state_dir).unwrap();
+    let rec = Record::default();
+    let host = Background {
+        inner: Fake {
+            journal: Some(journal.path().to_path_buf()),
+            ..Fake::new(&rec, [1, 2, 3, 4])
+        },
+        ended: Arc::default(),
+        waited: Arc::default(),
+    };
+    let vms = (1..=4)
+        .map(|p| vm(p, &format!("vm{p}"), Pinning::None))
+        .collect();
+    let observer = Scripted::new([Some(snap(vms))]);
+    // A memory move, then a CPU change of the same VM in the same tick: the CPU
+    // change waits for the move, as it would behind a move of an earlier tick.
+    let policy = ScriptedPolicy::new([vec![
+        cpus(1, "2-3"),
+        cpus(2, "0-1"),
+        mem(3),
+        cpus(3, "2-3"),
+        mem(4),
+        mem(4),
+    ]]);
+    let feedback = policy.feedback.clone();
+    let mut d = daemon(&cfg, observer, host, policy, Some(journal));
+
+    d.tick();
+    // Every action that went was in the journal before the host changed.
+    assert_eq!(*rec.in_flight_seen.lock().unwrap(), vec![true; 5]);
+    // One write for the five that went, one closing the two CPU changes.
+    assert_eq!(d.journal().unwrap().writes(), 2);
+    let fb = feedback.lock().unwrap().clone();
+    assert_eq!(fb.len(), 6);
+    assert!(matches!(&fb[3].1, ActionOutcome::Refused { why } if why.contains("still running")));
+    let entries = d.journal().unwrap().entries();
+    assert!(entries[&1].in_flight.is_none());
+    assert!(entries[&2].in_flight.is_none());
+    assert!(entries[&3].in_flight.is_some());
+    assert!(entries[&4].in_flight.is_some());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Plans one scripted plan per tick and keeps the feedback.
 #[derive(Default)]
 struct ScriptedPolicy {
     plans: VecDeque<Plan>,
     feedback: Arc<Mutex<Vec<(u32, ActionOutcome)>>>,
+}
+impl ScriptedPolicy {
+    /// Plans `plans` (each a plan's actions), one a tick, then nothing.
+    fn new(plans: impl IntoIterator<Item = Vec<PlannedAction>>) -> Self {
+        Self {
+            plans: plans
+                .into_iter()
+                .map(|actions| Plan {
+                    actions,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
 }
 impl Policy for ScriptedPolicy {
     fn plan(&mut self, _s: &Snapshot) -> Plan {
@@ -350,11 +441,8 @@ fn tick_applies_guards_journals_and_reports() {
     let journal = Journal::open(&cfg.state_dir).unwrap();
     let rec = Record::default();
     let fake = Fake {
-        rec: rec.clone(),
-        outcome: ActionOutcome::Done { moved_bytes: 0 },
-        alive: [1, 2, 3].into(),
         journal: Some(journal.path().to_path_buf()),
-        reserved: CpuSet::new(),
+        ..Fake::new(&rec, [1, 2, 3])
     };
     let vms = vec![
         vm(1, "web", Pinning::None),
@@ -367,28 +455,15 @@ fn tick_applies_guards_journals_and_reports() {
             },
         ),
     ];
-    let observer = Scripted {
-        snaps: [None, Some(snap(vms.clone())), Some(snap(vec![]))].into(),
-        last: None,
-    };
-    let policy = ScriptedPolicy {
-        plans: [Plan {
-            actions: vec![cpus(1, "2-3"), cpus(2, "2-3"), cpus(3, "2-3"), cpus(9, "0")],
-            ..Default::default()
-        }]
-        .into(),
-        ..Default::default()
-    };
+    let observer = Scripted::new([None, Some(snap(vms.clone())), Some(snap(vec![]))]);
+    let policy = ScriptedPolicy::new([vec![
+        cpus(1, "2-3"),
+        cpus(2, "2-3"),
+        cpus(3, "2-3"),
+        cpus(9, "0"),
+    ]]);
     let feedback = policy.feedback.clone();
-    let mut d = Daemon::new(
-        cfg,
-        observer,
-        fake,
-        policy,
-        Some(journal),
-        Shutdown::new(),
-        false,
-    );
+    let mut d = daemon(&cfg, observer, fake, policy, Some(journal));
 
     // A failing observation is counted, nothing is planned.
     assert_eq!(d.tick(), TickReport::default());
@@ -425,11 +500,43 @@ fn tick_applies_guards_journals_and_reports() {
         assert_eq!(s.status.ebpf.as_ref().map(|e| e.run_count), Some(3));
     }
     // Status and advice through the control handler.
-    let h = handler(shared.clone(), advice::Params::default());
+    let h = handler(
+        shared.clone(),
+        advice::Params::default(),
+        Reloads::default(),
+        Duration::from_millis(100),
+    );
     assert!(matches!(h.handle(Request::Status), Response::Status(doc) if doc.daemon.ticks == 1));
     assert_eq!(
         h.handle(Request::Advise { cpus: 1, mem_mb: 1 }),
         Response::Advice { nodes: "0".into() }
+    );
+    // The answer is held against node 0 (2 CPUs at 85 %: 0.7 left), so the next
+    // VM of a batch started together goes to node 1, and a third fits neither alone.
+    assert_eq!(
+        h.handle(Request::Advise { cpus: 1, mem_mb: 1 }),
+        Response::Advice { nodes: "1".into() }
+    );
+    assert_eq!(
+        h.handle(Request::Advise { cpus: 1, mem_mb: 1 }),
+        Response::Advice {
+            nodes: "0-1".into()
+        }
+    );
+    {
+        let s = shared.lock().unwrap();
+        let given: Vec<(&str, usize)> = s
+            .status
+            .advice
+            .iter()
+            .map(|a| (a.nodes.as_str(), a.held_before))
+            .collect();
+        assert_eq!(given, [("0", 0), ("1", 1), ("0-1", 2)]);
+        assert_eq!(s.advice_held.len(), 3);
+    }
+    // No loop takes the reload here: the request says so instead of hanging.
+    assert!(
+        matches!(h.handle(Request::Reload), Response::Error { error } if error.contains("did not take")),
     );
 
     // VM 1 exits: its journal entry goes once the host says it is gone.
@@ -446,13 +553,7 @@ fn crash_recovery_finishes_or_reverts_through_the_actuator() {
     {
         // The "crashed" run: two VMs adopted, actions in flight.
         let mut j = Journal::open(&cfg.state_dir).unwrap();
-        let mut fake = Fake {
-            rec: Record::default(),
-            outcome: ActionOutcome::Done { moved_bytes: 0 },
-            alive: [1, 2, 3].into(),
-            journal: None,
-            reserved: CpuSet::new(),
-        };
+        let mut fake = Fake::new(&Record::default(), [1, 2, 3]);
         for v in [1, 2, 3] {
             j.adopt(fake.adopt(&vm(v, "x", Pinning::None)).unwrap())
                 .unwrap();
@@ -462,30 +563,18 @@ fn crash_recovery_finishes_or_reverts_through_the_actuator() {
         j.begin(&cpus(3, "0"), 1).unwrap(); // VM gone: forget
     }
     let rec = Record::default();
-    let fake = Fake {
-        rec: rec.clone(),
-        outcome: ActionOutcome::Done { moved_bytes: 0 },
-        alive: [1, 2].into(),
-        journal: None,
-        reserved: CpuSet::new(),
-    };
-    let observer = Scripted {
-        snaps: [Some(snap(vec![
-            vm(1, "a", Pinning::None),
-            vm(2, "b", Pinning::None),
-        ]))]
-        .into(),
-        last: None,
-    };
+    let fake = Fake::new(&rec, [1, 2]);
+    let observer = Scripted::new([Some(snap(vec![
+        vm(1, "a", Pinning::None),
+        vm(2, "b", Pinning::None),
+    ]))]);
     let journal = Journal::open(&cfg.state_dir).unwrap();
-    let mut d = Daemon::new(
-        cfg.clone(),
+    let mut d = daemon(
+        &cfg,
         observer,
         fake,
         ScriptedPolicy::default(),
         Some(journal),
-        Shutdown::new(),
-        false,
     );
     let done = d.recover().unwrap();
     assert_eq!(done.len(), 3);
@@ -512,25 +601,9 @@ fn async_run_serves_status_and_restores_on_shutdown() {
     let cfg = test_config(&dir);
     let journal = Journal::open(&cfg.state_dir).unwrap();
     let rec = Record::default();
-    let fake = Fake {
-        rec: rec.clone(),
-        outcome: ActionOutcome::Done { moved_bytes: 0 },
-        alive: [1].into(),
-        journal: None,
-        reserved: CpuSet::new(),
-    };
-    let observer = Scripted {
-        snaps: [Some(snap(vec![vm(1, "web", Pinning::None)]))].into(),
-        last: None,
-    };
-    let policy = ScriptedPolicy {
-        plans: [Plan {
-            actions: vec![cpus(1, "0-1")],
-            ..Default::default()
-        }]
-        .into(),
-        ..Default::default()
-    };
+    let fake = Fake::new(&rec, [1]);
+    let observer = Scripted::new([Some(snap(vec![vm(1, "web", Pinning::None)]))]);
+    let policy = ScriptedPolicy::new([vec![cpus(1, "0-1")]]);
     let shutdown = Shutdown::new();
     let d = Daemon::new(
         cfg.clone(),
@@ -638,25 +711,17 @@ fn reserved_cpu_node_still_takes_a_vm_on_its_other_cpus() {
         ..test_config(&dir)
     };
     let host = |rec: &Record| Fake {
-        rec: rec.clone(),
-        outcome: ActionOutcome::Done { moved_bytes: 0 },
-        alive: [1, 2].into(),
-        journal: None,
         reserved: cfg.reserved_cpus.clone(),
+        ..Fake::new(rec, [1, 2])
     };
-    let observer = || Scripted {
-        snaps: [Some(crowded_node_1())].into(),
-        last: None,
-    };
+    let observer = || Scripted::new([Some(crowded_node_1())]);
     let rec = Record::default();
-    let mut d = Daemon::new(
-        cfg.clone(),
+    let mut d = daemon(
+        &cfg,
         observer(),
         host(&rec),
         super::super::policy::EnginePolicy::new(&cfg),
         None,
-        Shutdown::new(),
-        false,
     );
     let r = d.tick();
     assert_eq!(r.applied, 1, "{r:?}");
@@ -669,8 +734,8 @@ fn reserved_cpu_node_still_takes_a_vm_on_its_other_cpus() {
     // An engine that does not hear of the reservation plans the whole node, and the
     // guard refuses it: the VM could never move to node 0.
     let rec = Record::default();
-    let mut d = Daemon::new(
-        cfg.clone(),
+    let mut d = daemon(
+        &cfg,
         observer(),
         host(&rec),
         super::super::policy::EnginePolicy::new(&Config {
@@ -678,8 +743,6 @@ fn reserved_cpu_node_still_takes_a_vm_on_its_other_cpus() {
             ..cfg.clone()
         }),
         None,
-        Shutdown::new(),
-        false,
     );
     d.tick();
     let decisions = cpu_decisions(&d);
@@ -694,49 +757,123 @@ fn reserved_cpu_node_still_takes_a_vm_on_its_other_cpus() {
 }
 
 #[test]
-fn a_vm_the_operator_pins_after_adoption_is_let_go_not_restored() {
+fn reload_takes_a_valid_file_and_keeps_running_on_a_bad_one() {
+    // The daemon starts without reserved CPUs; the operator reserves CPU 0 (numad's
+    // `-R 0`) and reloads. A bad file first: nothing changes. Then a good one: the
+    // engine and the applier's guard both hear of CPU 0, and the state directory,
+    // which only a restart changes, keeps its running value.
+    let dir = temp("reload");
+    let cfg = test_config(&dir);
+    let file = dir.join("config.toml");
+    std::fs::create_dir_all(&dir).unwrap();
+    let reader: Reloader = {
+        let file = file.clone();
+        Box::new(move || {
+            let text = std::fs::read_to_string(&file).unwrap();
+            Config::from_toml(&text, &file)
+        })
+    };
+    let rec = Record::default();
+    let mut d = daemon(
+        &cfg,
+        Scripted::new([Some(crowded_node_1())]),
+        Fake::new(&rec, [1, 2]),
+        super::super::policy::EnginePolicy::new(&cfg),
+        None,
+    )
+    .with_reload(reader);
+    let notifier = Notifier::default();
+
+    std::fs::write(&file, "tick_ms = 5\nreserved_cpus = \"0\"\n").unwrap();
+    let refused = d.reload(&notifier).unwrap_err();
+    assert!(refused.contains("tick_ms"), "{refused}");
+    assert_eq!(d.config(), &cfg, "a bad file changes nothing");
+    {
+        let shared = d.shared();
+        let s = shared.lock().unwrap();
+        assert_eq!(s.status.daemon.reload_failures, 1);
+        let why = s.status.daemon.last_reload_error.clone().unwrap();
+        assert!(why.contains("tick_ms"), "{why}");
+    }
+
+    std::fs::write(
+        &file,
+        format!(
+            "tick_ms = 200\nprobation_window_ms = 1000\nreserved_cpus = \"0\"\n\
+             exclude_vms = [\"secret-*\"]\nruntime_dir = {:?}\nstate_dir = \"/nowhere\"\n",
+            cfg.runtime_dir
+        ),
+    )
+    .unwrap();
+    let (changed, needs_restart) = d.reload(&notifier).unwrap();
+    assert!(
+        changed.contains(&"reserved_cpus".to_string()),
+        "{changed:?}"
+    );
+    assert_eq!(needs_restart, vec!["state_dir".to_string()]);
+    assert_eq!(d.config().tick_ms, 200);
+    assert_eq!(d.config().reserved_cpus.to_string(), "0");
+    assert_eq!(d.config().state_dir, cfg.state_dir, "restart-only key kept");
+    {
+        let shared = d.shared();
+        let s = shared.lock().unwrap();
+        let info = &s.status.daemon;
+        assert_eq!((info.reloads, info.reload_failures), (1, 1));
+        assert_eq!(info.last_reload_error, None);
+        assert_eq!(info.restart_pending, vec!["state_dir".to_string()]);
+        assert_eq!(info.tick_ms, 200);
+    }
+    // Node 1 is crowded: the move to node 0 now leaves CPU 0 out, and the guard,
+    // retuned too, accepts it.
+    let r = d.tick();
+    assert_eq!(r.applied, 1, "{r:?}");
+    assert_eq!(
+        cpu_decisions(&d),
+        vec![("1-3".to_string(), ActionOutcome::Done { moved_bytes: 0 })]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_vm_the_operator_pins_after_adoption_is_let_go_keeping_the_pins() {
     let dir = temp("letgo");
     let cfg = test_config(&dir);
     let journal = Journal::open(&cfg.state_dir).unwrap();
     let rec = Record::default();
+    let group = |name: &str| GroupSets {
+        dir: PathBuf::from(format!(
+            "/sys/fs/cgroup/machine.slice/vm.scope/libvirt/{name}"
+        )),
+        cpus: CpuSet::new(),
+        mems: CpuSet::new(),
+        memory_migrate: None,
+    };
     let fake = Fake {
-        rec: rec.clone(),
-        outcome: ActionOutcome::Done { moved_bytes: 0 },
-        alive: [1].into(),
-        journal: None,
-        reserved: CpuSet::new(),
+        groups: vec![group("emulator"), group("vcpu0"), group("vcpu1")],
+        ..Fake::new(&rec, [1])
     };
-    let pinned = Pinning::Operator {
-        why: "libvirt domain XML: vcpupin 0->3".into(),
+    // `virsh vcpupin` of both vCPUs: the libvirt XML covers them, not the emulator.
+    let pinned = Vm {
+        pinning: Pinning::Operator {
+            why: "libvirt domain XML: vcpupin 0->3 1->3".into(),
+        },
+        operator_pins: OperatorPins {
+            vcpus: vec![0, 1],
+            ..OperatorPins::default()
+        },
+        ..vm(1, "web", Pinning::None)
     };
-    let observer = Scripted {
-        snaps: [
-            Some(snap(vec![vm(1, "web", Pinning::None)])),
-            Some(snap(vec![vm(1, "web", pinned)])),
-        ]
-        .into(),
-        last: None,
-    };
-    let policy = ScriptedPolicy {
-        plans: [Plan {
-            actions: vec![cpus(1, "0-1")],
-            ..Default::default()
-        }]
-        .into(),
-        ..Default::default()
-    };
-    let mut d = Daemon::new(
-        cfg,
-        observer,
-        fake,
-        policy,
-        Some(journal),
-        Shutdown::new(),
-        false,
-    );
+    let observer = Scripted::new([
+        Some(snap(vec![vm(1, "web", Pinning::None)])),
+        Some(snap(vec![pinned.clone()])),
+        Some(snap(vec![pinned])),
+    ]);
+    let policy = ScriptedPolicy::new([vec![cpus(1, "0-1")]]);
+    let mut d = daemon(&cfg, observer, fake, policy, Some(journal));
     d.tick();
     assert!(d.journal().unwrap().entries().contains_key(&1), "held");
-    // `virsh vcpupin`: the next observation says the operator pinned it.
+    assert!(rec.restored.lock().unwrap().is_empty());
+    // The next observation says the operator pinned it.
     d.tick();
     assert!(d.journal().unwrap().entries().is_empty(), "let go");
     {
@@ -746,7 +883,55 @@ fn a_vm_the_operator_pins_after_adoption_is_let_go_not_restored() {
         let why = s.status.vms[0].unmanaged_why.as_deref().unwrap_or("");
         assert!(why.contains("vcpupin 0->3"), "{why}");
     }
-    // On exit the operator's pins stay: nothing is restored.
+    // The CPU sets vmbalancer changed that the pins do not cover go back, once; the
+    // vCPU groups, now the operator's, are not touched, nor any thread.
+    let sets = rec.restored_sets.lock().unwrap().clone();
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    let names: Vec<_> = sets[0]
+        .groups
+        .iter()
+        .map(|g| g.dir.file_name().unwrap())
+        .collect();
+    assert_eq!(names, ["emulator"]);
+    assert!(sets[0].threads.is_empty());
+    assert_eq!(
+        rec.restored.lock().unwrap()[0],
+        (
+            1,
+            RestoreWhat {
+                cpus: true,
+                mems: false
+            }
+        )
+    );
+    // Let go for good: later ticks and the exit put nothing back.
+    d.tick();
+    d.finish();
+    assert_eq!(rec.restored.lock().unwrap().len(), 1);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn without_restore_on_exit_letting_go_puts_nothing_back() {
+    let dir = temp("letgo-keep");
+    let cfg = Config {
+        restore_on_exit: false,
+        ..test_config(&dir)
+    };
+    let journal = Journal::open(&cfg.state_dir).unwrap();
+    let rec = Record::default();
+    let pinned = Pinning::Operator {
+        why: "libvirt domain XML: vcpupin 0->3".into(),
+    };
+    let observer = Scripted::new([
+        Some(snap(vec![vm(1, "web", Pinning::None)])),
+        Some(snap(vec![vm(1, "web", pinned)])),
+    ]);
+    let policy = ScriptedPolicy::new([vec![cpus(1, "0-1")]]);
+    let mut d = daemon(&cfg, observer, Fake::new(&rec, [1]), policy, Some(journal));
+    d.tick();
+    d.tick();
+    assert!(d.journal().unwrap().entries().is_empty(), "let go");
     d.finish();
     assert!(rec.restored.lock().unwrap().is_empty());
     std::fs::remove_dir_all(dir).unwrap();
@@ -793,19 +978,10 @@ fn watchdog_is_fed_only_while_the_loop_ticks() {
     let listener = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     let stall = Arc::new(AtomicBool::new(false));
     let observer = Stallable {
-        inner: Scripted {
-            snaps: [Some(snap(vec![vm(1, "web", Pinning::None)]))].into(),
-            last: None,
-        },
+        inner: Scripted::new([Some(snap(vec![vm(1, "web", Pinning::None)]))]),
         stall: stall.clone(),
     };
-    let fake = Fake {
-        rec: Record::default(),
-        outcome: ActionOutcome::Done { moved_bytes: 0 },
-        alive: [1].into(),
-        journal: None,
-        reserved: CpuSet::new(),
-    };
+    let fake = Fake::new(&Record::default(), [1]);
     let shutdown = Shutdown::new();
     let every = Duration::from_millis(50);
     let d = Daemon::new(

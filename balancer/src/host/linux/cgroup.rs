@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use ::procfs::FromRead;
 use ::procfs::ProcessCGroups;
 
+use super::procfs::ProcTextError;
 use super::{HostError, HostPaths, read_small};
 use crate::model::{CpuSet, NodeSet};
 
@@ -42,16 +43,14 @@ pub struct TaskCgroup {
 /// that governs cpusets: the v1 `cpuset` hierarchy when mounted, else the v2 one.
 /// Blank lines are skipped; any other line that is not `ID:CONTROLLERS:PATH` is an
 /// error.
-pub fn parse_proc_cgroup(text: &str) -> Result<Option<TaskCgroup>, String> {
+pub fn parse_proc_cgroup(text: &str) -> Result<Option<TaskCgroup>, ProcTextError> {
     let lines: String = text
         .lines()
         .filter(|l| !l.trim().is_empty())
         .flat_map(|l| [l, "\n"])
         .collect();
-    let groups = ProcessCGroups::from_read(lines.as_bytes()).map_err(|e| match e {
-        ::procfs::ProcError::InternalError(i) => format!("not a cgroup list: {}", i.msg),
-        other => format!("not a cgroup list: {other}"),
-    })?;
+    let groups = ProcessCGroups::from_read(lines.as_bytes())
+        .map_err(|e| ProcTextError::refused("cgroup list", e))?;
     let mut v2 = None;
     for g in groups {
         if g.controllers.iter().any(|c| c == "cpuset") {

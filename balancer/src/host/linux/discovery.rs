@@ -7,8 +7,14 @@
 //! (`-numa node,...`) and any memory binding the operator asked for (`host-nodes=`,
 //! `policy=`). libvirt writes `-object` either as qemu keyval (`a=b,c=d`, commas
 //! doubled inside values) or as JSON; both are read.
+//!
+//! Two more facts come from it: the QMP monitor sockets that can name the vCPU
+//! threads when qemu runs without `debug-threads=on` ([`super::qmp`]), and whether
+//! the guest's memory may be migrated at all ([`super::confidential`]).
 
-use crate::model::{GuestCell, MemoryBacking, NodeSet, ThreadKind};
+use super::confidential::{self, ObjectSeen};
+use super::qmp::{self, QmpSocket};
+use crate::model::{GuestCell, MemoryBacking, MemoryNotMovable, NodeSet, ThreadKind};
 
 /// Is this process qemu?
 pub fn is_qemu(comm: &str, exe_basename: Option<&str>, argv0: Option<&str>) -> bool {
@@ -79,14 +85,61 @@ pub struct QemuConfig {
     pub mem_path: Option<String>,
     /// `-machine ...,memory-backend=ID`.
     pub machine_memory_backend: Option<String>,
+    /// `-machine TYPE,...` (or `type=TYPE`).
+    pub machine_type: Option<String>,
     pub cells: Vec<GuestCell>,
     /// `memdev=` of each cell, parallel to `cells` (empty for `mem=` cells).
     pub cell_backend_ids: Vec<String>,
+    /// QMP monitors listening on a unix socket (`-qmp`, `-chardev` + `-mon
+    /// mode=control`), in command-line order.
+    pub qmp_sockets: Vec<QmpSocket>,
+    /// Why the guest's memory must never be migrated, when it must not.
+    pub not_movable: Option<MemoryNotMovable>,
     /// Things that could not be understood, for the debug log.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<QemuArgError>,
+}
+
+/// A qemu option [`parse_qemu_cmdline`] could not understand: noted in
+/// [`QemuConfig::warnings`], never fatal.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QemuArgError {
+    #[error("bad -m size {0:?}")]
+    MemSize(String),
+    #[error("bad -smp {0:?}")]
+    Smp(String),
+    /// The JSON form of `-object`; `detail` is serde_json's message.
+    #[error("bad JSON -object: {detail}")]
+    ObjectJson { detail: String },
+    #[error("JSON -object is not an object")]
+    ObjectNotMap,
+    #[error("bad host-nodes {value:?}: {source}")]
+    HostNodes {
+        value: String,
+        source: crate::model::IdSetParseError,
+    },
+    #[error("memory backend {id:?} without size")]
+    BackendNoSize { id: String },
+    #[error("bad size {size:?} of memory backend {id:?}")]
+    BackendSize { id: String, size: String },
+    #[error("bad -numa nodeid {0:?}")]
+    NumaNodeId(String),
+    #[error("bad -numa cpus {value:?}: {source}")]
+    NumaCpus {
+        value: String,
+        source: crate::model::IdSetParseError,
+    },
+    #[error("bad -numa mem {0:?}")]
+    NumaMem(String),
 }
 
 impl QemuConfig {
+    /// `-machine none`: a qemu without a guest, as libvirt starts one for a few
+    /// seconds to ask an emulator for its capabilities over QMP (`-S -machine
+    /// none,accel=...`). It has no vCPUs and no guest RAM: not a VM to balance.
+    pub fn has_no_guest(&self) -> bool {
+        self.machine_type.as_deref() == Some("none")
+    }
+
     /// The backends holding guest RAM: those named by `-numa memdev=` or
     /// `-machine memory-backend=`; all memory backends when neither names any.
     pub fn ram_backends(&self) -> Vec<&MemBackend> {
@@ -217,6 +270,9 @@ pub fn parse_size(s: &str, default_unit: u64) -> Option<u64> {
 /// noted in `warnings` and left unset.
 pub fn parse_qemu_cmdline(argv: &[String]) -> QemuConfig {
     let mut cfg = QemuConfig::default();
+    let mut monitors = qmp::MonitorOptions::default();
+    let mut objects: Vec<ObjectSeen> = Vec::new();
+    let mut machine_cgs: Option<(String, String)> = None;
     let mut i = 1;
     while i < argv.len() {
         let opt = argv[i].trim_start_matches('-');
@@ -229,7 +285,18 @@ pub fn parse_qemu_cmdline(argv: &[String]) -> QemuConfig {
         let Some(val) = val else { break };
         let known = matches!(
             opt,
-            "name" | "m" | "smp" | "object" | "numa" | "mem-path" | "machine" | "M"
+            "name"
+                | "m"
+                | "smp"
+                | "object"
+                | "numa"
+                | "mem-path"
+                | "machine"
+                | "M"
+                | "qmp"
+                | "qmp-pretty"
+                | "chardev"
+                | "mon"
         );
         if !known {
             continue;
@@ -251,30 +318,44 @@ pub fn parse_qemu_cmdline(argv: &[String]) -> QemuConfig {
                     if matches!(k.as_deref(), None | Some("size")) {
                         match parse_size(&v, 1 << 20) {
                             Some(b) => cfg.mem_bytes = Some(b),
-                            None => cfg.warnings.push(format!("bad -m size {v:?}")),
+                            None => cfg.warnings.push(QemuArgError::MemSize(v)),
                         }
                     }
                 }
             }
             "smp" => {
                 cfg.smp_cpus = parse_smp(val).or_else(|| {
-                    cfg.warnings.push(format!("bad -smp {val:?}"));
+                    cfg.warnings.push(QemuArgError::Smp(val.to_string()));
                     None
                 })
             }
             "mem-path" => cfg.mem_path = Some(val.to_string()),
             "machine" | "M" => {
                 for (k, v) in split_keyval(val) {
-                    if k.as_deref() == Some("memory-backend") {
-                        cfg.machine_memory_backend = Some(v);
+                    match k.as_deref() {
+                        None | Some("type") => cfg.machine_type = Some(v),
+                        Some("memory-backend") => cfg.machine_memory_backend = Some(v),
+                        Some(key @ ("confidential-guest-support" | "memory-encryption")) => {
+                            machine_cgs = Some((key.to_string(), v));
+                        }
+                        _ => {}
                     }
                 }
             }
-            "object" => match parse_object(val) {
-                Ok(Some(b)) => cfg.backends.push(b),
-                Ok(None) => {}
+            "object" => match object_pairs(val) {
+                Ok(pairs) => {
+                    objects.push(ObjectSeen::from_pairs(&pairs));
+                    match backend_of(&pairs) {
+                        Ok(Some(b)) => cfg.backends.push(b),
+                        Ok(None) => {}
+                        Err(w) => cfg.warnings.push(w),
+                    }
+                }
                 Err(w) => cfg.warnings.push(w),
             },
+            "qmp" | "qmp-pretty" => monitors.qmp(val),
+            "chardev" => monitors.chardev(val),
+            "mon" => monitors.mon(val),
             "numa" => {
                 if let Err(w) = parse_numa(val, &mut cfg) {
                     cfg.warnings.push(w);
@@ -283,6 +364,8 @@ pub fn parse_qemu_cmdline(argv: &[String]) -> QemuConfig {
             _ => {}
         }
     }
+    cfg.qmp_sockets = monitors.sockets();
+    cfg.not_movable = confidential::detect(&objects, machine_cgs.as_ref());
     // Fill cell sizes and bindings from their backends.
     for (cell, id) in cfg.cells.iter_mut().zip(cfg.cell_backend_ids.iter()) {
         if let Some(b) = cfg.backends.iter().find(|b| &b.id == id) {
@@ -311,12 +394,15 @@ fn parse_smp(val: &str) -> Option<u32> {
     cpus.or(any_topo.then_some(product)).filter(|&n| n > 0)
 }
 
-/// Parses `-object memory-backend-*` in keyval or JSON form; other objects give None.
-fn parse_object(val: &str) -> Result<Option<MemBackend>, String> {
-    let pairs: Vec<(String, String)> = if val.trim_start().starts_with('{') {
+/// The `(key, value)` pairs of an `-object` in keyval or JSON form; the keyval form's
+/// leading type becomes `qom-type`, as in JSON.
+fn object_pairs(val: &str) -> Result<Vec<(String, String)>, QemuArgError> {
+    Ok(if val.trim_start().starts_with('{') {
         let v: serde_json::Value =
-            serde_json::from_str(val).map_err(|e| format!("bad JSON -object: {e}"))?;
-        let obj = v.as_object().ok_or("JSON -object is not an object")?;
+            serde_json::from_str(val).map_err(|e| QemuArgError::ObjectJson {
+                detail: e.to_string(),
+            })?;
+        let obj = v.as_object().ok_or(QemuArgError::ObjectNotMap)?;
         obj.iter()
             .map(|(k, v)| {
                 let s = match v {
@@ -340,7 +426,11 @@ fn parse_object(val: &str) -> Result<Option<MemBackend>, String> {
                 Some(k) => (k, v),
             })
             .collect()
-    };
+    })
+}
+
+/// The memory backend an `-object` describes; other objects give None.
+fn backend_of(pairs: &[(String, String)]) -> Result<Option<MemBackend>, QemuArgError> {
     let get = |key: &str| {
         pairs
             .iter()
@@ -360,7 +450,10 @@ fn parse_object(val: &str) -> Result<Option<MemBackend>, String> {
         } else {
             let mut set = NodeSet::new();
             for l in lists {
-                let s = NodeSet::parse_list(l).map_err(|e| format!("bad host-nodes {l:?}: {e}"))?;
+                let s = NodeSet::parse_list(l).map_err(|source| QemuArgError::HostNodes {
+                    value: l.to_string(),
+                    source,
+                })?;
                 set = set.union(&s);
             }
             Some(set)
@@ -378,11 +471,17 @@ fn parse_object(val: &str) -> Result<Option<MemBackend>, String> {
         },
         _ => return Ok(None),
     };
-    let size = get("size").ok_or("memory backend without size")?;
+    let id = get("id").unwrap_or_default().to_string();
+    let Some(size) = get("size") else {
+        return Err(QemuArgError::BackendNoSize { id });
+    };
     Ok(Some(MemBackend {
-        id: get("id").unwrap_or_default().to_string(),
+        size_bytes: parse_size(size, 1).ok_or_else(|| QemuArgError::BackendSize {
+            id: id.clone(),
+            size: size.to_string(),
+        })?,
+        id,
         kind,
-        size_bytes: parse_size(size, 1).ok_or_else(|| format!("bad backend size {size:?}"))?,
         host_nodes,
         policy: get("policy").map(str::to_string),
     }))
@@ -390,7 +489,7 @@ fn parse_object(val: &str) -> Result<Option<MemBackend>, String> {
 
 /// Parses `-numa node,nodeid=N,cpus=A-B[,cpus=C],memdev=ID|mem=SIZE`; other `-numa`
 /// kinds (dist, cpu, hmat-lb) are skipped.
-fn parse_numa(val: &str, cfg: &mut QemuConfig) -> Result<(), String> {
+fn parse_numa(val: &str, cfg: &mut QemuConfig) -> Result<(), QemuArgError> {
     let kv = split_keyval(val);
     if kv.first().map(|(k, v)| (k.as_deref(), v.as_str())) != Some((None, "node")) {
         return Ok(());
@@ -402,15 +501,17 @@ fn parse_numa(val: &str, cfg: &mut QemuConfig) -> Result<(), String> {
     let mut memdev = String::new();
     for (k, v) in kv.into_iter().skip(1) {
         match k.as_deref() {
-            Some("nodeid") => cell.id = v.parse().map_err(|_| format!("bad nodeid {v:?}"))?,
+            Some("nodeid") => cell.id = v.parse().map_err(|_| QemuArgError::NumaNodeId(v))?,
             Some("cpus") => {
-                let s = NodeSet::parse_list(&v).map_err(|e| format!("bad cpus {v:?}: {e}"))?;
+                let s = NodeSet::parse_list(&v).map_err(|source| QemuArgError::NumaCpus {
+                    value: v.clone(),
+                    source,
+                })?;
                 cell.vcpus.extend(s.iter());
             }
             Some("memdev") => memdev = v,
             Some("mem") => {
-                cell.memory_bytes =
-                    parse_size(&v, 1 << 20).ok_or_else(|| format!("bad mem {v:?}"))?;
+                cell.memory_bytes = parse_size(&v, 1 << 20).ok_or(QemuArgError::NumaMem(v))?;
             }
             _ => {}
         }
@@ -447,6 +548,20 @@ mod tests {
         assert_eq!(classify_thread(10, 13, "IO iothread1"), ThreadKind::Io);
         assert_eq!(classify_thread(10, 14, "worker"), ThreadKind::Other);
         assert_eq!(classify_thread(10, 14, "CPU x/KVM"), ThreadKind::Other);
+    }
+
+    #[test]
+    fn libvirts_capability_probe_has_no_guest() {
+        let probe = parse_qemu_cmdline(&argv(
+            "/usr/bin/qemu-system-x86_64 -S -no-user-config -nodefaults -nographic \
+             -machine none,accel=kvm:tcg -qmp unix:/var/lib/libvirt/qemu/qmp-IMC8Z3/qmp.monitor,server=on,wait=off \
+             -pidfile /var/lib/libvirt/qemu/qmp-IMC8Z3/qmp.pid -daemonize",
+        ));
+        assert!(probe.has_no_guest());
+        let vm = parse_qemu_cmdline(&argv("qemu-system-x86_64 -machine type=pc,usb=off -m 256"));
+        assert_eq!(vm.machine_type.as_deref(), Some("pc"));
+        assert!(!vm.has_no_guest());
+        assert!(!parse_qemu_cmdline(&argv("qemu-kvm -m 256")).has_no_guest());
     }
 
     #[test]
@@ -538,10 +653,14 @@ mod tests {
                 .as_deref(),
             Some("vm1")
         );
-        assert!(
-            !parse_qemu_cmdline(&argv("q -m 99999999999999999999"))
-                .warnings
-                .is_empty()
+        let warnings = parse_qemu_cmdline(&argv("q -m 99999999999999999999")).warnings;
+        assert_eq!(
+            warnings,
+            vec![QemuArgError::MemSize("99999999999999999999".into())]
+        );
+        assert_eq!(
+            warnings[0].to_string(),
+            "bad -m size \"99999999999999999999\""
         );
     }
 

@@ -208,7 +208,11 @@ pub fn regions_nodes(
 /// Programs that implement a feature (names in the eBPF object).
 fn programs_of(feature: Feature) -> &'static [&'static str] {
     match feature {
-        Feature::Migrations => &["sched_migrate_task"],
+        Feature::Migrations => &[
+            "sched_migrate_task_btf",
+            "sched_migrate_task_raw",
+            "sched_migrate_task",
+        ],
         Feature::OnCpuTime => &["sched_switch", "sched_switch_btf", "sched_switch_tp"],
         Feature::NumaHintingFaults => &[
             "task_numa_fault",

@@ -20,9 +20,10 @@
 //! plain XML with entities and comments, which no hand parser should second-guess.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::model::{CpuSet, NodeSet};
+use crate::model::{CpuSet, NodeSet, OperatorPins};
 
 /// Why a status file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +34,36 @@ pub enum LibvirtError {
         source: std::io::Error,
     },
     #[error("{path}: not XML libvirt writes: {why}")]
-    Malformed { path: PathBuf, why: String },
+    Malformed {
+        path: PathBuf,
+        why: Box<IntentError>,
+    },
+}
+
+/// What is wrong with a domain document; [`LibvirtError::Malformed`] adds the path.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IntentError {
+    #[error(transparent)]
+    Xml(#[from] roxmltree::Error),
+    #[error("no <domain> in <{root}>")]
+    NoDomain { root: String },
+    #[error("<{tag} {attr}='{value}'>: {source}")]
+    BadList {
+        tag: String,
+        attr: String,
+        value: String,
+        source: crate::model::IdSetParseError,
+    },
+    #[error("<{tag}> without {attr}")]
+    MissingAttr { tag: String, attr: String },
+    #[error("<{tag} {attr}='{value}'>: not a number")]
+    NotNumber {
+        tag: String,
+        attr: String,
+        value: String,
+    },
+    #[error("<domstatus pid='{0}'>: not a pid")]
+    BadPid(String),
 }
 
 /// The placement an operator set for one domain. Empty when nothing was set.
@@ -88,6 +118,19 @@ impl DomainIntent {
         }
         (!parts.is_empty()).then(|| format!("libvirt domain XML: {}", parts.join(", ")))
     }
+
+    /// Which of the domain's CPU sets the operator set. libvirt applies `<vcpu
+    /// cpuset>` and an automatic placement to every vCPU and, without an
+    /// `emulatorpin`, to the emulator threads too; `vcpupin` covers the listed vCPUs
+    /// only. A memory binding alone pins no CPU.
+    pub fn pins(&self) -> OperatorPins {
+        let whole = self.vcpu_cpuset.is_some() || self.auto_placement.is_some();
+        OperatorPins {
+            all_vcpus: whole,
+            vcpus: self.vcpupins.iter().map(|(v, _)| *v).collect(),
+            emulator: whole || self.emulatorpin.is_some(),
+        }
+    }
 }
 
 /// The status file of domain `name` under `dir` (libvirt's qemu state directory).
@@ -99,20 +142,25 @@ pub fn status_path(dir: &Path, name: &str) -> PathBuf {
 /// modification time so an unchanged file is read once.
 #[derive(Clone, Debug, Default)]
 pub struct IntentCache {
-    read: Option<(SystemTime, Result<DomainIntent, String>)>,
+    read: Option<(SystemTime, Result<DomainIntent, Arc<LibvirtError>>)>,
 }
 
 impl IntentCache {
     /// `Ok(None)`: no status file for this process (not a libvirt domain, or one of
     /// another libvirt instance); `Err`: the file exists but cannot be used.
-    pub fn get(&mut self, dir: &Path, name: &str, pid: u32) -> Result<Option<&DomainIntent>, &str> {
+    pub fn get(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        pid: u32,
+    ) -> Result<Option<&DomainIntent>, &LibvirtError> {
         let path = status_path(dir, name);
         let Some(mtime) = modified(&path) else {
             self.read = None;
             return Ok(None);
         };
         if self.read.as_ref().is_none_or(|(t, _)| *t != mtime) {
-            let parsed = read_intent(&path).map_err(|e| e.to_string());
+            let parsed = read_intent(&path).map_err(Arc::new);
             if let Err(why) = &parsed {
                 tracing::warn!(%why, "libvirt status file unusable; the VM's pins are judged from its threads");
             }
@@ -140,32 +188,45 @@ pub fn read_intent(path: &Path) -> Result<DomainIntent, LibvirtError> {
     })?;
     parse_intent(&text).map_err(|why| LibvirtError::Malformed {
         path: path.to_path_buf(),
-        why,
+        why: Box::new(why),
     })
 }
 
 /// Parses the operator's placement out of a `<domstatus>` or `<domain>` document.
-pub fn parse_intent(text: &str) -> Result<DomainIntent, String> {
-    let doc = roxmltree::Document::parse(text).map_err(|e| e.to_string())?;
+pub fn parse_intent(text: &str) -> Result<DomainIntent, IntentError> {
+    let doc = roxmltree::Document::parse(text)?;
     let root = doc.root_element();
     let domain = root
         .descendants()
         .find(|n| n.has_tag_name("domain"))
-        .ok_or_else(|| format!("no <domain> in <{}>", root.tag_name().name()))?;
-    let list = |node: roxmltree::Node<'_, '_>, attr: &str| -> Result<Option<CpuSet>, String> {
+        .ok_or_else(|| IntentError::NoDomain {
+            root: root.tag_name().name().to_string(),
+        })?;
+    let tag = |node: roxmltree::Node<'_, '_>| node.tag_name().name().to_string();
+    let list = |node: roxmltree::Node<'_, '_>, attr: &str| -> Result<Option<CpuSet>, IntentError> {
         node.attribute(attr)
             .map(|v| {
-                CpuSet::parse_list(v)
-                    .map_err(|e| format!("<{} {attr}='{v}'>: {e}", node.tag_name().name()))
+                CpuSet::parse_list(v).map_err(|source| IntentError::BadList {
+                    tag: tag(node),
+                    attr: attr.to_string(),
+                    value: v.to_string(),
+                    source,
+                })
             })
             .transpose()
     };
-    let index = |node: roxmltree::Node<'_, '_>, attr: &str| -> Result<u32, String> {
+    let index = |node: roxmltree::Node<'_, '_>, attr: &str| -> Result<u32, IntentError> {
         let v = node
             .attribute(attr)
-            .ok_or_else(|| format!("<{}> without {attr}", node.tag_name().name()))?;
-        v.parse()
-            .map_err(|_| format!("<{} {attr}='{v}'>: not a number", node.tag_name().name()))
+            .ok_or_else(|| IntentError::MissingAttr {
+                tag: tag(node),
+                attr: attr.to_string(),
+            })?;
+        v.parse().map_err(|_| IntentError::NotNumber {
+            tag: tag(node),
+            attr: attr.to_string(),
+            value: v.to_string(),
+        })
     };
 
     let mut intent = DomainIntent {
@@ -173,10 +234,7 @@ pub fn parse_intent(text: &str) -> Result<DomainIntent, String> {
             .has_tag_name("domstatus")
             .then(|| root.attribute("pid"))
             .flatten()
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| format!("<domstatus pid='{v}'>: not a pid"))
-            })
+            .map(|v| v.parse().map_err(|_| IntentError::BadPid(v.to_string())))
             .transpose()?,
         ..DomainIntent::default()
     };
@@ -291,6 +349,25 @@ WARNING: THIS IS AN AUTO-GENERATED FILE.
         assert_eq!(intent.memnodes, vec![(0, set("1"))]);
         let why = intent.evidence().unwrap();
         assert!(why.contains("vcpupin 0->2 1->3"), "{why}");
+        assert_eq!(
+            intent.pins(),
+            OperatorPins {
+                all_vcpus: false,
+                vcpus: vec![0, 1],
+                emulator: true
+            }
+        );
+        // A memory binding alone pins no CPU; `vcpupin` of one vCPU only that one.
+        let memory_only = DomainIntent {
+            memory: Some(("strict".into(), set("1"))),
+            ..DomainIntent::default()
+        };
+        assert_eq!(memory_only.pins(), OperatorPins::default());
+        let one = DomainIntent {
+            vcpupins: vec![(1, set("3"))],
+            ..DomainIntent::default()
+        };
+        assert!(one.pins().covers_vcpu(1) && !one.pins().covers_vcpu(0) && !one.pins().emulator);
         assert!(
             why.contains("numatune memory mode=strict nodeset=1"),
             "{why}"
@@ -304,6 +381,10 @@ WARNING: THIS IS AN AUTO-GENERATED FILE.
             "<vcpu placement='static' cpuset='4-7'>2</vcpu>",
         );
         assert_eq!(parse_intent(&pinned).unwrap().vcpu_cpuset, Some(set("4-7")));
+        assert_eq!(
+            parse_intent(&pinned).unwrap().pins(),
+            OperatorPins::everything()
+        );
 
         let auto = FREE
             .replace(
@@ -347,7 +428,7 @@ WARNING: THIS IS AN AUTO-GENERATED FILE.
                 "nodeset='1-'",
             ),
         ] {
-            let err = parse_intent(xml).unwrap_err();
+            let err = parse_intent(xml).unwrap_err().to_string();
             assert!(err.contains(expect), "{xml}: {err}");
         }
     }

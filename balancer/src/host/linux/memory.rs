@@ -9,6 +9,26 @@
 //! adjusted by the balancer's own page migrations ([`MemoryTracker::note_migration`]),
 //! which are the only large changes a guest's placement sees once it is populated.
 //!
+//! Nor is a VM whose placement stays as it was read again at that rate: each read
+//! that finds the same bytes per node as the one before doubles the VM's interval, up
+//! to [`MAX_STALE_NS`], so the work of a tick does not grow with guest memory while
+//! nothing changes (tests/results/scale-cost.md). What can change a placement resets
+//! the interval ([`MemoryTracker::note_may_have_changed`]):
+//! - pages allocated or freed: the VM's resident size moved (the observer reads it
+//!   every tick anyway);
+//! - pages migrated by anyone (automatic NUMA balancing, numad, an operator's
+//!   `migratepages`): a [`Probe`] of [`PROBE_PAGES`] pages spread over guest RAM is
+//!   asked for its nodes every tick (one `move_pages` query, microseconds) and any
+//!   page found elsewhere than at the read means a new read. The host-wide
+//!   `pgmigrate_success` counter cannot serve: compaction moves pages within a node
+//!   all the time on a busy host and would keep every VM "changed". A migration that
+//!   misses all probe pages is small (a share `f` of guest RAM escapes 64 pages with
+//!   probability `(1-f)^64`: 4 % for 5 %, per tick) and the next read at most
+//!   [`MAX_STALE_NS`] later sees it;
+//! - the balancer's own moves, and a VM whose memory is away from its vCPUs (below
+//!   the locality target: the engine is working on it), which the observer keeps at
+//!   the base interval so a move is never planned on a reading kept from before it.
+//!
 //! Only guest RAM counts as the VM's memory: the mappings that back `-m` (the largest
 //! anonymous, memfd, hugetlb or `mem-path` file mappings whose sizes add up to the
 //! configured size). Everything else (qemu's heap, thread stacks, libraries, video RAM,
@@ -16,7 +36,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::numa_maps::{MappingKind, MapsEntry, NumaMapping};
+use super::numa_maps::{MappingKind, MapsEntry, MapsError, NumaMapping};
 use crate::model::{MemoryBacking, NodeId};
 
 /// How often numa_maps may be read.
@@ -41,6 +61,14 @@ impl Default for MemoryPolicy {
     }
 }
 
+/// The longest a VM's reading is kept while nothing says it may have changed.
+pub const MAX_STALE_NS: u64 = 60_000_000_000;
+
+/// Readings that differ by at most this share of the VM's memory (or
+/// [`SAME_FLOOR_BYTES`]) count as the same placement.
+const SAME_SHARE: f64 = 0.005;
+const SAME_FLOOR_BYTES: u64 = 2 << 20;
+
 /// The result of one numa_maps read of one VM.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryReading {
@@ -50,8 +78,11 @@ pub struct MemoryReading {
     pub overhead_bytes_per_node: BTreeMap<NodeId, u64>,
     /// The anonymous part of the overhead (heap, stacks, anonymous mappings), per node.
     pub own_overhead_bytes_per_node: BTreeMap<NodeId, u64>,
-    /// Guest RAM mappings as (start address, length).
+    /// Guest RAM mappings as (start address, length), in address order.
     pub guest_ranges: Vec<(u64, u64)>,
+    /// Resident bytes per node of each mapping of `guest_ranges` (same order): one
+    /// per memory backend, so per guest NUMA cell when the VM has cells.
+    pub guest_range_bytes: Vec<BTreeMap<NodeId, u64>>,
     /// Backing as seen in numa_maps (hugetlb page size is exact here).
     pub observed_backing: Option<MemoryBacking>,
 }
@@ -83,7 +114,7 @@ pub fn select_guest_ram(
     numa: &[NumaMapping],
     configured_bytes: u64,
     mem_paths: &[String],
-) -> Result<MemoryReading, String> {
+) -> Result<MemoryReading, MapsError> {
     let len_of: HashMap<u64, u64> = if maps.is_empty() {
         numa.iter()
             .map(|m| {
@@ -92,7 +123,12 @@ pub fn select_guest_ram(
             })
             .collect()
     } else {
-        maps.iter().map(|e| (e.start_addr, e.len_bytes())).collect()
+        // Guest RAM is always writable; an inaccessible reservation (a malloc arena's
+        // 64 MiB, a guard region) is never guest RAM, however close its size.
+        maps.iter()
+            .filter(|e| e.is_writable())
+            .map(|e| (e.start_addr, e.len_bytes()))
+            .collect()
     };
     let mut candidates: Vec<(usize, u64)> = numa
         .iter()
@@ -123,9 +159,19 @@ pub fn select_guest_ram(
         }
     }
     let mut reading = MemoryReading::default();
+    let mut ranges = Vec::new();
     for (i, m) in numa.iter().enumerate() {
         let bytes = m.bytes_per_node()?;
         let guest = chosen.contains(&i);
+        if guest {
+            ranges.push((
+                (
+                    m.start_addr,
+                    len_of.get(&m.start_addr).copied().unwrap_or(0),
+                ),
+                bytes.clone(),
+            ));
+        }
         let target = if guest {
             &mut reading.guest_bytes_per_node
         } else {
@@ -141,10 +187,6 @@ pub fn select_guest_ram(
             }
         }
         if guest {
-            reading.guest_ranges.push((
-                m.start_addr,
-                len_of.get(&m.start_addr).copied().unwrap_or(0),
-            ));
             let seen = if m.huge {
                 MemoryBacking::HugeTlb {
                     page_size_bytes: m.page_size_bytes,
@@ -159,8 +201,66 @@ pub fn select_guest_ram(
             reading.observed_backing.get_or_insert(seen);
         }
     }
-    reading.guest_ranges.sort_unstable();
+    ranges.sort_by_key(|&(range, _)| range);
+    (reading.guest_ranges, reading.guest_range_bytes) = ranges.into_iter().unzip();
     Ok(reading)
+}
+
+/// Which guest RAM mapping backs each guest NUMA cell: index into
+/// `reading.guest_ranges` per cell, or `None` when that cannot be told for sure.
+///
+/// Anonymous mappings carry no name in `/proc/PID/maps`, so the backend of a cell
+/// is found from what qemu does: it creates its `-object memory-backend-*` in
+/// command-line order at start-up, one `mmap` each, and the kernel hands out
+/// mappings top-down, so the guest RAM mappings from the highest address down are
+/// the backends in command-line order. Every mapping must also be exactly its
+/// backend's size; where the sizes all differ they alone decide. Any mismatch
+/// (a backend missing, a size that differs, a bottom-up address layout that breaks
+/// the size check) leaves every cell unlocated: the engine then splits the VM's
+/// memory over its cells in proportion and moves it as a whole, never a wrong
+/// cell's pages.
+pub fn locate_cells(
+    cell_backend_ids: &[String],
+    backend_sizes: &[(String, u64)],
+    guest_ranges: &[(u64, u64)],
+) -> Vec<Option<usize>> {
+    let none = vec![None; cell_backend_ids.len()];
+    // The cells' backends in creation (command-line) order.
+    let ordered: Vec<&(String, u64)> = backend_sizes
+        .iter()
+        .filter(|(id, _)| cell_backend_ids.contains(id))
+        .collect();
+    if ordered.len() != cell_backend_ids.len() || ordered.len() != guest_ranges.len() {
+        return none;
+    }
+    let sizes_distinct = {
+        let mut s: Vec<u64> = ordered.iter().map(|(_, b)| *b).collect();
+        s.sort_unstable();
+        s.windows(2).all(|w| w[0] != w[1])
+    };
+    let mut by_id: HashMap<&str, usize> = HashMap::new();
+    if sizes_distinct {
+        for (id, size) in &ordered {
+            match guest_ranges.iter().position(|&(_, len)| len == *size) {
+                Some(i) => by_id.insert(id.as_str(), i),
+                None => return none,
+            };
+        }
+    } else {
+        // Highest address first = first created.
+        let mut desc: Vec<usize> = (0..guest_ranges.len()).collect();
+        desc.sort_by(|&a, &b| guest_ranges[b].0.cmp(&guest_ranges[a].0));
+        for ((id, size), i) in ordered.iter().zip(desc) {
+            if guest_ranges[i].1 != *size {
+                return none;
+            }
+            by_id.insert(id.as_str(), i);
+        }
+    }
+    cell_backend_ids
+        .iter()
+        .map(|id| by_id.get(id.as_str()).copied())
+        .collect()
 }
 
 /// Moves up to `bytes` of `map` from node `from` to node `to`, never more than `from`
@@ -181,6 +281,88 @@ pub struct TrackedMemory {
     pub read_at_ns: u64,
     /// Bytes moved by migrations noted since that read.
     pub adjusted_bytes: u64,
+    /// Reads in a row that found the placement of the read before.
+    pub unchanged_reads: u32,
+    /// Something may have changed the placement since the read: read again at the
+    /// base interval.
+    pub stale: bool,
+    /// Pages sampled at the read, asked again each tick.
+    pub probe: Probe,
+}
+
+/// Pages spread evenly over guest RAM for the cheap check of the module doc.
+pub const PROBE_PAGES: usize = 64;
+
+/// Addresses of [`PROBE_PAGES`] pages over guest RAM and the node each was on (as
+/// `move_pages` reports it: a node, or a negative errno for a page not present).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Probe {
+    pub addrs: Vec<u64>,
+    pub nodes: Vec<i32>,
+}
+
+impl Probe {
+    /// [`PROBE_PAGES`] page addresses spread evenly over `ranges` (start, length),
+    /// each range getting pages in proportion to its length; none for no memory.
+    pub fn addresses(ranges: &[(u64, u64)], page_bytes: u64) -> Vec<u64> {
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        if total == 0 || page_bytes == 0 {
+            return Vec::new();
+        }
+        let step = (total / PROBE_PAGES as u64).max(page_bytes);
+        let mut out = Vec::with_capacity(PROBE_PAGES);
+        // Walk the ranges as one line of `total` bytes, a sample every `step`, in the
+        // middle of its step so the first and last pages are not always the ones.
+        let mut offset = step / 2;
+        let mut base = 0u64;
+        for &(start, len) in ranges {
+            while offset < base + len && out.len() < PROBE_PAGES {
+                let addr = start + (offset - base);
+                out.push(addr - addr % page_bytes);
+                offset += step;
+            }
+            base += len;
+        }
+        out
+    }
+}
+
+impl TrackedMemory {
+    /// How long this reading is kept, from the base interval of the VM's size.
+    fn keep_ns(&self, base_ns: u64) -> u64 {
+        if self.stale {
+            return base_ns;
+        }
+        base_ns
+            .saturating_mul(1u64 << self.unchanged_reads.min(16))
+            .min(MAX_STALE_NS.max(base_ns))
+    }
+}
+
+/// Whether two readings place the same bytes on the same nodes (within
+/// [`SAME_SHARE`]).
+fn same_placement(a: &MemoryReading, b: &MemoryReading) -> bool {
+    let diff = |x: &BTreeMap<NodeId, u64>, y: &BTreeMap<NodeId, u64>| -> u64 {
+        x.keys()
+            .chain(y.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|n| {
+                let (p, q) = (
+                    x.get(n).copied().unwrap_or(0),
+                    y.get(n).copied().unwrap_or(0),
+                );
+                p.abs_diff(q)
+            })
+            .sum()
+    };
+    let total: u64 = a.guest_bytes_per_node.values().sum::<u64>()
+        + a.overhead_bytes_per_node.values().sum::<u64>();
+    let slack = ((total as f64 * SAME_SHARE) as u64).max(SAME_FLOOR_BYTES);
+    a.guest_ranges == b.guest_ranges
+        && diff(&a.guest_bytes_per_node, &b.guest_bytes_per_node)
+            + diff(&a.overhead_bytes_per_node, &b.overhead_bytes_per_node)
+            <= slack
 }
 
 /// Per-VM readings with the rate limit.
@@ -206,25 +388,71 @@ impl MemoryTracker {
         let Some(t) = self.vms.get(&pid) else {
             return true;
         };
-        let interval = if configured_bytes >= self.policy.big_vm_bytes {
+        let base = if configured_bytes >= self.policy.big_vm_bytes {
             self.policy.big_vm_min_interval_ns
         } else {
             self.policy.min_interval_ns
         };
-        now_ns.saturating_sub(t.read_at_ns) >= interval
+        now_ns.saturating_sub(t.read_at_ns) >= t.keep_ns(base)
     }
 
     pub fn store(&mut self, pid: u32, reading: MemoryReading, now_ns: u64, read_cost_ns: u64) {
         self.reads += 1;
         self.read_ns_total = self.read_ns_total.saturating_add(read_cost_ns);
+        let unchanged_reads = match self.vms.get(&pid) {
+            Some(before) if same_placement(&before.reading, &reading) => {
+                before.unchanged_reads.saturating_add(1)
+            }
+            _ => 0,
+        };
         self.vms.insert(
             pid,
             TrackedMemory {
                 reading,
                 read_at_ns: now_ns,
                 adjusted_bytes: 0,
+                unchanged_reads,
+                stale: false,
+                probe: Probe::default(),
             },
         );
+    }
+
+    /// Keeps the probe taken right after VM `pid`'s read.
+    pub fn set_probe(&mut self, pid: u32, probe: Probe) {
+        if let Some(t) = self.vms.get_mut(&pid) {
+            t.probe = probe;
+        }
+    }
+
+    /// The probe's addresses of VM `pid`, to be asked for their nodes now.
+    pub fn probe_addrs(&self, pid: u32) -> Option<&[u64]> {
+        self.vms
+            .get(&pid)
+            .map(|t| t.probe.addrs.as_slice())
+            .filter(|a| !a.is_empty())
+    }
+
+    /// The probe's pages of VM `pid` are on `nodes` now: any page elsewhere than at
+    /// the read means the placement may have changed. Returns whether it did.
+    pub fn check_probe(&mut self, pid: u32, nodes: &[i32]) -> bool {
+        let changed = self
+            .vms
+            .get(&pid)
+            .is_some_and(|t| t.probe.nodes.as_slice() != nodes);
+        if changed {
+            self.note_may_have_changed(pid);
+        }
+        changed
+    }
+
+    /// Something may have changed VM `pid`'s placement: its next read comes at the
+    /// base interval, and the back-off starts again from there.
+    pub fn note_may_have_changed(&mut self, pid: u32) {
+        if let Some(t) = self.vms.get_mut(&pid) {
+            t.stale = true;
+            t.unchanged_reads = 0;
+        }
     }
 
     pub fn get(&self, pid: u32) -> Option<&TrackedMemory> {
@@ -233,12 +461,29 @@ impl MemoryTracker {
 
     /// Applies a completed page migration to the cached view: `bytes` of guest RAM went
     /// from node `from` to node `to` (never more than the cache holds on `from`).
-    pub fn note_migration(&mut self, pid: u32, from: NodeId, to: NodeId, bytes: u64) {
+    /// With `within` (a cell's move), the mapping holding that range is shifted too.
+    pub fn note_migration(
+        &mut self,
+        pid: u32,
+        (from, to): (NodeId, NodeId),
+        bytes: u64,
+        within: Option<(u64, u64)>,
+    ) {
         let Some(t) = self.vms.get_mut(&pid) else {
             return;
         };
+        let r = &mut t.reading;
+        let bytes = match within.and_then(|w| r.guest_ranges.iter().position(|g| g.0 == w.0)) {
+            Some(i) => r
+                .guest_range_bytes
+                .get_mut(i)
+                .map_or(bytes, |m| shift(m, from, to, bytes)),
+            None => bytes,
+        };
         let moved = shift(&mut t.reading.guest_bytes_per_node, from, to, bytes);
         t.adjusted_bytes = t.adjusted_bytes.saturating_add(moved);
+        t.stale = true;
+        t.unchanged_reads = 0;
     }
 
     /// Applies a completed move of the process's own memory (not guest RAM) to the
@@ -251,6 +496,8 @@ impl MemoryTracker {
         let moved = shift(&mut r.own_overhead_bytes_per_node, from, to, bytes);
         shift(&mut r.overhead_bytes_per_node, from, to, moved);
         t.adjusted_bytes = t.adjusted_bytes.saturating_add(moved);
+        t.stale = true;
+        t.unchanged_reads = 0;
     }
 
     /// Forgets every VM not in `alive`.
@@ -298,6 +545,93 @@ mod tests {
     }
 
     #[test]
+    fn cells_are_located_by_creation_order_and_size() {
+        let ids = ["ram-node0".to_string(), "ram-node1".to_string()];
+        let sizes = |a: u64, b: u64| {
+            vec![
+                ("ram-node0".to_string(), a),
+                ("pc.rom".to_string(), 1),
+                ("ram-node1".to_string(), b),
+            ]
+        };
+        // Equal sizes: top-down, the first backend created is the highest mapping.
+        let ranges = [(0x7f00_0000_0000, 512 << 20), (0x7f10_0000_0000, 512 << 20)];
+        assert_eq!(
+            locate_cells(&ids, &sizes(512 << 20, 512 << 20), &ranges),
+            vec![Some(1), Some(0)]
+        );
+        // Distinct sizes decide alone, whatever the addresses.
+        let ranges = [(0x7f00_0000_0000, 256 << 20), (0x7f10_0000_0000, 768 << 20)];
+        assert_eq!(
+            locate_cells(&ids, &sizes(256 << 20, 768 << 20), &ranges),
+            vec![Some(0), Some(1)]
+        );
+        // A size that matches no mapping, or a mapping missing: nothing located.
+        assert_eq!(
+            locate_cells(&ids, &sizes(512 << 20, 512 << 20), &ranges),
+            vec![None, None]
+        );
+        assert_eq!(
+            locate_cells(&ids, &sizes(256 << 20, 768 << 20), &ranges[..1]),
+            vec![None, None]
+        );
+    }
+
+    #[test]
+    fn select_keeps_bytes_per_mapping() {
+        let maps = parse_maps(
+            "7f0000000000-7f0020000000 rw-p 00000000 00:00 0\n\
+             7f0020000000-7f0020001000 ---p 00000000 00:00 0\n\
+             7f0040000000-7f0060000000 rw-p 00000000 00:00 0\n",
+        )
+        .unwrap();
+        let numa = parse_numa_maps(
+            "7f0000000000 default anon=10 N0=4 N1=6 kernelpagesize_kB=4\n\
+             7f0020000000 default kernelpagesize_kB=4\n\
+             7f0040000000 default anon=8 N2=8 kernelpagesize_kB=4\n",
+        )
+        .unwrap();
+        let r = select_guest_ram(&maps, &numa, 1 << 30, &[]).unwrap();
+        assert_eq!(
+            r.guest_ranges,
+            vec![(0x7f0000000000, 512 << 20), (0x7f0040000000, 512 << 20)]
+        );
+        assert_eq!(r.guest_range_bytes[0][&1], 6 * 4096);
+        assert_eq!(r.guest_range_bytes[1][&2], 8 * 4096);
+        let mut t = MemoryTracker::default();
+        t.store(7, r, 0, 1);
+        t.note_migration(7, (2, 3), 4 * 4096, Some((0x7f0040000000, 512 << 20)));
+        let r = &t.get(7).unwrap().reading;
+        assert_eq!(r.guest_range_bytes[1][&3], 4 * 4096);
+        assert_eq!(r.guest_bytes_per_node[&3], 4 * 4096);
+    }
+
+    #[test]
+    fn an_inaccessible_reservation_is_not_guest_ram() {
+        // A 64 MiB VM in two 32 MiB cells beside a malloc arena's reservation of
+        // almost 64 MiB (PROT_NONE, nothing resident).
+        let maps = parse_maps(
+            "7f0000000000-7f0002000000 rw-p 00000000 00:00 0\n\
+             7f0002000000-7f0002001000 ---p 00000000 00:00 0\n\
+             7f0004000000-7f0006000000 rw-p 00000000 00:00 0\n\
+             7f0010021000-7f0014000000 ---p 00000000 00:00 0\n",
+        )
+        .unwrap();
+        let numa = parse_numa_maps(
+            "7f0000000000 default anon=8192 N0=8192 kernelpagesize_kB=4\n\
+             7f0002000000 default kernelpagesize_kB=4\n\
+             7f0004000000 default anon=8192 N0=8192 kernelpagesize_kB=4\n\
+             7f0010021000 default kernelpagesize_kB=4\n",
+        )
+        .unwrap();
+        let r = select_guest_ram(&maps, &numa, 64 << 20, &[]).unwrap();
+        assert_eq!(
+            r.guest_ranges,
+            vec![(0x7f0000000000, 32 << 20), (0x7f0004000000, 32 << 20)]
+        );
+    }
+
+    #[test]
     fn rate_limit_and_migration_updates() {
         let mut t = MemoryTracker::new(MemoryPolicy {
             min_interval_ns: 10,
@@ -313,10 +647,97 @@ mod tests {
         assert!(t.due(1, 10, 10));
         assert!(!t.due(2, 5000, 50));
         assert!(t.due(2, 5000, 100));
-        t.note_migration(1, 0, 1, 700);
+        t.note_migration(1, (0, 1), 700, None);
         let g = &t.get(1).unwrap().reading.guest_bytes_per_node;
         assert_eq!((g[&0], g[&1]), (0, 500));
         t.retain(|pid| pid == 2);
         assert!(t.get(1).is_none());
+    }
+
+    #[test]
+    fn an_unchanged_placement_is_read_less_often_until_something_may_change_it() {
+        let s = 1_000_000_000u64;
+        let mut t = MemoryTracker::new(MemoryPolicy {
+            min_interval_ns: s,
+            big_vm_bytes: u64::MAX,
+            big_vm_min_interval_ns: u64::MAX,
+        });
+        let mut r = MemoryReading::default();
+        r.guest_bytes_per_node.insert(0, 1 << 30);
+        // Each read that finds the same placement doubles the wait: 1, 2, 4, 8 s.
+        let mut now = 0;
+        t.store(1, r.clone(), now, 1);
+        for wait_s in [1, 2, 4, 8] {
+            assert!(!t.due(1, 1 << 30, now + wait_s * s - 1), "{wait_s}");
+            now += wait_s * s;
+            assert!(t.due(1, 1 << 30, now), "{wait_s}");
+            t.store(1, r.clone(), now, 1);
+        }
+        // Never longer than MAX_STALE_NS.
+        for _ in 0..20 {
+            now += MAX_STALE_NS;
+            assert!(t.due(1, 1 << 30, now));
+            t.store(1, r.clone(), now, 1);
+        }
+        // Its resident size moved (or pages migrated on the host): the base interval.
+        t.note_may_have_changed(1);
+        assert!(t.due(1, 1 << 30, now + s));
+        // A read that finds another placement starts the back-off again.
+        let mut moved = r.clone();
+        moved.guest_bytes_per_node.insert(0, 1 << 29);
+        moved.guest_bytes_per_node.insert(1, 1 << 29);
+        now += s;
+        t.store(1, moved.clone(), now, 1);
+        assert!(t.due(1, 1 << 30, now + s));
+        // A difference within half a percent is the same placement.
+        let mut nearly = moved.clone();
+        nearly.guest_bytes_per_node.insert(1, (1 << 29) + (4 << 20));
+        now += s;
+        t.store(1, nearly, now, 1);
+        assert!(!t.due(1, 1 << 30, now + s));
+        // The balancer's own move: read again at the base interval.
+        t.note_migration(1, (0, 1), 1 << 20, None);
+        assert!(t.due(1, 1 << 30, now + s));
+        // A probe page found on another node than at the read: read again.
+        now += s;
+        t.store(1, moved.clone(), now, 1);
+        t.store(1, moved.clone(), now + s, 1);
+        now += s;
+        t.set_probe(
+            1,
+            Probe {
+                addrs: vec![4096, 8192],
+                nodes: vec![0, -2],
+            },
+        );
+        assert!(!t.due(1, 1 << 30, now + s));
+        assert!(!t.check_probe(1, &[0, -2]), "same nodes, nothing changed");
+        assert!(!t.due(1, 1 << 30, now + s));
+        assert!(t.check_probe(1, &[1, -2]), "a page moved to node 1");
+        assert!(t.due(1, 1 << 30, now + s));
+    }
+
+    #[test]
+    fn probe_pages_spread_over_all_guest_ranges_in_proportion() {
+        let page = 4096u64;
+        assert!(Probe::addresses(&[], page).is_empty());
+        // Two mappings, the second three times the first: a quarter of the pages in
+        // the first, every page inside its mapping and page aligned.
+        let ranges = [(1 << 30, 64 << 20), (4 << 30, 192 << 20)];
+        let a = Probe::addresses(&ranges, page);
+        assert_eq!(a.len(), PROBE_PAGES);
+        let in_first = a
+            .iter()
+            .filter(|&&x| x >= ranges[0].0 && x < ranges[0].0 + ranges[0].1)
+            .count();
+        assert_eq!(in_first, PROBE_PAGES / 4);
+        assert!(
+            a.iter()
+                .all(|&x| x % page == 0 && ranges.iter().any(|r| x >= r.0 && x < r.0 + r.1))
+        );
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        // Smaller than the probe: one page each, no more than there are.
+        let tiny = Probe::addresses(&[(1 << 20, 3 * page)], page);
+        assert_eq!(tiny, vec![1 << 20, (1 << 20) + page, (1 << 20) + 2 * page]);
     }
 }

@@ -14,6 +14,7 @@
 //! - [`cgroup`]: the cgroup of a VM and its threads (v1 cpuset and v2), cpusets;
 //! - [`pinning`]: whether an operator placed a VM by hand;
 //! - [`memory`]: guest RAM per node, read at a bounded rate;
+//! - [`ksm_sharing`]: which VMs share KSM pages with which (sampled page tables);
 //! - [`proc_events`]: the netlink process connector (exec/exit/comm events);
 //! - [`telemetry_input`]: the interface through which eBPF telemetry joins a snapshot;
 //! - [`observer`]: [`LinuxObserver`], the incremental [`Observer`](super::Observer);
@@ -21,9 +22,11 @@
 
 pub mod actuate;
 pub mod cgroup;
+pub mod confidential;
 pub mod cpu_load;
 pub mod discovery;
 pub mod ebpf_source;
+pub mod ksm_sharing;
 pub mod libvirt;
 pub mod memory;
 pub mod numa_maps;
@@ -31,9 +34,11 @@ pub mod observer;
 pub mod pinning;
 pub mod proc_events;
 pub mod procfs;
+pub mod qmp;
 pub mod telemetry_deferred;
 pub mod telemetry_input;
 pub mod topology;
+pub mod vcpu_threads;
 pub mod write_heat;
 
 use std::io;
@@ -107,17 +112,42 @@ pub enum HostError {
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {what}")]
-    Parse { path: PathBuf, what: String },
+    #[error("{path}: {reason}")]
+    Parse { path: PathBuf, reason: FormatError },
     #[error("process {pid} exited while it was being read")]
     Vanished { pid: u32 },
 }
 
+/// What is wrong with the text of a kernel file, one variant per kind of file (each
+/// parser's own error) plus the one-value files. [`HostError::Parse`] adds the path.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error(transparent)]
+    Proc(#[from] procfs::ProcTextError),
+    #[error(transparent)]
+    Maps(#[from] numa_maps::MapsError),
+    #[error(transparent)]
+    Meminfo(#[from] topology::MeminfoError),
+    #[error("expected a number, found {found:?}")]
+    NotNumber { found: String },
+    #[error(transparent)]
+    IdList(#[from] crate::model::IdSetParseError),
+    #[error("distances must be numbers")]
+    DistanceNotNumber,
+    #[error("{found} distances for nodes up to {nodes}")]
+    ShortDistanceRow {
+        found: usize,
+        nodes: crate::model::IdSet,
+    },
+    #[error("bad huge page size in the directory name")]
+    HugePageSizeName,
+}
+
 impl HostError {
-    pub(crate) fn parse(path: &Path, what: impl Into<String>) -> Self {
+    pub(crate) fn parse(path: &Path, reason: impl Into<FormatError>) -> Self {
         Self::Parse {
             path: path.to_path_buf(),
-            what: what.into(),
+            reason: reason.into(),
         }
     }
 
@@ -157,19 +187,23 @@ pub(crate) fn read_small(path: &Path) -> Result<String, HostError> {
 /// Reads a file holding one unsigned number.
 pub(crate) fn read_u64(path: &Path) -> Result<u64, HostError> {
     let s = read_small(path)?;
-    s.trim()
-        .parse()
-        .map_err(|_| HostError::parse(path, format!("expected a number, found {:?}", s.trim())))
+    s.trim().parse().map_err(|_| {
+        HostError::parse(
+            path,
+            FormatError::NotNumber {
+                found: s.trim().to_string(),
+            },
+        )
+    })
 }
 
 /// Reads a file holding a kernel id list (`0-3,8`).
 pub(crate) fn read_idset(path: &Path) -> Result<crate::model::IdSet, HostError> {
     let s = read_small(path)?;
-    crate::model::IdSet::parse_list(&s).map_err(|e| HostError::parse(path, e.to_string()))
+    crate::model::IdSet::parse_list(&s).map_err(|e| HostError::parse(path, e))
 }
 
-/// Reads the monotonic clock in ns, the same clock the eBPF programs use
-/// (`bpf_ktime_get_ns`).
+/// Reads the monotonic clock (`CLOCK_MONOTONIC`) in ns.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

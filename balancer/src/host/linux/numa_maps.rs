@@ -23,6 +23,45 @@ use std::path::Path;
 use super::HostError;
 use crate::model::NodeId;
 
+/// What is wrong with a numa_maps or maps text; [`HostError::Parse`] adds the path.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MapsError {
+    #[error("empty line")]
+    EmptyLine,
+    /// A hexadecimal address (`start address`, `start`, `end`) that is not one.
+    #[error("bad {what} {found:?}")]
+    BadAddress { what: &'static str, found: String },
+    #[error("bad range {0:?}")]
+    BadRange(String),
+    #[error("range {0:?} ends before it starts")]
+    RangeReversed(String),
+    /// The line ends before field `0` (policy, perms, offset, device, inode).
+    #[error("truncated: no {0}")]
+    Truncated(&'static str),
+    #[error("{key}: not an unsigned number: {found:?}")]
+    NotNumber { key: String, found: String },
+    #[error("absurd kernelpagesize_kB={0}")]
+    AbsurdPageSize(String),
+    #[error("bad node in {0:?}")]
+    BadNode(String),
+    #[error("N{node} pages overflow in {line:?}")]
+    PagesOverflow { node: NodeId, line: String },
+    #[error("truncated: page counts without kernelpagesize_kB")]
+    CountsWithoutPageSize,
+    #[error("N{node}={pages} pages of {page_size_bytes} bytes overflows")]
+    BytesOverflow {
+        node: NodeId,
+        pages: u64,
+        page_size_bytes: u64,
+    },
+    /// A line of a whole file, by its number (from 1).
+    #[error("line {number}: {reason}")]
+    Line {
+        number: usize,
+        reason: Box<MapsError>,
+    },
+}
+
 /// What a mapping maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum MappingKind {
@@ -53,14 +92,17 @@ pub struct NumaMapping {
 
 impl NumaMapping {
     /// Resident bytes per node. Checked: absurd counts are an error, not a wrap.
-    pub fn bytes_per_node(&self) -> Result<BTreeMap<NodeId, u64>, String> {
+    pub fn bytes_per_node(&self) -> Result<BTreeMap<NodeId, u64>, MapsError> {
         self.pages_per_node
             .iter()
-            .map(|(&n, &p)| {
-                p.checked_mul(self.page_size_bytes)
-                    .map(|b| (n, b))
-                    .ok_or_else(|| {
-                        format!("N{n}={p} pages of {} bytes overflows", self.page_size_bytes)
+            .map(|(&node, &pages)| {
+                pages
+                    .checked_mul(self.page_size_bytes)
+                    .map(|b| (node, b))
+                    .ok_or(MapsError::BytesOverflow {
+                        node,
+                        pages,
+                        page_size_bytes: self.page_size_bytes,
                     })
             })
             .collect()
@@ -72,18 +114,29 @@ impl NumaMapping {
     }
 }
 
-fn num(t: &str, what: &str) -> Result<u64, String> {
-    t.parse()
-        .map_err(|_| format!("{what}: not an unsigned number: {t:?}"))
+fn num(t: &str, key: &str) -> Result<u64, MapsError> {
+    t.parse().map_err(|_| MapsError::NotNumber {
+        key: key.to_string(),
+        found: t.to_string(),
+    })
+}
+
+fn hex(t: &str, what: &'static str) -> Result<u64, MapsError> {
+    u64::from_str_radix(t, 16).map_err(|_| MapsError::BadAddress {
+        what,
+        found: t.to_string(),
+    })
 }
 
 /// Parses one numa_maps line.
-pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, String> {
+pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, MapsError> {
     let mut tokens = line.split_ascii_whitespace();
-    let addr = tokens.next().ok_or("empty line")?;
-    let start_addr =
-        u64::from_str_radix(addr, 16).map_err(|_| format!("bad start address {addr:?}"))?;
-    let policy = tokens.next().ok_or("truncated: no policy")?.to_string();
+    let addr = tokens.next().ok_or(MapsError::EmptyLine)?;
+    let start_addr = hex(addr, "start address")?;
+    let policy = tokens
+        .next()
+        .ok_or(MapsError::Truncated("policy"))?
+        .to_string();
     let mut m = NumaMapping {
         start_addr,
         policy,
@@ -105,7 +158,7 @@ pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, String> {
                 m.page_size_bytes = kb
                     .checked_mul(1024)
                     .filter(|&b| b > 0)
-                    .ok_or_else(|| format!("absurd kernelpagesize_kB={v}"))?;
+                    .ok_or_else(|| MapsError::AbsurdPageSize(v.to_string()))?;
                 have_page_size = true;
             }
             Some((k, v))
@@ -113,13 +166,18 @@ pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, String> {
                     && k.starts_with('N')
                     && k[1..].bytes().all(|b| b.is_ascii_digit()) =>
             {
-                let node: NodeId = k[1..].parse().map_err(|_| format!("bad node in {t:?}"))?;
+                let node: NodeId = k[1..]
+                    .parse()
+                    .map_err(|_| MapsError::BadNode(t.to_string()))?;
                 let pages = num(v, k)?;
                 // The kernel prints each node once; a repeated one must not wrap.
                 let sum = m.pages_per_node.entry(node).or_default();
                 *sum = sum
                     .checked_add(pages)
-                    .ok_or_else(|| format!("N{node} pages overflow in {line:?}"))?;
+                    .ok_or_else(|| MapsError::PagesOverflow {
+                        node,
+                        line: line.to_string(),
+                    })?;
             }
             Some(_) => {} // dirty=, mapped=, mapmax=, active=, writeback=, swapcache=...
         }
@@ -129,7 +187,7 @@ pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, String> {
         // no resident pages (e.g. a PROT_NONE guard); counts without a page size are a
         // truncated line.
         if !m.pages_per_node.is_empty() || m.anon_pages > 0 {
-            return Err("truncated: page counts without kernelpagesize_kB".into());
+            return Err(MapsError::CountsWithoutPageSize);
         }
         m.page_size_bytes = 4096;
     }
@@ -138,11 +196,25 @@ pub fn parse_numa_maps_line(line: &str) -> Result<NumaMapping, String> {
 
 /// Parses a whole numa_maps file; the first bad line fails it (with its number), since
 /// a half-read file would under-count a VM's memory silently.
-pub fn parse_numa_maps(text: &str) -> Result<Vec<NumaMapping>, String> {
+pub fn parse_numa_maps(text: &str) -> Result<Vec<NumaMapping>, MapsError> {
+    parse_lines(text, parse_numa_maps_line)
+}
+
+/// Parses every non-blank line of `text` with `parse`; the first bad one fails the
+/// whole text, with its line number.
+fn parse_lines<T>(
+    text: &str,
+    parse: impl Fn(&str) -> Result<T, MapsError>,
+) -> Result<Vec<T>, MapsError> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| parse_numa_maps_line(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .map(|(i, l)| {
+            parse(l).map_err(|e| MapsError::Line {
+                number: i + 1,
+                reason: Box::new(e),
+            })
+        })
         .collect()
 }
 
@@ -173,21 +245,22 @@ impl MapsEntry {
 }
 
 /// Parses one maps line: `start-end perms offset dev inode [path]`.
-pub fn parse_maps_line(line: &str) -> Result<MapsEntry, String> {
+pub fn parse_maps_line(line: &str) -> Result<MapsEntry, MapsError> {
     let mut it = line.splitn(6, ' ');
-    let range = it.next().ok_or("empty line")?;
+    let range = it.next().ok_or(MapsError::EmptyLine)?;
     let (s, e) = range
         .split_once('-')
-        .ok_or_else(|| format!("bad range {range:?}"))?;
-    let start_addr = u64::from_str_radix(s, 16).map_err(|_| format!("bad start {s:?}"))?;
-    let end_addr = u64::from_str_radix(e, 16).map_err(|_| format!("bad end {e:?}"))?;
+        .ok_or_else(|| MapsError::BadRange(range.to_string()))?;
+    let start_addr = hex(s, "start")?;
+    let end_addr = hex(e, "end")?;
     if end_addr < start_addr {
-        return Err(format!("range {range:?} ends before it starts"));
+        return Err(MapsError::RangeReversed(range.to_string()));
     }
-    let perms = it.next().ok_or("truncated: no perms")?.to_string();
-    let _offset = it.next().ok_or("truncated: no offset")?;
-    let _dev = it.next().ok_or("truncated: no device")?;
-    let _inode = it.next().ok_or("truncated: no inode")?;
+    let mut field = |name: &'static str| it.next().ok_or(MapsError::Truncated(name));
+    let perms = field("perms")?.to_string();
+    let _offset = field("offset")?;
+    let _dev = field("device")?;
+    let _inode = field("inode")?;
     let path = it.next().unwrap_or("").trim().to_string();
     Ok(MapsEntry {
         start_addr,
@@ -197,12 +270,8 @@ pub fn parse_maps_line(line: &str) -> Result<MapsEntry, String> {
     })
 }
 
-pub fn parse_maps(text: &str) -> Result<Vec<MapsEntry>, String> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| parse_maps_line(l).map_err(|e| format!("line {}: {e}", i + 1)))
-        .collect()
+pub fn parse_maps(text: &str) -> Result<Vec<MapsEntry>, MapsError> {
+    parse_lines(text, parse_maps_line)
 }
 
 /// Reads a per-process file without a size limit (numa_maps of a process with many
@@ -275,15 +344,13 @@ mod tests {
     fn refuses_malformed_numa_maps() {
         assert!(parse_numa_maps_line("").is_err());
         assert!(parse_numa_maps_line("zzzz default N0=1 kernelpagesize_kB=4").is_err());
-        assert!(
-            parse_numa_maps_line("7f00")
-                .unwrap_err()
-                .contains("truncated")
+        assert_eq!(
+            parse_numa_maps_line("7f00").unwrap_err().to_string(),
+            "truncated: no policy"
         );
-        assert!(
-            parse_numa_maps_line("7f00 default anon=3 N0=3")
-                .unwrap_err()
-                .contains("kernelpagesize")
+        assert_eq!(
+            parse_numa_maps_line("7f00 default anon=3 N0=3"),
+            Err(MapsError::CountsWithoutPageSize)
         );
         assert!(
             parse_numa_maps_line("7f00 default N0=99999999999999999999999 kernelpagesize_kB=4")
@@ -293,15 +360,18 @@ mod tests {
         assert!(parse_numa_maps_line("7f00 default N0=1 kernelpagesize_kB=0").is_err());
         let m = parse_numa_maps_line("7f00 default N0=18446744073709551615 kernelpagesize_kB=4")
             .unwrap();
-        assert!(m.bytes_per_node().is_err());
+        assert_eq!(
+            m.bytes_per_node().unwrap_err().to_string(),
+            "N0=18446744073709551615 pages of 4096 bytes overflows"
+        );
         // A node printed twice must not wrap its page count (a panic in debug builds).
         let e =
             parse_numa_maps_line("7f00 default N0=18446744073709551615 N0=1 kernelpagesize_kB=4")
                 .unwrap_err();
-        assert!(e.contains("overflow"), "{e}");
+        assert!(matches!(e, MapsError::PagesOverflow { node: 0, .. }), "{e}");
         let err =
             parse_numa_maps("7f00 default kernelpagesize_kB=4\n7f01 default N0=\n").unwrap_err();
-        assert!(err.starts_with("line 2"), "{err}");
+        assert_eq!(err.to_string(), "line 2: N0: not an unsigned number: \"\"",);
     }
 
     #[test]
@@ -315,7 +385,13 @@ mod tests {
         let e = parse_maps_line("7f00-8f00 rw-p 00000000 00:00 0 ").unwrap();
         assert_eq!(e.path, "");
         assert!(parse_maps_line("8f00-7f00 rw-p 0 00:00 0").is_err());
-        assert!(parse_maps_line("7f00-8f00 rw-p").is_err());
-        assert!(parse_maps_line("7f00").is_err());
+        assert_eq!(
+            parse_maps_line("7f00-8f00 rw-p"),
+            Err(MapsError::Truncated("offset"))
+        );
+        assert_eq!(
+            parse_maps_line("7f00"),
+            Err(MapsError::BadRange("7f00".into()))
+        );
     }
 }

@@ -6,12 +6,22 @@
 //! - the topology's shape is read once (and on each full rescan); node memory, KSM and
 //!   NUMA balancing settings are re-read every tick (a few small sysfs files);
 //! - known VMs are kept with their parsed command line; every tick re-reads only their
-//!   cheap files (`stat`, `status`, thread `comm`/`stat`, `cgroup`);
+//!   cheap files (`stat`, `status`, thread `stat`, vCPU `schedstat`, `cgroup`), a
+//!   thread's name only until it has its own (qemu names a thread from inside it, so
+//!   a new thread briefly carries the process's name), the time since boot from
+//!   the clock rather than `/proc/uptime`, and a
+//!   vCPU's affinity with `sched_getaffinity` rather than its `status` file;
 //! - new and exited VMs are found from process connector events
 //!   ([`super::proc_events`]) without walking `/proc`; a full walk runs at start, every
 //!   [`ObserverConfig::full_rescan_interval_ns`], after lost events, and every tick
 //!   when the connector is unavailable (no `CAP_NET_ADMIN`, a fixture tree);
-//! - numa_maps is read at most at the rate [`super::memory::MemoryPolicy`] allows.
+//! - numa_maps is read at most at the rate [`super::memory::MemoryPolicy`] allows;
+//! - which VMs share KSM pages is sampled every few tens of seconds, only while KSM
+//!   merges ([`super::ksm_sharing`]);
+//! - vCPU threads are told apart by name, or, for a qemu without `debug-threads=on`,
+//!   by its QMP monitor once per process ([`super::vcpu_threads`]); when neither
+//!   works the VM is reported with its vCPUs unknown and its whole process stands
+//!   for them (all threads' demand and affinity), never a guess.
 //!
 //! A VM that vanishes mid-read is left out silently (counted); a VM whose files do not
 //! parse is skipped for that tick with a debug line (counted); neither fails the
@@ -21,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::cgroup;
 use super::discovery::{self, BackendKind, QemuConfig};
-use super::memory::{MemoryPolicy, MemoryTracker, select_guest_ram};
+use super::memory::{self, MemoryPolicy, MemoryTracker, select_guest_ram};
 use super::numa_maps::{read_maps, read_numa_maps};
 use super::pinning::{self, PinningInput};
 use super::proc_events::{ProcEvent, ProcEvents};
@@ -29,8 +39,8 @@ use super::telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, Trac
 use super::{HostError, HostPaths, monotonic_ns, procfs, topology};
 use crate::host::Observer;
 use crate::model::{
-    Action, ActionOutcome, DEFAULT_TARGET_LOCALITY_PCT, PlannedAction, Snapshot, ThreadKind,
-    Topology, Vcpu, Vm, VmId, VmMemory,
+    Action, ActionOutcome, DEFAULT_TARGET_LOCALITY_PCT, Pinning, PlannedAction, Snapshot,
+    ThreadKind, Topology, Vcpu, Vm, VmId, VmMemory,
 };
 
 /// Settings of the observer.
@@ -79,15 +89,21 @@ pub struct ObserverCounters {
     pub vanished_mid_read: u64,
     pub numa_maps_reads: u64,
     pub numa_maps_read_ns_total: u64,
+    /// Reads asked for because a probe page had moved (module doc of `memory`).
+    pub memory_probe_changes: u64,
 }
 
 /// Per-thread state kept between observations.
 #[derive(Clone, Copy, Debug)]
 struct ThreadState {
     cpu_ticks: u64,
-    /// What a vCPU thread ran plus waited to run, from `schedstat` (ns).
-    wanted_ns: Option<u64>,
+    /// What a vCPU thread ran and waited to run, from `schedstat` (ns).
+    sched: Option<procfs::SchedStat>,
 }
+
+/// A change of a VM's resident size below this (or half a percent) is noise: qemu's
+/// own allocations, not guest pages.
+const RSS_CHANGE_FLOOR_BYTES: u64 = 4 << 20;
 
 /// A qemu process being followed.
 #[derive(Clone, Debug)]
@@ -96,10 +112,18 @@ struct KnownVm {
     comm: String,
     config: QemuConfig,
     threads: HashMap<u32, ThreadState>,
+    /// Thread names, read once per thread (module doc): a name that is still the
+    /// process's own is read again, as qemu names a thread only once it runs.
+    thread_names: HashMap<u32, String>,
     cpu_ticks: u64,
     sampled_at_ns: Option<u64>,
     /// The operator's placement from libvirt's status file, when it is a domain.
     libvirt: super::libvirt::IntentCache,
+    /// Which threads are vCPUs when they are not named (the QMP monitor's answer).
+    vcpu_threads: super::vcpu_threads::VcpuThreads,
+    /// Resident size at the last observation: a change means pages were allocated
+    /// or freed, so the memory placement may have changed.
+    rss_bytes: u64,
 }
 
 /// The observer of the real Linux host.
@@ -116,11 +140,16 @@ pub struct LinuxObserver {
     counters: ObserverCounters,
     managed: HashSet<u32>,
     ticks_per_s: u64,
+    /// Seconds since boot from a capture tree's `/proc/uptime` (read once a tick;
+    /// the live host reads its clock instead, see `sample`).
+    uptime_s: Option<f64>,
     /// Idle CPUs per node between two observations.
     cpu_load: super::cpu_load::CpuSampler,
     /// Written regions of VMs whose memory is away from their vCPUs.
     /// Soft-dirty sampling, when [`ObserverConfig::write_heat`] is on.
     write_heat: Option<super::write_heat::WriteHeat>,
+    /// KSM pages shared between VMs, sampled at a slow rate.
+    ksm_sharing: super::ksm_sharing::KsmSharing,
 }
 
 impl std::fmt::Debug for LinuxObserver {
@@ -157,6 +186,7 @@ impl LinuxObserver {
             write_heat: config.write_heat.then(|| {
                 super::write_heat::WriteHeat::new(&paths.proc, config.locality_target_pct)
             }),
+            ksm_sharing: super::ksm_sharing::KsmSharing::new(&paths.proc),
             paths,
             config,
             topology,
@@ -168,6 +198,7 @@ impl LinuxObserver {
             counters: ObserverCounters::default(),
             managed: HashSet::new(),
             ticks_per_s: procfs::clock_ticks_per_s(),
+            uptime_s: None,
         })
     }
 
@@ -200,8 +231,16 @@ impl LinuxObserver {
 
     /// Tells the observer that `bytes` of VM `pid`'s guest RAM moved from node `from`
     /// to node `to`, so its memory view stays right until numa_maps is read again.
-    pub fn note_migration(&mut self, pid: u32, from: u32, to: u32, bytes: u64) {
-        self.memory.note_migration(pid, from, to, bytes);
+    /// `within`: the cell range the move was confined to, if any.
+    pub fn note_migration(
+        &mut self,
+        pid: u32,
+        from: u32,
+        to: u32,
+        bytes: u64,
+        within: Option<(u64, u64)>,
+    ) {
+        self.memory.note_migration(pid, (from, to), bytes, within);
     }
 
     /// Marks VM `pid` as placed by the balancer: its narrowed affinity or cpuset is no
@@ -293,6 +332,13 @@ impl LinuxObserver {
         match found {
             Ok((stat, argv)) => {
                 let config = discovery::parse_qemu_cmdline(&argv);
+                if config.has_no_guest() {
+                    tracing::debug!(
+                        pid,
+                        "qemu with -machine none (a capabilities probe): not a VM"
+                    );
+                    return;
+                }
                 for w in &config.warnings {
                     tracing::debug!(pid, warning = %w, "qemu command line");
                 }
@@ -305,9 +351,12 @@ impl LinuxObserver {
                         comm,
                         config,
                         threads: HashMap::new(),
+                        thread_names: HashMap::new(),
                         cpu_ticks: stat.cpu_ticks(),
                         sampled_at_ns: None,
                         libvirt: Default::default(),
+                        vcpu_threads: Default::default(),
+                        rss_bytes: 0,
                     },
                 );
             }
@@ -335,6 +384,11 @@ impl LinuxObserver {
             return Err(HostError::Vanished { pid });
         }
         let status = procfs::read_status(proc, pid)?;
+        let rss_moved = status.vm_rss_bytes.abs_diff(known.rss_bytes);
+        if rss_moved > (status.vm_rss_bytes / 200).max(RSS_CHANGE_FLOOR_BYTES) {
+            self.memory.note_may_have_changed(pid);
+        }
+        known.rss_bytes = status.vm_rss_bytes;
         let dt_s = known
             .sampled_at_ns
             .map(|t| now_ns.saturating_sub(t) as f64 / 1e9)
@@ -342,14 +396,27 @@ impl LinuxObserver {
         // Seconds since boot, for the first sight of a thread: with no earlier sample
         // its demand is its CPU time over its age (0, as before, when unknown). A VM
         // seen for the first time must not look idle: a busy pinned VM would look
-        // like room on its node.
-        let uptime_s = std::fs::read_to_string(proc.join("uptime"))
-            .ok()
-            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
+        // like room on its node. The clock is read when the demand is computed,
+        // after the thread's CPU time: a time since boot read earlier (once a tick,
+        // before a slow first tick's reads) shortens the age of a young thread and
+        // made a VM started seconds ago look several CPUs busy. On the live host
+        // that is `CLOCK_BOOTTIME` (what `/proc/uptime` and a task's start time
+        // count from, a vDSO read); a capture tree has only its `uptime` file.
+        let tree_uptime_s = self.uptime_s;
+        let live = paths.is_live_proc();
+        let uptime_now_s = move || {
+            if live {
+                nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+                    .ok()
+                    .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+            } else {
+                tree_uptime_s
+            }
+        };
         let demand_since = |now: u64, before: Option<u64>, start_ticks: u64| -> f64 {
             match (dt_s, before) {
                 (Some(dt), Some(b)) => now.saturating_sub(b) as f64 / ticks_per_s / dt,
-                _ => uptime_s
+                _ => uptime_now_s()
                     .map(|up| up - start_ticks as f64 / ticks_per_s)
                     .filter(|&age| age >= 0.5)
                     .map_or(0.0, |age| now as f64 / ticks_per_s / age),
@@ -360,35 +427,64 @@ impl LinuxObserver {
             known.sampled_at_ns.map(|_| known.cpu_ticks),
             stat.starttime_ticks,
         );
+        // Every thread's name and stat first: which are vCPUs may depend on all of
+        // them (no thread named `CPU n/KVM`: the monitor is asked).
+        let mut read_threads = Vec::new();
+        let mut thread_names = HashMap::new();
+        for tid in procfs::list_tasks(proc, pid)? {
+            let comm = match known.thread_names.remove(&tid) {
+                Some(name) if name != known.comm => Ok(name),
+                _ => procfs::read_task_comm(proc, pid, tid),
+            };
+            let read = comm.and_then(|c| Ok((c, procfs::read_task_stat(proc, pid, tid)?)));
+            if let Ok((c, _)) = &read {
+                thread_names.insert(tid, c.clone());
+            }
+            match read {
+                Ok((comm, tstat)) => read_threads.push((tid, comm, tstat)),
+                Err(e) if e.is_vanished() => self.counters.vanished_mid_read += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        let names: Vec<(u32, String)> = read_threads
+            .iter()
+            .map(|(tid, comm, _)| (*tid, comm.clone()))
+            .collect();
+        let (vcpu_discovery, vcpu_index) =
+            known
+                .vcpu_threads
+                .find(pid, &names, &known.config.qmp_sockets, now_ns, |socket| {
+                    super::qmp::query_vcpus(proc, pid, socket, QMP_TIMEOUT)
+                });
+        let vcpus_known = !matches!(vcpu_discovery, crate::model::VcpuDiscovery::Unknown { .. });
+        let mut process_affinity = crate::model::CpuSet::new();
         let mut vcpus = Vec::new();
         let mut other_threads = Vec::new();
         let mut threads = HashMap::new();
-        for tid in procfs::list_tasks(proc, pid)? {
-            let read = procfs::read_task_comm(proc, pid, tid)
-                .and_then(|c| Ok((c, procfs::read_task_stat(proc, pid, tid)?)));
-            let (comm, tstat) = match read {
-                Ok(x) => x,
-                Err(e) if e.is_vanished() => {
-                    self.counters.vanished_mid_read += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+        for (tid, comm, tstat) in read_threads {
             let before = known.threads.get(&tid).copied();
             let mut state = ThreadState {
                 cpu_ticks: tstat.cpu_ticks(),
-                wanted_ns: None,
+                sched: None,
             };
-            match discovery::classify_thread(pid, tid, &comm) {
+            let kind = match vcpu_index.get(&tid) {
+                Some(&i) => ThreadKind::Vcpu(i),
+                None => match discovery::classify_thread(pid, tid, &comm) {
+                    // A name alone is not enough when the monitor said otherwise.
+                    ThreadKind::Vcpu(_) => ThreadKind::Other,
+                    k => k,
+                },
+            };
+            match kind {
                 ThreadKind::Vcpu(index) => {
-                    state.wanted_ns = match procfs::read_task_schedstat(proc, pid, tid) {
-                        Ok(s) => s.map(|s| s.wanted_ns()),
+                    state.sched = match procfs::read_task_schedstat(proc, pid, tid) {
+                        Ok(s) => s,
                         Err(e) if e.is_vanished() => continue,
                         Err(e) => return Err(e),
                     };
                     threads.insert(tid, state);
-                    let affinity = match procfs::read_task_status(proc, pid, tid) {
-                        Ok(s) => s.cpus_allowed,
+                    let affinity = match thread_affinity(&paths, pid, tid) {
+                        Ok(cpus) => cpus,
                         // The thread exited; or, in a capture without the file, the
                         // affinity is unknown (empty).
                         Err(e) if e.is_vanished() && task_exists(proc, pid, tid) => {
@@ -415,6 +511,15 @@ impl LinuxObserver {
                     });
                 }
                 _ => {
+                    if !vcpus_known {
+                        // Balanced as a whole process: where it may run is where
+                        // any of its threads may.
+                        match procfs::read_task_status(proc, pid, tid) {
+                            Ok(s) => process_affinity = process_affinity.union(&s.cpus_allowed),
+                            Err(e) if e.is_vanished() => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
                     threads.insert(tid, state);
                     other_threads.push(tid);
                 }
@@ -422,6 +527,7 @@ impl LinuxObserver {
         }
         vcpus.sort_by_key(|v| v.index);
         known.threads = threads;
+        known.thread_names = thread_names;
         known.cpu_ticks = stat.cpu_ticks();
         known.sampled_at_ns = Some(now_ns);
 
@@ -453,6 +559,13 @@ impl LinuxObserver {
 
         // Memory, at the policy's rate.
         let configured_bytes = known.config.mem_bytes.unwrap_or(0);
+        if live && let Some(addrs) = self.memory.probe_addrs(pid) {
+            // Pages moved by anyone since the read (module doc of `memory`).
+            let nodes = probe_nodes(pid, addrs);
+            if self.memory.check_probe(pid, &nodes) {
+                self.counters.memory_probe_changes += 1;
+            }
+        }
         if self.memory.due(pid, configured_bytes, now_ns) {
             let mem_paths: Vec<String> = known
                 .config
@@ -475,7 +588,18 @@ impl LinuxObserver {
             let cost = monotonic_ns().saturating_sub(started);
             let reading = select_guest_ram(&maps, &numa, configured_bytes, &mem_paths)
                 .map_err(|w| HostError::parse(&proc.join(pid.to_string()).join("numa_maps"), w))?;
+            let probe = live.then(|| {
+                let addrs = memory::Probe::addresses(
+                    &reading.guest_ranges,
+                    super::actuate::sys::page_size_bytes(),
+                );
+                let nodes = probe_nodes(pid, &addrs);
+                memory::Probe { addrs, nodes }
+            });
             self.memory.store(pid, reading, now_ns, cost);
+            if let Some(p) = probe {
+                self.memory.set_probe(pid, p);
+            }
             self.counters.numa_maps_reads += 1;
             self.counters.numa_maps_read_ns_total += cost;
         }
@@ -501,8 +625,44 @@ impl LinuxObserver {
             overhead_bytes_per_node: per_node(&tracked.reading.overhead_bytes_per_node),
             own_overhead_bytes_per_node: per_node(&tracked.reading.own_overhead_bytes_per_node),
             guest_ranges: tracked.reading.guest_ranges.clone(),
+            not_movable: known.config.not_movable.clone(),
         };
+        // Memory away from the vCPUs is what the engine acts on: keep its reading at
+        // the base interval, never a kept one (module doc of `memory`).
+        let vcpu_nodes: BTreeSet<u32> = vcpus
+            .iter()
+            .filter_map(|v| v.last_cpu.and_then(|c| self.topology.node_of_cpu(c)))
+            .collect();
+        let local = crate::model::local_share_on(&memory.bytes_per_node, |i| {
+            self.topology
+                .nodes
+                .get(i)
+                .is_some_and(|n| vcpu_nodes.contains(&n.id))
+        });
+        if local.is_some_and(|l| l * 100.0 < f64::from(self.config.locality_target_pct)) {
+            self.memory.note_may_have_changed(pid);
+        }
 
+        // Each guest cell's own memory, where its backend's mapping is known.
+        let mut cells = known.config.cells.clone();
+        let backend_sizes: Vec<(String, u64)> = known
+            .config
+            .backends
+            .iter()
+            .map(|b| (b.id.clone(), b.size_bytes))
+            .collect();
+        let r = &tracked.reading;
+        let located = memory::locate_cells(
+            &known.config.cell_backend_ids,
+            &backend_sizes,
+            &r.guest_ranges,
+        );
+        for (cell, at) in cells.iter_mut().zip(located) {
+            if let (Some(i), Some(bytes)) = (at, at.and_then(|i| r.guest_range_bytes.get(i))) {
+                cell.addr_range = Some(r.guest_ranges[i]);
+                cell.bytes_per_node = per_node(bytes);
+            }
+        }
         let libvirt = match &known.config.name {
             Some(domain) => known
                 .libvirt
@@ -510,15 +670,26 @@ impl LinuxObserver {
                 .unwrap_or_default(),
             None => None,
         };
-        let pinning = pinning::detect(&PinningInput {
+        // With the vCPUs unknown, the process's affinity stands for theirs: a qemu
+        // started under `taskset` is pinned as surely as one with pinned vCPUs.
+        let evidence = PinningInput {
             host_cpus: &host_cpus,
             host_mem_nodes: &host_mems,
-            vcpu_affinities: vcpus.iter().map(|v| &v.affinity).collect(),
+            vcpu_affinities: if vcpus_known {
+                vcpus.iter().map(|v| &v.affinity).collect()
+            } else {
+                vec![&process_affinity]
+            },
             cgroup_mems: cpuset.as_ref().map(|c| &c.mems),
             cmdline_binding: known.config.strict_memory_binding(),
             libvirt,
             managed: self.managed.contains(&pid),
-        });
+        };
+        let pinning = pinning::detect(&evidence);
+        let operator_pins = match pinning {
+            Pinning::Operator { .. } => pinning::pins(&evidence),
+            _ => Default::default(),
+        };
         let mems_allowed = cpuset
             .as_ref()
             .map(|c| c.effective_mems.clone())
@@ -530,16 +701,60 @@ impl LinuxObserver {
             vcpus,
             other_threads,
             memory,
-            cells: known.config.cells.clone(),
+            cells,
             pinning,
+            operator_pins,
             hot_regions: Vec::new(),
             cgroup: cgroup_path,
             mems_allowed,
             threads_cpu_demand: vm_demand,
             kernel_numa_moves: 0,
             ksm_shared_pages: Vec::new(),
+            ksm_merging_pages: None,
+            vcpu_discovery,
+            process_affinity,
+            configured_vcpus: known.config.smp_cpus.unwrap_or(0),
         })
     }
+}
+
+/// The longest one QMP exchange may take (it runs on the tick, at most once per VM
+/// per [`super::vcpu_threads::RETRY_NS`] when the monitor does not answer).
+const QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Where thread `tid` of `pid` may run. On the live host this is one
+/// `sched_getaffinity` call instead of opening and parsing the thread's `status` file
+/// (a tenth of the cost, and the daemon does it for every vCPU every tick); the tid
+/// was just listed under the process, and an exited thread answers ESRCH, which reads
+/// as vanished. A capture tree has only the file.
+fn thread_affinity(
+    paths: &HostPaths,
+    pid: u32,
+    tid: u32,
+) -> Result<crate::model::CpuSet, HostError> {
+    if !paths.is_live_proc() {
+        return procfs::read_task_status(&paths.proc, pid, tid).map(|s| s.cpus_allowed);
+    }
+    super::actuate::sys::get_affinity(tid).map_err(|errno| HostError::Io {
+        path: paths
+            .proc
+            .join(pid.to_string())
+            .join("task")
+            .join(tid.to_string()),
+        source: std::io::Error::from_raw_os_error(errno as i32),
+    })
+}
+
+/// The nodes of VM `pid`'s pages at `addrs` now (`move_pages` without moving: a
+/// node, or a negative errno per page). A failed call (the VM exited) gives
+/// all-`i32::MIN`, which differs from any reading and so asks for a read that then
+/// finds the VM gone.
+fn probe_nodes(pid: u32, addrs: &[u64]) -> Vec<i32> {
+    let mut nodes = vec![i32::MIN; addrs.len()];
+    if super::actuate::sys::move_pages(pid, addrs, None, &mut nodes).is_err() {
+        nodes.fill(i32::MIN);
+    }
+    nodes
 }
 
 /// Whether a thread's directory is there (tells a missing file from an exited thread).
@@ -566,6 +781,11 @@ impl Observer for LinuxObserver {
                 .map(|b| (node.cpus.len() as f64 - b).max(0.0));
         }
         let settings = topology::read_settings(&self.paths)?;
+        if !self.paths.is_live_proc() {
+            self.uptime_s = std::fs::read_to_string(self.paths.proc.join("uptime"))
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
+        }
         if self.last_full_scan_ns.is_some()
             && self.events.is_some()
             && now_ns.saturating_sub(self.last_full_scan_ns.unwrap_or(0))
@@ -626,6 +846,7 @@ impl Observer for LinuxObserver {
         };
         let tf = std::time::Instant::now();
         self.telemetry.fill(&mut snapshot);
+        self.ksm_sharing.fill(&mut snapshot);
         if self.paths.is_live_proc()
             && let Some(write_heat) = self.write_heat.as_mut()
         {
@@ -656,6 +877,13 @@ impl Observer for LinuxObserver {
         self.telemetry.cost()
     }
 
+    fn retune(&mut self, t: &crate::host::Tunables) {
+        self.config.locality_target_pct = t.locality_target_pct;
+        if let Some(w) = self.write_heat.as_mut() {
+            w.set_locality_target_pct(t.locality_target_pct);
+        }
+    }
+
     fn note_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
         let moved_bytes = match outcome {
             ActionOutcome::Done { moved_bytes } | ActionOutcome::Partial { moved_bytes, .. } => {
@@ -665,8 +893,10 @@ impl Observer for LinuxObserver {
         };
         match &action.action {
             Action::SetCpus { .. } => self.mark_managed(action.vm),
-            Action::MigrateMemory { from, to, .. } if moved_bytes > 0 => {
-                self.note_migration(action.vm, *from, *to, moved_bytes)
+            Action::MigrateMemory {
+                from, to, within, ..
+            } if moved_bytes > 0 => {
+                self.note_migration(action.vm, *from, *to, moved_bytes, *within)
             }
             Action::MigrateProcessMemory { from, to, .. } if moved_bytes > 0 => self
                 .memory
@@ -676,20 +906,33 @@ impl Observer for LinuxObserver {
     }
 }
 
-/// A vCPU thread's CPU demand over the last interval: the share of it the thread ran
-/// or waited on a run queue (`schedstat`), at most one CPU. `None` without two
-/// readings, where the caller falls back to CPU time alone.
+/// A vCPU thread's CPU demand over the last interval: the share of the time it was
+/// not waiting for a CPU that it ran, `run / (interval - wait)` from `schedstat`, at
+/// most one CPU (one that waited all along wants one). `None` without two readings,
+/// where the caller falls back to CPU time alone.
 ///
 /// Why not CPU time alone: on a node whose CPUs are all taken, a busy vCPU runs only
 /// part of the time, and what it gets depends on everything else running there
 /// (other VMs, page copies of memory moves, the daemon). Equal VMs then look unequal
 /// and the engine would swap them back and forth for nothing; in the lab's
 /// `scattered` case two such swaps of identical VMs undid the memory moves just
-/// finished. Time spent waiting is demand the node could not serve.
+/// finished. A busy vCPU that ran 0.4 s and waited 0.6 s wants a whole CPU.
+///
+/// Why not ran plus waited: a quiet vCPU waits for a CPU after every wake-up on a
+/// busy node, and that wait is no CPU it would use elsewhere. In the lab's
+/// `cheapest-move` case quiet VMs sharing a node with a busy one (5 ms of work per
+/// 100 ms, then some 30 ms on the run queue after each wake-up) read 0.35 CPUs each
+/// instead of 0.05: the node looked overloaded at 1.98 CPUs of demand while its VMs
+/// wanted 1.35, and the price per CPU of the VMs there was wrong.
 fn vcpu_demand(now: &ThreadState, before: Option<&ThreadState>, dt_s: Option<f64>) -> Option<f64> {
-    let (now_ns, before_ns) = (now.wanted_ns?, before?.wanted_ns?);
-    let dt_s = dt_s?;
-    Some((now_ns.saturating_sub(before_ns) as f64 / 1e9 / dt_s).min(1.0))
+    let (now, before, dt_s) = (now.sched?, before?.sched?, dt_s?);
+    let run_s = now.run_ns.saturating_sub(before.run_ns) as f64 / 1e9;
+    let wait_s = now.wait_ns.saturating_sub(before.wait_ns) as f64 / 1e9;
+    let free_s = dt_s - wait_s;
+    if free_s <= run_s {
+        return Some(if run_s + wait_s > 0.0 { 1.0 } else { 0.0 });
+    }
+    Some((run_s / free_s).min(1.0))
 }
 
 #[cfg(test)]
@@ -697,27 +940,36 @@ mod demand_tests {
     use super::*;
 
     #[test]
-    fn a_starved_vcpu_demands_what_it_ran_and_waited() {
-        let at = |ns| ThreadState {
+    fn demand_is_what_a_vcpu_runs_of_the_time_it_is_not_waiting() {
+        let at = |run_ms: u64, wait_ms: u64| ThreadState {
             cpu_ticks: 0,
-            wanted_ns: Some(ns),
+            sched: Some(procfs::SchedStat {
+                run_ns: run_ms * 1_000_000,
+                wait_ns: wait_ms * 1_000_000,
+            }),
         };
-        // Ran 0.4 s and waited 0.5 s of a 1 s interval: 0.9 CPU wanted.
-        assert_eq!(
-            vcpu_demand(&at(1_900_000_000), Some(&at(1_000_000_000)), Some(1.0)),
-            Some(0.9)
-        );
-        // Never above one CPU (clock skew between the reads).
-        assert_eq!(
-            vcpu_demand(&at(3_000_000_000), Some(&at(0)), Some(1.0)),
-            Some(1.0)
-        );
+        let zero = at(0, 0);
+        // (ran ms, waited ms of a 1 s interval, CPUs wanted)
+        let cases = [
+            (400, 600, 1.0),  // starved busy vCPU: a whole CPU
+            (400, 500, 0.8),  // ran 0.4 s of the 0.5 s it was not held back
+            (1000, 0, 1.0),   // busy, not starved
+            (50, 300, 0.071), // quiet, waits after each wake-up: not 0.35
+            (50, 0, 0.05),    // quiet on an idle node
+            (0, 0, 0.0),      // asleep
+            (0, 1000, 1.0),   // waited all along
+            (900, 900, 1.0),  // clock skew between the reads: never above one
+        ];
+        for (run, wait, want) in cases {
+            let got = vcpu_demand(&at(run, wait), Some(&zero), Some(1.0)).unwrap();
+            assert!((got - want).abs() < 1e-3, "ran {run} waited {wait}: {got}");
+        }
         // No earlier reading, or no schedstat: the caller's CPU-time estimate.
-        assert_eq!(vcpu_demand(&at(5), None, Some(1.0)), None);
+        assert_eq!(vcpu_demand(&at(5, 0), None, Some(1.0)), None);
         let none = ThreadState {
             cpu_ticks: 0,
-            wanted_ns: None,
+            sched: None,
         };
-        assert_eq!(vcpu_demand(&none, Some(&at(0)), Some(1.0)), None);
+        assert_eq!(vcpu_demand(&none, Some(&zero), Some(1.0)), None);
     }
 }

@@ -10,13 +10,17 @@
 //! affinity some other tool narrowed is not the operator's decision, and a pin the
 //! operator adds with `virsh vcpupin` counts even on a VM the balancer holds.
 //!
+//! [`pins`] says which CPU sets the operator's pin covers (from the XML: the vCPUs
+//! with a `vcpupin`, the emulator with an `emulatorpin`), so a VM the balancer held
+//! is let go keeping those and getting back the balancer's other changes.
+//!
 //! Without that file (plain qemu, another management stack) the threads are the only
 //! evidence. The balancer narrows affinities and cpusets itself, so a VM it manages
 //! would look pinned by the same test; for those VMs ([`PinningInput::managed`]) only
 //! the command line counts, which the balancer never changes.
 
 use super::libvirt::DomainIntent;
-use crate::model::{CpuSet, NodeSet, Pinning};
+use crate::model::{CpuSet, NodeSet, OperatorPins, Pinning};
 
 /// The evidence about one VM.
 #[derive(Clone, Debug)]
@@ -39,7 +43,16 @@ pub struct PinningInput<'a> {
 }
 
 /// Decides the pinning of one VM.
+///
+/// The domain XML's words come first: libvirt renders a strict `numatune` (and the
+/// nodes its `numad` helper advised for `placement='auto'`) as `host-nodes=` on the
+/// qemu command line, so the command line alone would name a consequence instead of
+/// what the operator asked for. A binding on the command line of a domain whose XML
+/// shows none (`<qemu:commandline>`), or of a qemu outside libvirt, still counts.
 pub fn detect(input: &PinningInput<'_>) -> Pinning {
+    if let Some(why) = input.libvirt.and_then(DomainIntent::evidence) {
+        return Pinning::Operator { why };
+    }
     if let Some((nodes, policy)) = &input.cmdline_binding {
         return Pinning::Operator {
             why: format!(
@@ -47,20 +60,13 @@ pub fn detect(input: &PinningInput<'_>) -> Pinning {
             ),
         };
     }
-    if let Some(intent) = input.libvirt {
-        return match intent.evidence() {
-            Some(why) => Pinning::Operator { why },
-            None => Pinning::None,
-        };
+    if input.libvirt.is_some() {
+        return Pinning::None;
     }
     if input.managed {
         return Pinning::None;
     }
-    let pinned: Vec<&&CpuSet> = input
-        .vcpu_affinities
-        .iter()
-        .filter(|a| !a.is_empty() && **a != input.host_cpus && a.is_subset(input.host_cpus))
-        .collect();
+    let pinned = pinned_threads(input);
     if !pinned.is_empty() {
         let all: CpuSet = pinned.iter().fold(CpuSet::new(), |acc, a| acc.union(a));
         let one_each = pinned.iter().all(|a| a.len() == 1);
@@ -84,6 +90,27 @@ pub fn detect(input: &PinningInput<'_>) -> Pinning {
         };
     }
     Pinning::None
+}
+
+/// The vCPU affinities narrower than the host: the evidence when nothing else says.
+fn pinned_threads<'a>(input: &'a PinningInput<'_>) -> Vec<&'a &'a CpuSet> {
+    input
+        .vcpu_affinities
+        .iter()
+        .filter(|a| !a.is_empty() && **a != input.host_cpus && a.is_subset(input.host_cpus))
+        .collect()
+}
+
+/// Which CPU sets the operator set, for a VM [`detect`] calls the operator's: what
+/// libvirt's domain XML pins; nothing for a memory binding alone (command line or
+/// `cpuset.mems`); every thread when narrowed affinities are the evidence.
+pub fn pins(input: &PinningInput<'_>) -> OperatorPins {
+    match input.libvirt {
+        Some(intent) => intent.pins(),
+        None if input.managed || input.cmdline_binding.is_some() => OperatorPins::default(),
+        None if !pinned_threads(input).is_empty() => OperatorPins::everything(),
+        None => OperatorPins::default(),
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +150,7 @@ mod tests {
             why.contains("1 of 2 vCPUs pinned one-to-one to CPUs 4"),
             "{why}"
         );
+        assert_eq!(pins(&pinned), OperatorPins::everything());
         // What the balancer pinned itself is not the operator's.
         assert_eq!(
             detect(&PinningInput {
@@ -149,6 +177,11 @@ mod tests {
             ..base
         };
         assert!(matches!(detect(&cmd), Pinning::Operator { why } if why.contains("policy=bind")));
+        assert_eq!(
+            pins(&cmd),
+            OperatorPins::default(),
+            "a memory binding pins no CPU"
+        );
     }
 
     #[test]
@@ -177,8 +210,49 @@ mod tests {
         let held = PinningInput {
             libvirt: Some(&pinned_xml),
             managed: true,
-            ..base
+            ..base.clone()
         };
         assert!(matches!(detect(&held), Pinning::Operator { why } if why.contains("vcpupin 0->2")),);
+        // libvirt renders a strict numatune as a binding on the command line too: the
+        // XML, which names every pin, is the evidence shown.
+        let both = PinningInput {
+            cmdline_binding: Some((node1.clone(), "bind".into())),
+            ..held.clone()
+        };
+        assert!(matches!(detect(&both), Pinning::Operator { why } if why.contains("vcpupin 0->2")));
+        // Only the pinned vCPU is the operator's; what the balancer set elsewhere is not.
+        assert_eq!(
+            pins(&held),
+            OperatorPins {
+                vcpus: vec![0],
+                ..OperatorPins::default()
+            }
+        );
+        // placement='auto': libvirt puts the advised node on the command line too;
+        // status names the operator's choice, not libvirt's rendering of it.
+        let auto_xml = DomainIntent {
+            auto_placement: Some(Some(set("1"))),
+            ..DomainIntent::default()
+        };
+        let auto = PinningInput {
+            libvirt: Some(&auto_xml),
+            cmdline_binding: Some((set("1"), "bind".into())),
+            managed: false,
+            ..base.clone()
+        };
+        assert!(
+            matches!(detect(&auto), Pinning::Operator { why } if why == "libvirt domain XML: placement='auto' on node(s) 1"),
+            "{:?}",
+            detect(&auto)
+        );
+        // A binding passed through `<qemu:commandline>`: the XML shows none, the
+        // command line still counts.
+        let passthrough = PinningInput {
+            cmdline_binding: Some((set("1"), "bind".into())),
+            ..base
+        };
+        assert!(
+            matches!(detect(&passthrough), Pinning::Operator { why } if why.contains("on the command line"))
+        );
     }
 }

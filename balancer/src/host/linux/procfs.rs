@@ -27,7 +27,48 @@ use ::procfs::FromRead;
 use ::procfs::process::{Schedstat, Stat};
 
 use super::{HostError, read_small};
-use crate::model::CpuSet;
+use crate::model::{CpuSet, IdSetParseError};
+
+/// What is wrong with the text of a `/proc` file this module (or [`super::cgroup`])
+/// parses. The reader adds the file's path ([`HostError::Parse`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProcTextError {
+    #[error("no '(' before comm")]
+    NoCommOpen,
+    #[error("no ')' after comm")]
+    NoCommClose,
+    #[error("')' before '('")]
+    CommReversed,
+    #[error("no pid and space before '('")]
+    NoPid,
+    #[error("truncated: no state after comm")]
+    NoState,
+    /// The `procfs` crate's parser refused the text; `detail` is its message.
+    #[error("not a {what}: {detail}")]
+    Refused { what: &'static str, detail: String },
+    #[error("bad pid {0}")]
+    BadPid(i32),
+    #[error("bad {field} {value:?}")]
+    BadNumber { field: &'static str, value: String },
+    #[error("bad {field}: {source}")]
+    BadList {
+        field: &'static str,
+        source: IdSetParseError,
+    },
+    #[error("no {0} line")]
+    MissingLine(&'static str),
+}
+
+impl ProcTextError {
+    /// The `procfs` crate's error for a `what` (e.g. "stat line"), in its own words.
+    pub(crate) fn refused(what: &'static str, e: ::procfs::ProcError) -> Self {
+        let detail = match e {
+            ::procfs::ProcError::InternalError(i) => i.msg,
+            other => other.to_string(),
+        };
+        Self::Refused { what, detail }
+    }
+}
 
 /// The fields of `/proc/PID/stat` (or `task/TID/stat`) the observer uses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -57,25 +98,23 @@ impl TaskStat {
 /// `PID (` before the comm or ` STATE` after its last `)` would panic inside it; those
 /// framings are refused here first, with a clear error. A field that is missing or not
 /// a number is the crate's error.
-pub fn parse_stat(s: &str) -> Result<TaskStat, String> {
+pub fn parse_stat(s: &str) -> Result<TaskStat, ProcTextError> {
     let line = s.trim();
-    let open = line.find('(').ok_or("no '(' before comm")?;
-    let close = line.rfind(')').ok_or("no ')' after comm")?;
+    let open = line.find('(').ok_or(ProcTextError::NoCommOpen)?;
+    let close = line.rfind(')').ok_or(ProcTextError::NoCommClose)?;
     if close < open {
-        return Err("')' before '('".into());
+        return Err(ProcTextError::CommReversed);
     }
     if open == 0 || line.as_bytes()[open - 1] != b' ' {
-        return Err("no pid and space before '('".into());
+        return Err(ProcTextError::NoPid);
     }
     if line.as_bytes().get(close + 1) != Some(&b' ') || close + 2 >= line.len() {
-        return Err("truncated: no state after comm".into());
+        return Err(ProcTextError::NoState);
     }
-    let st = Stat::from_read(line.as_bytes()).map_err(|e| match e {
-        ::procfs::ProcError::InternalError(i) => format!("not a stat line: {}", i.msg),
-        other => format!("not a stat line: {other}"),
-    })?;
+    let st =
+        Stat::from_read(line.as_bytes()).map_err(|e| ProcTextError::refused("stat line", e))?;
     Ok(TaskStat {
-        pid: u32::try_from(st.pid).map_err(|_| format!("bad pid {}", st.pid))?,
+        pid: u32::try_from(st.pid).map_err(|_| ProcTextError::BadPid(st.pid))?,
         comm: st.comm,
         state: st.state,
         utime_ticks: st.utime,
@@ -102,11 +141,9 @@ impl SchedStat {
 }
 
 /// Parses `schedstat` with the `procfs` crate's parser (three numbers).
-pub fn parse_schedstat(s: &str) -> Result<SchedStat, String> {
-    let st = Schedstat::from_read(s.as_bytes()).map_err(|e| match e {
-        ::procfs::ProcError::InternalError(i) => format!("not a schedstat line: {}", i.msg),
-        other => format!("not a schedstat line: {other}"),
-    })?;
+pub fn parse_schedstat(s: &str) -> Result<SchedStat, ProcTextError> {
+    let st = Schedstat::from_read(s.as_bytes())
+        .map_err(|e| ProcTextError::refused("schedstat line", e))?;
     Ok(SchedStat {
         run_ns: st.sum_exec_runtime,
         wait_ns: st.run_delay,
@@ -125,7 +162,10 @@ pub struct TaskStatus {
 }
 
 /// Parses `/proc/PID/status`. `Tgid` and `Cpus_allowed_list` are required.
-pub fn parse_status(s: &str) -> Result<TaskStatus, String> {
+pub fn parse_status(s: &str) -> Result<TaskStatus, ProcTextError> {
+    let list = |field: &'static str, value: &str| {
+        CpuSet::parse_list(value).map_err(|source| ProcTextError::BadList { field, source })
+    };
     let mut out = TaskStatus::default();
     let (mut have_tgid, mut have_cpus) = (false, false);
     for line in s.lines() {
@@ -136,32 +176,36 @@ pub fn parse_status(s: &str) -> Result<TaskStatus, String> {
         match key {
             "Name" => out.name = value.to_string(),
             "Tgid" => {
-                out.tgid = value.parse().map_err(|_| format!("bad Tgid {value:?}"))?;
+                out.tgid = value.parse().map_err(|_| ProcTextError::BadNumber {
+                    field: "Tgid",
+                    value: value.to_string(),
+                })?;
                 have_tgid = true;
             }
             "Cpus_allowed_list" => {
-                out.cpus_allowed = CpuSet::parse_list(value).map_err(|e| e.to_string())?;
+                out.cpus_allowed = list("Cpus_allowed_list", value)?;
                 have_cpus = true;
             }
             "Mems_allowed_list" => {
-                out.mems_allowed = CpuSet::parse_list(value).map_err(|e| e.to_string())?;
+                out.mems_allowed = list("Mems_allowed_list", value)?;
             }
             "VmRSS" => {
-                let kb: u64 = value
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("bad VmRSS {value:?}"))?;
+                let kb: u64 = value.trim_end_matches("kB").trim().parse().map_err(|_| {
+                    ProcTextError::BadNumber {
+                        field: "VmRSS",
+                        value: value.to_string(),
+                    }
+                })?;
                 out.vm_rss_bytes = kb.saturating_mul(1024);
             }
             _ => {}
         }
     }
     if !have_tgid {
-        return Err("no Tgid line".into());
+        return Err(ProcTextError::MissingLine("Tgid"));
     }
     if !have_cpus {
-        return Err("no Cpus_allowed_list line".into());
+        return Err(ProcTextError::MissingLine("Cpus_allowed_list"));
     }
     Ok(out)
 }
@@ -317,6 +361,7 @@ pub fn clock_ticks_per_s() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::linux::FormatError;
 
     const STAT: &str = "4242 (qemu-kvm) S 1 4242 4242 0 -1 4194560 5000 0 0 0 \
         1500 250 0 0 20 0 7 0 123456 4000000000 20000 18446744073709551615 1 1 0 0 0 0 0 \
@@ -360,7 +405,8 @@ mod tests {
         assert!(
             parse_stat("12 (x) S 1 2 3")
                 .unwrap_err()
-                .contains("not a stat line")
+                .to_string()
+                .starts_with("not a stat line: ")
         );
         let huge = STAT.replace(" 1500 ", " 99999999999999999999999 ");
         assert!(parse_stat(&huge).is_err());
@@ -385,10 +431,14 @@ mod tests {
             "12 )qemu( S 1",
         ] {
             let e = parse_stat(bad).unwrap_err();
-            assert!(!e.is_empty(), "{bad:?}");
+            assert!(
+                !matches!(e, ProcTextError::Refused { .. }),
+                "{bad:?} reached the crate: {e}"
+            );
         }
         let bad_pid = STAT.replace("4242 (", "-4 (");
-        assert!(parse_stat(&bad_pid).unwrap_err().contains("pid"));
+        assert_eq!(parse_stat(&bad_pid), Err(ProcTextError::BadPid(-4)));
+        assert_eq!(parse_stat(&bad_pid).unwrap_err().to_string(), "bad pid -4");
     }
 
     /// Through the reader: a malformed file is a parse error naming the file, an
@@ -401,9 +451,20 @@ mod tests {
         std::fs::write(root.join("42/stat"), "42 (qemu-kvm)S 1\n").unwrap();
         std::fs::write(dir.join("stat"), "").unwrap();
         match read_stat(&root, 42) {
-            Err(HostError::Parse { path, what }) => {
+            Err(e @ HostError::Parse { .. }) => {
+                let HostError::Parse { path, reason } = &e else {
+                    unreachable!()
+                };
                 assert!(path.ends_with("42/stat"), "{path:?}");
-                assert!(what.contains("no state"), "{what}");
+                assert!(
+                    matches!(reason, FormatError::Proc(ProcTextError::NoState)),
+                    "{reason}"
+                );
+                assert!(
+                    e.to_string()
+                        .ends_with("42/stat: truncated: no state after comm"),
+                    "{e}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -424,8 +485,12 @@ mod tests {
         assert_eq!(st.cpus_allowed.to_string(), "0-7");
         assert_eq!(st.mems_allowed.to_string(), "0-1");
         assert_eq!(st.vm_rss_bytes, 64 << 20);
-        assert!(parse_status("Name:\tx\n").is_err());
-        assert!(parse_status("Tgid:\t1\nCpus_allowed_list:\t0-\n").is_err());
+        assert_eq!(
+            parse_status("Name:\tx\n"),
+            Err(ProcTextError::MissingLine("Tgid"))
+        );
+        let e = parse_status("Tgid:\t1\nCpus_allowed_list:\t0-\n").unwrap_err();
+        assert!(e.to_string().starts_with("bad Cpus_allowed_list: "), "{e}");
         assert!(parse_status("Tgid:\t99999999999\nCpus_allowed_list:\t0\n").is_err());
     }
 

@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use super::{HostError, HostPaths, read_idset, read_small, read_u64};
+use super::{FormatError, HostError, HostPaths, read_idset, read_small, read_u64};
 use crate::model::{CpuSet, HostSettings, HugePagePool, KsmState, Node, NodeMemory, Topology};
 
 fn node_dir(sys: &Path) -> std::path::PathBuf {
@@ -52,13 +52,16 @@ pub fn read_topology(paths: &HostPaths) -> Result<Topology, HostError> {
             .split_ascii_whitespace()
             .map(|t| t.parse::<u32>())
             .collect::<Result<_, _>>()
-            .map_err(|_| HostError::parse(&distance_path, "distances must be numbers"))?;
+            .map_err(|_| HostError::parse(&distance_path, FormatError::DistanceNotNumber))?;
         if row.len() <= online_nodes.iter().max().unwrap_or(0) as usize {
             // The row is indexed by node id over all possible ids up to the highest
             // online one; shorter means a truncated file.
             return Err(HostError::parse(
                 &distance_path,
-                format!("{} distances for nodes up to {}", row.len(), online_nodes),
+                FormatError::ShortDistanceRow {
+                    found: row.len(),
+                    nodes: online_nodes,
+                },
             ));
         }
         rows.push(row);
@@ -131,9 +134,20 @@ fn read_siblings(sys: &Path, cpu: u32) -> Result<CpuSet, HostError> {
     }
 }
 
+/// What is wrong with a meminfo text; [`HostError::Parse`] adds the path.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MeminfoError {
+    #[error("{key}: not a number of kB: {found:?}")]
+    NotKb { key: String, found: String },
+    #[error("{key}: {kb} kB overflows")]
+    Overflow { key: String, kb: u64 },
+    #[error("MemTotal or MemFree missing")]
+    Missing,
+}
+
 /// Parses a node meminfo (`Node 0 MemTotal:  24563832 kB`) or, with `node == None`,
 /// `/proc/meminfo` (`MemTotal:  24563832 kB`). MemTotal and MemFree are required.
-pub fn parse_meminfo(text: &str, node: Option<u32>) -> Result<NodeMemory, String> {
+pub fn parse_meminfo(text: &str, node: Option<u32>) -> Result<NodeMemory, MeminfoError> {
     let mut mem = NodeMemory::default();
     let (mut total, mut free) = (false, false);
     for line in text.lines() {
@@ -160,15 +174,19 @@ pub fn parse_meminfo(text: &str, node: Option<u32>) -> Result<NodeMemory, String
             .unwrap_or(v)
             .trim()
             .parse()
-            .map_err(|_| format!("{key}: not a number of kB: {v:?}"))?;
-        *field = kb
-            .checked_mul(1024)
-            .ok_or_else(|| format!("{key}: {kb} kB overflows"))?;
+            .map_err(|_| MeminfoError::NotKb {
+                key: key.to_string(),
+                found: v.to_string(),
+            })?;
+        *field = kb.checked_mul(1024).ok_or_else(|| MeminfoError::Overflow {
+            key: key.to_string(),
+            kb,
+        })?;
         total |= key == "MemTotal";
         free |= key == "MemFree";
     }
     if !total || !free {
-        return Err("MemTotal or MemFree missing".into());
+        return Err(MeminfoError::Missing);
     }
     Ok(mem)
 }
@@ -204,7 +222,7 @@ fn read_hugepages(dir: &Path) -> Result<Vec<HugePagePool>, HostError> {
         };
         let kb: u64 = kb
             .parse()
-            .map_err(|_| HostError::parse(&entry.path(), "bad huge page size in name"))?;
+            .map_err(|_| HostError::parse(&entry.path(), FormatError::HugePageSizeName))?;
         pools.push(HugePagePool {
             page_size_bytes: kb.saturating_mul(1024),
             total_pages: read_u64(&entry.path().join("nr_hugepages"))?,
@@ -274,8 +292,16 @@ mod tests {
 
     #[test]
     fn refuses_malformed_meminfo() {
-        assert!(parse_meminfo("Node 0 MemTotal: 12 kB\n", Some(0)).is_err());
-        assert!(parse_meminfo("Node 0 MemTotal: x kB\nNode 0 MemFree: 1 kB\n", Some(0)).is_err());
+        assert_eq!(
+            parse_meminfo("Node 0 MemTotal: 12 kB\n", Some(0)),
+            Err(MeminfoError::Missing)
+        );
+        assert_eq!(
+            parse_meminfo("Node 0 MemTotal: x kB\nNode 0 MemFree: 1 kB\n", Some(0))
+                .unwrap_err()
+                .to_string(),
+            "MemTotal: not a number of kB: \"x kB\""
+        );
         assert!(
             parse_meminfo(
                 "Node 0 MemTotal: 99999999999999999999 kB\nNode 0 MemFree: 1 kB\n",
@@ -283,12 +309,15 @@ mod tests {
             )
             .is_err()
         );
-        assert!(
+        assert_eq!(
             parse_meminfo(
                 "Node 0 MemTotal: 18446744073709551615 kB\nNode 0 MemFree: 1 kB\n",
                 Some(0)
-            )
-            .is_err()
+            ),
+            Err(MeminfoError::Overflow {
+                key: "MemTotal".into(),
+                kb: u64::MAX
+            })
         );
     }
 }

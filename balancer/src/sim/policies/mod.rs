@@ -162,6 +162,7 @@ pub(crate) fn migrate_all(
                 to: to as NodeId,
                 regions: Vec::new(),
                 max_bytes: b,
+                within: None,
             },
             reason: Reason::Locality {
                 locality_pct: 0.0,

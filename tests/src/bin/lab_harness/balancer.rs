@@ -55,6 +55,10 @@ pub struct Guard {
     notify: Option<NotifyLog>,
     /// `vmbalancer status --json` taken by [`Guard::take_status`], or why not.
     pub status: Option<Result<serde_json::Value, String>>,
+    /// Every refusal the samples' status showed ([`Guard::note_refusals`]): status
+    /// keeps a refusal only for a while after it was last made, and one made early
+    /// (a VM that then went where it could) is gone by the end of the run.
+    refusals_seen: Vec<serde_json::Value>,
     /// vmbalancer's state directory (its journal).
     pub state_dir: PathBuf,
     /// vmbalancer is the systemd service (stack guest).
@@ -88,7 +92,37 @@ const PACKAGE: &str = "/var/cache/vmbalancer/vmbalancer.deb";
 pub fn prepare(kind: Balancer, scenario: &Scenario) -> anyhow::Result<()> {
     if kind == Balancer::Vmbalancer && scenario.guest == Guest::Stack {
         install_package()?;
+        if scenario.advisor_first() {
+            install_numad_wrapper()?;
+        }
     }
+    Ok(())
+}
+
+/// The package's libvirt `numad` wrapper, where libvirt calls `numad` (its path is
+/// fixed when libvirt is built: /usr/bin/numad on Debian), as the README tells
+/// operators. It replaces the image's own numad binary, which only the numad
+/// comparison runs use.
+const NUMAD_WRAPPER: &str = "/usr/share/vmbalancer/numad";
+const LIBVIRT_NUMAD: &str = "/usr/bin/numad";
+
+fn install_numad_wrapper() -> anyhow::Result<()> {
+    let out = Command::new("install")
+        .args(["-m", "755", NUMAD_WRAPPER, LIBVIRT_NUMAD])
+        .output()
+        .context("running install")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "install -m 755 {NUMAD_WRAPPER} {LIBVIRT_NUMAD}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!(
+            "libvirt's numad is vmbalancer's wrapper: install -m 755 {NUMAD_WRAPPER} {LIBVIRT_NUMAD}"
+        ),
+    });
     Ok(())
 }
 
@@ -310,6 +344,7 @@ pub fn start(kind: Balancer, scenario: &Scenario) -> anyhow::Result<Guard> {
         recipe,
         notify,
         status: None,
+        refusals_seen: Vec::new(),
         state_dir,
         service,
     })
@@ -450,7 +485,22 @@ impl Guard {
         Ok(())
     }
 
-    /// Records `vmbalancer status --json` (vmbalancer only).
+    /// Adds the refusals vmbalancer's status shows now to those seen so far.
+    pub fn note_refusals(&mut self) {
+        self.take_status();
+        if let Some(Ok(st)) = &self.status
+            && let Some(list) = st.get("refusals").and_then(|r| r.as_array())
+        {
+            for r in list {
+                if !self.refusals_seen.contains(r) {
+                    self.refusals_seen.push(r.clone());
+                }
+            }
+        }
+    }
+
+    /// Records `vmbalancer status --json` (vmbalancer only), its `refusals` list
+    /// completed with those seen earlier in the run ([`Guard::note_refusals`]).
     pub fn take_status(&mut self) {
         let Some(recipe) = &self.recipe else {
             return;
@@ -470,7 +520,16 @@ impl Guard {
             )),
             Err(e) => Err(format!("cannot run vmbalancer status: {e}")),
         };
-        self.status = Some(result);
+        self.status = Some(result.map(|mut st: serde_json::Value| {
+            if let Some(list) = st.get_mut("refusals").and_then(|r| r.as_array_mut()) {
+                for r in &self.refusals_seen {
+                    if !list.contains(r) {
+                        list.push(r.clone());
+                    }
+                }
+            }
+            st
+        }));
     }
 
     /// Notification messages so far (`None` without `notify`).

@@ -1,8 +1,7 @@
 //! Emits, as capture records, the files vmbalancer's parsers read, so real
 //! multi-node trees can be committed under tests/fixtures/ for parser tests.
 
-use std::path::Path;
-
+use balancer::host::linux::cgroup;
 use vmbalancer_tests::lab::protocol::Record;
 use vmbalancer_tests::lab::truth::NodeInfo;
 
@@ -69,22 +68,14 @@ pub fn emit_tree(nodes: &[NodeInfo], vms: &[RunningVm], max_vms: usize) {
                 grab_dir_files(&t.display().to_string(), &["comm", "stat"]);
             }
         }
-        for line in std::fs::read_to_string(format!("{dir}/cgroup"))
-            .unwrap_or_default()
-            .lines()
-        {
-            // v2: `0::/path`; v1: `N:cpuset:/path`.
-            let mut parts = line.splitn(3, ':');
-            let (_, ctrl, rel) = (parts.next(), parts.next(), parts.next());
-            let base = match ctrl {
-                Some("") => "/sys/fs/cgroup".to_string(),
-                Some(c) if c.split(',').any(|c| c == "cpuset") => "/sys/fs/cgroup/cpuset".into(),
-                _ => continue,
-            };
-            let cg = format!("{base}{}", rel.unwrap_or("/"));
-            if Path::new(&cg).is_dir() {
+        // The cpuset group the balancer reads for this VM, found by its own reader
+        // of /proc/PID/cgroup.
+        let paths = balancer::host::linux::HostPaths::system();
+        if let Ok(Some(group)) = cgroup::read_task_cgroup(&paths, vm.pid, None) {
+            let cg = cgroup::cgroup_dir(&paths, &group);
+            if cg.is_dir() {
                 grab_dir_files(
-                    &cg,
+                    &cg.display().to_string(),
                     &[
                         "cgroup.procs",
                         "tasks",

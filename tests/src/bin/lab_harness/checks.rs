@@ -20,6 +20,12 @@ pub struct RunFacts {
     pub oom_kills: u64,
     /// VMs no longer running at the end.
     pub dead_vms: Vec<String>,
+    /// Where each VM's vCPUs were allowed over the run, and each VM's known load.
+    pub placements: (Vec<judge::NodeHistory>, Vec<judge::KnownLoad>),
+    /// The SLIT: one row of distances per node, in node order.
+    pub distances: Vec<Vec<u32>>,
+    /// KSM's counters when the balancer started and at the end, with `[ksm]`.
+    pub ksm: Option<(crate::ksm::KsmFigures, crate::ksm::KsmFigures)>,
 }
 
 /// One assertion's outcome.
@@ -267,6 +273,36 @@ pub fn run_check(
             }
             None => outcome(a, false, no_sample(at_s)),
         },
+        Assertion::CellLocality {
+            min,
+            measure,
+            within_s,
+        } => {
+            let reached = samples
+                .iter()
+                .find(|s| judge::worst_cell(s, *measure).is_some_and(|(_, v)| v >= *min));
+            let ok = reached.is_some_and(|s| within_s.is_none_or(|w| s.t_s <= w + 1e-9));
+            let worst = |s: &Sample| {
+                judge::worst_cell(s, *measure)
+                    .map_or("unknown".into(), |(n, v)| format!("{v:.3} ({n})"))
+            };
+            outcome(
+                a,
+                ok,
+                format!(
+                    "worst cell reached {min} at {}; at the last sample {}",
+                    reached.map_or("no sample".into(), |s| format!("t={} s", s.t_s)),
+                    samples.last().map_or("none".into(), worst)
+                ),
+            )
+        }
+        Assertion::CellsNear { max_distance, at_s } => match judge::sample_at(samples, *at_s) {
+            Some(s) => match judge::cells_near(s, &facts.distances, *max_distance) {
+                Ok(d) => outcome(a, true, format!("{} {d}", sample_label(s, *at_s))),
+                Err(d) => outcome(a, false, format!("{} {d}", sample_label(s, *at_s))),
+            },
+            None => outcome(a, false, no_sample(at_s)),
+        },
         Assertion::MemoryOnNodeAtMost {
             node,
             max_share,
@@ -330,6 +366,57 @@ pub fn run_check(
             }
             Err(e) => outcome(a, false, e),
         },
+        Assertion::KsmKept {
+            min_ratio,
+            min_start_pages,
+        } => match facts.ksm {
+            Some((start, end)) => {
+                let ratio = end.pages_sharing as f64 / start.pages_sharing.max(1) as f64;
+                outcome(
+                    a,
+                    start.pages_sharing >= *min_start_pages && ratio >= *min_ratio,
+                    format!(
+                        "pages_sharing {} at the start, {} at the end ({ratio:.2} of it); \
+                         pages_shared {} -> {}",
+                        start.pages_sharing,
+                        end.pages_sharing,
+                        start.pages_shared,
+                        end.pages_shared
+                    ),
+                )
+            }
+            None => outcome(a, false, "the scenario has no [ksm] section".into()),
+        },
+        Assertion::SameNode { vms, at_s } => {
+            let Some(s) = judge::sample_at(samples, *at_s) else {
+                return Some(outcome(a, false, no_sample(at_s)));
+            };
+            let nodes: Vec<(String, Option<usize>)> = vms
+                .iter()
+                .map(|name| {
+                    let node = s
+                        .vms
+                        .iter()
+                        .find(|v| &v.name == name)
+                        .and_then(|v| v.main_node);
+                    (name.clone(), node)
+                })
+                .collect();
+            let first = nodes.first().and_then(|n| n.1);
+            let ok = first.is_some() && nodes.iter().all(|n| n.1 == first);
+            let words: Vec<String> = nodes
+                .iter()
+                .map(|(name, n)| match n {
+                    Some(n) => format!("{name} on node {n}"),
+                    None => format!("{name} not seen"),
+                })
+                .collect();
+            outcome(
+                a,
+                ok,
+                format!("{}: {}", sample_label(s, *at_s), words.join(", ")),
+            )
+        }
         Assertion::TickLate { max_ms } => match status_of(facts) {
             Ok(st) => {
                 let late_ms = st
@@ -419,6 +506,29 @@ pub fn run_check(
                 None => (0.0, "no samples".into()),
             };
             outcome(a, rate >= *min_touches_per_vcpu_s, detail)
+        }
+        Assertion::CheapestMove { min_candidates } => {
+            let (histories, loads) = &facts.placements;
+            match judge::cheapest_move(histories, loads, samples) {
+                Err(why) => outcome(a, false, why),
+                Ok(truth) => {
+                    let mut ok = truth.holds() && truth.candidates.len() >= *min_candidates;
+                    let mut detail = truth.describe();
+                    if truth.candidates.len() < *min_candidates {
+                        detail.push_str(&format!(
+                            "; only {} VMs on the node",
+                            truth.candidates.len()
+                        ));
+                    }
+                    if facts.balancer == Balancer::Vmbalancer {
+                        let said = status_of(facts).and_then(|st| judge::status_agrees(st, &truth));
+                        ok &= said.is_ok();
+                        detail.push_str("; ");
+                        detail.push_str(&said.unwrap_or_else(|e| e));
+                    }
+                    outcome(a, ok, detail)
+                }
+            }
         }
         Assertion::MemoryOnNode {
             vm,

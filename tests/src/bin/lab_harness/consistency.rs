@@ -5,6 +5,10 @@
 
 use std::path::Path;
 
+use balancer::host::linux::actuate::sys::get_affinity;
+use balancer::host::linux::{HostPaths, cgroup};
+use balancer::model::NodeSet;
+
 use vmbalancer_tests::lab::judge;
 use vmbalancer_tests::lab::truth;
 
@@ -21,36 +25,13 @@ pub struct Consistency {
     pub log: String,
 }
 
-fn affinity(tid: u32) -> std::io::Result<Vec<u32>> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let r = unsafe {
-        libc::sched_getaffinity(tid as libc::pid_t, std::mem::size_of_val(&set), &mut set)
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((0..libc::CPU_SETSIZE as u32)
-        // SAFETY: the index is below CPU_SETSIZE.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
-        .collect())
-}
-
-/// The cpuset memory nodes file of a thread's cgroup, from /proc/PID/task/TID/cgroup:
-/// `cpuset.mems.effective` on cgroup v2, `cpuset.mems` on a v1 cpuset hierarchy.
-fn mems_file(pid: u32, tid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).ok()?;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrl, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if ctrl.split(',').any(|c| c == "cpuset") {
-            return Some(format!("/sys/fs/cgroup/cpuset{path}/cpuset.mems"));
-        }
-        if ctrl.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            return Some(format!("/sys/fs/cgroup{path}/cpuset.mems.effective"));
-        }
-    }
-    None
+/// The memory nodes a thread's cpuset cgroup lets it use (`None` when it has no
+/// cpuset group with the controller enabled), read with the balancer's readers of
+/// `/proc/PID/task/TID/cgroup` and of the cpuset files. A thread that exited has none.
+fn cgroup_mems(pid: u32, tid: u32) -> Option<NodeSet> {
+    let paths = HostPaths::system();
+    let cg = cgroup::read_task_cgroup(&paths, pid, Some(tid)).ok()??;
+    Some(cgroup::read_cpuset(&paths, &cg).ok()??.effective_mems)
 }
 
 /// Affinity and cgroup problems of the running VMs.
@@ -67,13 +48,12 @@ pub fn running_problems(vms: &[RunningVm]) -> Vec<String> {
             continue;
         };
         for tid in tasks {
-            match affinity(tid) {
+            match get_affinity(tid) {
                 Ok(cpus) if cpus.is_empty() => {
                     problems.push(format!("{} thread {tid}: empty affinity", vm.name))
                 }
                 Ok(cpus) => {
-                    let outside: Vec<u32> =
-                        cpus.into_iter().filter(|c| !online.contains(c)).collect();
+                    let outside: Vec<u32> = cpus.iter().filter(|c| !online.contains(c)).collect();
                     if !outside.is_empty() {
                         problems.push(format!(
                             "{} thread {tid}: affinity has offline CPUs {outside:?}",
@@ -83,11 +63,13 @@ pub fn running_problems(vms: &[RunningVm]) -> Vec<String> {
                 }
                 Err(e) => problems.push(format!("{} thread {tid}: affinity: {e}", vm.name)),
             }
-            if let Some(f) = mems_file(vm.pid, tid)
-                && let Ok(mems) = std::fs::read_to_string(&f)
-                && mems.trim().is_empty()
+            if let Some(mems) = cgroup_mems(vm.pid, tid)
+                && mems.is_empty()
             {
-                problems.push(format!("{} thread {tid}: empty {f}", vm.name));
+                problems.push(format!(
+                    "{} thread {tid}: empty cgroup cpuset mems",
+                    vm.name
+                ));
             }
         }
     }

@@ -2,7 +2,9 @@
 //! payload (tests/guest/payload.c), defined and started as an operator would
 //! (`virsh define` of a domain XML without pinning, `virsh start`), the starts in
 //! parallel because each costs tens of seconds under emulation. Defined, not
-//! transient: a scenario may destroy a domain and start it again.
+//! transient: a scenario may destroy a domain and start it again. A VM group with
+//! `cpu_nodes` is the exception: its domain XML carries the operator's pins
+//! ([`pinning_xml`]), so libvirt itself binds it, as it would on a host.
 //!
 //! The rest of the harness knows VMs by their progress file (`vms::RunningVm`):
 //! written by the fake VM itself in the busybox guest. A real guest cannot write
@@ -15,7 +17,14 @@
 //! kernel puts it; the harness then moves the pages to the scenario's placement
 //! with move_pages(2) (round-robin chunks for `scattered`), which leaves no memory
 //! policy, cpuset or affinity behind that a balancer could mistake for an operator's
-//! choice.
+//! choice. A domain backed by huge pages (`hugetlb = true`) is placed the way seed
+//! 002's guest was: qemu preallocates its huge pages at start, and they come from
+//! the node pools that have free pages then. The harness reserves them only on the
+//! VM's `node` before the start (`vms::setup_sysctls`) and moves nothing after, so
+//! the kernel's own allocation decides, not a move_pages call. A domain with
+//! `auto_placement = true` is placed by libvirt itself: `placement='auto'` makes it
+//! run its `numad -w` helper at the start and bind the VM's CPUs and memory (strict)
+//! to the advised nodes; its placement stays `default`, so nothing moves it either.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -25,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use vmbalancer_tests::lab::protocol::Record;
+#[cfg(test)]
+use vmbalancer_tests::lab::scenario::VmSpec;
 use vmbalancer_tests::lab::scenario::{Placement, Scenario, VmInstance};
 use vmbalancer_tests::lab::truth::{self, NodeInfo};
 
@@ -44,13 +55,7 @@ const MPOL_MF_MOVE_ALL: libc::c_int = 1 << 2;
 /// Whether process `pid` exists and is not a zombie (the state after the comm's
 /// closing parenthesis).
 pub fn running(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let (_, rest) = s.rsplit_once(')')?;
-            rest.split_whitespace().next().map(|st| st != "Z")
-        })
-        .unwrap_or(false)
+    balancer::host::linux::procfs::read_stat(Path::new("/proc"), pid).is_ok_and(|s| s.state != 'Z')
 }
 
 /// The payload's command line for `vm`.
@@ -67,9 +72,67 @@ fn cmdline(vm: &VmInstance) -> String {
     )
 }
 
-/// The domain XML of `vm` from `template`.
-pub fn domain_xml(template: &str, vm: &VmInstance) -> String {
+/// libvirt's huge page backing for a VM with `hugetlb = true`: guest RAM on hugetlbfs
+/// in 2 MiB pages, allocated when qemu starts (`prealloc`), from the pools the harness
+/// reserved per node (see `vms::setup_sysctls`).
+const HUGEPAGES_BACKING: &str = "<memoryBacking><hugepages><page size='2048' unit='KiB'/>\
+                                 </hugepages><allocation mode='immediate'/></memoryBacking>";
+
+/// libvirt's automatic placement for a VM with `auto_placement = true`: the `<vcpu>`
+/// attribute and the `<numatune>` element (strict: memory only on the advised nodes).
+const AUTO_VCPU_PLACEMENT: &str = " placement='auto'";
+const AUTO_NUMATUNE: &str = "<numatune><memory mode='strict' placement='auto'/></numatune>";
+
+/// The operator's pins for a VM with `cpu_nodes`, as an operator writes them for
+/// libvirt: each vCPU pinned to one CPU of those nodes in turn (`<vcpupin>`, one to
+/// one while there are CPUs enough), the emulator threads to all of them
+/// (`<emulatorpin>`), and guest memory bound to the nodes
+/// (`<numatune><memory mode='strict'>`: libvirt sets the cgroup's `cpuset.mems`, so
+/// the first touch already lands there). Empty without `cpu_nodes`.
+pub fn pinning_xml(vm: &VmInstance, nodes: &[NodeInfo]) -> anyhow::Result<String> {
+    let wanted = &vm.spec.cpu_nodes;
+    if wanted.is_empty() {
+        return Ok(String::new());
+    }
+    let cpus: Vec<u32> = nodes
+        .iter()
+        .filter(|n| wanted.contains(&n.id))
+        .flat_map(|n| n.cpus.iter().copied())
+        .collect();
+    if cpus.is_empty() {
+        bail!("VM {}: no CPUs on nodes {wanted:?}", vm.name);
+    }
+    let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let mut xml = String::from("<cputune>");
+    for v in 0..vm.spec.vcpus {
+        let cpu = cpus[v as usize % cpus.len()];
+        xml.push_str(&format!("<vcpupin vcpu='{v}' cpuset='{cpu}'/>"));
+    }
+    xml.push_str(&format!(
+        "<emulatorpin cpuset='{}'/></cputune><numatune><memory mode='strict' nodeset='{}'/></numatune>",
+        list(&cpus),
+        list(wanted)
+    ));
+    Ok(xml)
+}
+
+/// The domain XML of `vm` from `template`; `pinning` from [`pinning_xml`].
+pub fn domain_xml(template: &str, vm: &VmInstance, pinning: &str) -> String {
+    let backing = if vm.spec.hugetlb {
+        HUGEPAGES_BACKING
+    } else {
+        ""
+    };
+    let (vcpu_placement, numatune) = if vm.spec.auto_placement {
+        (AUTO_VCPU_PLACEMENT, AUTO_NUMATUNE)
+    } else {
+        ("", "")
+    };
     template
+        .replace("@MEMORY_BACKING@", backing)
+        .replace("@VCPU_PLACEMENT@", vcpu_placement)
+        .replace("@NUMATUNE@", numatune)
+        .replace("@PINNING@", pinning)
         .replace("@NAME@", &vm.name)
         .replace("@MEMORY_MIB@", &vm.spec.memory_mib.to_string())
         .replace("@VCPUS@", &vm.spec.vcpus.to_string())
@@ -105,14 +168,14 @@ pub fn domain_pid(name: &str) -> anyhow::Result<u32> {
 /// Defines every VM of the scenario (`virsh define`: persistent, so a destroyed
 /// domain can be started again, as an operator's can) and starts them in parallel
 /// (`virsh start`); returns them once libvirt reports each running.
-pub fn start_all(scenario: &Scenario) -> anyhow::Result<Vec<RunningVm>> {
+pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<RunningVm>> {
     let template = fs::read_to_string(TEMPLATE).with_context(|| format!("reading {TEMPLATE}"))?;
     fs::create_dir_all("/run/lab")?;
     let start = Instant::now();
     let instances = scenario.instances();
     for vm in &instances {
         let xml = PathBuf::from(format!("/run/lab/{}.xml", vm.name));
-        fs::write(&xml, domain_xml(&template, vm))?;
+        fs::write(&xml, domain_xml(&template, vm, &pinning_xml(vm, nodes)?))?;
         virsh(&["define", &xml.to_string_lossy()])?;
     }
     let mut children = Vec::new();
@@ -233,7 +296,10 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
     let mut jobs = Vec::new();
     for (vm, spec) in vms.iter().zip(scenario.instances()) {
         let spec = spec.spec;
-        if spec.placement == Placement::Default {
+        // Huge pages are placed by where they were free when qemu preallocated them
+        // (`vms::setup_sysctls` reserves them per node before the start), as on a
+        // host: nothing moves them afterwards.
+        if spec.placement == Placement::Default || spec.hugetlb {
             continue;
         }
         let maps = fs::read_to_string(format!("/proc/{}/maps", vm.pid))?;
@@ -313,7 +379,8 @@ fn describe(vm: &RunningVm, n_nodes: usize) {
         .map(|&(tid, idx)| {
             format!(
                 "vCPU{idx}=tid {tid} allowed {}",
-                truth::read_cpus_allowed(root, vm.pid, tid).unwrap_or_default()
+                truth::read_cpus_allowed(root, vm.pid, tid)
+                    .map_or_else(|e| e.to_string(), |c| c.to_string())
             )
         })
         .collect();
@@ -374,6 +441,7 @@ mod tests {
         let xml = domain_xml(
             "<name>@NAME@</name><m>@MEMORY_MIB@</m><c>@CMDLINE@</c>",
             &vm,
+            "",
         );
         assert!(xml.contains("<name>vm1</name>"), "{xml}");
         assert!(xml.contains("<m>256</m>"), "{xml}");
@@ -381,5 +449,95 @@ mod tests {
             xml.contains("hot_permille=250 hot_offset_permille=0 hot_access_pct=95"),
             "{xml}"
         );
+        let template = "<memory>@MEMORY_MIB@</memory>@MEMORY_BACKING@<vcpu>";
+        assert_eq!(domain_xml(template, &vm, ""), "<memory>256</memory><vcpu>");
+        let huge = VmInstance {
+            spec: VmSpec {
+                hugetlb: true,
+                ..Default::default()
+            },
+            ..vm.clone()
+        };
+        let xml = domain_xml(template, &huge, "");
+        assert!(
+            xml.contains("<memoryBacking><hugepages><page size='2048' unit='KiB'/></hugepages><allocation mode='immediate'/></memoryBacking><vcpu>"),
+            "{xml}"
+        );
+        let template = "<vcpu@VCPU_PLACEMENT@>@VCPUS@</vcpu>@NUMATUNE@";
+        assert_eq!(domain_xml(template, &vm, ""), "<vcpu>2</vcpu>");
+        let auto = VmInstance {
+            spec: VmSpec {
+                auto_placement: true,
+                ..Default::default()
+            },
+            ..vm
+        };
+        assert_eq!(
+            domain_xml(template, &auto, ""),
+            "<vcpu placement='auto'>2</vcpu>\
+             <numatune><memory mode='strict' placement='auto'/></numatune>"
+        );
+    }
+
+    /// The template the image carries has every placeholder the harness fills.
+    #[test]
+    fn shipped_template_is_filled_completely() {
+        let template = include_str!("../../../stack/domain.xml.in");
+        let (_, body) = template.split_once("-->").unwrap();
+        for auto_placement in [false, true] {
+            let vm = VmInstance {
+                id: 1,
+                name: "vm1".into(),
+                spec: VmSpec {
+                    auto_placement,
+                    ..Default::default()
+                },
+            };
+            let xml = domain_xml(body, &vm, "");
+            assert!(!xml.contains('@'), "{xml}");
+            assert_eq!(xml.contains("placement='auto'"), auto_placement, "{xml}");
+        }
+    }
+
+    #[test]
+    fn cpu_nodes_become_the_operators_pins() {
+        let nodes: Vec<NodeInfo> = (0..4)
+            .map(|id| NodeInfo {
+                id,
+                cpus: vec![2 * id, 2 * id + 1],
+                distances: vec![],
+            })
+            .collect();
+        let mut vm = VmInstance {
+            id: 1,
+            name: "pinned".into(),
+            spec: VmSpec {
+                vcpus: 3,
+                cpu_nodes: vec![3],
+                ..Default::default()
+            },
+        };
+        let xml = pinning_xml(&vm, &nodes).unwrap();
+        assert_eq!(
+            xml,
+            "<cputune><vcpupin vcpu='0' cpuset='6'/><vcpupin vcpu='1' cpuset='7'/>\
+             <vcpupin vcpu='2' cpuset='6'/><emulatorpin cpuset='6,7'/></cputune>\
+             <numatune><memory mode='strict' nodeset='3'/></numatune>"
+        );
+        // What the product reads back from it is the operator's pinning.
+        let intent = balancer::host::linux::libvirt::parse_intent(&format!(
+            "<domain>{}</domain>",
+            domain_xml("@PINNING@", &vm, &xml)
+        ))
+        .unwrap();
+        let why = intent.evidence().unwrap();
+        assert!(
+            why.contains("vcpupin 0->6 1->7 2->6") && why.contains("mode=strict nodeset=3"),
+            "{why}"
+        );
+        vm.spec.cpu_nodes = vec![];
+        assert_eq!(pinning_xml(&vm, &nodes).unwrap(), "");
+        vm.spec.cpu_nodes = vec![9];
+        assert!(pinning_xml(&vm, &nodes).is_err());
     }
 }

@@ -2,13 +2,17 @@
 //! reports over the serial console (see `vmbalancer_tests::lab::protocol`).
 //!
 //! Order of a run: boot-time assertions (topology, BTF, commands) -> cgroup and
-//! sysctl setup -> fake VMs started and their memory placed -> `with_vms` commands
-//! and `trace_truth` -> the balancer starts (t = 0) -> ground truth sampled until
+//! sysctl setup -> fake VMs started and their memory placed -> the balancer's
+//! package installed (stack guest) -> `with_vms` commands and `trace_truth` -> the
+//! balancer starts (t = 0) -> ground truth sampled until
 //! `duration_s` (with the scenario's balancer events and timed commands in between)
 //! -> `vmbalancer status --json` and the consistency facts -> balancer stopped ->
 //! summary and run-time assertions -> verdict. Memory hogs, when the scenario has
-//! any, fill their nodes before the VMs start. The exit status is 0 only if every
-//! assertion that may fail the scenario held.
+//! any, fill their nodes before the VMs start. With domains that ask libvirt for
+//! automatic placement (`auto_placement`), the balancer is installed and started
+//! before the VMs (it is the advisor libvirt asks), and t = 0 is when sampling
+//! starts. The exit status is 0 only if every assertion that may fail the scenario
+//! held.
 
 mod balancer;
 mod bench_mover;
@@ -18,6 +22,7 @@ mod command;
 mod consistency;
 mod domains;
 mod hog;
+mod ksm;
 mod sampler;
 mod trace_truth;
 mod vms;
@@ -134,12 +139,22 @@ fn run() -> anyhow::Result<bool> {
         vms::setup_cgroups(scenario.cgroup)?;
     }
     vms::setup_sysctls(&scenario, &nodes)?;
+    if let Some(k) = &scenario.ksm {
+        ksm::setup(k)?;
+    }
     let oom_kills0 = oom_kills();
     std::fs::create_dir_all("/run/lab")?;
     let hogs = hog::start_all(&scenario.hogs)?;
+    // The advisor libvirt asks at each domain's start must already run, as on an
+    // operator's host: installed, wired in as libvirt's `numad`, started.
+    let mut early_guard = None;
+    if scenario.advisor_first() {
+        balancer::prepare(balancer, &scenario)?;
+        early_guard = Some(balancer::start(balancer, &scenario)?);
+    }
     let mut running = if stack {
         domains::check_payload()?;
-        domains::start_all(&scenario)?
+        domains::start_all(&scenario, &nodes)?
     } else {
         vms::start_all(&scenario, &nodes)?
     };
@@ -150,6 +165,16 @@ fn run() -> anyhow::Result<bool> {
         domains::place(&scenario, &running, &nodes)?;
     }
     vms::confine(&running)?;
+    // Merging takes a while: the balancer (and `trace` below) meets it done.
+    let ksm_start = match &scenario.ksm {
+        Some(k) => Some(ksm::settle(k)?),
+        None => None,
+    };
+    // Installed before the `with_vms` commands, so they can run the operator's
+    // tools (`vmbalancer trace`) on the VMs as the balancer will first see them.
+    if early_guard.is_none() {
+        balancer::prepare(balancer, &scenario)?;
+    }
 
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
         match a {
@@ -177,19 +202,32 @@ fn run() -> anyhow::Result<bool> {
             Assertion::HotFirst { .. } | Assertion::VmPagesMoved { .. }
         )
     });
-    balancer::prepare(balancer, &scenario)?;
     let mut sampler = sampler::Sampler::new(&nodes, &running, per_page)?;
     // One second of vCPU history, so the first sample knows where vCPUs run.
     sampler.poll_for(Duration::from_secs(1));
     sampler.start_clock();
     let t0 = Instant::now();
-    let mut guard = balancer::start(balancer, &scenario)?;
+    let mut guard = match early_guard {
+        Some(g) => g,
+        None => balancer::start(balancer, &scenario)?,
+    };
+    // Refusals are judged on every sample's status, not only the last one.
+    let watch_refusals = balancer == Balancer::Vmbalancer
+        && scenario
+            .assertions
+            .iter()
+            .any(|a| matches!(a, Assertion::Refusals { .. }));
     let end_s = args.capture_at_s.unwrap_or(scenario.duration_s);
     for step in timeline(&scenario, end_s) {
         let due = t0 + Duration::from_secs_f64(step.at_s());
         sampler.poll_until(due);
         match step {
-            Step::Sample(t) => emit(&Record::Sample(sampler.sample(t))),
+            Step::Sample(t) => {
+                emit(&Record::Sample(sampler.sample(t)));
+                if watch_refusals {
+                    guard.note_refusals();
+                }
+            }
             Step::Event(e) => {
                 if balancer != Balancer::Vmbalancer {
                     emit(&Record::Event {
@@ -228,6 +266,20 @@ fn run() -> anyhow::Result<bool> {
         capture::emit_tree(&nodes, &running, args.capture_vms);
     }
     let run_s = t0.elapsed().as_secs_f64();
+    let ksm_figures = match ksm_start {
+        Some(start) => {
+            let end = ksm::figures()?;
+            emit(&Record::Event {
+                source: "harness".into(),
+                text: format!(
+                    "KSM pages_sharing {} -> {}, pages_shared {} -> {} (balancer start -> end)",
+                    start.pages_sharing, end.pages_sharing, start.pages_shared, end.pages_shared
+                ),
+            });
+            Some((start, end))
+        }
+        None => None,
+    };
     let wants = |f: fn(&Assertion) -> bool| scenario.assertions.iter().any(f);
     let mut consistency = None;
     if balancer == Balancer::Vmbalancer {
@@ -250,6 +302,16 @@ fn run() -> anyhow::Result<bool> {
             .iter_mut()
             .filter_map(|v| (!v.alive()).then(|| v.name.clone()))
             .collect(),
+        placements: sampler.placements(|name| {
+            scenario
+                .instances()
+                .into_iter()
+                .find(|v| v.name == name)
+                .map(|v| v.spec.phases.iter().map(|p| (p.at_s, p.duty_pct)).collect())
+                .unwrap_or_default()
+        }),
+        distances: nodes.iter().map(|n| n.distances.clone()).collect(),
+        ksm: ksm_figures,
     };
     if let Some(problems) = consistency {
         facts.consistency = Some(consistency::after_stop(problems, &guard.state_dir));

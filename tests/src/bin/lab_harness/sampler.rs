@@ -13,20 +13,31 @@
 //! [`MAX_QUERY_PAGES`] per VM, so a sample stays cheap in the emulated guest where
 //! the VMs compete for the same CPUs.
 //!
+//! Guest NUMA cells: a VM with cells reports where each cell's memory backend is
+//! mapped (its progress file's `ram` list). Each cell is judged on its own: its
+//! mapping's `numa_maps` line against the node its own vCPU threads ran on most,
+//! and its hot set and cold part by the per-page query of that mapping. The VM's
+//! locality is then the cells' (weighted by their bytes; access-weighted: the mean
+//! of its cells, whose vCPUs touch alike), because a guest that knows its NUMA
+//! layout keeps each vCPU's work in its own cell's memory: a wide VM split over
+//! nodes cell by cell is local, not half remote.
+//!
 //! For the reaction time, each poll also reads every vCPU thread's allowed CPUs
 //! (`Cpus_allowed_list`): the first change after the balancer started is its first
 //! CPU move as the kernel sees it (numad and vmbalancer restrict CPU sets or
 //! affinities; autoNUMA moves tasks inside their allowed set, which no affinity shows,
-//! so it has no such time).
+//! so it has no such time). The nodes each VM's vCPUs may run on are kept as a
+//! history from t = 0, so the first VM moved off a node is known from the kernel.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmbalancer_tests::lab::protocol::{Sample, Summary, VmTruth};
+use balancer::model::CpuSet;
+use vmbalancer_tests::lab::protocol::{CellTruth, Sample, Summary, VmTruth};
 use vmbalancer_tests::lab::scenario::hot_pages;
 use vmbalancer_tests::lab::truth::{self, NodeInfo};
-use vmbalancer_tests::lab::{access, metrics};
+use vmbalancer_tests::lab::{access, judge, metrics};
 
 use crate::vms::RunningVm;
 
@@ -52,7 +63,56 @@ struct Track {
     /// Share of touches on hot-set pages (`access::hot_access_share`).
     hot_share: f64,
     /// Each vCPU thread's allowed CPUs when the balancer started.
-    allowed_at_start: HashMap<u32, String>,
+    allowed_at_start: HashMap<u32, CpuSet>,
+    /// Nodes the vCPU threads may run on (union), `(t_s, nodes)` from t = 0, one
+    /// entry per change.
+    node_history: Vec<(f64, Vec<usize>)>,
+    /// The VM's own clock (its progress report) when the balancer started.
+    clock_at_t0_s: f64,
+    /// Per vCPU index: CPU ticks per node since the previous sample, and the node
+    /// it last ran on (for the cells' main nodes).
+    vcpu_ticks: HashMap<u32, (Vec<u64>, usize)>,
+    /// The guest cells, once the VM reported its mappings.
+    cells: Option<Vec<CellTrack>>,
+    /// The VM's hot set (fraction, offset) and per-page setting, for its cells'
+    /// page tracks.
+    hot: (f64, f64),
+    per_page: bool,
+}
+
+/// One guest cell of a VM: its id, vCPU indexes and its mapping's page track.
+struct CellTrack {
+    id: u32,
+    vcpus: Vec<u32>,
+    pages: PageTrack,
+}
+
+/// A cell's mapping as the VM reports it: (cell id, start, length, vCPU indexes).
+type CellRam = (u32, u64, u64, Vec<u32>);
+
+/// The guest RAM mappings a fake VM reports in its progress file: (cell id, start,
+/// length, vCPU indexes) for each cell; empty for a VM without cells.
+fn read_cells(path: &Path) -> Option<Vec<CellRam>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    v.get("ram")?
+        .as_array()?
+        .iter()
+        .filter(|r| !r.get("cell").is_none_or(serde_json::Value::is_null))
+        .map(|r| {
+            let vcpus = r
+                .get("vcpus")?
+                .as_array()?
+                .iter()
+                .map(|x| x.as_u64().map(|x| x as u32))
+                .collect::<Option<Vec<u32>>>()?;
+            Some((
+                r.get("cell")?.as_u64()? as u32,
+                r.get("start")?.as_u64()?,
+                r.get("len")?.as_u64()?,
+                vcpus,
+            ))
+        })
+        .collect()
 }
 
 /// Per-page node history of one VM's guest RAM mapping.
@@ -263,6 +323,12 @@ impl Sampler {
                 }),
                 hot_share: access::hot_access_share(v.hot_access_pct, v.hot_fraction),
                 allowed_at_start: HashMap::new(),
+                node_history: Vec::new(),
+                clock_at_t0_s: 0.0,
+                vcpu_ticks: HashMap::new(),
+                cells: None,
+                hot: (v.hot_fraction, v.hot_offset),
+                per_page,
             })
             .collect();
         Ok(Self {
@@ -294,6 +360,36 @@ impl Sampler {
         }
         self.t0 = Some((Instant::now(), monotonic_ns()));
         self.first_affinity_change_s = None;
+        for t in &mut self.tracks {
+            t.node_history.clear();
+            t.clock_at_t0_s = read_report(&t.progress).map_or(0.0, |(s, _)| s);
+        }
+        self.poll();
+    }
+
+    /// Where each VM's vCPUs were allowed over the run, and its known load.
+    pub fn placements(
+        &self,
+        phases: impl Fn(&str) -> Vec<(f64, f64)>,
+    ) -> (Vec<judge::NodeHistory>, Vec<judge::KnownLoad>) {
+        self.tracks
+            .iter()
+            .map(|t| {
+                (
+                    judge::NodeHistory {
+                        name: t.name.clone(),
+                        pid: t.pid,
+                        changes: t.node_history.clone(),
+                    },
+                    judge::KnownLoad {
+                        name: t.name.clone(),
+                        vcpus: t.vcpus,
+                        phases: phases(&t.name),
+                        clock_at_t0_s: t.clock_at_t0_s,
+                    },
+                )
+            })
+            .unzip()
     }
 
     /// Seconds spent in per-page queries over the run, and in the longest sample:
@@ -318,7 +414,8 @@ impl Sampler {
                 t.threads = truth::vcpu_threads(root, t.pid).unwrap_or_default();
             }
             t.last_nodes.clear();
-            for &(tid, _) in &t.threads {
+            let mut allowed_nodes: Vec<usize> = Vec::new();
+            for &(tid, idx) in &t.threads {
                 let Ok(stat) = truth::read_task_stat(root, t.pid, tid) else {
                     continue;
                 };
@@ -329,14 +426,32 @@ impl Sampler {
                     .unwrap_or(stat.cpu_ticks);
                 t.interval_ticks[node] += stat.cpu_ticks.saturating_sub(prev);
                 t.last_nodes.push(node);
+                let per_vcpu = t
+                    .vcpu_ticks
+                    .entry(idx)
+                    .or_insert_with(|| (vec![0; self.n_nodes], node));
+                per_vcpu.0[node] += stat.cpu_ticks.saturating_sub(prev);
+                per_vcpu.1 = node;
                 if let Some((t0, _)) = self.t0
-                    && self.first_affinity_change_s.is_none()
                     && let Ok(now) = truth::read_cpus_allowed(root, t.pid, tid)
                 {
+                    allowed_nodes.extend(now.iter().filter_map(|c| self.cpu_node.get(&c).copied()));
                     let before = t.allowed_at_start.entry(tid).or_insert_with(|| now.clone());
-                    if *before != now {
+                    if *before != now && self.first_affinity_change_s.is_none() {
                         self.first_affinity_change_s = Some(t0.elapsed().as_secs_f64());
                     }
+                }
+            }
+            if let Some((t0, _)) = self.t0 {
+                allowed_nodes.sort_unstable();
+                allowed_nodes.dedup();
+                if !allowed_nodes.is_empty()
+                    && t.node_history
+                        .last()
+                        .is_none_or(|(_, n)| *n != allowed_nodes)
+                {
+                    t.node_history
+                        .push((t0.elapsed().as_secs_f64(), allowed_nodes));
                 }
             }
         }
@@ -373,7 +488,7 @@ impl Sampler {
         let mut query_s = 0.0;
         for t in &mut self.tracks {
             let bytes = truth::read_numa_maps(root, t.pid)
-                .map(|m| truth::numa_maps_private_bytes_per_node(&m, self.n_nodes))
+                .and_then(|m| truth::numa_maps_private_bytes_per_node(&m, self.n_nodes))
                 .unwrap_or_else(|_| vec![0; self.n_nodes]);
             let main = metrics::main_node(&t.interval_ticks, &t.last_nodes);
             for (n, &ticks) in t.interval_ticks.iter().enumerate() {
@@ -385,12 +500,30 @@ impl Sampler {
             let queried = Instant::now();
             let paged = t.pages.as_mut().and_then(|p| p.sample(t.pid, main));
             query_s += queried.elapsed().as_secs_f64();
-            let access_locality =
+            let mut access_locality =
                 paged.map(|(h, c, _)| access::vm_access_locality(t.hot_share, h, c));
+            let queried = Instant::now();
+            let cells = sample_cells(t, self.n_nodes);
+            query_s += queried.elapsed().as_secs_f64();
+            let mut locality = metrics::locality(&bytes, main);
+            if !cells.is_empty() {
+                let by_bytes: Vec<(f64, u64)> = cells
+                    .iter()
+                    .map(|c| (c.locality, c.bytes_per_node.iter().sum()))
+                    .collect();
+                locality = metrics::weighted_mean(&by_bytes);
+                let each: Vec<(f64, u64)> = cells
+                    .iter()
+                    .filter_map(|c| Some((c.access_locality?, 0)))
+                    .collect();
+                access_locality = (each.len() == cells.len())
+                    .then(|| access::mean_by_accesses(&each))
+                    .flatten();
+            }
             vms.push(VmTruth {
                 name: t.name.clone(),
                 pid: t.pid,
-                locality: metrics::locality(&bytes, main),
+                locality,
                 bytes_per_node: bytes,
                 vcpu_ticks_per_node: std::mem::replace(
                     &mut t.interval_ticks,
@@ -405,6 +538,7 @@ impl Sampler {
                 access_locality,
                 offnode_accesses_per_s: access_locality
                     .map(|a| access::offnode_accesses_per_s(touches_per_s, a)),
+                cells,
             });
             // Accesses per second weigh the VMs (whole touches: the weights are counts).
             weights.push(touches_per_s.round() as u64);
@@ -506,6 +640,70 @@ impl Sampler {
             first_cpu_move_status_s: None,
         }
     }
+}
+
+/// Each guest cell's truth at a sample (empty for a VM without cells), and a new
+/// interval for the per-vCPU CPU time.
+fn sample_cells(t: &mut Track, n_nodes: usize) -> Vec<CellTruth> {
+    let vcpu_ticks = std::mem::take(&mut t.vcpu_ticks);
+    if t.cells.is_none() {
+        t.cells = read_cells(&t.progress)
+            .filter(|c| !c.is_empty())
+            .map(|cells| {
+                cells
+                    .into_iter()
+                    .map(|(id, start, len, vcpus)| CellTrack {
+                        id,
+                        vcpus,
+                        pages: PageTrack {
+                            memory_bytes: len,
+                            hot_fraction: t.hot.0,
+                            hot_offset: t.hot.1,
+                            mapping: Some((start, len)),
+                            stride: if t.per_page {
+                                1
+                            } else {
+                                access::query_stride((len / 4096) as usize, MAX_QUERY_PAGES)
+                            },
+                            prev: Vec::new(),
+                            moved: 0,
+                        },
+                    })
+                    .collect()
+            });
+    }
+    let Some(cells) = t.cells.as_mut() else {
+        return Vec::new();
+    };
+    // No mapping holds all of guest RAM: the cells' tracks replace the VM's.
+    t.pages = None;
+    let numa_maps = truth::read_numa_maps(Path::new("/"), t.pid).unwrap_or_default();
+    cells
+        .iter_mut()
+        .map(|c| {
+            let mut ticks = vec![0u64; n_nodes];
+            let mut last = Vec::new();
+            for (n, at) in c.vcpus.iter().filter_map(|i| vcpu_ticks.get(i)) {
+                for (sum, v) in ticks.iter_mut().zip(n) {
+                    *sum += v;
+                }
+                last.push(*at);
+            }
+            let main = metrics::main_node(&ticks, &last);
+            let start = c.pages.mapping.map_or(0, |m| m.0);
+            let bytes = truth::numa_maps_mapping_bytes_per_node(&numa_maps, start, n_nodes)
+                .unwrap_or_else(|_| vec![0; n_nodes]);
+            let paged = c.pages.sample(t.pid, main);
+            CellTruth {
+                id: c.id,
+                locality: metrics::locality(&bytes, main),
+                bytes_per_node: bytes,
+                main_node: main,
+                access_locality: paged
+                    .map(|(h, cold, _)| access::vm_access_locality(t.hot_share, h, cold)),
+            }
+        })
+        .collect()
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of vmbalancer's decision times.

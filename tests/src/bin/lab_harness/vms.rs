@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::emit;
 use anyhow::{Context, bail};
-use vmbalancer_tests::lab::scenario::{CgroupMode, Scenario, VmInstance};
+use vmbalancer_tests::lab::protocol::Record;
+use vmbalancer_tests::lab::scenario::{CgroupMode, Guest, Scenario, VmInstance};
 use vmbalancer_tests::lab::truth::NodeInfo;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -145,6 +147,9 @@ pub fn setup_sysctls(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<
     for (k, v) in &scenario.sysctl {
         sysctl(k, v)?;
     }
+    if scenario.guest == Guest::Stack {
+        return reserve_hugepages_per_vm_node(scenario, nodes);
+    }
     let huge_mib: u64 = scenario
         .instances()
         .iter()
@@ -155,15 +160,48 @@ pub fn setup_sysctls(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<
         // Enough on every node for any placement, within each node's 2 GiB.
         let per_node = (huge_mib / 2).min(768);
         for n in nodes {
-            write(
-                format!(
-                    "/sys/devices/system/node/node{}/hugepages/hugepages-2048kB/nr_hugepages",
-                    n.id
-                ),
-                &per_node.to_string(),
-            )?;
+            write(hugepages_path(n.id), &per_node.to_string())?;
         }
     }
+    Ok(())
+}
+
+/// The 2 MiB huge page pool of node `id` in sysfs.
+fn hugepages_path(id: u32) -> String {
+    format!("/sys/devices/system/node/node{id}/hugepages/hugepages-2048kB/nr_hugepages")
+}
+
+/// Stack guest: each huge-page VM's pages reserved on its `node` only, every other
+/// node's 2 MiB pool empty, so qemu's preallocation at start takes them there
+/// whatever CPU its allocating threads run on (see `domains`). A scenario makes
+/// pages free elsewhere afterwards (a `with_vms` command writing the same files).
+fn reserve_hugepages_per_vm_node(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<()> {
+    let mut pages = vec![0u64; nodes.len()];
+    for vm in scenario.instances().iter().filter(|v| v.spec.hugetlb) {
+        let i = nodes
+            .iter()
+            .position(|n| n.id == vm.spec.node)
+            .with_context(|| format!("VM {}: no node {}", vm.name, vm.spec.node))?;
+        pages[i] += vm.spec.memory_mib.div_ceil(2);
+    }
+    if pages.iter().all(|&p| p == 0) {
+        return Ok(());
+    }
+    for (n, want) in nodes.iter().zip(&pages) {
+        let path = hugepages_path(n.id);
+        write(&path, &want.to_string())?;
+        let got: u64 = std::fs::read_to_string(&path)?.trim().parse().unwrap_or(0);
+        if got != *want {
+            anyhow::bail!(
+                "node {}: {got} huge pages of 2 MiB reserved, {want} asked",
+                n.id
+            );
+        }
+    }
+    emit(&Record::Event {
+        source: "harness".into(),
+        text: format!("2 MiB huge pages reserved per node before the VMs start: {pages:?}"),
+    });
     Ok(())
 }
 
@@ -176,7 +214,11 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
         .collect();
     let mut args: Vec<String> = vec![
         "-name".into(),
-        format!("guest={},debug-threads=on", vm.name),
+        if s.debug_threads {
+            format!("guest={},debug-threads=on", vm.name)
+        } else {
+            format!("guest={}", vm.name)
+        },
         "-machine".into(),
         "pc-q35-7.2,accel=kvm".into(),
         "-smp".into(),
@@ -203,12 +245,34 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
         "-lab-progress".into(),
         progress.display().to_string(),
     ];
+    // Guest NUMA cells as libvirt writes `<cpu><numa><cell .../>` for qemu: a RAM
+    // backend per cell (JSON -object, as libvirt does for current qemu) and a
+    // `-numa node` naming it.
+    let per_cell_vcpus = s.vcpus / s.cells.max(1);
+    for c in 0..s.cells {
+        let bytes = (s.memory_mib << 20) / u64::from(s.cells);
+        args.push("-object".into());
+        args.push(format!(
+            r#"{{"qom-type":"memory-backend-ram","id":"ram-node{c}","size":{bytes}}}"#
+        ));
+        let first = c * per_cell_vcpus;
+        args.push("-numa".into());
+        args.push(format!(
+            "node,nodeid={c},cpus={first}-{},memdev=ram-node{c}",
+            first + per_cell_vcpus - 1
+        ));
+    }
     if s.hugetlb {
         args.push("-lab-hugetlb".into());
     }
     if s.small_pages {
         args.push("-lab-small-pages".into());
     }
+    if !s.same_content.is_empty() {
+        args.push("-lab-same-content".into());
+        args.push(format!("{}:{}", s.same_content, s.same_content_fraction));
+    }
+    args.extend(s.qemu_args.iter().map(|a| a.replace("{name}", &vm.name)));
     args
 }
 

@@ -11,7 +11,7 @@ use std::io;
 use std::path::PathBuf;
 
 use super::cgroup::{self, SetKind};
-use super::{LinuxApplier, list_threads, online_cpus, sys};
+use super::{LinuxApplier, Refusal, Shortfall, list_threads, online_cpus, sys};
 use crate::model::{ActionOutcome, CpuSet, Snapshot, Vm};
 
 /// Applies `SetCpus`.
@@ -23,26 +23,28 @@ pub fn set_cpus(
     cpus: &CpuSet,
 ) -> ActionOutcome {
     if cpus.is_empty() {
-        return a.refuse(vm.pid, "the target CPU set is empty".into());
+        return a.refuse(vm.pid, Refusal::EmptyCpuSet);
     }
     match online_cpus(&a.cfg.sys_root) {
         Ok(online) if !cpus.is_subset(&online) => {
             return a.refuse(
                 vm.pid,
-                format!(
-                    "CPUs {} are not online (online: {online})",
-                    cpus.difference(&online)
-                ),
+                Refusal::CpusOffline {
+                    cpus: cpus.difference(&online),
+                    online,
+                },
             );
         }
         Ok(_) => {}
-        Err(e) => return a.refuse(vm.pid, format!("cannot read the online CPUs: {e}")),
+        Err(e) => return a.refuse(vm.pid, Refusal::OnlineUnreadable(e)),
     }
     let known = snapshot.topology.all_cpus();
     if !known.is_empty() && !cpus.is_subset(&known) {
         return a.refuse(
             vm.pid,
-            format!("CPUs {} are not in the topology", cpus.difference(&known)),
+            Refusal::CpusNotInTopology {
+                cpus: cpus.difference(&known),
+            },
         );
     }
     if let Some(why) = reserved_refusal(cpus, &a.cfg.reserved_cpus) {
@@ -53,7 +55,7 @@ pub fn set_cpus(
             .iter()
             .find(|i| !vm.vcpus.iter().any(|v| v.index == **i))
     {
-        return a.refuse(vm.pid, format!("vCPU {missing} is not known"));
+        return a.refuse(vm.pid, Refusal::UnknownVcpu { index: *missing });
     }
     if let Some((_, groups)) = a.vm_groups(vm) {
         set_cpus_cgroup(a, vm, vcpus, cpus, groups)
@@ -65,9 +67,10 @@ pub fn set_cpus(
 /// Why `cpus` may not be given to a VM when `reserved` are kept from VMs; `None`
 /// when it may. The engine already leaves reserved CPUs out of its plans; this is
 /// the guard for any other planner (and for a configuration changed under it).
-pub fn reserved_refusal(cpus: &CpuSet, reserved: &CpuSet) -> Option<String> {
-    cpus.intersects(reserved)
-        .then(|| format!("CPUs {} are reserved", cpus.intersection(reserved)))
+pub fn reserved_refusal(cpus: &CpuSet, reserved: &CpuSet) -> Option<Refusal> {
+    cpus.intersects(reserved).then(|| Refusal::CpusReserved {
+        cpus: cpus.intersection(reserved),
+    })
 }
 
 fn set_cpus_cgroup(
@@ -83,7 +86,7 @@ fn set_cpus_cgroup(
             for i in list {
                 match groups.vcpu(*i) {
                     Some(p) => targets.push(p.to_path_buf()),
-                    None => return a.refuse(vm.pid, format!("vCPU {i} has no cgroup")),
+                    None => return a.refuse(vm.pid, Refusal::VcpuWithoutCgroup { index: *i }),
                 }
             }
         }
@@ -94,7 +97,12 @@ fn set_cpus_cgroup(
     }
     // (group, set before) of every write, for rollback.
     let mut written: Vec<(PathBuf, CpuSet)> = Vec::new();
-    let mut failure: Option<String> = None;
+    let mut failure: Option<Refusal> = None;
+    let cgroup_failure = |doing, dir: &PathBuf, source| Refusal::Cgroup {
+        doing,
+        dir: dir.clone(),
+        source,
+    };
     for parent in &groups.parents {
         match cgroup::read_effective(parent, SetKind::Cpus) {
             Ok(eff) if cpus.is_subset(&eff) => {}
@@ -103,13 +111,13 @@ fn set_cpus_cgroup(
                     cgroup::read_set(parent, SetKind::Cpus),
                     cgroup::widen_base(parent, SetKind::Cpus),
                 ) else {
-                    failure = Some(format!("reading {}", parent.display()));
+                    failure = Some(cgroup_failure("reading", parent, None));
                     break;
                 };
                 match cgroup::write_set(parent, SetKind::Cpus, &base.union(cpus)) {
                     Ok(()) => written.push((parent.clone(), cur)),
                     Err(e) => {
-                        failure = Some(format!("widening {}: {e}", parent.display()));
+                        failure = Some(cgroup_failure("widening", parent, Some(e)));
                         break;
                     }
                 }
@@ -120,7 +128,7 @@ fn set_cpus_cgroup(
                 return a.gone(vm.pid);
             }
             Err(e) => {
-                failure = Some(format!("reading {}: {e}", parent.display()));
+                failure = Some(cgroup_failure("reading", parent, Some(e)));
                 break;
             }
         }
@@ -135,7 +143,7 @@ fn set_cpus_cgroup(
                     continue;
                 }
                 Err(e) => {
-                    failure = Some(format!("reading {}: {e}", t.display()));
+                    failure = Some(cgroup_failure("reading", t, Some(e)));
                     break;
                 }
             };
@@ -145,7 +153,7 @@ fn set_cpus_cgroup(
                     a.counters.cgroups_gone += 1;
                 }
                 Err(e) => {
-                    failure = Some(format!("writing {}: {e}", t.display()));
+                    failure = Some(cgroup_failure("writing", t, Some(e)));
                     break;
                 }
             }
@@ -160,13 +168,22 @@ fn set_cpus_cgroup(
         }
         return a.refuse(vm.pid, why);
     }
+    // What this applier set, so letting go of the VM can tell its sets from others'.
+    for (dir, _) in &written {
+        if let Ok(now) = cgroup::read_set(dir, SetKind::Cpus) {
+            a.written_cpus.insert(dir.clone(), now);
+        }
+    }
     // Read back: the groups' sets and the vCPU threads' affinity.
     let mut wrong = Vec::new();
     let mut verified = 0;
     for t in &targets {
         match cgroup::read_effective(t, SetKind::Cpus) {
             Ok(eff) if !eff.is_empty() && eff.is_subset(cpus) => verified += 1,
-            Ok(eff) => wrong.push(format!("{} enforces {eff}", t.display())),
+            Ok(effective) => wrong.push(Shortfall::GroupEnforces {
+                group: t.clone(),
+                effective,
+            }),
             Err(_) => a.counters.cgroups_gone += 1,
         }
     }
@@ -176,7 +193,10 @@ fn set_cpus_cgroup(
         }
         match sys::get_affinity(v.tid) {
             Ok(set) if set.is_subset(cpus) => {}
-            Ok(set) => wrong.push(format!("vCPU {} thread runs on {set}", v.index)),
+            Ok(set) => wrong.push(Shortfall::VcpuRunsOn {
+                index: v.index,
+                cpus: set,
+            }),
             Err(_) => a.counters.threads_gone += 1,
         }
     }
@@ -225,9 +245,12 @@ fn set_cpus_threads(
                     let _ = sys::set_affinity(*t, b);
                 }
                 let why = if e == nix::Error::EINVAL {
-                    format!("thread {tid} may not run on {cpus} (its cpuset forbids it)")
+                    Refusal::CpusetForbids {
+                        tid,
+                        cpus: cpus.clone(),
+                    }
                 } else {
-                    format!("sched_setaffinity on thread {tid}: {e}")
+                    Refusal::Affinity { tid, errno: e }
                 };
                 return a.refuse(vm.pid, why);
             }
@@ -240,7 +263,10 @@ fn set_cpus_threads(
     for (tid, _) in &done {
         match sys::get_affinity(*tid) {
             Ok(set) if &set == cpus => {}
-            Ok(set) => wrong.push(format!("thread {tid} runs on {set}")),
+            Ok(set) => wrong.push(Shortfall::ThreadRunsOn {
+                tid: *tid,
+                cpus: set,
+            }),
             Err(_) => a.counters.threads_gone += 1,
         }
     }

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use super::pages::{self, PageMove};
 use super::rate::RateLimit;
-use super::{LinuxApplier, MigrationProgress};
+use super::{LinuxApplier, MigrationProgress, Refusal};
 use crate::host::linux::HostError;
 use crate::host::linux::numa_maps::{MapsEntry, read_maps};
 use crate::host::linux::topology;
@@ -36,6 +36,9 @@ pub enum Scope<'a> {
     Regions(&'a [(u64, u64)]),
     /// Every writable mapping of the process: guest RAM and the rest.
     WholeVm,
+    /// The writable mappings inside one host range `(start, len)`, clipped to it: a
+    /// guest NUMA cell's memory backend, whose pages move without the other cells'.
+    Within((u64, u64)),
     /// The process's own anonymous memory outside guest RAM (`MigrateProcessMemory`).
     ProcessOwn,
 }
@@ -45,6 +48,9 @@ pub enum Scope<'a> {
 enum Covers {
     Regions,
     WholeVm,
+    /// One cell's range: the other cells may still need the source node, so the
+    /// VM's memory nodes are never narrowed after it.
+    Within,
     ProcessOwn,
 }
 
@@ -112,14 +118,14 @@ pub fn prepare(
     max_bytes: u64,
 ) -> Result<Prepared, ActionOutcome> {
     if from == to {
-        return Err(a.refuse(vm.pid, format!("source and target are both node {to}")));
+        return Err(a.refuse(vm.pid, Refusal::SameNode { node: to }));
     }
     if max_bytes == 0 {
-        return Err(a.refuse(vm.pid, "nothing to move (max_bytes is 0)".into()));
+        return Err(a.refuse(vm.pid, Refusal::NothingToMove));
     }
     let node_dir = a.cfg.sys_root.join(format!("devices/system/node/node{to}"));
     if !node_dir.is_dir() {
-        return Err(a.refuse(vm.pid, format!("node {to} does not exist on this host")));
+        return Err(a.refuse(vm.pid, Refusal::NoSuchNode { node: to }));
     }
     let from_bytes = from_node_bytes(snapshot, vm, from, scope);
     let need_bytes = from_bytes.map_or(max_bytes, |b| b.min(max_bytes));
@@ -133,32 +139,38 @@ pub fn prepare(
         return Err(a.refuse(vm.pid, why));
     }
 
+    let in_guest_ram = |m: &MapsEntry| {
+        vm.memory
+            .guest_ranges
+            .iter()
+            .any(|&(s, l)| m.start_addr < s.saturating_add(l) && s < m.end_addr)
+    };
     let ranges = match scope {
         Scope::Regions(regions) => Ok(regions.to_vec()),
+        // A huge-page move steps through its ranges a huge page at a time and counts
+        // each page found on the target as one huge page: only guest RAM is on
+        // hugetlbfs, so only its mappings are walked (the process's own small pages
+        // follow with `MigrateProcessMemory`). Without located guest RAM, everything.
+        Scope::WholeVm if huge_page_bytes.is_some() && !vm.memory.guest_ranges.is_empty() => {
+            writable_ranges(&a.cfg.proc_root, vm.pid, in_guest_ram)
+        }
         Scope::WholeVm => writable_ranges(&a.cfg.proc_root, vm.pid, |_| true),
+        Scope::Within(range) => {
+            writable_ranges(&a.cfg.proc_root, vm.pid, |_| true).map(|r| clip(&r, range))
+        }
         Scope::ProcessOwn => {
             if vm.memory.guest_ranges.is_empty() {
-                return Err(a.refuse(
-                    vm.pid,
-                    "guest RAM is not located, so the process's own memory cannot be told apart"
-                        .into(),
-                ));
+                return Err(a.refuse(vm.pid, Refusal::GuestRamUnlocated));
             }
-            let own = |m: &MapsEntry| {
-                m.is_anonymous()
-                    && !vm
-                        .memory
-                        .guest_ranges
-                        .iter()
-                        .any(|&(s, l)| m.start_addr < s.saturating_add(l) && s < m.end_addr)
-            };
-            writable_ranges(&a.cfg.proc_root, vm.pid, own)
+            writable_ranges(&a.cfg.proc_root, vm.pid, |m| {
+                m.is_anonymous() && !in_guest_ram(m)
+            })
         }
     };
     let ranges = match ranges {
         Ok(r) => r,
         Err(e) if e.is_vanished() => return Err(a.gone(vm.pid)),
-        Err(e) => return Err(a.refuse(vm.pid, e.to_string())),
+        Err(e) => return Err(a.refuse(vm.pid, Refusal::Maps(e))),
     };
 
     let widened = match widen_mems(a, vm, to) {
@@ -180,6 +192,7 @@ pub fn prepare(
         covers: match scope {
             Scope::Regions(_) => Covers::Regions,
             Scope::WholeVm => Covers::WholeVm,
+            Scope::Within(_) => Covers::Within,
             Scope::ProcessOwn => Covers::ProcessOwn,
         },
         widened,
@@ -303,6 +316,12 @@ fn from_node_bytes(snapshot: &Snapshot, vm: &Vm, from: NodeId, scope: Scope<'_>)
     let i = snapshot.topology.node_index(from)?;
     match scope {
         Scope::ProcessOwn => vm.memory.own_overhead_bytes_per_node.get(i).copied(),
+        // A cell's move: what that cell has there, when the cell is located.
+        Scope::Within(range) => vm
+            .cells
+            .iter()
+            .find(|c| c.addr_range == Some(range))
+            .and_then(|c| c.bytes_per_node.get(i).copied()),
         _ => vm.memory.bytes_per_node.get(i).copied(),
     }
 }
@@ -315,7 +334,7 @@ fn check_room(
     to: NodeId,
     need_bytes: u64,
     huge_page_bytes: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     if let Some(page_size_bytes) = huge_page_bytes {
         let free_pages = snapshot
             .topology
@@ -329,10 +348,12 @@ fn check_room(
             .map_or(0, |h| h.free_pages);
         let need_pages = need_bytes.div_ceil(page_size_bytes.max(1));
         if free_pages < need_pages {
-            return Err(format!(
-                "node {to} has {free_pages} free huge pages of {page_size_bytes} bytes, \
-                 the move needs {need_pages}"
-            ));
+            return Err(Refusal::NoHugePages {
+                node: to,
+                free_pages,
+                page_size_bytes,
+                need_pages,
+            });
         }
         return Ok(());
     }
@@ -348,19 +369,33 @@ fn check_room(
         (Some(s), Some(n)) => s.min(n),
         (Some(s), None) => s,
         (None, Some(n)) => n,
-        (None, None) => return Err(format!("node {to} has no readable memory information")),
+        (None, None) => return Err(Refusal::NoMemoryInfo { node: to }),
     };
     if free < need_bytes.saturating_add(a.cfg.headroom_bytes) {
-        return Err(format!(
-            "node {to} has {free} bytes free, the move needs {need_bytes} plus {} headroom",
-            a.cfg.headroom_bytes
-        ));
+        return Err(Refusal::NoRoom {
+            node: to,
+            free_bytes: free,
+            need_bytes,
+            headroom_bytes: a.cfg.headroom_bytes,
+        });
     }
     Ok(())
 }
 
 /// Writable mappings of the process that `keep` accepts, as `(start, len)`. Kernel
 /// mappings (`[vsyscall]`, `[vdso]`, `[vvar]`) are never writable.
+/// The parts of `ranges` inside `(start, len)`.
+fn clip(ranges: &[(u64, u64)], (start, len): (u64, u64)) -> Vec<(u64, u64)> {
+    let end = start.saturating_add(len);
+    ranges
+        .iter()
+        .filter_map(|&(s, l)| {
+            let (a, b) = (s.max(start), s.saturating_add(l).min(end));
+            (a < b).then(|| (a, b - a))
+        })
+        .collect()
+}
+
 fn writable_ranges(
     proc_root: &Path,
     pid: u32,
@@ -383,7 +418,7 @@ struct Widened {
     migrate_was_on: Vec<PathBuf>,
 }
 
-fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, String> {
+fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Refusal> {
     let mut w = Widened {
         groups: Vec::new(),
         migrate_was_on: Vec::new(),
@@ -411,9 +446,9 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
         let eff = cgroup::read_effective(&dir, SetKind::Mems).unwrap_or_else(|_| cur.clone());
         // Held at 0 for the whole move, so no mems write of ours migrates pages.
         if fs.memory_migrate(&dir).ok().flatten() == Some(true) {
-            if let Err(e) = fs.set_memory_migrate(&dir, false) {
+            if let Err(source) = fs.set_memory_migrate(&dir, false) {
                 undo_widen(a, &w);
-                return Err(format!("{}: memory_migrate: {e}", dir.display()));
+                return Err(Refusal::MemoryMigrate { dir, source });
             }
             w.migrate_was_on.push(dir.clone());
         }
@@ -429,9 +464,9 @@ fn widen_mems(a: &mut LinuxApplier, vm: &Vm, to: NodeId) -> Result<Widened, Stri
             cur.clone()
         };
         wider.insert(to);
-        if let Err(e) = cgroup::write_set(&dir, SetKind::Mems, &wider) {
+        if let Err(source) = cgroup::write_set(&dir, SetKind::Mems, &wider) {
             undo_widen(a, &w);
-            return Err(format!("widening {} mems: {e}", dir.display()));
+            return Err(Refusal::WidenMems { dir, source });
         }
         w.groups.push((dir, cur, eff, true));
     }
@@ -482,6 +517,34 @@ fn narrow_mems(a: &mut LinuxApplier, w: &Widened, from: NodeId, to: NodeId) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_move_covers_only_its_range() {
+        /// (start, len)
+        type Range = (u64, u64);
+        // (mappings, cell range, what is moved)
+        let cases: [(&[Range], Range, Vec<Range>); 4] = [
+            // The cell's own mapping among others: only it.
+            (
+                &[(0x1000, 0x1000), (0x4000, 0x4000), (0x9000, 0x1000)],
+                (0x4000, 0x4000),
+                vec![(0x4000, 0x4000)],
+            ),
+            // Merged with a neighbour: the cell's part of it.
+            (&[(0x0, 0x10000)], (0x4000, 0x4000), vec![(0x4000, 0x4000)]),
+            // Two mappings across the range: both clipped.
+            (
+                &[(0x0, 0x6000), (0x6000, 0x6000)],
+                (0x4000, 0x4000),
+                vec![(0x4000, 0x2000), (0x6000, 0x2000)],
+            ),
+            // Nothing of the range mapped (the cell's backend is gone).
+            (&[(0x0, 0x1000)], (0x4000, 0x4000), vec![]),
+        ];
+        for (maps, range, want) in cases {
+            assert_eq!(clip(maps, range), want, "{maps:x?} {range:x?}");
+        }
+    }
 
     #[test]
     fn reads_node_free_memory_and_own_maps() {

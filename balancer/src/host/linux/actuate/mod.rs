@@ -26,6 +26,7 @@ pub mod cpus;
 pub mod memory;
 pub mod pages;
 pub mod rate;
+pub mod refusal;
 pub mod sys;
 pub mod worker;
 
@@ -36,6 +37,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use self::cgroup::{CpusetFs, LibvirtGroups, SetKind};
+pub use self::refusal::{Refusal, Shortfall};
 use super::{HostError, procfs, read_idset};
 use crate::host::Applier;
 use crate::model::{Action, ActionOutcome, CpuSet, NodeSet, PlannedAction, Snapshot, Vm, VmId};
@@ -82,6 +84,9 @@ pub struct LinuxApplier {
     cfg: ApplierConfig,
     cpuset: Option<CpusetFs>,
     originals: BTreeMap<VmId, OriginalSets>,
+    /// The CPU set this applier last wrote to each cpuset group, so letting go of a VM
+    /// puts back only the groups nobody changed since ([`Self::release`]).
+    written_cpus: BTreeMap<PathBuf, CpuSet>,
     counters: QuietCounters,
     /// The memory moves running, for status.
     progress: Arc<Mutex<Vec<MigrationProgress>>>,
@@ -106,6 +111,7 @@ impl LinuxApplier {
             cfg,
             cpuset,
             originals: BTreeMap::new(),
+            written_cpus: BTreeMap::new(),
             counters: QuietCounters::default(),
             progress: Arc::new(Mutex::new(Vec::new())),
             page_size_bytes: sys::page_size_bytes(),
@@ -217,7 +223,38 @@ impl LinuxApplier {
 
     /// Forgets a VM that exited.
     pub fn forget(&mut self, vm: VmId) {
-        self.originals.remove(&vm);
+        if let Some(o) = self.originals.remove(&vm) {
+            for g in &o.groups {
+                self.written_cpus.remove(&g.dir);
+            }
+        }
+    }
+
+    /// Lets go of a VM: puts back the CPU sets of `o` (the record already reduced to
+    /// what the operator's pin does not cover, [`OriginalSets::released`]) whose
+    /// group still holds what this applier last wrote there. A group changed since is
+    /// someone else's now: the operator pins vCPUs one `virsh vcpupin` at a time, and
+    /// the next one may land between the observation that saw the first and this
+    /// write. Groups this applier never wrote (e.g. before a restart) stay as they are.
+    pub fn release(&mut self, o: &OriginalSets) -> ActionOutcome {
+        let mut ours = o.clone();
+        ours.groups.retain(|g| {
+            let now = cgroup::read_set(&g.dir, SetKind::Cpus).ok();
+            let mine = self.written_cpus.get(&g.dir);
+            let keep = mine.is_some() && now.as_ref() == mine;
+            if !keep {
+                tracing::debug!(group = %g.dir.display(), ?now, ?mine, "not ours any more: left as it is");
+            }
+            keep
+        });
+        if ours.groups.is_empty() {
+            return ActionOutcome::Done { moved_bytes: 0 };
+        }
+        let what = RestoreWhat {
+            cpus: true,
+            mems: false,
+        };
+        self.restore(&ours, what)
     }
 
     /// Records the VM's current sets unless already recorded. `None` when the VM is
@@ -320,7 +357,7 @@ impl LinuxApplier {
                     && let Ok(base) = cgroup::widen_base(&g.dir, kind)
                     && let Err(e) = cgroup::write_set(&g.dir, kind, &base.union(&all))
                 {
-                    self.note_io(&g.dir, &e, &mut problems);
+                    self.note_io(&g.dir, e, &mut problems);
                 }
             }
             let Some(fs) = self.cpuset.clone() else {
@@ -328,7 +365,9 @@ impl LinuxApplier {
             };
             for g in o.groups.iter().rev() {
                 if let Err(e) = cgroup::write_recorded(&fs, &g.dir, kind, &value(g)) {
-                    self.note_io(&g.dir, &e, &mut problems);
+                    self.note_io(&g.dir, e, &mut problems);
+                } else if kind == SetKind::Cpus {
+                    self.written_cpus.remove(&g.dir);
                 }
             }
         }
@@ -345,7 +384,7 @@ impl LinuxApplier {
     /// threads: a recorded thread that exited may have left its id to a thread of
     /// another process. A thread born since adoption inherited its set from a thread
     /// the daemon had moved; it gets the set the main thread had at adoption.
-    fn restore_threads(&mut self, o: &OriginalSets, problems: &mut Vec<String>) {
+    fn restore_threads(&mut self, o: &OriginalSets, problems: &mut Vec<Shortfall>) {
         let Ok(current) = list_threads(&self.cfg.proc_root, o.vm) else {
             self.counters.vm_gone += 1;
             return;
@@ -358,7 +397,7 @@ impl LinuxApplier {
             match sys::set_affinity(tid, set) {
                 Ok(()) => {}
                 Err(nix::Error::ESRCH) => self.counters.threads_gone += 1,
-                Err(e) => problems.push(format!("thread {tid}: {e}")),
+                Err(errno) => problems.push(Shortfall::Affinity { tid, errno }),
             }
         }
     }
@@ -382,17 +421,21 @@ impl LinuxApplier {
         process_start_ticks(&self.cfg.proc_root, o.vm) == Some(o.start_time_ticks)
     }
 
-    fn note_io(&mut self, dir: &Path, e: &io::Error, problems: &mut Vec<String>) {
+    fn note_io(&mut self, dir: &Path, e: io::Error, problems: &mut Vec<Shortfall>) {
         if e.kind() == io::ErrorKind::NotFound {
             self.counters.cgroups_gone += 1;
             tracing::debug!(dir = %dir.display(), "cgroup removed under us");
         } else {
-            problems.push(format!("{}: {e}", dir.display()));
+            problems.push(Shortfall::Cgroup {
+                dir: dir.to_path_buf(),
+                source: e,
+            });
         }
     }
 
-    fn refuse(&mut self, vm: VmId, why: String) -> ActionOutcome {
+    fn refuse(&mut self, vm: VmId, why: Refusal) -> ActionOutcome {
         self.counters.refused += 1;
+        let why = why.to_string();
         tracing::info!(vm, %why, "action refused");
         ActionOutcome::Refused { why }
     }
@@ -422,6 +465,12 @@ impl Applier for LinuxApplier {
         if !self.cfg.proc_root.join(vm.pid.to_string()).is_dir() {
             return self.gone(vm.pid);
         }
+        // The engine plans no page move for such a VM; this guards any other planner.
+        if action.action.moves_memory()
+            && let Some(fixed) = &vm.memory.not_movable
+        {
+            return self.refuse(vm.pid, Refusal::NotMovable(fixed.clone()));
+        }
         if self.adopt(vm).is_none() {
             return self.gone(vm.pid);
         }
@@ -434,11 +483,12 @@ impl Applier for LinuxApplier {
                 to,
                 regions,
                 max_bytes,
+                within,
             } => {
-                let scope = if regions.is_empty() {
-                    memory::Scope::WholeVm
-                } else {
-                    memory::Scope::Regions(regions)
+                let scope = match within {
+                    _ if !regions.is_empty() => memory::Scope::Regions(regions),
+                    Some(range) => memory::Scope::Within(*range),
+                    None => memory::Scope::WholeVm,
                 };
                 self.migrate_memory(snapshot, vm, (*from, *to), scope, *max_bytes)
             }
@@ -454,6 +504,15 @@ impl Applier for LinuxApplier {
                 *max_bytes,
             ),
         }
+    }
+
+    /// The reserved CPUs and headroom guard the next actions; the rate limit paces
+    /// the next batch of every move, those under way included.
+    fn retune(&mut self, t: &crate::host::Tunables) {
+        self.cfg.reserved_cpus = t.reserved_cpus.clone();
+        self.cfg.headroom_bytes = t.headroom_bytes;
+        self.cfg.rate_limit_bytes_per_s = t.rate_limit_bytes_per_s;
+        self.limit.set_bytes_per_s(t.rate_limit_bytes_per_s);
     }
 }
 
@@ -483,14 +542,15 @@ pub fn online_cpus(sys_root: &Path) -> Result<CpuSet, HostError> {
 
 /// The outcome of a CPU-set change (no pages move): done when every thread or group
 /// read back as asked, partial with what differed otherwise.
-fn cpu_change_outcome(problems: Vec<String>) -> ActionOutcome {
+fn cpu_change_outcome(problems: Vec<Shortfall>) -> ActionOutcome {
     if problems.is_empty() {
         ActionOutcome::Done { moved_bytes: 0 }
     } else {
+        let why: Vec<String> = problems.iter().map(ToString::to_string).collect();
         ActionOutcome::Partial {
             moved_bytes: 0,
             left_bytes: 0,
-            why: problems.join("; "),
+            why: why.join("; "),
         }
     }
 }
@@ -505,6 +565,9 @@ impl crate::daemon::Actuator for LinuxApplier {
     }
     fn restore(&mut self, original: &OriginalSets, what: RestoreWhat) -> ActionOutcome {
         LinuxApplier::restore(self, original, what)
+    }
+    fn release(&mut self, original: &OriginalSets) -> ActionOutcome {
+        LinuxApplier::release(self, original)
     }
     fn alive(&self, original: &OriginalSets) -> bool {
         self.same_process(original)

@@ -10,14 +10,15 @@
 //! that never reached it). Waiting ends early when the daemon stops, so a shutdown
 //! never waits for the budget.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Spaces page batches so that, on average, at most `bytes_per_s` move.
 #[derive(Debug)]
 pub struct RateLimit {
-    bytes_per_s: u64,
+    /// Changed by a configuration reload while moves run.
+    bytes_per_s: AtomicU64,
     /// Earliest instant the next batch may start.
     next_at: Mutex<Instant>,
     cancel: Arc<AtomicBool>,
@@ -26,10 +27,16 @@ pub struct RateLimit {
 impl RateLimit {
     pub fn new(bytes_per_s: u64, cancel: Arc<AtomicBool>) -> Self {
         Self {
-            bytes_per_s: bytes_per_s.max(1),
+            bytes_per_s: AtomicU64::new(bytes_per_s.max(1)),
             next_at: Mutex::new(Instant::now()),
             cancel,
         }
+    }
+
+    /// A new budget, for the batches charged from now on.
+    pub fn set_bytes_per_s(&self, bytes_per_s: u64) {
+        self.bytes_per_s
+            .store(bytes_per_s.max(1), Ordering::Relaxed);
     }
 
     /// Waits until the next batch may start; false when stopped meanwhile.
@@ -49,7 +56,8 @@ impl RateLimit {
 
     /// Charges `bytes` moved by a batch that started at `started`.
     pub fn spend(&self, bytes: u64, started: Instant) {
-        let d = Duration::from_secs_f64(bytes as f64 / self.bytes_per_s as f64);
+        let rate = self.bytes_per_s.load(Ordering::Relaxed);
+        let d = Duration::from_secs_f64(bytes as f64 / rate as f64);
         let mut g = self.next_at.lock().unwrap_or_else(|p| p.into_inner());
         *g = (*g).max(started) + d;
     }
