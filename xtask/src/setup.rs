@@ -9,7 +9,13 @@
 //! 3. cargo-fuzz, which `cargo xtask fuzz` (and the short fuzz run of `cargo xtask
 //!    test`) drives;
 //! 4. the Debian packages the tests and the lab use;
-//! 5. cargo-deb, pinned, for `cargo xtask package`.
+//! 5. cargo-deb, pinned, for `cargo xtask package`;
+//! 6. a QEMU whose TCG translates patched code correctly. Before 9.1 (8.2.6 and
+//!    9.0.2 in their series) a vCPU could go on running a stale translation of
+//!    kernel text that another vCPU had just patched (static keys flip when eBPF
+//!    programs attach): the guest hit a leftover int3, or stopped silently with a
+//!    CPU waiting for the others. Debian 12 ships 7.2, so setup installs the one
+//!    from bookworm-backports there.
 //!
 //! Every step first checks whether its result is already there (and works), so a
 //! second run does nothing and says so. A step that fails names itself.
@@ -70,6 +76,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         step("Debian packages", || debian_packages(&mut done))?;
     }
     step("cargo-deb", || cargo_deb(&mut done))?;
+    if !args.no_apt {
+        step("QEMU for the lab", || lab_qemu(&mut done))?;
+    }
     if done.is_empty() {
         eprintln!("xtask setup: everything is already present, nothing was done");
     } else {
@@ -376,6 +385,80 @@ fn debian_packages(done: &mut Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `major.minor.patch` of `qemu-system-x86_64 --version`'s first line.
+fn qemu_version(text: &str) -> Option<(u32, u32, u32)> {
+    let word = text.lines().next()?.split_whitespace().nth(3)?;
+    let mut parts = word.split('.').map(|p| p.parse::<u32>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
+}
+
+/// Whether this QEMU has the fixes for TCG's stale translations of patched code
+/// (9.1.0, backported to 8.2.6 and 9.0.2); see the module doc.
+fn qemu_translates_patched_code((major, minor, patch): (u32, u32, u32)) -> bool {
+    match (major, minor) {
+        (8, 2) => patch >= 6,
+        (9, 0) => patch >= 2,
+        _ => (major, minor) >= (9, 1),
+    }
+}
+
+/// The Debian release this machine runs (`VERSION_CODENAME` of os-release).
+fn debian_codename() -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+/// Installs QEMU from bookworm-backports where the release's own is too old for a
+/// lab that attaches eBPF programs (see the module doc); elsewhere says what to do.
+fn lab_qemu(done: &mut Vec<String>) -> anyhow::Result<()> {
+    let text = output(Command::new("qemu-system-x86_64").arg("--version"))?;
+    let version = qemu_version(&text)
+        .with_context(|| format!("no version in qemu-system-x86_64 --version: {text:?}"))?;
+    if qemu_translates_patched_code(version) {
+        return Ok(());
+    }
+    let shown = format!("{}.{}.{}", version.0, version.1, version.2);
+    if debian_codename().as_deref() != Some("bookworm") || !nix_is_root() {
+        eprintln!(
+            "xtask setup: warning: QEMU {shown} runs stale translations of patched kernel \
+             code under TCG (fixed in 9.1, 8.2.6, 9.0.2); lab guests may stop while eBPF \
+             programs attach. Install a newer qemu-system-x86 for the lab."
+        );
+        return Ok(());
+    }
+    let sources = Path::new("/etc/apt/sources.list.d/bookworm-backports.sources");
+    if !sources.exists() {
+        std::fs::write(
+            sources,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n\
+             Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )
+        .with_context(|| format!("writing {}", sources.display()))?;
+    }
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(["-t", "bookworm-backports", "qemu-system-x86"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    let now = output(Command::new("qemu-system-x86_64").arg("--version"))?;
+    match qemu_version(&now) {
+        Some(v) if qemu_translates_patched_code(v) => {
+            done.push(format!(
+                "installed QEMU {}.{}.{} from bookworm-backports (was {shown})",
+                v.0, v.1, v.2
+            ));
+            Ok(())
+        }
+        _ => bail!("qemu-system-x86 from bookworm-backports is still old: {now:?}"),
+    }
+}
+
 fn dpkg_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f", "${db:Status-Status}", package])
@@ -387,4 +470,28 @@ fn dpkg_installed(package: &str) -> bool {
 /// Effective uid 0.
 pub fn nix_is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_versions_with_and_without_the_tcg_fix() {
+        let debian12 = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright";
+        assert_eq!(qemu_version(debian12), Some((7, 2, 22)));
+        assert!(!qemu_translates_patched_code((7, 2, 22)));
+        assert!(!qemu_translates_patched_code((8, 2, 5)));
+        assert!(qemu_translates_patched_code((8, 2, 6)));
+        assert!(!qemu_translates_patched_code((9, 0, 1)));
+        assert!(qemu_translates_patched_code((9, 0, 2)));
+        assert!(qemu_translates_patched_code((9, 1, 0)));
+        assert_eq!(
+            qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)"),
+            Some((10, 0, 2))
+        );
+        assert!(qemu_translates_patched_code((10, 0, 2)));
+        assert_eq!(qemu_version("QEMU emulator version 9.1"), Some((9, 1, 0)));
+        assert_eq!(qemu_version("garbage"), None);
+    }
 }

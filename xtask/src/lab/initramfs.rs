@@ -35,6 +35,8 @@ if [ -e /lab/shell ]; then
   echo "lab shell: the harness is /usr/bin/lab-harness $(cat /lab/args); 'poweroff -f' ends the guest"
   setsid cttyhack sh
 else
+  # The heartbeat the lab host watches: see ALIVE_MARK in qemu.rs.
+  ( while sleep 5; do echo @@VMBLAB-ALIVE@@; done ) &
   /usr/bin/lab-harness $(cat /lab/args)
   echo "@@VMBLAB-EXIT@@ $?"
 fi

@@ -20,22 +20,39 @@ use anyhow::{Context, bail};
 pub struct GuestHung {
     pub timeout_s: u64,
     pub lines: Vec<String>,
-    /// Killed because it printed nothing for [`SILENCE_LIMIT`] while it sampled
-    /// (rather than at the timeout).
+    /// Killed because its heartbeat stopped for [`SILENCE_LIMIT`] (rather than at
+    /// the timeout).
     pub silent: bool,
 }
 
-/// How long a guest may print nothing once it samples (a sample line every 3-5 s,
-/// and no assertion command during the sampling blocks longer than 120 s) before it
-/// is taken for stopped.
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(150);
+/// The line the guest's init prints every 5 s from a shell loop of its own,
+/// beside whatever the scenario does. It is not echoed and not kept.
+pub const ALIVE_MARK: &str = "@@VMBLAB-ALIVE@@";
+
+/// How long a guest that has reached its init may print nothing, heartbeat
+/// included, before it is taken for stopped. A loop of `sleep 5; echo` is late by
+/// seconds at most even when every guest CPU is busy moving memory; 90 s without
+/// a line means no guest process was scheduled at all.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(90);
+
+/// How long a stopped guest gets to answer the monitor's register dump and the
+/// injected NMI (see [`run`]) before it is killed.
+const DUMP_WAIT: Duration = Duration::from_secs(20);
+
+/// What is typed into the console multiplexer of a stopped guest: switch to the
+/// QEMU monitor (Ctrl-A c), dump every CPU's registers, then inject an NMI. The
+/// guest's `unknown_nmi_panic` turns the NMI into a panic that prints the
+/// backtraces of its CPUs (`panic_print`); `nokaslr` keeps the dumped addresses
+/// comparable with the kernel's System.map. If even the monitor does not answer,
+/// the emulator itself is stuck, not the guest kernel.
+const STOPPED_DUMP: &[u8] = b"\x01cinfo registers -a\nnmi\n";
 
 impl GuestHung {
     /// Whether the emulated machine stopped making progress, as opposed to a
     /// scenario that waited too long: the guest kernel reported a CPU stuck in the
-    /// kernel (soft lockup) or an RCU stall, or the guest went silent in the middle
-    /// of its samples (every CPU stuck with interrupts off reports nothing: the
-    /// emulated machine has no NMI watchdog).
+    /// kernel (soft lockup) or an RCU stall, or its heartbeat stopped (every CPU
+    /// stuck with interrupts off reports nothing: the emulated machine has no NMI
+    /// watchdog).
     pub fn machine_stopped(&self) -> bool {
         self.silent
             || self
@@ -52,7 +69,7 @@ impl std::fmt::Display for GuestHung {
             "the lab guest {} and was killed; last console line: {:?}",
             if self.silent {
                 format!(
-                    "printed nothing for {} s while sampling",
+                    "printed nothing, heartbeat included, for {} s",
                     SILENCE_LIMIT.as_secs()
                 )
             } else {
@@ -118,7 +135,13 @@ pub fn command(kernel: &Path, initrd: &Path, append_extra: &str) -> Command {
         .arg(initrd)
         .args([
             "-append",
-            format!("console=ttyS0 panic=-1 loglevel=4 {append_extra}").trim(),
+            // unknown_nmi_panic, panic_print (0x40: every CPU's backtrace) and
+            // nokaslr: for the dump of a stopped guest, see STOPPED_DUMP.
+            format!(
+                "console=ttyS0 panic=-1 loglevel=4 nokaslr unknown_nmi_panic \
+                 panic_print=0x40 {append_extra}"
+            )
+            .trim(),
             "-nographic",
             "-no-reboot",
         ]);
@@ -143,7 +166,9 @@ pub struct Boot {
 }
 
 /// Runs the guest, echoing each console line (`prefix` + line) unless `echo`
-/// filters it, until qemu exits or `timeout` passes.
+/// filters it, until qemu exits or `timeout` passes. A guest whose heartbeat
+/// stops for [`SILENCE_LIMIT`] is asked for a dump ([`STOPPED_DUMP`]), given
+/// [`DUMP_WAIT`] to print it, and killed.
 pub fn run(
     mut cmd: Command,
     timeout: Duration,
@@ -152,7 +177,7 @@ pub fn run(
 ) -> anyhow::Result<Boot> {
     let start = Instant::now();
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -178,24 +203,53 @@ pub fn run(
             }
         }
     });
+    let mut monitor = child.stdin.take();
     let deadline = start + timeout;
     let mut lines = Vec::new();
     let mut init_after = None;
-    // From the first sample line to the summary: when the last line came.
-    let mut sampling_since_line: Option<Instant> = None;
+    // Once the guest's init ran: when its last line (heartbeat included) came.
+    let mut last_line: Option<Instant> = None;
+    // When the heartbeat was found stopped and the dump asked for.
+    let mut stopped_at: Option<Instant> = None;
     // A soft lockup report: the machine has stopped (none of these has ever
     // recovered); waiting for the timeout only costs CI time.
     let mut lockup_reported = false;
+    // The harness printed its exit line: every result is in.
+    let mut harness_exited = false;
+    // A guest that finished its scenario but then stopped on its way down.
+    let mut stopped_after_exit = false;
     loop {
         let now = Instant::now();
-        let silent = sampling_since_line.is_some_and(|t| now.duration_since(t) >= SILENCE_LIMIT);
-        if now >= deadline || silent || lockup_reported {
+        let silent = last_line.is_some_and(|t| now.duration_since(t) >= SILENCE_LIMIT);
+        if silent && harness_exited {
+            eprintln!(
+                "{prefix}(the scenario ended but the guest printed nothing for {} s on its way down; stopped it)",
+                SILENCE_LIMIT.as_secs()
+            );
+            let _ = child.kill();
+            stopped_after_exit = true;
+            break;
+        }
+        if stopped_at.is_none() && silent {
+            eprintln!(
+                "{prefix}(no line for {} s: asking the stopped machine for its registers and an NMI backtrace)",
+                SILENCE_LIMIT.as_secs()
+            );
+            stopped_at = Some(now);
+            if let Some(mut m) = monitor.take() {
+                use std::io::Write;
+                let _ = m.write_all(STOPPED_DUMP).and_then(|()| m.flush());
+                monitor = Some(m);
+            }
+        }
+        let dump_over = stopped_at.is_some_and(|t| now.duration_since(t) >= DUMP_WAIT);
+        if now >= deadline || dump_over || lockup_reported {
             let _ = child.kill();
             let _ = child.wait();
             return Err(GuestHung {
                 timeout_s: timeout.as_secs(),
                 lines,
-                silent,
+                silent: stopped_at.is_some(),
             }
             .into());
         }
@@ -204,12 +258,21 @@ pub fn run(
                 if init_after.is_none() && line.contains("@@VMBLAB-INIT@@") {
                     init_after = Some(start.elapsed());
                 }
-                lockup_reported |= line.contains("soft lockup");
-                if line.contains("\"type\":\"summary\"") {
-                    sampling_since_line = None;
-                } else if sampling_since_line.is_some() || line.contains("\"type\":\"sample\"") {
-                    sampling_since_line = Some(Instant::now());
+                if init_after.is_some() {
+                    last_line = Some(Instant::now());
                 }
+                // A heartbeat is a line of its own (one write to the console);
+                // the mark is taken out of any other line all the same.
+                let line = if line.contains(ALIVE_MARK) {
+                    line.replace(ALIVE_MARK, "")
+                } else {
+                    line
+                };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                harness_exited |= line.contains("@@VMBLAB-EXIT@@");
+                lockup_reported |= line.contains("soft lockup");
                 if let Some(shown) = echo(&line) {
                     eprintln!("{prefix}{shown}");
                 }
@@ -219,7 +282,24 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
+    drop(monitor);
     let status = child.wait().context("waiting for qemu")?;
+    if stopped_after_exit {
+        return Ok(Boot {
+            lines,
+            elapsed: start.elapsed(),
+            init_after,
+        });
+    }
+    if stopped_at.is_some() {
+        // It answered the NMI with a panic, and -no-reboot ended qemu.
+        return Err(GuestHung {
+            timeout_s: timeout.as_secs(),
+            lines,
+            silent: true,
+        }
+        .into());
+    }
     if !status.success() {
         bail!(
             "qemu exited with {status}; last console line: {:?}",
@@ -285,6 +365,6 @@ mod tests {
             ..hung(&["t=  6.0s locality mean 1.000"])
         };
         assert!(silent.machine_stopped());
-        assert!(silent.to_string().contains("printed nothing for 150 s"));
+        assert!(silent.to_string().contains("heartbeat included, for 90 s"));
     }
 }

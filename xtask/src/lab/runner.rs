@@ -159,15 +159,17 @@ impl Lab {
                 // The emulated machine stopped: a CPU stuck in the kernel for
                 // minutes or the RCU grace-period thread starved (seen in 2 of about
                 // 30 runs of busy guests under vmbalancer, both while memory moved),
-                // or the whole guest silent in the middle of its samples (seen once,
-                // in `reserved`, after every VM was local). The cause (the emulator
-                // or a kernel path the daemon drives) is not known yet. Booted once
-                // more, and said so; a second stop fails the scenario. The stopped
-                // guest's console is kept.
+                // or the whole guest silent, its heartbeat included (seen in
+                // `reserved` after every VM was local, and in `boot` while
+                // vmbalancer attached its eBPF programs). The cause (the emulator
+                // or a kernel path the daemon drives) is not known yet; the kept
+                // console has the registers and the NMI backtraces of a silent
+                // guest. Booted once more, and said so; a second stop fails the
+                // scenario.
                 if hung.is_some_and(qemu::GuestHung::machine_stopped) && !retried {
                     eprintln!(
                         "lab: scenario {} ({tag}): the emulated machine stopped (soft \
-                         lockup, RCU stall, or silent while sampling); booting it once more",
+                         lockup, RCU stall, or no heartbeat); booting it once more",
                         s.name
                     );
                     return self.run_scenario_once(s, extra, tag, true);

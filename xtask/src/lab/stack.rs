@@ -189,6 +189,8 @@ WantedBy=multi-user.target
 
 const RUN_SH: &str = r#"#!/bin/sh
 echo "@@VMBLAB-INIT@@ kernel $(uname -r), $(ls -d /sys/devices/system/node/node* | wc -l) nodes, $(cut -d' ' -f1 /proc/uptime) s since boot"
+# The heartbeat the lab host watches: see ALIVE_MARK in qemu.rs.
+( while sleep 5; do echo @@VMBLAB-ALIVE@@; done ) &
 /usr/bin/lab-harness $(cat /lab/args)
 echo "@@VMBLAB-EXIT@@ $?"
 systemctl poweroff --no-block
