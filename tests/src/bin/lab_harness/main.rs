@@ -206,6 +206,11 @@ fn run() -> anyhow::Result<bool> {
     // One second of vCPU history, so the first sample knows where vCPUs run.
     sampler.poll_for(Duration::from_secs(1));
     sampler.start_clock();
+    // The t = 0 layout is the one the balancer meets, sampled before it starts: a
+    // daemon under systemd (Type=notify) is through its first tick, and may have
+    // begun to move, by the time `systemctl start` returns. An advisor started
+    // before the VMs has acted already; its t = 0 is the first sample after.
+    let first_sample = early_guard.is_none().then(|| sampler.sample(0.0));
     let t0 = Instant::now();
     let mut guard = match early_guard {
         Some(g) => g,
@@ -218,12 +223,20 @@ fn run() -> anyhow::Result<bool> {
             .iter()
             .any(|a| matches!(a, Assertion::Refusals { .. }));
     let end_s = args.capture_at_s.unwrap_or(scenario.duration_s);
+    let mut first_sample = first_sample;
     for step in timeline(&scenario, end_s) {
         let due = t0 + Duration::from_secs_f64(step.at_s());
         sampler.poll_until(due);
         match step {
             Step::Sample(t) => {
-                emit(&Record::Sample(sampler.sample(t)));
+                let sample = if t == 0.0
+                    && let Some(s) = first_sample.take()
+                {
+                    s
+                } else {
+                    sampler.sample(t)
+                };
+                emit(&Record::Sample(sample));
                 if watch_refusals {
                     guard.note_refusals();
                 }
