@@ -205,12 +205,13 @@ fn run() -> anyhow::Result<bool> {
     let mut sampler = sampler::Sampler::new(&nodes, &running, per_page)?;
     // One second of vCPU history, so the first sample knows where vCPUs run.
     sampler.poll_for(Duration::from_secs(1));
-    sampler.start_clock();
     // The t = 0 layout is the one the balancer meets, sampled before it starts: a
     // daemon under systemd (Type=notify) is through its first tick, and may have
     // begun to move, by the time `systemctl start` returns. An advisor started
-    // before the VMs has acted already; its t = 0 is the first sample after.
+    // before the VMs has acted already; its t = 0 is the first sample after. The
+    // clock starts after that sample, so its reading time is not the balancer's.
     let first_sample = early_guard.is_none().then(|| sampler.sample(0.0));
+    sampler.start_clock();
     let t0 = Instant::now();
     let mut guard = match early_guard {
         Some(g) => g,
