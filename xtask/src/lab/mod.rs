@@ -129,7 +129,7 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
             "guest-cells",
         ],
     ),
-    (KernelGen::V6_12, &["boot"]),
+    (KernelGen::V6_12, &["boot", "trace-truth"]),
 ];
 
 /// Scenarios CI runs as comparisons on 6.1: under each balancer of the scenario's
