@@ -54,12 +54,18 @@ impl GuestHung {
     /// stuck with interrupts off reports nothing: the emulated machine has no NMI
     /// watchdog).
     pub fn machine_stopped(&self) -> bool {
-        self.silent
-            || self
-                .lines
-                .iter()
-                .any(|l| l.contains("soft lockup") || l.contains("rcu_preempt self-detected stall"))
+        self.silent || self.lines.iter().any(|l| reports_stall(l))
     }
+}
+
+/// Whether a console line is the guest kernel reporting a CPU that stopped: a soft
+/// lockup, or an RCU stall (self-detected, or detected on another CPU, which is
+/// what a vCPU that stopped running leaves: the rest of the guest goes on and its
+/// heartbeat too, but anything that waits for that CPU waits forever).
+fn reports_stall(line: &str) -> bool {
+    line.contains("soft lockup")
+        || line.contains("rcu_preempt self-detected stall")
+        || line.contains("rcu_preempt detected stalls")
 }
 
 impl std::fmt::Display for GuestHung {
@@ -211,9 +217,12 @@ pub fn run(
     let mut last_line: Option<Instant> = None;
     // When the heartbeat was found stopped and the dump asked for.
     let mut stopped_at: Option<Instant> = None;
-    // A soft lockup report: the machine has stopped (none of these has ever
-    // recovered); waiting for the timeout only costs CI time.
-    let mut lockup_reported = false;
+    // A stall report (see `reports_stall`): the machine has stopped (none has ever
+    // recovered); it is asked for the dump at once, waiting for the timeout only
+    // costs CI time.
+    let mut stall_reported = false;
+    // Whether the stop was found by silence (rather than by a stall report).
+    let mut stopped_silent = false;
     // The harness printed its exit line: every result is in.
     let mut harness_exited = false;
     // A guest that finished its scenario but then stopped on its way down.
@@ -230,11 +239,18 @@ pub fn run(
             stopped_after_exit = true;
             break;
         }
-        if stopped_at.is_none() && silent {
-            eprintln!(
-                "{prefix}(no line for {} s: asking the stopped machine for its registers and an NMI backtrace)",
-                SILENCE_LIMIT.as_secs()
-            );
+        if stopped_at.is_none() && !harness_exited && (silent || stall_reported) {
+            stopped_silent = silent;
+            if silent {
+                eprintln!(
+                    "{prefix}(no line for {} s: asking the stopped machine for its registers and an NMI backtrace)",
+                    SILENCE_LIMIT.as_secs()
+                );
+            } else {
+                eprintln!(
+                    "{prefix}(a stalled CPU reported: asking the machine for its registers and an NMI backtrace)"
+                );
+            }
             stopped_at = Some(now);
             if let Some(mut m) = monitor.take() {
                 use std::io::Write;
@@ -243,13 +259,13 @@ pub fn run(
             }
         }
         let dump_over = stopped_at.is_some_and(|t| now.duration_since(t) >= DUMP_WAIT);
-        if now >= deadline || dump_over || lockup_reported {
+        if now >= deadline || dump_over {
             let _ = child.kill();
             let _ = child.wait();
             return Err(GuestHung {
                 timeout_s: timeout.as_secs(),
                 lines,
-                silent: stopped_at.is_some(),
+                silent: stopped_silent,
             }
             .into());
         }
@@ -272,7 +288,7 @@ pub fn run(
                     continue;
                 }
                 harness_exited |= line.contains("@@VMBLAB-EXIT@@");
-                lockup_reported |= line.contains("soft lockup");
+                stall_reported |= reports_stall(&line);
                 if let Some(shown) = echo(&line) {
                     eprintln!("{prefix}{shown}");
                 }
@@ -296,7 +312,7 @@ pub fn run(
         return Err(GuestHung {
             timeout_s: timeout.as_secs(),
             lines,
-            silent: true,
+            silent: stopped_silent,
         }
         .into());
     }
@@ -356,6 +372,10 @@ mod tests {
         );
         assert!(
             hung(&["[   94.6] rcu: INFO: rcu_preempt self-detected stall on CPU"])
+                .machine_stopped()
+        );
+        assert!(
+            hung(&["[   46.4] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"])
                 .machine_stopped()
         );
         assert!(!hung(&["t= 30.0s locality mean 0.9", "(still sampling)"]).machine_stopped());

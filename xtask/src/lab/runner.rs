@@ -161,7 +161,10 @@ impl Lab {
                 // 30 runs of busy guests under vmbalancer, both while memory moved),
                 // or the whole guest silent, its heartbeat included (seen in
                 // `reserved` after every VM was local, and in `boot` while
-                // vmbalancer attached its eBPF programs). The cause (the emulator
+                // vmbalancer attached its eBPF programs; both with QEMU 7.2, whose
+                // TCG ran stale translations of patched kernel text), or one CPU
+                // stalled while the rest went on (RCU "detected stalls on CPUs",
+                // once with QEMU 10 under numad, no eBPF loaded). The cause (the emulator
                 // or a kernel path the daemon drives) is not known yet; the kept
                 // console has the registers and the NMI backtraces of a silent
                 // guest. Booted once more, and said so; a second stop fails the
