@@ -112,7 +112,8 @@ use scenarios::{list, load_scenario};
 /// autonuma or numad (a dry run, trace's own report, a SIGKILLed and restarted
 /// daemon, a systemd-style start, numad's `-R` reserved CPUs, the choice of the
 /// cheapest VM to move off an overloaded node; the stack guest's
-/// libvirt domains balanced by the packaged daemon under systemd).
+/// libvirt domains balanced by the packaged daemon under systemd, on 4 KiB pages
+/// and on 2 MiB huge pages preallocated on the wrong node).
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
         KernelGen::V6_1,
@@ -126,6 +127,7 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
             "cheapest-move",
             "stack-scattered",
             "stack-lifecycle",
+            "stack-hugetlb",
             "guest-cells",
         ],
     ),
