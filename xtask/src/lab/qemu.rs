@@ -278,10 +278,9 @@ pub fn run(
                 );
             }
             stopped_at = Some(now);
-            if let Some(mut m) = monitor.take() {
+            if let Some(m) = monitor.as_mut() {
                 use std::io::Write;
                 let _ = m.write_all(STOPPED_DUMP).and_then(|()| m.flush());
-                monitor = Some(m);
             }
         }
         let dump_over = stopped_at.is_some_and(|t| now.duration_since(t) >= DUMP_WAIT);

@@ -210,7 +210,7 @@ fn run() -> anyhow::Result<bool> {
     // begun to move, by the time `systemctl start` returns. An advisor started
     // before the VMs has acted already; its t = 0 is the first sample after. The
     // clock starts after that sample, so its reading time is not the balancer's.
-    let first_sample = early_guard.is_none().then(|| sampler.sample(0.0));
+    let mut first_sample = early_guard.is_none().then(|| sampler.sample(0.0));
     sampler.start_clock();
     let t0 = Instant::now();
     let mut guard = match early_guard {
@@ -224,7 +224,6 @@ fn run() -> anyhow::Result<bool> {
             .iter()
             .any(|a| matches!(a, Assertion::Refusals { .. }));
     let end_s = args.capture_at_s.unwrap_or(scenario.duration_s);
-    let mut first_sample = first_sample;
     for step in timeline(&scenario, end_s) {
         let due = t0 + Duration::from_secs_f64(step.at_s());
         sampler.poll_until(due);
