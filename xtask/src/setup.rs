@@ -376,11 +376,7 @@ fn debian_packages(done: &mut Vec<String>) -> anyhow::Result<()> {
             missing.join(" ")
         );
     }
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    apt_install(&missing)?;
     done.push(format!("installed Debian packages: {}", missing.join(" ")));
     Ok(())
 }
@@ -441,11 +437,7 @@ fn lab_qemu(done: &mut Vec<String>) -> anyhow::Result<()> {
         )
         .with_context(|| format!("writing {}", sources.display()))?;
     }
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(["-t", "bookworm-backports", "qemu-system-x86"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    apt_install(&["-t", "bookworm-backports", "qemu-system-x86"])?;
     let now = output(Command::new("qemu-system-x86_64").arg("--version"))?;
     match qemu_version(&now) {
         Some(v) if qemu_translates_patched_code(v) => {
@@ -457,6 +449,16 @@ fn lab_qemu(done: &mut Vec<String>) -> anyhow::Result<()> {
         }
         _ => bail!("qemu-system-x86 from bookworm-backports is still old: {now:?}"),
     }
+}
+
+/// `apt-get update`, then `apt-get install` of `args` (packages, and options such as
+/// `-t RELEASE`) without recommends or questions.
+fn apt_install(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn dpkg_installed(package: &str) -> bool {
