@@ -42,7 +42,11 @@ impl Ctx<'_> {
         // (has remote hot, locality, unit)
         let mut todo: Vec<(bool, f64, usize)> = Vec::new();
         for u in 0..self.units.len() {
-            if !self.managed[u] || self.touched[u] || self.units[u].memory_fixed {
+            // A unit placed just now is touched by its CPU move, and its memory may
+            // follow at once: placement is not a probation (nothing to confirm), and
+            // waiting a decision costs the VM a tick of remote accesses.
+            let placed_now = self.placed_now[u].is_some();
+            if !self.managed[u] || (self.touched[u] && !placed_now) || self.units[u].memory_fixed {
                 continue;
             }
             let Some(st) = self.state.units.get(&self.units[u].key) else {
@@ -87,6 +91,11 @@ impl Ctx<'_> {
         for (_, loc, u) in todo {
             if self.host_budget_bytes == 0 {
                 break;
+            }
+            // Its placement's reservation for the memory to come gives way to the
+            // moves planned now, which reserve what they move.
+            if let Some((n, bytes)) = self.placed_now[u].take() {
+                self.reserved[n] = self.reserved[n].saturating_sub(bytes);
             }
             let home = self.home[u];
             let unit = &self.units[u];

@@ -46,7 +46,8 @@
 //!    idlest node are searched. Units in probation or moved within the hysteresis
 //!    window are not candidates, so nothing flaps. Moves are CPU-only (probation).
 //! 4. **Migrate memory lazily** (`migration.rs`). Settled units below their locality
-//!    target get one `MigrateMemory` per decision: from the remote node holding most of
+//!    target, including units placed in this same decision, get one `MigrateMemory`
+//!    per decision: from the remote node holding most of
 //!    their memory to their home, hot regions first at `hot_rate_bytes_per_s`, then the
 //!    rest at `cold_rate_bytes_per_s`, within a host-wide budget, stopping at the
 //!    target (the coldest remainder may stay). A VM with a move still running in the
@@ -302,6 +303,9 @@ pub(crate) struct Ctx<'a> {
     /// Units acted on in this plan (one action kind per unit per decision).
     pub touched: Vec<bool>,
     pub committed_now: Vec<bool>,
+    /// Per unit placed in this decision: the bytes its placement reserved on its
+    /// node for the memory still to come (its own memory moves take it back).
+    pub placed_now: Vec<Option<(usize, u64)>>,
     /// Unit indices of each VM (for KSM partner look-ups).
     pub vm_units: std::collections::HashMap<crate::model::VmId, Vec<usize>>,
     pub plan: Plan,
@@ -343,6 +347,7 @@ impl<'a> Ctx<'a> {
             host_budget_bytes: (cfg.host_rate_bytes_per_s as f64 * dt_ns as f64 / 1e9) as u64,
             touched: vec![false; n],
             committed_now: vec![false; n],
+            placed_now: vec![None; n],
             vm_units,
             plan: Plan::default(),
             state,

@@ -182,7 +182,9 @@ impl Ctx<'_> {
                     }
                 };
                 self.set_cpus(u, 1 << n, reason);
-                self.reserved[n] += self.bytes_to_bring(u, n).min(self.room_on(u, n));
+                let bring = self.bytes_to_bring(u, n).min(self.room_on(u, n));
+                self.reserved[n] += bring;
+                self.placed_now[u] = Some((n, bring));
                 1u64 << n
             }
             None => match self.span(u, d) {

@@ -1814,3 +1814,43 @@ fn a_vm_with_unknown_vcpus_is_balanced_as_a_whole_process() {
         }]
     ));
 }
+
+/// A VM seen for the first time with its memory scattered over four nodes is placed
+/// on one node, and its memory starts to follow in the same decision: placement
+/// confirms nothing, so waiting a decision would only keep the accesses remote.
+/// The room its placement booked for that memory is not booked twice: a node with
+/// just room for the VM's remote memory still takes the first move whole.
+#[test]
+fn memory_follows_an_initial_placement_in_the_same_decision() {
+    let mut t = topo(4, 2, 2);
+    let headroom = EngineConfig::default().free_headroom_bytes;
+    for n in &mut t.nodes {
+        n.memory.free_bytes = headroom + 300 * MIB;
+    }
+    let mut vm1 = vm(1, 2, 1.0, None, &[96 * MIB; 4], &t);
+    vm1.memory.configured_bytes = 384 * MIB;
+    let plan = Engine::new(EngineConfig::default()).plan(&snap(0, t, vec![vm1]));
+    let placed = set_cpus_of(&plan, 1);
+    assert_eq!(placed.len(), 1, "{plan:?}");
+    let Reason::InitialPlacement { node } = placed[0].1 else {
+        panic!("{plan:?}");
+    };
+    let moves = migrations(&plan);
+    assert!(
+        !moves.is_empty(),
+        "no memory move with the placement: {plan:?}"
+    );
+    assert!(moves.iter().all(|m| m.0 == 1 && m.2 == node && m.1 != node));
+    let planned: u64 = moves.iter().map(|m| m.3).sum();
+    assert!(
+        planned >= 64 * MIB,
+        "the placement's booking left {planned} bytes of room: {plan:?}"
+    );
+    // The CPU move comes first in the plan, so the pages follow threads already there.
+    let first_move = plan
+        .actions
+        .iter()
+        .position(|a| matches!(a.action, Action::MigrateMemory { .. }))
+        .unwrap();
+    assert!(matches!(plan.actions[0].action, Action::SetCpus { .. }) && first_move > 0);
+}

@@ -3,9 +3,9 @@
 //!
 //! The daemon, `vmbalancer trace` and the integration tests all use this one API:
 //! [`Telemetry::load`], then [`Telemetry::track`] the vCPU and emulator threads of each
-//! VM, and read per-thread counters with [`Telemetry::read_thread`], per-VM hot
-//! regions with [`Telemetry::hot_regions`] and program cost with [`Telemetry::cost`]. Everything that
-//! varies between kernels (tracepoint record layouts, which hooks exist) is resolved
+//! VM, and read per-thread counters with [`Telemetry::read_thread`], every VM's hot
+//! regions with [`Telemetry::hot_regions_by_vm`] and program cost with
+//! [`Telemetry::cost`]. Everything that varies between kernels (tracepoint record layouts, which hooks exist) is resolved
 //! at load time, never compiled in.
 
 pub mod btf;

@@ -99,16 +99,9 @@ impl EbpfTelemetry {
         self.untracked
     }
 
-    /// Updates the heat of `vm`'s regions from the programs' current counts and
-    /// returns them hottest first.
-    fn hot_regions(&mut self, vm: VmId, elapsed_ns: u64) -> Vec<HotRegion> {
-        let raw: Vec<RegionHeat> = match self.telemetry.hot_regions(vm) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(vm, error = %e, "reading hot regions");
-                Vec::new()
-            }
-        };
+    /// Updates the heat of `vm`'s regions from the programs' current counts `raw`
+    /// and returns them hottest first.
+    fn hot_regions(&mut self, vm: VmId, raw: &[RegionHeat], elapsed_ns: u64) -> Vec<HotRegion> {
         let state = self.heat.entry(vm).or_default();
         let mut seen = HashSet::new();
         for r in raw.iter().filter(|r| r.kind == RegionKind::HostVirtual) {
@@ -371,7 +364,17 @@ impl TelemetrySource for EbpfTelemetry {
             .last_fill_ns
             .map_or(0, |t| snapshot.now_ns.saturating_sub(t));
         self.last_fill_ns = Some(snapshot.now_ns);
-        let regions = self.telemetry.has(Feature::UserPageFaults);
+        let mut regions = if self.telemetry.has(Feature::UserPageFaults) {
+            match self.telemetry.hot_regions_by_vm() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading hot regions");
+                    Some(Default::default())
+                }
+            }
+        } else {
+            None
+        };
         for vm in &mut snapshot.vms {
             for v in &mut vm.vcpus {
                 match self.telemetry.read_thread(v.tid) {
@@ -383,8 +386,9 @@ impl TelemetrySource for EbpfTelemetry {
                 Ok(m) => vm.kernel_numa_moves = m.move_numa + m.swap_numa,
                 Err(e) => tracing::debug!(vm = vm.pid, error = %e, "reading NUMA moves"),
             }
-            if regions {
-                vm.hot_regions = self.hot_regions(vm.pid, elapsed_ns);
+            if let Some(by_vm) = regions.as_mut() {
+                let raw = by_vm.remove(&vm.pid).unwrap_or_default();
+                vm.hot_regions = self.hot_regions(vm.pid, &raw, elapsed_ns);
             }
         }
     }

@@ -846,7 +846,9 @@ impl Observer for LinuxObserver {
         };
         let tf = std::time::Instant::now();
         self.telemetry.fill(&mut snapshot);
+        let telemetry_ns = tf.elapsed().as_nanos() as u64;
         self.ksm_sharing.fill(&mut snapshot);
+        let tw = std::time::Instant::now();
         if self.paths.is_live_proc()
             && let Some(write_heat) = self.write_heat.as_mut()
         {
@@ -863,6 +865,8 @@ impl Observer for LinuxObserver {
             discover_ns,
             track_ns,
             fill_ns = tf.elapsed().as_nanos() as u64,
+            telemetry_ns,
+            write_heat_ns = tw.elapsed().as_nanos() as u64,
             total_ns = t0.elapsed().as_nanos() as u64,
             "observed"
         );

@@ -286,6 +286,7 @@ struct Unsupported;
 /// quietly. The passes run at the daemon's normal priority: under real-time
 /// priority the lab guest's RCU grace-period thread starved while memory moved.
 fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>, Unsupported> {
+    let clear_start = Instant::now();
     let mut pagemaps = Vec::with_capacity(vms.len());
     for vm in &mut vms {
         let pagemap = File::open(proc_root.join(format!("{}/pagemap", vm.pid)));
@@ -343,6 +344,8 @@ fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>,
             round_start.elapsed().as_micros()
         ));
     }
+    let passes_ms = round_start.elapsed().as_millis();
+    let huge_start = Instant::now();
     let kpageflags = File::open(proc_root.join("kpageflags")).ok();
     let mut huge = 0;
     for (vm, pagemap) in vms.iter_mut().zip(&pagemaps) {
@@ -360,7 +363,15 @@ fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>,
             huge += vm.huge_now.iter().filter(|h| h.1).count();
         }
     }
-    tracing::debug!(vms = vms.len(), huge, seen_per_pass = ?seen_per_pass, "write heat round");
+    tracing::debug!(
+        vms = vms.len(),
+        huge,
+        seen_per_pass = ?seen_per_pass,
+        clear_ms = (round_start - clear_start).as_millis(),
+        passes_ms,
+        huge_check_ms = huge_start.elapsed().as_millis(),
+        "write heat round"
+    );
     Ok(vms)
 }
 
