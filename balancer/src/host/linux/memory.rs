@@ -29,6 +29,16 @@
 //!   the locality target: the engine is working on it), which the observer keeps at
 //!   the base interval so a move is never planned on a reading kept from before it.
 //!
+//! While a move of the balancer's own runs on a VM, its reading is not renewed
+//! ([`MemoryTracker::note_move_started`]): the engine plans nothing new for a VM
+//! until its move's outcome comes, the outcome adjusts the reading, and marks it
+//! stale so the first tick after the move reads it again. A read during the move
+//! walks the page tables the mover is rewriting, under the same mmap lock, and
+//! shows a half-done move that nobody acts on; in the lab's `scattered` case those
+//! reads took about half of each tick while 8 VMs moved. A move whose outcome never
+//! came (it cannot happen, but a reading must never freeze) holds the reading for
+//! at most [`MOVE_HOLD_MAX_NS`].
+//!
 //! Only guest RAM counts as the VM's memory: the mappings that back `-m` (the largest
 //! anonymous, memfd, hugetlb or `mem-path` file mappings whose sizes add up to the
 //! configured size). Everything else (qemu's heap, thread stacks, libraries, video RAM,
@@ -63,6 +73,8 @@ impl Default for MemoryPolicy {
 
 /// The longest a VM's reading is kept while nothing says it may have changed.
 pub const MAX_STALE_NS: u64 = 60_000_000_000;
+/// The longest a VM's reading is held while a move of it runs (module doc).
+pub const MOVE_HOLD_MAX_NS: u64 = 30_000_000_000;
 
 /// Readings that differ by at most this share of the VM's memory (or
 /// [`SAME_FLOOR_BYTES`]) count as the same placement.
@@ -288,6 +300,8 @@ pub struct TrackedMemory {
     pub stale: bool,
     /// Pages sampled at the read, asked again each tick.
     pub probe: Probe,
+    /// The balancer's moves of this VM still running.
+    pub moves_running: u32,
 }
 
 /// Pages spread evenly over guest RAM for the cheap check of the module doc.
@@ -388,12 +402,16 @@ impl MemoryTracker {
         let Some(t) = self.vms.get(&pid) else {
             return true;
         };
+        let since_read_ns = now_ns.saturating_sub(t.read_at_ns);
+        if t.moves_running > 0 && since_read_ns < MOVE_HOLD_MAX_NS {
+            return false;
+        }
         let base = if configured_bytes >= self.policy.big_vm_bytes {
             self.policy.big_vm_min_interval_ns
         } else {
             self.policy.min_interval_ns
         };
-        now_ns.saturating_sub(t.read_at_ns) >= t.keep_ns(base)
+        since_read_ns >= t.keep_ns(base)
     }
 
     pub fn store(&mut self, pid: u32, reading: MemoryReading, now_ns: u64, read_cost_ns: u64) {
@@ -405,6 +423,7 @@ impl MemoryTracker {
             }
             _ => 0,
         };
+        let moves_running = self.vms.get(&pid).map_or(0, |t| t.moves_running);
         self.vms.insert(
             pid,
             TrackedMemory {
@@ -414,8 +433,27 @@ impl MemoryTracker {
                 unchanged_reads,
                 stale: false,
                 probe: Probe::default(),
+                moves_running,
             },
         );
+    }
+
+    /// A move of VM `pid`'s memory by the balancer started: its reading is held
+    /// until the move ends (module doc).
+    pub fn note_move_started(&mut self, pid: u32) {
+        if let Some(t) = self.vms.get_mut(&pid) {
+            t.moves_running = t.moves_running.saturating_add(1);
+        }
+    }
+
+    /// A move of VM `pid`'s memory by the balancer ended, whatever its outcome: the
+    /// reading is read again at the base interval once no move of the VM runs.
+    pub fn note_move_ended(&mut self, pid: u32) {
+        if let Some(t) = self.vms.get_mut(&pid) {
+            t.moves_running = t.moves_running.saturating_sub(1);
+            t.stale = true;
+            t.unchanged_reads = 0;
+        }
     }
 
     /// Keeps the probe taken right after VM `pid`'s read.
@@ -715,6 +753,45 @@ mod tests {
         assert!(!t.due(1, 1 << 30, now + s));
         assert!(t.check_probe(1, &[1, -2]), "a page moved to node 1");
         assert!(t.due(1, 1 << 30, now + s));
+    }
+
+    #[test]
+    fn a_reading_is_held_while_a_move_of_ours_runs_and_renewed_after_it() {
+        let s = 1_000_000_000u64;
+        let mut t = MemoryTracker::new(MemoryPolicy {
+            min_interval_ns: s,
+            big_vm_bytes: u64::MAX,
+            big_vm_min_interval_ns: u64::MAX,
+        });
+        let mut r = MemoryReading::default();
+        r.guest_bytes_per_node.insert(1, 1 << 30);
+        t.store(1, r.clone(), 0, 1);
+        // Below its target: the observer asks for a read every tick.
+        t.note_may_have_changed(1);
+        assert!(t.due(1, 1 << 30, s));
+        // Two moves start; a read in between would see a half-done move.
+        t.note_move_started(1);
+        t.note_move_started(1);
+        t.note_may_have_changed(1);
+        assert!(!t.due(1, 1 << 30, 5 * s));
+        // A read stored anyway (a VM read for another reason) keeps the count.
+        t.store(1, r.clone(), 5 * s, 1);
+        t.note_move_ended(1);
+        assert!(!t.due(1, 1 << 30, 7 * s), "one move still runs");
+        // The last outcome comes: its bytes adjust the view, the next tick reads.
+        t.note_migration(1, (1, 0), 1 << 29, None);
+        t.note_move_ended(1);
+        assert!(t.due(1, 1 << 30, 7 * s));
+        // A move whose outcome never came holds the reading for a bounded time.
+        t.store(1, r, 8 * s, 1);
+        t.note_move_started(1);
+        assert!(!t.due(1, 1 << 30, 8 * s + MOVE_HOLD_MAX_NS - 1));
+        assert!(t.due(1, 1 << 30, 8 * s + MOVE_HOLD_MAX_NS));
+        // An outcome for a VM never started (refused before it ran) is harmless.
+        t.note_move_ended(2);
+        t.note_move_ended(1);
+        t.note_move_ended(1);
+        assert_eq!(t.get(1).unwrap().moves_running, 0);
     }
 
     #[test]

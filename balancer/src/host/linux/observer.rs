@@ -889,6 +889,15 @@ impl Observer for LinuxObserver {
     }
 
     fn note_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
+        if matches!(action.action, Action::MigrateMemory { .. }) {
+            // Started: the reading is held until this move's outcome comes, which
+            // is any other outcome (module doc of `memory`).
+            if *outcome == ActionOutcome::Started {
+                self.memory.note_move_started(action.vm);
+            } else {
+                self.memory.note_move_ended(action.vm);
+            }
+        }
         let moved_bytes = match outcome {
             ActionOutcome::Done { moved_bytes } | ActionOutcome::Partial { moved_bytes, .. } => {
                 *moved_bytes

@@ -17,8 +17,9 @@
 //! its written pages, halved for each pass it came after the VM's first written
 //! region ([`earliness`]). Counting passes rather than microseconds keeps the order
 //! right where the VM's CPU is taken away for milliseconds at a time. One round is a
-//! noisy sample, so rounds are averaged ([`ROUND_WEIGHT`]). The rounds of all sampled
-//! VMs share their passes, so one tick waits at most the sum of the gaps; a region
+//! noisy sample, so rounds are averaged ([`ROUND_WEIGHT`]). Each VM's round starts
+//! its passes right after its own clear, and the VMs' rounds run side by side on a
+//! few threads, so one tick waits for the slowest VM's round, not their sum; a region
 //! backed by one huge page needs one pagemap entry per pass instead of 512.
 //!
 //! Cost and scope: clearing write-protects the VM's pages, so its next write to each
@@ -285,94 +286,148 @@ struct Unsupported;
 /// ([`earliness`]). A VM that cannot be cleared or read (it exited) is skipped
 /// quietly. The passes run at the daemon's normal priority: under real-time
 /// priority the lab guest's RCU grace-period thread starved while memory moved.
+///
+/// Each VM's round (clear, passes, huge-page check) runs on its own, on up to
+/// [`MAX_ROUND_THREADS`] threads (half the CPUs the daemon may use). Two reasons:
+/// - a VM's first pass must come right after *its* clear. Clearing every VM first
+///   and then reading them all gave the first VM cleared the time of every other
+///   clear (70-400 ms for 8 VMs of 384 MiB under emulation) to write, so its first
+///   pass found nearly every region written and told hot from warm by nothing;
+/// - the walks are per process, independent, and the tick waits for the slowest of
+///   them rather than for their sum.
 fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>, Unsupported> {
-    let clear_start = Instant::now();
-    let mut pagemaps = Vec::with_capacity(vms.len());
-    for vm in &mut vms {
-        let pagemap = File::open(proc_root.join(format!("{}/pagemap", vm.pid)));
-        pagemaps.push(pagemap.ok());
-        if pagemaps.last().is_some_and(Option::is_none) {
-            continue;
-        }
-        match std::fs::write(proc_root.join(format!("{}/clear_refs", vm.pid)), "4") {
-            Ok(()) => vm.cleared = true,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err(Unsupported),
-            Err(e) => tracing::debug!(vm = vm.pid, error = %e, "clear_refs not writable"),
-        }
-    }
-    let mut buf = vec![0u8; (PAGES_PER_REGION * 8) as usize];
-    // Regions first seen at each pass and when (µs after the first clear), for the
-    // debug line: it shows how well the passes spread the regions out.
-    let mut seen_per_pass = Vec::new();
     let round_start = Instant::now();
-    for (pass, gap_us) in PASS_GAPS_US.into_iter().enumerate() {
-        let unseen = |vm: &RoundVm| vm.cleared && vm.regions.iter().any(|p| p.heat.is_none());
-        if !vms.iter().any(unseen) {
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(gap_us));
-        let mut seen_now = 0;
-        for (vm, pagemap) in vms.iter_mut().zip(&pagemaps) {
-            let (true, Some(pagemap)) = (vm.cleared, pagemap) else {
-                continue;
-            };
-            for probe in vm.regions.iter_mut().filter(|p| p.heat.is_none()) {
-                let end = if probe.huge {
-                    probe.first + PAGE_BYTES
-                } else {
-                    probe.end
-                };
-                match written_pages(pagemap, probe.first, end, &mut buf) {
-                    // The VM exited or unmapped the range: nothing more to learn.
-                    Err(_) => probe.heat = Some(0.0),
-                    Ok(0) => {}
-                    Ok(written) => {
-                        let pages = if probe.huge {
-                            PAGES_PER_REGION
-                        } else {
-                            written as u64
-                        };
-                        let first_pass = *vm.first_pass.get_or_insert(pass);
-                        probe.heat = Some(pages as f64 * earliness(pass - first_pass));
-                        seen_now += 1;
-                    }
-                }
-            }
-        }
-        seen_per_pass.push(format!(
-            "{seen_now}@{}us",
-            round_start.elapsed().as_micros()
-        ));
-    }
-    let passes_ms = round_start.elapsed().as_millis();
-    let huge_start = Instant::now();
     let kpageflags = File::open(proc_root.join("kpageflags")).ok();
-    let mut huge = 0;
-    for (vm, pagemap) in vms.iter_mut().zip(&pagemaps) {
-        if let (true, Some(pagemap)) = (vm.cleared, pagemap) {
-            vm.huge_now = vm
-                .regions
-                .iter()
-                .map(|p| {
-                    (
-                        p.first,
-                        is_huge(pagemap, kpageflags.as_ref(), p.first, p.end),
-                    )
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| (n.get() / 2).max(1))
+        .min(MAX_ROUND_THREADS)
+        .min(vms.len())
+        .max(1);
+    let per_thread = vms.len().div_ceil(threads).max(1);
+    let stats: Vec<Result<RoundStats, Unsupported>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = vms
+            .chunks_mut(per_thread)
+            .map(|chunk| {
+                let kpageflags = kpageflags.as_ref();
+                scope.spawn(move || {
+                    let mut stats = RoundStats::default();
+                    for vm in chunk {
+                        sample_vm(proc_root, kpageflags, vm, &mut stats)?;
+                    }
+                    Ok(stats)
                 })
-                .collect();
-            huge += vm.huge_now.iter().filter(|h| h.1).count();
-        }
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut total = RoundStats::default();
+    for s in stats {
+        total.add(&s?);
     }
     tracing::debug!(
         vms = vms.len(),
-        huge,
-        seen_per_pass = ?seen_per_pass,
-        clear_ms = (round_start - clear_start).as_millis(),
-        passes_ms,
-        huge_check_ms = huge_start.elapsed().as_millis(),
+        threads,
+        huge = total.huge,
+        seen_per_pass = ?total.seen_per_pass,
+        clear_ms = total.clear_us / 1000,
+        passes_ms = total.passes_us / 1000,
+        huge_check_ms = total.huge_check_us / 1000,
+        round_ms = round_start.elapsed().as_millis(),
         "write heat round"
     );
     Ok(vms)
+}
+
+/// Most threads one round uses.
+pub const MAX_ROUND_THREADS: usize = 8;
+
+/// What a round did, summed over its VMs, for the debug line.
+#[derive(Debug, Default)]
+struct RoundStats {
+    /// Regions first seen written at each pass.
+    seen_per_pass: [usize; PASS_GAPS_US.len()],
+    huge: usize,
+    clear_us: u128,
+    passes_us: u128,
+    huge_check_us: u128,
+}
+
+impl RoundStats {
+    fn add(&mut self, o: &RoundStats) {
+        for (a, b) in self.seen_per_pass.iter_mut().zip(o.seen_per_pass) {
+            *a += b;
+        }
+        self.huge += o.huge;
+        self.clear_us += o.clear_us;
+        self.passes_us += o.passes_us;
+        self.huge_check_us += o.huge_check_us;
+    }
+}
+
+/// One VM's round: clear its bits, read its regions in passes, tell which are
+/// huge (see [`sample_round`]).
+fn sample_vm(
+    proc_root: &Path,
+    kpageflags: Option<&File>,
+    vm: &mut RoundVm,
+    stats: &mut RoundStats,
+) -> Result<(), Unsupported> {
+    let clear_start = Instant::now();
+    let Ok(pagemap) = File::open(proc_root.join(format!("{}/pagemap", vm.pid))) else {
+        return Ok(());
+    };
+    match std::fs::write(proc_root.join(format!("{}/clear_refs", vm.pid)), "4") {
+        Ok(()) => vm.cleared = true,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err(Unsupported),
+        Err(e) => {
+            tracing::debug!(vm = vm.pid, error = %e, "clear_refs not writable");
+            return Ok(());
+        }
+    }
+    let passes_start = Instant::now();
+    stats.clear_us += (passes_start - clear_start).as_micros();
+    let mut buf = vec![0u8; (PAGES_PER_REGION * 8) as usize];
+    for (pass, gap_us) in PASS_GAPS_US.into_iter().enumerate() {
+        if vm.regions.iter().all(|p| p.heat.is_some()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(gap_us));
+        for probe in vm.regions.iter_mut().filter(|p| p.heat.is_none()) {
+            let end = if probe.huge {
+                probe.first + PAGE_BYTES
+            } else {
+                probe.end
+            };
+            match written_pages(&pagemap, probe.first, end, &mut buf) {
+                // The VM exited or unmapped the range: nothing more to learn.
+                Err(_) => probe.heat = Some(0.0),
+                Ok(0) => {}
+                Ok(written) => {
+                    let pages = if probe.huge {
+                        PAGES_PER_REGION
+                    } else {
+                        written as u64
+                    };
+                    let first_pass = *vm.first_pass.get_or_insert(pass);
+                    probe.heat = Some(pages as f64 * earliness(pass - first_pass));
+                    stats.seen_per_pass[pass] += 1;
+                }
+            }
+        }
+    }
+    let huge_start = Instant::now();
+    stats.passes_us += (huge_start - passes_start).as_micros();
+    vm.huge_now = vm
+        .regions
+        .iter()
+        .map(|p| (p.first, is_huge(&pagemap, kpageflags, p.first, p.end)))
+        .collect();
+    stats.huge += vm.huge_now.iter().filter(|h| h.1).count();
+    stats.huge_check_us += huge_start.elapsed().as_micros();
+    Ok(())
 }
 
 /// Folds one round into the averaged heat: a region new to the map takes the
