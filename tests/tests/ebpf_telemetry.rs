@@ -262,8 +262,10 @@ fn on_cpu_time_and_page_faults_on(skip: &[&str], expected: &str) {
         let in_range = |start: usize, len: usize| {
             let end = (start + len) as u64;
             telemetry
-                .hot_regions(vm_pid)
+                .hot_regions_by_vm()
                 .unwrap()
+                .remove(&vm_pid)
+                .unwrap_or_default()
                 .into_iter()
                 .filter(|r| r.kind == RegionKind::HostVirtual)
                 .filter(|r| r.start_addr < end && r.start_addr + r.len_bytes > start as u64)
@@ -295,7 +297,7 @@ fn on_cpu_time_and_page_faults_on(skip: &[&str], expected: &str) {
 
     telemetry.untrack(tid).unwrap();
     telemetry.forget_vm(vm_pid).unwrap();
-    assert!(telemetry.hot_regions(vm_pid).unwrap().is_empty());
+    assert!(!telemetry.hot_regions_by_vm().unwrap().contains_key(&vm_pid));
     assert_eq!(telemetry.read_thread(tid).unwrap().on_cpu_total_ns, 0);
 
     for c in telemetry.cost().unwrap() {
