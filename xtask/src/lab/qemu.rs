@@ -345,16 +345,51 @@ pub fn run(
         .into());
     }
     if !status.success() {
-        bail!(
-            "qemu exited with {status}; last console line: {:?}",
-            lines.last()
-        );
+        return Err(exit_error(status, lines));
     }
     Ok(Boot {
         lines,
         elapsed: start.elapsed(),
         init_after,
     })
+}
+
+/// QEMU itself died from a signal (a failed assertion, a crash): the emulator
+/// failed, not the guest kernel, vmbalancer or the scenario.
+#[derive(Debug)]
+pub struct EmulatorCrashed {
+    pub signal: i32,
+    pub lines: Vec<String>,
+}
+
+impl std::fmt::Display for EmulatorCrashed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // QEMU's own message (an assertion's) is the last line it printed with
+        // its `qemu:` prefix, if any.
+        let own = self.lines.iter().rev().find(|l| l.starts_with("qemu:"));
+        write!(
+            f,
+            "qemu died from signal {}; its last words: {:?}; last console line: {:?}",
+            self.signal,
+            own,
+            self.lines.last()
+        )
+    }
+}
+
+impl std::error::Error for EmulatorCrashed {}
+
+/// The error for a qemu that ended unsuccessfully: [`EmulatorCrashed`] when a
+/// signal ended it, else its exit status.
+fn exit_error(status: std::process::ExitStatus, lines: Vec<String>) -> anyhow::Error {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(signal) => EmulatorCrashed { signal, lines }.into(),
+        None => anyhow::anyhow!(
+            "qemu exited with {status}; last console line: {:?}",
+            lines.last()
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +420,25 @@ mod tests {
         );
         assert!(args.contains(&"dist,src=0,dst=2,val=31".to_string()));
         assert!(args.contains(&"tcg,thread=multi".to_string()));
+    }
+
+    #[test]
+    fn a_qemu_ended_by_a_signal_is_an_emulator_crash() {
+        use std::os::unix::process::ExitStatusExt;
+        let lines = vec![
+            "qemu: qemu-system-x86_64: system/physmem.c:2678: iotlb_to_section: \
+             Assertion failed."
+                .to_string(),
+            "Probing EDD (edd=off to disable)... ok".to_string(),
+        ];
+        // A raw wait status of 6: killed by SIGABRT.
+        let e = exit_error(std::process::ExitStatus::from_raw(6), lines.clone());
+        let crashed = e.downcast_ref::<EmulatorCrashed>().expect("a crash");
+        assert_eq!(crashed.signal, 6);
+        assert!(e.to_string().contains("iotlb_to_section"), "{e}");
+        // Exit code 1: qemu refused something (a bad argument), not a crash.
+        let e = exit_error(std::process::ExitStatus::from_raw(1 << 8), lines);
+        assert!(e.downcast_ref::<EmulatorCrashed>().is_none());
     }
 
     #[test]

@@ -177,6 +177,24 @@ impl Lab {
                     );
                     return self.run_scenario_once(s, extra, tag, true);
                 }
+                // QEMU itself died (seen once with QEMU 10.0.2: a failed assertion in
+                // its TCG memory dispatch, `iotlb_to_section`, while kernel 6.12 was
+                // still in its boot stub, before any scenario code ran). The emulator
+                // failed, not what the scenario tests: kept, said, booted once more.
+                if let Some(c) = e.downcast_ref::<qemu::EmulatorCrashed>() {
+                    let kept = console.with_extension("crashed.log");
+                    std::fs::write(&kept, c.lines.join("\n"))
+                        .with_context(|| format!("writing {}", kept.display()))?;
+                    if !retried {
+                        eprintln!(
+                            "lab: scenario {} ({tag}): {c}; console kept in {}; booting it \
+                             once more",
+                            s.name,
+                            kept.display()
+                        );
+                        return self.run_scenario_once(s, extra, tag, true);
+                    }
+                }
                 return Err(e).with_context(|| {
                     format!("scenario {} on kernel {}", s.name, self.kernel_gen.label())
                 });
