@@ -451,9 +451,8 @@ impl MemoryTracker {
     pub fn note_move_ended(&mut self, pid: u32) {
         if let Some(t) = self.vms.get_mut(&pid) {
             t.moves_running = t.moves_running.saturating_sub(1);
-            t.stale = true;
-            t.unchanged_reads = 0;
         }
+        self.note_may_have_changed(pid);
     }
 
     /// Keeps the probe taken right after VM `pid`'s read.
@@ -692,14 +691,19 @@ mod tests {
         assert!(t.get(1).is_none());
     }
 
+    /// A tracker whose base interval is `base_ns` for VMs of any size.
+    fn tracker_read_every(base_ns: u64) -> MemoryTracker {
+        MemoryTracker::new(MemoryPolicy {
+            min_interval_ns: base_ns,
+            big_vm_bytes: u64::MAX,
+            big_vm_min_interval_ns: u64::MAX,
+        })
+    }
+
     #[test]
     fn an_unchanged_placement_is_read_less_often_until_something_may_change_it() {
         let s = 1_000_000_000u64;
-        let mut t = MemoryTracker::new(MemoryPolicy {
-            min_interval_ns: s,
-            big_vm_bytes: u64::MAX,
-            big_vm_min_interval_ns: u64::MAX,
-        });
+        let mut t = tracker_read_every(s);
         let mut r = MemoryReading::default();
         r.guest_bytes_per_node.insert(0, 1 << 30);
         // Each read that finds the same placement doubles the wait: 1, 2, 4, 8 s.
@@ -758,11 +762,7 @@ mod tests {
     #[test]
     fn a_reading_is_held_while_a_move_of_ours_runs_and_renewed_after_it() {
         let s = 1_000_000_000u64;
-        let mut t = MemoryTracker::new(MemoryPolicy {
-            min_interval_ns: s,
-            big_vm_bytes: u64::MAX,
-            big_vm_min_interval_ns: u64::MAX,
-        });
+        let mut t = tracker_read_every(s);
         let mut r = MemoryReading::default();
         r.guest_bytes_per_node.insert(1, 1 << 30);
         t.store(1, r.clone(), 0, 1);

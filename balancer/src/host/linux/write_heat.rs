@@ -209,7 +209,6 @@ impl VmState {
         self.cursor = all.get((from + take) % all.len().max(1)).map_or(0, |r| r.0);
         RoundVm {
             pid,
-            cleared: false,
             regions,
             first_pass: None,
             huge_now: Vec::new(),
@@ -262,8 +261,6 @@ struct Probe {
 #[derive(Debug)]
 struct RoundVm {
     pid: u32,
-    /// Whether its bits were cleared (if not, it exited: the VM is skipped).
-    cleared: bool,
     regions: Vec<Probe>,
     /// The first pass that saw any of its regions written.
     first_pass: Option<usize>,
@@ -380,7 +377,7 @@ fn sample_vm(
         return Ok(());
     };
     match std::fs::write(proc_root.join(format!("{}/clear_refs", vm.pid)), "4") {
-        Ok(()) => vm.cleared = true,
+        Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err(Unsupported),
         Err(e) => {
             tracing::debug!(vm = vm.pid, error = %e, "clear_refs not writable");
