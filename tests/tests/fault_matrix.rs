@@ -854,7 +854,7 @@ fn fault_bpf_map_full() {
 fn vcpu_run_ns(source: &mut EbpfTelemetry, vcpu: u32) -> u64 {
     let mut s = vm_snapshot(std::process::id(), &[vcpu], None);
     s.now_ns = vmbalancer_tests::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
-    source.fill(&mut s);
+    source.fill(&mut s, &Default::default());
     s.vms[0].vcpus[0].telemetry.run_ns_per_node.iter().sum()
 }
 

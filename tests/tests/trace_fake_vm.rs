@@ -307,7 +307,7 @@ fn ebpf_source_heats_faulted_regions_and_decays_them() {
         }],
         ..Default::default()
     };
-    src.fill(&mut snap);
+    src.fill(&mut snap, &Default::default());
     let ours = |s: &Snapshot| -> Vec<(u64, f64, u32)> {
         s.vms[0]
             .hot_regions
@@ -326,7 +326,7 @@ fn ebpf_source_heats_faulted_regions_and_decays_them() {
 
     // One half-life later, with no new faults there, the heat has halved.
     snap.now_ns += HEAT_HALF_LIFE_NS;
-    src.fill(&mut snap);
+    src.fill(&mut snap, &Default::default());
     let second = ours(&snap);
     assert_eq!(second.len(), first.len());
     for (a, b) in first.iter().zip(&second) {

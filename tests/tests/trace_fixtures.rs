@@ -525,3 +525,52 @@ fn trace_does_not_call_a_vm_the_daemon_placed_operator_pinned() {
     assert_eq!(pinning(&["--state-dir", dir]), "operator");
     std::fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn a_quiet_vm_is_reported_as_last_read_until_it_runs_or_changes() {
+    let root = scratch_copy("handmade-2node", "quiet");
+    // VM 3001 has three quarters of its memory on its vCPUs' node: local enough at
+    // this target, so nothing is pending on it. VM 2001's memory is away.
+    let config = ObserverConfig {
+        locality_target_pct: 70,
+        ..ObserverConfig::default()
+    };
+    let mut o = LinuxObserver::new(HostPaths::under(&root), config).unwrap();
+    let vm = |s: &Snapshot, pid: u32| s.vms.iter().find(|v| v.pid == pid).cloned().unwrap();
+    let first = o.observe().unwrap();
+    assert_eq!(o.counters().quiet_reads, 0, "first sight is a full read");
+    // Idle since: reported as last read, from its process `stat` alone.
+    let second = o.observe().unwrap();
+    assert_eq!(o.counters().quiet_reads, 1, "only 3001 is quiet");
+    assert_eq!(vm(&second, 3001).vcpus.len(), vm(&first, 3001).vcpus.len());
+    assert_eq!(vm(&second, 3001).memory, vm(&first, 3001).memory);
+    // A vCPU exits while it is quiet: seen at the next full read, not before.
+    std::fs::remove_dir_all(root.join("proc/3001/task/3006")).unwrap();
+    let stat_path = root.join("proc/3001/stat");
+    let stat = std::fs::read_to_string(&stat_path).unwrap();
+    // It runs: one second of CPU time since the last tick.
+    std::fs::write(&stat_path, stat.replace(" 400 100 ", " 500 100 ")).unwrap();
+    let woke = o.observe().unwrap();
+    assert_eq!(
+        o.counters().quiet_reads,
+        1,
+        "a VM that runs is read in full"
+    );
+    assert_eq!(vm(&woke, 3001).vcpus.len(), 1, "the exited vCPU is gone");
+    assert!(vm(&woke, 3001).threads_cpu_demand > 0.05);
+    // Idle again: quiet again. Then a thread is born: read in full.
+    o.observe().unwrap();
+    assert_eq!(o.counters().quiet_reads, 2);
+    let stat = std::fs::read_to_string(&stat_path).unwrap();
+    let mut fields: Vec<&str> = stat.split(' ').collect();
+    assert_eq!(fields[19], "1", "num_threads");
+    fields[19] = "2";
+    std::fs::write(&stat_path, fields.join(" ")).unwrap();
+    o.observe().unwrap();
+    assert_eq!(
+        o.counters().quiet_reads,
+        2,
+        "a new thread means a full read"
+    );
+    let _ = std::fs::remove_dir_all(root);
+}

@@ -190,9 +190,11 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         None => HostPaths::system(),
     };
     // Trace changes nothing: no soft-dirty clearing, so resident memory's heat is
-    // what the eBPF fault programs saw.
+    // what the eBPF fault programs saw. It shows what each VM did over the interval,
+    // so every VM is read in full, idle or not.
     let observer_cfg = ObserverConfig {
         write_heat: false,
+        quiet_vms: false,
         ..ObserverConfig::default()
     };
     let mut observer = LinuxObserver::new(paths, observer_cfg)

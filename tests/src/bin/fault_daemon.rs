@@ -108,7 +108,7 @@ fn tracefs_unmounted() -> anyhow::Result<()> {
     let mut run_ns = || {
         let mut snap = fault::vm_snapshot(std::process::id(), &[vcpu], None);
         snap.now_ns = vmbalancer_tests::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
-        source.fill(&mut snap);
+        source.fill(&mut snap, &Default::default());
         snap.vms[0].vcpus[0]
             .telemetry
             .run_ns_per_node

@@ -20,9 +20,19 @@ use anyhow::{Context, bail};
 pub struct GuestHung {
     pub timeout_s: u64,
     pub lines: Vec<String>,
-    /// Killed because its heartbeat stopped for [`SILENCE_LIMIT`] (rather than at
-    /// the timeout).
-    pub silent: bool,
+    /// What made the lab kill it.
+    pub kind: Hang,
+}
+
+/// Why a guest was killed before it powered off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hang {
+    /// The scenario's timeout passed.
+    Timeout,
+    /// Its heartbeat stopped for [`SILENCE_LIMIT`] after its init ran.
+    Silent,
+    /// It did not reach its init within [`INIT_LIMIT`].
+    NoInit,
 }
 
 /// The line the guest's init prints every 5 s from a shell loop of its own,
@@ -34,6 +44,14 @@ pub const ALIVE_MARK: &str = "@@VMBLAB-ALIVE@@";
 /// seconds at most even when every guest CPU is busy moving memory; 90 s without
 /// a line means no guest process was scheduled at all.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(90);
+
+/// How long a guest may take from qemu's start to its init's first line. The
+/// busybox guest gets there in 10-60 s and the stack guest (firmware, systemd,
+/// libvirt) in 30-120 s under emulation on a loaded machine; the stack guest prints
+/// nothing on its console before its init, so silence cannot tell a slow boot from
+/// a stopped one earlier. Seen once: a stack guest whose qemu went idle before init
+/// and waited for the scenario's whole timeout (11 minutes).
+pub const INIT_LIMIT: Duration = Duration::from_secs(300);
 
 /// How long a stopped guest gets to answer the monitor's register dump and the
 /// injected NMI (see [`run`]) before it is killed.
@@ -54,7 +72,7 @@ impl GuestHung {
     /// stuck with interrupts off reports nothing: the emulated machine has no NMI
     /// watchdog).
     pub fn machine_stopped(&self) -> bool {
-        self.silent || stalled(&self.lines)
+        self.kind != Hang::Timeout || stalled(&self.lines)
     }
 }
 
@@ -100,13 +118,13 @@ impl std::fmt::Display for GuestHung {
         write!(
             f,
             "the lab guest {} and was killed; last console line: {:?}",
-            if self.silent {
-                format!(
+            match self.kind {
+                Hang::Silent => format!(
                     "printed nothing, heartbeat included, for {} s",
                     SILENCE_LIMIT.as_secs()
-                )
-            } else {
-                format!("did not power off within {} s", self.timeout_s)
+                ),
+                Hang::NoInit => format!("did not reach its init within {} s", INIT_LIMIT.as_secs()),
+                Hang::Timeout => format!("did not power off within {} s", self.timeout_s),
             },
             self.lines.last().map_or("(none)", String::as_str)
         )
@@ -247,8 +265,8 @@ pub fn run(
     // A stall report (see `stalled`): the machine has stopped; it is asked for the
     // dump at once, waiting for the timeout only costs CI time.
     let mut stall_reported = false;
-    // Whether the stop was found by silence (rather than by a stall report).
-    let mut stopped_silent = false;
+    // How the stop was found (a stall report is `Timeout` until the timeout).
+    let mut stopped_kind = Hang::Timeout;
     // The harness printed its exit line: every result is in.
     let mut harness_exited = false;
     // A guest that finished its scenario but then stopped on its way down.
@@ -256,6 +274,7 @@ pub fn run(
     loop {
         let now = Instant::now();
         let silent = last_line.is_some_and(|t| now.duration_since(t) >= SILENCE_LIMIT);
+        let no_init = init_after.is_none() && now.duration_since(start) >= INIT_LIMIT;
         if silent && harness_exited {
             eprintln!(
                 "{prefix}(the scenario ended but the guest printed nothing for {} s on its way down; stopped it)",
@@ -265,12 +284,18 @@ pub fn run(
             stopped_after_exit = true;
             break;
         }
-        if stopped_at.is_none() && !harness_exited && (silent || stall_reported) {
-            stopped_silent = silent;
+        if stopped_at.is_none() && !harness_exited && (silent || no_init || stall_reported) {
             if silent {
+                stopped_kind = Hang::Silent;
                 eprintln!(
                     "{prefix}(no line for {} s: asking the stopped machine for its registers and an NMI backtrace)",
                     SILENCE_LIMIT.as_secs()
+                );
+            } else if no_init {
+                stopped_kind = Hang::NoInit;
+                eprintln!(
+                    "{prefix}(no init after {} s: asking the machine for its registers and an NMI backtrace)",
+                    INIT_LIMIT.as_secs()
                 );
             } else {
                 eprintln!(
@@ -290,7 +315,7 @@ pub fn run(
             return Err(GuestHung {
                 timeout_s: timeout.as_secs(),
                 lines,
-                silent: stopped_silent,
+                kind: stopped_kind,
             }
             .into());
         }
@@ -340,7 +365,7 @@ pub fn run(
         return Err(GuestHung {
             timeout_s: timeout.as_secs(),
             lines,
-            silent: stopped_silent,
+            kind: stopped_kind,
         }
         .into());
     }
@@ -446,7 +471,7 @@ mod tests {
         let hung = |lines: &[&str]| GuestHung {
             timeout_s: 1,
             lines: lines.iter().map(|l| l.to_string()).collect(),
-            silent: false,
+            kind: Hang::Timeout,
         };
         assert!(
             hung(&["[  121.2] watchdog: BUG: soft lockup - CPU#6 stuck for 44s! [x:1]"])
@@ -462,10 +487,20 @@ mod tests {
         assert!(!hung(&["t= 30.0s locality mean 0.9", "(still sampling)"]).machine_stopped());
         assert!(hung(&[]).to_string().contains("(none)"));
         let silent = GuestHung {
-            silent: true,
+            kind: Hang::Silent,
             ..hung(&["t=  6.0s locality mean 1.000"])
         };
         assert!(silent.machine_stopped());
         assert!(silent.to_string().contains("heartbeat included, for 90 s"));
+        let no_init = GuestHung {
+            kind: Hang::NoInit,
+            ..hung(&["Booting from ROM..."])
+        };
+        assert!(no_init.machine_stopped());
+        assert!(
+            no_init
+                .to_string()
+                .contains("did not reach its init within 300 s")
+        );
     }
 }

@@ -27,7 +27,7 @@
 //! know (KVM_GET/SET_USER_MEMORY_REGION, qemu's `info mtree`), and no interface this
 //! observer reads provides it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::actuate::sys;
 use super::telemetry_input::{
@@ -80,7 +80,15 @@ pub struct EbpfTelemetry {
     last_fill_ns: Option<u64>,
     /// Threads the last pass could not track (e.g. the map was full).
     untracked: usize,
+    /// Passes since the thread map itself was listed (see [`LIST_MAP_EVERY_PASSES`]).
+    passes_since_listing: Option<u32>,
 }
+
+/// The tracked-thread map is listed (two system calls per entry: thousands at 200
+/// VMs) on the first pass, which finds entries left from before the daemon started,
+/// and then every this many passes. In between, what this adapter wrote is the
+/// map's content: the programs never add or remove its entries.
+const LIST_MAP_EVERY_PASSES: u32 = 60;
 
 impl EbpfTelemetry {
     pub fn new(telemetry: Telemetry) -> Self {
@@ -91,6 +99,7 @@ impl EbpfTelemetry {
             heat: HashMap::new(),
             last_fill_ns: None,
             untracked: 0,
+            passes_since_listing: None,
         }
     }
 
@@ -299,14 +308,24 @@ impl TelemetrySource for EbpfTelemetry {
                 });
             }
         }
-        // The map itself is the truth (it may hold entries from before we started).
-        let mut present: HashSet<u32> = self.telemetry.tracked().map_or_else(
-            |e| {
-                tracing::debug!(error = %e, "listing tracked threads");
-                self.tracked.keys().copied().collect()
-            },
-            |v| v.into_iter().collect(),
-        );
+        // The map itself is the truth (it may hold entries from before we started),
+        // listed now and then (`LIST_MAP_EVERY_PASSES`).
+        let list = self
+            .passes_since_listing
+            .is_none_or(|n| n >= LIST_MAP_EVERY_PASSES);
+        let mut present: HashSet<u32> = if list {
+            self.passes_since_listing = Some(0);
+            self.telemetry.tracked().map_or_else(
+                |e| {
+                    tracing::debug!(error = %e, "listing tracked threads");
+                    HashSet::new()
+                },
+                |v| v.into_iter().collect(),
+            )
+        } else {
+            self.passes_since_listing = self.passes_since_listing.map(|n| n + 1);
+            HashSet::new()
+        };
         present.extend(self.tracked.keys());
         for tid in present {
             if !wanted.contains_key(&tid) {
@@ -357,7 +376,11 @@ impl TelemetrySource for EbpfTelemetry {
         self.vms = now;
     }
 
-    fn fill(&mut self, snapshot: &mut Snapshot) {
+    fn active(&self) -> bool {
+        true
+    }
+
+    fn fill(&mut self, snapshot: &mut Snapshot, quiet: &BTreeSet<VmId>) {
         self.telemetry.flush_logs();
         let node_ids: Vec<u32> = snapshot.topology.nodes.iter().map(|n| n.id).collect();
         let elapsed_ns = self
@@ -376,6 +399,13 @@ impl TelemetrySource for EbpfTelemetry {
             None
         };
         for vm in &mut snapshot.vms {
+            if let Some(by_vm) = regions.as_mut() {
+                let raw = by_vm.remove(&vm.pid).unwrap_or_default();
+                vm.hot_regions = self.hot_regions(vm.pid, &raw, elapsed_ns);
+            }
+            if quiet.contains(&vm.pid) {
+                continue;
+            }
             for v in &mut vm.vcpus {
                 match self.telemetry.read_thread(v.tid) {
                     Ok(t) => v.telemetry = t.to_vcpu_telemetry(&node_ids),
@@ -385,10 +415,6 @@ impl TelemetrySource for EbpfTelemetry {
             match self.telemetry.vm_numa_moves(vm.pid) {
                 Ok(m) => vm.kernel_numa_moves = m.move_numa + m.swap_numa,
                 Err(e) => tracing::debug!(vm = vm.pid, error = %e, "reading NUMA moves"),
-            }
-            if let Some(by_vm) = regions.as_mut() {
-                let raw = by_vm.remove(&vm.pid).unwrap_or_default();
-                vm.hot_regions = self.hot_regions(vm.pid, &raw, elapsed_ns);
             }
         }
     }

@@ -35,6 +35,7 @@ pub mod pinning;
 pub mod proc_events;
 pub mod procfs;
 pub mod qmp;
+pub mod resample;
 pub mod telemetry_deferred;
 pub mod telemetry_input;
 pub mod topology;

@@ -5,12 +5,16 @@
 //!
 //! - the topology's shape is read once (and on each full rescan); node memory, KSM and
 //!   NUMA balancing settings are re-read every tick (a few small sysfs files);
-//! - known VMs are kept with their parsed command line; every tick re-reads only their
-//!   cheap files (`stat`, `status`, thread `stat`, vCPU `schedstat`, `cgroup`), a
-//!   thread's name only until it has its own (qemu names a thread from inside it, so
-//!   a new thread briefly carries the process's name), the time since boot from
-//!   the clock rather than `/proc/uptime`, and a
-//!   vCPU's affinity with `sched_getaffinity` rather than its `status` file;
+//! - known VMs are kept with their parsed command line; a tick reads a quiet VM
+//!   (idle, nothing changed: [`super::resample`]) from its process `stat` alone and
+//!   reports it as last read; a busy one from its process `stat`, task list, vCPU
+//!   `stat` and `schedstat` (not the other threads': nothing uses their run time),
+//!   a thread's name only until it has its own (qemu names a thread from inside it,
+//!   so a new thread briefly carries the process's name), the time since boot from
+//!   the clock rather than `/proc/uptime`, and a vCPU's affinity with
+//!   `sched_getaffinity` rather than its `status` file; its `status`, cgroup and
+//!   cpuset only every 10-15 s and when its threads changed or the balancer acted
+//!   on it;
 //! - new and exited VMs are found from process connector events
 //!   ([`super::proc_events`]) without walking `/proc`; a full walk runs at start, every
 //!   [`ObserverConfig::full_rescan_interval_ns`], after lost events, and every tick
@@ -35,6 +39,7 @@ use super::memory::{self, MemoryPolicy, MemoryTracker, select_guest_ram};
 use super::numa_maps::{read_maps, read_numa_maps};
 use super::pinning::{self, PinningInput};
 use super::proc_events::{ProcEvent, ProcEvents};
+use super::resample;
 use super::telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, TrackedVm};
 use super::{HostError, HostPaths, monotonic_ns, procfs, topology};
 use crate::host::Observer;
@@ -60,6 +65,9 @@ pub struct ObserverConfig {
     /// for VMs below it. Default [`DEFAULT_TARGET_LOCALITY_PCT`]; the daemon passes
     /// its `target_locality_pct`.
     pub locality_target_pct: u32,
+    /// Report idle VMs as last read (`resample`). The daemon does; `trace`, which
+    /// shows what happened over its interval, reads every VM in full.
+    pub quiet_vms: bool,
 }
 
 impl Default for ObserverConfig {
@@ -70,6 +78,7 @@ impl Default for ObserverConfig {
             use_proc_events: true,
             write_heat: true,
             locality_target_pct: DEFAULT_TARGET_LOCALITY_PCT,
+            quiet_vms: true,
         }
     }
 }
@@ -91,14 +100,28 @@ pub struct ObserverCounters {
     pub numa_maps_read_ns_total: u64,
     /// Reads asked for because a probe page had moved (module doc of `memory`).
     pub memory_probe_changes: u64,
+    /// VMs reported as last read, from their process `stat` alone (`resample`).
+    pub quiet_reads: u64,
 }
 
-/// Per-thread state kept between observations.
+/// Per-vCPU state kept between observations.
 #[derive(Clone, Copy, Debug)]
 struct ThreadState {
     cpu_ticks: u64,
     /// What a vCPU thread ran and waited to run, from `schedstat` (ns).
     sched: Option<procfs::SchedStat>,
+}
+
+/// What changes of a VM only by an operator's hand, read with its full read and not
+/// every tick ([`resample::facts_due`]).
+#[derive(Clone, Debug, Default)]
+struct SlowFacts {
+    /// The VM's group, when it is a libvirt or systemd machine scope.
+    cgroup_path: Option<String>,
+    cpuset: Option<cgroup::Cpuset>,
+    /// `Mems_allowed` of the process's `status`.
+    mems_allowed: crate::model::CpuSet,
+    read_at_ns: u64,
 }
 
 /// A change of a VM's resident size below this (or half a percent) is noise: qemu's
@@ -124,6 +147,22 @@ struct KnownVm {
     /// Resident size at the last observation: a change means pages were allocated
     /// or freed, so the memory placement may have changed.
     rss_bytes: u64,
+    /// The VM as last read in full, telemetry included: what a quiet tick reports
+    /// ([`resample`]).
+    last: Option<Vm>,
+    /// When it was read in full, and its thread count then.
+    full_read_at_ns: Option<u64>,
+    threads_at_read: u64,
+    /// The last tick reported it as last read.
+    quiet: bool,
+    /// An action of the balancer touched it since its last full read.
+    acted_on: bool,
+    /// Its memory was local enough (at or above the locality target, or not read)
+    /// at its last full read.
+    memory_local: bool,
+    /// The eBPF programs were counting at its last full read.
+    telemetry_active: bool,
+    facts: Option<SlowFacts>,
 }
 
 /// The observer of the real Linux host.
@@ -150,6 +189,10 @@ pub struct LinuxObserver {
     write_heat: Option<super::write_heat::WriteHeat>,
     /// KSM pages shared between VMs, sampled at a slow rate.
     ksm_sharing: super::ksm_sharing::KsmSharing,
+    /// What this tick's routine numa_maps reads used (`memory::ReadBudget`).
+    read_budget: memory::ReadBudget,
+    /// The telemetry source counted this tick (`TelemetrySource::active`).
+    telemetry_active: bool,
 }
 
 impl std::fmt::Debug for LinuxObserver {
@@ -199,6 +242,8 @@ impl LinuxObserver {
             managed: HashSet::new(),
             ticks_per_s: procfs::clock_ticks_per_s(),
             uptime_s: None,
+            read_budget: Default::default(),
+            telemetry_active: false,
         })
     }
 
@@ -357,6 +402,14 @@ impl LinuxObserver {
                         libvirt: Default::default(),
                         vcpu_threads: Default::default(),
                         rss_bytes: 0,
+                        last: None,
+                        full_read_at_ns: None,
+                        threads_at_read: 0,
+                        quiet: false,
+                        acted_on: false,
+                        memory_local: true,
+                        telemetry_active: false,
+                        facts: None,
                     },
                 );
             }
@@ -368,8 +421,9 @@ impl LinuxObserver {
         }
     }
 
-    /// Re-reads one known VM.
-    fn sample(&mut self, pid: u32, now_ns: u64) -> Result<Vm, HostError> {
+    /// Re-reads one known VM: in full, or only its process `stat` when it is quiet
+    /// ([`resample`]; the flag returned says which).
+    fn sample(&mut self, pid: u32, now_ns: u64) -> Result<(Vm, bool), HostError> {
         let paths = self.paths.clone();
         let proc = &paths.proc;
         let host_cpus = self.topology.all_cpus();
@@ -383,12 +437,20 @@ impl LinuxObserver {
             // The pid was reused, or the process is a zombie.
             return Err(HostError::Vanished { pid });
         }
-        let status = procfs::read_status(proc, pid)?;
-        let rss_moved = status.vm_rss_bytes.abs_diff(known.rss_bytes);
-        if rss_moved > (status.vm_rss_bytes / 200).max(RSS_CHANGE_FLOOR_BYTES) {
+        let live = paths.is_live_proc();
+        let rss_bytes = if live {
+            stat.rss_pages
+                .saturating_mul(super::actuate::sys::page_size_bytes())
+        } else {
+            // A capture tree's `stat` lines may carry no resident size.
+            procfs::read_status(proc, pid)?.vm_rss_bytes
+        };
+        let rss_moved =
+            rss_bytes.abs_diff(known.rss_bytes) > (rss_bytes / 200).max(RSS_CHANGE_FLOOR_BYTES);
+        if rss_moved {
             self.memory.note_may_have_changed(pid);
         }
-        known.rss_bytes = status.vm_rss_bytes;
+        known.rss_bytes = rss_bytes;
         let dt_s = known
             .sampled_at_ns
             .map(|t| now_ns.saturating_sub(t) as f64 / 1e9)
@@ -403,7 +465,6 @@ impl LinuxObserver {
         // that is `CLOCK_BOOTTIME` (what `/proc/uptime` and a task's start time
         // count from, a vDSO read); a capture tree has only its `uptime` file.
         let tree_uptime_s = self.uptime_s;
-        let live = paths.is_live_proc();
         let uptime_now_s = move || {
             if live {
                 nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
@@ -427,29 +488,68 @@ impl LinuxObserver {
             known.sampled_at_ns.map(|_| known.cpu_ticks),
             stat.starttime_ticks,
         );
-        // Every thread's name and stat first: which are vCPUs may depend on all of
-        // them (no thread named `CPU n/KVM`: the monitor is asked).
-        let mut read_threads = Vec::new();
+        let configured_bytes = known.config.mem_bytes.unwrap_or(0);
+        let full_interval_ns = resample::full_interval_ns(pid);
+        let quiet = self.config.quiet_vms
+            && known.telemetry_active == self.telemetry_active
+            && resample::quiet(&resample::QuietInput {
+                demand_cpus: known.sampled_at_ns.map(|_| vm_demand),
+                threads_now: stat.num_threads,
+                threads_at_read: known.threads_at_read,
+                rss_moved,
+                // A reading due only by its interval waits for the full read.
+                memory_settled: known.memory_local
+                    && self
+                        .memory
+                        .get(pid)
+                        .is_some_and(|t| !t.stale && t.moves_running == 0),
+                acted_on: known.acted_on,
+                since_full_read_ns: known.full_read_at_ns.map(|t| now_ns.saturating_sub(t)),
+                full_interval_ns,
+            });
+        let was_quiet = std::mem::replace(&mut known.quiet, quiet);
+        known.cpu_ticks = stat.cpu_ticks();
+        known.sampled_at_ns = Some(now_ns);
+        if quiet && let Some(last) = &known.last {
+            self.counters.quiet_reads += 1;
+            let mut vm = last.clone();
+            vm.threads_cpu_demand = vm_demand;
+            let per_vcpu = vm_demand / vm.vcpus.len().max(1) as f64;
+            for v in &mut vm.vcpus {
+                v.cpu_demand = per_vcpu;
+            }
+            return Ok((vm, true));
+        }
+        let facts_due = resample::facts_due(
+            known
+                .facts
+                .as_ref()
+                .map(|f| now_ns.saturating_sub(f.read_at_ns)),
+            full_interval_ns,
+            known.acted_on || stat.num_threads != known.threads_at_read,
+        );
+        known.acted_on = false;
+        known.full_read_at_ns = Some(now_ns);
+        known.threads_at_read = stat.num_threads;
+        // Every thread's name first: which are vCPUs may depend on all of them (no
+        // thread named `CPU n/KVM`: the monitor is asked). Only vCPUs' `stat` is
+        // read: nothing uses the run time of the other threads one by one.
+        let mut names = Vec::new();
         let mut thread_names = HashMap::new();
         for tid in procfs::list_tasks(proc, pid)? {
             let comm = match known.thread_names.remove(&tid) {
                 Some(name) if name != known.comm => Ok(name),
                 _ => procfs::read_task_comm(proc, pid, tid),
             };
-            let read = comm.and_then(|c| Ok((c, procfs::read_task_stat(proc, pid, tid)?)));
-            if let Ok((c, _)) = &read {
-                thread_names.insert(tid, c.clone());
-            }
-            match read {
-                Ok((comm, tstat)) => read_threads.push((tid, comm, tstat)),
+            match comm {
+                Ok(c) => {
+                    thread_names.insert(tid, c.clone());
+                    names.push((tid, c));
+                }
                 Err(e) if e.is_vanished() => self.counters.vanished_mid_read += 1,
                 Err(e) => return Err(e),
             }
         }
-        let names: Vec<(u32, String)> = read_threads
-            .iter()
-            .map(|(tid, comm, _)| (*tid, comm.clone()))
-            .collect();
         let (vcpu_discovery, vcpu_index) =
             known
                 .vcpu_threads
@@ -461,12 +561,10 @@ impl LinuxObserver {
         let mut vcpus = Vec::new();
         let mut other_threads = Vec::new();
         let mut threads = HashMap::new();
-        for (tid, comm, tstat) in read_threads {
+        // What each vCPU ran since its last read, in the order of `vcpus`.
+        let mut window_runs_ns = Vec::new();
+        for (tid, comm) in names {
             let before = known.threads.get(&tid).copied();
-            let mut state = ThreadState {
-                cpu_ticks: tstat.cpu_ticks(),
-                sched: None,
-            };
             let kind = match vcpu_index.get(&tid) {
                 Some(&i) => ThreadKind::Vcpu(i),
                 None => match discovery::classify_thread(pid, tid, &comm) {
@@ -477,12 +575,33 @@ impl LinuxObserver {
             };
             match kind {
                 ThreadKind::Vcpu(index) => {
-                    state.sched = match procfs::read_task_schedstat(proc, pid, tid) {
-                        Ok(s) => s,
-                        Err(e) if e.is_vanished() => continue,
+                    let read = procfs::read_task_stat(proc, pid, tid).and_then(|tstat| {
+                        Ok((tstat, procfs::read_task_schedstat(proc, pid, tid)?))
+                    });
+                    let (tstat, sched) = match read {
+                        Ok(r) => r,
+                        Err(e) if e.is_vanished() => {
+                            self.counters.vanished_mid_read += 1;
+                            continue;
+                        }
                         Err(e) => return Err(e),
                     };
+                    let state = ThreadState {
+                        cpu_ticks: tstat.cpu_ticks(),
+                        sched,
+                    };
                     threads.insert(tid, state);
+                    let window_run_ns = match (sched, before.and_then(|b| b.sched)) {
+                        (Some(now), Some(b)) => now.run_ns.saturating_sub(b.run_ns),
+                        _ => {
+                            (tstat
+                                .cpu_ticks()
+                                .saturating_sub(before.map_or(0, |b| b.cpu_ticks))
+                                as f64
+                                / ticks_per_s
+                                * 1e9) as u64
+                        }
+                    };
                     let affinity = match thread_affinity(&paths, pid, tid) {
                         Ok(cpus) => cpus,
                         // The thread exited; or, in a capture without the file, the
@@ -509,6 +628,7 @@ impl LinuxObserver {
                         ),
                         telemetry: Default::default(),
                     });
+                    window_runs_ns.push(window_run_ns);
                 }
                 _ => {
                     if !vcpus_known {
@@ -520,36 +640,33 @@ impl LinuxObserver {
                             Err(e) => return Err(e),
                         }
                     }
-                    threads.insert(tid, state);
                     other_threads.push(tid);
                 }
+            }
+        }
+        if was_quiet {
+            // Waking from quiet ticks: their vCPUs' last read is older than the
+            // last tick, but what they ran since is this tick's (module doc of
+            // `resample`): this tick's demand of the process, shared by what each ran.
+            let total_ns: u64 = window_runs_ns.iter().sum();
+            for (v, &ran_ns) in vcpus.iter_mut().zip(&window_runs_ns) {
+                v.cpu_demand = if total_ns == 0 {
+                    0.0
+                } else {
+                    (vm_demand * ran_ns as f64 / total_ns as f64).min(1.0)
+                };
             }
         }
         vcpus.sort_by_key(|v| v.index);
         known.threads = threads;
         known.thread_names = thread_names;
-        known.cpu_ticks = stat.cpu_ticks();
-        known.sampled_at_ns = Some(now_ns);
 
         // cgroup: the process's group is the emulator group in libvirt layouts.
-        let cg = cgroup::read_task_cgroup(&paths, pid, None).and_then(|cg| {
-            let Some(cg) = cg else {
-                return Ok((None, None));
-            };
-            let cpuset = cgroup::read_cpuset(&paths, &cg)?;
-            let (vm_group, role) = cgroup::split_libvirt_path(&cg.path);
-            let in_vm_scope = role.is_some() || cgroup::machine_scope_name(&cg.path).is_some();
-            Ok((in_vm_scope.then_some(vm_group), cpuset))
-        });
-        let (cgroup_path, cpuset) = match cg {
-            Ok(x) => x,
-            Err(e) if e.is_vanished() => return Err(e),
-            Err(e) => {
-                // A cgroup that cannot be read hides the cpuset, not the VM.
-                tracing::debug!(pid, error = %e, "cannot read the VM's cgroup");
-                (None, None)
-            }
+        let facts = match known.facts.take() {
+            Some(f) if !facts_due => f,
+            _ => read_slow_facts(&paths, pid, now_ns)?,
         };
+        let (cgroup_path, cpuset) = (facts.cgroup_path.clone(), facts.cpuset.clone());
         let name = known
             .config
             .name
@@ -558,7 +675,6 @@ impl LinuxObserver {
             .unwrap_or_else(|| known.comm.clone());
 
         // Memory, at the policy's rate.
-        let configured_bytes = known.config.mem_bytes.unwrap_or(0);
         if live && let Some(addrs) = self.memory.probe_addrs(pid) {
             // Pages moved by anyone since the read (module doc of `memory`).
             let nodes = probe_nodes(pid, addrs);
@@ -566,7 +682,10 @@ impl LinuxObserver {
                 self.counters.memory_probe_changes += 1;
             }
         }
-        if self.memory.due(pid, configured_bytes, now_ns) {
+        if self
+            .memory
+            .due_within(pid, configured_bytes, now_ns, &mut self.read_budget)
+        {
             let mem_paths: Vec<String> = known
                 .config
                 .backends
@@ -639,9 +758,11 @@ impl LinuxObserver {
                 .get(i)
                 .is_some_and(|n| vcpu_nodes.contains(&n.id))
         });
-        if local.is_some_and(|l| l * 100.0 < f64::from(self.config.locality_target_pct)) {
+        let away = local.is_some_and(|l| l * 100.0 < f64::from(self.config.locality_target_pct));
+        if away {
             self.memory.note_may_have_changed(pid);
         }
+        known.memory_local = !away;
 
         // Each guest cell's own memory, where its backend's mapping is known.
         let mut cells = known.config.cells.clone();
@@ -694,28 +815,61 @@ impl LinuxObserver {
             .as_ref()
             .map(|c| c.effective_mems.clone())
             .filter(|m| !m.is_empty())
-            .unwrap_or(status.mems_allowed);
-        Ok(Vm {
-            pid,
-            name,
-            vcpus,
-            other_threads,
-            memory,
-            cells,
-            pinning,
-            operator_pins,
-            hot_regions: Vec::new(),
-            cgroup: cgroup_path,
-            mems_allowed,
-            threads_cpu_demand: vm_demand,
-            kernel_numa_moves: 0,
-            ksm_shared_pages: Vec::new(),
-            ksm_merging_pages: None,
-            vcpu_discovery,
-            process_affinity,
-            configured_vcpus: known.config.smp_cpus.unwrap_or(0),
-        })
+            .unwrap_or_else(|| facts.mems_allowed.clone());
+        known.facts = Some(facts);
+        Ok((
+            Vm {
+                pid,
+                name,
+                vcpus,
+                other_threads,
+                memory,
+                cells,
+                pinning,
+                operator_pins,
+                hot_regions: Vec::new(),
+                cgroup: cgroup_path,
+                mems_allowed,
+                threads_cpu_demand: vm_demand,
+                kernel_numa_moves: 0,
+                ksm_shared_pages: Vec::new(),
+                ksm_merging_pages: None,
+                vcpu_discovery,
+                process_affinity,
+                configured_vcpus: known.config.smp_cpus.unwrap_or(0),
+            },
+            false,
+        ))
     }
+}
+
+/// Reads what changes of VM `pid` only by an operator's hand ([`SlowFacts`]).
+fn read_slow_facts(paths: &HostPaths, pid: u32, now_ns: u64) -> Result<SlowFacts, HostError> {
+    let status = procfs::read_status(&paths.proc, pid)?;
+    let cg = cgroup::read_task_cgroup(paths, pid, None).and_then(|cg| {
+        let Some(cg) = cg else {
+            return Ok((None, None));
+        };
+        let cpuset = cgroup::read_cpuset(paths, &cg)?;
+        let (vm_group, role) = cgroup::split_libvirt_path(&cg.path);
+        let in_vm_scope = role.is_some() || cgroup::machine_scope_name(&cg.path).is_some();
+        Ok((in_vm_scope.then_some(vm_group), cpuset))
+    });
+    let (cgroup_path, cpuset) = match cg {
+        Ok(x) => x,
+        Err(e) if e.is_vanished() => return Err(e),
+        Err(e) => {
+            // A cgroup that cannot be read hides the cpuset, not the VM.
+            tracing::debug!(pid, error = %e, "cannot read the VM's cgroup");
+            (None, None)
+        }
+    };
+    Ok(SlowFacts {
+        cgroup_path,
+        cpuset,
+        mems_allowed: status.mems_allowed,
+        read_at_ns: now_ns,
+    })
 }
 
 /// The longest one QMP exchange may take (it runs on the tick, at most once per VM
@@ -801,6 +955,9 @@ impl Observer for LinuxObserver {
         self.discover(now_ns);
         let discover_ns = t0.elapsed().as_nanos() as u64;
         let mut vms = Vec::new();
+        let mut quiet = BTreeSet::new();
+        self.read_budget = Default::default();
+        self.telemetry_active = self.telemetry.active();
         let pids: Vec<u32> = self.known.keys().copied().collect();
         for pid in pids {
             let ts = std::time::Instant::now();
@@ -811,7 +968,12 @@ impl Observer for LinuxObserver {
                 "VM sampled"
             );
             match sampled {
-                Ok(vm) => vms.push(vm),
+                Ok((vm, was_quiet)) => {
+                    if was_quiet {
+                        quiet.insert(vm.pid);
+                    }
+                    vms.push(vm)
+                }
                 Err(e) if e.is_vanished() => {
                     tracing::debug!(pid, "VM exited");
                     self.known.remove(&pid);
@@ -845,8 +1007,17 @@ impl Observer for LinuxObserver {
             settings,
         };
         let tf = std::time::Instant::now();
-        self.telemetry.fill(&mut snapshot);
+        self.telemetry.fill(&mut snapshot, &quiet);
         let telemetry_ns = tf.elapsed().as_nanos() as u64;
+        // What a quiet tick reports of each VM read in full now.
+        for vm in &snapshot.vms {
+            if !quiet.contains(&vm.pid)
+                && let Some(k) = self.known.get_mut(&vm.pid)
+            {
+                k.last = Some(vm.clone());
+                k.telemetry_active = self.telemetry_active;
+            }
+        }
         self.ksm_sharing.fill(&mut snapshot);
         let tw = std::time::Instant::now();
         if self.paths.is_live_proc()
@@ -889,6 +1060,10 @@ impl Observer for LinuxObserver {
     }
 
     fn note_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
+        // Read the VM in full on the next tick, whatever the action did.
+        if let Some(k) = self.known.get_mut(&action.vm) {
+            k.acted_on = true;
+        }
         if matches!(action.action, Action::MigrateMemory { .. }) {
             // Started: the reading is held until this move's outcome comes, which
             // is any other outcome (module doc of `memory`).

@@ -84,6 +84,10 @@ pub struct TaskStat {
     pub starttime_ticks: u64,
     /// CPU the task last ran on.
     pub processor: Option<u32>,
+    /// Threads of the process (of a thread's own line: of its process too).
+    pub num_threads: u64,
+    /// Resident pages of the process.
+    pub rss_pages: u64,
 }
 
 impl TaskStat {
@@ -121,6 +125,8 @@ pub fn parse_stat(s: &str) -> Result<TaskStat, ProcTextError> {
         stime_ticks: st.stime,
         starttime_ticks: st.starttime,
         processor: st.processor.and_then(|p| u32::try_from(p).ok()),
+        num_threads: u64::try_from(st.num_threads).unwrap_or(0),
+        rss_pages: st.rss,
     })
 }
 

@@ -10,7 +10,8 @@
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 
 use super::telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, TrackedVm};
-use crate::model::Snapshot;
+use crate::model::{Snapshot, VmId};
+use std::collections::BTreeSet;
 
 /// A [`TelemetrySource`] whose real source is still being loaded.
 pub struct DeferredTelemetry {
@@ -94,9 +95,13 @@ impl TelemetrySource for DeferredTelemetry {
         self.current.track(vms);
     }
 
-    fn fill(&mut self, snapshot: &mut Snapshot) {
+    fn fill(&mut self, snapshot: &mut Snapshot, quiet: &BTreeSet<VmId>) {
         self.poll();
-        self.current.fill(snapshot);
+        self.current.fill(snapshot, quiet);
+    }
+
+    fn active(&self) -> bool {
+        self.current.active()
     }
 
     fn cost(&self) -> Option<crate::telemetry::ProgramCost> {
@@ -123,7 +128,7 @@ mod tests {
         fn track(&mut self, vms: &[TrackedVm]) {
             *self.0.lock().unwrap() = vms.iter().map(|v| v.pid).collect();
         }
-        fn fill(&mut self, _snapshot: &mut Snapshot) {}
+        fn fill(&mut self, _snapshot: &mut Snapshot, _quiet: &BTreeSet<VmId>) {}
     }
 
     #[test]
@@ -147,7 +152,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !d.status().available && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
-            d.fill(&mut Snapshot::default());
+            d.fill(&mut Snapshot::default(), &BTreeSet::new());
         }
         assert!(d.status().available);
         assert_eq!(*seen.lock().unwrap(), vec![42]);
@@ -159,7 +164,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while d.pending.is_some() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
-            d.fill(&mut Snapshot::default());
+            d.fill(&mut Snapshot::default(), &BTreeSet::new());
         }
         assert!(d.status().reason.unwrap().contains("failed"));
     }

@@ -8,6 +8,8 @@
 //! kernel without a hook, a build without the programs) the source is [`NoTelemetry`],
 //! and `vmbalancer trace` prints its reason instead of numbers it does not have.
 
+use std::collections::BTreeSet;
+
 use crate::model::{Snapshot, VmId};
 
 /// The threads of one VM the programs should watch.
@@ -60,7 +62,15 @@ pub trait TelemetrySource: Send {
     /// [`Vcpu::telemetry`](crate::model::Vcpu::telemetry) (cumulative counters since the
     /// thread was first tracked), [`Vm::hot_regions`](crate::model::Vm::hot_regions)
     /// hottest first, and [`Vm::kernel_numa_moves`](crate::model::Vm::kernel_numa_moves).
-    fn fill(&mut self, snapshot: &mut Snapshot);
+    /// The VMs in `quiet` are reported as last read (`resample`): they carry their
+    /// thread counters from then, and only their hot regions are filled.
+    fn fill(&mut self, snapshot: &mut Snapshot, quiet: &BTreeSet<VmId>);
+
+    /// Whether programs are loaded and counting: a VM read before they were is read
+    /// again in full once they are (its counters were zeroes).
+    fn active(&self) -> bool {
+        false
+    }
 
     /// Kernel-measured cost of all programs together (`None` without programs).
     fn cost(&self) -> Option<crate::telemetry::ProgramCost> {
@@ -93,5 +103,5 @@ impl TelemetrySource for NoTelemetry {
 
     fn track(&mut self, _vms: &[TrackedVm]) {}
 
-    fn fill(&mut self, _snapshot: &mut Snapshot) {}
+    fn fill(&mut self, _snapshot: &mut Snapshot, _quiet: &BTreeSet<VmId>) {}
 }
