@@ -33,7 +33,8 @@
 //! `-lab-placement default|node|scattered|interleave`, `-lab-node N`,
 //! `-lab-chunk-mib N`, `-lab-hot-fraction F`, `-lab-hot-offset F`, `-lab-hot-pct P`,
 //! `-lab-hugetlb`, `-lab-small-pages`, `-lab-same-content KEY:FRACTION`,
-//! `-lab-phases AT:DUTY[,AT:DUTY...]`, `-lab-progress FILE`.
+//! `-lab-phases AT:DUTY[,AT:DUTY...]`, `-lab-progress FILE`, `-lab-hold FILE` (idle
+//! while FILE exists, phases from when it is gone).
 //!
 //! As qemu, it names its threads (`CPU n/KVM`, `IO mon_iothread`) only with
 //! `debug-threads=on`; otherwise every thread carries the process's name, and it
@@ -86,6 +87,9 @@ struct Opts {
     cells: Vec<(u32, Vec<u32>, u64)>,
     /// `-lab-same-content`: (key, fraction of each mapping).
     same_content: Option<(String, f64)>,
+    /// `-lab-hold FILE`: the vCPUs touch nothing while FILE exists; their phases
+    /// start when it is gone.
+    hold: Option<PathBuf>,
 }
 
 fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
@@ -107,6 +111,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
         qmp: None,
         cells: Vec::new(),
         same_content: None,
+        hold: None,
     };
     let mut i = 0;
     while i < args.len() {
@@ -170,6 +175,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
                 used_value = false;
             }
             "-lab-phases" => o.phases = parse_phases(&need()?)?,
+            "-lab-hold" => o.hold = Some(PathBuf::from(need()?)),
             "-lab-same-content" => {
                 let v = need()?;
                 let (key, fraction) = v
@@ -696,6 +702,16 @@ fn main() -> anyhow::Result<()> {
         thread(format!("CPU {i}/KVM"), o.debug_threads)
             .spawn(move || {
                 let _ = tid_tx.send((i, gettid()));
+                // Held: idle until the file is gone, and the phases start then.
+                let start = match o.hold.as_deref() {
+                    Some(hold) => {
+                        while hold.exists() {
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        Instant::now()
+                    }
+                    None => start,
+                };
                 vcpu_loop(
                     &mem,
                     &o,

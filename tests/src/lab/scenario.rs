@@ -914,7 +914,15 @@ pub struct KsmSpec {
     pub sleep_millisecs: Option<u64>,
     pub settle_pages_sharing: u64,
     pub settle_timeout_s: f64,
+    /// The fake VMs touch nothing until the merge settled (their phases start
+    /// then): set-up, not the case. Beside busy vCPUs on every emulated CPU, ksmd
+    /// got too little CPU to merge the scenario's pages in minutes.
+    pub idle_vms_while_merging: bool,
 }
+
+/// The file whose presence holds the fake VMs' vCPUs idle
+/// ([`KsmSpec::idle_vms_while_merging`]).
+pub const VM_HOLD_FILE: &str = "/run/lab/vm-hold";
 
 impl Default for KsmSpec {
     fn default() -> Self {
@@ -924,6 +932,7 @@ impl Default for KsmSpec {
             sleep_millisecs: None,
             settle_pages_sharing: 1,
             settle_timeout_s: 120.0,
+            idle_vms_while_merging: false,
         }
     }
 }

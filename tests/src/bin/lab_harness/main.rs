@@ -167,7 +167,18 @@ fn run() -> anyhow::Result<bool> {
     vms::confine(&running)?;
     // Merging takes a while: the balancer (and `trace` below) meets it done.
     let ksm_start = match &scenario.ksm {
-        Some(k) => Some(ksm::settle(k)?),
+        Some(k) => {
+            let settled = ksm::settle(k)?;
+            if k.idle_vms_while_merging {
+                std::fs::remove_file(vmbalancer_tests::lab::scenario::VM_HOLD_FILE)
+                    .context("releasing the VMs' hold")?;
+                emit(&Record::Event {
+                    source: "harness".into(),
+                    text: "the VMs' vCPUs start working now (idle while KSM merged)".into(),
+                });
+            }
+            Some(settled)
+        }
         None => None,
     };
     // Installed before the `with_vms` commands, so they can run the operator's

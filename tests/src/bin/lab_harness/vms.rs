@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::emit;
 use anyhow::{Context, bail};
 use vmbalancer_tests::lab::protocol::Record;
-use vmbalancer_tests::lab::scenario::{CgroupMode, Guest, Scenario, VmInstance};
+use vmbalancer_tests::lab::scenario::{CgroupMode, Guest, Scenario, VM_HOLD_FILE, VmInstance};
 use vmbalancer_tests::lab::truth::NodeInfo;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -205,7 +205,7 @@ fn reserve_hugepages_per_vm_node(scenario: &Scenario, nodes: &[NodeInfo]) -> any
     Ok(())
 }
 
-fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
+fn qemu_args(vm: &VmInstance, progress: &Path, hold: bool) -> Vec<String> {
     let s = &vm.spec;
     let phases: Vec<String> = s
         .phases
@@ -268,6 +268,10 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
     if s.small_pages {
         args.push("-lab-small-pages".into());
     }
+    if hold {
+        args.push("-lab-hold".into());
+        args.push(VM_HOLD_FILE.into());
+    }
     if !s.same_content.is_empty() {
         args.push("-lab-same-content".into());
         args.push(format!("{}:{}", s.same_content, s.same_content_fraction));
@@ -279,6 +283,13 @@ fn qemu_args(vm: &VmInstance, progress: &Path) -> Vec<String> {
 /// Starts every VM of the scenario as `/usr/bin/qemu-kvm` (the fake VM).
 pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<RunningVm>> {
     fs::create_dir_all("/run/lab")?;
+    let hold = scenario
+        .ksm
+        .as_ref()
+        .is_some_and(|k| k.idle_vms_while_merging);
+    if hold {
+        fs::write(VM_HOLD_FILE, b"").context("creating the VMs' hold file")?;
+    }
     let mut out = Vec::new();
     for vm in scenario.instances() {
         let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
@@ -293,7 +304,7 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
         }
         let mut cmd = Command::new("/usr/bin/qemu-kvm");
         let child = cmd
-            .args(qemu_args(&vm, &progress))
+            .args(qemu_args(&vm, &progress, hold))
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting fake VM {}", vm.name))?;
