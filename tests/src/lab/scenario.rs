@@ -585,6 +585,22 @@ pub enum Assertion {
         #[serde(default = "default_command_timeout")]
         timeout_s: f64,
     },
+    /// The eBPF programs agree with what a worker thread of the harness measures of
+    /// itself on the guest's nodes (`lab_harness/ebpf_truth.rs`): migrations and
+    /// cross-node migrations exactly, on-CPU time per node and, with
+    /// `hinting_faults`, NUMA hinting faults and pages migrated under automatic
+    /// balancing against `/proc/vmstat`, within `max_error_pct` %; user page faults
+    /// exactly. Checked once, before sampling; meant for a scenario without VMs.
+    EbpfTruth {
+        #[serde(default = "default_ebpf_error_pct")]
+        max_error_pct: f64,
+        #[serde(default = "default_true")]
+        hinting_faults: bool,
+    },
+}
+
+fn default_ebpf_error_pct() -> f64 {
+    5.0
 }
 
 fn default_min_candidates() -> usize {
@@ -757,6 +773,9 @@ impl Assertion {
                 "trace agrees with ground truth (memory within {max_error_pct} %, \
                  >= {min_vcpu_agree_pct} % of vCPU nodes)"
             ),
+            Assertion::EbpfTruth { max_error_pct, .. } => {
+                format!("eBPF telemetry agrees with ground truth (within {max_error_pct} %)")
+            }
         }
     }
 
@@ -1136,6 +1155,19 @@ mod tests {
         assert!(s.assertions[0].is_boot_time());
         assert!(s.assertions[1].is_boot_time());
         assert!(!s.assertions[2].is_boot_time());
+    }
+
+    #[test]
+    fn ebpf_truth_defaults() {
+        let s = Scenario::from_toml("[[assert]]\nkind = \"ebpf_truth\"").unwrap();
+        assert_eq!(
+            s.assertions[0],
+            Assertion::EbpfTruth {
+                max_error_pct: 5.0,
+                hinting_faults: true,
+            }
+        );
+        assert!(!s.assertions[0].is_boot_time());
     }
 
     #[test]

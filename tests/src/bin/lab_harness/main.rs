@@ -21,6 +21,7 @@ mod checks;
 mod command;
 mod consistency;
 mod domains;
+mod ebpf_truth;
 mod hog;
 mod ksm;
 mod sampler;
@@ -200,6 +201,11 @@ fn run() -> anyhow::Result<bool> {
             Assertion::Command { at_s: None, .. } => verdict.record(checks::boot_check(a, &nodes)),
             Assertion::TraceTruth { .. } => {
                 for o in trace_truth::check(a, &scenario, &nodes, &running) {
+                    verdict.record(o);
+                }
+            }
+            Assertion::EbpfTruth { .. } => {
+                for o in ebpf_truth::check(a, &nodes) {
                     verdict.record(o);
                 }
             }
