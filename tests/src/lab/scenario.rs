@@ -590,7 +590,7 @@ pub enum Assertion {
     /// cross-node migrations exactly, on-CPU time per node and, with
     /// `hinting_faults`, NUMA hinting faults and pages migrated under automatic
     /// balancing against `/proc/vmstat`, within `max_error_pct` %; user page faults
-    /// exactly. Checked once, before sampling; meant for a scenario without VMs.
+    /// exactly. Checked once, right after the boot checks and before any VM starts.
     EbpfTruth {
         #[serde(default = "default_ebpf_error_pct")]
         max_error_pct: f64,
