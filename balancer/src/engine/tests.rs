@@ -190,20 +190,32 @@ fn initial_placement_best_fit() {
 /// plan says why not to node 3, the node with the most CPU left: no free huge pages.
 #[test]
 fn hugetlb_vms_go_where_their_pages_can_be() {
-    let mut t = topo(4, 2, 2);
-    for (n, free) in t.nodes.iter_mut().zip([0u64, 64, 64, 0]) {
+    hugetlb_vms_go_where_their_pages_can_be_in(2 * MIB, 128 * MIB);
+}
+
+/// The same with 1 GiB pages (one per VM): nothing in the plan depends on the size
+/// but the pool it counts in, and the refusal names the size.
+#[test]
+fn hugetlb_vms_on_1_gib_pages_go_where_their_pages_can_be() {
+    hugetlb_vms_go_where_their_pages_can_be_in(GIB, GIB);
+}
+
+fn hugetlb_vms_go_where_their_pages_can_be_in(page_bytes: u64, vm_bytes: u64) {
+    let per_vm = vm_bytes / page_bytes;
+    let mut t = topo(4, 2, 2 + 4 * vm_bytes / GIB);
+    for (n, free) in t.nodes.iter_mut().zip([0u64, per_vm, per_vm, 0]) {
         n.memory.hugepages = vec![HugePagePool {
-            page_size_bytes: 2 * MIB,
-            total_pages: if n.id == 0 { 256 } else { free },
+            page_size_bytes: page_bytes,
+            total_pages: if n.id == 0 { 4 * per_vm } else { free },
             free_pages: free,
         }];
     }
     let vms: Vec<Vm> = (1..=4)
         .map(|pid| {
-            let mut v = vm(pid, 2, 0.0, None, &[128 * MIB, 0, 0, 0], &t);
-            v.memory.configured_bytes = 128 * MIB;
+            let mut v = vm(pid, 2, 0.0, None, &[vm_bytes, 0, 0, 0], &t);
+            v.memory.configured_bytes = vm_bytes;
             v.memory.backing = MemoryBacking::HugeTlb {
-                page_size_bytes: 2 * MIB,
+                page_size_bytes: page_bytes,
             };
             v
         })
@@ -229,7 +241,7 @@ fn hugetlb_vms_go_where_their_pages_can_be() {
             vm: Some(4),
             why: RefusalReason::NoHugePages {
                 node: 3,
-                page_size_bytes: 2 * MIB
+                page_size_bytes: page_bytes
             }
         }],
         "{plan:?}"
