@@ -1,6 +1,7 @@
 //! Helpers shared by vmbalancer's test programs and integration tests.
 
 pub mod actuate_target;
+pub mod anon;
 pub mod cgroup_v1;
 pub mod fake_sys;
 pub mod fault;

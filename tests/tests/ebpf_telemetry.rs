@@ -65,24 +65,10 @@ fn work(
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
         let len = PAGES * PAGE;
-        // SAFETY: anonymous private mapping, checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: our mapping.
-        unsafe {
-            libc::madvise(p, len, libc::MADV_NOHUGEPAGE);
-            for i in 0..PAGES {
-                std::ptr::write_volatile((p as *mut u8).add(i * PAGE), 1);
-            }
+        let p = vmbalancer_tests::anon::map(len, Some(libc::MADV_NOHUGEPAGE)).unwrap();
+        for i in 0..PAGES {
+            // SAFETY: inside our mapping.
+            unsafe { std::ptr::write_volatile(p.add(i * PAGE), 1) };
         }
         let cpu_ns = thread_cpu_ns() - start;
         // The mapping is leaked on purpose: unmapping it could let a later mapping of
@@ -99,22 +85,7 @@ fn work(
 
 /// Waits until thread `tid` of this process sleeps (so its last switch-out happened).
 fn wait_until_blocked(tid: u32) {
-    let path = format!("/proc/self/task/{tid}/stat");
-    for _ in 0..1000 {
-        let stat = std::fs::read_to_string(&path).unwrap_or_default();
-        // `tid (comm) S ...`: the state follows the last ')'.
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next());
-        if state == Some("S") {
-            // State S is set just before the thread calls into the scheduler.
-            std::thread::sleep(Duration::from_millis(20));
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    panic!("thread {tid} did not block");
+    vmbalancer_tests::anon::wait_blocked(tid, Duration::from_secs(4)).unwrap();
 }
 
 #[test]

@@ -256,25 +256,13 @@ fn ebpf_source_heats_faulted_regions_and_decays_them() {
         tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
         go_rx.recv().unwrap();
         let len = 8 * MIB as usize;
-        // SAFETY: a fresh private anonymous mapping; only this thread touches it. It
-        // is leaked so its pages stay resident while the test queries their node.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // One fault per 4 KiB page, not one per transparent huge page.
-        // SAFETY: the range is the mapping made above.
-        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+        // A fresh mapping only this thread touches, one fault per 4 KiB page (not
+        // one per transparent huge page). It is leaked so its pages stay resident
+        // while the test queries their node.
+        let p = vmbalancer_tests::anon::map(len, Some(libc::MADV_NOHUGEPAGE)).unwrap();
         for off in (0..len).step_by(4096) {
             // SAFETY: off < len, inside the mapping.
-            unsafe { (p as *mut u8).add(off).write_volatile(1) };
+            unsafe { p.add(off).write_volatile(1) };
         }
         (p as u64, len as u64)
     });

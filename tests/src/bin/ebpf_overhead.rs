@@ -102,28 +102,17 @@ fn maybe_track(t: &mut Option<&mut Telemetry>, tid: u32) -> anyhow::Result<()> {
 fn page_faults(mut track: Option<&mut Telemetry>) -> anyhow::Result<f64> {
     maybe_track(&mut track, gettid())?;
     let len = PAGES * PAGE;
-    // SAFETY: anonymous private mapping, checked below, unmapped at the end.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            bail!("mmap failed");
-        }
-        libc::madvise(p, len, libc::MADV_NOHUGEPAGE);
-        let start = Instant::now();
-        for i in 0..PAGES {
-            std::ptr::write_volatile((p as *mut u8).add(i * PAGE), 1);
-        }
-        let ns = start.elapsed().as_nanos() as f64 / PAGES as f64;
-        libc::munmap(p, len);
-        Ok(ns)
+    let p = vmbalancer_tests::anon::map(len, Some(libc::MADV_NOHUGEPAGE))
+        .map_err(|e| anyhow::anyhow!("mmap failed: {e}"))?;
+    let start = Instant::now();
+    for i in 0..PAGES {
+        // SAFETY: inside the mapping.
+        unsafe { std::ptr::write_volatile(p.add(i * PAGE), 1) };
     }
+    let ns = start.elapsed().as_nanos() as f64 / PAGES as f64;
+    // SAFETY: unmapping what was mapped above.
+    unsafe { libc::munmap(p.cast(), len) };
+    Ok(ns)
 }
 
 /// ns per context switch: two threads pinned to one CPU pass a byte back and forth.

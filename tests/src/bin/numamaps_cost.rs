@@ -27,24 +27,9 @@ struct Mapping {
 
 impl Mapping {
     fn new(len: usize, advice: libc::c_int) -> anyhow::Result<Self> {
-        // SAFETY: fresh private anonymous mapping, checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        anyhow::ensure!(
-            ptr != libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: advice on our own mapping; failure only loses the hint.
-        unsafe { libc::madvise(ptr, len, advice) };
+        let ptr: *mut libc::c_void = vmbalancer_tests::anon::map(len, Some(advice))
+            .map_err(|e| anyhow::anyhow!("mmap: {e}"))?
+            .cast();
         for off in (0..len).step_by(4096) {
             // SAFETY: inside the mapping.
             unsafe { (ptr as *mut u8).add(off).write_volatile(1) };

@@ -66,27 +66,11 @@ fn current_cpu() -> u32 {
     unsafe { libc::sched_getcpu() as u32 }
 }
 
-/// A fresh anonymous mapping of `pages` 4 KiB pages, huge pages refused. Leaked on
-/// purpose: its range must not be reused while the maps are read.
+/// A fresh mapping of `pages` 4 KiB pages, huge pages refused. Leaked on purpose:
+/// its range must not be reused while the maps are read.
 fn fresh_pages(pages: usize) -> anyhow::Result<*mut u8> {
-    let len = pages * PAGE;
-    // SAFETY: an anonymous private mapping; the result is checked.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        bail!("mmap of {len} bytes: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: our mapping.
-    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-    Ok(p.cast())
+    vmbalancer_tests::anon::map(pages * PAGE, Some(libc::MADV_NOHUGEPAGE))
+        .context("mapping fresh pages")
 }
 
 /// One step the worker is told to do; it answers with what it measured.
@@ -210,20 +194,7 @@ fn vmstat(name: &str) -> anyhow::Result<u64> {
 /// Waits until thread `tid` of this process sleeps, so its last switch-out (and
 /// the run time it accounts) happened.
 fn wait_blocked(tid: u32) -> anyhow::Result<()> {
-    let path = format!("/proc/self/task/{tid}/stat");
-    for _ in 0..2000 {
-        let stat = std::fs::read_to_string(&path).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next());
-        if state == Some("S") {
-            std::thread::sleep(Duration::from_millis(50));
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    bail!("the worker thread {tid} did not block")
+    vmbalancer_tests::anon::wait_blocked(tid, Duration::from_secs(10)).map_err(anyhow::Error::msg)
 }
 
 /// The worker: runs each step it is sent and answers with its truth.
