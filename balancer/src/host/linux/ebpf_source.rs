@@ -80,8 +80,9 @@ pub struct EbpfTelemetry {
     last_fill_ns: Option<u64>,
     /// Threads the last pass could not track (e.g. the map was full).
     untracked: usize,
-    /// Passes since the thread map itself was listed (see [`LIST_MAP_EVERY_PASSES`]).
-    passes_since_listing: Option<u32>,
+    /// Passes since the thread map itself was listed (see [`LIST_MAP_EVERY_PASSES`]);
+    /// it starts there, so the first pass lists it.
+    passes_since_listing: u32,
 }
 
 /// The tracked-thread map is listed (two system calls per entry: thousands at 200
@@ -99,7 +100,7 @@ impl EbpfTelemetry {
             heat: HashMap::new(),
             last_fill_ns: None,
             untracked: 0,
-            passes_since_listing: None,
+            passes_since_listing: LIST_MAP_EVERY_PASSES,
         }
     }
 
@@ -310,11 +311,8 @@ impl TelemetrySource for EbpfTelemetry {
         }
         // The map itself is the truth (it may hold entries from before we started),
         // listed now and then (`LIST_MAP_EVERY_PASSES`).
-        let list = self
-            .passes_since_listing
-            .is_none_or(|n| n >= LIST_MAP_EVERY_PASSES);
-        let mut present: HashSet<u32> = if list {
-            self.passes_since_listing = Some(0);
+        let mut present: HashSet<u32> = if self.passes_since_listing >= LIST_MAP_EVERY_PASSES {
+            self.passes_since_listing = 0;
             self.telemetry.tracked().map_or_else(
                 |e| {
                     tracing::debug!(error = %e, "listing tracked threads");
@@ -323,7 +321,7 @@ impl TelemetrySource for EbpfTelemetry {
                 |v| v.into_iter().collect(),
             )
         } else {
-            self.passes_since_listing = self.passes_since_listing.map(|n| n + 1);
+            self.passes_since_listing += 1;
             HashSet::new()
         };
         present.extend(self.tracked.keys());

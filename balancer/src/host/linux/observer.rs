@@ -150,11 +150,10 @@ struct KnownVm {
     /// The VM as last read in full, telemetry included: what a quiet tick reports
     /// ([`resample`]).
     last: Option<Vm>,
-    /// When it was read in full, and its thread count then.
+    /// When it was read in full, and its thread count then. Earlier than
+    /// `sampled_at_ns` when the ticks since were quiet.
     full_read_at_ns: Option<u64>,
     threads_at_read: u64,
-    /// The last tick reported it as last read.
-    quiet: bool,
     /// An action of the balancer touched it since its last full read.
     acted_on: bool,
     /// Its memory was local enough (at or above the locality target, or not read)
@@ -405,7 +404,6 @@ impl LinuxObserver {
                         last: None,
                         full_read_at_ns: None,
                         threads_at_read: 0,
-                        quiet: false,
                         acted_on: false,
                         memory_local: true,
                         telemetry_active: false,
@@ -507,7 +505,10 @@ impl LinuxObserver {
                 since_full_read_ns: known.full_read_at_ns.map(|t| now_ns.saturating_sub(t)),
                 full_interval_ns,
             });
-        let was_quiet = std::mem::replace(&mut known.quiet, quiet);
+        // The vCPUs' last read is older than the last tick: the ticks since were quiet.
+        let was_quiet = known
+            .full_read_at_ns
+            .is_some_and(|t| Some(t) != known.sampled_at_ns);
         known.cpu_ticks = stat.cpu_ticks();
         known.sampled_at_ns = Some(now_ns);
         if quiet && let Some(last) = &known.last {
