@@ -1,6 +1,6 @@
-//! Fresh anonymous memory and thread states, for the programs and tests that make a
-//! thread fault, spin or sleep on purpose and then read what the kernel (or the
-//! eBPF programs) counted of it.
+//! Fresh anonymous memory, a thread's CPU and its state, for the programs and tests
+//! that make a thread fault, move, spin or sleep on purpose and then read what the
+//! kernel (or the eBPF programs) counted of it.
 
 use std::time::Duration;
 
@@ -28,6 +28,25 @@ pub fn map(len: usize, advice: Option<libc::c_int>) -> std::io::Result<*mut u8> 
         unsafe { libc::madvise(p, len, advice) };
     }
     Ok(p.cast())
+}
+
+/// Pins the calling thread to `cpu` alone.
+pub fn pin_self(cpu: u32) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu as usize)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+}
+
+/// The CPU the calling thread runs on.
+pub fn current_cpu() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::sched_getcpu() as u32 }
+}
+
+/// The calling thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, the scheduler's
+/// `sum_exec_runtime`), ns.
+pub fn thread_cpu_ns() -> u64 {
+    crate::clock_ns(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
 }
 
 /// Waits until thread `tid` of this process sleeps (state `S`), so its last

@@ -9,6 +9,7 @@
 use std::sync::mpsc;
 
 use balancer::telemetry::{Feature, LoadOptions, Telemetry, TrackedThread, topology};
+use vmbalancer_tests::anon::current_cpu;
 
 const FLIPS: u32 = 200;
 
@@ -26,18 +27,9 @@ fn allowed_cpus() -> Vec<u32> {
 }
 
 fn pin_self(cpu: u32) {
-    // SAFETY: a zeroed cpu_set_t is valid; the size matches.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "sched_setaffinity({cpu}) failed");
+    if let Err(e) = vmbalancer_tests::anon::pin_self(cpu) {
+        panic!("sched_setaffinity({cpu}) failed: {e}");
     }
-}
-
-fn current_cpu() -> u32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::sched_getcpu() as u32 }
 }
 
 fn gettid() -> u32 {

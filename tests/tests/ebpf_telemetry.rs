@@ -14,25 +14,14 @@ use std::time::{Duration, Instant};
 use balancer::telemetry::{
     Feature, FeatureState, LoadOptions, RegionKind, Telemetry, TrackedThread, topology,
 };
+use vmbalancer_tests::anon::thread_cpu_ns;
 
 const PAGES: usize = 8192;
 const PAGE: usize = 4096;
 const SPIN: Duration = Duration::from_millis(200);
 
-fn thread_cpu_ns() -> u64 {
-    vmbalancer_tests::clock_ns(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-}
-
 fn pin_self(cpu: u32) {
-    // SAFETY: a zeroed cpu_set_t is valid; the size matches.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
+    vmbalancer_tests::anon::pin_self(cpu).unwrap();
 }
 
 /// What a worker did, measured by itself.

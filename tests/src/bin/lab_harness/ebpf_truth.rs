@@ -26,13 +26,15 @@
 //! Counters are read only while the worker is blocked: run time is accounted when a
 //! thread is switched out.
 
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use balancer::telemetry::{Feature, RegionKind, Telemetry, ThreadTelemetry, TrackedThread};
+use vmbalancer_tests::anon::{self, current_cpu, thread_cpu_ns};
 use vmbalancer_tests::lab::scenario::Assertion;
-use vmbalancer_tests::lab::truth::NodeInfo;
+use vmbalancer_tests::lab::truth::{NodeInfo, read_vmstat};
 
 use crate::checks::Outcome;
 
@@ -50,27 +52,14 @@ const HINT_ENOUGH: u64 = 12_000;
 const PAGE: usize = 4096;
 const NUMA_BALANCING: &str = "/proc/sys/kernel/numa_balancing";
 
-fn thread_cpu_ns() -> u64 {
-    vmbalancer_tests::clock_ns(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-}
-
 fn pin_self(cpu: u32) -> anyhow::Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu as usize)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-        .with_context(|| format!("pinning the worker to CPU {cpu}"))
-}
-
-fn current_cpu() -> u32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::sched_getcpu() as u32 }
+    anon::pin_self(cpu).with_context(|| format!("pinning the worker to CPU {cpu}"))
 }
 
 /// A fresh mapping of `pages` 4 KiB pages, huge pages refused. Leaked on purpose:
 /// its range must not be reused while the maps are read.
 fn fresh_pages(pages: usize) -> anyhow::Result<*mut u8> {
-    vmbalancer_tests::anon::map(pages * PAGE, Some(libc::MADV_NOHUGEPAGE))
-        .context("mapping fresh pages")
+    anon::map(pages * PAGE, Some(libc::MADV_NOHUGEPAGE)).context("mapping fresh pages")
 }
 
 /// One step the worker is told to do; it answers with what it measured.
@@ -197,16 +186,16 @@ fn worker_step(step: &Step, nodes: &[NodeInfo], firsts: &[u32]) -> anyhow::Resul
 }
 
 fn vmstat(name: &str) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string("/proc/vmstat").context("reading /proc/vmstat")?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    read_vmstat(Path::new("/"))?
+        .get(name)
+        .copied()
         .with_context(|| format!("/proc/vmstat has no {name}"))
 }
 
 /// Waits until thread `tid` of this process sleeps, so its last switch-out (and
 /// the run time it accounts) happened.
 fn wait_blocked(tid: u32) -> anyhow::Result<()> {
-    vmbalancer_tests::anon::wait_blocked(tid, Duration::from_secs(10)).map_err(anyhow::Error::msg)
+    anon::wait_blocked(tid, Duration::from_secs(10)).map_err(anyhow::Error::msg)
 }
 
 /// The worker: runs each step it is sent and answers with its truth.
