@@ -14,6 +14,12 @@
 //! thread or a thread the kernel serialises (a task is switched out or migrated by one
 //! CPU at a time), so plain increments are race-free there. Maps shared by the threads
 //! of a VM are per-CPU; userspace sums them. No atomics on any hot path.
+//!
+//! Two events also wake the daemon between its ticks ([`send_wake`]): a tracked
+//! thread moved to another node, and many remote hinting faults. A one-word switch
+//! the daemon sets when it observes ([`WAKE_ARMED`]) lets one such event through to
+//! a small ring buffer and is cleared by it, so a storm of events costs the daemon
+//! one wake, and the programs a load and a compare each while it is not listening.
 #![no_std]
 #![no_main]
 
@@ -22,12 +28,12 @@ mod probes;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::map,
-    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use balancer_common::{
-    tracked_bit, MigrationCounts, NumaFaults, OnCpuTime, RegionFaults, RegionKey, TrackedThread,
-    VmNumaEvents, MAX_CPUS, MAX_HOT_REGIONS, MAX_TRACKED_THREADS, MAX_VMS, REGION_SHIFT,
-    TRACKED_BITS_WORDS, UNKNOWN_NODE,
+    tracked_bit, wake, MigrationCounts, NumaFaults, OnCpuTime, RegionFaults, RegionKey,
+    TrackedThread, VmNumaEvents, WakeEvent, MAX_CPUS, MAX_HOT_REGIONS, MAX_TRACKED_THREADS,
+    MAX_VMS, REGION_SHIFT, TRACKED_BITS_WORDS, UNKNOWN_NODE,
 };
 
 /// Threads to watch (tid -> thread), written by userspace.
@@ -66,6 +72,37 @@ static HOT_REGIONS: LruPerCpuHashMap<RegionKey, RegionFaults> =
 static VM_NUMA_EVENTS: PerCpuHashMap<u32, VmNumaEvents> =
     PerCpuHashMap::with_max_entries(MAX_VMS, 0);
 
+/// Reasons to wake the daemon, read by it between ticks.
+#[map(name = "WAKE_EVENTS")]
+static WAKE_EVENTS: RingBuf = RingBuf::with_byte_size(wake::RING_BYTES, 0);
+
+/// Non-zero while the daemon listens for a wake (set by it, cleared by a sender).
+#[map(name = "WAKE_ARMED")]
+static WAKE_ARMED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Remote hinting faults of tracked threads on each CPU since it last sent a wake.
+#[map(name = "REMOTE_FAULTS_SINCE_WAKE")]
+static REMOTE_FAULTS_SINCE_WAKE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sends the wake `event` builds when the daemon listens, and stops it listening
+/// until it observes again; true when sent. Two CPUs may both send for one arming:
+/// the daemon reads both, and the ring buffer holds far more than one per CPU.
+#[inline(always)]
+fn send_wake(event: impl FnOnce() -> WakeEvent) -> bool {
+    let Some(armed) = WAKE_ARMED.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the one live entry of an array map; volatile so each event reads the
+    // word userspace writes.
+    unsafe {
+        if core::ptr::read_volatile(armed) == 0 {
+            return false;
+        }
+        core::ptr::write_volatile(armed, 0);
+    }
+    WAKE_EVENTS.output::<WakeEvent>(&event(), 0).is_ok()
+}
+
 /// Whether thread `tid` is tracked. Thread ids beyond the bitmap (`kernel.pid_max`
 /// raised after loading) are looked up in [`TRACKED`] instead.
 #[inline(always)]
@@ -87,12 +124,6 @@ fn tracked(tid: u32) -> Option<TrackedThread> {
     }
     // SAFETY: the value is copied out at once.
     unsafe { TRACKED.get(tid) }.copied()
-}
-
-/// Thread id of the current task.
-#[inline(always)]
-fn current_tid() -> u32 {
-    bpf_get_current_pid_tgid() as u32
 }
 
 /// The current thread's VM if it is tracked. A tracked thread's VM is its thread

@@ -123,6 +123,42 @@ pub struct VmNumaEvents {
     pub swap_numa: u64,
 }
 
+/// Why a program asks the daemon to look now ([`WakeEvent::kind`]).
+pub mod wake {
+    /// A tracked thread was moved to a CPU of another NUMA node.
+    pub const CROSS_NODE: u32 = 1;
+    /// Tracked threads on one CPU took [`REMOTE_FAULTS_PER_WAKE`] NUMA hinting
+    /// faults on remote memory since that CPU last asked.
+    pub const REMOTE_FAULTS: u32 = 2;
+    /// Remote hinting faults one CPU counts before it asks: with the kernel's
+    /// default scan of 256 MiB per period, a VM whose memory is mostly away reaches
+    /// it within one scan; a VM with a few remote pages does not.
+    pub const REMOTE_FAULTS_PER_WAKE: u64 = 256;
+    /// Bytes of the wake ring buffer: one page holds 128 events, and each arming
+    /// lets at most one event per CPU through.
+    pub const RING_BYTES: u32 = 4096;
+}
+
+/// One reason to wake the daemon (a record of the wake ring buffer). Programs send
+/// one only while [`names::WAKE_ARMED`] is set, and clear it as they do: the daemon
+/// sets it again when it observes, so a burst of events wakes it once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WakeEvent {
+    /// [`wake::CROSS_NODE`] or [`wake::REMOTE_FAULTS`].
+    pub kind: u32,
+    /// The VM (thread group) of the thread.
+    pub vm_pid: u32,
+    pub tid: u32,
+    /// Cross-node: the node left; remote faults: the node of the CPU.
+    pub from_node: u32,
+    /// Cross-node: the node entered; remote faults: the node of the memory of the
+    /// last fault.
+    pub to_node: u32,
+    /// Remote faults: how many were counted on this CPU.
+    pub count: u32,
+}
+
 /// Map names, shared so the two sides cannot drift apart.
 pub mod names {
     /// `HashMap<u32 tid, TrackedThread>`, filled by userspace.
@@ -144,6 +180,14 @@ pub mod names {
     pub const HOT_REGIONS: &str = "HOT_REGIONS";
     /// `PerCpuHashMap<u32 vm_pid, VmNumaEvents>`, filled by `sched_{move,swap}_numa`.
     pub const VM_NUMA_EVENTS: &str = "VM_NUMA_EVENTS";
+    /// `RingBuf` of [`super::WakeEvent`]s, read by the daemon between its ticks.
+    pub const WAKE_EVENTS: &str = "WAKE_EVENTS";
+    /// `Array<u32>` of one entry: non-zero while the programs may send a
+    /// [`super::WakeEvent`]. Userspace sets it, the program that sends clears it.
+    pub const WAKE_ARMED: &str = "WAKE_ARMED";
+    /// `PerCpuArray<u64>` of one entry: remote hinting faults of tracked threads
+    /// counted on each CPU since it last sent a wake.
+    pub const REMOTE_FAULTS_SINCE_WAKE: &str = "REMOTE_FAULTS_SINCE_WAKE";
 }
 
 const _: () = assert!(core::mem::size_of::<TrackedThread>() == 8);
@@ -153,6 +197,7 @@ const _: () = assert!(core::mem::size_of::<NumaFaults>() == 8 * (MAX_NODES + 4))
 const _: () = assert!(core::mem::size_of::<RegionKey>() == 16);
 const _: () = assert!(core::mem::size_of::<RegionFaults>() == 8);
 const _: () = assert!(core::mem::size_of::<VmNumaEvents>() == 16);
+const _: () = assert!(core::mem::size_of::<WakeEvent>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -164,4 +209,5 @@ mod pod {
     unsafe impl aya::Pod for super::RegionKey {}
     unsafe impl aya::Pod for super::RegionFaults {}
     unsafe impl aya::Pod for super::VmNumaEvents {}
+    unsafe impl aya::Pod for super::WakeEvent {}
 }

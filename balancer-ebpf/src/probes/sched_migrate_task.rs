@@ -14,16 +14,19 @@
 //!   record, at offsets from its format file.
 //!
 //! In each, an untracked thread costs its thread id and one bit of the tracked
-//! bitmap.
+//! bitmap. A cross-node move of a tracked thread also wakes the daemon when it
+//! listens ([`crate::send_wake`]): its vCPUs left the node its memory was put on.
 
 use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
-use balancer_common::{SchedMigrateLayout, TaskMigrateLayout};
+use balancer_common::{wake, SchedMigrateLayout, TaskMigrateLayout, WakeEvent};
 
-use crate::{btf_field, get_or_insert, is_tracked, kernel_field, node_of, MIGRATIONS};
+use crate::{
+    btf_field, get_or_insert, is_tracked, kernel_field, node_of, send_wake, MIGRATIONS, TRACKED,
+};
 
 /// Field offsets of the record on the running kernel, written by userspace from the
 /// tracepoint's `format` file before the program is loaded.
@@ -126,7 +129,19 @@ fn try_sched_migrate_task(ctx: &TracePointContext) -> Result<u32, u32> {
 /// the map is full.
 #[inline(always)]
 fn count(tid: u32, orig: u32, dest: u32) -> bool {
-    let cross = node_of(orig) != node_of(dest);
+    let (from, to) = (node_of(orig), node_of(dest));
+    let cross = from != to;
+    if cross {
+        send_wake(|| WakeEvent {
+            kind: wake::CROSS_NODE,
+            // SAFETY: the value is copied out at once.
+            vm_pid: unsafe { TRACKED.get(tid) }.map_or(0, |t| t.vm_pid),
+            tid,
+            from_node: from,
+            to_node: to,
+            count: 1,
+        });
+    }
     let Some(counts) = get_or_insert(&MIGRATIONS, tid) else {
         return false;
     };

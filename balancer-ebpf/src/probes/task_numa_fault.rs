@@ -2,6 +2,8 @@
 //! (kernel/sched/fair.c): the kernel's automatic NUMA balancing took a hinting fault
 //! for the current task. For KVM guests the fault is charged to the vCPU thread.
 //! Counts faults by memory node, local/remote and migrated pages per tracked thread.
+//! Every [`wake::REMOTE_FAULTS_PER_WAKE`] remote faults on one CPU wake the daemon
+//! when it listens: a VM's memory is away from where it runs.
 //!
 //! The same counting is also built as a kprobe, which the loader attaches where the
 //! kernel refuses fentry programs (no BPF trampoline, or a security policy), and as a
@@ -15,9 +17,13 @@ use aya_ebpf::{
     macros::{fentry, kprobe, perf_event},
     programs::{FEntryContext, PerfEventContext, ProbeContext},
 };
-use balancer_common::{tnf, MAX_NODES};
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use balancer_common::{tnf, wake, WakeEvent, MAX_NODES};
 
-use crate::{current_tid, get_or_insert, is_tracked, NUMA_FAULTS};
+use crate::{
+    get_or_insert, is_tracked, node_of, send_wake, this_cpu, NUMA_FAULTS,
+    REMOTE_FAULTS_SINCE_WAKE,
+};
 
 #[fentry(function = "task_numa_fault")]
 pub fn task_numa_fault(ctx: FEntryContext) -> u32 {
@@ -51,7 +57,8 @@ pub fn task_numa_fault_breakpoint(ctx: PerfEventContext) -> u32 {
 /// Counts one hinting fault of the current thread, if tracked.
 #[inline(always)]
 fn count(mem_node: i32, pages: i32, flags: i32) -> Result<u32, u32> {
-    let tid = current_tid();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
     if !is_tracked(tid) {
         return Ok(0);
     }
@@ -66,6 +73,7 @@ fn count(mem_node: i32, pages: i32, flags: i32) -> Result<u32, u32> {
             (*f).local_faults += 1;
         } else {
             (*f).remote_faults += 1;
+            remote_fault((pid_tgid >> 32) as u32, tid, mem_node);
         }
         if flags & tnf::MIGRATED != 0 {
             (*f).migrated_pages += pages;
@@ -73,4 +81,33 @@ fn count(mem_node: i32, pages: i32, flags: i32) -> Result<u32, u32> {
         (*f).pages += pages;
     }
     Ok(0)
+}
+
+/// Counts a remote fault of tracked thread `tid` of VM `vm_pid` on this CPU, and
+/// wakes the daemon when this CPU has counted enough since it last did.
+#[inline(always)]
+fn remote_fault(vm_pid: u32, tid: u32, mem_node: i32) {
+    let Some(n) = REMOTE_FAULTS_SINCE_WAKE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array; only this CPU writes it, and a
+    // hinting fault does not nest within another on one CPU.
+    unsafe {
+        *n += 1;
+        let count = *n;
+        if count < wake::REMOTE_FAULTS_PER_WAKE {
+            return;
+        }
+        let sent = send_wake(|| WakeEvent {
+            kind: wake::REMOTE_FAULTS,
+            vm_pid,
+            tid,
+            from_node: node_of(this_cpu()),
+            to_node: mem_node as u32,
+            count: count.min(u32::MAX as u64) as u32,
+        });
+        if sent {
+            *n = 0;
+        }
+    }
 }

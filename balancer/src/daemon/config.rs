@@ -176,6 +176,9 @@ pub struct Config {
     /// Find hot regions of resident memory from soft-dirty bits, for VMs whose memory
     /// is away from their vCPUs. Default true.
     pub write_heat_sampling: bool,
+    /// Start a tick early when the kernel reports a new VM, a vCPU moved to another
+    /// node or memory faulting remotely (`daemon::wake`). Default true.
+    pub wake_on_events: bool,
     /// Free memory a target node must keep after a move, bytes. Default 536870912.
     pub memory_headroom_bytes: u64,
     /// How long a CPU-first move must keep paying off before memory follows,
@@ -226,6 +229,7 @@ impl Default for Config {
             migration_threads: 4,
             migration_nice: -10,
             write_heat_sampling: true,
+            wake_on_events: true,
             memory_headroom_bytes: engine.free_headroom_bytes,
             probation_window_ms: engine.probation_ns / ns_per_ms,
             pinned_vms: PinnedVms::Leave,

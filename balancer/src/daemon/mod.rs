@@ -13,7 +13,8 @@
 //! [`journal`] (moves in flight, crash recovery), [`control`] (the unix socket:
 //! root, or a status group for reading), [`status`] (the document `vmbalancer
 //! status` shows), [`notify`] (sd_notify), [`prometheus`] (optional metrics),
-//! [`advice`] (numad-compatible placement advice, pure).
+//! [`advice`] (numad-compatible placement advice, pure), [`wake`] (the wait between
+//! ticks, cut short by kernel events).
 
 pub mod advice;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod policy;
 pub mod prometheus;
 pub mod run;
 pub mod status;
+pub mod wake;
 
 use std::time::Duration;
 

@@ -42,6 +42,21 @@ pub fn render(doc: &StatusDoc) -> String {
         ],
     );
     metric(
+        "wakes_total",
+        "counter",
+        "Kernel events that started a tick early, by kind.",
+        d.wakes
+            .iter()
+            .map(|(k, n)| (format!("{{kind=\"{k}\"}}"), *n as f64))
+            .collect(),
+    );
+    metric(
+        "woken_ticks_total",
+        "counter",
+        "Ticks started early by kernel events.",
+        one(d.woken_ticks as f64),
+    );
+    metric(
         "observe_errors_total",
         "counter",
         "Failed host observations.",

@@ -45,6 +45,9 @@ pub struct Shutdown {
     flag: Arc<AtomicBool>,
     pair: Arc<(Mutex<bool>, Condvar)>,
     tx: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Readable once stopped, for a loop that polls other descriptors too
+    /// ([`super::wake`]); `None` if the kernel would not give an eventfd.
+    fd: Option<Arc<nix::sys::eventfd::EventFd>>,
 }
 
 impl Default for Shutdown {
@@ -59,7 +62,20 @@ impl Shutdown {
             flag: Arc::new(AtomicBool::new(false)),
             pair: Arc::new((Mutex::new(false), Condvar::new())),
             tx: Arc::new(tokio::sync::watch::channel(false).0),
+            fd: nix::sys::eventfd::EventFd::from_flags(
+                nix::sys::eventfd::EfdFlags::EFD_CLOEXEC
+                    | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+            )
+            .map_err(|e| tracing::debug!(error = %e, "no eventfd: the loop sleeps between ticks"))
+            .ok()
+            .map(Arc::new),
         }
+    }
+
+    /// Readable once stopped (never read, so it stays readable).
+    pub fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.fd.as_deref().map(|f| f.as_fd())
     }
 
     /// Stops everything (idempotent).
@@ -71,6 +87,9 @@ impl Shutdown {
         }
         cv.notify_all();
         self.tx.send_replace(true);
+        if let Some(fd) = &self.fd {
+            let _ = fd.write(1);
+        }
     }
 
     pub fn is_set(&self) -> bool {
@@ -892,13 +911,39 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
                     r.applied
                 ));
             }
-            let rest = tick.saturating_sub(start.elapsed());
-            if self.shutdown.wait_timeout(rest) {
-                break;
+            if !self.cfg.wake_on_events {
+                if self
+                    .shutdown
+                    .wait_timeout(tick.saturating_sub(start.elapsed()))
+                {
+                    break;
+                }
+                continue;
+            }
+            match super::wake::wait(&mut self.observer, &self.shutdown, start, tick) {
+                super::wake::Waited::Stop => break,
+                super::wake::Waited::Due => {}
+                super::wake::Waited::Woken(wakes) => self.note_wakes(&wakes, start.elapsed()),
             }
         }
         let _ = notifier.stopping();
         self.finish();
+    }
+
+    /// Counts and logs what woke the loop, `after` the start of the previous tick.
+    fn note_wakes(&mut self, wakes: &[crate::host::Wake], after: Duration) {
+        tracing::debug!(
+            ?wakes,
+            after_ms = after.as_millis() as u64,
+            "woken before the tick"
+        );
+        if let Ok(mut s) = self.shared.lock() {
+            let d = &mut s.status.daemon;
+            d.woken_ticks += 1;
+            for w in wakes {
+                *d.wakes.entry(w.kind().to_owned()).or_default() += 1;
+            }
+        }
     }
 
     fn vm_count(&self) -> usize {

@@ -75,6 +75,13 @@ pub struct DaemonInfo {
     /// Most a tick started after it was due (one tick after the previous start).
     #[serde(default)]
     pub max_tick_late_ns: u64,
+    /// Ticks started early because the observer reported a wake
+    /// (`daemon::wake`).
+    #[serde(default)]
+    pub woken_ticks: u64,
+    /// The wakes behind them, by kind (`host::Wake::kind`).
+    #[serde(default)]
+    pub wakes: std::collections::BTreeMap<String, u64>,
     /// Median and 99th percentile of the last [`TICK_WINDOW`] ticks' durations.
     #[serde(default)]
     pub tick_p50_ns: u64,
@@ -360,6 +367,15 @@ pub fn render_text(doc: &StatusDoc) -> String {
         mib(d.rss_bytes),
         d.observe_errors
     );
+    if d.woken_ticks > 0 {
+        let kinds: Vec<String> = d.wakes.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(
+            s,
+            "woken early by kernel events: {} ticks ({})",
+            d.woken_ticks,
+            kinds.join(", ")
+        );
+    }
     if d.reloads + d.reload_failures > 0 {
         let _ = writeln!(
             s,

@@ -44,7 +44,7 @@ pub struct EngineConfig {
     /// Rebalancing moves (a swap counts as one) per decision. Default 4.
     pub max_moves_per_tick: u32,
     /// The expected interval between decisions; budgets use the real gap between
-    /// snapshots, clamped to [1, 5] x this. Default 1 s.
+    /// snapshots, clamped to [1/4, 5] x this (a woken tick comes early). Default 1 s.
     pub tick_ns: u64,
     /// CPU demand assumed per vCPU of a VM never seen running, for initial placement.
     /// Default 1.0 (a new VM is assumed busy).

@@ -226,6 +226,11 @@ impl Engine {
     }
 }
 
+/// The shortest gap between decisions the budgets assume, as a divisor of the tick:
+/// the daemon starts a tick early on a wake, at least a quarter tick after the last
+/// (`daemon::wake`), and a decision then gets the budget of its real gap.
+const MIN_GAP_DIVISOR: u64 = 4;
+
 /// The pure decision function behind [`Engine::plan`].
 pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (Plan, EngineState) {
     let nn = snap.topology.nodes.len();
@@ -234,7 +239,7 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     }
     let dt_ns = match state.last_now_ns {
         Some(prev) if snap.now_ns > prev => {
-            (snap.now_ns - prev).clamp(cfg.tick_ns, 5 * cfg.tick_ns)
+            (snap.now_ns - prev).clamp(cfg.tick_ns / MIN_GAP_DIVISOR, 5 * cfg.tick_ns)
         }
         _ => cfg.tick_ns,
     };

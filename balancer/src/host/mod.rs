@@ -14,7 +14,46 @@
 pub mod linux;
 pub mod logonly;
 
+use std::os::fd::BorrowedFd;
+
 use crate::model::{ActionOutcome, CpuSet, PlannedAction, Snapshot, VmId};
+
+/// Something that happened since the last observation that the balancer should see
+/// now rather than at its next tick. Observers report them from kernel events (the
+/// process connector, the eBPF programs' wake channel); the daemon's loop then
+/// ticks early (`daemon::wake`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// A qemu process started.
+    NewVm { pid: VmId },
+    /// A known VM's process exited.
+    VmExited { pid: VmId },
+    /// A vCPU thread of a known VM named itself: qemu does so once the thread
+    /// runs, so its vCPUs can be placed.
+    VcpuNamed { vm: VmId, tid: u32 },
+    /// A tracked thread of `vm` was moved from a CPU of node `from` to one of `to`.
+    CrossNode {
+        vm: VmId,
+        tid: u32,
+        from: u32,
+        to: u32,
+    },
+    /// Tracked threads of `vm` took many NUMA hinting faults on remote memory.
+    RemoteFaults { vm: VmId, faults: u32 },
+}
+
+impl Wake {
+    /// A short name for counters and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Wake::NewVm { .. } => "new_vm",
+            Wake::VmExited { .. } => "vm_exited",
+            Wake::VcpuNamed { .. } => "vcpu_named",
+            Wake::CrossNode { .. } => "cross_node",
+            Wake::RemoteFaults { .. } => "remote_faults",
+        }
+    }
+}
 
 /// The settings of the boundary a configuration reload may change while the daemon
 /// runs (the rest is fixed when the observer and applier are built).
@@ -55,6 +94,21 @@ pub trait Observer {
 
     /// Takes reloaded settings; observers without such settings ignore them.
     fn retune(&mut self, _tunables: &Tunables) {}
+
+    /// Descriptors that become readable when the observer may have a [`Wake`] to
+    /// report; the daemon polls them between ticks. None by default: such an
+    /// observer is observed at the tick only. The set may change between ticks
+    /// (programs that finished loading).
+    fn wake_fds(&self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
+    }
+
+    /// Reads what made the wake descriptors readable, without blocking, and keeps
+    /// it for the next observation; the wakes among it (none when nothing of it
+    /// concerns a VM).
+    fn take_wakes(&mut self) -> Vec<Wake> {
+        Vec::new()
+    }
 }
 
 /// Carries out actions on a host.

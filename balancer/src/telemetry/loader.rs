@@ -82,6 +82,8 @@ pub struct Telemetry {
     pub(super) proc_root: PathBuf,
     /// Keeps `kernel.bpf_stats_enabled` on while we live (None if the kernel refused).
     _stats: Option<std::os::fd::OwnedFd>,
+    /// The programs' wakes (taken by [`Telemetry::take_wake_channel`]).
+    wake: Option<super::WakeChannel>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -379,7 +381,15 @@ impl Telemetry {
             .max()
             .unwrap_or(1)
             .min(balancer_common::MAX_NODES);
+        let wake = match super::WakeChannel::take(&mut ebpf) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "the programs cannot wake the daemon; it reacts at its tick");
+                None
+            }
+        };
         Ok(Self {
+            wake,
             ebpf,
             logger,
             features,
@@ -389,6 +399,11 @@ impl Telemetry {
             proc_root: opts.proc_root.clone(),
             _stats: stats,
         })
+    }
+
+    /// The programs' wake channel; `None` once taken or when it could not be set up.
+    pub fn take_wake_channel(&mut self) -> Option<super::WakeChannel> {
+        self.wake.take()
     }
 
     /// Which features are active on this kernel, and why the others are not.

@@ -15,11 +15,14 @@ mod maps;
 mod preflight;
 pub mod topology;
 pub mod tracefs;
+mod wake;
 
 pub use balancer_common::TrackedThread;
+pub use balancer_common::{WakeEvent, wake as wake_kind};
 pub use error::TelemetryError;
 pub use loader::{LoadOptions, Telemetry};
 pub use preflight::MIN_KERNEL;
+pub use wake::WakeChannel;
 
 /// What the programs counted for one thread since it was tracked (cumulative).
 /// Per-node vectors have one entry per NUMA node of the host.

@@ -74,23 +74,32 @@ pub fn mean_by_accesses(values: &[(f64, u64)]) -> Option<f64> {
 }
 
 /// Seconds from `t0_ns` (CLOCK_MONOTONIC at the balancer's start) to the first CPU
-/// move (`SetCpus` action applied: outcome `Done` or `Partial`) among the decisions of a `vmbalancer status --json`
+/// move (`SetCpus` action applied: outcome `Done` or `Partial`) among the decisions of a
+/// `vmbalancer status --json`
 /// document (their `at_ns` is the daemon's CLOCK_MONOTONIC). Status keeps only the
 /// last decisions, so in a long run this is the first one still listed.
 pub fn first_cpu_move_in_status(status: &Value, t0_ns: u64) -> Option<f64> {
+    first_cpu_move(status, None, t0_ns)
+}
+
+/// Seconds from `since_ns` (CLOCK_MONOTONIC) to vmbalancer's first applied CPU
+/// move at or after it, of VM `pid` only when given, from `status --json`.
+pub fn first_cpu_move(status: &Value, pid: Option<u32>, since_ns: u64) -> Option<f64> {
     status
         .get("decisions")?
         .as_array()?
         .iter()
         .filter(|d| d.pointer("/action/SetCpus").is_some())
+        .filter(|d| pid.is_none_or(|p| d.get("vm").and_then(Value::as_u64) == Some(u64::from(p))))
         .filter(|d| {
             d.get("outcome")
                 .and_then(Value::as_object)
                 .is_some_and(|o| o.contains_key("Done") || o.contains_key("Partial"))
         })
         .filter_map(|d| d.get("at_ns")?.as_u64())
+        .filter(|&at| at >= since_ns)
         .min()
-        .map(|at| at.saturating_sub(t0_ns) as f64 / 1e9)
+        .map(|at| (at - since_ns) as f64 / 1e9)
 }
 
 /// Every `stride`-th page is queried when a VM's guest RAM has more than
@@ -207,6 +216,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(first_cpu_move_in_status(&memory_only, 0), None);
+        assert_eq!(first_cpu_move(&status, Some(3), 5_000_000_000), Some(3.0));
+        assert_eq!(first_cpu_move(&status, Some(4), 5_000_000_000), None);
+        assert_eq!(first_cpu_move(&status, Some(3), 8_500_000_000), None);
         assert_eq!(first_cpu_move_in_status(&Value::Null, 0), None);
     }
 

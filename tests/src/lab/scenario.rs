@@ -235,6 +235,10 @@ pub struct VmSpec {
     /// memory to the nodes printed. The balancer (the advisor) then runs before the
     /// domains start ([`Scenario::advisor_first`]).
     pub auto_placement: bool,
+    /// Started by an event's `start_vm` while the balancer runs, not with the
+    /// others: a new VM arriving. Not sampled (the run's truth is about the VMs
+    /// there from the start); judged by `reaction`.
+    pub late: bool,
 }
 
 impl Default for VmSpec {
@@ -264,6 +268,7 @@ impl Default for VmSpec {
             same_content: String::new(),
             same_content_fraction: 0.5,
             auto_placement: false,
+            late: false,
         }
     }
 }
@@ -597,6 +602,10 @@ pub enum Assertion {
         #[serde(default = "default_true")]
         hinting_faults: bool,
     },
+    /// vmbalancer's first applied CPU move of each `late` VM of entry `vm` comes at
+    /// most `max_s` after the harness started it (`status --json` decision times
+    /// against the harness's clock, both CLOCK_MONOTONIC).
+    Reaction { vm: String, max_s: f64 },
 }
 
 fn default_ebpf_error_pct() -> f64 {
@@ -776,6 +785,9 @@ impl Assertion {
             Assertion::EbpfTruth { max_error_pct, .. } => {
                 format!("eBPF telemetry agrees with ground truth (within {max_error_pct} %)")
             }
+            Assertion::Reaction { vm, max_s } => {
+                format!("first CPU move of {vm} <= {max_s} s after it started")
+            }
         }
     }
 
@@ -799,6 +811,7 @@ impl Assertion {
                 | Assertion::Refusals { .. }
                 | Assertion::TickLate { .. }
                 | Assertion::Notified { .. }
+                | Assertion::Reaction { .. }
                 | Assertion::Command {
                     vmbalancer_only: true,
                     ..
@@ -841,6 +854,9 @@ pub struct Event {
     /// destroy vm2` in the middle of a memory move. Its exit status is reported.
     #[serde(default)]
     pub run: Option<String>,
+    /// Starts the `late` VMs of the `[[vms]]` entry of this name (fake VMs).
+    #[serde(default)]
+    pub start_vm: Option<String>,
 }
 
 /// A process that fills one node's memory before the VMs start.
@@ -1013,10 +1029,21 @@ impl Scenario {
                     "unknown signal {sig:?} (KILL, TERM, INT, STOP, CONT)"
                 ));
             }
-            if e.kill_balancer.is_none() && !e.start_balancer && e.run.is_none() {
+            if e.kill_balancer.is_none()
+                && !e.start_balancer
+                && e.run.is_none()
+                && e.start_vm.is_none()
+            {
                 return bad(format!(
-                    "event at {} s does nothing (kill_balancer, start_balancer or run)",
+                    "event at {} s does nothing (kill_balancer, start_balancer, run or start_vm)",
                     e.at_s
+                ));
+            }
+            if let Some(name) = &e.start_vm
+                && !self.vms.iter().any(|v| v.late && &v.name == name)
+            {
+                return bad(format!(
+                    "start_vm {name:?} names no [[vms]] entry with late = true"
                 ));
             }
         }
@@ -1061,6 +1088,19 @@ impl Scenario {
             if vm.chunk_mib == 0 {
                 return bad(format!("VM {:?}: chunk_mib must be > 0", vm.name));
             }
+            if vm.late
+                && (self.guest == Guest::Stack
+                    || !self
+                        .events
+                        .iter()
+                        .any(|e| e.start_vm.as_ref() == Some(&vm.name)))
+            {
+                return bad(format!(
+                    "VM {:?}: a late VM is a fake VM (busybox guest) that an event's start_vm \
+                     starts",
+                    vm.name
+                ));
+            }
             if vm.phases.is_empty()
                 || vm
                     .phases
@@ -1073,10 +1113,28 @@ impl Scenario {
         Ok(())
     }
 
-    /// Expands `count` into named instances (`vm1`, `vm2`, ... when count > 1).
+    /// Expands `count` into named instances (`vm1`, `vm2`, ... when count > 1): the
+    /// VMs that start with the run (not the `late` ones).
     pub fn instances(&self) -> Vec<VmInstance> {
+        self.expand(false)
+    }
+
+    /// The `late` VMs of the entry `name`, numbered after all the others.
+    pub fn late_instances(&self, name: &str) -> Vec<VmInstance> {
+        let first = self.instances().len() as u32;
+        self.expand(true)
+            .into_iter()
+            .filter(|v| v.spec.name == name)
+            .map(|mut v| {
+                v.id += first;
+                v
+            })
+            .collect()
+    }
+
+    fn expand(&self, late: bool) -> Vec<VmInstance> {
         let mut out = Vec::new();
-        for spec in &self.vms {
+        for spec in self.vms.iter().filter(|v| v.late == late) {
             for i in 1..=spec.count {
                 let name = if spec.count > 1 {
                     format!("{}{i}", spec.name)

@@ -111,9 +111,9 @@ use scenarios::{list, load_scenario};
 /// under its own balancer: those whose subject has no counterpart under none,
 /// autonuma or numad (a dry run, trace's own report, a SIGKILLed and restarted
 /// daemon, a systemd-style start, numad's `-R` reserved CPUs, the choice of the
-/// cheapest VM to move off an overloaded node; the stack guest's
-/// libvirt domains balanced by the packaged daemon under systemd, on 4 KiB pages
-/// and on 2 MiB huge pages preallocated on the wrong node).
+/// cheapest VM to move off an overloaded node, the daemon's reaction to a new VM;
+/// the stack guest's libvirt domains balanced by the packaged daemon under
+/// systemd, on 4 KiB pages and on 2 MiB huge pages preallocated on the wrong node).
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
         KernelGen::V6_1,
@@ -129,6 +129,7 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
             "stack-lifecycle",
             "stack-hugetlb",
             "guest-cells",
+            "reaction",
         ],
     ),
     (KernelGen::V6_12, &["boot", "trace-truth"]),

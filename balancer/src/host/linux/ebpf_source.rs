@@ -83,6 +83,9 @@ pub struct EbpfTelemetry {
     /// Passes since the thread map itself was listed (see [`LIST_MAP_EVERY_PASSES`]);
     /// it starts there, so the first pass lists it.
     passes_since_listing: u32,
+    /// The programs' wakes; armed at every fill, so the first event after an
+    /// observation wakes the daemon.
+    wake: Option<crate::telemetry::WakeChannel>,
 }
 
 /// The tracked-thread map is listed (two system calls per entry: thousands at 200
@@ -92,8 +95,9 @@ pub struct EbpfTelemetry {
 const LIST_MAP_EVERY_PASSES: u32 = 60;
 
 impl EbpfTelemetry {
-    pub fn new(telemetry: Telemetry) -> Self {
+    pub fn new(mut telemetry: Telemetry) -> Self {
         Self {
+            wake: telemetry.take_wake_channel(),
             telemetry,
             tracked: HashMap::new(),
             vms: HashSet::new(),
@@ -378,8 +382,25 @@ impl TelemetrySource for EbpfTelemetry {
         true
     }
 
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.wake.as_ref().map(|w| w.as_fd())
+    }
+
+    fn take_wakes(&mut self) -> Vec<crate::telemetry::WakeEvent> {
+        self.wake.as_mut().map_or_else(Vec::new, |w| w.drain())
+    }
+
     fn fill(&mut self, snapshot: &mut Snapshot, quiet: &BTreeSet<VmId>) {
         self.telemetry.flush_logs();
+        // What happened before this observation is in it: drop the wakes about it
+        // and listen for what follows.
+        if let Some(w) = self.wake.as_mut() {
+            w.drain();
+            if let Err(e) = w.arm() {
+                tracing::debug!(error = %e, "arming the programs' wake");
+            }
+        }
         let node_ids: Vec<u32> = snapshot.topology.nodes.iter().map(|n| n.id).collect();
         let elapsed_ns = self
             .last_fill_ns

@@ -42,7 +42,7 @@ use super::proc_events::{ProcEvent, ProcEvents};
 use super::resample;
 use super::telemetry_input::{NoTelemetry, TelemetrySource, TelemetryStatus, TrackedVm};
 use super::{HostError, HostPaths, monotonic_ns, procfs, topology};
-use crate::host::Observer;
+use crate::host::{Observer, Wake};
 use crate::model::{
     Action, ActionOutcome, DEFAULT_TARGET_LOCALITY_PCT, Pinning, PlannedAction, Snapshot,
     ThreadKind, Topology, Vcpu, Vm, VmId, VmMemory,
@@ -90,6 +90,8 @@ pub struct ObserverCounters {
     pub full_scans: u64,
     pub proc_events: u64,
     pub proc_event_overflows: u64,
+    /// Wakes reported between ticks ([`Observer::take_wakes`]).
+    pub wakes: u64,
     pub vms_found: u64,
     pub vms_exited: u64,
     /// VMs left out of one observation because their files did not parse.
@@ -171,6 +173,8 @@ pub struct LinuxObserver {
     topology: Topology,
     known: BTreeMap<u32, KnownVm>,
     events: Option<ProcEvents>,
+    /// Connector events read between ticks (for wakes) and not yet discovered.
+    pending_events: super::proc_events::Drained,
     events_unavailable: Option<String>,
     last_full_scan_ns: Option<u64>,
     memory: MemoryTracker,
@@ -234,6 +238,7 @@ impl LinuxObserver {
             topology,
             known: BTreeMap::new(),
             events,
+            pending_events: Default::default(),
             events_unavailable,
             last_full_scan_ns: None,
             telemetry: Box::new(NoTelemetry::new("no telemetry source attached")),
@@ -299,43 +304,56 @@ impl LinuxObserver {
         self.managed = pids.into_iter().collect();
     }
 
+    /// Reads the process connector into [`Self::pending_events`] without blocking;
+    /// where this read's events start there. A failed connector is given up for
+    /// `/proc` rescans (and the next discovery rescans at once).
+    fn read_proc_events(&mut self) -> usize {
+        let start = self.pending_events.events.len();
+        let Some(ev) = &mut self.events else {
+            return start;
+        };
+        match ev.drain() {
+            Ok(d) => {
+                self.counters.proc_events += d.events.len() as u64;
+                if d.overflowed {
+                    self.counters.proc_event_overflows += 1;
+                }
+                self.pending_events.events.extend(d.events);
+                self.pending_events.overflowed |= d.overflowed;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "process connector failed; falling back to /proc rescans");
+                self.events_unavailable = Some(format!("process connector: {e}"));
+                self.events = None;
+                self.pending_events.overflowed = true;
+            }
+        }
+        start
+    }
+
     fn discover(&mut self, now_ns: u64) {
-        let mut full = self.events.is_none()
+        self.read_proc_events();
+        let drained = std::mem::take(&mut self.pending_events);
+        let full = self.events.is_none()
+            || drained.overflowed
             || self
                 .last_full_scan_ns
                 .is_none_or(|t| now_ns.saturating_sub(t) >= self.config.full_rescan_interval_ns);
         let mut candidates = BTreeSet::new();
-        if let Some(ev) = &mut self.events {
-            match ev.drain() {
-                Ok(d) => {
-                    if d.overflowed {
-                        self.counters.proc_event_overflows += 1;
-                        full = true;
-                    }
-                    self.counters.proc_events += d.events.len() as u64;
-                    for e in d.events {
-                        match e {
-                            ProcEvent::Exec { pid, tgid } | ProcEvent::Comm { pid, tgid, .. }
-                                if pid == tgid =>
-                            {
-                                candidates.insert(tgid);
-                            }
-                            ProcEvent::Exit { pid, tgid } if pid == tgid => {
-                                if self.known.remove(&tgid).is_some() {
-                                    self.counters.vms_exited += 1;
-                                }
-                                candidates.remove(&tgid);
-                            }
-                            _ => {}
-                        }
-                    }
+        for e in drained.events {
+            match e {
+                ProcEvent::Exec { pid, tgid } | ProcEvent::Comm { pid, tgid, .. }
+                    if pid == tgid =>
+                {
+                    candidates.insert(tgid);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "process connector failed; falling back to /proc rescans");
-                    self.events_unavailable = Some(format!("process connector: {e}"));
-                    self.events = None;
-                    full = true;
+                ProcEvent::Exit { pid, tgid } if pid == tgid => {
+                    if self.known.remove(&tgid).is_some() {
+                        self.counters.vms_exited += 1;
+                    }
+                    candidates.remove(&tgid);
                 }
+                _ => {}
             }
         }
         if full {
@@ -359,16 +377,20 @@ impl LinuxObserver {
         }
     }
 
+    /// Process `pid`'s name if it is qemu (by its name or its executable's).
+    fn qemu_comm(&self, pid: u32) -> Option<String> {
+        let proc = &self.paths.proc;
+        let comm = procfs::read_comm(proc, pid).ok()?;
+        let exe = procfs::read_exe_basename(proc, pid);
+        discovery::is_qemu(&comm, exe.as_deref(), None).then_some(comm)
+    }
+
     /// Checks whether `pid` is qemu and starts following it if so.
     fn consider(&mut self, pid: u32) {
-        let proc = &self.paths.proc;
-        let Ok(comm) = procfs::read_comm(proc, pid) else {
+        let Some(comm) = self.qemu_comm(pid) else {
             return;
         };
-        let exe = procfs::read_exe_basename(proc, pid);
-        if !discovery::is_qemu(&comm, exe.as_deref(), None) {
-            return;
-        }
+        let proc = &self.paths.proc;
         let found = procfs::read_stat(proc, pid).and_then(|stat| {
             let argv = procfs::read_cmdline(proc, pid)?;
             Ok((stat, argv))
@@ -923,6 +945,70 @@ fn task_exists(proc: &std::path::Path, pid: u32, tid: u32) -> bool {
 
 impl Observer for LinuxObserver {
     type Error = HostError;
+
+    fn wake_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        let mut fds: Vec<_> = self.events.iter().map(|e| e.as_fd()).collect();
+        fds.extend(self.telemetry.wake_fd());
+        fds
+    }
+
+    fn take_wakes(&mut self) -> Vec<Wake> {
+        use crate::telemetry::wake_kind;
+        let start = self.read_proc_events();
+        let mut wakes = Vec::new();
+        for e in &self.pending_events.events[start..] {
+            let wake = match e {
+                &ProcEvent::Exec { pid, tgid } | &ProcEvent::Comm { pid, tgid, .. }
+                    if pid == tgid
+                        && !self.known.contains_key(&tgid)
+                        && self.qemu_comm(tgid).is_some() =>
+                {
+                    Wake::NewVm { pid: tgid }
+                }
+                ProcEvent::Comm { pid, tgid, comm }
+                    if *pid != *tgid
+                        && self.known.contains_key(tgid)
+                        && matches!(
+                            discovery::classify_thread(*tgid, *pid, comm),
+                            ThreadKind::Vcpu(_)
+                        ) =>
+                {
+                    Wake::VcpuNamed {
+                        vm: *tgid,
+                        tid: *pid,
+                    }
+                }
+                &ProcEvent::Exit { pid, tgid } if pid == tgid && self.known.contains_key(&tgid) => {
+                    Wake::VmExited { pid: tgid }
+                }
+                _ => continue,
+            };
+            wakes.push(wake);
+        }
+        for w in self.telemetry.take_wakes() {
+            let Some(known) = self.known.get(&w.vm_pid) else {
+                continue;
+            };
+            match w.kind {
+                // Our own CPU move: the kernel carries its threads over as we asked.
+                wake_kind::CROSS_NODE if known.acted_on => {}
+                wake_kind::CROSS_NODE => wakes.push(Wake::CrossNode {
+                    vm: w.vm_pid,
+                    tid: w.tid,
+                    from: w.from_node,
+                    to: w.to_node,
+                }),
+                wake_kind::REMOTE_FAULTS => wakes.push(Wake::RemoteFaults {
+                    vm: w.vm_pid,
+                    faults: w.count,
+                }),
+                _ => {}
+            }
+        }
+        self.counters.wakes += wakes.len() as u64;
+        wakes
+    }
 
     fn observe(&mut self) -> Result<Snapshot, HostError> {
         let now_ns = monotonic_ns();

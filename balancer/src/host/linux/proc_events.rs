@@ -67,6 +67,13 @@ pub struct Drained {
     pub overflowed: bool,
 }
 
+impl std::os::fd::AsFd for ProcEvents {
+    /// Readable while events wait to be drained.
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl ProcEvents {
     /// Opens the socket and subscribes to process events.
     pub fn subscribe() -> io::Result<Self> {

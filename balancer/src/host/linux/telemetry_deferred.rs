@@ -104,6 +104,14 @@ impl TelemetrySource for DeferredTelemetry {
         self.current.active()
     }
 
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.current.wake_fd()
+    }
+
+    fn take_wakes(&mut self) -> Vec<crate::telemetry::WakeEvent> {
+        self.current.take_wakes()
+    }
+
     fn cost(&self) -> Option<crate::telemetry::ProgramCost> {
         self.current.cost()
     }

@@ -76,6 +76,16 @@ pub trait TelemetrySource: Send {
     fn cost(&self) -> Option<crate::telemetry::ProgramCost> {
         None
     }
+
+    /// Readable while the programs have wakes to read (`None` without programs).
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    /// The wakes the programs sent since the last call.
+    fn take_wakes(&mut self) -> Vec<crate::telemetry::WakeEvent> {
+        Vec::new()
+    }
 }
 
 /// Telemetry that is not there, with the reason.

@@ -26,6 +26,8 @@ pub struct RunFacts {
     pub distances: Vec<Vec<u32>>,
     /// KSM's counters when the balancer started and at the end, with `[ksm]`.
     pub ksm: Option<(crate::ksm::KsmFigures, crate::ksm::KsmFigures)>,
+    /// VMs started by events: name, pid, CLOCK_MONOTONIC (ns) at the start.
+    pub late_starts: Vec<(String, u32, u64)>,
 }
 
 /// One assertion's outcome.
@@ -550,6 +552,42 @@ pub fn run_check(
                 }
                 None => outcome(a, false, format!("no VM named {vm}")),
             }
+        }
+        Assertion::Reaction { vm, max_s } => {
+            let started: Vec<_> = facts
+                .late_starts
+                .iter()
+                .filter(|(name, _, _)| {
+                    name == vm
+                        || name
+                            .strip_prefix(vm.as_str())
+                            .is_some_and(|n| n.parse::<u32>().is_ok())
+                })
+                .collect();
+            let status = status_of(facts).ok();
+            let times: Vec<(String, Option<f64>)> = started
+                .iter()
+                .map(|(name, pid, at_ns)| {
+                    let t = status.and_then(|st| {
+                        vmbalancer_tests::lab::access::first_cpu_move(st, Some(*pid), *at_ns)
+                    });
+                    (name.clone(), t)
+                })
+                .collect();
+            let ok = !times.is_empty() && times.iter().all(|(_, t)| t.is_some_and(|t| t <= *max_s));
+            let detail = if times.is_empty() {
+                format!("no late VM {vm} was started")
+            } else {
+                times
+                    .iter()
+                    .map(|(n, t)| match t {
+                        Some(t) => format!("{n}: first CPU move {:.0} ms after its start", t * 1e3),
+                        None => format!("{n}: no CPU move"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            outcome(a, ok, detail)
         }
         _ => return None,
     })

@@ -23,6 +23,12 @@
 //!   `numa_hint_faults`, `numa_pages_migrated`) are host-wide: nothing else runs in
 //!   this scenario, so the worker's share must be (almost) all of them.
 //!
+//! - **wakes**: the programs' wake channel is armed before the migrations and
+//!   before the spins (each crosses nodes): each must send exactly one
+//!   `CROSS_NODE` wake naming the worker and two different nodes, however many
+//!   moves follow (the switch); before the hinting faults, one `REMOTE_FAULTS` wake
+//!   naming the worker.
+//!
 //! Counters are read only while the worker is blocked: run time is accounted when a
 //! thread is switched out.
 
@@ -31,7 +37,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use balancer::telemetry::{Feature, RegionKind, Telemetry, ThreadTelemetry, TrackedThread};
+use balancer::telemetry::{
+    Feature, RegionKind, Telemetry, ThreadTelemetry, TrackedThread, WakeChannel, WakeEvent,
+    wake_kind,
+};
 use vmbalancer_tests::anon::{self, current_cpu, thread_cpu_ns};
 use vmbalancer_tests::lab::scenario::Assertion;
 use vmbalancer_tests::lab::truth::{NodeInfo, read_vmstat};
@@ -133,6 +142,9 @@ fn worker_step(step: &Step, nodes: &[NodeInfo], firsts: &[u32]) -> anyhow::Resul
             }
         }
         Step::Touch => {
+            // Home to node 0 first, where the hinting step runs: its own pin then
+            // moves nothing, and the wake armed before it is left for its faults.
+            pin_self(firsts[0])?;
             let p = fresh_pages(FAULT_PAGES)?;
             for i in 0..FAULT_PAGES {
                 // SAFETY: inside our mapping.
@@ -311,11 +323,22 @@ fn check_inner(nodes: &[NodeInfo], pct: f64, hinting: bool) -> anyhow::Result<Ve
             .context("reading the worker's counters")
     };
     let mut out = Vec::new();
+    let mut wakes = telemetry
+        .take_wake_channel()
+        .context("the programs have no wake channel")?;
 
     // Migrations: every change the worker saw, and every one of them cross-node.
+    arm(&mut wakes)?;
     let before = read(&telemetry)?;
     let truth = worker.run(Step::Migrate)?;
     let after = read(&telemetry)?;
+    out.push(cross_node_wake(
+        &mut wakes,
+        worker.tid,
+        vm_pid,
+        nodes.len(),
+        "migrations",
+    ));
     let (moved, cross) = (
         after.migrations - before.migrations,
         after.cross_node_migrations - before.cross_node_migrations,
@@ -331,9 +354,17 @@ fn check_inner(nodes: &[NodeInfo], pct: f64, hinting: bool) -> anyhow::Result<Ve
     ));
 
     // Run time on each node.
+    arm(&mut wakes)?;
     let before = read(&telemetry)?;
     let truth = worker.run(Step::Spin)?;
     let after = read(&telemetry)?;
+    out.push(cross_node_wake(
+        &mut wakes,
+        worker.tid,
+        vm_pid,
+        nodes.len(),
+        "spins",
+    ));
     let got: Vec<u64> = nodes
         .iter()
         .map(|n| {
@@ -391,9 +422,52 @@ fn check_inner(nodes: &[NodeInfo], pct: f64, hinting: bool) -> anyhow::Result<Ve
     ));
 
     if hinting {
+        arm(&mut wakes)?;
         out.push(hinting_check(&telemetry, &worker, nodes, pct)?);
+        let got = wakes.drain();
+        let remote: Vec<&WakeEvent> = got
+            .iter()
+            .filter(|w| w.kind == wake_kind::REMOTE_FAULTS)
+            .collect();
+        out.push(outcome(
+            "one remote-faults wake for the hinting faults, naming the worker".into(),
+            remote.len() == 1
+                && remote[0].tid == worker.tid
+                && remote[0].vm_pid == vm_pid
+                && u64::from(remote[0].count) >= wake_kind::REMOTE_FAULTS_PER_WAKE,
+            format!("wakes sent: {got:?}"),
+        ));
     }
     Ok(out)
+}
+
+/// Empties the wake channel and lets the programs send the next wake.
+fn arm(wakes: &mut WakeChannel) -> anyhow::Result<()> {
+    wakes.drain();
+    wakes.arm().context("arming the wake channel")
+}
+
+/// The wakes sent since the channel was armed: exactly one, a cross-node move of
+/// the worker between two nodes of the guest, however many moves `step` made.
+fn cross_node_wake(
+    wakes: &mut WakeChannel,
+    tid: u32,
+    vm_pid: u32,
+    nodes: usize,
+    step: &str,
+) -> Outcome {
+    let got = wakes.drain();
+    let ok = matches!(got.as_slice(), [w] if w.kind == wake_kind::CROSS_NODE
+        && w.tid == tid
+        && w.vm_pid == vm_pid
+        && w.from_node != w.to_node
+        && (w.from_node as usize) < nodes
+        && (w.to_node as usize) < nodes);
+    outcome(
+        format!("one cross-node wake for the worker's {step}, however many moves"),
+        ok,
+        format!("wakes sent: {got:?}"),
+    )
 }
 
 /// NUMA hinting faults with automatic balancing on, against `/proc/vmstat`.

@@ -257,6 +257,8 @@ fn run() -> anyhow::Result<bool> {
             .iter()
             .any(|a| matches!(a, Assertion::Refusals { .. }));
     let end_s = args.capture_at_s.unwrap_or(scenario.duration_s);
+    // VMs started by events: the VM, and CLOCK_MONOTONIC when it was started.
+    let mut late: Vec<(vms::RunningVm, u64)> = Vec::new();
     for step in timeline(&scenario, end_s) {
         let due = t0 + Duration::from_secs_f64(step.at_s());
         sampler.poll_until(due);
@@ -291,6 +293,19 @@ fn run() -> anyhow::Result<bool> {
                 }
                 if let Some(cmd) = &e.run {
                     run_event_command(cmd);
+                }
+                for vm in e
+                    .start_vm
+                    .iter()
+                    .flat_map(|name| scenario.late_instances(name))
+                {
+                    let at_ns = vmbalancer_tests::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
+                    let started = vms::start_one(&scenario, &nodes, &vm, false)?;
+                    emit(&Record::Event {
+                        source: "harness".into(),
+                        text: format!("started late VM {} (pid {})", started.name, started.pid),
+                    });
+                    late.push((started, at_ns));
                 }
                 if let Some(sig) = &e.kill_balancer {
                     guard.kill(signal_number(sig).unwrap_or(libc::SIGKILL));
@@ -358,6 +373,10 @@ fn run() -> anyhow::Result<bool> {
         }),
         distances: nodes.iter().map(|n| n.distances.clone()).collect(),
         ksm: ksm_figures,
+        late_starts: late
+            .iter()
+            .map(|(v, at_ns)| (v.name.clone(), v.pid, *at_ns))
+            .collect(),
     };
     if let Some(problems) = consistency {
         facts.consistency = Some(consistency::after_stop(problems, &guard.state_dir));
@@ -391,6 +410,7 @@ fn run() -> anyhow::Result<bool> {
         }
     }
     vms::stop_all(running);
+    vms::stop_all(late.into_iter().map(|(v, _)| v).collect());
     drop(hogs);
     Ok(verdict.finish())
 }

@@ -290,42 +290,52 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
     if hold {
         fs::write(VM_HOLD_FILE, b"").context("creating the VMs' hold file")?;
     }
-    let mut out = Vec::new();
-    for vm in scenario.instances() {
-        let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
-        let _ = fs::remove_file(&progress);
-        let cpus: Vec<u32> = nodes
-            .iter()
-            .filter(|n| vm.spec.cpu_nodes.contains(&n.id))
-            .flat_map(|n| n.cpus.iter().copied())
-            .collect();
-        if !vm.spec.cpu_nodes.is_empty() && cpus.is_empty() {
-            bail!("VM {}: no CPUs on nodes {:?}", vm.name, vm.spec.cpu_nodes);
-        }
-        let mut cmd = Command::new("/usr/bin/qemu-kvm");
-        let child = cmd
-            .args(qemu_args(&vm, &progress, hold))
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting fake VM {}", vm.name))?;
-        let pid = child.id();
-        if vm.spec.cgroup {
-            join_cgroup(scenario.cgroup, &vm, pid)?;
-        }
-        out.push(RunningVm {
-            name: vm.name.clone(),
-            pid,
-            vcpus: vm.spec.vcpus,
-            progress,
-            cpus,
-            memory_bytes: vm.spec.memory_mib << 20,
-            hot_fraction: vm.spec.hot_fraction,
-            hot_offset: vm.spec.hot_offset,
-            hot_access_pct: vm.spec.hot_access_pct,
-            process: VmProcess::Fake(child),
-        });
+    scenario
+        .instances()
+        .iter()
+        .map(|vm| start_one(scenario, nodes, vm, hold))
+        .collect()
+}
+
+/// Starts one fake VM; with `hold`, idle while [`VM_HOLD_FILE`] exists.
+pub fn start_one(
+    scenario: &Scenario,
+    nodes: &[NodeInfo],
+    vm: &VmInstance,
+    hold: bool,
+) -> anyhow::Result<RunningVm> {
+    let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
+    let _ = fs::remove_file(&progress);
+    let cpus: Vec<u32> = nodes
+        .iter()
+        .filter(|n| vm.spec.cpu_nodes.contains(&n.id))
+        .flat_map(|n| n.cpus.iter().copied())
+        .collect();
+    if !vm.spec.cpu_nodes.is_empty() && cpus.is_empty() {
+        bail!("VM {}: no CPUs on nodes {:?}", vm.name, vm.spec.cpu_nodes);
     }
-    Ok(out)
+    let mut cmd = Command::new("/usr/bin/qemu-kvm");
+    let child = cmd
+        .args(qemu_args(vm, &progress, hold))
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting fake VM {}", vm.name))?;
+    let pid = child.id();
+    if vm.spec.cgroup {
+        join_cgroup(scenario.cgroup, vm, pid)?;
+    }
+    Ok(RunningVm {
+        name: vm.name.clone(),
+        pid,
+        vcpus: vm.spec.vcpus,
+        progress,
+        cpus,
+        memory_bytes: vm.spec.memory_mib << 20,
+        hot_fraction: vm.spec.hot_fraction,
+        hot_offset: vm.spec.hot_offset,
+        hot_access_pct: vm.spec.hot_access_pct,
+        process: VmProcess::Fake(child),
+    })
 }
 
 /// Waits until every VM placed its memory (its progress file appeared); fails
