@@ -152,8 +152,9 @@ pub struct WakeEvent {
     pub tid: u32,
     /// Cross-node: the node left; remote faults: the node of the CPU.
     pub from_node: u32,
-    /// Cross-node: the node entered; remote faults: the node of the memory of the
-    /// last fault.
+    /// Cross-node: the node entered; remote faults: the node the memory of the
+    /// last fault is on once the kernel handled it (when it migrated the page, the
+    /// node it moved it to: often this CPU's).
     pub to_node: u32,
     /// Remote faults: how many were counted on this CPU.
     pub count: u32,
