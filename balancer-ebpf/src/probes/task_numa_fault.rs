@@ -13,16 +13,15 @@
 //! (x86-64 calling convention: rdi, rsi, rdx, rcx); it costs a debug exception per
 //! hinting fault, which is why it comes last.
 
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use aya_ebpf::{
     macros::{fentry, kprobe, perf_event},
     programs::{FEntryContext, PerfEventContext, ProbeContext},
 };
-use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use balancer_common::{tnf, wake, WakeEvent, MAX_NODES};
 
 use crate::{
-    get_or_insert, is_tracked, node_of, send_wake, this_cpu, NUMA_FAULTS,
-    REMOTE_FAULTS_SINCE_WAKE,
+    get_or_insert, is_tracked, node_of, send_wake, this_cpu, NUMA_FAULTS, REMOTE_FAULTS_SINCE_WAKE,
 };
 
 #[fentry(function = "task_numa_fault")]

@@ -231,6 +231,17 @@ impl Engine {
 /// (`daemon::wake`), and a decision then gets the budget of its real gap.
 const MIN_GAP_DIVISOR: u64 = 4;
 
+/// A gap between two nodes' load ratios as a spread in percent of the host's mean
+/// ratio (at least 0.05: an almost idle host is not "out of balance" by a sliver).
+pub fn spread_pct(ratio_gap: f64, total_load: f64, total_cap: f64) -> f64 {
+    let mean = if total_cap > 0.0 {
+        (total_load / total_cap).max(0.05)
+    } else {
+        0.05
+    };
+    ratio_gap / mean * 100.0
+}
+
 /// The pure decision function behind [`Engine::plan`].
 pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (Plan, EngineState) {
     let nn = snap.topology.nodes.len();
@@ -443,9 +454,18 @@ impl<'a> Ctx<'a> {
         let Some(mut f) = found else {
             return Imbalance::default();
         };
-        let mean = (total_load / total_cap).max(0.05);
-        f.spread_pct = (f.busiest_ratio - idlest_ratio) / mean * 100.0;
+        f.spread_pct = spread_pct(f.busiest_ratio - idlest_ratio, total_load, total_cap);
         f
+    }
+
+    /// Load and capacity of the host under `load` (nodes with capacity), whose
+    /// ratio is the unit of [`spread_pct`].
+    pub fn load_totals(&self, load: &[f64]) -> (f64, f64) {
+        self.nodes
+            .iter()
+            .zip(load)
+            .filter(|(n, _)| n.cap > 0.0)
+            .fold((0.0, 0.0), |(l, c), (n, x)| (l + x, c + n.cap))
     }
 
     pub fn refuse(&mut self, vm: Option<u32>, why: RefusalReason) {

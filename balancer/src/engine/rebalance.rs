@@ -188,6 +188,7 @@ impl Ctx<'_> {
         let nn = self.nodes.len();
         let lh = self.load[hi];
         let rh = lh / self.nodes[hi].cap;
+        let (total_load, total_cap) = self.load_totals(&self.load);
         let mut opts: Vec<MoveOpt> = Vec::new();
         // Units on `hi` with why they have no option (None: they have some).
         let mut on_hi: Vec<(usize, Option<CandidateVerdict>)> = Vec::new();
@@ -215,6 +216,21 @@ impl Ctx<'_> {
                 let lt = self.load[t];
                 if (lt + d) / ct > rh {
                     continue; // would overshoot: just moves the hot spot
+                }
+                // A move that makes the target the busier of the two must narrow
+                // their gap by at least the threshold: one that mirrors the hot
+                // spot (the two nodes' roles swapped, their loads alike) gains a
+                // sliver on a noisy reading, and its memory would follow for
+                // nothing.
+                let (hi_after, t_after) = ((lh - d) / self.nodes[hi].cap, (lt + d) / ct);
+                if t_after >= hi_after
+                    && super::spread_pct(
+                        (rh - lt / ct) - (t_after - hi_after),
+                        total_load,
+                        total_cap,
+                    ) < self.cfg.imbalance_threshold_pct
+                {
+                    continue;
                 }
                 let gain = self.node_cost(hi, lh) + self.node_cost(t, lt)
                     - self.node_cost(hi, lh - d)
