@@ -9,9 +9,9 @@
 //! descriptors while it waits, and a wake starts the next tick early.
 //!
 //! Bounds, so that no host activity can make the daemon busy:
-//! - ticks start at least [`MIN_GAP_DIVISOR`]ths of a tick apart: a storm of
-//!   wakes at most quadruples the tick rate, and the engine's budgets follow the
-//!   real gap between snapshots down to the same quarter tick;
+//! - ticks start at least a quarter of a tick apart ([`MIN_GAP_DIVISOR`]): a
+//!   storm of wakes at most quadruples the tick rate, and the engine's budgets
+//!   follow the real gap between snapshots down to the same quarter tick;
 //! - a readiness that brings no wake (the connector reports every fork and exit on
 //!   the host) is read, kept for the next observation, and the descriptors rest
 //!   [`IDLE_POLL_GAP`] before the next poll: at most 20 such reads a second;
