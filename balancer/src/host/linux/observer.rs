@@ -1006,6 +1006,8 @@ impl Observer for LinuxObserver {
                 _ => {}
             }
         }
+        // A new qemu's exec and its main thread's rename arrive together.
+        wakes.dedup();
         self.counters.wakes += wakes.len() as u64;
         wakes
     }
