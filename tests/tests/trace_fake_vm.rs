@@ -387,3 +387,116 @@ fn observer_locates_each_guest_cell_of_the_fake_vm() {
         assert_eq!(cell.bytes_per_node.iter().sum::<u64>(), 32 * MIB);
     }
 }
+
+/// Moves thread `tid` onto CPU `cpu` alone.
+fn pin(tid: u32, cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), &set).unwrap();
+}
+
+/// The wakes the observer reports within `limit`, polling its descriptors as the
+/// daemon's loop does.
+fn wakes_within(o: &mut LinuxObserver, limit: std::time::Duration) -> Vec<balancer::host::Wake> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let end = std::time::Instant::now() + limit;
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Vec::new();
+        }
+        let ready = {
+            let fds = o.wake_fds();
+            let mut polled: Vec<PollFd<'_>> = fds
+                .iter()
+                .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+                .collect();
+            let ms = PollTimeout::try_from(left.as_millis().max(1) as i32).unwrap();
+            poll(&mut polled, ms).unwrap_or(0) > 0
+        };
+        if ready {
+            let w = o.take_wakes();
+            if !w.is_empty() {
+                return w;
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: loads eBPF programs"]
+fn a_vcpu_moved_to_another_node_wakes_the_observer_once_per_observation() {
+    use balancer::host::Wake;
+    use balancer::host::linux::EbpfTelemetry;
+    use balancer::telemetry::{LoadOptions, Telemetry};
+    use std::time::Duration;
+
+    vmbalancer_tests::require_root();
+    // The programs' CPU-to-node table from a made-up tree where each CPU is a node:
+    // moving a thread between two CPUs is then a cross-node move to them.
+    let (sys_root, cpus) = vmbalancer_tests::fake_sys::one_node_per_cpu("wake");
+    vmbalancer_tests::require(cpus.len() >= 2, "two CPUs to move a thread between");
+    let (a, b) = (cpus[0], cpus[1]);
+    let telemetry = Telemetry::load_with(&LoadOptions {
+        sys_root,
+        ..LoadOptions::default()
+    })
+    .expect("load eBPF telemetry");
+    let mut o = LinuxObserver::new(HostPaths::system(), ObserverConfig::default())
+        .unwrap()
+        .with_telemetry(Box::new(EbpfTelemetry::new(telemetry)));
+    let vm = MiniQemu::start("wake");
+    let (_, tid) = vm.vcpu_tids()[0];
+    // Every thread of the VM on one CPU: any tracked thread the scheduler moved
+    // across the made-up nodes would take the one wake of an observation.
+    for t in std::fs::read_dir(format!("/proc/{}/task", vm.pid)).unwrap() {
+        let t: u32 = t.unwrap().file_name().to_str().unwrap().parse().unwrap();
+        pin(t, a);
+    }
+    // A sleeping thread moves when it next wakes: the main thread within 200 ms.
+    std::thread::sleep(Duration::from_millis(500));
+    // The first observation finds the VM and tracks its threads.
+    o.observe().unwrap();
+    // The scheduler's move (here an affinity change by someone else than the
+    // balancer) wakes the observer, naming the VM, the thread and both nodes.
+    // Each observation arms one wake; other tests' VMs on this host may take one
+    // first, so a few rounds are allowed.
+    let moved_and_woken = |o: &mut LinuxObserver| {
+        for _ in 0..5 {
+            o.observe().unwrap();
+            let _ = o.take_wakes();
+            let on = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(tid as i32)).unwrap();
+            let (from, to) = if on.is_set(a).unwrap() {
+                (a, b)
+            } else {
+                (b, a)
+            };
+            pin(tid, to);
+            let want = Wake::CrossNode {
+                vm: vm.pid,
+                tid,
+                from: from as u32,
+                to: to as u32,
+            };
+            let got = wakes_within(o, Duration::from_secs(2));
+            if got.contains(&want) {
+                return Ok(());
+            }
+            eprintln!("want {want:?}, got {got:?}: again");
+        }
+        Err("no wake for the vCPU's move in 5 observations")
+    };
+    moved_and_woken(&mut o).unwrap();
+
+    // Until the next observation, more moves wake no one, whoever moves.
+    pin(tid, a);
+    pin(tid, b);
+    let quiet = wakes_within(&mut o, Duration::from_millis(500));
+    assert!(
+        quiet.iter().all(|w| !matches!(w, Wake::CrossNode { .. })),
+        "woken again before observing: {quiet:?}"
+    );
+
+    // Observing arms it again.
+    moved_and_woken(&mut o).unwrap();
+}
