@@ -32,9 +32,14 @@ pub fn map(len: usize, advice: Option<libc::c_int>) -> std::io::Result<*mut u8> 
 
 /// Pins the calling thread to `cpu` alone.
 pub fn pin_self(cpu: u32) -> nix::Result<()> {
+    pin_thread(0, cpu)
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpu` alone.
+pub fn pin_thread(tid: u32, cpu: u32) -> nix::Result<()> {
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu as usize)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), &set)
 }
 
 /// The CPU the calling thread runs on.

@@ -390,36 +390,16 @@ fn observer_locates_each_guest_cell_of_the_fake_vm() {
 
 /// Moves thread `tid` onto CPU `cpu` alone.
 fn pin(tid: u32, cpu: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid as i32), &set).unwrap();
+    vmbalancer_tests::anon::pin_thread(tid, cpu as u32).unwrap();
 }
 
-/// The wakes the observer reports within `limit`, polling its descriptors as the
-/// daemon's loop does.
+/// The wakes the observer reports within `limit`, waited for with the daemon's own
+/// wait between ticks (a tick of `limit`): none when the tick came first.
 fn wakes_within(o: &mut LinuxObserver, limit: std::time::Duration) -> Vec<balancer::host::Wake> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let end = std::time::Instant::now() + limit;
-    loop {
-        let left = end.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Vec::new();
-        }
-        let ready = {
-            let fds = o.wake_fds();
-            let mut polled: Vec<PollFd<'_>> = fds
-                .iter()
-                .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
-                .collect();
-            let ms = PollTimeout::try_from(left.as_millis().max(1) as i32).unwrap();
-            poll(&mut polled, ms).unwrap_or(0) > 0
-        };
-        if ready {
-            let w = o.take_wakes();
-            if !w.is_empty() {
-                return w;
-            }
-        }
+    use balancer::daemon::{run::Shutdown, wake};
+    match wake::wait(o, &Shutdown::new(), std::time::Instant::now(), limit, true) {
+        wake::Waited::Woken(w) => w,
+        _ => Vec::new(),
     }
 }
 

@@ -911,16 +911,8 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
                     r.applied
                 ));
             }
-            if !self.cfg.wake_on_events {
-                if self
-                    .shutdown
-                    .wait_timeout(tick.saturating_sub(start.elapsed()))
-                {
-                    break;
-                }
-                continue;
-            }
-            match super::wake::wait(&mut self.observer, &self.shutdown, start, tick) {
+            let listen = self.cfg.wake_on_events;
+            match super::wake::wait(&mut self.observer, &self.shutdown, start, tick, listen) {
                 super::wake::Waited::Stop => break,
                 super::wake::Waited::Due => {}
                 super::wake::Waited::Woken(wakes) => self.note_wakes(&wakes, start.elapsed()),

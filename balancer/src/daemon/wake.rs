@@ -24,10 +24,8 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::run::Shutdown;
+use crate::engine::MIN_GAP_DIVISOR;
 use crate::host::{Observer, Wake};
-
-/// A woken tick starts at least `tick / MIN_GAP_DIVISOR` after the previous one.
-pub const MIN_GAP_DIVISOR: u32 = 4;
 
 /// How long the descriptors rest after a readiness that brought no wake.
 pub const IDLE_POLL_GAP: Duration = Duration::from_millis(50);
@@ -44,12 +42,14 @@ pub enum Waited {
 }
 
 /// Waits from a tick that started at `tick_start` until the next is due (`tick`
-/// later), the observer has a wake, or `shutdown` is triggered.
+/// later), the observer has a wake (only when `listen`: the configuration's
+/// `wake_on_events`), or `shutdown` is triggered.
 pub fn wait<O: Observer>(
     observer: &mut O,
     shutdown: &Shutdown,
     tick_start: Instant,
     tick: Duration,
+    listen: bool,
 ) -> Waited {
     let due = tick_start + tick;
     let earliest = tick_start + tick / MIN_GAP_DIVISOR;
@@ -63,7 +63,11 @@ pub fn wait<O: Observer>(
         }
         let left = due - now;
         let readable = {
-            let fds = observer.wake_fds();
+            let fds = if listen {
+                observer.wake_fds()
+            } else {
+                Vec::new()
+            };
             match shutdown.wake_fd() {
                 Some(stop) if !fds.is_empty() => poll_fds(stop.as_fd(), &fds, left),
                 _ => {
@@ -205,7 +209,7 @@ mod tests {
         let stop = Shutdown::new();
         let start = Instant::now();
         poke_after(&obs.fd, Duration::from_millis(20));
-        let waited = wait(&mut obs, &stop, start, TICK);
+        let waited = wait(&mut obs, &stop, start, TICK, true);
         let took = start.elapsed();
         assert_eq!(waited, Waited::Woken(vec![wake]));
         assert!(took >= TICK / MIN_GAP_DIVISOR, "{took:?}");
@@ -226,13 +230,24 @@ mod tests {
             }
         });
         let start = Instant::now();
-        let waited = wait(&mut obs, &stop, start, TICK);
+        let waited = wait(&mut obs, &stop, start, TICK, true);
         keep.join().unwrap();
         assert_eq!(waited, Waited::Due);
         assert!(start.elapsed() >= TICK);
         // One read per rest, not one per event.
         let most = (TICK.as_millis() / IDLE_POLL_GAP.as_millis()) as u32 + 1;
         assert!(obs.reads <= most, "{} reads", obs.reads);
+    }
+
+    #[test]
+    fn not_listening_waits_for_the_tick_whatever_is_readable() {
+        let mut obs = poked(vec![Wake::NewVm { pid: 42 }]);
+        let stop = Shutdown::new();
+        obs.fd.write(1).unwrap();
+        let start = Instant::now();
+        assert_eq!(wait(&mut obs, &stop, start, TICK, false), Waited::Due);
+        assert!(start.elapsed() >= TICK);
+        assert_eq!(obs.reads, 0);
     }
 
     #[test]
@@ -245,7 +260,7 @@ mod tests {
             s.trigger();
         });
         let start = Instant::now();
-        assert_eq!(wait(&mut obs, &stop, start, TICK * 10), Waited::Stop);
+        assert_eq!(wait(&mut obs, &stop, start, TICK * 10, true), Waited::Stop);
         assert!(start.elapsed() < TICK, "{:?}", start.elapsed());
     }
 }

@@ -226,20 +226,15 @@ impl Engine {
     }
 }
 
-/// The shortest gap between decisions the budgets assume, as a divisor of the tick:
-/// the daemon starts a tick early on a wake, at least a quarter tick after the last
-/// (`daemon::wake`), and a decision then gets the budget of its real gap.
-const MIN_GAP_DIVISOR: u64 = 4;
+/// The shortest gap between two decisions, as a divisor of the tick: the daemon
+/// starts a tick early on a wake, at least this fraction of a tick after the last
+/// (`daemon::wake`), and the budgets of such a decision follow its real gap.
+pub const MIN_GAP_DIVISOR: u32 = 4;
 
 /// A gap between two nodes' load ratios as a spread in percent of the host's mean
 /// ratio (at least 0.05: an almost idle host is not "out of balance" by a sliver).
 pub fn spread_pct(ratio_gap: f64, total_load: f64, total_cap: f64) -> f64 {
-    let mean = if total_cap > 0.0 {
-        (total_load / total_cap).max(0.05)
-    } else {
-        0.05
-    };
-    ratio_gap / mean * 100.0
+    ratio_gap / (total_load / total_cap).max(0.05) * 100.0
 }
 
 /// The pure decision function behind [`Engine::plan`].
@@ -250,7 +245,7 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     }
     let dt_ns = match state.last_now_ns {
         Some(prev) if snap.now_ns > prev => {
-            (snap.now_ns - prev).clamp(cfg.tick_ns / MIN_GAP_DIVISOR, 5 * cfg.tick_ns)
+            (snap.now_ns - prev).clamp(cfg.tick_ns / u64::from(MIN_GAP_DIVISOR), 5 * cfg.tick_ns)
         }
         _ => cfg.tick_ns,
     };
@@ -428,14 +423,12 @@ impl<'a> Ctx<'a> {
     /// How unequal the nodes' load ratios are under `load`.
     pub fn imbalance(&self, load: &[f64]) -> Imbalance {
         let mut found: Option<Imbalance> = None;
-        let (mut idlest_ratio, mut total_load, mut total_cap) = (f64::MAX, 0.0, 0.0);
+        let mut idlest_ratio = f64::MAX;
         for (i, n) in self.nodes.iter().enumerate() {
             if n.cap <= 0.0 {
                 continue;
             }
             let r = load[i] / n.cap;
-            total_load += load[i];
-            total_cap += n.cap;
             let f = found.get_or_insert(Imbalance {
                 spread_pct: 0.0,
                 busiest: i,
@@ -454,6 +447,7 @@ impl<'a> Ctx<'a> {
         let Some(mut f) = found else {
             return Imbalance::default();
         };
+        let (total_load, total_cap) = self.load_totals(load);
         f.spread_pct = spread_pct(f.busiest_ratio - idlest_ratio, total_load, total_cap);
         f
     }

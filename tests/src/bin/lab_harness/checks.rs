@@ -26,8 +26,9 @@ pub struct RunFacts {
     pub distances: Vec<Vec<u32>>,
     /// KSM's counters when the balancer started and at the end, with `[ksm]`.
     pub ksm: Option<(crate::ksm::KsmFigures, crate::ksm::KsmFigures)>,
-    /// VMs started by events: name, pid, CLOCK_MONOTONIC (ns) at the start.
-    pub late_starts: Vec<(String, u32, u64)>,
+    /// VMs started by events: their `[[vms]]` entry, name, pid, and
+    /// CLOCK_MONOTONIC (ns) at the start.
+    pub late_starts: Vec<(String, String, u32, u64)>,
 }
 
 /// One assertion's outcome.
@@ -554,20 +555,12 @@ pub fn run_check(
             }
         }
         Assertion::Reaction { vm, max_s } => {
-            let started: Vec<_> = facts
+            let status = status_of(facts).ok();
+            let times: Vec<(String, Option<f64>)> = facts
                 .late_starts
                 .iter()
-                .filter(|(name, _, _)| {
-                    name == vm
-                        || name
-                            .strip_prefix(vm.as_str())
-                            .is_some_and(|n| n.parse::<u32>().is_ok())
-                })
-                .collect();
-            let status = status_of(facts).ok();
-            let times: Vec<(String, Option<f64>)> = started
-                .iter()
-                .map(|(name, pid, at_ns)| {
+                .filter(|(entry, ..)| entry == vm)
+                .map(|(_, name, pid, at_ns)| {
                     let t = status.and_then(|st| {
                         vmbalancer_tests::lab::access::first_cpu_move(st, Some(*pid), *at_ns)
                     });

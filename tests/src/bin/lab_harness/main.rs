@@ -257,8 +257,9 @@ fn run() -> anyhow::Result<bool> {
             .iter()
             .any(|a| matches!(a, Assertion::Refusals { .. }));
     let end_s = args.capture_at_s.unwrap_or(scenario.duration_s);
-    // VMs started by events: the VM, and CLOCK_MONOTONIC when it was started.
-    let mut late: Vec<(vms::RunningVm, u64)> = Vec::new();
+    // VMs started by events: the VM, its `[[vms]]` entry, and CLOCK_MONOTONIC when
+    // it was started.
+    let mut late: Vec<(vms::RunningVm, String, u64)> = Vec::new();
     for step in timeline(&scenario, end_s) {
         let due = t0 + Duration::from_secs_f64(step.at_s());
         sampler.poll_until(due);
@@ -305,7 +306,7 @@ fn run() -> anyhow::Result<bool> {
                         source: "harness".into(),
                         text: format!("started late VM {} (pid {})", started.name, started.pid),
                     });
-                    late.push((started, at_ns));
+                    late.push((started, vm.spec.name.clone(), at_ns));
                 }
                 if let Some(sig) = &e.kill_balancer {
                     guard.kill(signal_number(sig).unwrap_or(libc::SIGKILL));
@@ -375,7 +376,7 @@ fn run() -> anyhow::Result<bool> {
         ksm: ksm_figures,
         late_starts: late
             .iter()
-            .map(|(v, at_ns)| (v.name.clone(), v.pid, *at_ns))
+            .map(|(v, entry, at_ns)| (entry.clone(), v.name.clone(), v.pid, *at_ns))
             .collect(),
     };
     if let Some(problems) = consistency {
@@ -410,7 +411,7 @@ fn run() -> anyhow::Result<bool> {
         }
     }
     vms::stop_all(running);
-    vms::stop_all(late.into_iter().map(|(v, _)| v).collect());
+    vms::stop_all(late.into_iter().map(|(v, ..)| v).collect());
     drop(hogs);
     Ok(verdict.finish())
 }
