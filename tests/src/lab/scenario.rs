@@ -49,6 +49,7 @@
 //! debug_threads = true         # false: threads named like the process (plain qemu)
 //! qemu_args = []               # more qemu options, `{name}` replaced
 //! cells = 0                    # guest NUMA cells (vCPUs and memory split evenly)
+//! busy_vcpus = "boot"          # stack guest: boot | all vCPUs run the payload
 //! phases = [ { at_s = 0, duty_pct = 100 } ]
 //!
 //! [[assert]]                   # see [`Assertion`]
@@ -171,6 +172,26 @@ impl Placement {
     }
 }
 
+/// Which vCPUs of a stack guest's domain run the payload's writer (the busybox
+/// guest's fake VM always runs every vCPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusyVcpus {
+    /// The boot vCPU only: one busy thread per domain, what the stack scenarios
+    /// written before the payload started its other vCPUs set their bars around.
+    #[default]
+    Boot,
+    /// Every vCPU: the payload starts the others as a kernel starts a PC's
+    /// application processors. Needed by a VM with guest cells, whose every cell
+    /// must have vCPUs at work.
+    All,
+}
+
+impl BusyVcpus {
+    /// The most vCPUs the payload starts (its MAX_CPUS).
+    pub const MAX_ALL: u32 = 16;
+}
+
 /// From `at_s` seconds after start, vCPUs are busy `duty_pct` % of the time.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,6 +244,8 @@ pub struct VmSpec {
     /// memory split evenly, cell N holding the N-th run of vCPUs. 0: no guest NUMA.
     /// `placement` applies to each cell's memory on its own.
     pub cells: u32,
+    /// Stack guest: which vCPUs run the payload's writer ([`BusyVcpus`]).
+    pub busy_vcpus: BusyVcpus,
     /// Identical content: VMs with the same non-empty key hold the same pages in the
     /// first `same_content_fraction` of their guest RAM (guests booted from one
     /// image), which their vCPUs only read, so KSM can merge them and they stay
@@ -265,6 +288,7 @@ impl Default for VmSpec {
             debug_threads: true,
             qemu_args: Vec::new(),
             cells: 0,
+            busy_vcpus: BusyVcpus::Boot,
             same_content: String::new(),
             same_content_fraction: 0.5,
             auto_placement: false,
@@ -1074,6 +1098,20 @@ impl Scenario {
                 return bad(format!(
                     "VM {:?}: {} cells must split its {} vCPUs and {} MiB evenly",
                     vm.name, vm.cells, vm.vcpus, vm.memory_mib
+                ));
+            }
+            if self.guest == Guest::Stack && vm.cells > 0 && vm.busy_vcpus != BusyVcpus::All {
+                return bad(format!(
+                    "VM {:?}: in the stack guest a VM with cells needs busy_vcpus = \"all\" \
+                     (with the boot vCPU alone at work, every other cell would sit idle)",
+                    vm.name
+                ));
+            }
+            if vm.busy_vcpus == BusyVcpus::All && vm.vcpus > BusyVcpus::MAX_ALL {
+                return bad(format!(
+                    "VM {:?}: busy_vcpus = \"all\" runs at most {} vCPUs",
+                    vm.name,
+                    BusyVcpus::MAX_ALL
                 ));
             }
             if vm.auto_placement

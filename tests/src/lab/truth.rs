@@ -251,23 +251,40 @@ fn is_hugetlb_path(path: &str) -> bool {
     path.starts_with("/anon_hugepage") || path.contains("/hugepages")
 }
 
+/// The mappings of a `/proc/PID/maps` text that may be guest RAM: anonymous (no
+/// path) or hugetlbfs ([`is_hugetlb_path`]), as (start address, length in bytes).
+fn ram_candidates(maps: &str) -> Result<Vec<(u64, u64)>, TruthError> {
+    let entries = numa_maps::parse_maps(maps).map_err(|e| parse_err("maps", e))?;
+    Ok(entries
+        .iter()
+        .filter(|e| e.path.is_empty() || is_hugetlb_path(&e.path))
+        .map(|e| (e.start_addr, e.len_bytes()))
+        .collect())
+}
+
+/// The start addresses of every mapping that may be guest RAM ([`ram_candidates`])
+/// exactly `bytes` long: the candidates for a guest cell's backend, which only their
+/// content tells apart.
+pub fn ram_mappings_of(maps: &str, bytes: u64) -> Result<Vec<u64>, TruthError> {
+    Ok(ram_candidates(maps)?
+        .into_iter()
+        .filter(|&(_, len)| len == bytes)
+        .map(|(start, _)| start)
+        .collect())
+}
+
 /// The guest RAM mapping of a VM, chosen from `/proc/PID/maps` text: the anonymous
 /// (no path) or hugetlbfs ([`is_hugetlb_path`]) mapping exactly `configured_bytes`
 /// long, else the smallest such one at least that long (the kernel may have merged a
 /// neighbour). Returns (start address, length in bytes).
 pub fn guest_ram_mapping(maps: &str, configured_bytes: u64) -> Result<(u64, u64), TruthError> {
-    let entries = numa_maps::parse_maps(maps).map_err(|e| parse_err("maps", e))?;
     let mut best: Option<(u64, u64)> = None;
-    for e in entries
-        .iter()
-        .filter(|e| e.path.is_empty() || is_hugetlb_path(&e.path))
-    {
-        let len = e.len_bytes();
+    for (start, len) in ram_candidates(maps)? {
         if len == configured_bytes {
-            return Ok((e.start_addr, len));
+            return Ok((start, len));
         }
         if len > configured_bytes && best.is_none_or(|(_, l)| len < l) {
-            best = Some((e.start_addr, len));
+            best = Some((start, len));
         }
     }
     best.ok_or_else(|| {

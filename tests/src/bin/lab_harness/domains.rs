@@ -13,6 +13,15 @@
 //! same progress file once the payload has first-touched its RAM. Everything
 //! downstream (readiness, touches per interval, the sampler) is then shared.
 //!
+//! Guest NUMA cells (`cells > 0`): the domain XML gives libvirt `<cpu><numa><cell/>`,
+//! so qemu backs each cell with a RAM backend of its own, one host mapping each.
+//! Those anonymous mappings are alike but for their content: the payload marks each
+//! cell's base + `STATE_GPA` (the state block in cell 0, `CELL_MAGIC` and the cell's
+//! id in the others), and [`ram_parts`] tells the mappings apart by reading there.
+//! The relay reports them as the fake VM does (its progress file's `ram` list), so
+//! the sampler judges each cell on its own, from the harness's own reading, not
+//! from how vmbalancer located them.
+//!
 //! Initial placement ([`place`]): the payload first-touches its RAM wherever the
 //! kernel puts it; the harness then moves the pages to the scenario's placement
 //! with move_pages(2) (round-robin chunks for `scattered`), which leaves no memory
@@ -34,9 +43,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use vmbalancer_tests::lab::protocol::Record;
-#[cfg(test)]
-use vmbalancer_tests::lab::scenario::VmSpec;
-use vmbalancer_tests::lab::scenario::{Placement, Scenario, VmInstance};
+use vmbalancer_tests::lab::scenario::{BusyVcpus, Placement, Scenario, VmInstance, VmSpec};
 use vmbalancer_tests::lab::truth::{self, NodeInfo};
 
 use crate::emit;
@@ -45,9 +52,15 @@ use crate::vms::{RunningVm, VmProcess};
 /// The domain template and the payload, as the image carries them.
 const TEMPLATE: &str = "/lab/stack/domain.xml.in";
 pub const PAYLOAD: &str = "/var/lib/libvirt/images/vmblab-payload.elf";
-/// Where the payload keeps its state block (guest-physical; payload.c STATE_GPA).
+/// Where the payload keeps its state block (guest-physical; payload.c STATE_GPA),
+/// and where each further guest cell keeps its marker (at the cell's base + this).
 const STATE_GPA: u64 = 0x20_0000;
 const STATE_MAGIC: u32 = 0x564d_424c;
+const CELL_MAGIC: u32 = 0x4c4c_4543;
+/// The state block's per-vCPU write counters (payload.c `cpu_touches`): offset and
+/// entries.
+const CPU_TOUCHES_AT: usize = 32;
+const STATE_BYTES: usize = CPU_TOUCHES_AT + 8 * BusyVcpus::MAX_ALL as usize;
 /// move_pages(2) flag: move pages shared with other processes too (linux/mempolicy.h;
 /// the libc crate does not export it).
 const MPOL_MF_MOVE_ALL: libc::c_int = 1 << 2;
@@ -62,14 +75,41 @@ pub fn running(pid: u32) -> bool {
 fn cmdline(vm: &VmInstance) -> String {
     let s = &vm.spec;
     let duty = s.phases.first().map_or(100.0, |p| p.duty_pct);
-    format!(
+    let mut line = format!(
         "ram_mib={} hot_permille={} hot_offset_permille={} hot_access_pct={} duty_pct={}",
         s.memory_mib,
         (s.hot_fraction * 1000.0).round() as u32,
         (s.hot_offset * 1000.0).round() as u32,
         s.hot_access_pct.round() as u32,
         duty.round() as u32
-    )
+    );
+    if s.busy_vcpus == BusyVcpus::All {
+        line.push_str(&format!(" cpus={}", s.vcpus));
+    }
+    if s.cells > 0 {
+        line.push_str(&format!(" cells={}", s.cells));
+    }
+    line
+}
+
+/// libvirt's guest NUMA cells for a VM with `cells`: `<cpu><numa>` with one `<cell>`
+/// per cell, vCPUs and memory split evenly in order (empty without cells).
+fn cells_xml(spec: &VmSpec) -> String {
+    if spec.cells == 0 {
+        return String::new();
+    }
+    let per_cell_vcpus = spec.vcpus / spec.cells;
+    let cell_mib = spec.memory_mib / u64::from(spec.cells);
+    let mut xml = String::from("<cpu><numa>");
+    for c in 0..spec.cells {
+        let first = c * per_cell_vcpus;
+        xml.push_str(&format!(
+            "<cell id='{c}' cpus='{first}-{}' memory='{cell_mib}' unit='MiB'/>",
+            first + per_cell_vcpus - 1
+        ));
+    }
+    xml.push_str("</numa></cpu>");
+    xml
 }
 
 /// libvirt's huge page backing for a VM with `hugetlb = true`: guest RAM on hugetlbfs
@@ -133,6 +173,7 @@ pub fn domain_xml(template: &str, vm: &VmInstance, pinning: &str) -> String {
         .replace("@VCPU_PLACEMENT@", vcpu_placement)
         .replace("@NUMATUNE@", numatune)
         .replace("@PINNING@", pinning)
+        .replace("@CPU@", &cells_xml(&vm.spec))
         .replace("@NAME@", &vm.name)
         .replace("@MEMORY_MIB@", &vm.spec.memory_mib.to_string())
         .replace("@VCPUS@", &vm.spec.vcpus.to_string())
@@ -202,7 +243,7 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
         let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
         let _ = fs::remove_file(&progress);
         let memory_bytes = vm.spec.memory_mib << 20;
-        spawn_relay(pid, memory_bytes, vm.spec.vcpus, progress.clone());
+        spawn_relay(pid, vm.spec.clone(), progress.clone());
         out.push(RunningVm {
             name: vm.name.clone(),
             pid,
@@ -227,40 +268,114 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
     Ok(out)
 }
 
-/// The payload's state block: (ready, touches).
-fn read_state(pid: u32, ram_start: u64) -> Option<(bool, u64)> {
+/// The payload's state block, read from the mapping of the VM's cell 0 (or of all
+/// its RAM): whether it is ready, and the writes of each of its `vcpus` vCPUs.
+fn read_state(pid: u32, ram_start: u64, vcpus: u32) -> Option<(bool, Vec<u64>)> {
     let mut mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
     mem.seek(SeekFrom::Start(ram_start + STATE_GPA)).ok()?;
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; STATE_BYTES];
     mem.read_exact(&mut buf).ok()?;
     let word = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().unwrap_or_default());
     if word(0) != STATE_MAGIC {
         return None;
     }
-    let touches = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
+    let touches = (0..(vcpus.clamp(1, BusyVcpus::MAX_ALL) as usize))
+        .map(|i| {
+            let at = CPU_TOUCHES_AT + 8 * i;
+            u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or_default())
+        })
+        .collect();
     Some((word(4) == 1, touches))
 }
 
+/// One host mapping of a domain's guest RAM: all of it, or one guest cell's, with
+/// the vCPU indexes that work in it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RamPart {
+    pub cell: Option<u32>,
+    pub start: u64,
+    pub len: u64,
+    pub vcpus: Vec<u32>,
+}
+
+/// Where qemu `pid` maps the guest RAM of a VM of `spec`, in guest-physical order
+/// (the first part holds the state block): the mapping of its configured size, or
+/// one per guest cell told apart by the payload's markers (module doc). `None`
+/// until every part is found.
+pub fn ram_parts(pid: u32, spec: &VmSpec) -> Option<Vec<RamPart>> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let memory_bytes = spec.memory_mib << 20;
+    if spec.cells == 0 {
+        let (start, len) = truth::guest_ram_mapping(&maps, memory_bytes).ok()?;
+        return Some(vec![RamPart {
+            cell: None,
+            start,
+            len,
+            vcpus: (0..spec.vcpus).collect(),
+        }]);
+    }
+    let cell_bytes = memory_bytes / u64::from(spec.cells);
+    let mut found: Vec<Option<u64>> = vec![None; spec.cells as usize];
+    let mut mem = fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    for start in truth::ram_mappings_of(&maps, cell_bytes).ok()? {
+        let mut buf = [0u8; 8];
+        if mem.seek(SeekFrom::Start(start + STATE_GPA)).is_err()
+            || mem.read_exact(&mut buf).is_err()
+        {
+            continue;
+        }
+        let word = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().unwrap_or_default());
+        let cell = match word(0) {
+            STATE_MAGIC => 0,
+            CELL_MAGIC => word(4),
+            _ => continue,
+        };
+        if let Some(slot) = found.get_mut(cell as usize) {
+            *slot = Some(start);
+        }
+    }
+    let per_cell_vcpus = spec.vcpus / spec.cells;
+    found
+        .into_iter()
+        .zip(0u32..)
+        .map(|(start, c)| {
+            Some(RamPart {
+                cell: Some(c),
+                start: start?,
+                len: cell_bytes,
+                vcpus: (c * per_cell_vcpus..(c + 1) * per_cell_vcpus).collect(),
+            })
+        })
+        .collect()
+}
+
 /// Relays the payload's state to `progress` every 250 ms while qemu runs, in the
-/// fake VM's format (`{"t_s": when the state was read, "touches": [...]}`, one entry
-/// per vCPU: only the boot vCPU works).
-fn spawn_relay(pid: u32, memory_bytes: u64, vcpus: u32, progress: PathBuf) {
+/// fake VM's format (`{"t_s": when the state was read, "touches": [per vCPU],
+/// "ram": [{"cell", "start", "len", "vcpus"}]}`; with `busy_vcpus = "boot"` only the
+/// boot vCPU's count grows).
+fn spawn_relay(pid: u32, spec: VmSpec, progress: PathBuf) {
     std::thread::spawn(move || {
         let start = std::time::Instant::now();
-        let mut ram_start = None;
+        let mut parts: Option<Vec<RamPart>> = None;
         while running(pid) {
-            if ram_start.is_none() {
-                ram_start = fs::read_to_string(format!("/proc/{pid}/maps"))
-                    .ok()
-                    .and_then(|m| truth::guest_ram_mapping(&m, memory_bytes).ok())
-                    .map(|(start, _)| start);
+            if parts.is_none() {
+                parts = ram_parts(pid, &spec);
             }
-            if let Some((true, touches)) = ram_start.and_then(|s| read_state(pid, s)) {
-                let mut per_vcpu = vec![0u64; vcpus.max(1) as usize];
-                per_vcpu[0] = touches;
+            if let Some(parts) = &parts
+                && let Some((true, touches)) = read_state(pid, parts[0].start, spec.vcpus)
+            {
+                let ram: Vec<serde_json::Value> = parts
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "cell": p.cell, "start": p.start, "len": p.len, "vcpus": p.vcpus,
+                        })
+                    })
+                    .collect();
                 let text = serde_json::json!({
                     "t_s": start.elapsed().as_secs_f64(),
-                    "touches": per_vcpu,
+                    "touches": touches,
+                    "ram": ram,
                 })
                 .to_string();
                 let tmp = progress.with_extension("tmp");
@@ -302,48 +417,52 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
         if spec.placement == Placement::Default || spec.hugetlb {
             continue;
         }
-        let maps = fs::read_to_string(format!("/proc/{}/maps", vm.pid))?;
-        let (ram_start, _) = truth::guest_ram_mapping(&maps, vm.memory_bytes)
-            .with_context(|| format!("VM {}: guest RAM mapping", vm.name))?;
-        let pages = vm.memory_bytes / 4096;
-        let chunk_pages = (spec.chunk_mib << 20) / 4096;
-        let n_nodes = nodes.len();
-        let pid = vm.pid;
-        let name = vm.name.clone();
-        jobs.push(std::thread::spawn(move || -> anyhow::Result<u64> {
-            let mut moved = 0u64;
-            const BATCH: u64 = 4096;
-            for first in (0..pages).step_by(BATCH as usize) {
-                let n = BATCH.min(pages - first);
-                let mut addrs = Vec::with_capacity(n as usize);
-                let mut targets = Vec::with_capacity(n as usize);
-                for i in first..first + n {
-                    if let Some(t) = target_node(spec.placement, spec.node, chunk_pages, n_nodes, i)
-                    {
-                        addrs.push((ram_start + i * 4096) as *mut libc::c_void);
-                        targets.push(t as libc::c_int);
+        // Each part (all of guest RAM, or each cell's) is placed on its own, as the
+        // fake VM places each cell's mapping.
+        let parts = ram_parts(vm.pid, &spec)
+            .with_context(|| format!("VM {}: guest RAM mappings not found", vm.name))?;
+        for part in parts {
+            let chunk_pages = (spec.chunk_mib << 20) / 4096;
+            let n_nodes = nodes.len();
+            let pid = vm.pid;
+            let name = vm.name.clone();
+            let (ram_start, pages) = (part.start, part.len / 4096);
+            jobs.push(std::thread::spawn(move || -> anyhow::Result<u64> {
+                let mut moved = 0u64;
+                const BATCH: u64 = 4096;
+                for first in (0..pages).step_by(BATCH as usize) {
+                    let n = BATCH.min(pages - first);
+                    let mut addrs = Vec::with_capacity(n as usize);
+                    let mut targets = Vec::with_capacity(n as usize);
+                    for i in first..first + n {
+                        if let Some(t) =
+                            target_node(spec.placement, spec.node, chunk_pages, n_nodes, i)
+                        {
+                            addrs.push((ram_start + i * 4096) as *mut libc::c_void);
+                            targets.push(t as libc::c_int);
+                        }
                     }
+                    let mut status = vec![0 as libc::c_int; addrs.len()];
+                    // SAFETY: the three arrays hold `addrs.len()` elements each.
+                    let r = unsafe {
+                        libc::syscall(
+                            libc::SYS_move_pages,
+                            pid as libc::c_long,
+                            addrs.len() as libc::c_ulong,
+                            addrs.as_ptr(),
+                            targets.as_ptr(),
+                            status.as_mut_ptr(),
+                            MPOL_MF_MOVE_ALL,
+                        )
+                    };
+                    if r < 0 {
+                        bail!("VM {name}: move_pages: {}", std::io::Error::last_os_error());
+                    }
+                    moved += status.iter().filter(|&&s| s >= 0).count() as u64;
                 }
-                let mut status = vec![0 as libc::c_int; addrs.len()];
-                // SAFETY: the three arrays hold `addrs.len()` elements each.
-                let r = unsafe {
-                    libc::syscall(
-                        libc::SYS_move_pages,
-                        pid as libc::c_long,
-                        addrs.len() as libc::c_ulong,
-                        addrs.as_ptr(),
-                        targets.as_ptr(),
-                        status.as_mut_ptr(),
-                        MPOL_MF_MOVE_ALL,
-                    )
-                };
-                if r < 0 {
-                    bail!("VM {name}: move_pages: {}", std::io::Error::last_os_error());
-                }
-                moved += status.iter().filter(|&&s| s >= 0).count() as u64;
-            }
-            Ok(moved)
-        }));
+                Ok(moved)
+            }));
+        }
     }
     let mut pages = 0;
     for j in jobs {
@@ -351,8 +470,8 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
             .join()
             .map_err(|_| anyhow::anyhow!("placement thread panicked"))??;
     }
-    for vm in vms {
-        describe(vm, nodes.len());
+    for (vm, spec) in vms.iter().zip(scenario.instances()) {
+        describe(vm, &spec.spec, nodes.len());
     }
     emit(&Record::Event {
         source: "harness".into(),
@@ -367,12 +486,22 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
 
 /// Reports where a domain's guest RAM lies and how its threads may run: the
 /// ground truth a reader of the run needs to trust the placement.
-fn describe(vm: &RunningVm, n_nodes: usize) {
+fn describe(vm: &RunningVm, spec: &VmSpec, n_nodes: usize) {
     let root = Path::new("/");
-    let maps = fs::read_to_string(format!("/proc/{}/maps", vm.pid)).unwrap_or_default();
-    let mapping = truth::guest_ram_mapping(&maps, vm.memory_bytes).ok();
-    let per_node = truth::read_guest_ram_bytes_per_node(root, vm.pid, vm.memory_bytes, n_nodes)
-        .map(|b| b.iter().map(|x| x >> 20).collect::<Vec<_>>());
+    let numa_maps = truth::read_numa_maps(root, vm.pid).unwrap_or_default();
+    let ram: Vec<String> = ram_parts(vm.pid, spec)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let per_node = truth::numa_maps_mapping_bytes_per_node(&numa_maps, p.start, n_nodes)
+                .map(|b| b.iter().map(|x| x >> 20).collect::<Vec<_>>());
+            let cell = p.cell.map_or_else(String::new, |c| format!("cell {c} "));
+            format!(
+                "{cell}mapping {:#x}+{:#x}, MiB per node {per_node:?}",
+                p.start, p.len
+            )
+        })
+        .collect();
     let threads: Vec<String> = truth::vcpu_threads(root, vm.pid)
         .unwrap_or_default()
         .iter()
@@ -387,9 +516,10 @@ fn describe(vm: &RunningVm, n_nodes: usize) {
     emit(&Record::Event {
         source: "harness".into(),
         text: format!(
-            "{} pid {}: guest RAM mapping {mapping:x?}, MiB per node {per_node:?}; {}",
+            "{} pid {}: guest RAM {}; {}",
             vm.name,
             vm.pid,
+            ram.join("; "),
             threads.join(", ")
         ),
     });
@@ -497,6 +627,33 @@ mod tests {
             assert!(!xml.contains('@'), "{xml}");
             assert_eq!(xml.contains("placement='auto'"), auto_placement, "{xml}");
         }
+    }
+
+    #[test]
+    fn cells_become_libvirt_cells_and_the_payload_runs_every_vcpu() {
+        let vm = VmInstance {
+            id: 1,
+            name: "wide".into(),
+            spec: VmSpec {
+                vcpus: 4,
+                cells: 2,
+                memory_mib: 1024,
+                busy_vcpus: BusyVcpus::All,
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            domain_xml("@CPU@", &vm, ""),
+            "<cpu><numa><cell id='0' cpus='0-1' memory='512' unit='MiB'/>\
+             <cell id='1' cpus='2-3' memory='512' unit='MiB'/></numa></cpu>"
+        );
+        assert!(cmdline(&vm).ends_with(" cpus=4 cells=2"), "{}", cmdline(&vm));
+        let plain = VmInstance {
+            spec: VmSpec::default(),
+            ..vm
+        };
+        assert_eq!(domain_xml("@CPU@", &plain, ""), "");
+        assert!(!cmdline(&plain).contains("cpus="), "{}", cmdline(&plain));
     }
 
     #[test]
