@@ -16,9 +16,14 @@
  * ram_mib is the configured RAM (the domain's <memory>): the hot set is placed
  * within it by the same rounding as the harness's hot_pages(), whatever part of it
  * the firmware reserves at the top.
- * A duty cycle below 100 alternates work and spinning on the time-stamp counter in
- * periods of PERIOD_TSC ticks (the vCPU stays busy to the host either way only if
- * duty is 100; spinning on `pause` costs the host less under TCG than writing).
+ * A duty cycle below 100 alternates work and halting in periods of PERIOD_TSC
+ * time-stamp counter ticks: the vCPU rests in `hlt`, as an idle guest kernel does, so
+ * its thread sleeps on the host and a quiet VM is quiet to the balancers. A local
+ * APIC timer (every TIMER_NS) wakes it to look at the clock; the vCPU sets up its
+ * interrupt table and timer the first time it rests, so a VM always at 100 % never
+ * takes an interrupt. The duty cycle is a word of the state block (`duty_pct`): the
+ * command line sets it at start and the harness may write it later, which is how a
+ * scenario's load phases reach a domain.
  *
  * Every vCPU, or the boot vCPU only: with cpus=N (N > 1) the boot vCPU starts the
  * others (INIT and STARTUP IPIs from its local APIC to all but itself, the way a
@@ -56,6 +61,7 @@ static const u32 multiboot_header[3] = {MB_MAGIC, MB_FLAGS, -(MB_MAGIC + MB_FLAG
 #define STATE_MAGIC 0x564d424cu /* "VMBL" */
 #define CELL_MAGIC 0x4c4c4543u  /* "CELL" */
 #define PERIOD_TSC 50000000ull
+#define TIMER_NS 2000000u
 #define PERIOD_TSC_PER_PCT (PERIOD_TSC / 100u)
 #define MAX_CPUS 16u
 #define AP_STACK 16384u
@@ -67,6 +73,16 @@ static const u32 multiboot_header[3] = {MB_MAGIC, MB_FLAGS, -(MB_MAGIC + MB_FLAG
 #define ICR_PENDING (1u << 12)
 #define ICR_ALL_BUT_SELF_INIT 0x000c4500u
 #define ICR_ALL_BUT_SELF_STARTUP 0x000c4600u
+#define LAPIC_EOI 0xfee000b0u
+#define LAPIC_SVR 0xfee000f0u
+#define LAPIC_LVT_TIMER 0xfee00320u
+#define LAPIC_TIMER_INITIAL 0xfee00380u
+#define LAPIC_TIMER_DIVIDE 0xfee003e0u
+#define SVR_ENABLE (1u << 8)
+#define LVT_PERIODIC (1u << 17)
+#define DIVIDE_BY_1 0xbu
+#define TIMER_VECTOR 0x20u
+#define SPURIOUS_VECTOR 0xffu
 
 /* Read by the harness: keep the layout in step with the harness's guest state reader
  * (tests/src/bin/lab_harness/domains.rs). */
@@ -79,6 +95,7 @@ struct state {
     volatile u32 hot_end;
     volatile u32 cpus_running; /* vCPUs writing (offset 28) */
     volatile u64 cpu_touches[MAX_CPUS]; /* writes per vCPU index (offset 32) */
+    volatile u32 duty_pct;    /* the duty cycle now, 1..100 (offset 160) */
 };
 
 struct cell_marker {
@@ -96,7 +113,7 @@ static struct {
     u32 usable;       /* pages below the firmware's top of RAM */
     u32 cells;        /* >= 1 */
     u32 cpus;         /* vCPUs that write, >= 1 */
-    u32 hot_permille, hot_offset_permille, hot_access_pct, duty_pct;
+    u32 hot_permille, hot_offset_permille, hot_access_pct;
 } cfg;
 
 /* Application processors take a stack each by this counter (the boot vCPU is 0). */
@@ -147,6 +164,45 @@ static inline u32 next(u32 *rng)
     return *rng = x;
 }
 
+static inline void outb(unsigned short port, unsigned char v)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+/* The interrupt table every vCPU loads before it first rests: the APIC timer's
+ * vector and the APIC's spurious one; nothing else can arrive (the legacy PICs are
+ * masked). Gates are 32-bit interrupt gates on the flat code segment 0x08. */
+static u64 idt[256] __attribute__((aligned(8)));
+static struct {
+    unsigned short limit;
+    u32 base;
+} __attribute__((packed)) idtr;
+extern void timer_isr(void), spurious_isr(void);
+
+static void set_gate(u32 vector, void (*handler)(void))
+{
+    u32 a = (u32)handler;
+    idt[vector] = (a & 0xffffu) | (0x08u << 16) | ((u64)0x8e << 40) | ((u64)(a >> 16) << 48);
+}
+
+/* Once per vCPU, before its first rest: interrupts on, a periodic APIC timer. */
+static void start_timer(void)
+{
+    if (idtr.limit == 0) { /* the first vCPU to rest fills the shared table */
+        set_gate(TIMER_VECTOR, timer_isr);
+        set_gate(SPURIOUS_VECTOR, spurious_isr);
+        idtr.base = (u32)idt;
+        idtr.limit = sizeof(idt) - 1;
+    }
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    outb(0x21, 0xff); /* legacy PICs masked: their vectors have no gate here */
+    outb(0xa1, 0xff);
+    *(volatile u32 *)LAPIC_SVR = SVR_ENABLE | SPURIOUS_VECTOR;
+    *(volatile u32 *)LAPIC_TIMER_DIVIDE = DIVIDE_BY_1;
+    *(volatile u32 *)LAPIC_LVT_TIMER = LVT_PERIODIC | TIMER_VECTOR;
+    *(volatile u32 *)LAPIC_TIMER_INITIAL = TIMER_NS; /* qemu's APIC: 1 tick = 1 ns */
+}
+
 static void spin(u32 n)
 {
     for (volatile u32 i = 0; i < n; i++)
@@ -190,6 +246,7 @@ static void work(u32 idx)
         st->hot_end = (base + hot_first + hot_len) * PAGE;
     }
     u64 period_start = rdtsc();
+    int timer_on = 0;
     for (;;) {
         for (u32 i = 0; i < 4096; i++) {
             u32 r = next(&rng);
@@ -209,11 +266,16 @@ static void work(u32 idx)
         st->cpu_touches[idx] += 4096;
         if (idx == 0)
             st->touches += 4096;
-        if (cfg.duty_pct < 100) {
+        u32 duty = st->duty_pct;
+        if (duty < 100) {
             u64 now = rdtsc();
-            if (now - period_start >= PERIOD_TSC_PER_PCT * cfg.duty_pct) {
+            if (now - period_start >= PERIOD_TSC_PER_PCT * duty) {
+                if (!timer_on) {
+                    start_timer();
+                    timer_on = 1;
+                }
                 while (rdtsc() - period_start < PERIOD_TSC)
-                    __asm__ volatile("pause");
+                    __asm__ volatile("sti; hlt; cli");
                 period_start = rdtsc();
             }
         }
@@ -278,7 +340,7 @@ void payload_main(u32 magic, struct mb_info *mbi)
     cfg.hot_permille = parse(cmdline, "hot_permille", 250);
     cfg.hot_offset_permille = parse(cmdline, "hot_offset_permille", 0);
     cfg.hot_access_pct = parse(cmdline, "hot_access_pct", 95);
-    cfg.duty_pct = parse(cmdline, "duty_pct", 100);
+    u32 duty_pct = parse(cmdline, "duty_pct", 100);
     cfg.cpus = parse(cmdline, "cpus", 1);
     cfg.cells = parse(cmdline, "cells", 1);
     if (cfg.hot_permille > 1000)
@@ -295,6 +357,7 @@ void payload_main(u32 magic, struct mb_info *mbi)
 
     st->ready = 0;
     st->touches = 0;
+    st->duty_pct = duty_pct < 1 ? 1 : duty_pct > 100 ? 100 : duty_pct;
     st->cpus_running = 1;
     for (u32 i = 0; i < MAX_CPUS; i++)
         st->cpu_touches[i] = 0;
@@ -319,12 +382,27 @@ void payload_main(u32 magic, struct mb_info *mbi)
 __asm__(".pushsection .text\n"
         ".global _start\n"
         "_start:\n"
+        "  lgdt ap_gdtr\n" /* the loader's GDT is not ours to keep: CS 0x08 as the APs */
+        "  ljmp $0x08, $1f\n"
+        "1:\n"
+        "  mov $0x10, %cx\n" /* EAX and EBX hold the loader's magic and info */
+        "  mov %cx, %ds\n"
+        "  mov %cx, %es\n"
+        "  mov %cx, %ss\n"
+        "  mov %cx, %fs\n"
+        "  mov %cx, %gs\n"
         "  mov $stack_top, %esp\n"
         "  push %ebx\n"
         "  push %eax\n"
         "  call payload_main\n"
-        "1: hlt\n"
-        "  jmp 1b\n"
+        "2: hlt\n"
+        "  jmp 2b\n"
+        /* The APIC timer: acknowledge and return (the rest loop reads the clock). */
+        "timer_isr:\n"
+        "  movl $0, 0xfee000b0\n"
+        "  iret\n"
+        "spurious_isr:\n"
+        "  iret\n"
         ".popsection\n"
         ".pushsection .bss\n"
         ".align 16\n"

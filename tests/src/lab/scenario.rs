@@ -220,6 +220,11 @@ pub struct VmSpec {
     /// Back guest RAM with 4 KiB pages only (MADV_NOHUGEPAGE), as qemu on a host
     /// whose transparent huge pages are off. Default false: THP where the kernel can.
     pub small_pages: bool,
+    /// The duty cycle over time. A fake VM counts `at_s` on its own clock, from its
+    /// start. A stack guest's domain counts it from the balancer's start (t = 0): its
+    /// start, placement and the package install take tens of seconds under
+    /// emulation, and a load change timed from the domain's start would land anywhere
+    /// in them. The harness writes each phase's duty into the payload's state block.
     pub phases: Vec<Phase>,
     /// Put the VM in a libvirt-style cgroup `machine.slice/machine-qemu\x2dN\x2dNAME.scope`.
     pub cgroup: bool,

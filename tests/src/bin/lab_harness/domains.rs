@@ -57,10 +57,41 @@ pub const PAYLOAD: &str = "/var/lib/libvirt/images/vmblab-payload.elf";
 const STATE_GPA: u64 = 0x20_0000;
 const STATE_MAGIC: u32 = 0x564d_424c;
 const CELL_MAGIC: u32 = 0x4c4c_4543;
-/// The state block's per-vCPU write counters (payload.c `cpu_touches`): offset and
-/// entries.
+/// The state block's per-vCPU write counters (payload.c `cpu_touches`, one per
+/// possible vCPU), and its duty cycle word after them, which the harness writes.
 const CPU_TOUCHES_AT: usize = 32;
-const STATE_BYTES: usize = CPU_TOUCHES_AT + 8 * BusyVcpus::MAX_ALL as usize;
+const DUTY_AT: usize = CPU_TOUCHES_AT + 8 * BusyVcpus::MAX_ALL as usize;
+const STATE_BYTES: usize = DUTY_AT + 4;
+
+/// When the balancer started: the domains' load phases count from here (see
+/// `VmSpec::phases`). Unset, every domain keeps its first phase.
+static PHASE_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Starts the domains' load phases (at the balancer's start, t = 0).
+pub fn start_phases() {
+    let _ = PHASE_EPOCH.set(Instant::now());
+}
+
+/// The duty cycle (whole %, 1..=100) of a domain with `phases` now.
+fn duty_now(phases: &[vmbalancer_tests::lab::scenario::Phase]) -> u32 {
+    let t_s = PHASE_EPOCH.get().map_or(0.0, |e| e.elapsed().as_secs_f64());
+    let duty = vmbalancer_tests::lab::scenario::duty_pct_at(
+        phases.iter().map(|p| (p.at_s, p.duty_pct)),
+        t_s,
+    );
+    (duty.round() as u32).clamp(1, 100)
+}
+
+/// Writes the payload's duty cycle word (the state block is in the mapping at
+/// `ram_start`).
+fn write_duty(pid: u32, ram_start: u64, duty_pct: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut mem = fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))?;
+    mem.seek(SeekFrom::Start(ram_start + STATE_GPA + DUTY_AT as u64))?;
+    mem.write_all(&duty_pct.to_le_bytes())
+}
 /// move_pages(2) flag: move pages shared with other processes too (linux/mempolicy.h;
 /// the libc crate does not export it).
 const MPOL_MF_MOVE_ALL: libc::c_int = 1 << 2;
@@ -74,14 +105,14 @@ pub fn running(pid: u32) -> bool {
 /// The payload's command line for `vm`.
 fn cmdline(vm: &VmInstance) -> String {
     let s = &vm.spec;
-    let duty = s.phases.first().map_or(100.0, |p| p.duty_pct);
+    let duty = duty_at_start(&s.phases);
     let mut line = format!(
         "ram_mib={} hot_permille={} hot_offset_permille={} hot_access_pct={} duty_pct={}",
         s.memory_mib,
         (s.hot_fraction * 1000.0).round() as u32,
         (s.hot_offset * 1000.0).round() as u32,
         s.hot_access_pct.round() as u32,
-        duty.round() as u32
+        duty
     );
     if s.busy_vcpus == BusyVcpus::All {
         line.push_str(&format!(" cpus={}", s.vcpus));
@@ -90,6 +121,13 @@ fn cmdline(vm: &VmInstance) -> String {
         line.push_str(&format!(" cells={}", s.cells));
     }
     line
+}
+
+/// A domain's duty cycle before the balancer starts: its first phase's.
+fn duty_at_start(phases: &[vmbalancer_tests::lab::scenario::Phase]) -> u32 {
+    phases
+        .first()
+        .map_or(100, |p| (p.duty_pct.round() as u32).clamp(1, 100))
 }
 
 /// libvirt's guest NUMA cells for a VM with `cells`: `<cpu><numa>` with one `<cell>`
@@ -352,14 +390,28 @@ pub fn ram_parts(pid: u32, spec: &VmSpec) -> Option<Vec<RamPart>> {
 /// Relays the payload's state to `progress` every 250 ms while qemu runs, in the
 /// fake VM's format (`{"t_s": when the state was read, "touches": [per vCPU],
 /// "ram": [{"cell", "start", "len", "vcpus"}]}`; with `busy_vcpus = "boot"` only the
-/// boot vCPU's count grows).
+/// boot vCPU's count grows), and writes the domain's load phases into the payload as
+/// they come due.
 fn spawn_relay(pid: u32, spec: VmSpec, progress: PathBuf) {
     std::thread::spawn(move || {
         let start = std::time::Instant::now();
         let mut parts: Option<Vec<RamPart>> = None;
+        let mut duty = duty_at_start(&spec.phases);
         while running(pid) {
             if parts.is_none() {
                 parts = ram_parts(pid, &spec);
+            }
+            if let Some(parts) = &parts {
+                let due = duty_now(&spec.phases);
+                if due != duty {
+                    match write_duty(pid, parts[0].start, due) {
+                        Ok(()) => duty = due,
+                        Err(e) => emit(&Record::Event {
+                            source: "harness".into(),
+                            text: format!("pid {pid}: writing the duty cycle {due} %: {e}"),
+                        }),
+                    }
+                }
             }
             if let Some(parts) = &parts
                 && let Some((true, touches)) = read_state(pid, parts[0].start, spec.vcpus)
@@ -647,7 +699,11 @@ mod tests {
             "<cpu><numa><cell id='0' cpus='0-1' memory='512' unit='MiB'/>\
              <cell id='1' cpus='2-3' memory='512' unit='MiB'/></numa></cpu>"
         );
-        assert!(cmdline(&vm).ends_with(" cpus=4 cells=2"), "{}", cmdline(&vm));
+        assert!(
+            cmdline(&vm).ends_with(" cpus=4 cells=2"),
+            "{}",
+            cmdline(&vm)
+        );
         let plain = VmInstance {
             spec: VmSpec::default(),
             ..vm

@@ -245,6 +245,7 @@ fn run() -> anyhow::Result<bool> {
     // clock starts after that sample, so its reading time is not the balancer's.
     let mut first_sample = early_guard.is_none().then(|| sampler.sample(0.0));
     sampler.start_clock();
+    domains::start_phases();
     let t0 = Instant::now();
     let mut guard = match early_guard {
         Some(g) => g,

@@ -67,8 +67,10 @@ struct Track {
     /// Nodes the vCPU threads may run on (union), `(t_s, nodes)` from t = 0, one
     /// entry per change.
     node_history: Vec<(f64, Vec<usize>)>,
-    /// The VM's own clock (its progress report) when the balancer started.
+    /// The VM's own clock (its progress report) when the balancer started; 0 for a
+    /// domain, whose phases count from then (`VmSpec::phases`).
     clock_at_t0_s: f64,
+    phases_from_t0: bool,
     /// Per vCPU index: CPU ticks per node since the previous sample, and the node
     /// it last ran on (for the cells' main nodes).
     vcpu_ticks: HashMap<u32, (Vec<u64>, usize)>,
@@ -325,6 +327,7 @@ impl Sampler {
                 allowed_at_start: HashMap::new(),
                 node_history: Vec::new(),
                 clock_at_t0_s: 0.0,
+                phases_from_t0: matches!(v.process, crate::vms::VmProcess::Domain),
                 vcpu_ticks: HashMap::new(),
                 cells: None,
                 hot: (v.hot_fraction, v.hot_offset),
@@ -362,7 +365,11 @@ impl Sampler {
         self.first_affinity_change_s = None;
         for t in &mut self.tracks {
             t.node_history.clear();
-            t.clock_at_t0_s = read_report(&t.progress).map_or(0.0, |(s, _)| s);
+            t.clock_at_t0_s = if t.phases_from_t0 {
+                0.0
+            } else {
+                read_report(&t.progress).map_or(0.0, |(s, _)| s)
+            };
         }
         self.poll();
     }
