@@ -110,12 +110,13 @@ use scenarios::{list, load_scenario};
 /// Scenarios CI runs on each kernel generation (`cargo xtask lab ci`), each once
 /// under its own balancer: those whose subject has no counterpart under none,
 /// autonuma or numad (a dry run, trace's own report, a SIGKILLed and restarted
-/// daemon, a systemd-style start, numad's `-R` reserved CPUs, the choice of the
-/// cheapest VM to move off an overloaded node, the daemon's reaction to a new VM;
+/// daemon, a systemd-style start, numad's `-R` reserved CPUs, the daemon's reaction
+/// to a new VM;
 /// the stack guest's libvirt domains balanced by the packaged daemon under
-/// systemd, on 4 KiB pages, on 2 MiB huge pages preallocated on the wrong node, and
-/// a wide domain in guest NUMA cells; the busybox `guest-cells`, the same case with
-/// the fake VM, runs on demand).
+/// systemd, on 4 KiB pages, on 2 MiB huge pages preallocated on the wrong node, a
+/// wide domain in guest NUMA cells, and the cheapest VM to move off an overloaded
+/// node; the busybox `guest-cells` and `cheapest-move`, the same cases with the fake
+/// VM, run on demand).
 pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
     (
         KernelGen::V6_1,
@@ -126,11 +127,11 @@ pub const CI_SCENARIOS: &[(KernelGen, &[&str])] = &[
             "crash",
             "daemon-unit",
             "reserved",
-            "cheapest-move",
             "stack-scattered",
             "stack-lifecycle",
             "stack-hugetlb",
             "stack-cells",
+            "stack-cheapest-move",
             "reaction",
         ],
     ),
