@@ -246,6 +246,7 @@ fn run() -> anyhow::Result<bool> {
     let mut first_sample = early_guard.is_none().then(|| sampler.sample(0.0));
     sampler.start_clock();
     let t0 = Instant::now();
+    vms::let_go(&running, &nodes)?;
     let mut guard = match early_guard {
         Some(g) => g,
         None => balancer::start(balancer, &scenario)?,
