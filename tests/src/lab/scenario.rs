@@ -570,8 +570,15 @@ pub enum Assertion {
     /// No OOM kill during the run (/proc/vmstat oom_kill unchanged since before the
     /// hogs started) and every VM still alive at the end.
     NoOom,
-    /// Every VM reported progress (its vCPUs did work).
-    WorkDone { min_touches_per_vcpu_s: f64 },
+    /// Every VM reported progress (its vCPUs did work) in every sample interval, or
+    /// only in those ending after `after_s`: a VM whose guest RAM is one 1 GiB huge
+    /// page does nothing while the page is copied to another node (every access
+    /// waits for the copy), which takes tens of seconds under emulation.
+    WorkDone {
+        min_touches_per_vcpu_s: f64,
+        #[serde(default)]
+        after_s: Option<f64>,
+    },
     /// At the first sample (right after placement), at least `min_share` of VM
     /// `vm`'s memory is on `node`: proves initial placement and numa_maps reading.
     MemoryOnNode {
@@ -779,7 +786,12 @@ impl Assertion {
             Assertion::NoOom => "no OOM kill, every VM alive".into(),
             Assertion::WorkDone {
                 min_touches_per_vcpu_s,
+                after_s: None,
             } => format!("work >= {min_touches_per_vcpu_s} touches/vCPU/s"),
+            Assertion::WorkDone {
+                min_touches_per_vcpu_s,
+                after_s: Some(t),
+            } => format!("work >= {min_touches_per_vcpu_s} touches/vCPU/s after {t} s"),
             Assertion::MemoryOnNode {
                 vm,
                 node,
