@@ -251,13 +251,25 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     };
     let first_decision = state.last_now_ns.is_none();
     state.last_now_ns = Some(snap.now_ns);
-    let (units, nodes, _masker) = view::build(snap, &cfg.reserved_cpus);
+    let (mut units, nodes, _masker) = view::build(snap, &cfg.reserved_cpus);
     // Forget units that no longer exist.
     let live: std::collections::BTreeSet<UnitKey> = units.iter().map(|u| u.key).collect();
     state.units.retain(|k, _| live.contains(k));
     state
         .moving
         .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
+    state.demand_before_move.retain(|k, _| live.contains(k));
+    // A VM whose memory we are moving waits on our copy: counted at its demand from
+    // before the move (`EngineState::demand_before_move`).
+    for u in &mut units {
+        if state.moving.contains_key(&u.key.vm) {
+            if let Some(&d) = state.demand_before_move.get(&u.key) {
+                u.demand = u.demand.max(d);
+            }
+        } else {
+            state.demand_before_move.insert(u.key, u.demand);
+        }
+    }
     recurrence::track(cfg, &mut state, &units, snap.now_ns);
     let mut ctx = Ctx::new(cfg, snap, dt_ns, units, nodes, state);
     ctx.first_decision = first_decision;

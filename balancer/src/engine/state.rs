@@ -117,6 +117,14 @@ pub struct EngineState {
     /// hot rate and held the VM for that long after its move had ended.)
     #[serde(skip)]
     pub moving: BTreeMap<VmId, u32>,
+    /// Each unit's CPU demand at the last decision its VM had no move of ours in
+    /// flight: what it is counted at while one runs (`decide`). A vCPU touching a
+    /// page being copied waits for the copy (a hugetlb page is unmapped for all of
+    /// it: 13-24 s for 1 GiB under the lab's emulation), so the VM measures idle for
+    /// a reason of ours; counted so, its node looked free and another VM was put
+    /// there, after which the 1 GiB page was moved back (lab `hugetlb-1g`, 6.12).
+    #[serde(skip)]
+    pub demand_before_move: BTreeMap<UnitKey, f64>,
     /// VMs whose last memory move the host mostly refused (pages shared by several
     /// processes such as KSM pages, pinned pages, no room), with the time (`now_ns`)
     /// after which their memory may be planned again: asking again at once would

@@ -1718,6 +1718,38 @@ fn a_move_running_in_the_background_keeps_its_vm_busy_until_it_ends() {
     assert_eq!(e.state().stats.migrated_bytes, 4096);
 }
 
+/// A VM whose memory we are moving measures idle while its vCPUs wait on the copy;
+/// it is counted at its demand from before the move, so a new VM does not go to its
+/// node (which would overload it once the copy ends).
+#[test]
+fn a_vm_waiting_on_our_move_is_counted_at_its_demand_from_before() {
+    let t = topo(2, 2, 32);
+    // vm 1: 2 busy vCPUs on node 1, its memory on node 0: its memory moves.
+    // vm 3: confined to node 0, one busy vCPU there.
+    let mut vms = vec![
+        vm(1, 2, 1.0, Some(1), &[GIB, 0], &t),
+        vm(3, 1, 1.0, Some(0), &[GIB, 0], &t),
+    ];
+    let mut e = Engine::new(EngineConfig::default());
+    let plan = e.plan(&snap(1, t.clone(), vms.clone()));
+    let first = plan
+        .actions
+        .iter()
+        .find(|a| a.vm == 1 && a.action.moves_memory())
+        .expect("vm 1's memory moves")
+        .clone();
+    e.record_outcome(&first, &ActionOutcome::Started);
+    // The copy runs: vm 1 measures idle. A new 2-vCPU VM arrives.
+    for v in &mut vms[0].vcpus {
+        v.cpu_demand = 0.0;
+    }
+    vms.push(vm(2, 2, 0.0, None, &[0, 0], &t));
+    let plan = e.plan(&snap(2, t.clone(), vms));
+    let got = set_cpus_of(&plan, 2);
+    assert_eq!(got.len(), 1, "{plan:?}");
+    assert_eq!(got[0].0, t.node(0).unwrap().cpus, "{plan:?}");
+}
+
 /// A confidential guest's mark, as the observer fills it from `-object sev-guest`.
 fn sev() -> MemoryNotMovable {
     MemoryNotMovable {

@@ -32,7 +32,7 @@
 //! `-qmp unix:PATH,server=on[,wait=off]`, and the lab's own
 //! `-lab-placement default|node|scattered|interleave`, `-lab-node N`,
 //! `-lab-chunk-mib N`, `-lab-hot-fraction F`, `-lab-hot-offset F`, `-lab-hot-pct P`,
-//! `-lab-hugetlb`, `-lab-small-pages`, `-lab-same-content KEY:FRACTION`,
+//! `-lab-hugetlb`, `-lab-hugetlb-page-mib 2|1024`, `-lab-small-pages`, `-lab-same-content KEY:FRACTION`,
 //! `-lab-phases AT:DUTY[,AT:DUTY...]`, `-lab-progress FILE`, `-lab-hold FILE` (idle
 //! while FILE exists, phases from when it is gone).
 //!
@@ -78,6 +78,9 @@ struct Opts {
     hot_offset: f64,
     hot_pct: f64,
     hugetlb: bool,
+    /// The huge page size with `-lab-hugetlb` (`-lab-hugetlb-page-mib`, default
+    /// 2 MiB): the kernel pool its pages come from.
+    huge_page_bytes: usize,
     small_pages: bool,
     phases: Vec<(f64, f64)>,
     progress: Option<PathBuf>,
@@ -104,6 +107,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
         hot_offset: 0.0,
         hot_pct: 95.0,
         hugetlb: false,
+        huge_page_bytes: HUGE_PAGE,
         small_pages: false,
         phases: vec![(0.0, 100.0)],
         progress: None,
@@ -169,6 +173,13 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
             "-lab-hugetlb" => {
                 o.hugetlb = true;
                 used_value = false;
+            }
+            "-lab-hugetlb-page-mib" => {
+                let mib: usize = need()?.parse().context("-lab-hugetlb-page-mib")?;
+                if !matches!(mib, 2 | 1024) {
+                    bail!("-lab-hugetlb-page-mib: 2 or 1024, got {mib}");
+                }
+                o.huge_page_bytes = mib << 20;
             }
             "-lab-small-pages" => {
                 o.small_pages = true;
@@ -320,11 +331,14 @@ impl GuestMemory {
     /// Maps guest RAM the way qemu does for anonymous memory: aligned to 2 MiB and
     /// advised MADV_HUGEPAGE, so the kernel backs it with transparent huge pages
     /// where it can (real guests run on THP unless the host turned it off), or
-    /// MADV_NOHUGEPAGE with `small_pages` (a host with THP off).
-    fn map(len: usize, hugetlb: bool, small_pages: bool) -> anyhow::Result<Self> {
+    /// MADV_NOHUGEPAGE with `small_pages` (a host with THP off). With `huge_page`,
+    /// MAP_HUGETLB in pages of that size (its log2 in the MAP_HUGE_SHIFT bits, as
+    /// MAP_HUGE_2MB and MAP_HUGE_1GB are).
+    fn map(len: usize, huge_page: Option<usize>, small_pages: bool) -> anyhow::Result<Self> {
+        let hugetlb = huge_page.is_some();
         let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        if hugetlb {
-            flags |= libc::MAP_HUGETLB;
+        if let Some(size) = huge_page {
+            flags |= libc::MAP_HUGETLB | ((size.trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT);
         }
         // hugetlb mappings are aligned by the kernel; anonymous ones get room to align,
         // and keep one inaccessible guard page after them, as qemu's RAM mappings do,
@@ -377,7 +391,7 @@ impl GuestMemory {
         Ok(Self {
             base,
             len,
-            page: if hugetlb { HUGE_PAGE } else { PAGE },
+            page: huge_page.unwrap_or(PAGE),
             same_pages: 0,
         })
     }
@@ -548,10 +562,11 @@ fn map_ram(o: &Opts, nodes: &[u32]) -> anyhow::Result<Vec<Ram>> {
     let mut out = Vec::new();
     for (cell, vcpus, bytes) in parts {
         let mut len = bytes as usize;
-        if o.hugetlb {
-            len = len.div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        let huge_page = o.hugetlb.then_some(o.huge_page_bytes);
+        if let Some(size) = huge_page {
+            len = len.div_ceil(size) * size;
         }
-        let mut mem = GuestMemory::map(len, o.hugetlb, o.small_pages)?;
+        let mut mem = GuestMemory::map(len, huge_page, o.small_pages)?;
         place(&mem, o, nodes)?;
         if let Some((key, fraction)) = &o.same_content {
             mem.fill_same(key, *fraction);
@@ -785,6 +800,7 @@ mod tests {
         assert_eq!(o.memory_mib, 1024);
         assert_eq!(o.placement, Placement::Scattered);
         assert!(o.hugetlb);
+        assert_eq!(o.huge_page_bytes, 2 << 20);
         assert_eq!(o.phases, vec![(0.0, 100.0), (30.0, 10.0)]);
         assert!(o.debug_threads);
         assert_eq!(o.qmp, None);
@@ -798,6 +814,9 @@ mod tests {
         assert!(parse_args(&args("-qmp unix:/x")).is_err());
         assert!(parse_args(&args("-smp 0")).is_err());
         assert!(parse_args(&args("-lab-placement weird")).is_err());
+        let gib = parse_args(&args("-m 1G -lab-hugetlb -lab-hugetlb-page-mib 1024")).unwrap();
+        assert_eq!(gib.huge_page_bytes, 1 << 30);
+        assert!(parse_args(&args("-lab-hugetlb-page-mib 4")).is_err());
     }
 
     #[test]
@@ -809,7 +828,7 @@ mod tests {
         // Two mappings (as two VMs): the same key gives the same pages, the rest
         // differs; another key differs everywhere.
         let fill = |key: &str| {
-            let mut m = GuestMemory::map(16 * PAGE, false, true).unwrap();
+            let mut m = GuestMemory::map(16 * PAGE, None, true).unwrap();
             m.fault_in(0, m.len);
             m.fill_same(key, 0.5);
             m
@@ -920,7 +939,7 @@ mod tests {
         // On a one-node host everything lands on node 0; the point is that the
         // policy calls succeed and every page is faulted in.
         let o = parse_args(&args("-m 8 -lab-placement scattered -lab-chunk-mib 2")).unwrap();
-        let mem = GuestMemory::map(8 << 20, false, false).unwrap();
+        let mem = GuestMemory::map(8 << 20, None, false).unwrap();
         place(&mem, &o, &[0]).unwrap();
         mem.touch(mem.pages() - 1, 12345);
     }

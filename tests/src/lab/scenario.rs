@@ -44,7 +44,9 @@
 //! cpu_nodes = []               # start confined to these nodes' CPUs (pinning;
 //!                              # stack guest: vcpupin, emulatorpin, strict numatune)
 //! hot_access_pct = 95          # share of touches going to the hot set
-//! hugetlb = false              # back memory with MAP_HUGETLB (2 MiB pages)
+//! hugetlb = false              # back memory with MAP_HUGETLB
+//! hugetlb_page_mib = 2         # its huge page size: 2 or 1024 (1 GiB)
+//! start_cpu_nodes = []         # held on these nodes' CPUs until the balancer starts
 //! auto_placement = false       # stack: libvirt placement='auto' (numad -w advice)
 //! debug_threads = true         # false: threads named like the process (plain qemu)
 //! qemu_args = []               # more qemu options, `{name}` replaced
@@ -217,6 +219,10 @@ pub struct VmSpec {
     pub hot_offset: f64,
     pub hot_access_pct: f64,
     pub hugetlb: bool,
+    /// The huge page size of a `hugetlb` VM, MiB: 2 (the default) or 1024. Its
+    /// pages come from the pool of that size; the scenario reserves them
+    /// ([`Scenario::free_huge_pages_per_node`], `kernel_args` for 1 GiB pages).
+    pub hugetlb_page_mib: u64,
     /// Back guest RAM with 4 KiB pages only (MADV_NOHUGEPAGE), as qemu on a host
     /// whose transparent huge pages are off. Default false: THP where the kernel can.
     pub small_pages: bool,
@@ -236,6 +242,13 @@ pub struct VmSpec {
     /// nodes (the memory is then where the kernel puts it under that binding: give the
     /// group `placement = "default"`).
     pub cpu_nodes: Vec<u32>,
+    /// Busybox guest: once its memory is placed, every thread of the VM is held on
+    /// these nodes' CPUs (the `with_vms` commands and the t = 0 sample see it there)
+    /// and let go (affinity back to every CPU) right before the balancer starts, so
+    /// its vCPUs run away from memory the kernel placed without anyone's pinning: the
+    /// seed 002 start, made certain rather than left to the scheduler. Balancers meet
+    /// an unconfined VM. Empty: wherever it started.
+    pub start_cpu_nodes: Vec<u32>,
     /// Pass `debug-threads=on` in `-name`, so the vCPU threads are named `CPU n/KVM`
     /// (as libvirt always does). False: every thread is named like the process, as
     /// a plain qemu started by hand.
@@ -283,6 +296,7 @@ impl Default for VmSpec {
             hot_offset: 0.0,
             hot_access_pct: 95.0,
             hugetlb: false,
+            hugetlb_page_mib: 2,
             small_pages: false,
             phases: vec![Phase {
                 at_s: 0.0,
@@ -290,6 +304,7 @@ impl Default for VmSpec {
             }],
             cgroup: true,
             cpu_nodes: Vec::new(),
+            start_cpu_nodes: Vec::new(),
             debug_threads: true,
             qemu_args: Vec::new(),
             cells: 0,
@@ -584,8 +599,15 @@ pub enum Assertion {
     /// No OOM kill during the run (/proc/vmstat oom_kill unchanged since before the
     /// hogs started) and every VM still alive at the end.
     NoOom,
-    /// Every VM reported progress (its vCPUs did work).
-    WorkDone { min_touches_per_vcpu_s: f64 },
+    /// Every VM reported progress (its vCPUs did work) in every sample interval, or
+    /// only in those ending after `after_s`: a VM whose guest RAM is one 1 GiB huge
+    /// page does nothing while the page is copied to another node (every access
+    /// waits for the copy), which takes tens of seconds under emulation.
+    WorkDone {
+        min_touches_per_vcpu_s: f64,
+        #[serde(default)]
+        after_s: Option<f64>,
+    },
     /// At the first sample (right after placement), at least `min_share` of VM
     /// `vm`'s memory is on `node`: proves initial placement and numa_maps reading.
     MemoryOnNode {
@@ -793,7 +815,12 @@ impl Assertion {
             Assertion::NoOom => "no OOM kill, every VM alive".into(),
             Assertion::WorkDone {
                 min_touches_per_vcpu_s,
+                after_s: None,
             } => format!("work >= {min_touches_per_vcpu_s} touches/vCPU/s"),
+            Assertion::WorkDone {
+                min_touches_per_vcpu_s,
+                after_s: Some(t),
+            } => format!("work >= {min_touches_per_vcpu_s} touches/vCPU/s after {t} s"),
             Assertion::MemoryOnNode {
                 vm,
                 node,
@@ -961,6 +988,19 @@ pub struct Scenario {
     pub guest: Guest,
     /// Kernel samepage merging for the run; absent: left as the kernel booted (off).
     pub ksm: Option<KsmSpec>,
+    /// Host side, busybox guest: appended to the guest kernel's command line (e.g.
+    /// `hugepagesz=1G hugepages=0:1,1:1`: 1 GiB huge pages are reserved reliably only
+    /// at boot, before the node's memory fragments).
+    pub kernel_args: String,
+    /// Host side, busybox guest: memory of each guest node in MiB (0: the lab's
+    /// usual 2048). A node of 2 GiB holds at most one 1 GiB page besides the kernel's
+    /// own memory.
+    pub node_memory_mib: u64,
+    /// Free huge pages (of the hugetlb VMs' page size) reserved on each node (index:
+    /// node) besides each VM's own on its `node`, before the VMs start. Given, or
+    /// with huge pages other than 2 MiB, each pool holds exactly that: the VMs'
+    /// pages and these (the stack guest always reserves so, with none free).
+    pub free_huge_pages_per_node: Vec<u64>,
 }
 
 /// KSM settings (`/sys/kernel/mm/ksm`) written before the VMs start, then `run=1`.
@@ -1020,6 +1060,9 @@ impl Default for Scenario {
             hogs: Vec::new(),
             guest: Guest::Busybox,
             ksm: None,
+            kernel_args: String::new(),
+            node_memory_mib: 0,
+            free_huge_pages_per_node: Vec::new(),
         }
     }
 }
@@ -1076,6 +1119,19 @@ impl Scenario {
                 ));
             }
         }
+        let mut sizes: Vec<u64> = self
+            .vms
+            .iter()
+            .filter(|v| v.hugetlb)
+            .map(|v| v.hugetlb_page_mib)
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        if sizes.len() > 1 {
+            return bad(format!(
+                "hugetlb VMs of one scenario share one page size (one pool to reserve), got {sizes:?} MiB"
+            ));
+        }
         for vm in &self.vms {
             if vm.vcpus == 0 || vm.memory_mib == 0 || vm.count == 0 {
                 return bad(format!(
@@ -1128,6 +1184,26 @@ impl Scenario {
                     vm.name
                 ));
             }
+            if vm.hugetlb && !matches!(vm.hugetlb_page_mib, 2 | 1024) {
+                return bad(format!(
+                    "VM {:?}: hugetlb_page_mib must be 2 or 1024, got {}",
+                    vm.name, vm.hugetlb_page_mib
+                ));
+            }
+            if vm.hugetlb && vm.memory_mib % vm.hugetlb_page_mib != 0 {
+                return bad(format!(
+                    "VM {:?}: memory_mib {} is not a whole number of {} MiB huge pages",
+                    vm.name, vm.memory_mib, vm.hugetlb_page_mib
+                ));
+            }
+            if !vm.start_cpu_nodes.is_empty()
+                && (!vm.cpu_nodes.is_empty() || self.guest == Guest::Stack)
+            {
+                return bad(format!(
+                    "VM {:?}: start_cpu_nodes is for an unpinned fake VM (no cpu_nodes, busybox guest)",
+                    vm.name
+                ));
+            }
             if vm.chunk_mib == 0 {
                 return bad(format!("VM {:?}: chunk_mib must be > 0", vm.name));
             }
@@ -1160,6 +1236,15 @@ impl Scenario {
     /// VMs that start with the run (not the `late` ones).
     pub fn instances(&self) -> Vec<VmInstance> {
         self.expand(false)
+    }
+
+    /// The huge page size of the scenario's hugetlb VMs (one size, see `validate`),
+    /// bytes; `None` without any.
+    pub fn huge_page_bytes(&self) -> Option<u64> {
+        self.vms
+            .iter()
+            .find(|v| v.hugetlb)
+            .map(|v| v.hugetlb_page_mib << 20)
     }
 
     /// The `late` VMs of the entry `name`, numbered after all the others.

@@ -120,7 +120,8 @@ fn sum_bytes_per_node<'a>(
 }
 
 /// Sums a `numa_maps` file into bytes per node (index = node id), honouring
-/// `kernelpagesize_kB` (hugetlb mappings count 2 MiB pages).
+/// each line's `kernelpagesize_kB` (a hugetlb mapping counts pages of its own
+/// size: 2048 or 1048576 kB on x86).
 pub fn numa_maps_bytes_per_node(text: &str, n_nodes: usize) -> Result<Vec<u64>, TruthError> {
     sum_bytes_per_node(parse_numa_maps(text)?.iter(), n_nodes)
 }
@@ -354,6 +355,10 @@ mod tests {
                     5600 default file=/usr/bin/x mapped=2 N3=2 kernelpagesize_kB=4\n";
         let b = numa_maps_bytes_per_node(text, 4).unwrap();
         assert_eq!(b, vec![6 * 4096, 3 * 2048 * 1024, 4 * 4096, 2 * 4096]);
+        // 1 GiB hugetlb pages, as MAP_HUGETLB | MAP_HUGE_1GB maps them.
+        let gib = "7f40000000 default file=/anon_hugepage\\040(deleted) huge dirty=2 N1=1 N3=1 kernelpagesize_kB=1048576\n";
+        let b = numa_maps_private_bytes_per_node(gib, 4).unwrap();
+        assert_eq!(b, vec![0, 1 << 30, 0, 1 << 30]);
     }
 
     #[test]

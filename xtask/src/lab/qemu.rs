@@ -150,8 +150,23 @@ pub fn distance(a: usize, b: usize) -> u32 {
 
 /// The qemu command line for a guest with `kernel` and `initrd`.
 pub fn command(kernel: &Path, initrd: &Path, append_extra: &str) -> Command {
+    command_sized(kernel, initrd, append_extra, MIB_PER_NODE)
+}
+
+/// [`command`] with `mib_per_node` of memory on each node instead of
+/// [`MIB_PER_NODE`] (a scenario's `node_memory_mib`).
+pub fn command_sized(
+    kernel: &Path,
+    initrd: &Path,
+    append_extra: &str,
+    mib_per_node: usize,
+) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg,thread=multi"])
+        // qemu's default CPU model plus 1 GiB pages (pdpe1gb), as every x86 server
+        // CPU has them: without the flag the guest kernel registers no 1 GiB huge
+        // page size at all.
+        .args(["-cpu", "qemu64,pdpe1gb=on"])
         .args([
             "-smp",
             &format!(
@@ -159,12 +174,12 @@ pub fn command(kernel: &Path, initrd: &Path, append_extra: &str) -> Command {
                 NODES * CPUS_PER_NODE
             ),
         ])
-        .args(["-m", &format!("{}M", NODES * MIB_PER_NODE)]);
+        .args(["-m", &format!("{}M", NODES * mib_per_node)]);
     for n in 0..NODES {
         let first = n * CPUS_PER_NODE;
         cmd.args([
             "-object",
-            &format!("memory-backend-ram,id=m{n},size={MIB_PER_NODE}M"),
+            &format!("memory-backend-ram,id=m{n},size={mib_per_node}M"),
             "-numa",
             &format!(
                 "node,nodeid={n},cpus={first}-{},memdev=m{n}",

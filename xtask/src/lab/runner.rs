@@ -126,7 +126,7 @@ impl Lab {
                 s.name,
                 timeout.as_secs()
             );
-            qemu::command(&self.kernel, &initrd, "")
+            qemu::command_sized(&self.kernel, &initrd, &s.kernel_args, s.node_memory_mib)
         };
         let verbose = self.verbose;
         let seen_init = std::cell::Cell::new(false);
@@ -297,6 +297,8 @@ impl Lab {
             compare: Vec::new(),
             balancer: "none".into(),
             stack: false,
+            kernel_args: String::new(),
+            node_memory_mib: qemu::MIB_PER_NODE,
         };
         let initrd = self.initrd(
             &s,

@@ -17,6 +17,12 @@ pub struct ScenarioFile {
     pub balancer: String,
     /// Runs in the stack guest (`guest = "stack"`: Debian, systemd, libvirt).
     pub stack: bool,
+    /// More kernel command line for the busybox guest (`kernel_args`), e.g. huge
+    /// page pools only the boot can reserve.
+    pub kernel_args: String,
+    /// Memory of each guest node, MiB (`node_memory_mib`, busybox guest; default
+    /// [`super::qemu::MIB_PER_NODE`]).
+    pub node_memory_mib: usize,
 }
 
 pub fn load_scenario(paths: &Paths, name: &str) -> anyhow::Result<ScenarioFile> {
@@ -54,6 +60,16 @@ pub fn load_scenario(paths: &Paths, name: &str) -> anyhow::Result<ScenarioFile> 
             .unwrap_or("none")
             .to_string(),
         stack: value.get("guest").and_then(|v| v.as_str()) == Some("stack"),
+        kernel_args: value
+            .get("kernel_args")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string(),
+        node_memory_mib: value
+            .get("node_memory_mib")
+            .and_then(toml::Value::as_integer)
+            .and_then(|m| usize::try_from(m).ok())
+            .unwrap_or(super::qemu::MIB_PER_NODE),
         text,
     })
 }

@@ -37,7 +37,12 @@
 //! shows a half-done move that nobody acts on; in the lab's `scattered` case those
 //! reads took about half of each tick while 8 VMs moved. A move whose outcome never
 //! came (it cannot happen, but a reading must never freeze) holds the reading for
-//! at most [`MOVE_HOLD_MAX_NS`].
+//! at most [`MOVE_HOLD_MAX_NS`]. Its probe is not asked either (same reason, and
+//! the query would wait: a write fault on a page being copied waits holding the VM's
+//! mmap lock for reading, a writer of that lock queues behind it, and the query's
+//! read lock behind the writer; in the lab (`hugetlb-1g`) a 1 GiB hugetlb page took
+//! 20 s to copy under emulation and held every tick that long). The read after the
+//! move renews the probe.
 //!
 //! Only guest RAM counts as the VM's memory: the mappings that back `-m` (the largest
 //! anonymous, memfd, hugetlb or `mem-path` file mappings whose sizes add up to the
@@ -503,10 +508,12 @@ impl MemoryTracker {
         }
     }
 
-    /// The probe's addresses of VM `pid`, to be asked for their nodes now.
+    /// The probe's addresses of VM `pid`, to be asked for their nodes now; none
+    /// while a move of the balancer's own runs on it (module doc).
     pub fn probe_addrs(&self, pid: u32) -> Option<&[u64]> {
         self.vms
             .get(&pid)
+            .filter(|t| t.moves_running == 0)
             .map(|t| t.probe.addrs.as_slice())
             .filter(|a| !a.is_empty())
     }
@@ -832,6 +839,12 @@ mod tests {
         assert!(!t.due(1, 1 << 30, now + s));
         assert!(t.check_probe(1, &[1, -2]), "a page moved to node 1");
         assert!(t.due(1, 1 << 30, now + s));
+        // Not asked while a move of ours runs (its query would wait on the copy).
+        assert!(t.probe_addrs(1).is_some());
+        t.note_move_started(1);
+        assert!(t.probe_addrs(1).is_none());
+        t.note_move_ended(1);
+        assert_eq!(t.probe_addrs(1), Some(&[4096u64, 8192][..]));
     }
 
     #[test]

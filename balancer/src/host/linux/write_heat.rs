@@ -29,6 +29,13 @@
 //! locality target leaves (those whose memory may move; the target comes from the
 //! daemon's configuration), at most once per [`ROUND_EVERY_NS`]. Pages only read are
 //! not seen.
+//!
+//! Guest RAM on hugetlbfs is never sampled ([`wants_round`]): the kernel keeps no
+//! soft-dirty bit per hugetlb page (pagemap reports the mapping's `VM_SOFTDIRTY`
+//! flag for each of them, which a clear resets for good), and a huge page moves
+//! whole, so there is no order to find inside it. Its reads would also wait while
+//! the mover copies one of the VM's pages (see the module doc of `memory`): a 1 GiB
+//! page takes 20 s to copy under the lab's emulation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -36,7 +43,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::model::{HotRegion, NodeId, Snapshot, Vm};
+use crate::model::{HotRegion, MemoryBacking, NodeId, Snapshot, Vm};
 
 /// Shortest time between two sampling rounds of one VM. Each round clears the bits,
 /// which costs a TLB flush per huge page and a write fault per written page.
@@ -133,9 +140,7 @@ impl WriteHeat {
         let now = snapshot.now_ns;
         let mut due = Vec::new();
         for vm in &snapshot.vms {
-            if remote_share(vm, &snapshot.topology) <= self.min_remote_share
-                || vm.memory.guest_ranges.is_empty()
-            {
+            if !wants_round(vm, &snapshot.topology, self.min_remote_share) {
                 self.vms.remove(&vm.pid);
                 continue;
             }
@@ -532,6 +537,14 @@ pub fn soft_dirty_works() -> bool {
 }
 
 /// Share of the VM's guest RAM not on the nodes its vCPUs last ran on.
+/// Whether `vm` is sampled: guest RAM located, not on hugetlbfs (module doc), and
+/// more than `min_remote_share` of its memory off its vCPUs' nodes.
+fn wants_round(vm: &Vm, topology: &crate::model::Topology, min_remote_share: f64) -> bool {
+    !vm.memory.guest_ranges.is_empty()
+        && !matches!(vm.memory.backing, MemoryBacking::HugeTlb { .. })
+        && remote_share(vm, topology) > min_remote_share
+}
+
 fn remote_share(vm: &Vm, topology: &crate::model::Topology) -> f64 {
     let total: u64 = vm.memory.bytes_per_node.iter().sum();
     if total == 0 {
@@ -564,6 +577,26 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn remote_guest_ram_is_sampled_unless_on_hugetlbfs() {
+        let t = crate::model::Topology::uniform(2, 2, 4 << 30);
+        let mut vm = Vm::default();
+        vm.vcpus.push(crate::model::Vcpu {
+            last_cpu: Some(2),
+            ..Default::default()
+        });
+        vm.memory.bytes_per_node = vec![1 << 30, 0];
+        vm.memory.guest_ranges = vec![(1 << 40, 1 << 30)];
+        assert!(wants_round(&vm, &t, 0.1));
+        vm.memory.backing = MemoryBacking::HugeTlb {
+            page_size_bytes: 1 << 30,
+        };
+        assert!(!wants_round(&vm, &t, 0.1), "hugetlbfs: no soft-dirty bits");
+        vm.memory.backing = MemoryBacking::default();
+        vm.memory.bytes_per_node = vec![0, 1 << 30];
+        assert!(!wants_round(&vm, &t, 0.1), "local");
+    }
 
     #[test]
     fn ranges_split_at_region_boundaries() {

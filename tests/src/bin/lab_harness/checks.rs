@@ -491,10 +491,12 @@ pub fn run_check(
         }
         Assertion::WorkDone {
             min_touches_per_vcpu_s,
+            after_s,
         } => {
             let worst = samples
                 .iter()
                 .skip(1)
+                .filter(|s| after_s.is_none_or(|t| s.t_s > t))
                 .flat_map(|s| {
                     s.vms
                         .iter()

@@ -288,6 +288,7 @@ pub fn start_all(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<Vec<
             vcpus: vm.spec.vcpus,
             progress,
             cpus: Vec::new(),
+            start_cpus: Vec::new(),
             memory_bytes,
             hot_fraction: vm.spec.hot_fraction,
             hot_offset: vm.spec.hot_offset,

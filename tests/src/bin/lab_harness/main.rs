@@ -247,6 +247,7 @@ fn run() -> anyhow::Result<bool> {
     sampler.start_clock();
     domains::start_phases();
     let t0 = Instant::now();
+    vms::let_go(&running, &nodes)?;
     let mut guard = match early_guard {
         Some(g) => g,
         None => balancer::start(balancer, &scenario)?,

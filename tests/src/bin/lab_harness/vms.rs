@@ -24,6 +24,9 @@ pub struct RunningVm {
     pub progress: PathBuf,
     /// CPUs the VM's threads are confined to once started (empty: all).
     pub cpus: Vec<u32>,
+    /// CPUs the VM's threads are moved to once started and then let go from
+    /// (`start_cpu_nodes`; empty: none).
+    pub start_cpus: Vec<u32>,
     /// Configured guest RAM (`-m`).
     pub memory_bytes: u64,
     /// The share of guest RAM, from its start, that vCPUs touch most.
@@ -147,8 +150,14 @@ pub fn setup_sysctls(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<
     for (k, v) in &scenario.sysctl {
         sysctl(k, v)?;
     }
-    if scenario.guest == Guest::Stack {
-        return reserve_hugepages_per_vm_node(scenario, nodes);
+    let Some(page_bytes) = scenario.huge_page_bytes() else {
+        return Ok(());
+    };
+    if scenario.guest == Guest::Stack
+        || page_bytes != TWO_MIB
+        || !scenario.free_huge_pages_per_node.is_empty()
+    {
+        return reserve_hugepages_per_vm_node(scenario, nodes, page_bytes);
     }
     let huge_mib: u64 = scenario
         .instances()
@@ -160,47 +169,72 @@ pub fn setup_sysctls(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<
         // Enough on every node for any placement, within each node's 2 GiB.
         let per_node = (huge_mib / 2).min(768);
         for n in nodes {
-            write(hugepages_path(n.id), &per_node.to_string())?;
+            write(hugepages_path(n.id, TWO_MIB), &per_node.to_string())?;
         }
     }
     Ok(())
 }
 
-/// The 2 MiB huge page pool of node `id` in sysfs.
-fn hugepages_path(id: u32) -> String {
-    format!("/sys/devices/system/node/node{id}/hugepages/hugepages-2048kB/nr_hugepages")
+const TWO_MIB: u64 = 2 << 20;
+
+/// The pool of `page_bytes` huge pages of node `id` in sysfs.
+fn hugepages_path(id: u32, page_bytes: u64) -> String {
+    format!(
+        "/sys/devices/system/node/node{id}/hugepages/hugepages-{}kB/nr_hugepages",
+        page_bytes >> 10
+    )
 }
 
-/// Stack guest: each huge-page VM's pages reserved on its `node` only, every other
-/// node's 2 MiB pool empty, so qemu's preallocation at start takes them there
-/// whatever CPU its allocating threads run on (see `domains`). A scenario makes
-/// pages free elsewhere afterwards (a `with_vms` command writing the same files).
-fn reserve_hugepages_per_vm_node(scenario: &Scenario, nodes: &[NodeInfo]) -> anyhow::Result<()> {
+/// Each huge-page VM's pages reserved on its `node`, plus the scenario's
+/// `free_huge_pages_per_node`, and nothing else in that page size's pools.
+///
+/// Stack guest: every other node's pool empty, so qemu's preallocation at start takes
+/// the pages on the VM's node whatever CPU its allocating threads run on (see
+/// `domains`); a scenario makes pages free elsewhere afterwards (a `with_vms` command
+/// writing the same files). 1 GiB pages: a pool can shrink at runtime but seldom
+/// grow (1 GiB of free contiguous memory on a node whose kernel memory is scattered:
+/// the lab's nodes never had it), so the scenario reserves them at boot
+/// (`kernel_args`) and this trims the pools to what it asks and fails, naming the
+/// node, where the boot reserved too few.
+fn reserve_hugepages_per_vm_node(
+    scenario: &Scenario,
+    nodes: &[NodeInfo],
+    page_bytes: u64,
+) -> anyhow::Result<()> {
+    let page_mib = page_bytes >> 20;
     let mut pages = vec![0u64; nodes.len()];
     for vm in scenario.instances().iter().filter(|v| v.spec.hugetlb) {
         let i = nodes
             .iter()
             .position(|n| n.id == vm.spec.node)
             .with_context(|| format!("VM {}: no node {}", vm.name, vm.spec.node))?;
-        pages[i] += vm.spec.memory_mib.div_ceil(2);
+        pages[i] += vm.spec.memory_mib.div_ceil(page_mib);
+    }
+    for (i, free) in scenario.free_huge_pages_per_node.iter().enumerate() {
+        let slot = pages
+            .get_mut(i)
+            .with_context(|| format!("free_huge_pages_per_node: no node index {i}"))?;
+        *slot += free;
     }
     if pages.iter().all(|&p| p == 0) {
         return Ok(());
     }
     for (n, want) in nodes.iter().zip(&pages) {
-        let path = hugepages_path(n.id);
+        let path = hugepages_path(n.id, page_bytes);
         write(&path, &want.to_string())?;
         let got: u64 = std::fs::read_to_string(&path)?.trim().parse().unwrap_or(0);
         if got != *want {
             anyhow::bail!(
-                "node {}: {got} huge pages of 2 MiB reserved, {want} asked",
+                "node {}: {got} huge pages of {page_mib} MiB reserved, {want} asked",
                 n.id
             );
         }
     }
     emit(&Record::Event {
         source: "harness".into(),
-        text: format!("2 MiB huge pages reserved per node before the VMs start: {pages:?}"),
+        text: format!(
+            "{page_mib} MiB huge pages reserved per node before the VMs start: {pages:?}"
+        ),
     });
     Ok(())
 }
@@ -264,6 +298,8 @@ fn qemu_args(vm: &VmInstance, progress: &Path, hold: bool) -> Vec<String> {
     }
     if s.hugetlb {
         args.push("-lab-hugetlb".into());
+        args.push("-lab-hugetlb-page-mib".into());
+        args.push(s.hugetlb_page_mib.to_string());
     }
     if s.small_pages {
         args.push("-lab-small-pages".into());
@@ -306,14 +342,19 @@ pub fn start_one(
 ) -> anyhow::Result<RunningVm> {
     let progress = PathBuf::from(format!("/run/lab/{}.progress", vm.name));
     let _ = fs::remove_file(&progress);
-    let cpus: Vec<u32> = nodes
-        .iter()
-        .filter(|n| vm.spec.cpu_nodes.contains(&n.id))
-        .flat_map(|n| n.cpus.iter().copied())
-        .collect();
-    if !vm.spec.cpu_nodes.is_empty() && cpus.is_empty() {
-        bail!("VM {}: no CPUs on nodes {:?}", vm.name, vm.spec.cpu_nodes);
-    }
+    let cpus_of = |ids: &[u32]| -> anyhow::Result<Vec<u32>> {
+        let cpus: Vec<u32> = nodes
+            .iter()
+            .filter(|n| ids.contains(&n.id))
+            .flat_map(|n| n.cpus.iter().copied())
+            .collect();
+        if !ids.is_empty() && cpus.is_empty() {
+            bail!("VM {}: no CPUs on nodes {ids:?}", vm.name);
+        }
+        Ok(cpus)
+    };
+    let cpus = cpus_of(&vm.spec.cpu_nodes)?;
+    let start_cpus = cpus_of(&vm.spec.start_cpu_nodes)?;
     let mut cmd = Command::new("/usr/bin/qemu-kvm");
     let child = cmd
         .args(qemu_args(vm, &progress, hold))
@@ -330,6 +371,7 @@ pub fn start_one(
         vcpus: vm.spec.vcpus,
         progress,
         cpus,
+        start_cpus,
         memory_bytes: vm.spec.memory_mib << 20,
         hot_fraction: vm.spec.hot_fraction,
         hot_offset: vm.spec.hot_offset,
@@ -377,29 +419,65 @@ pub fn wait_ready(vms: &mut [RunningVm], limit: Duration) -> anyhow::Result<()> 
 /// Sets every thread of each VM with `cpu_nodes` to those nodes' CPUs. Done once the
 /// VMs are ready (their vCPU threads exist) and after they joined their cgroups:
 /// attaching a task to a cpuset resets its affinity to the cpuset's CPUs.
+///
+/// A VM with `start_cpu_nodes` is held on those nodes' CPUs the same way until
+/// [`let_go`], so the `with_vms` commands (`vmbalancer trace`) and the t = 0 sample
+/// see it running there.
 pub fn confine(vms: &[RunningVm]) -> anyhow::Result<()> {
     for vm in vms.iter().filter(|v| !v.cpus.is_empty()) {
-        // SAFETY: cpu_set_t is plain data.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        for &c in &vm.cpus {
-            // SAFETY: CPU numbers come from sysfs and are below CPU_SETSIZE.
-            unsafe { libc::CPU_SET(c as usize, &mut set) };
-        }
-        for tid in balancer::host::linux::procfs::list_tasks(Path::new("/proc"), vm.pid)? {
-            let tid = i32::try_from(tid)?;
-            // SAFETY: a valid set of the size passed.
-            if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
-                bail!(
-                    "VM {}: sched_setaffinity of thread {tid}: {}",
-                    vm.name,
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
+        set_affinity(vm, &vm.cpus)?;
         crate::emit(&vmbalancer_tests::lab::protocol::Record::Event {
             source: "harness".into(),
             text: format!("{} confined to CPUs {:?}", vm.name, vm.cpus),
         });
+    }
+    for vm in vms.iter().filter(|v| !v.start_cpus.is_empty()) {
+        set_affinity(vm, &vm.start_cpus)?;
+        crate::emit(&vmbalancer_tests::lab::protocol::Record::Event {
+            source: "harness".into(),
+            text: format!(
+                "{} held on CPUs {:?} until the balancer starts",
+                vm.name, vm.start_cpus
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Lets the VMs with `start_cpu_nodes` go, right before the balancer starts: their
+/// affinity back to every CPU of `nodes`. Widening a running thread's affinity does
+/// not move it, so each goes on where it was held until the scheduler or the
+/// balancer moves it, and no balancer meets a confined VM.
+pub fn let_go(vms: &[RunningVm], nodes: &[NodeInfo]) -> anyhow::Result<()> {
+    let all: Vec<u32> = nodes.iter().flat_map(|n| n.cpus.iter().copied()).collect();
+    for vm in vms.iter().filter(|v| !v.start_cpus.is_empty()) {
+        set_affinity(vm, &all)?;
+        crate::emit(&vmbalancer_tests::lab::protocol::Record::Event {
+            source: "harness".into(),
+            text: format!("{} let go from CPUs {:?}", vm.name, vm.start_cpus),
+        });
+    }
+    Ok(())
+}
+
+/// Sets the affinity of every thread of `vm` to `cpus`.
+fn set_affinity(vm: &RunningVm, cpus: &[u32]) -> anyhow::Result<()> {
+    // SAFETY: cpu_set_t is plain data.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU numbers come from sysfs and are below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c as usize, &mut set) };
+    }
+    for tid in balancer::host::linux::procfs::list_tasks(Path::new("/proc"), vm.pid)? {
+        let tid = i32::try_from(tid)?;
+        // SAFETY: a valid set of the size passed.
+        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
+            bail!(
+                "VM {}: sched_setaffinity of thread {tid}: {}",
+                vm.name,
+                std::io::Error::last_os_error()
+            );
+        }
     }
     Ok(())
 }
