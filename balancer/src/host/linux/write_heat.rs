@@ -536,7 +536,6 @@ pub fn soft_dirty_works() -> bool {
     ok
 }
 
-/// Share of the VM's guest RAM not on the nodes its vCPUs last ran on.
 /// Whether `vm` is sampled: guest RAM located, not on hugetlbfs (module doc), and
 /// more than `min_remote_share` of its memory off its vCPUs' nodes.
 fn wants_round(vm: &Vm, topology: &crate::model::Topology, min_remote_share: f64) -> bool {
@@ -545,6 +544,7 @@ fn wants_round(vm: &Vm, topology: &crate::model::Topology, min_remote_share: f64
         && remote_share(vm, topology) > min_remote_share
 }
 
+/// Share of the VM's guest RAM not on the nodes its vCPUs last ran on.
 fn remote_share(vm: &Vm, topology: &crate::model::Topology) -> f64 {
     let total: u64 = vm.memory.bytes_per_node.iter().sum();
     if total == 0 {
