@@ -66,6 +66,8 @@ static const u32 multiboot_header[3] = {MB_MAGIC, MB_FLAGS, -(MB_MAGIC + MB_FLAG
  * busy part of a 5 % duty cycle. */
 #define PERIOD_TSC 1000000000ull
 #define CHUNK 256u
+/* How long the boot vCPU waits for the others to come up: a few seconds. */
+#define AP_WAIT_TSC 10000000000ull
 #define TIMER_NS 2000000u
 #define PERIOD_TSC_PER_PCT (PERIOD_TSC / 100u)
 #define MAX_CPUS 16u
@@ -327,7 +329,7 @@ static void start_aps(void)
     /* Not forever: a vCPU that never comes up leaves cpus_running short, which the
      * harness reports, instead of a VM that does no work at all. */
     u64 since = rdtsc();
-    while (st->cpus_running < cfg.cpus && rdtsc() - since < 100 * PERIOD_TSC)
+    while (st->cpus_running < cfg.cpus && rdtsc() - since < AP_WAIT_TSC)
         __asm__ volatile("pause");
 }
 
