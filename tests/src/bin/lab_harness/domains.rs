@@ -92,9 +92,6 @@ fn write_duty(pid: u32, ram_start: u64, duty_pct: u32) -> std::io::Result<()> {
     mem.seek(SeekFrom::Start(ram_start + STATE_GPA + DUTY_AT as u64))?;
     mem.write_all(&duty_pct.to_le_bytes())
 }
-/// move_pages(2) flag: move pages shared with other processes too (linux/mempolicy.h;
-/// the libc crate does not export it).
-const MPOL_MF_MOVE_ALL: libc::c_int = 1 << 2;
 
 /// Whether process `pid` exists and is not a zombie (the state after the comm's
 /// closing parenthesis).
@@ -461,9 +458,17 @@ fn target_node(
 /// doc), VMs in parallel.
 pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyhow::Result<()> {
     let start = Instant::now();
+    let instances = scenario.instances();
+    // Where each domain's guest RAM is mapped, read once for the placement and the
+    // description after it (placing moves pages, not mappings).
+    let vm_parts: Vec<Option<Vec<RamPart>>> = vms
+        .iter()
+        .zip(&instances)
+        .map(|(vm, i)| ram_parts(vm.pid, &i.spec))
+        .collect();
     let mut jobs = Vec::new();
-    for (vm, spec) in vms.iter().zip(scenario.instances()) {
-        let spec = spec.spec;
+    for ((vm, spec), parts) in vms.iter().zip(&instances).zip(&vm_parts) {
+        let spec = spec.spec.clone();
         // Huge pages are placed by where they were free when qemu preallocated them
         // (`vms::setup_sysctls` reserves them per node before the start), as on a
         // host: nothing moves them afterwards.
@@ -472,7 +477,8 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
         }
         // Each part (all of guest RAM, or each cell's) is placed on its own, as the
         // fake VM places each cell's mapping.
-        let parts = ram_parts(vm.pid, &spec)
+        let parts = parts
+            .as_ref()
             .with_context(|| format!("VM {}: guest RAM mappings not found", vm.name))?;
         for part in parts {
             let chunk_pages = (spec.chunk_mib << 20) / 4096;
@@ -491,25 +497,18 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
                         if let Some(t) =
                             target_node(spec.placement, spec.node, chunk_pages, n_nodes, i)
                         {
-                            addrs.push((ram_start + i * 4096) as *mut libc::c_void);
-                            targets.push(t as libc::c_int);
+                            addrs.push(ram_start + i * 4096);
+                            targets.push(t);
                         }
                     }
-                    let mut status = vec![0 as libc::c_int; addrs.len()];
-                    // SAFETY: the three arrays hold `addrs.len()` elements each.
-                    let r = unsafe {
-                        libc::syscall(
-                            libc::SYS_move_pages,
-                            pid as libc::c_long,
-                            addrs.len() as libc::c_ulong,
-                            addrs.as_ptr(),
-                            targets.as_ptr(),
-                            status.as_mut_ptr(),
-                            MPOL_MF_MOVE_ALL,
-                        )
-                    };
-                    if r < 0 {
-                        bail!("VM {name}: move_pages: {}", std::io::Error::last_os_error());
+                    let mut status = vec![0; addrs.len()];
+                    if let Err(e) = balancer::host::linux::actuate::sys::move_pages_all(
+                        pid,
+                        &addrs,
+                        Some(&targets),
+                        &mut status,
+                    ) {
+                        bail!("VM {name}: move_pages: {e}");
                     }
                     moved += status.iter().filter(|&&s| s >= 0).count() as u64;
                 }
@@ -523,8 +522,8 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
             .join()
             .map_err(|_| anyhow::anyhow!("placement thread panicked"))??;
     }
-    for (vm, spec) in vms.iter().zip(scenario.instances()) {
-        describe(vm, &spec.spec, nodes.len());
+    for (vm, parts) in vms.iter().zip(&vm_parts) {
+        describe(vm, parts.as_deref().unwrap_or_default(), nodes.len());
     }
     emit(&Record::Event {
         source: "harness".into(),
@@ -539,11 +538,10 @@ pub fn place(scenario: &Scenario, vms: &[RunningVm], nodes: &[NodeInfo]) -> anyh
 
 /// Reports where a domain's guest RAM lies and how its threads may run: the
 /// ground truth a reader of the run needs to trust the placement.
-fn describe(vm: &RunningVm, spec: &VmSpec, n_nodes: usize) {
+fn describe(vm: &RunningVm, parts: &[RamPart], n_nodes: usize) {
     let root = Path::new("/");
     let numa_maps = truth::read_numa_maps(root, vm.pid).unwrap_or_default();
-    let ram: Vec<String> = ram_parts(vm.pid, spec)
-        .unwrap_or_default()
+    let ram: Vec<String> = parts
         .iter()
         .map(|p| {
             let per_node = truth::numa_maps_mapping_bytes_per_node(&numa_maps, p.start, n_nodes)

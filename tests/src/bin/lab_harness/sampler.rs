@@ -33,6 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use balancer::host::linux::actuate::sys;
 use balancer::model::CpuSet;
 use vmbalancer_tests::lab::protocol::{CellTruth, Sample, Summary, VmTruth};
 use vmbalancer_tests::lab::scenario::hot_pages;
@@ -139,26 +140,13 @@ fn page_nodes(pid: u32, start: u64, len: u64, stride: usize) -> Vec<i32> {
     let step = stride.max(1) as u64 * 4096;
     let pages = pages.div_ceil(stride.max(1));
     let mut out = vec![-libc::ENOENT; pages];
-    let mut addrs: Vec<*mut libc::c_void> = Vec::with_capacity(QUERY_BATCH);
+    let mut addrs: Vec<u64> = Vec::with_capacity(QUERY_BATCH);
     for first in (0..pages).step_by(QUERY_BATCH) {
         let n = QUERY_BATCH.min(pages - first);
         addrs.clear();
-        addrs.extend((first..first + n).map(|i| (start + i as u64 * step) as *mut libc::c_void));
+        addrs.extend((first..first + n).map(|i| start + i as u64 * step));
         let status = &mut out[first..first + n];
-        // SAFETY: `addrs` and `status` hold `n` elements each; a null `nodes` makes
-        // the call a query that writes only `status`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_move_pages,
-                pid as libc::c_long,
-                n as libc::c_ulong,
-                addrs.as_ptr(),
-                std::ptr::null::<libc::c_int>(),
-                status.as_mut_ptr(),
-                0 as libc::c_int,
-            )
-        };
-        if r < 0 {
+        if sys::move_pages(pid, &addrs, None, status).is_err() {
             status.fill(-libc::EFAULT);
         }
     }

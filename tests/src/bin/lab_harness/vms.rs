@@ -462,22 +462,10 @@ pub fn let_go(vms: &[RunningVm], nodes: &[NodeInfo]) -> anyhow::Result<()> {
 
 /// Sets the affinity of every thread of `vm` to `cpus`.
 fn set_affinity(vm: &RunningVm, cpus: &[u32]) -> anyhow::Result<()> {
-    // SAFETY: cpu_set_t is plain data.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus {
-        // SAFETY: CPU numbers come from sysfs and are below CPU_SETSIZE.
-        unsafe { libc::CPU_SET(c as usize, &mut set) };
-    }
+    let set: balancer::model::CpuSet = cpus.iter().copied().collect();
     for tid in balancer::host::linux::procfs::list_tasks(Path::new("/proc"), vm.pid)? {
-        let tid = i32::try_from(tid)?;
-        // SAFETY: a valid set of the size passed.
-        if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
-            bail!(
-                "VM {}: sched_setaffinity of thread {tid}: {}",
-                vm.name,
-                std::io::Error::last_os_error()
-            );
-        }
+        balancer::host::linux::actuate::sys::set_affinity(tid, &set)
+            .with_context(|| format!("VM {}: sched_setaffinity of thread {tid}", vm.name))?;
     }
     Ok(())
 }

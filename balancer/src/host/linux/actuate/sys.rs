@@ -8,6 +8,9 @@ use crate::model::{CpuSet, NodeId, NodeSet};
 
 /// `MPOL_MF_MOVE` from <linux/mempolicy.h>: move pages used only by this process.
 const MPOL_MF_MOVE: libc::c_int = 1 << 1;
+/// `MPOL_MF_MOVE_ALL`: move pages shared with other processes too (needs
+/// CAP_SYS_NICE).
+const MPOL_MF_MOVE_ALL: libc::c_int = 1 << 2;
 
 /// The base page size in bytes.
 pub fn page_size_bytes() -> u64 {
@@ -44,6 +47,28 @@ pub fn move_pages(
     nodes: Option<&[i32]>,
     status: &mut [i32],
 ) -> Result<i64, nix::Error> {
+    move_pages_flags(pid, pages, nodes, status, MPOL_MF_MOVE)
+}
+
+/// [`move_pages`] that also moves pages other processes map (`MPOL_MF_MOVE_ALL`).
+/// The daemon never does (a page shared with another process is not the VM's to
+/// move); a test harness placing a VM's memory by hand does.
+pub fn move_pages_all(
+    pid: u32,
+    pages: &[u64],
+    nodes: Option<&[i32]>,
+    status: &mut [i32],
+) -> Result<i64, nix::Error> {
+    move_pages_flags(pid, pages, nodes, status, MPOL_MF_MOVE_ALL)
+}
+
+fn move_pages_flags(
+    pid: u32,
+    pages: &[u64],
+    nodes: Option<&[i32]>,
+    status: &mut [i32],
+    flags: libc::c_int,
+) -> Result<i64, nix::Error> {
     assert_eq!(pages.len(), status.len());
     if let Some(n) = nodes {
         assert_eq!(n.len(), pages.len());
@@ -59,7 +84,7 @@ pub fn move_pages(
             pages.as_ptr(),
             nodes_ptr,
             status.as_mut_ptr(),
-            MPOL_MF_MOVE,
+            flags,
         )
     };
     if r < 0 {
