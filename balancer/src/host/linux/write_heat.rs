@@ -82,6 +82,8 @@ struct VmState {
     huge: BTreeSet<u64>,
     /// Where the next round starts, for VMs larger than [`MAX_REGIONS_PER_ROUND`].
     cursor: u64,
+    /// The refusal of its bits was logged (see [`denial`]).
+    denied_said: bool,
 }
 
 /// Soft-dirty sampling of the VMs that need it.
@@ -159,6 +161,20 @@ impl WriteHeat {
             };
             for vm in done {
                 if let Some(state) = self.vms.get_mut(&vm.pid) {
+                    if let Some(why) = vm.denied.as_deref() {
+                        // Said once per VM: its rounds keep being refused the same way.
+                        if !state.denied_said {
+                            state.denied_said = true;
+                            tracing::warn!(
+                                vm = vm.pid,
+                                why,
+                                "no write heat for this VM, its memory moves without hot-first order: \
+                                 the kernel refused the daemon its soft-dirty bits (another user's \
+                                 process needs CAP_DAC_OVERRIDE)"
+                            );
+                        }
+                        continue;
+                    }
                     state.learn(&vm);
                     tracing::debug!(vm = vm.pid, order = %state.describe(), "write heat");
                 }
@@ -217,6 +233,7 @@ impl VmState {
             regions,
             first_pass: None,
             huge_now: Vec::new(),
+            denied: None,
         }
     }
 
@@ -271,6 +288,16 @@ struct RoundVm {
     first_pass: Option<usize>,
     /// Huge-page backing found after the passes, per region.
     huge_now: Vec<(u64, bool)>,
+    /// The kernel refused to show or clear its bits: which file, and its error.
+    denied: Option<String>,
+}
+
+/// Why a VM's bits could not be read or cleared when the kernel refused the daemon
+/// (`None` for a VM that exited, which is no news). `/proc/PID/pagemap` (0400) and
+/// `/proc/PID/clear_refs` (0200) belong to the qemu process's user, `libvirt-qemu`
+/// under libvirt: root opens them only with `CAP_DAC_OVERRIDE`.
+fn denial(file: &str, e: &std::io::Error) -> Option<String> {
+    matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)).then(|| format!("{file}: {e}"))
 }
 
 /// Says once why resident memory has no write heat.
@@ -378,14 +405,18 @@ fn sample_vm(
     stats: &mut RoundStats,
 ) -> Result<(), Unsupported> {
     let clear_start = Instant::now();
-    let Ok(pagemap) = File::open(proc_root.join(format!("{}/pagemap", vm.pid))) else {
-        return Ok(());
+    let pagemap = match File::open(proc_root.join(format!("{}/pagemap", vm.pid))) {
+        Ok(f) => f,
+        Err(e) => {
+            vm.denied = denial("pagemap", &e);
+            return Ok(());
+        }
     };
     match std::fs::write(proc_root.join(format!("{}/clear_refs", vm.pid)), "4") {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Err(Unsupported),
         Err(e) => {
-            tracing::debug!(vm = vm.pid, error = %e, "clear_refs not writable");
+            vm.denied = denial("clear_refs", &e);
             return Ok(());
         }
     }
@@ -577,6 +608,17 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_refused_file_is_named_and_a_vanished_vm_is_not() {
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        let why = denial("clear_refs", &denied).expect("a refusal is reported");
+        assert!(why.starts_with("clear_refs: "), "{why}");
+        let gone = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(denial("pagemap", &gone), None);
+        let exited = std::io::Error::from_raw_os_error(libc::ESRCH);
+        assert_eq!(denial("clear_refs", &exited), None);
+    }
 
     #[test]
     fn remote_guest_ram_is_sampled_unless_on_hugetlbfs() {
