@@ -268,7 +268,7 @@ impl Actuator for KillAt {
     fn move_in_background(&mut self) {
         Actuator::move_in_background(&mut self.inner);
     }
-    fn ended_moves(&mut self, wait: Option<Duration>) -> Vec<(VmId, ActionOutcome)> {
+    fn ended_moves(&mut self, wait: Option<Duration>) -> Vec<(PlannedAction, ActionOutcome)> {
         Actuator::ended_moves(&mut self.inner, wait)
     }
 }

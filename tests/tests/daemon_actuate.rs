@@ -272,8 +272,9 @@ fn background_moves_all_end_and_are_handed_back() {
     }
     let ended = a.ended_moves(Some(std::time::Duration::from_secs(30)));
     assert_eq!(ended.len(), moves.len(), "{ended:?}");
-    for (vm, out) in &ended {
-        assert_eq!(*vm, t.pid);
+    for (done, out) in &ended {
+        assert_eq!(done.vm, t.pid);
+        assert!(moves.contains(&done.action), "not a move handed over: {done:?}");
         match out {
             ActionOutcome::Refused { why } => assert!(why.contains("no page could move"), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),

@@ -32,7 +32,6 @@ use std::time::Duration;
 use crate::host::Applier;
 use crate::model::{
     ActionOutcome, OriginalSets, Plan, PlannedAction, QuietCounters, RestoreWhat, Snapshot, Vm,
-    VmId,
 };
 
 /// The decision-maker the loop consults every tick. The engine implements it; tests
@@ -81,10 +80,10 @@ pub trait Actuator: Applier {
     /// `ActionOutcome::Started` and [`Actuator::ended_moves`] brings the outcome.
     /// Appliers without a worker keep applying everything at once.
     fn move_in_background(&mut self) {}
-    /// Outcomes of background moves that ended, by VM; with `wait`, waits that long
-    /// for every move still running (after a stop request they end at their next
-    /// batch boundary).
-    fn ended_moves(&mut self, _wait: Option<Duration>) -> Vec<(VmId, ActionOutcome)> {
+    /// Background moves that ended, each with the action it carried out (a VM's
+    /// moves may end in any order); with `wait`, waits that long for every move
+    /// still running (after a stop request they end at their next batch boundary).
+    fn ended_moves(&mut self, _wait: Option<Duration>) -> Vec<(PlannedAction, ActionOutcome)> {
         Vec::new()
     }
 }

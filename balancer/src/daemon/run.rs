@@ -244,8 +244,8 @@ pub struct Daemon<O, A, P> {
     observe_failing: bool,
     heartbeat_ms: Arc<AtomicU64>,
     /// Memory moves running or queued in the background, by VM, in the order they
-    /// were handed over (the applier's worker ends them in that order): the action
-    /// and when it was planned. A VM's journal entry stays open until the last ends.
+    /// were handed over: the action and when it was planned. A VM's journal entry
+    /// stays open until the last ends.
     moving: std::collections::BTreeMap<u32, std::collections::VecDeque<(PlannedAction, u64)>>,
     /// Where READY/STATUS/WATCHDOG go; none unless [`Daemon::with_notify`] names one.
     notifier: Notifier,
@@ -753,11 +753,15 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         }
         let mut decisions = Vec::new();
         let mut ended = Vec::new();
-        for (vm, outcome) in self.actuator.ended_moves(wait) {
+        for (done, outcome) in self.actuator.ended_moves(wait) {
+            let vm = done.vm;
             let Some(queue) = self.moving.get_mut(&vm) else {
                 continue;
             };
-            let Some((action, at_ns)) = queue.pop_front() else {
+            // Moves of one VM run side by side and end in any order: the one that
+            // ended is the first queued that is the same action.
+            let at = queue.iter().position(|(a, _)| *a == done).unwrap_or(0);
+            let Some((action, at_ns)) = queue.remove(at) else {
                 continue;
             };
             if queue.is_empty() {

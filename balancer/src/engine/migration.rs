@@ -53,10 +53,11 @@ impl Ctx<'_> {
                 continue;
             };
             let vm = self.units[u].key.vm;
-            // A move of this VM still running: nothing new until its outcome comes; one
+            // A move of this memory still running (a cell moves beside its VM's other
+            // cells): nothing new until its outcome comes; one
             // the host mostly refused: not again until the hold is over.
             if !matches!(st.phase, Phase::Settled)
-                || self.state.moving.contains_key(&vm)
+                || self.state.memory_moving(vm, self.units[u].addr_range)
                 || self
                     .state
                     .memory_refused_until_ns

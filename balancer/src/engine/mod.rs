@@ -168,13 +168,18 @@ impl Engine {
     pub fn record_outcome(&mut self, action: &PlannedAction, outcome: &ActionOutcome) {
         if action.action.moves_memory() {
             // A move in the background keeps its VM busy until its outcome comes.
+            let range = match &action.action {
+                Action::MigrateMemory { within, .. } => *within,
+                _ => None,
+            };
+            let key = (action.vm, range);
             let moving = &mut self.state.moving;
             if *outcome == ActionOutcome::Started {
-                *moving.entry(action.vm).or_default() += 1;
-            } else if let Some(n) = moving.get_mut(&action.vm) {
+                *moving.entry(key).or_default() += 1;
+            } else if let Some(n) = moving.get_mut(&key) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    moving.remove(&action.vm);
+                    moving.remove(&key);
                 }
             }
         }
@@ -257,12 +262,12 @@ pub fn decide(cfg: &EngineConfig, mut state: EngineState, snap: &Snapshot) -> (P
     state.units.retain(|k, _| live.contains(k));
     state
         .moving
-        .retain(|vm, _| live.iter().any(|k| k.vm == *vm));
+        .retain(|(vm, _), _| live.iter().any(|k| k.vm == *vm));
     state.demand_before_move.retain(|k, _| live.contains(k));
     // A VM whose memory we are moving waits on our copy: counted at its demand from
     // before the move (`EngineState::demand_before_move`).
     for u in &mut units {
-        if state.moving.contains_key(&u.key.vm) {
+        if state.memory_moving(u.key.vm, u.addr_range) {
             if let Some(&d) = state.demand_before_move.get(&u.key) {
                 u.demand = u.demand.max(d);
             }

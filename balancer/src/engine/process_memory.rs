@@ -47,7 +47,7 @@ impl Ctx<'_> {
                 || !self.managed[u]
                 || self.touched[u]
                 || unit.memory_fixed
-                || self.state.moving.contains_key(&vm)
+                || self.state.memory_moving(vm, None)
                 || self.state.process_memory_after_ns.contains_key(&vm)
                 || unit.resident_bytes == 0
                 || rate_bytes == 0

@@ -107,16 +107,18 @@ pub struct EngineState {
     /// it may be planned again (`process_memory.rs`).
     #[serde(default)]
     pub process_memory_after_ns: BTreeMap<VmId, u64>,
-    /// Memory moves running in the background (`ActionOutcome::Started`) per VM,
-    /// until their outcomes arrive. Nothing new is planned for a VM's memory
-    /// meanwhile. Not carried across a restart: the moves of a stopped daemon are over.
+    /// Memory moves running in the background (`ActionOutcome::Started`) per VM and
+    /// range (a guest cell's RAM, `None` for the whole VM), until their outcomes
+    /// arrive. Nothing new is planned for memory a move covers meanwhile
+    /// ([`EngineState::memory_moving`]); a wide VM's cells move side by side. Not
+    /// carried across a restart: the moves of a stopped daemon are over.
     ///
     /// The one record of memory in flight. A move that ends `Partial` has stopped: the
     /// bytes it left are where they were (what the applier reports), so they hold
     /// nothing. (An earlier second record counted those bytes as still draining at the
     /// hot rate and held the VM for that long after its move had ended.)
     #[serde(skip)]
-    pub moving: BTreeMap<VmId, u32>,
+    pub moving: BTreeMap<(VmId, Option<(u64, u64)>), u32>,
     /// Each unit's CPU demand at the last decision its VM had no move of ours in
     /// flight: what it is counted at while one runs (`decide`). A vCPU touching a
     /// page being copied waits for the copy (a hugetlb page is unmapped for all of
@@ -136,4 +138,14 @@ pub struct EngineState {
     #[serde(default)]
     pub imbalance_since_ns: Option<u64>,
     pub stats: EngineStats,
+}
+
+impl EngineState {
+    /// Whether a move of ours runs on memory of VM `vm` in `range` (a guest cell's
+    /// RAM; `None`: anywhere in the VM). A move of the whole VM covers every range.
+    pub fn memory_moving(&self, vm: VmId, range: Option<(u64, u64)>) -> bool {
+        self.moving
+            .keys()
+            .any(|&(v, r)| v == vm && (r.is_none() || range.is_none() || r == range))
+    }
 }

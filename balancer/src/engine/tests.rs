@@ -406,6 +406,76 @@ fn a_located_cell_moves_only_its_own_memory() {
 }
 
 #[test]
+fn a_cell_moves_while_another_cell_of_its_vm_is_moving() {
+    // Cell 0 runs on node 0 with half its memory on node 1, cell 1 on node 1 with
+    // all of its memory there. Cell 0's move starts and runs on; then half of cell
+    // 1's memory turns out to be on node 0: its move must not wait for cell 0's.
+    let t = topo(2, 4, 32);
+    let mut wide = vm(1, 4, 0.9, None, &[GIB, 3 * GIB], &t);
+    for v in &mut wide.vcpus {
+        let node = v.index / 2;
+        v.affinity = t.node(node).unwrap().cpus.clone();
+        v.last_cpu = v.affinity.first();
+    }
+    let ranges = [
+        (0x7f00_0000_0000u64, 2 * GIB),
+        (0x7e00_0000_0000u64, 2 * GIB),
+    ];
+    wide.memory.configured_bytes = 4 * GIB;
+    wide.memory.guest_ranges = vec![ranges[1], ranges[0]];
+    wide.cells = (0..2)
+        .map(|c| GuestCell {
+            id: c,
+            vcpus: vec![2 * c, 2 * c + 1],
+            memory_bytes: 2 * GIB,
+            bytes_per_node: if c == 0 {
+                vec![GIB, GIB]
+            } else {
+                vec![0, 2 * GIB]
+            },
+            addr_range: Some(ranges[c as usize]),
+            ..Default::default()
+        })
+        .collect();
+    let mut e = Engine::new(EngineConfig::default());
+    let moves_of = |plan: &Plan| -> Vec<(PlannedAction, Option<(u64, u64)>)> {
+        plan.actions
+            .iter()
+            .filter_map(|a| match &a.action {
+                Action::MigrateMemory { within, .. } => Some((a.clone(), *within)),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut started = Vec::new();
+    for tick in 0..12 {
+        let plan = e.plan(&snap(tick * 5, t.clone(), vec![wide.clone()]));
+        apply_cpus(std::slice::from_mut(&mut wide), &plan);
+        for (a, within) in moves_of(&plan) {
+            assert!(
+                !started.contains(&within),
+                "a second move of a moving range"
+            );
+            e.record_outcome(&a, &ActionOutcome::Started);
+            started.push(within);
+        }
+        if !started.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(started, vec![Some(ranges[0])], "cell 0 moves first, alone");
+    wide.cells[1].bytes_per_node = vec![GIB, GIB];
+    wide.memory.bytes_per_node = vec![2 * GIB, 2 * GIB];
+    let plan = e.plan(&snap(100, t.clone(), vec![wide.clone()]));
+    let moves = moves_of(&plan);
+    assert!(
+        moves.iter().any(|(_, w)| *w == Some(ranges[1])),
+        "cell 1 waited for cell 0's move: {plan:?}"
+    );
+    assert!(moves.iter().all(|(_, w)| *w != Some(ranges[0])), "{plan:?}");
+}
+
+#[test]
 fn rebalances_only_above_threshold() {
     // (case, demand per vCPU on node 0's VMs, VMs on node 0, VMs on node 1, expect move)
     let cases: &[(&str, f64, u32, u32, bool)] = &[

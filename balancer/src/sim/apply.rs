@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::daemon::Actuator;
 use crate::host::Applier;
 use crate::host::linux::actuate::{OriginalSets, QuietCounters, RestoreWhat};
-use crate::model::{Action, ActionOutcome, PlannedAction, Snapshot, Vm, VmId};
+use crate::model::{Action, ActionOutcome, PlannedAction, Snapshot, Vm};
 
 use super::world::{GIB, GUEST_BASE, MigJob, World};
 
@@ -111,7 +111,7 @@ impl Applier for World {
                     remaining: bytes,
                     hot_first: !regions.is_empty(),
                     moved: 0.0,
-                    reported: self.background_moves,
+                    reported: self.background_moves.then(|| action.clone()),
                 });
                 if self.background_moves {
                     return ActionOutcome::Started;
@@ -197,7 +197,7 @@ impl Actuator for SimActuator {
     fn move_in_background(&mut self) {
         self.world.borrow_mut().background_moves = true;
     }
-    fn ended_moves(&mut self, _wait: Option<Duration>) -> Vec<(VmId, ActionOutcome)> {
+    fn ended_moves(&mut self, _wait: Option<Duration>) -> Vec<(PlannedAction, ActionOutcome)> {
         self.world.borrow_mut().ended_moves()
     }
 }

@@ -24,7 +24,7 @@
 //!
 //! All randomness comes from one seeded [`Rng`].
 
-use crate::model::{ActionOutcome, CpuSet};
+use crate::model::{ActionOutcome, CpuSet, PlannedAction};
 
 use super::perf::{PerfParams, distance_weight};
 use super::rng::Rng;
@@ -93,9 +93,9 @@ pub(super) struct MigJob {
     pub(super) hot_first: bool,
     /// Bytes moved so far.
     pub(super) moved: f64,
-    /// Whether its end is reported ([`World::ended_moves`]): the daemon's applier
-    /// answered `Started` for it.
-    pub(super) reported: bool,
+    /// The action whose end is reported ([`World::ended_moves`]) when the daemon's
+    /// applier answered `Started` for it.
+    pub(super) reported: Option<PlannedAction>,
 }
 
 /// Per-second measurements of a run.
@@ -127,7 +127,7 @@ pub struct World {
     /// `MigrateMemory` answers `Started` and the outcome comes when the job ends.
     pub(super) background_moves: bool,
     /// Background moves that ended and were not yet collected: pid, outcome.
-    ended: Vec<(u32, ActionOutcome)>,
+    ended: Vec<(PlannedAction, ActionOutcome)>,
     pub series: Series,
 }
 
@@ -557,14 +557,14 @@ impl World {
 
     /// Records the end of a job whose outcome the daemon's applier owes.
     fn end_job(&mut self, job: &MigJob, outcome: ActionOutcome) {
-        if job.reported {
-            self.ended.push((self.vms[job.vm].pid, outcome));
+        if let Some(action) = &job.reported {
+            self.ended.push((action.clone(), outcome));
         }
     }
 
     /// Outcomes of background moves that ended since the last call, in the order
     /// they ended (per VM, the order they were queued in).
-    pub fn ended_moves(&mut self) -> Vec<(u32, ActionOutcome)> {
+    pub fn ended_moves(&mut self) -> Vec<(PlannedAction, ActionOutcome)> {
         std::mem::take(&mut self.ended)
     }
 

@@ -67,7 +67,7 @@ struct Fake {
 }
 
 /// Outcomes of background moves the test lets end, by VM.
-type EndedQueue = Arc<Mutex<Vec<(u32, ActionOutcome)>>>;
+type EndedQueue = Arc<Mutex<Vec<(PlannedAction, ActionOutcome)>>>;
 impl Applier for Fake {
     fn apply(&mut self, _s: &Snapshot, a: &PlannedAction) -> ActionOutcome {
         if let Action::SetCpus { cpus, .. } = &a.action
@@ -201,17 +201,21 @@ impl Actuator for Background {
     fn counters(&self) -> QuietCounters {
         self.inner.counters()
     }
-    fn ended_moves(&mut self, wait: Option<Duration>) -> Vec<(u32, ActionOutcome)> {
+    fn ended_moves(&mut self, wait: Option<Duration>) -> Vec<(PlannedAction, ActionOutcome)> {
         self.waited.lock().unwrap().push(wait);
         std::mem::take(&mut *self.ended.lock().unwrap())
     }
 }
 
 fn mem(vm: u32) -> PlannedAction {
+    mem_from(vm, 0)
+}
+
+fn mem_from(vm: u32, from: u32) -> PlannedAction {
     PlannedAction {
         vm,
         action: Action::MigrateMemory {
-            from: 0,
+            from,
             to: 1,
             regions: vec![],
             max_bytes: 1 << 20,
@@ -240,7 +244,7 @@ fn background_moves_keep_their_journal_entry_until_they_end() {
     let vms = vec![vm(1, "web", Pinning::None), vm(2, "db", Pinning::None)];
     let observer = Scripted::new([Some(snap(vms))]);
     let policy = ScriptedPolicy::new([
-        vec![mem(1), mem(1), cpus(1, "2-3"), cpus(2, "2-3")],
+        vec![mem(1), mem_from(1, 2), cpus(1, "2-3"), cpus(2, "2-3")],
         vec![mem(2)],
     ]);
     let feedback = policy.feedback.clone();
@@ -257,21 +261,22 @@ fn background_moves_keep_their_journal_entry_until_they_end() {
     assert!(d.journal().unwrap().entries()[&1].in_flight.is_some());
     assert!(d.journal().unwrap().entries()[&2].in_flight.is_none());
 
-    // The first ends: the entry stays open for the second.
+    // The second ends first (moves run side by side): the entry stays open for the
+    // first, and the outcome is told with the action that ended.
     ended
         .lock()
         .unwrap()
-        .push((1, ActionOutcome::Done { moved_bytes: 4096 }));
+        .push((mem_from(1, 2), ActionOutcome::Done { moved_bytes: 4096 }));
     d.tick();
     let fb = feedback.lock().unwrap().clone();
     assert_eq!(fb[4], (1, ActionOutcome::Done { moved_bytes: 4096 }));
     assert_eq!(fb[5], (2, ActionOutcome::Started));
     assert!(d.journal().unwrap().entries()[&1].in_flight.is_some());
-    // The second ends between two ticks: the next tick closes the entry.
+    // The other ends between two ticks: the next tick closes the entry.
     ended
         .lock()
         .unwrap()
-        .push((1, ActionOutcome::Done { moved_bytes: 8192 }));
+        .push((mem(1), ActionOutcome::Done { moved_bytes: 8192 }));
     d.tick();
     assert_eq!(
         feedback.lock().unwrap()[6],
@@ -281,17 +286,20 @@ fn background_moves_keep_their_journal_entry_until_they_end() {
     {
         let s = d.shared();
         let s = s.lock().unwrap();
-        assert!(
+        let ended_with = |bytes| {
             s.status
                 .decisions
                 .iter()
-                .any(|x| x.vm == 1 && x.outcome == ActionOutcome::Done { moved_bytes: 4096 })
-        );
+                .find(|x| x.vm == 1 && x.outcome == ActionOutcome::Done { moved_bytes: bytes })
+                .map(|x| x.action.clone())
+        };
+        assert_eq!(ended_with(4096), Some(mem_from(1, 2).action));
+        assert_eq!(ended_with(8192), Some(mem(1).action));
     }
 
     // On the way out the daemon waits for the move still running (bounded).
     ended.lock().unwrap().push((
-        2,
+        mem(2),
         ActionOutcome::Partial {
             moved_bytes: 0,
             left_bytes: 1 << 20,

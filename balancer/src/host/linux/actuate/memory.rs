@@ -27,7 +27,9 @@ use super::{LinuxApplier, MigrationProgress, Refusal};
 use crate::host::linux::HostError;
 use crate::host::linux::numa_maps::{MapsEntry, read_maps};
 use crate::host::linux::topology;
-use crate::model::{ActionOutcome, MemoryBacking, NodeId, NodeSet, Snapshot, Vm, VmId};
+use crate::model::{
+    ActionOutcome, MemoryBacking, NodeId, NodeSet, PlannedAction, Snapshot, Vm, VmId,
+};
 
 /// Which pages of the VM's process a move covers.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +62,9 @@ enum Covers {
 #[derive(Debug)]
 pub struct Prepared {
     pub vm: VmId,
+    /// The action it carries out, handed back with its outcome (moves of one VM end
+    /// in any order).
+    pub planned: Option<PlannedAction>,
     from: NodeId,
     to: NodeId,
     ranges: Vec<(u64, u64)>,
@@ -182,6 +187,7 @@ pub fn prepare(
         .filter(|&p| p > a.page_size_bytes)
         .unwrap_or(a.page_size_bytes);
     Ok(Prepared {
+        planned: None,
         vm: vm.pid,
         from,
         to,

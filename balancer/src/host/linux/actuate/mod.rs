@@ -139,7 +139,10 @@ impl LinuxApplier {
 
     /// Outcomes of background moves that ended since the last call, by VM; with
     /// `wait`, waits up to that long for every move in flight to end.
-    pub fn ended_moves(&mut self, wait: Option<std::time::Duration>) -> Vec<(VmId, ActionOutcome)> {
+    pub fn ended_moves(
+        &mut self,
+        wait: Option<std::time::Duration>,
+    ) -> Vec<(PlannedAction, ActionOutcome)> {
         let Some(w) = self.worker.as_mut() else {
             return Vec::new();
         };
@@ -149,7 +152,11 @@ impl LinuxApplier {
         };
         ended
             .into_iter()
-            .map(|(p, result)| (p.vm, memory::finish(self, p, result)))
+            .filter_map(|(mut p, result)| {
+                let planned = p.planned.take();
+                let outcome = memory::finish(self, p, result);
+                Some((planned?, outcome))
+            })
             .collect()
     }
 
@@ -157,15 +164,17 @@ impl LinuxApplier {
     fn migrate_memory(
         &mut self,
         snapshot: &Snapshot,
+        planned: &PlannedAction,
         vm: &Vm,
         (from, to): (u32, u32),
         scope: memory::Scope<'_>,
         max_bytes: u64,
     ) -> ActionOutcome {
-        let p = match memory::prepare(self, snapshot, vm, from, to, scope, max_bytes) {
+        let mut p = match memory::prepare(self, snapshot, vm, from, to, scope, max_bytes) {
             Ok(p) => p,
             Err(refused) => return refused,
         };
+        p.planned = Some(planned.clone());
         let batch_pages = self.mover_settings().batch_pages;
         let p = match self.worker.as_mut() {
             Some(w) => match w.submit(p, batch_pages) {
@@ -490,7 +499,7 @@ impl Applier for LinuxApplier {
                     Some(range) => memory::Scope::Within(*range),
                     None => memory::Scope::WholeVm,
                 };
-                self.migrate_memory(snapshot, vm, (*from, *to), scope, *max_bytes)
+                self.migrate_memory(snapshot, action, vm, (*from, *to), scope, *max_bytes)
             }
             Action::MigrateProcessMemory {
                 from,
@@ -498,6 +507,7 @@ impl Applier for LinuxApplier {
                 max_bytes,
             } => self.migrate_memory(
                 snapshot,
+                action,
                 vm,
                 (*from, *to),
                 memory::Scope::ProcessOwn,
@@ -581,7 +591,10 @@ impl crate::daemon::Actuator for LinuxApplier {
     fn move_in_background(&mut self) {
         LinuxApplier::move_in_background(self);
     }
-    fn ended_moves(&mut self, wait: Option<std::time::Duration>) -> Vec<(VmId, ActionOutcome)> {
+    fn ended_moves(
+        &mut self,
+        wait: Option<std::time::Duration>,
+    ) -> Vec<(PlannedAction, ActionOutcome)> {
         LinuxApplier::ended_moves(self, wait)
     }
 }
