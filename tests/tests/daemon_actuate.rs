@@ -274,7 +274,10 @@ fn background_moves_all_end_and_are_handed_back() {
     assert_eq!(ended.len(), moves.len(), "{ended:?}");
     for (done, out) in &ended {
         assert_eq!(done.vm, t.pid);
-        assert!(moves.contains(&done.action), "not a move handed over: {done:?}");
+        assert!(
+            moves.contains(&done.action),
+            "not a move handed over: {done:?}"
+        );
         match out {
             ActionOutcome::Refused { why } => assert!(why.contains("no page could move"), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),

@@ -19,6 +19,7 @@
 //! args = ["run"]               # vmbalancer arguments; `--config FILE` is added
 //! config = "..."               # when set, written to a file passed with --config
 //! log_lines = 60               # last lines of its log reported when it stops
+//! log_filter = "info,balancer::host::linux::write_heat=debug"  # VMBALANCER_LOG
 //! notify = false               # NOTIFY_SOCKET: record READY=1/STATUS=/WATCHDOG=1
 //! unit_like = false            # start as systemd/vmbalancer.service does
 //!
@@ -352,6 +353,9 @@ pub struct VmbalancerSpec {
     /// How many of the last lines of vmbalancer's log are reported when it stops.
     /// Default 60; raise it with a `--log` filter of `debug` to study a run.
     pub log_lines: usize,
+    /// Its log filter (`VMBALANCER_LOG`, as `RUST_LOG`), to study a run; in the
+    /// stack guest it goes to the service through a unit drop-in.
+    pub log_filter: Option<String>,
     /// Start it as systemd would a `Type=notify` service: a notification socket in
     /// `$NOTIFY_SOCKET` whose READY=1/STATUS=/WATCHDOG=1 messages are recorded.
     pub notify: bool,
@@ -370,6 +374,7 @@ impl Default for VmbalancerSpec {
             args: vec!["run".into()],
             config: None,
             log_lines: 60,
+            log_filter: None,
             notify: false,
             unit_like: false,
             watchdog_usec: 0,

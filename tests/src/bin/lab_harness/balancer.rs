@@ -169,6 +169,15 @@ fn start_service(scenario: &Scenario) -> anyhow::Result<()> {
     if let Some(config) = &scenario.vmbalancer.config {
         std::fs::write(UNIT_CONFIG, config)?;
     }
+    if let Some(filter) = &scenario.vmbalancer.log_filter {
+        let dir = "/run/systemd/system/vmbalancer.service.d";
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            format!("{dir}/lab-log.conf"),
+            format!("[Service]\nEnvironment=\"VMBALANCER_LOG={filter}\"\n"),
+        )?;
+        systemctl(&["daemon-reload"])?;
+    }
     let start = Instant::now();
     systemctl(&["start", "vmbalancer"])?;
     loop {
@@ -248,6 +257,9 @@ fn listen_notify(started: Instant) -> anyhow::Result<NotifyLog> {
 fn vmbalancer_recipe(scenario: &Scenario) -> anyhow::Result<Recipe> {
     let spec = &scenario.vmbalancer;
     let mut env = Vec::new();
+    if let Some(filter) = &spec.log_filter {
+        env.push(("VMBALANCER_LOG".to_string(), filter.clone()));
+    }
     let (mut args, config_path) = if spec.unit_like {
         let config = spec.config.clone().unwrap_or_default();
         std::fs::create_dir_all("/etc/vmbalancer")?;
