@@ -17,7 +17,17 @@
 //! its written pages, halved for each pass it came after the VM's first written
 //! region ([`earliness`]). Counting passes rather than microseconds keeps the order
 //! right where the VM's CPU is taken away for milliseconds at a time. One round is a
-//! noisy sample, so rounds are averaged ([`ROUND_WEIGHT`]). Each VM's round starts
+//! noisy sample, so rounds are averaged ([`ROUND_WEIGHT`]), with one exception: a
+//! round that found more than half of the regions it read written by its first
+//! telling pass resolved nothing (its passes were too slow for the VM's writes, as
+//! in a daemon's first seconds, when it loads its eBPF programs beside the
+//! sampler), and the first round that does resolve replaces what such rounds said
+//! instead of being averaged into it ([`VmState::learn`]). Without that, in the
+//! stack lab's nested emulation, a first round that found 63 % of the regions
+//! written at once kept a warm region "hot" for five rounds (10 s), and the first
+//! memory moves, planned on it, carried the warm three quarters of each VM in
+//! address order. A VM that really writes most of its memory never resolves, and
+//! all of it stays hot. Each VM's round starts
 //! its passes right after its own clear, and the VMs' rounds run side by side on a
 //! few threads, so one tick waits for the slowest VM's round, not their sum; a region
 //! backed by one huge page needs one pagemap entry per pass instead of 512.
@@ -84,6 +94,8 @@ struct VmState {
     cursor: u64,
     /// The refusal of its bits was logged (see [`denial`]).
     denied_said: bool,
+    /// A round that told hot from warm has been learned ([`RoundVm::resolves`]).
+    resolved: bool,
 }
 
 /// Soft-dirty sampling of the VMs that need it.
@@ -233,6 +245,7 @@ impl VmState {
             regions,
             first_pass: None,
             huge_now: Vec::new(),
+            seen_at_first_pass: 0,
             denied: None,
         }
     }
@@ -250,13 +263,19 @@ impl VmState {
         parts.join(" ")
     }
 
-    /// Folds a finished round in: the regions' averaged heat and which are huge.
+    /// Folds a finished round in: the regions' averaged heat and which are huge. The
+    /// first round that resolves replaces the heat of earlier rounds that did not
+    /// (module doc).
     fn learn(&mut self, round: &RoundVm) {
         let heat: Vec<(u64, f64)> = round
             .regions
             .iter()
             .map(|p| (p.first, p.heat.unwrap_or(0.0)))
             .collect();
+        if !self.resolved && round.resolves() {
+            self.heat.clear();
+            self.resolved = true;
+        }
         blend(&mut self.heat, &heat);
         for &(first, huge) in &round.huge_now {
             if huge {
@@ -265,6 +284,14 @@ impl VmState {
                 self.huge.remove(&first);
             }
         }
+    }
+}
+
+impl RoundVm {
+    /// Whether the round told hot from warm: its first telling pass found at most
+    /// half of the regions it read written.
+    fn resolves(&self) -> bool {
+        self.seen_at_first_pass > 0 && self.seen_at_first_pass * 2 <= self.regions.len()
     }
 }
 
@@ -288,6 +315,8 @@ struct RoundVm {
     first_pass: Option<usize>,
     /// Huge-page backing found after the passes, per region.
     huge_now: Vec<(u64, bool)>,
+    /// Regions first seen written by its first pass that saw any.
+    seen_at_first_pass: usize,
     /// The kernel refused to show or clear its bits: which file, and its error.
     denied: Option<String>,
 }
@@ -445,6 +474,9 @@ fn sample_vm(
                         written as u64
                     };
                     let first_pass = *vm.first_pass.get_or_insert(pass);
+                    if pass == first_pass {
+                        vm.seen_at_first_pass += 1;
+                    }
                     probe.heat = Some(pages as f64 * earliness(pass - first_pass));
                     stats.seen_per_pass[pass] += 1;
                 }
@@ -608,6 +640,57 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A finished round of four regions with the given heat, `first` of them seen by
+    /// the first pass that saw any.
+    fn round_of(heat: [f64; 4], first: usize) -> RoundVm {
+        RoundVm {
+            pid: 1,
+            regions: (0..4u64)
+                .map(|i| Probe {
+                    first: i * REGION_BYTES,
+                    end: (i + 1) * REGION_BYTES,
+                    huge: true,
+                    heat: Some(heat[i as usize]),
+                })
+                .collect(),
+            first_pass: Some(0),
+            huge_now: Vec::new(),
+            seen_at_first_pass: first,
+            denied: None,
+        }
+    }
+
+    #[test]
+    fn the_first_round_that_resolves_replaces_rounds_that_did_not() {
+        let flat = round_of([512.0; 4], 4);
+        let told = round_of([512.0, 0.0, 0.0, 64.0], 1);
+        assert!(!flat.resolves() && told.resolves());
+        let mut state = VmState::default();
+        state.learn(&flat);
+        state.learn(&told);
+        let h = |a: u64| state.heat.get(&(a * REGION_BYTES)).copied().unwrap_or(0.0);
+        assert_eq!((h(0), h(1), h(3)), (512.0, 0.0, 64.0), "{:?}", state.heat);
+        // From then on rounds are averaged, resolving or not.
+        state.learn(&flat);
+        let h = |a: u64| state.heat.get(&(a * REGION_BYTES)).copied().unwrap_or(0.0);
+        assert_eq!(
+            h(3),
+            64.0 + ROUND_WEIGHT * (512.0 - 64.0),
+            "{:?}",
+            state.heat
+        );
+    }
+
+    #[test]
+    fn a_vm_writing_all_its_memory_stays_hot_everywhere() {
+        let mut state = VmState::default();
+        for _ in 0..3 {
+            state.learn(&round_of([512.0; 4], 4));
+        }
+        assert!(state.heat.values().all(|&h| h == 512.0), "{:?}", state.heat);
+        assert!(!state.resolved);
+    }
 
     #[test]
     fn a_refused_file_is_named_and_a_vanished_vm_is_not() {
