@@ -886,6 +886,7 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
         }
         let mut ready = false;
         let mut due: Option<Instant> = None;
+        let mut moves_began: Option<Instant> = None;
         while !self.shutdown.is_set() {
             if let Some(upto) = self.reloads.pending() {
                 let result = self.reload(notifier);
@@ -893,14 +894,26 @@ impl<O: Observer, A: Actuator, P: Policy> Daemon<O, A, P> {
             }
             let tick = Duration::from_millis(self.cfg.tick_ms);
             let start = Instant::now();
-            if let Some(late) = due.map(|d| start.saturating_duration_since(d))
+            if let Some(d) = due
                 && let Ok(mut s) = self.shared.lock()
             {
-                let d = &mut s.status.daemon;
-                d.max_tick_late_ns = d.max_tick_late_ns.max(late.as_nanos() as u64);
+                let late = start.saturating_duration_since(d);
+                let late_moving =
+                    moves_began.map(|since| start.saturating_duration_since(d.max(since)));
+                s.status.daemon.note_tick_late(
+                    late.as_nanos() as u64,
+                    late_moving.map(|l| l.as_nanos() as u64),
+                );
             }
             due = Some(start + tick);
             let r = self.tick();
+            // Moves started in this tick (or still running from earlier ones) run from
+            // about now; the tick that started them is not late because of them.
+            moves_began = match (self.moving.is_empty(), moves_began) {
+                (true, _) => None,
+                (false, None) => Some(Instant::now()),
+                (false, since) => since,
+            };
             if !ready {
                 let _ = notifier.ready(&format!(
                     "{}balancing {} VMs",

@@ -75,6 +75,11 @@ pub struct DaemonInfo {
     /// Most a tick started after it was due (one tick after the previous start).
     #[serde(default)]
     pub max_tick_late_ns: u64,
+    /// The same, counted only from when memory moves of the daemon were running
+    /// (a tick late before any move began is not late because of them): a move runs
+    /// on the mover's threads and must not hold the loop.
+    #[serde(default)]
+    pub max_tick_late_moving_ns: u64,
     /// Ticks started early because the observer reported a wake
     /// (`daemon::wake`).
     #[serde(default)]
@@ -340,6 +345,17 @@ impl TickDurations {
     }
 }
 
+impl DaemonInfo {
+    /// Records how late a tick started, and how much of that came while memory
+    /// moves of the daemon ran (`None`: none ran).
+    pub fn note_tick_late(&mut self, late_ns: u64, late_moving_ns: Option<u64>) {
+        self.max_tick_late_ns = self.max_tick_late_ns.max(late_ns);
+        if let Some(ns) = late_moving_ns {
+            self.max_tick_late_moving_ns = self.max_tick_late_moving_ns.max(ns);
+        }
+    }
+}
+
 /// The human-readable form of `vmbalancer status`.
 pub fn render_text(doc: &StatusDoc) -> String {
     let mut s = String::new();
@@ -347,7 +363,8 @@ pub fn render_text(doc: &StatusDoc) -> String {
     let _ = writeln!(
         s,
         "vmbalancer {} (pid {}){}: up {:.0} s, {} ticks of {} ms, last tick {:.2} ms \
-         (p50 {:.2} ms, p99 {:.2} ms, longest {:.0} ms, started at most {:.0} ms late)",
+         (p50 {:.2} ms, p99 {:.2} ms, longest {:.0} ms, started at most {:.0} ms late, \
+         {:.0} ms while moving memory)",
         d.version,
         d.pid,
         if d.dry_run { ", DRY RUN" } else { "" },
@@ -358,7 +375,8 @@ pub fn render_text(doc: &StatusDoc) -> String {
         d.tick_p50_ns as f64 / 1e6,
         d.tick_p99_ns as f64 / 1e6,
         d.max_tick_ns as f64 / 1e6,
-        d.max_tick_late_ns as f64 / 1e6
+        d.max_tick_late_ns as f64 / 1e6,
+        d.max_tick_late_moving_ns as f64 / 1e6
     );
     let _ = writeln!(
         s,
@@ -580,6 +598,34 @@ mod tests {
             t.push(5);
         }
         assert_eq!(t.push(5), (5, 5), "old ticks leave the window");
+    }
+
+    #[test]
+    fn lateness_while_moving_is_kept_apart() {
+        let mut d = DaemonInfo::default();
+        d.note_tick_late(1_300_000_000, None);
+        d.note_tick_late(90_000_000, Some(80_000_000));
+        d.note_tick_late(20_000_000, Some(20_000_000));
+        assert_eq!(d.max_tick_late_ns, 1_300_000_000);
+        assert_eq!(d.max_tick_late_moving_ns, 80_000_000);
+        let doc = StatusDoc {
+            daemon: d,
+            ..Default::default()
+        };
+        let text = render_text(&doc);
+        assert!(
+            text.contains("started at most 1300 ms late, 80 ms while moving memory"),
+            "{text}"
+        );
+        // A status written before the field existed still reads.
+        let json = serde_json::to_value(&doc).unwrap();
+        let mut old = json.clone();
+        old["daemon"]
+            .as_object_mut()
+            .unwrap()
+            .remove("max_tick_late_moving_ns");
+        let back: StatusDoc = serde_json::from_value(old).unwrap();
+        assert_eq!(back.daemon.max_tick_late_moving_ns, 0);
     }
     use crate::model::{Topology, Vcpu, Vm, VmMemory};
 

@@ -155,6 +155,11 @@ pub struct Summary {
     /// (`SetCpus` decision) in `vmbalancer status --json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_cpu_move_status_s: Option<f64>,
+    /// vmbalancer only: most a tick of its loop started after it was due while its
+    /// memory moves were running (`daemon.max_tick_late_moving_ns` in `status --json`
+    /// at the end), seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tick_late_moving_s: Option<f64>,
 }
 
 /// One measurement of the mover benchmark (`cargo xtask lab bench-mover`): one way

@@ -68,6 +68,7 @@ fn summary() -> Summary {
         hot_time_to_095_s: Some(10.0),
         first_cpu_move_affinity_s: Some(1.25),
         first_cpu_move_status_s: None,
+        tick_late_moving_s: None,
     }
 }
 

@@ -78,7 +78,9 @@ VMs at the last sample, touch counters x the remote share of accesses (an estima
 known access split, not a hardware counter). t->0.95: first sample at or above 0.95. \
 1st CPU move: first change of a vCPU thread's allowed CPUs after the balancer started \
 (250 ms polling; autoNUMA moves tasks within their allowed CPUs, which this cannot see), \
-with vmbalancer's first applied SetCpus decision from its status in parentheses.\n";
+with vmbalancer's first applied SetCpus decision from its status in parentheses. \
+tick late while moving: vmbalancer only, the most one of its ticks started after it was due \
+while its memory moves ran (from its status at the end).\n";
 
 /// A markdown table comparing `rows`.
 pub fn table(rows: &[Summary]) -> String {
@@ -93,7 +95,7 @@ pub fn table(rows: &[Summary]) -> String {
     }
     header.push_str(
         " hot@end | off-node acc/s@end (est.) | t->0.9 pages | t->0.95 pages | t->0.95 access \
-         | t->0.95 hot | 1st CPU move | numa_pages_migrated | pgmigrate_success | CPU balance \
+         | t->0.95 hot | 1st CPU move | tick late while moving | numa_pages_migrated | pgmigrate_success | CPU balance \
          | touches/vCPU/s | work vs first |",
     );
     let sep: String = header
@@ -116,7 +118,7 @@ pub fn table(rows: &[Summary]) -> String {
         }
         let _ = writeln!(
             out,
-            "{line} {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} |",
+            "{line} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} |",
             fraction(r.hot_locality.last().map(|&(_, v)| v)),
             per_s(r.offnode_accesses_per_s.last().map(|&(_, v)| v)),
             secs(r.time_to_090_s),
@@ -124,6 +126,8 @@ pub fn table(rows: &[Summary]) -> String {
             secs(r.access_time_to_095_s),
             secs(r.hot_time_to_095_s),
             first_move(r),
+            r.tick_late_moving_s
+                .map_or("-".into(), |s| format!("{:.0} ms", s * 1000.0)),
             r.numa_pages_migrated,
             r.pgmigrate_success,
             r.cpu_balance,
@@ -289,6 +293,7 @@ mod tests {
             hot_time_to_095_s: (loc >= 0.91).then_some(5.0),
             first_cpu_move_affinity_s: (loc >= 0.9).then_some(2.25),
             first_cpu_move_status_s: (loc >= 0.9).then_some(2.0),
+            tick_late_moving_s: (loc >= 0.9).then_some(0.08),
         }
     }
 

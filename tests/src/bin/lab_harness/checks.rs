@@ -430,13 +430,17 @@ pub fn run_check(
                     .pointer("/daemon/max_tick_ns")
                     .and_then(|v| v.as_u64())
                     .map_or(0.0, |ns| ns as f64 / 1e6);
+                let moving_ms = st
+                    .pointer("/daemon/max_tick_late_moving_ns")
+                    .and_then(|v| v.as_u64())
+                    .map_or(0.0, |ns| ns as f64 / 1e6);
                 match late_ms {
                     Some(late) => outcome(
                         a,
                         late <= *max_ms,
                         format!(
-                            "a tick started at most {late:.0} ms late; the longest tick took \
-                             {longest_ms:.0} ms"
+                            "a tick started at most {late:.0} ms late ({moving_ms:.0} ms while \
+                             memory moves ran); the longest tick took {longest_ms:.0} ms"
                         ),
                     ),
                     None => outcome(a, false, "status has no daemon.max_tick_late_ns".into()),

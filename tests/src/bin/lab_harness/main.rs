@@ -395,6 +395,10 @@ fn run() -> anyhow::Result<bool> {
     let mut summary = sampler.summary(balancer.name(), &args.kernel, run_s);
     if let (Some(Ok(status)), Some(t0_ns)) = (&facts.status, sampler.t0_monotonic_ns()) {
         summary.first_cpu_move_status_s = access::first_cpu_move_in_status(status, t0_ns);
+        summary.tick_late_moving_s = status
+            .pointer("/daemon/max_tick_late_moving_ns")
+            .and_then(serde_json::Value::as_u64)
+            .map(|ns| ns as f64 / 1e9);
     }
     emit(&Record::Summary(summary.clone()));
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {

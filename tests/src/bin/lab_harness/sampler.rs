@@ -633,6 +633,7 @@ impl Sampler {
             offnode_accesses_per_s: series(|s| s.offnode_accesses_per_s),
             first_cpu_move_affinity_s: self.first_affinity_change_s,
             first_cpu_move_status_s: None,
+            tick_late_moving_s: None,
         }
     }
 }
