@@ -36,7 +36,8 @@
 //!    there; the cost of a placement is `sum(load^2 / capacity)` over nodes, which is
 //!    lowest when load ratios are equal. Act only when the spread of load ratios
 //!    exceeds `imbalance_threshold_pct` of the mean and the busiest node is busy, on
-//!    two decisions in a row (the first decision of a fresh engine excepted): a VM
+//!    two decisions in a row (the first decision of a fresh engine excepted), and
+//!    not while the busiest node's load still rises (for at most three ticks): a VM
 //!    whose load changed during the last interval shows a partial reading. Every
 //!    candidate move of a unit off the busiest node must lower the cost without
 //!    overshooting; among moves gaining at least a quarter of the best gain, the one

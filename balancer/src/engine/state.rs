@@ -137,6 +137,10 @@ pub struct EngineState {
     /// last decision saw none). Rebalancing acts from the second decision in a row.
     #[serde(default)]
     pub imbalance_since_ns: Option<u64>,
+    /// Each node's load (CPUs) at the last decision that saw the imbalance, to tell
+    /// a load still rising from one that settled.
+    #[serde(default)]
+    pub imbalance_loads: Option<Vec<f64>>,
     pub stats: EngineStats,
 }
 

@@ -668,12 +668,13 @@ fn a_move_that_helps_too_little_loses_on_gain_not_price() {
     );
 }
 
-#[test]
-fn overcommitted_host_quiet_then_one_node_overloaded() {
-    // The lab's cheapest-move case: 13 vCPUs on 4 nodes x 2 CPUs, all quiet when
-    // placed. db, web and mail share node 0; then they get busy (2, 1 and 0.25
-    // CPUs) and db, the fewest bytes per CPU, moves first, once the imbalance has
-    // lasted two decisions.
+/// `(pid, name, vCPUs, MiB, memory node, busy demand per vCPU)` of the lab's
+/// cheapest-move VMs.
+type CheapestSpec = [(u32, &'static str, u32, u64, usize, f64); 9];
+
+/// The lab's cheapest-move host: 13 vCPUs on 4 nodes x 2 CPUs, all quiet (0.1 CPU a
+/// vCPU); db, web and mail have their memory on node 0.
+fn cheapest_move_host() -> (Topology, CheapestSpec, Vec<Vm>) {
     let t = {
         let mut t = Topology::uniform(4, 2, 2 * GIB);
         for n in &mut t.nodes {
@@ -682,7 +683,7 @@ fn overcommitted_host_quiet_then_one_node_overloaded() {
         t
     };
     // (pid, name, vCPUs, MiB, memory node, busy demand per vCPU)
-    let spec: [(u32, &str, u32, u64, usize, f64); 9] = [
+    let spec: CheapestSpec = [
         (1, "db", 2, 512, 0, 1.0),
         (2, "web", 1, 384, 0, 1.0),
         (3, "mail", 1, 128, 0, 0.25),
@@ -693,7 +694,7 @@ fn overcommitted_host_quiet_then_one_node_overloaded() {
         (8, "dns2", 1, 256, 2, 0.1),
         (9, "dns3", 1, 256, 3, 0.1),
     ];
-    let mut vms: Vec<Vm> = spec
+    let vms: Vec<Vm> = spec
         .iter()
         .map(|&(pid, _, vcpus, mib, node, _)| {
             let mut bytes = [0; 4];
@@ -703,6 +704,15 @@ fn overcommitted_host_quiet_then_one_node_overloaded() {
             v
         })
         .collect();
+    (t, spec, vms)
+}
+
+#[test]
+fn overcommitted_host_quiet_then_one_node_overloaded() {
+    // The lab's cheapest-move case: all quiet when placed. db, web and mail share
+    // node 0; then they get busy (2, 1 and 0.25 CPUs) and db, the fewest bytes per
+    // CPU, moves first, once the imbalance has lasted two decisions.
+    let (t, spec, mut vms) = cheapest_move_host();
     let mut engine = Engine::new(EngineConfig::default());
     let plan = engine.plan(&snap(0, t.clone(), vms.clone()));
     apply_cpus(&mut vms, &plan);
@@ -760,6 +770,94 @@ fn overcommitted_host_quiet_then_one_node_overloaded() {
             (3, CandidateVerdict::Costlier { than: 1 }),
         ]
     );
+}
+
+/// [`cheapest_move_host`] after the engine placed its VMs at 0 s, quiet at 2 s (new
+/// VMs are taken as busy when placed, so the quiet decision clears that imbalance).
+fn cheapest_move_host_placed() -> (Topology, CheapestSpec, Vec<Vm>, Engine) {
+    let (t, spec, mut vms) = cheapest_move_host();
+    let mut engine = Engine::new(EngineConfig::default());
+    let plan = engine.plan(&snap(0, t.clone(), vms.clone()));
+    apply_cpus(&mut vms, &plan);
+    let quiet = engine.plan(&snap(2, t.clone(), vms.clone()));
+    assert!(quiet.actions.is_empty(), "{quiet:?}");
+    (t, spec, vms, engine)
+}
+
+#[test]
+fn a_load_still_rising_is_read_whole_before_the_cheapest_move() {
+    // The stack lab's run of the same case: web and mail (with the emulator's
+    // overhead) already hold node 0 past its busy floor when db rises, and db's
+    // first reading is partial (1.18 CPUs of 2). Judged on it, mail or web looks
+    // cheapest; the move waits until node 0's load stops rising, then db goes.
+    let (t, spec, mut vms, mut engine) = cheapest_move_host_placed();
+    let demand = |vms: &mut Vec<Vm>, db: f64| {
+        for v in vms.iter_mut() {
+            let d = match v.pid {
+                1 => db,
+                2 => 1.0,
+                3 => 0.5,
+                pid => spec[pid as usize - 1].5,
+            };
+            v.vcpus.iter_mut().for_each(|c| c.cpu_demand = d);
+        }
+    };
+    let cpu_moves = |plan: &Plan| -> Vec<u32> {
+        plan.actions
+            .iter()
+            .filter(|a| matches!(a.action, Action::SetCpus { .. }))
+            .map(|a| a.vm)
+            .collect()
+    };
+    // Node 0 at 1.8 CPUs of 2 before db rises: seen, not yet confirmed.
+    demand(&mut vms, 0.15);
+    let plan = engine.plan(&snap(4, t.clone(), vms.clone()));
+    assert!(cpu_moves(&plan).is_empty(), "{plan:?}");
+    // db's first reading after its rise: partial, and node 0 rose by 0.88 CPUs.
+    demand(&mut vms, 0.59);
+    let plan = engine.plan(&snap(5, t.clone(), vms.clone()));
+    assert!(cpu_moves(&plan).is_empty(), "{plan:?}");
+    assert!(
+        plan.refusals.iter().any(|r| matches!(
+            r.why,
+            RefusalReason::ImbalanceRising { node: 0, rise_cpus, .. } if (rise_cpus - 0.88).abs() < 1e-6
+        )),
+        "{plan:?}"
+    );
+    // Read whole: node 0 rose again (0.82 CPUs), still waiting.
+    demand(&mut vms, 1.0);
+    let plan = engine.plan(&snap(6, t.clone(), vms.clone()));
+    assert!(cpu_moves(&plan).is_empty(), "{plan:?}");
+    // Settled: db, the fewest bytes per CPU (512 MiB / 2 CPUs), moves first.
+    let plan = engine.plan(&snap(7, t.clone(), vms.clone()));
+    assert_eq!(cpu_moves(&plan).first(), Some(&1), "{plan:?}");
+}
+
+#[test]
+fn a_load_that_keeps_rising_waits_three_ticks_at_most() {
+    let (t, _, mut vms, mut engine) = cheapest_move_host_placed();
+    let mut moved_at = None;
+    for (i, s) in (4..12).enumerate() {
+        // web busy, db rising by 0.3 CPUs every decision.
+        for v in vms.iter_mut().filter(|v| v.pid <= 2) {
+            let d = if v.pid == 2 {
+                1.0
+            } else {
+                0.4 + 0.15 * i as f64
+            };
+            v.vcpus.iter_mut().for_each(|c| c.cpu_demand = d.min(1.0));
+        }
+        let plan = engine.plan(&snap(s, t.clone(), vms.clone()));
+        if plan
+            .actions
+            .iter()
+            .any(|a| matches!(a.reason, Reason::CpuImbalance { .. }))
+        {
+            moved_at = Some(s);
+            break;
+        }
+    }
+    assert_eq!(moved_at, Some(7), "first seen at 4 s, acted at 4 + 3 ticks");
 }
 
 #[test]

@@ -112,6 +112,15 @@ pub enum RefusalReason {
     /// the next one before a VM moves (a VM whose load just changed shows a partial
     /// reading).
     ImbalanceUnconfirmed { imbalance_pct: f64 },
+    /// The busiest node's load rose by `rise_cpus` since the last decision, which
+    /// already saw the imbalance: a VM there is still ramping up and reads partly,
+    /// so the cheapest move waits for a decision that reads it whole (at most until
+    /// the imbalance is three ticks old).
+    ImbalanceRising {
+        imbalance_pct: f64,
+        node: NodeId,
+        rise_cpus: f64,
+    },
 }
 
 /// `2 MiB`, `1 GiB`: a size (a huge page's, a headroom) in the largest binary unit
@@ -179,6 +188,14 @@ impl std::fmt::Display for RefusalReason {
             Self::ImbalanceUnconfirmed { imbalance_pct } => write!(
                 f,
                 "CPU load {imbalance_pct:.0}% out of balance for one decision: waiting for the next to confirm it"
+            ),
+            Self::ImbalanceRising {
+                imbalance_pct,
+                node,
+                rise_cpus,
+            } => write!(
+                f,
+                "CPU load {imbalance_pct:.0}% out of balance, node {node} {rise_cpus:.2} CPUs busier than a decision ago: waiting for its load to settle before choosing what moves"
             ),
         }
     }
