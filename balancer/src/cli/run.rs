@@ -123,16 +123,6 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     // Nothing on the host changes before the configuration is valid.
     let cfg = args.config()?;
     tracing::info!(dry_run = args.dry_run, tick_ms = cfg.tick_ms, "starting");
-    if !args.dry_run {
-        // The start-up (reading the host, adopting its VMs, their first placement)
-        // runs at the loop's priority too: on a host whose CPUs are all busy with
-        // vCPUs, the daemon at nice 0 got a third of a CPU and its first decision
-        // came a second later under the lab's emulation. Set here, on the main
-        // thread, so that every thread created from now on inherits it.
-        if let Err(e) = crate::host::linux::actuate::sys::set_own_nice(cfg.migration_nice) {
-            tracing::warn!(nice = cfg.migration_nice, error = %e, "the daemon keeps its priority");
-        }
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -167,12 +167,11 @@ pub struct Config {
     /// Mover threads, shared by all moves (1..=64): each takes the next batch of the
     /// most urgent move (hot regions first, VMs taking turns). Default 4.
     pub migration_threads: usize,
-    /// Nice value of the threads that move pages and of the daemon that starts
-    /// them, its start-up and tick loop included (-20..=19; not in a dry run, which
-    /// moves nothing). Default -10: on a host whose CPUs are all busy with vCPUs,
+    /// Nice value of the threads that move pages and of the tick loop that starts
+    /// them (-20..=19). Default -10: on a host whose CPUs are all busy with vCPUs,
     /// movers at nice 0 get a fraction of a CPU each and a move meant to take a
     /// second takes many; the rate limit still bounds what they take from the VMs.
-    /// The daemon shares their priority so its own movers never starve it.
+    /// The loop shares their priority so its own movers never starve it.
     pub migration_nice: i32,
     /// Find hot regions of resident memory from soft-dirty bits, for VMs whose memory
     /// is away from their vCPUs. Default true.
