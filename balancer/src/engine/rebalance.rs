@@ -9,7 +9,7 @@
 //! plan: each unit on the busy node with its resident bytes, the CPU it would take
 //! off, its bytes per CPU and why it won or lost, for `status` to show.
 
-use crate::model::{CandidateVerdict, MoveCandidate, MoveChoice, NodeId, Reason, RefusalReason};
+use crate::model::{CandidateVerdict, MoveCandidate, MoveChoice, Reason, RefusalReason};
 
 use super::view::spread;
 use super::{Ctx, Imbalance, Phase};
@@ -129,12 +129,7 @@ impl Ctx<'_> {
                 None,
                 RefusalReason::ImbalanceRising {
                     imbalance_pct: imb,
-                    node: self
-                        .snap
-                        .topology
-                        .nodes
-                        .get(hi)
-                        .map_or(hi as NodeId, |n| n.id),
+                    node: self.node_id(hi),
                     rise_cpus,
                 },
             );
