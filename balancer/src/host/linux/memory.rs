@@ -508,6 +508,11 @@ impl MemoryTracker {
         }
     }
 
+    /// Whether a move of VM `pid`'s memory by the balancer runs now.
+    pub fn moving(&self, pid: u32) -> bool {
+        self.vms.get(&pid).is_some_and(|t| t.moves_running > 0)
+    }
+
     /// The probe's addresses of VM `pid`, to be asked for their nodes now; none
     /// while a move of the balancer's own runs on it (module doc).
     pub fn probe_addrs(&self, pid: u32) -> Option<&[u64]> {

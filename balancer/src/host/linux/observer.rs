@@ -1112,14 +1112,19 @@ impl Observer for LinuxObserver {
         if self.paths.is_live_proc()
             && let Some(write_heat) = self.write_heat.as_mut()
         {
-            write_heat.fill(&mut snapshot, |pid, starts| {
-                super::ebpf_source::regions_nodes(
-                    pid,
-                    starts,
-                    super::write_heat::REGION_BYTES,
-                    super::write_heat::NODE_SAMPLES,
-                )
-            });
+            let memory = &self.memory;
+            write_heat.fill(
+                &mut snapshot,
+                |pid| memory.moving(pid),
+                |pid, starts| {
+                    super::ebpf_source::regions_nodes(
+                        pid,
+                        starts,
+                        super::write_heat::REGION_BYTES,
+                        super::write_heat::NODE_SAMPLES,
+                    )
+                },
+            );
         }
         tracing::trace!(
             discover_ns,
