@@ -56,6 +56,11 @@ pub struct VmTruth {
     /// moved away and back between two samples is not seen). Same source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages_moved: Option<u64>,
+    /// Share of the queried guest RAM pages the per-page query found present (the
+    /// hot and cold localities are shares of those). Below 1 when the kernel would
+    /// not report some pages' nodes; numa_maps counts every mapped page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queried_present_share: Option<f64>,
     /// Access-weighted locality: the estimated share of the VM's memory accesses
     /// that land on `main_node`, from its known hot/cold access split and the
     /// hot-set and cold-part localities (see `vmbalancer_tests::lab::access`).

@@ -13,6 +13,7 @@ fn vm(name: &str, per_page: bool) -> VmTruth {
         hot_locality: per_page.then_some(0.875),
         cold_locality: per_page.then_some(0.5),
         pages_moved: per_page.then_some(12),
+        queried_present_share: per_page.then_some(1.0),
         access_locality: per_page.then_some(0.859375),
         offnode_accesses_per_s: per_page.then_some(421875.0),
         cells: Vec::new(),

@@ -689,6 +689,7 @@ mod tests {
             hot_locality: None,
             cold_locality: None,
             pages_moved: None,
+            queried_present_share: None,
             access_locality: None,
             offnode_accesses_per_s: None,
             cells: Vec::new(),

@@ -65,7 +65,12 @@ pub fn render(line: &str) -> Option<String> {
                 .map(|v| {
                     let node = v.main_node.map_or("-".into(), |n| n.to_string());
                     let hot_cold = match (v.hot_locality, v.cold_locality) {
-                        (Some(h), Some(c)) => format!("(hot {h:.2} cold {c:.2})"),
+                        (Some(h), Some(c)) => match v.queried_present_share {
+                            Some(p) if p < 0.995 => {
+                                format!("(hot {h:.2} cold {c:.2} of the {p:.2} present)")
+                            }
+                            _ => format!("(hot {h:.2} cold {c:.2})"),
+                        },
                         _ => String::new(),
                     };
                     format!("{}@n{node}:{:.2}{hot_cold}", v.name, v.locality)

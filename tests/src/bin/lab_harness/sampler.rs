@@ -129,6 +129,8 @@ struct PageTrack {
     stride: usize,
     prev: Vec<i32>,
     moved: u64,
+    /// Share of the pages queried at the last sample that were present.
+    present_share: Option<f64>,
 }
 
 const QUERY_BATCH: usize = 8192;
@@ -174,6 +176,8 @@ impl PageTrack {
         }
         let (start, _) = self.mapping?;
         let nodes = page_nodes(pid, start, self.memory_bytes, self.stride);
+        let present = nodes.iter().filter(|&&n| n >= 0).count();
+        self.present_share = Some(present as f64 / nodes.len().max(1) as f64);
         let exact = self.stride == 1;
         if exact && !self.prev.is_empty() {
             self.moved += nodes
@@ -310,6 +314,7 @@ impl Sampler {
                     },
                     prev: Vec::new(),
                     moved: 0,
+                    present_share: None,
                 }),
                 hot_share: access::hot_access_share(v.hot_access_pct, v.hot_fraction),
                 allowed_at_start: HashMap::new(),
@@ -530,6 +535,7 @@ impl Sampler {
                 hot_locality: paged.map(|p| p.0),
                 cold_locality: paged.map(|p| p.1),
                 pages_moved: paged.and_then(|p| p.2),
+                queried_present_share: t.pages.as_ref().and_then(|p| p.present_share),
                 access_locality,
                 offnode_accesses_per_s: access_locality
                     .map(|a| access::offnode_accesses_per_s(touches_per_s, a)),
@@ -663,6 +669,7 @@ fn sample_cells(t: &mut Track, n_nodes: usize) -> Vec<CellTruth> {
                             },
                             prev: Vec::new(),
                             moved: 0,
+                            present_share: None,
                         },
                     })
                     .collect()
