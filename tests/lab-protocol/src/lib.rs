@@ -56,9 +56,9 @@ pub struct VmTruth {
     /// moved away and back between two samples is not seen). Same source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages_moved: Option<u64>,
-    /// Share of the queried guest RAM pages the per-page query found present (the
-    /// hot and cold localities are shares of those). Below 1 when the kernel would
-    /// not report some pages' nodes; numa_maps counts every mapped page.
+    /// Share of the queried guest RAM pages whose node is known, from the per-page
+    /// query or, where it gives none, from the page's frame number (the hot and cold
+    /// localities are shares of those). Below 1 for pages not mapped yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queried_present_share: Option<f64>,
     /// Access-weighted locality: the estimated share of the VM's memory accesses

@@ -79,6 +79,65 @@ pub fn read_nodes(root: &Path) -> Result<Vec<NodeInfo>, TruthError> {
     Ok(nodes)
 }
 
+/// The node (index into the online nodes) of each physical frame, from the memory
+/// blocks sysfs lists under each node. The per-page query (move_pages(2) without
+/// targets) reports no node for some mapped pages (under autoNUMA, a third of a
+/// VM's guest RAM: tests/results/lab-demo.md); their frame numbers, from
+/// `/proc/PID/pagemap`, still tell where they are.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FrameNodes {
+    /// (first frame, end frame, node index), sorted by first frame.
+    ranges: Vec<(u64, u64, usize)>,
+}
+
+impl FrameNodes {
+    /// From the memory block size and the blocks of each node (node index, block
+    /// number).
+    pub fn from_blocks(block_bytes: u64, blocks: &[(usize, u64)]) -> Self {
+        let frames = (block_bytes / 4096).max(1);
+        let mut ranges: Vec<(u64, u64, usize)> = blocks
+            .iter()
+            .map(|&(node, b)| (b * frames, (b + 1) * frames, node))
+            .collect();
+        ranges.sort_unstable();
+        Self { ranges }
+    }
+
+    /// Reads `sys/devices/system/memory/block_size_bytes` and the `memoryN` entries of
+    /// every online node in `nodes`.
+    pub fn read(root: &Path, nodes: &[NodeInfo]) -> Result<Self, TruthError> {
+        let size = read(root, "sys/devices/system/memory/block_size_bytes")?;
+        let block_bytes = u64::from_str_radix(size.trim(), 16)
+            .map_err(|_| parse_err("memory block size", size.trim()))?;
+        let mut blocks = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let dir = root.join(format!("sys/devices/system/node/node{}", n.id));
+            let entries = fs::read_dir(&dir).map_err(|source| TruthError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if let Some(b) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("memory"))
+                    .and_then(|b| b.parse::<u64>().ok())
+                {
+                    blocks.push((i, b));
+                }
+            }
+        }
+        Ok(Self::from_blocks(block_bytes, &blocks))
+    }
+
+    /// The node index of frame `pfn`, if a listed block holds it.
+    pub fn node_of(&self, pfn: u64) -> Option<usize> {
+        let i = self.ranges.partition_point(|r| r.0 <= pfn).checked_sub(1)?;
+        let (first, end, node) = self.ranges[i];
+        (first..end).contains(&pfn).then_some(node)
+    }
+}
+
 /// Maps a CPU number to the index (into `nodes`) of the node holding it.
 pub fn cpu_to_node(nodes: &[NodeInfo]) -> BTreeMap<u32, usize> {
     let mut map = BTreeMap::new();
@@ -339,6 +398,18 @@ pub fn read_task_stat(root: &Path, pid: u32, tid: u32) -> Result<TaskStat, Truth
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_are_placed_by_their_memory_block() {
+        // 128 MiB blocks: 32768 frames each. Node 1 holds blocks 2 and 3.
+        let f = FrameNodes::from_blocks(128 << 20, &[(1, 3), (0, 0), (0, 1), (1, 2)]);
+        assert_eq!(f.node_of(0), Some(0));
+        assert_eq!(f.node_of(2 * 32768 - 1), Some(0));
+        assert_eq!(f.node_of(2 * 32768), Some(1));
+        assert_eq!(f.node_of(4 * 32768 - 1), Some(1));
+        assert_eq!(f.node_of(4 * 32768), None, "past the last block");
+        assert_eq!(FrameNodes::default().node_of(5), None);
+    }
 
     #[test]
     fn lists() {

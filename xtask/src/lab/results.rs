@@ -67,7 +67,7 @@ pub fn render(line: &str) -> Option<String> {
                     let hot_cold = match (v.hot_locality, v.cold_locality) {
                         (Some(h), Some(c)) => match v.queried_present_share {
                             Some(p) if p < 0.995 => {
-                                format!("(hot {h:.2} cold {c:.2} of the {p:.2} present)")
+                                format!("(hot {h:.2} cold {c:.2} of the {p:.2} found)")
                             }
                             _ => format!("(hot {h:.2} cold {c:.2})"),
                         },
