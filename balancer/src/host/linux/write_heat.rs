@@ -144,9 +144,10 @@ impl WriteHeat {
 
     /// Runs a round for the VMs due one and gives every sampled VM its regions by
     /// write heat, hottest first, in place of fault heat (first-touch faults say
-    /// nothing about memory already resident). `node_of` tells a region's node.
-    /// `nodes_of(pid, starts)` gives the node of each region starting at `starts`
-    /// (one query per VM).
+    /// nothing about memory already resident); not a VM [`held`] by a move, which
+    /// nothing plans on until the move ends. `moving(pid)`: a move of the VM's
+    /// memory runs. `nodes_of(pid, starts)` gives the node of each region starting
+    /// at `starts` (one query per VM).
     pub fn fill(
         &mut self,
         snapshot: &mut Snapshot,

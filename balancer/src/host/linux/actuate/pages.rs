@@ -347,12 +347,12 @@ impl Job {
         if on_src.is_empty() {
             return Ok(());
         }
-        if !limit.wait() {
+        let planned_bytes = on_src.len() as u64 * self.page;
+        if !limit.wait(planned_bytes) {
             t.cancelled = true;
             t.left_pages += on_src.len() as u64;
             return Ok(());
         }
-        let started = std::time::Instant::now();
         let take = self.reserve(on_src.len() as u64) as usize;
         let (moved, stuck) = if take > 0 {
             move_and_verify(self.pid, self.from, self.to, &on_src[..take], t)?
@@ -361,7 +361,7 @@ impl Job {
         };
         // Unused reservation goes back to the budget.
         self.reserved.fetch_sub(take as u64 - moved, SeqCst);
-        limit.spend(moved * self.page, started);
+        limit.settle(planned_bytes, moved * self.page);
         t.verified_pages += moved;
         t.failed_pages += stuck;
         t.left_pages += stuck + (on_src.len() - take) as u64;
