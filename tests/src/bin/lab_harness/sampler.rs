@@ -130,7 +130,7 @@ struct PageTrack {
     stride: usize,
     prev: Vec<i32>,
     moved: u64,
-    /// Share of the pages queried at the last sample that were present.
+    /// Share of the pages queried at the last sample whose node is known.
     present_share: Option<f64>,
 }
 
@@ -186,16 +186,19 @@ fn place_by_frame(
     contiguous: bool,
     status: &mut [i32],
 ) {
+    use procfs::process::{MemoryPageFlags, PageInfo};
     use std::os::unix::fs::FileExt;
-    const PRESENT: u64 = 1 << 63;
-    const PFN_MASK: u64 = (1 << 55) - 1;
     if status.iter().all(|&s| s >= 0) || addrs.is_empty() {
         return;
     }
     let node = |e: &[u8]| {
-        let v = u64::from_le_bytes(e.try_into().ok()?);
-        let pfn = v & PFN_MASK;
-        (v & PRESENT != 0 && pfn != 0)
+        let PageInfo::MemoryPage(flags) =
+            PageInfo::parse_info(u64::from_ne_bytes(e.try_into().ok()?))
+        else {
+            return None;
+        };
+        let pfn = flags.get_page_frame_number().0;
+        (flags.contains(MemoryPageFlags::PRESENT) && pfn != 0)
             .then(|| frames.node_of(pfn))
             .flatten()
     };
