@@ -165,6 +165,11 @@ pub struct Summary {
     /// at the end), seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tick_late_moving_s: Option<f64>,
+    /// CPU time (user + system, every thread) of the balancer's own process over the
+    /// run, seconds: vmbalancer's daemon or numad (`None` for autoNUMA, whose work
+    /// runs in the VMs' threads and kernel workers, and for no balancer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer_cpu_s: Option<f64>,
 }
 
 /// One measurement of the mover benchmark (`cargo xtask lab bench-mover`): one way

@@ -70,6 +70,7 @@ fn summary() -> Summary {
         first_cpu_move_affinity_s: Some(1.25),
         first_cpu_move_status_s: None,
         tick_late_moving_s: None,
+        balancer_cpu_s: None,
     }
 }
 

@@ -69,6 +69,14 @@ fn first_move(r: &Summary) -> String {
     }
 }
 
+/// The balancer process's CPU time over the run as a share of one CPU.
+fn cpu_share(r: &Summary) -> String {
+    match r.balancer_cpu_s {
+        Some(s) if r.run_s > 0.0 => format!("{:.1} % ({s:.1} s)", s / r.run_s * 100.0),
+        _ => "-".into(),
+    }
+}
+
 /// What the columns mean, printed under the table.
 pub const LEGEND: &str = "\
 pages/access: page-weighted / access-weighted mean locality (access: each VM's hot-set and \
@@ -80,7 +88,10 @@ known access split, not a hardware counter). t->0.95: first sample at or above 0
 (250 ms polling; autoNUMA moves tasks within their allowed CPUs, which this cannot see), \
 with vmbalancer's first applied SetCpus decision from its status in parentheses. \
 tick late while moving: vmbalancer only, the most one of its ticks started after it was due \
-while its memory moves ran (from its status at the end).\n";
+while its memory moves ran (from its status at the end). \
+balancer CPU: user + system time of the balancer's own process (every thread, the page \
+movers' system calls included) over the run, as a share of one CPU, for vmbalancer and \
+numad; autoNUMA's work runs in the VMs' own threads and kernel workers and is not shown.\n";
 
 /// A markdown table comparing `rows`.
 pub fn table(rows: &[Summary]) -> String {
@@ -95,7 +106,7 @@ pub fn table(rows: &[Summary]) -> String {
     }
     header.push_str(
         " hot@end | off-node acc/s@end (est.) | t->0.9 pages | t->0.95 pages | t->0.95 access \
-         | t->0.95 hot | 1st CPU move | tick late while moving | numa_pages_migrated | pgmigrate_success | CPU balance \
+         | t->0.95 hot | 1st CPU move | tick late while moving | balancer CPU | numa_pages_migrated | pgmigrate_success | CPU balance \
          | touches/vCPU/s | work vs first |",
     );
     let sep: String = header
@@ -118,7 +129,7 @@ pub fn table(rows: &[Summary]) -> String {
         }
         let _ = writeln!(
             out,
-            "{line} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} |",
+            "{line} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} |",
             fraction(r.hot_locality.last().map(|&(_, v)| v)),
             per_s(r.offnode_accesses_per_s.last().map(|&(_, v)| v)),
             secs(r.time_to_090_s),
@@ -128,6 +139,7 @@ pub fn table(rows: &[Summary]) -> String {
             first_move(r),
             r.tick_late_moving_s
                 .map_or("-".into(), |s| format!("{:.0} ms", s * 1000.0)),
+            cpu_share(r),
             r.numa_pages_migrated,
             r.pgmigrate_success,
             r.cpu_balance,
@@ -295,6 +307,7 @@ mod tests {
             first_cpu_move_affinity_s: (loc >= 0.9).then_some(2.25),
             first_cpu_move_status_s: (loc >= 0.9).then_some(2.0),
             tick_late_moving_s: (loc >= 0.9).then_some(0.08),
+            balancer_cpu_s: (loc >= 0.9).then_some(1.2),
         }
     }
 

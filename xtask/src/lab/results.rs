@@ -99,7 +99,7 @@ pub fn render(line: &str) -> Option<String> {
         }
         Record::Event { source, text } => format!("[{source}] {text}"),
         Record::Summary(s) => format!(
-            "summary: {} VMs, t->0.9 {:?} s, t->0.95 {:?} s (access {:?} s, hot set {:?} s), first CPU move {:?} s (status {:?} s), tick late while moving {:?} s, numa_pages_migrated {}, pgmigrate_success {}, CPU balance {:.2}, {:.0} touches/vCPU/s",
+            "summary: {} VMs, t->0.9 {:?} s, t->0.95 {:?} s (access {:?} s, hot set {:?} s), first CPU move {:?} s (status {:?} s), tick late while moving {:?} s, balancer CPU {:?} s, numa_pages_migrated {}, pgmigrate_success {}, CPU balance {:.2}, {:.0} touches/vCPU/s",
             s.vms,
             s.time_to_090_s,
             s.time_to_095_s,
@@ -108,6 +108,7 @@ pub fn render(line: &str) -> Option<String> {
             s.first_cpu_move_affinity_s,
             s.first_cpu_move_status_s,
             s.tick_late_moving_s,
+            s.balancer_cpu_s,
             s.numa_pages_migrated,
             s.pgmigrate_success,
             s.cpu_balance,

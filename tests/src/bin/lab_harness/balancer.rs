@@ -551,6 +551,34 @@ impl Guard {
             .map(|n| n.lock().map(|l| l.clone()).unwrap_or_default())
     }
 
+    /// CPU time (user + system, every thread, exited ones included) the balancer's
+    /// process has used since it started, seconds: vmbalancer's daemon (the child,
+    /// or the unit's main process in the stack guest) or numad. `None` for the other
+    /// balancers, or when the process cannot be read.
+    pub fn cpu_s(&self) -> Option<f64> {
+        let pid: i32 = match self.kind {
+            Balancer::Numad => std::fs::read_to_string(NUMAD_PID)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?,
+            Balancer::Vmbalancer if self.service => {
+                let out = Command::new("systemctl")
+                    .args(["show", "--property=MainPID", "--value", "vmbalancer"])
+                    .output()
+                    .ok()?;
+                String::from_utf8_lossy(&out.stdout).trim().parse().ok()?
+            }
+            Balancer::Vmbalancer => i32::try_from(self.child.as_ref()?.id()).ok()?,
+            Balancer::None | Balancer::Autonuma => return None,
+        };
+        if pid <= 0 {
+            return None;
+        }
+        let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+        Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+    }
+
     pub fn stop(&mut self) {
         match self.kind {
             Balancer::None => {}

@@ -355,6 +355,17 @@ fn run() -> anyhow::Result<bool> {
             consistency = Some(consistency::running_problems(&running));
         }
     }
+    let balancer_cpu_s = guard.cpu_s();
+    if let Some(cpu_s) = balancer_cpu_s {
+        emit(&Record::Event {
+            source: "harness".into(),
+            text: format!(
+                "{} used {cpu_s:.2} s of CPU in {run_s:.1} s ({:.1} % of one CPU)",
+                balancer.name(),
+                cpu_s / run_s.max(1e-9) * 100.0
+            ),
+        });
+    }
     guard.stop();
     let mut facts = checks::RunFacts {
         balancer,
@@ -393,6 +404,7 @@ fn run() -> anyhow::Result<bool> {
         ),
     });
     let mut summary = sampler.summary(balancer.name(), &args.kernel, run_s);
+    summary.balancer_cpu_s = balancer_cpu_s;
     if let (Some(Ok(status)), Some(t0_ns)) = (&facts.status, sampler.t0_monotonic_ns()) {
         summary.first_cpu_move_status_s = access::first_cpu_move_in_status(status, t0_ns);
         summary.tick_late_moving_s = status

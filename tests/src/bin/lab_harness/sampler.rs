@@ -715,6 +715,7 @@ impl Sampler {
             first_cpu_move_affinity_s: self.first_affinity_change_s,
             first_cpu_move_status_s: None,
             tick_late_moving_s: None,
+            balancer_cpu_s: None,
         }
     }
 }
