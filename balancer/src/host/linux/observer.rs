@@ -1061,13 +1061,6 @@ impl Observer for LinuxObserver {
                     if was_quiet {
                         quiet.insert(vm.pid);
                     }
-                    // Its write-heat round, if due, runs while the next VMs are read.
-                    if self.paths.is_live_proc()
-                        && let Some(write_heat) = self.write_heat.as_mut()
-                    {
-                        let memory = &self.memory;
-                        write_heat.begin(&vm, now_ns, &self.topology, |pid| memory.moving(pid));
-                    }
                     vms.push(vm)
                 }
                 Err(e) if e.is_vanished() => {

@@ -29,10 +29,8 @@
 //! address order. A VM that really writes most of its memory never resolves, and
 //! all of it stays hot. Each VM's round starts
 //! its passes right after its own clear, and the VMs' rounds run side by side on a
-//! few threads, so one tick waits for the slowest VM's round, not their sum; a
-//! round starts as soon as its VM has been read, beside the reading of the VMs after
-//! it ([`WriteHeat::begin`]); a region backed by one huge page needs one pagemap
-//! entry per pass instead of 512.
+//! few threads, so one tick waits for the slowest VM's round, not their sum; a region
+//! backed by one huge page needs one pagemap entry per pass instead of 512.
 //!
 //! Cost and scope: clearing write-protects the VM's pages, so its next write to each
 //! page (or huge page) takes a minor fault, and on a KVM VM the clear also drops its
@@ -59,7 +57,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::model::{HotRegion, MemoryBacking, NodeId, Snapshot, Vm};
@@ -117,11 +114,6 @@ pub struct WriteHeat {
     vms: BTreeMap<u32, VmState>,
     /// Set once clearing failed (no soft-dirty support): stop trying.
     unsupported: bool,
-    /// Rounds started this tick as their VMs were read ([`WriteHeat::begin`]),
-    /// collected by [`WriteHeat::fill`].
-    started: Vec<JoinHandle<(RoundVm, Result<RoundStats, Unsupported>)>>,
-    /// Rounds due this tick that found every round thread busy: run by `fill`.
-    waiting: Vec<RoundVm>,
 }
 
 /// The remote share above which a VM is below `locality_target_pct`.
@@ -142,54 +134,6 @@ impl WriteHeat {
             min_remote_share: remote_share_below(locality_target_pct),
             vms: BTreeMap::new(),
             unsupported: !supported,
-            started: Vec::new(),
-            waiting: Vec::new(),
-        }
-    }
-
-    /// Starts `vm`'s round now if one is due, on a thread of its own while fewer
-    /// than [`round_threads`] run, so that it overlaps the reading of the VMs after
-    /// it; [`Self::fill`] collects it. Called for each VM as soon as it is read:
-    /// under the lab's emulation, reading 8 VMs of 384 MiB took 0.3-0.4 s and their
-    /// first rounds 0.5-0.7 s after it, one after the other on the first tick, the
-    /// one that places the VMs and starts their memory moves. A VM not begun is
-    /// still sampled by `fill`, so callers may skip this.
-    pub fn begin(
-        &mut self,
-        vm: &Vm,
-        now_ns: u64,
-        topology: &crate::model::Topology,
-        moving: impl Fn(u32) -> bool,
-    ) {
-        if self.unsupported {
-            return;
-        }
-        let Some(round) = self.due(vm, now_ns, topology, moving) else {
-            return;
-        };
-        let running = self.started.iter().filter(|h| !h.is_finished()).count();
-        if running >= round_threads(usize::MAX) {
-            self.waiting.push(round);
-            return;
-        }
-        let proc_root = self.proc_root.clone();
-        let spawned = std::thread::Builder::new()
-            .name("vmb-heat".into())
-            .spawn(move || {
-                let mut round = round;
-                let kpageflags = File::open(proc_root.join("kpageflags")).ok();
-                let stats = sample_one(&proc_root, kpageflags.as_ref(), &mut round);
-                (round, stats)
-            });
-        match spawned {
-            Ok(h) => self.started.push(h),
-            // No thread: the round is due again, and `fill` runs it with the others.
-            Err(e) => {
-                tracing::debug!(vm = vm.pid, error = %e, "no thread for a write heat round");
-                if let Some(state) = self.vms.get_mut(&vm.pid) {
-                    state.last_round_ns = 0;
-                }
-            }
         }
     }
 
@@ -215,11 +159,9 @@ impl WriteHeat {
         if self.unsupported {
             return;
         }
-        let mut due = std::mem::take(&mut self.waiting);
-        due.extend(self.due_rounds(snapshot, &moving));
-        let started = std::mem::take(&mut self.started);
-        if !due.is_empty() || !started.is_empty() {
-            let Ok(done) = sample_round(&self.proc_root, due, started) else {
+        let due = self.due_rounds(snapshot, &moving);
+        if !due.is_empty() {
+            let Ok(done) = sample_round(&self.proc_root, due) else {
                 log_unsupported();
                 self.unsupported = true;
                 return;
@@ -290,39 +232,27 @@ impl WriteHeat {
         }
     }
 
-    /// The rounds due now ([`Self::due`]) of the snapshot's VMs. Marks them sampled
-    /// now.
+    /// The rounds due now: VMs that want one ([`wants_round`]; the others are
+    /// forgotten), sampled never or at least [`ROUND_EVERY_NS`] ago, and not
+    /// [`held`] by a move. Marks them sampled now.
     fn due_rounds(&mut self, snapshot: &Snapshot, moving: impl Fn(u32) -> bool) -> Vec<RoundVm> {
-        snapshot
-            .vms
-            .iter()
-            .filter_map(|vm| self.due(vm, snapshot.now_ns, &snapshot.topology, &moving))
-            .collect()
-    }
-
-    /// `vm`'s round if one is due at `now_ns`: the VM wants one ([`wants_round`];
-    /// otherwise it is forgotten), was sampled never or at least [`ROUND_EVERY_NS`]
-    /// ago, and is not [`held`] by a move. Marks it sampled now.
-    fn due(
-        &mut self,
-        vm: &Vm,
-        now_ns: u64,
-        topology: &crate::model::Topology,
-        moving: impl Fn(u32) -> bool,
-    ) -> Option<RoundVm> {
-        if !wants_round(vm, topology, self.min_remote_share) {
-            self.vms.remove(&vm.pid);
-            return None;
+        let now = snapshot.now_ns;
+        let mut due = Vec::new();
+        for vm in &snapshot.vms {
+            if !wants_round(vm, &snapshot.topology, self.min_remote_share) {
+                self.vms.remove(&vm.pid);
+                continue;
+            }
+            let state = self.vms.entry(vm.pid).or_default();
+            let never = state.last_round_ns == 0;
+            if never
+                || (!held(vm, &moving) && now.saturating_sub(state.last_round_ns) >= ROUND_EVERY_NS)
+            {
+                state.last_round_ns = now.max(1);
+                due.push(state.plan_round(vm.pid, &vm.memory.guest_ranges));
+            }
         }
-        let state = self.vms.entry(vm.pid).or_default();
-        let never = state.last_round_ns == 0;
-        if never
-            || (!held(vm, &moving) && now_ns.saturating_sub(state.last_round_ns) >= ROUND_EVERY_NS)
-        {
-            state.last_round_ns = now_ns.max(1);
-            return Some(state.plan_round(vm.pid, &vm.memory.guest_ranges));
-        }
-        None
+        due
     }
 }
 
@@ -466,32 +396,20 @@ struct Unsupported;
 ///   pass found nearly every region written and told hot from warm by nothing;
 /// - the walks are per process, independent, and the tick waits for the slowest of
 ///   them rather than for their sum.
-fn sample_round(
-    proc_root: &Path,
-    mut vms: Vec<RoundVm>,
-    started: Vec<JoinHandle<(RoundVm, Result<RoundStats, Unsupported>)>>,
-) -> Result<Vec<RoundVm>, Unsupported> {
+fn sample_round(proc_root: &Path, mut vms: Vec<RoundVm>) -> Result<Vec<RoundVm>, Unsupported> {
     let round_start = Instant::now();
     let kpageflags = File::open(proc_root.join("kpageflags")).ok();
     let threads = round_threads(vms.len());
-    let mut stats = on_threads(&mut vms, |vm| {
-        sample_one(proc_root, kpageflags.as_ref(), vm)
+    let stats = on_threads(&mut vms, |vm| {
+        let mut stats = RoundStats::default();
+        sample_vm(proc_root, kpageflags.as_ref(), vm, &mut stats).map(|()| stats)
     });
-    let begun = started.len();
-    for handle in started {
-        let (vm, s) = handle
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        vms.push(vm);
-        stats.push(s);
-    }
     let mut total = RoundStats::default();
     for s in stats {
         total.add(&s?);
     }
     tracing::debug!(
         vms = vms.len(),
-        begun,
         threads,
         huge = total.huge,
         seen_per_pass = ?total.seen_per_pass,
@@ -502,16 +420,6 @@ fn sample_round(
         "write heat round"
     );
     Ok(vms)
-}
-
-/// One VM's round and what it did.
-fn sample_one(
-    proc_root: &Path,
-    kpageflags: Option<&File>,
-    vm: &mut RoundVm,
-) -> Result<RoundStats, Unsupported> {
-    let mut stats = RoundStats::default();
-    sample_vm(proc_root, kpageflags, vm, &mut stats).map(|()| stats)
 }
 
 /// Most threads one round uses.
@@ -888,8 +796,6 @@ mod tests {
             min_remote_share: 0.1,
             vms: BTreeMap::new(),
             unsupported: false,
-            started: Vec::new(),
-            waiting: Vec::new(),
         };
         let at = |vm: &Vm, now_ns: u64| Snapshot {
             now_ns,
@@ -914,50 +820,6 @@ mod tests {
         // A VM with cells: another cell may move next, on this heat.
         vm.cells = vec![Default::default(), Default::default()];
         assert_eq!(heat.due_rounds(&at(&vm, s + 7 * every), moving).len(), 1);
-    }
-
-    #[test]
-    fn a_round_begun_while_vms_are_read_is_collected_once() {
-        let topology = crate::model::Topology::uniform(2, 2, 4 << 30);
-        // No such process: its round reads nothing and ends at once.
-        let mut vm = Vm {
-            pid: u32::MAX - 1,
-            ..Default::default()
-        };
-        vm.vcpus.push(crate::model::Vcpu {
-            last_cpu: Some(2),
-            ..Default::default()
-        });
-        vm.memory.bytes_per_node = vec![1 << 30, 0];
-        vm.memory.guest_ranges = vec![(1 << 40, 8 * REGION_BYTES)];
-        let mut heat = WriteHeat {
-            proc_root: PathBuf::from("/proc"),
-            min_remote_share: 0.1,
-            vms: BTreeMap::new(),
-            unsupported: false,
-            started: Vec::new(),
-            waiting: Vec::new(),
-        };
-        let now = 1_000_000_000;
-        let idle = |_| false;
-        heat.begin(&vm, now, &topology, idle);
-        assert_eq!(heat.started.len() + heat.waiting.len(), 1);
-        // Begun again in the same tick, or asked for by `fill`: not due twice.
-        heat.begin(&vm, now, &topology, idle);
-        assert_eq!(heat.started.len() + heat.waiting.len(), 1);
-        let mut snap = Snapshot {
-            now_ns: now,
-            topology: topology.clone(),
-            vms: vec![vm.clone()],
-            ..Default::default()
-        };
-        assert!(heat.due_rounds(&snap, idle).is_empty());
-        heat.fill(&mut snap, idle, |_, starts| vec![None; starts.len()]);
-        assert!(heat.started.is_empty() && heat.waiting.is_empty());
-        assert!(!heat.unsupported);
-        // The next round comes after the interval, as for rounds `fill` starts.
-        heat.begin(&vm, now + ROUND_EVERY_NS, &topology, idle);
-        assert_eq!(heat.started.len() + heat.waiting.len(), 1);
     }
 
     #[test]
@@ -1050,11 +912,7 @@ mod tests {
         let ranges = [(base, 3 * REGION_BYTES)];
         let mut state = VmState::default();
         for _ in 0..5 {
-            let round = sample_round(
-                Path::new("/proc"),
-                vec![state.plan_round(me, &ranges)],
-                Vec::new(),
-            );
+            let round = sample_round(Path::new("/proc"), vec![state.plan_round(me, &ranges)]);
             state.learn(&round.unwrap()[0]);
         }
         let heat = state.heat;
