@@ -660,8 +660,16 @@ pub enum Assertion {
     },
     /// vmbalancer's first applied CPU move of each `late` VM of entry `vm` comes at
     /// most `max_s` after the harness started it (`status --json` decision times
-    /// against the harness's clock, both CLOCK_MONOTONIC).
-    Reaction { vm: String, max_s: f64 },
+    /// against the harness's clock, both CLOCK_MONOTONIC). With `after_s`, the VMs
+    /// of entry `vm` are running ones and the time counts from `after_s` on each
+    /// VM's own clock (when one of its load phases begins): the first applied CPU
+    /// move of any of them from then on comes at most `max_s` later.
+    Reaction {
+        vm: String,
+        max_s: f64,
+        #[serde(default)]
+        after_s: Option<f64>,
+    },
 }
 
 fn default_ebpf_error_pct() -> f64 {
@@ -846,8 +854,17 @@ impl Assertion {
             Assertion::EbpfTruth { max_error_pct, .. } => {
                 format!("eBPF telemetry agrees with ground truth (within {max_error_pct} %)")
             }
-            Assertion::Reaction { vm, max_s } => {
-                format!("first CPU move of {vm} <= {max_s} s after it started")
+            Assertion::Reaction {
+                vm,
+                max_s,
+                after_s: None,
+            } => format!("first CPU move of {vm} <= {max_s} s after it started"),
+            Assertion::Reaction {
+                vm,
+                max_s,
+                after_s: Some(at),
+            } => {
+                format!("first CPU move of a {vm} VM <= {max_s} s after its load changes at {at} s")
             }
         }
     }

@@ -29,6 +29,10 @@ pub struct RunFacts {
     /// VMs started by events: their `[[vms]]` entry, name, pid, and
     /// CLOCK_MONOTONIC (ns) at the start.
     pub late_starts: Vec<(String, String, u32, u64)>,
+    /// VMs started with the scenario: their `[[vms]]` entry, name and pid.
+    pub vm_pids: Vec<(String, String, u32)>,
+    /// CLOCK_MONOTONIC (ns) when the balancer started (the samples' t = 0).
+    pub t0_ns: Option<u64>,
 }
 
 /// One assertion's outcome.
@@ -560,7 +564,56 @@ pub fn run_check(
                 None => outcome(a, false, format!("no VM named {vm}")),
             }
         }
-        Assertion::Reaction { vm, max_s } => {
+        Assertion::Reaction {
+            vm,
+            max_s,
+            after_s: Some(at_s),
+        } => {
+            // `at_s` is on the VMs' own clock (their phases'), which a fake VM starts
+            // once its memory is placed, before the balancer: each VM's load changes
+            // `at_s - clock_at_t0_s` after t = 0.
+            let status = status_of(facts).ok();
+            let first = facts
+                .vm_pids
+                .iter()
+                .filter(|(entry, ..)| entry == vm)
+                .filter_map(|(_, name, pid)| {
+                    let clock_at_t0_s = facts
+                        .placements
+                        .1
+                        .iter()
+                        .find(|k| &k.name == name)
+                        .map_or(0.0, |k| k.clock_at_t0_s);
+                    let since_ns = facts.t0_ns? + ((at_s - clock_at_t0_s).max(0.0) * 1e9) as u64;
+                    let t = vmbalancer_tests::lab::access::first_cpu_move(
+                        status?,
+                        Some(*pid),
+                        since_ns,
+                    )?;
+                    Some((t, name.clone()))
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            match first {
+                Some((t, name)) => outcome(
+                    a,
+                    t <= *max_s,
+                    format!(
+                        "{name}: first CPU move {:.0} ms after its load changed (its clock's {at_s} s)",
+                        t * 1e3
+                    ),
+                ),
+                None => outcome(
+                    a,
+                    false,
+                    format!("no CPU move of a {vm} VM after t = {at_s} s"),
+                ),
+            }
+        }
+        Assertion::Reaction {
+            vm,
+            max_s,
+            after_s: None,
+        } => {
             let status = status_of(facts).ok();
             let times: Vec<(String, Option<f64>)> = facts
                 .late_starts

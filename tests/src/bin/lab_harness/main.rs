@@ -391,6 +391,17 @@ fn run() -> anyhow::Result<bool> {
             .iter()
             .map(|(v, entry, at_ns)| (entry.clone(), v.name.clone(), v.pid, *at_ns))
             .collect(),
+        vm_pids: {
+            let instances = scenario.instances();
+            running
+                .iter()
+                .filter_map(|v| {
+                    let entry = instances.iter().find(|i| i.name == v.name)?;
+                    Some((entry.spec.name.clone(), v.name.clone(), v.pid))
+                })
+                .collect()
+        },
+        t0_ns: sampler.t0_monotonic_ns(),
     };
     if let Some(problems) = consistency {
         facts.consistency = Some(consistency::after_stop(problems, &guard.state_dir));
