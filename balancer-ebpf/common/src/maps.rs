@@ -275,7 +275,7 @@ const _: () = assert!(core::mem::size_of::<MigrationCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<OnCpuTime>() == 8 * (MAX_NODES + 2));
 const _: () = assert!(core::mem::size_of::<NumaFaults>() == 8 * (MAX_NODES + 4));
 const _: () = assert!(core::mem::size_of::<ThreadState>() == 384);
-const _: () = assert!(core::mem::size_of::<ThreadState>() % 64 == 0);
+const _: () = assert!(core::mem::size_of::<ThreadState>().is_multiple_of(64));
 const _: () = assert!(core::mem::size_of::<RegionKey>() == 16);
 const _: () = assert!(core::mem::size_of::<RegionFaults>() == 8);
 const _: () = assert!(core::mem::size_of::<VmNumaEvents>() == 16);
