@@ -2,18 +2,36 @@
 //! they share and small helpers live here.
 //!
 //! Most events of a host are about threads that are not tracked, so every program
-//! decides that case first and with the least work: the thread id and one bit of
-//! [`TRACKED_BITS`] (an array lookup, which the JIT inlines into a bounds check and
-//! a load); no hash lookup, no write. Only for tracked threads do the programs read
-//! further fields and touch their counters (hash maps keyed by thread or VM: a call
-//! and a hash of the key each). No program reads a clock: a clock read costs more
-//! than the rest of an event's work (on-CPU time comes from the scheduler's own
-//! accounting, see [`probes::sched_switch`]).
+//! decides that case first and with the least work: the thread id and its entry in
+//! [`TRACKED_SLOTS`] (an array lookup, which the JIT inlines into a bounds check and
+//! a load); no hash lookup, no write. The same entry gives a tracked thread its
+//! slot: a small index userspace assigns when it tracks the thread, under which
+//! [`THREADS`] keeps all its state (owner, on-CPU time, migrations, hinting faults)
+//! in one value. That is an array too, so a tracked event costs two inlined lookups
+//! and no hash of a key (a hash lookup is a call and tens of nanoseconds). No program
+//! reads a clock: a clock read costs more than the rest of an event's work (on-CPU
+//! time comes from the scheduler's own accounting, see [`probes::sched_switch`]).
 //!
-//! Per-thread maps are keyed by the thread the event is about, which is the current
-//! thread or a thread the kernel serialises (a task is switched out or migrated by one
-//! CPU at a time), so plain increments are race-free there. Maps shared by the threads
-//! of a VM are per-CPU; userspace sums them. No atomics on any hot path.
+//! The slot table holds one 16-bit entry per thread id below `kernel.pid_max`, four
+//! to a word (an array map rounds each value up to 8 bytes, so unpacked entries
+//! would cost four times as much): 64 KiB at the usual pid_max of 32768, 8 MiB at the
+//! 4 Mi maximum systemd sets. Thread ids beyond it (pid_max raised after loading)
+//! fall back to the [`TRACKED`] hash.
+//!
+//! Userspace writes a word of the table with an ordinary map update (a copy that
+//! may be seen half done), so a program that finds a slot checks that the slot's
+//! owner is its thread before it counts there. Userspace resets a
+//! slot's state and writes its owner before it publishes the thread's entry, and
+//! clears the entry before it frees the slot; it hands a freed slot out again only
+//! after every program that could still have read the old entry has finished (see
+//! the daemon's `telemetry::slots`). So a slot never carries one thread's counts to
+//! the next.
+//!
+//! Per-thread state is written for the thread the event is about, which is the
+//! current thread or a thread the kernel serialises (a task is switched out or
+//! migrated by one CPU at a time), so plain increments are race-free there. Maps
+//! shared by the threads of a VM are per-CPU; userspace sums them. No atomics and no
+//! locks on any hot path.
 //!
 //! Two events also wake the daemon between its ticks ([`send_wake`]): a tracked
 //! thread moved to another node, and many remote hinting faults. A one-word switch
@@ -31,36 +49,29 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use balancer_common::{
-    tracked_bit, wake, MigrationCounts, NumaFaults, OnCpuTime, RegionFaults, RegionKey,
-    TrackedThread, VmNumaEvents, WakeEvent, MAX_CPUS, MAX_HOT_REGIONS, MAX_TRACKED_THREADS,
-    MAX_VMS, REGION_SHIFT, TRACKED_BITS_WORDS, UNKNOWN_NODE,
+    slot_of_entry, tracked_slot_entry, wake, RegionFaults, RegionKey, ThreadState, VmNumaEvents,
+    WakeEvent, MAX_CPUS, MAX_HOT_REGIONS, MAX_TRACKED_THREADS, MAX_VMS, REGION_SHIFT,
+    TRACKED_SLOTS_WORDS, TRACKED_SLOT_BITS, UNKNOWN_NODE,
 };
 
-/// Threads to watch (tid -> thread), written by userspace.
-#[map(name = "TRACKED")]
-static TRACKED: HashMap<u32, TrackedThread> = HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
+/// Thread id -> slot plus one (0: not tracked), four 16-bit entries per word,
+/// written by userspace (which sizes it from `kernel.pid_max`).
+#[map(name = "TRACKED_SLOTS")]
+static TRACKED_SLOTS: Array<u64> = Array::with_max_entries(TRACKED_SLOTS_WORDS, 0);
 
-/// The keys of [`TRACKED`] as a bitmap indexed by thread id, written by userspace
-/// (which sizes it from `kernel.pid_max`).
-#[map(name = "TRACKED_BITS")]
-static TRACKED_BITS: Array<u64> = Array::with_max_entries(TRACKED_BITS_WORDS, 0);
+/// Thread id -> slot plus one of every tracked thread, written by userspace; read
+/// only for thread ids beyond [`TRACKED_SLOTS`].
+#[map(name = "TRACKED")]
+static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
+
+/// Slot -> the thread that holds it, its VM and its counters: owner and starting
+/// point written by userspace when it assigns the slot, counters by the programs.
+#[map(name = "THREADS")]
+static THREADS: Array<ThreadState> = Array::with_max_entries(MAX_TRACKED_THREADS, 0);
 
 /// CPU -> NUMA node, written by userspace from sysfs.
 #[map(name = "CPU_NODE")]
 static CPU_NODE: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
-
-/// Migrations per tracked thread (tid -> counts).
-#[map(name = "MIGRATIONS")]
-static MIGRATIONS: HashMap<u32, MigrationCounts> =
-    HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
-
-/// On-CPU time per tracked thread (tid -> time by node).
-#[map(name = "ON_CPU")]
-static ON_CPU: HashMap<u32, OnCpuTime> = HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
-
-/// NUMA hinting faults per tracked thread.
-#[map(name = "NUMA_FAULTS")]
-static NUMA_FAULTS: HashMap<u32, NumaFaults> = HashMap::with_max_entries(MAX_TRACKED_THREADS, 0);
 
 /// Page faults per VM and 2 MiB region, per CPU; least recently used regions go first.
 #[map(name = "HOT_REGIONS")]
@@ -103,32 +114,53 @@ fn send_wake(event: impl FnOnce() -> WakeEvent) -> bool {
     WAKE_EVENTS.output::<WakeEvent>(&event(), 0).is_ok()
 }
 
-/// Whether thread `tid` is tracked. Thread ids beyond the bitmap (`kernel.pid_max`
-/// raised after loading) are looked up in [`TRACKED`] instead.
+/// Thread `tid`'s entry of the slot table: 0 when not tracked, else its slot plus
+/// one (see [`tracked`] before trusting the slot). Thread ids beyond the table
+/// (`kernel.pid_max` raised after loading) are looked up in [`TRACKED`] instead.
 #[inline(always)]
-fn is_tracked(tid: u32) -> bool {
-    let (word, mask) = tracked_bit(tid);
-    match TRACKED_BITS.get(word) {
-        Some(bits) => *bits & mask != 0,
-        // SAFETY: only the presence of the key is used.
-        None => unsafe { TRACKED.get(tid) }.is_some(),
+fn slot_entry(tid: u32) -> u32 {
+    let (word, shift) = tracked_slot_entry(tid);
+    match TRACKED_SLOTS.get(word) {
+        Some(bits) => ((*bits >> shift) & ENTRY_MASK) as u32,
+        // SAFETY: the value is copied out at once.
+        None => unsafe { TRACKED.get(tid) }.copied().unwrap_or(0),
     }
 }
 
-/// The tracked thread with id `tid`, if any: the bitmap first, the hash only for a
-/// tracked thread.
+/// Mask of one entry of [`TRACKED_SLOTS`].
+const ENTRY_MASK: u64 = (1 << TRACKED_SLOT_BITS) - 1;
+
+/// Whether thread `tid` is tracked: one entry, no owner check. An entry seen while
+/// userspace rewrites it belongs to a thread being tracked or untracked at that
+/// moment, for which either answer is right.
 #[inline(always)]
-fn tracked(tid: u32) -> Option<TrackedThread> {
-    if !is_tracked(tid) {
+fn is_tracked(tid: u32) -> bool {
+    slot_entry(tid) != 0
+}
+
+/// The state of thread `tid` if it is tracked: its entry in the slot table first
+/// (the untracked case ends there), then its slot's value, whose owner must be
+/// `tid`. A pointer into [`THREADS`], written only for that thread (see the crate
+/// documentation).
+#[inline(always)]
+fn tracked(tid: u32) -> Option<*mut ThreadState> {
+    let slot = slot_of_entry(slot_entry(tid))?;
+    // Explicit, though the lookup checks it too: older verifiers see the bound.
+    if slot >= MAX_TRACKED_THREADS {
         return None;
     }
-    // SAFETY: the value is copied out at once.
-    unsafe { TRACKED.get(tid) }.copied()
+    let state = THREADS.get_ptr_mut(slot)?;
+    // SAFETY: a live map value; the owner is written by userspace only while the
+    // slot is unpublished.
+    if unsafe { (*state).owner.tid } != tid {
+        return None;
+    }
+    Some(state)
 }
 
 /// The current thread's VM if it is tracked. A tracked thread's VM is its thread
-/// group (the qemu process, [`TrackedThread::vm_pid`]), which comes with the thread
-/// id from one helper: no lookup of [`TRACKED`].
+/// group (the qemu process, the owner's `vm_pid`), which comes with the thread id
+/// from one helper: only the thread's entry of the slot table is read.
 #[inline(always)]
 fn current_tracked_vm() -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -168,18 +200,6 @@ pub(crate) fn kernel_field<T: Copy>(base: u64, offset: u32) -> Result<T, i32> {
     let ptr = (base as usize + offset as usize) as *const T;
     // SAFETY: a checked kernel read.
     unsafe { bpf_probe_read_kernel(ptr) }.map_err(|_| 0)
-}
-
-/// A pointer to `map[key]`, inserting `V::default()` first when missing. `None` only
-/// when the map is full.
-#[inline(always)]
-fn get_or_insert<V: Default>(map: &HashMap<u32, V>, key: u32) -> Option<*mut V> {
-    if let Some(p) = map.get_ptr_mut(key) {
-        return Some(p);
-    }
-    // BPF_NOEXIST: if another CPU inserted it meanwhile, use theirs.
-    let _ = map.insert(key, V::default(), 1);
-    map.get_ptr_mut(key)
 }
 
 /// Counts one fault of VM `vm_pid` at `address` in this CPU's slot of [`HOT_REGIONS`].

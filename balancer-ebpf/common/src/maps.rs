@@ -1,6 +1,7 @@
 //! Map records. Sizes are asserted at compile time: change a field, update the assert.
 
-/// A thread userspace asked the programs to watch (key: thread id).
+/// A thread userspace asked the programs to watch (the daemon's `Telemetry::track`
+/// takes it; the programs keep its [`SlotOwner`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackedThread {
@@ -16,7 +17,19 @@ impl TrackedThread {
     pub const NOT_A_VCPU: u32 = u32::MAX;
 }
 
-/// Scheduler migrations of one tracked thread (key: thread id).
+/// The thread a slot belongs to ([`ThreadState::owner`]). The programs count into a
+/// slot only when its owner is the thread of the event, so a thread id entry read
+/// while userspace rewrites it (a half-done copy of a packed word) does not send one
+/// thread's counts to another thread's slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotOwner {
+    pub tid: u32,
+    /// Thread group id (the qemu process) of the thread.
+    pub vm_pid: u32,
+}
+
+/// Scheduler migrations of one tracked thread ([`ThreadState::migrations`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MigrationCounts {
@@ -26,25 +39,49 @@ pub struct MigrationCounts {
     pub cross_node: u64,
 }
 
-/// Capacity of the tracked-thread map (threads of all VMs on the host).
+/// Slots of per-thread state: the tracked threads of all VMs on the host.
 pub const MAX_TRACKED_THREADS: u32 = 16384;
 /// Largest thread id limit the kernel allows on 64-bit (`PID_MAX_LIMIT`, 4 Mi):
 /// `kernel.pid_max` can be raised to it and no further.
 pub const PID_MAX_LIMIT: u32 = 4 * 1024 * 1024;
-/// Thread ids per word of [`names::TRACKED_BITS`].
-pub const TRACKED_BITS_PER_WORD: u32 = 64;
-/// Words of [`names::TRACKED_BITS`] in the object; the loader sizes the map from
-/// `kernel.pid_max` instead (512 bytes per 4096 thread ids).
-pub const TRACKED_BITS_WORDS: u32 = PID_MAX_LIMIT / TRACKED_BITS_PER_WORD;
+/// Thread ids per word of [`names::TRACKED_SLOTS`]: four 16-bit entries in a `u64`.
+/// An array map stores each value in a multiple of 8 bytes, so a map of one `u16`
+/// (or `u32`) per thread id would take 8 bytes per id; packed, it takes 2.
+pub const TRACKED_SLOTS_PER_WORD: u32 = 4;
+/// Bits of one entry of [`names::TRACKED_SLOTS`].
+pub const TRACKED_SLOT_BITS: u32 = 16;
+/// Words of [`names::TRACKED_SLOTS`] in the object; the loader sizes the map from
+/// `kernel.pid_max` instead (8 KiB per 4096 thread ids: 64 KiB at the usual 32768,
+/// 8 MiB at the 4 Mi maximum).
+pub const TRACKED_SLOTS_WORDS: u32 = PID_MAX_LIMIT / TRACKED_SLOTS_PER_WORD;
 
-/// Word index and mask of thread `tid` in [`names::TRACKED_BITS`].
+const _: () = assert!(TRACKED_SLOTS_PER_WORD * TRACKED_SLOT_BITS == 64);
+// Every slot, plus one, fits an entry (0 means "not tracked").
+const _: () = assert!(MAX_TRACKED_THREADS < (1 << TRACKED_SLOT_BITS));
+
+/// Word index and bit shift of thread `tid`'s entry in [`names::TRACKED_SLOTS`].
 #[inline(always)]
-pub const fn tracked_bit(tid: u32) -> (u32, u64) {
+pub const fn tracked_slot_entry(tid: u32) -> (u32, u32) {
     (
-        tid / TRACKED_BITS_PER_WORD,
-        1u64 << (tid % TRACKED_BITS_PER_WORD),
+        tid / TRACKED_SLOTS_PER_WORD,
+        (tid % TRACKED_SLOTS_PER_WORD) * TRACKED_SLOT_BITS,
     )
 }
+
+/// The slot an entry of [`names::TRACKED_SLOTS`] (or a value of [`names::TRACKED`])
+/// names, `None` for 0 (not tracked).
+#[inline(always)]
+pub const fn slot_of_entry(entry: u32) -> Option<u32> {
+    entry.checked_sub(1)
+}
+
+/// The entry of [`names::TRACKED_SLOTS`] (and value of [`names::TRACKED`]) that
+/// names `slot`: the slot plus one, so that 0 (the map's zero fill) is "not tracked".
+#[inline(always)]
+pub const fn entry_of_slot(slot: u32) -> u32 {
+    slot + 1
+}
+
 /// Capacity of the CPU -> NUMA node table (the kernel's NR_CPUS upper bound is 8192).
 pub const MAX_CPUS: u32 = 8192;
 /// Node of a CPU the table does not know (offline or beyond the table).
@@ -59,7 +96,8 @@ pub const REGION_SHIFT: u32 = 21;
 /// Capacity of the per-VM event map.
 pub const MAX_VMS: u32 = 1024;
 
-/// On-CPU time of one tracked thread by the node of the CPU (key: thread id).
+/// On-CPU time of one tracked thread by the node of the CPU
+/// ([`ThreadState::on_cpu`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OnCpuTime {
@@ -67,11 +105,19 @@ pub struct OnCpuTime {
     /// All on-CPU time, including nodes beyond [`MAX_NODES`] and unknown CPUs.
     pub total_ns: u64,
     /// The thread's `se.sum_exec_runtime` when it was last switched out (or when it
-    /// was tracked): the next switch-out adds the difference.
+    /// was tracked): the next switch-out adds the difference. [`OnCpuTime::NO_START`]
+    /// when userspace could not read it: the next switch-out only records it.
     pub last_runtime_ns: u64,
 }
 
-/// NUMA hinting faults of one tracked thread (`task_numa_fault`, key: thread id).
+impl OnCpuTime {
+    /// [`OnCpuTime::last_runtime_ns`] of a thread tracked without a starting point.
+    /// No run time exceeds it, so the first switch-out counts nothing.
+    pub const NO_START: u64 = u64::MAX;
+}
+
+/// NUMA hinting faults of one tracked thread (`task_numa_fault`,
+/// [`ThreadState::numa_faults`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NumaFaults {
@@ -85,6 +131,30 @@ pub struct NumaFaults {
     pub migrated_pages: u64,
     /// Pages covered by the faults.
     pub pages: u64,
+}
+
+/// Everything the programs keep for one tracked thread ([`names::THREADS`], index:
+/// the thread's slot). One value per thread: the owner check and the counters of an
+/// event are one array lookup. Userspace writes the whole value (owner, zero counts,
+/// on-CPU starting point) when it gives the slot to a thread, before it publishes the
+/// thread's entry of [`names::TRACKED_SLOTS`].
+///
+/// Between the last counter of one slot and the first counter of the next lie 64
+/// bytes (the padding and the next slot's read-mostly owner), so no cache line holds
+/// counters of two threads, wherever the array starts: vCPUs of one VM get
+/// neighbouring slots and run on different CPUs, and would otherwise write one
+/// line from two CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadState {
+    pub owner: SlotOwner,
+    /// Written by `sched_switch` when the thread is switched out.
+    pub on_cpu: OnCpuTime,
+    /// Written by `sched_migrate_task`.
+    pub migrations: MigrationCounts,
+    /// Written by `task_numa_fault`.
+    pub numa_faults: NumaFaults,
+    pub _pad: [u64; 7],
 }
 
 /// Kind of address in a [`RegionKey`].
@@ -161,22 +231,30 @@ pub struct WakeEvent {
 }
 
 /// Map names, shared so the two sides cannot drift apart.
+///
+/// Each tracked thread has a slot, an index below [`super::MAX_TRACKED_THREADS`]
+/// that userspace assigns when it tracks the thread and frees when it untracks it.
+/// The per-thread maps are arrays indexed by slot: the verifier turns a lookup into
+/// a bounds check and an address computation, where a hash lookup is a call and a
+/// hash of the key (tens of nanoseconds).
 pub mod names {
-    /// `HashMap<u32 tid, TrackedThread>`, filled by userspace.
+    /// `Array<u64>` indexed by thread id / 4, written by userspace (sized from
+    /// `kernel.pid_max`): four 16-bit entries per word, the entry of thread `tid` at
+    /// bits `(tid % 4) * 16`; 0 when the thread is not tracked, its slot plus one when
+    /// it is. The programs decide "not tracked" (most events of a host) from it with
+    /// one array lookup, and find a tracked thread's slot with the same lookup.
+    pub const TRACKED_SLOTS: &str = "TRACKED_SLOTS";
+    /// `HashMap<u32 tid, u32 entry>`: every tracked thread and its slot plus one,
+    /// written by userspace. The programs read it only for thread ids beyond
+    /// `TRACKED_SLOTS` (`kernel.pid_max` raised after loading).
     pub const TRACKED: &str = "TRACKED";
-    /// `Array<u64>`, filled by userspace in step with `TRACKED`: bit `tid % 64` of
-    /// word `tid / 64` is set while `tid` is a key of `TRACKED`. The programs decide
-    /// "not tracked" (most events of a host) from it with an array lookup the JIT
-    /// inlines, instead of a hash lookup (a call and a hash of the key).
-    pub const TRACKED_BITS: &str = "TRACKED_BITS";
+    /// `Array<ThreadState>` indexed by slot: the thread that holds each slot, its VM
+    /// (written by userspace when it assigns the slot, with zero counts and the
+    /// thread's on-CPU starting point) and its counters, which `sched_switch`,
+    /// `sched_migrate_task` and `task_numa_fault` fill.
+    pub const THREADS: &str = "THREADS";
     /// `Array<u32 node>` indexed by CPU number, filled by userspace from sysfs.
     pub const CPU_NODE: &str = "CPU_NODE";
-    /// `HashMap<u32 tid, MigrationCounts>`, filled by `sched_migrate_task`.
-    pub const MIGRATIONS: &str = "MIGRATIONS";
-    /// `HashMap<u32 tid, OnCpuTime>`, filled by `sched_switch`.
-    pub const ON_CPU: &str = "ON_CPU";
-    /// `HashMap<u32 tid, NumaFaults>`, filled by `task_numa_fault`.
-    pub const NUMA_FAULTS: &str = "NUMA_FAULTS";
     /// `LruPerCpuHashMap<RegionKey, RegionFaults>`, filled by the page fault programs.
     pub const HOT_REGIONS: &str = "HOT_REGIONS";
     /// `PerCpuHashMap<u32 vm_pid, VmNumaEvents>`, filled by `sched_{move,swap}_numa`.
@@ -192,9 +270,12 @@ pub mod names {
 }
 
 const _: () = assert!(core::mem::size_of::<TrackedThread>() == 8);
+const _: () = assert!(core::mem::size_of::<SlotOwner>() == 8);
 const _: () = assert!(core::mem::size_of::<MigrationCounts>() == 16);
 const _: () = assert!(core::mem::size_of::<OnCpuTime>() == 8 * (MAX_NODES + 2));
 const _: () = assert!(core::mem::size_of::<NumaFaults>() == 8 * (MAX_NODES + 4));
+const _: () = assert!(core::mem::size_of::<ThreadState>() == 384);
+const _: () = assert!(core::mem::size_of::<ThreadState>().is_multiple_of(64));
 const _: () = assert!(core::mem::size_of::<RegionKey>() == 16);
 const _: () = assert!(core::mem::size_of::<RegionFaults>() == 8);
 const _: () = assert!(core::mem::size_of::<VmNumaEvents>() == 16);
@@ -204,9 +285,11 @@ const _: () = assert!(core::mem::size_of::<WakeEvent>() == 24);
 mod pod {
     // SAFETY: plain old data, `#[repr(C)]`, no padding (sizes asserted above).
     unsafe impl aya::Pod for super::TrackedThread {}
+    unsafe impl aya::Pod for super::SlotOwner {}
     unsafe impl aya::Pod for super::MigrationCounts {}
     unsafe impl aya::Pod for super::OnCpuTime {}
     unsafe impl aya::Pod for super::NumaFaults {}
+    unsafe impl aya::Pod for super::ThreadState {}
     unsafe impl aya::Pod for super::RegionKey {}
     unsafe impl aya::Pod for super::RegionFaults {}
     unsafe impl aya::Pod for super::VmNumaEvents {}

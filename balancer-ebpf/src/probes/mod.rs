@@ -16,8 +16,9 @@ use crate::{tracked, VM_NUMA_EVENTS};
 /// it is tracked.
 #[inline(always)]
 fn count_vm_event(tid: u32, f: impl FnOnce(&mut VmNumaEvents)) {
-    let Some(thread) = tracked(tid) else { return };
-    let vm = thread.vm_pid;
+    let Some(state) = tracked(tid) else { return };
+    // SAFETY: a live map value; the slot's owner holds the VM.
+    let vm = unsafe { (*state).owner.vm_pid };
     if VM_NUMA_EVENTS.get_ptr_mut(vm).is_none() {
         let _ = VM_NUMA_EVENTS.insert(vm, VmNumaEvents::default(), 1);
     }

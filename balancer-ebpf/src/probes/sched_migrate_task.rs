@@ -13,8 +13,8 @@
 //! - the classic tracepoint `sched:sched_migrate_task`: the fields come from the
 //!   record, at offsets from its format file.
 //!
-//! In each, an untracked thread costs its thread id and one bit of the tracked
-//! bitmap. A cross-node move of a tracked thread also wakes the daemon when it
+//! In each, an untracked thread costs its thread id and its entry of the slot
+//! table; a tracked one its slot's owner and counters, array lookups all. A cross-node move of a tracked thread also wakes the daemon when it
 //! listens ([`crate::send_wake`]): its vCPUs left the node its memory was put on.
 
 use aya_ebpf::{
@@ -24,9 +24,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use balancer_common::{wake, SchedMigrateLayout, TaskMigrateLayout, WakeEvent};
 
-use crate::{
-    btf_field, get_or_insert, is_tracked, kernel_field, node_of, send_wake, MIGRATIONS, TRACKED,
-};
+use balancer_common::ThreadState;
+
+use crate::{btf_field, kernel_field, node_of, send_wake, tracked};
 
 /// Field offsets of the record on the running kernel, written by userspace from the
 /// tracepoint's `format` file before the program is loaded.
@@ -58,15 +58,13 @@ pub fn sched_migrate_task_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: `task` is the kernel's task pointer of this move, the offsets are its
     // fields on this kernel.
     let tid = unsafe { btf_field::<i32>(task, layout.task_pid_offset) } as u32;
-    if !is_tracked(tid) {
+    let Some(state) = tracked(tid) else {
         return 0;
-    }
+    };
     // SAFETY: as above.
     let orig = unsafe { btf_field::<u32>(task, layout.task_cpu_offset) };
     let dest: u64 = ctx.arg(1);
-    if !count(tid, orig, dest as u32) {
-        warn!(&ctx, "MIGRATIONS map full, tid {} not counted", tid);
-    }
+    count(state, tid, orig, dest as u32);
     0
 }
 
@@ -82,16 +80,14 @@ pub fn sched_migrate_task_raw(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let tid = tid as u32;
-    if !is_tracked(tid) {
+    let Some(state) = tracked(tid) else {
         return 0;
-    }
+    };
     let Ok(orig) = kernel_field::<u32>(task, layout.task_cpu_offset) else {
         return 0;
     };
     let dest: u64 = ctx.arg(1);
-    if !count(tid, orig, dest as u32) {
-        warn!(&ctx, "MIGRATIONS map full, tid {} not counted", tid);
-    }
+    count(state, tid, orig, dest as u32);
     0
 }
 
@@ -112,48 +108,54 @@ fn try_sched_migrate_task(ctx: &TracePointContext) -> Result<u32, u32> {
     // SAFETY: offsets come from the running kernel's format file; read_at checks them.
     let tid: i32 = unsafe { ctx.read_at(layout.pid_offset as usize) }.map_err(|_| 0u32)?;
     let tid = tid as u32;
-    if !is_tracked(tid) {
+    let Some(state) = tracked(tid) else {
         return Ok(0);
-    }
-    let orig: i32 = unsafe { ctx.read_at(layout.orig_cpu_offset as usize) }.map_err(|_| 0u32)?;
-    let dest: i32 = unsafe { ctx.read_at(layout.dest_cpu_offset as usize) }.map_err(|_| 0u32)?;
-    if !count(tid, orig as u32, dest as u32) {
-        // Only when the map is full: a configuration problem, not a hot path.
-        warn!(ctx, "MIGRATIONS map full, tid {} not counted", tid);
+    };
+    // SAFETY: as above.
+    let cpus = unsafe {
+        (
+            ctx.read_at::<i32>(layout.orig_cpu_offset as usize),
+            ctx.read_at::<i32>(layout.dest_cpu_offset as usize),
+        )
+    };
+    let (Ok(orig), Ok(dest)) = cpus else {
+        // Only when the layout does not fit the record: a loader bug, not a hot path.
+        warn!(
+            ctx,
+            "sched_migrate_task record unreadable, tid {} not counted", tid
+        );
         return Err(0);
-    }
+    };
+    count(state, tid, orig as u32, dest as u32);
     Ok(0)
 }
 
-/// Counts one move of tracked thread `tid` from CPU `orig` to CPU `dest`; false when
-/// the map is full.
+/// Counts one move of tracked thread `tid` (whose slot holds `state`) from CPU
+/// `orig` to CPU `dest`.
 #[inline(always)]
-fn count(tid: u32, orig: u32, dest: u32) -> bool {
+fn count(state: *mut ThreadState, tid: u32, orig: u32, dest: u32) {
     let (from, to) = (node_of(orig), node_of(dest));
     let cross = from != to;
-    if cross {
-        send_wake(|| WakeEvent {
-            kind: wake::CROSS_NODE,
-            // SAFETY: the value is copied out at once.
-            vm_pid: unsafe { TRACKED.get(tid) }.map_or(0, |t| t.vm_pid),
-            tid,
-            from_node: from,
-            to_node: to,
-            count: 1,
-        });
-    }
-    let Some(counts) = get_or_insert(&MIGRATIONS, tid) else {
-        return false;
-    };
-    // SAFETY: `counts` points into a live map value. Plain increments are enough:
+    // SAFETY: `state` points into a live map value. Plain increments are enough:
     // the kernel serialises `set_task_cpu()` per task (it holds the task's pi_lock or
     // its runqueue lock), so two CPUs never count the same thread at once. (The
     // bpfel target also has no atomic fetch_add in `core`.)
     unsafe {
-        (*counts).migrations += 1;
         if cross {
-            (*counts).cross_node += 1;
+            let vm_pid = (*state).owner.vm_pid;
+            send_wake(|| WakeEvent {
+                kind: wake::CROSS_NODE,
+                vm_pid,
+                tid,
+                from_node: from,
+                to_node: to,
+                count: 1,
+            });
+        }
+        let counts = &mut (*state).migrations;
+        counts.migrations += 1;
+        if cross {
+            counts.cross_node += 1;
         }
     }
-    true
 }

@@ -9,10 +9,11 @@
 //! grew since its previous switch-out ran on this CPU: the switch-out adds that
 //! difference to this CPU's node and keeps the new value. No clock is read (a clock
 //! read costs more than the rest of the accounting), nothing is kept per CPU, and
-//! `next` plays no part: the untracked case is `prev`'s thread id and one bit of the
-//! tracked bitmap. Userspace stores the thread's `sum_exec_runtime` (from
-//! `/proc/TID/schedstat`) when it starts tracking it, so counting starts there; where
-//! it could not, the first switch-out only records the value. A switch-out a program
+//! `next` plays no part: the untracked case is `prev`'s thread id and its entry of
+//! the slot table. Userspace stores the thread's `sum_exec_runtime` (from
+//! `/proc/TID/schedstat`) in the thread's slot when it starts tracking it, so
+//! counting starts there; where it could not ([`OnCpuTime::NO_START`]), the first
+//! switch-out only records the value. A switch-out a program
 //! misses (below) loses no time: the next one charges both slices, to its own node.
 //!
 //! Three entry points share that accounting; the loader attaches the first one the
@@ -32,9 +33,11 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use balancer_common::{OnCpuTime, SchedSwitchLayout, SchedSwitchRecordLayout, MAX_NODES};
+#[cfg(doc)]
+use balancer_common::OnCpuTime;
+use balancer_common::{SchedSwitchLayout, SchedSwitchRecordLayout, MAX_NODES};
 
-use crate::{btf_field, is_tracked, kernel_field, node_of, this_cpu, ON_CPU};
+use crate::{btf_field, kernel_field, node_of, this_cpu, tracked};
 
 /// `task_struct` offsets on the running kernel, patched by the loader.
 #[no_mangle]
@@ -121,31 +124,27 @@ pub fn sched_switch_tp(ctx: TracePointContext) -> i32 {
 /// `runtime` reads; it is only read for a tracked thread.
 #[inline(always)]
 fn account(tid: u32, runtime: impl FnOnce() -> Result<u64, i32>) -> Result<i32, i32> {
-    if tid == 0 || !is_tracked(tid) {
+    if tid == 0 {
         return Ok(0);
     }
-    let runtime_ns = runtime()?;
-    let Some(t) = ON_CPU.get_ptr_mut(tid) else {
-        // No starting point (userspace could not read it): this one is.
-        let start = OnCpuTime {
-            last_runtime_ns: runtime_ns,
-            ..OnCpuTime::default()
-        };
-        // BPF_NOEXIST: a value that appeared meanwhile is kept.
-        let _ = ON_CPU.insert(tid, start, 1);
+    let Some(state) = tracked(tid) else {
         return Ok(0);
     };
+    let runtime_ns = runtime()?;
     // SAFETY: live map value; only the CPU switching this thread out writes it (a
-    // task is switched out by one CPU at a time).
+    // task is switched out by one CPU at a time). A slot without a starting point
+    // holds `OnCpuTime::NO_START`, which no run time exceeds: this switch-out only
+    // records one.
     unsafe {
-        let last = (*t).last_runtime_ns;
-        (*t).last_runtime_ns = runtime_ns;
+        let t = &mut (*state).on_cpu;
+        let last = t.last_runtime_ns;
+        t.last_runtime_ns = runtime_ns;
         if runtime_ns > last {
             let elapsed = runtime_ns - last;
-            (*t).total_ns += elapsed;
+            t.total_ns += elapsed;
             let node = node_of(this_cpu()) as usize;
             if node < MAX_NODES {
-                (*t).ns_by_node[node] += elapsed;
+                t.ns_by_node[node] += elapsed;
             }
         }
     }

@@ -20,9 +20,7 @@ use aya_ebpf::{
 };
 use balancer_common::{tnf, wake, WakeEvent, MAX_NODES};
 
-use crate::{
-    get_or_insert, is_tracked, node_of, send_wake, this_cpu, NUMA_FAULTS, REMOTE_FAULTS_SINCE_WAKE,
-};
+use crate::{node_of, send_wake, this_cpu, tracked, REMOTE_FAULTS_SINCE_WAKE};
 
 #[fentry(function = "task_numa_fault")]
 pub fn task_numa_fault(ctx: FEntryContext) -> u32 {
@@ -58,26 +56,26 @@ pub fn task_numa_fault_breakpoint(ctx: PerfEventContext) -> u32 {
 fn count(mem_node: i32, pages: i32, flags: i32) -> Result<u32, u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    if !is_tracked(tid) {
+    let Some(state) = tracked(tid) else {
         return Ok(0);
-    }
-    let f = get_or_insert(&NUMA_FAULTS, tid).ok_or(0u32)?;
+    };
     let pages = if pages > 0 { pages as u64 } else { 0 };
-    // SAFETY: live map value of the current thread; only it faults as itself.
+    // SAFETY: live map value of the current thread's slot; only it faults as itself.
     unsafe {
+        let f = &mut (*state).numa_faults;
         if mem_node >= 0 && (mem_node as usize) < MAX_NODES {
-            (*f).faults_by_mem_node[mem_node as usize] += 1;
+            f.faults_by_mem_node[mem_node as usize] += 1;
         }
         if flags & tnf::FAULT_LOCAL != 0 {
-            (*f).local_faults += 1;
+            f.local_faults += 1;
         } else {
-            (*f).remote_faults += 1;
+            f.remote_faults += 1;
             remote_fault((pid_tgid >> 32) as u32, tid, mem_node);
         }
         if flags & tnf::MIGRATED != 0 {
-            (*f).migrated_pages += pages;
+            f.migrated_pages += pages;
         }
-        (*f).pages += pages;
+        f.pages += pages;
     }
     Ok(0)
 }

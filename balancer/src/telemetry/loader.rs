@@ -22,9 +22,9 @@ use aya::{
     },
 };
 use balancer_common::{
-    FaultAddressLayout, MAX_CPUS, NumaMoveLayout, PID_MAX_LIMIT, SchedMigrateLayout,
-    SchedSwitchLayout, SchedSwitchRecordLayout, TRACKED_BITS_PER_WORD, TaskMigrateLayout, globals,
-    names,
+    FaultAddressLayout, MAX_CPUS, MAX_TRACKED_THREADS, NumaMoveLayout, PID_MAX_LIMIT,
+    SchedMigrateLayout, SchedSwitchLayout, SchedSwitchRecordLayout, TRACKED_SLOTS_PER_WORD,
+    TaskMigrateLayout, globals, names,
 };
 
 use super::preflight::{check_kernel_version, check_privileges, raise_memlock_limit};
@@ -80,6 +80,8 @@ pub struct Telemetry {
     pub(super) node_count: usize,
     /// procfs root, for the run time of threads as they are tracked.
     pub(super) proc_root: PathBuf,
+    /// The slot of each tracked thread in the per-thread arrays.
+    pub(super) slots: super::slots::Slots,
     /// Keeps `kernel.bpf_stats_enabled` on while we live (None if the kernel refused).
     _stats: Option<std::os::fd::OwnedFd>,
     /// The programs' wakes (taken by [`Telemetry::take_wake_channel`]).
@@ -289,7 +291,7 @@ impl Telemetry {
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&btf))
-            .map_max_entries(names::TRACKED_BITS, tracked_bits_words(&opts.proc_root))
+            .map_max_entries(names::TRACKED_SLOTS, tracked_slots_words(&opts.proc_root))
             .override_global(globals::SCHED_MIGRATE, &layouts.migrate, true);
         // Programs whose layout is unknown keep `valid == 0` and are not attached.
         if let Ok(l) = &layouts.task_migrate {
@@ -397,6 +399,7 @@ impl Telemetry {
             cpu_node,
             node_count,
             proc_root: opts.proc_root.clone(),
+            slots: super::slots::Slots::new(MAX_TRACKED_THREADS),
             _stats: stats,
         })
     }
@@ -437,17 +440,18 @@ impl Telemetry {
     }
 }
 
-/// Words of the tracked-thread bitmap: one bit per thread id below `kernel.pid_max`
-/// (the kernel allocates ids below it). The whole id space when it cannot be read.
-/// Ids beyond the bitmap (pid_max raised later) still work: the programs look those
-/// up in the tracked-thread hash.
-fn tracked_bits_words(proc_root: &Path) -> u32 {
+/// Words of the slot table: one 16-bit entry per thread id below `kernel.pid_max`
+/// (the kernel allocates ids below it), four per word: 64 KiB at the usual 32768,
+/// 8 MiB at the 4 Mi maximum. The whole id space when it cannot be read. Ids beyond
+/// the table (pid_max raised later) still work: the programs look those up in the
+/// tracked-thread hash.
+fn tracked_slots_words(proc_root: &Path) -> u32 {
     let pid_max = std::fs::read_to_string(proc_root.join("sys/kernel/pid_max"))
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(PID_MAX_LIMIT)
         .clamp(1, PID_MAX_LIMIT);
-    pid_max.div_ceil(TRACKED_BITS_PER_WORD)
+    pid_max.div_ceil(TRACKED_SLOTS_PER_WORD)
 }
 
 /// Why one path of a feature was not used. Its text is the reason the feature
@@ -1084,20 +1088,20 @@ mod tests {
     }
 
     #[test]
-    fn tracked_bitmap_covers_pid_max() {
+    fn slot_table_covers_pid_max() {
         let dir = std::env::temp_dir().join(format!("vmbalancer-pidmax-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("sys/kernel")).unwrap();
         let words = |text: &str| {
             std::fs::write(dir.join("sys/kernel/pid_max"), text).unwrap();
-            tracked_bits_words(&dir)
+            tracked_slots_words(&dir)
         };
-        assert_eq!(words("32768\n"), 512);
-        assert_eq!(words("32769\n"), 513);
-        assert_eq!(words("4194304\n"), 65536);
+        assert_eq!(words("32768\n"), 8192);
+        assert_eq!(words("32769\n"), 8193);
+        assert_eq!(words("4194304\n"), 1 << 20);
         // Beyond the kernel's limit, zero or garbage: the whole id space.
-        assert_eq!(words("99999999\n"), 65536);
+        assert_eq!(words("99999999\n"), 1 << 20);
         assert_eq!(words("0\n"), 1);
-        assert_eq!(words("many\n"), 65536);
+        assert_eq!(words("many\n"), 1 << 20);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

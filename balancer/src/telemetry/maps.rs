@@ -6,108 +6,135 @@ use std::collections::BTreeMap;
 
 use aya::maps::{Array, HashMap, MapError, PerCpuHashMap};
 use balancer_common::{
-    MigrationCounts, NumaFaults, OnCpuTime, REGION_KIND_GPA, REGION_SHIFT, RegionFaults, RegionKey,
-    TrackedThread, VmNumaEvents, names, tracked_bit,
+    OnCpuTime, REGION_KIND_GPA, REGION_SHIFT, RegionFaults, RegionKey, SlotOwner,
+    TRACKED_SLOT_BITS, ThreadState, TrackedThread, VmNumaEvents, entry_of_slot, names,
+    tracked_slot_entry,
 };
 
 use crate::host::linux::procfs::read_task_schedstat;
 
 use super::{
     ProgramCost, RegionHeat, RegionKind, Telemetry, TelemetryError, ThreadTelemetry, VmNumaMoves,
+    slots,
 };
 
 impl Telemetry {
     /// Starts watching thread `tid` (a vCPU, emulator or I/O thread of a VM).
     ///
-    /// The thread goes into the hash first and into the bitmap second (untracking
-    /// goes the other way), so a program that finds the bit always finds the thread.
+    /// A thread not tracked yet gets a slot ([`super::slots`]) and the slot a fresh
+    /// state before the programs can find it: the thread as its owner, zero counts
+    /// and its on-CPU starting point, its run time so far (`/proc/TID/schedstat`),
+    /// which the `sched_switch` programs subtract at its next switch-out (without it,
+    /// no schedstat or the thread is gone, that switch-out only records the starting
+    /// point). Only then goes its entry into the slot table (and the hash), so a
+    /// program that finds the entry finds the slot ready.
     ///
-    /// A thread not tracked yet gets its on-CPU starting point here: its run time so
-    /// far (`/proc/TID/schedstat`), which the `sched_switch` programs subtract at its
-    /// next switch-out. Without it (no schedstat, the thread is gone) that switch-out
-    /// only records the starting point.
+    /// A thread already tracked for the same VM keeps its slot and counts (the
+    /// programs keep nothing of `thread` but its VM). For another VM the id now
+    /// names another process's thread: it starts again in a new slot.
     pub fn track(&mut self, tid: u32, thread: TrackedThread) -> Result<(), TelemetryError> {
-        let already = match self
-            .hash::<u32, TrackedThread>(names::TRACKED)?
-            .get(&tid, 0)
-        {
-            Ok(_) => true,
-            Err(MapError::KeyNotFound) => false,
-            Err(e) => return Err(TelemetryError::map(names::TRACKED, e)),
-        };
-        if !already {
-            self.start_on_cpu(tid)?;
+        match self.slots.get(tid) {
+            Some(held) if held.vm_pid == thread.vm_pid => return Ok(()),
+            Some(_) => self.untrack(tid)?,
+            None => {}
         }
+        let slot = self
+            .slots
+            .assign(tid, thread.vm_pid, slots::wait_for_running_programs)
+            .map_err(|e| TelemetryError::map(names::THREADS, e))?;
+        if let Err(e) = self.publish(tid, slot, thread.vm_pid) {
+            // Its entry may be half written: clear it, and let the slot wait out a
+            // grace period like any freed one.
+            let _ = self.set_slot_entry(tid, 0);
+            let _ = self.remove::<u32, u32>(names::TRACKED, &tid);
+            self.slots.release(tid);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Gives `slot` to thread `tid` with a fresh state, then publishes the thread's
+    /// entry.
+    fn publish(&mut self, tid: u32, slot: u32, vm_pid: u32) -> Result<(), TelemetryError> {
+        let state = ThreadState {
+            owner: SlotOwner { tid, vm_pid },
+            on_cpu: OnCpuTime {
+                last_runtime_ns: self.run_time_ns(tid).unwrap_or(OnCpuTime::NO_START),
+                ..OnCpuTime::default()
+            },
+            ..ThreadState::default()
+        };
+        let name = names::THREADS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
+        let mut threads: Array<_, ThreadState> =
+            Array::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
+        threads
+            .set(slot, state, 0)
+            .map_err(|e| TelemetryError::map(name, e))?;
+        let entry = entry_of_slot(slot);
         let map = self
             .ebpf
             .map_mut(names::TRACKED)
             .ok_or_else(|| TelemetryError::map(names::TRACKED, "missing from the object"))?;
-        let mut map: HashMap<_, u32, TrackedThread> =
+        let mut map: HashMap<_, u32, u32> =
             HashMap::try_from(map).map_err(|e| TelemetryError::map(names::TRACKED, e))?;
-        map.insert(tid, thread, 0)
+        map.insert(tid, entry, 0)
             .map_err(|e| TelemetryError::map(names::TRACKED, e))?;
-        self.set_tracked_bit(tid, true)
+        self.set_slot_entry(tid, entry)
     }
 
-    /// Sets thread `tid`'s on-CPU counters to zero from its current run time.
-    fn start_on_cpu(&mut self, tid: u32) -> Result<(), TelemetryError> {
-        let run_ns = match read_task_schedstat(&self.proc_root, tid, tid) {
-            Ok(Some(s)) => s.run_ns,
-            Ok(None) => {
-                self.remove::<u32, OnCpuTime>(names::ON_CPU, &tid)?;
-                return Ok(());
-            }
+    /// Thread `tid`'s run time so far, `None` when it cannot be read.
+    fn run_time_ns(&self, tid: u32) -> Option<u64> {
+        match read_task_schedstat(&self.proc_root, tid, tid) {
+            Ok(s) => s.map(|s| s.run_ns),
             Err(e) => {
                 tracing::debug!(tid, error = %e, "no on-CPU starting point for a tracked thread");
-                self.remove::<u32, OnCpuTime>(names::ON_CPU, &tid)?;
-                return Ok(());
+                None
             }
-        };
-        let name = names::ON_CPU;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
-        let mut map: HashMap<_, u32, OnCpuTime> =
-            HashMap::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
-        let start = OnCpuTime {
-            last_runtime_ns: run_ns,
-            ..OnCpuTime::default()
-        };
-        map.insert(tid, start, 0)
-            .map_err(|e| TelemetryError::map(name, e))
+        }
     }
 
     /// Stops watching thread `tid` and forgets its counters. Unknown tids are fine.
+    ///
+    /// Its entry goes first, then its slot, which waits out a grace period before
+    /// another thread gets it: a program that read the entry just before may still
+    /// be counting into it.
     pub fn untrack(&mut self, tid: u32) -> Result<(), TelemetryError> {
-        self.set_tracked_bit(tid, false)?;
-        self.remove::<u32, TrackedThread>(names::TRACKED, &tid)?;
-        self.remove::<u32, MigrationCounts>(names::MIGRATIONS, &tid)?;
-        self.remove::<u32, OnCpuTime>(names::ON_CPU, &tid)?;
-        self.remove::<u32, NumaFaults>(names::NUMA_FAULTS, &tid)
+        if self.slots.get(tid).is_none() {
+            return Ok(());
+        }
+        self.set_slot_entry(tid, 0)?;
+        self.remove::<u32, u32>(names::TRACKED, &tid)?;
+        self.slots.release(tid);
+        Ok(())
     }
 
-    /// Sets or clears `tid`'s bit in the tracked-thread bitmap. This process is its
-    /// only writer (`&mut self`), so reading and writing back the word loses nothing.
-    /// A thread id beyond the bitmap has no bit: the programs look it up in the hash.
-    fn set_tracked_bit(&mut self, tid: u32, on: bool) -> Result<(), TelemetryError> {
-        let name = names::TRACKED_BITS;
+    /// Writes thread `tid`'s entry of the slot table (0: not tracked). This process
+    /// is its only writer (`&mut self`), so reading and writing back the word loses
+    /// nothing. A thread id beyond the table has no entry: the programs look it up
+    /// in the hash.
+    fn set_slot_entry(&mut self, tid: u32, entry: u32) -> Result<(), TelemetryError> {
+        let name = names::TRACKED_SLOTS;
         let map = self
             .ebpf
             .map_mut(name)
             .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
-        let mut bits: Array<_, u64> =
+        let mut words: Array<_, u64> =
             Array::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
-        let (word, mask) = tracked_bit(tid);
-        if word >= bits.len() {
+        let (word, shift) = tracked_slot_entry(tid);
+        if word >= words.len() {
             return Ok(());
         }
-        let old = bits
+        let old = words
             .get(&word, 0)
             .map_err(|e| TelemetryError::map(name, e))?;
-        let new = if on { old | mask } else { old & !mask };
+        let new = with_entry(old, shift, entry);
         if new != old {
-            bits.set(word, new, 0)
+            words
+                .set(word, new, 0)
                 .map_err(|e| TelemetryError::map(name, e))?;
         }
         Ok(())
@@ -131,19 +158,29 @@ impl Telemetry {
 
     /// Tracked thread ids, in no particular order.
     pub fn tracked(&self) -> Result<Vec<u32>, TelemetryError> {
-        let map = self.hash::<u32, TrackedThread>(names::TRACKED)?;
-        map.keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TelemetryError::map(names::TRACKED, e))
+        Ok(self.slots.tids().collect())
     }
 
     /// Everything the programs counted for thread `tid` since it was tracked
     /// (zeroes when nothing happened yet or the thread is not tracked). Per-node
     /// vectors have one entry per NUMA node of the host.
     pub fn read_thread(&self, tid: u32) -> Result<ThreadTelemetry, TelemetryError> {
-        let m: MigrationCounts = self.get_or_default(names::MIGRATIONS, tid)?;
-        let c: OnCpuTime = self.get_or_default(names::ON_CPU, tid)?;
-        let f: NumaFaults = self.get_or_default(names::NUMA_FAULTS, tid)?;
+        let s = match self.slots.get(tid) {
+            Some(held) => {
+                let name = names::THREADS;
+                let map = self
+                    .ebpf
+                    .map(name)
+                    .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
+                let threads: Array<_, ThreadState> =
+                    Array::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
+                threads
+                    .get(&held.slot, 0)
+                    .map_err(|e| TelemetryError::map(name, e))?
+            }
+            None => ThreadState::default(),
+        };
+        let (m, c, f) = (s.migrations, s.on_cpu, s.numa_faults);
         let n = self.node_count;
         Ok(ThreadTelemetry {
             migrations: m.migrations,
@@ -243,17 +280,6 @@ impl Telemetry {
         Ok(out)
     }
 
-    fn hash<K: aya::Pod, V: aya::Pod>(
-        &self,
-        name: &str,
-    ) -> Result<HashMap<&aya::maps::MapData, K, V>, TelemetryError> {
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
-        HashMap::try_from(map).map_err(|e| TelemetryError::map(name, e))
-    }
-
     fn per_cpu<K: aya::Pod, V: aya::Pod>(
         &self,
         name: &str,
@@ -263,18 +289,6 @@ impl Telemetry {
             .map(name)
             .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
         PerCpuHashMap::try_from(map).map_err(|e| TelemetryError::map(name, e))
-    }
-
-    fn get_or_default<V: aya::Pod + Default>(
-        &self,
-        name: &str,
-        tid: u32,
-    ) -> Result<V, TelemetryError> {
-        match self.hash::<u32, V>(name)?.get(&tid, 0) {
-            Ok(v) => Ok(v),
-            Err(MapError::KeyNotFound) => Ok(V::default()),
-            Err(e) => Err(TelemetryError::map(name, e)),
-        }
     }
 
     fn remove<K: aya::Pod, V: aya::Pod>(
@@ -304,6 +318,12 @@ impl Telemetry {
     }
 }
 
+/// `word` with the slot-table entry at bit `shift` replaced by `entry`.
+fn with_entry(word: u64, shift: u32, entry: u32) -> u64 {
+    let mask = ((1u64 << TRACKED_SLOT_BITS) - 1) << shift;
+    (word & !mask) | ((u64::from(entry) << shift) & mask)
+}
+
 /// A missing key: `KeyNotFound` from lookups, `ENOENT` from `bpf_map_delete_elem`.
 fn is_not_found(e: &MapError) -> bool {
     match e {
@@ -319,5 +339,24 @@ fn removed(name: &str, result: Result<(), MapError>) -> Result<(), TelemetryErro
     match result {
         Err(e) if !is_not_found(&e) => Err(TelemetryError::map(name, e)),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_replaces_only_its_own_bits() {
+        let word = 0x4444_3333_2222_1111;
+        assert_eq!(with_entry(word, 16, 0), 0x4444_3333_0000_1111);
+        assert_eq!(with_entry(word, 48, 0xabcd), 0xabcd_3333_2222_1111);
+        assert_eq!(with_entry(0, 0, entry_of_slot(0)), 1);
+        // The programs' reading of it.
+        for tid in [0u32, 1, 2, 3, 4099] {
+            let (_, shift) = tracked_slot_entry(tid);
+            let w = with_entry(u64::MAX, shift, 7);
+            assert_eq!((w >> shift) & 0xffff, 7);
+        }
     }
 }

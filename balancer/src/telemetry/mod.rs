@@ -5,14 +5,20 @@
 //! [`Telemetry::load`], then [`Telemetry::track`] the vCPU and emulator threads of each
 //! VM, and read per-thread counters with [`Telemetry::read_thread`], every VM's hot
 //! regions with [`Telemetry::hot_regions_by_vm`] and program cost with
-//! [`Telemetry::cost`]. Everything that varies between kernels (tracepoint record layouts, which hooks exist) is resolved
-//! at load time, never compiled in.
+//! [`Telemetry::cost`]. Everything that varies between kernels (tracepoint record
+//! layouts, which hooks exist, the range of thread ids) is resolved at load time,
+//! never compiled in.
+//!
+//! Per-thread counters live in arrays indexed by a slot this process gives each
+//! tracked thread (`slots`): the programs find a thread's slot from its id in one
+//! array lookup and count with array lookups only, which the verifier inlines.
 
 pub mod btf;
 mod error;
 mod loader;
 mod maps;
 mod preflight;
+mod slots;
 pub mod topology;
 pub mod tracefs;
 mod wake;

@@ -5,10 +5,10 @@
 //! the programs' tracked-thread map is made equal to the discovered threads (new ones
 //! tracked, gone ones untracked and their counters dropped, exited VMs forgotten), and
 //! each snapshot gets the counters of its vCPUs, the kernel's NUMA moves of each VM and
-//! its hot regions. A thread the map refuses (it holds
-//! [`MAX_TRACKED_THREADS`](balancer_common::MAX_TRACKED_THREADS) threads) is left out
-//! of telemetry, not of balancing: it is retried every pass, with one warning per
-//! streak of refusals.
+//! its hot regions. A thread the programs have no room for (every one of their
+//! [`MAX_TRACKED_THREADS`](balancer_common::MAX_TRACKED_THREADS) slots is held, or
+//! freed too recently to be reused) is left out of telemetry, not of balancing: it is
+//! retried every pass, with one warning per streak of refusals.
 //!
 //! Hot regions: the programs count page faults per 2 MiB region and never reset them,
 //! so a region faulted heavily an hour ago would stay "hot" forever. Heat is therefore
@@ -313,8 +313,8 @@ impl TelemetrySource for EbpfTelemetry {
                 });
             }
         }
-        // The map itself is the truth (it may hold entries from before we started),
-        // listed now and then (`LIST_MAP_EVERY_PASSES`).
+        // The telemetry's own list is the truth (it may hold threads tracked before
+        // we started), listed now and then (`LIST_MAP_EVERY_PASSES`).
         let mut present: HashSet<u32> = if self.passes_since_listing >= LIST_MAP_EVERY_PASSES {
             self.passes_since_listing = 0;
             self.telemetry.tracked().map_or_else(
