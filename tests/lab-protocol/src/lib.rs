@@ -213,7 +213,7 @@ pub enum Record {
         source: String,
         text: String,
     },
-    Summary(Summary),
+    Summary(Box<Summary>),
     MoverBench(MoverBench),
     /// A captured file for tests/fixtures (path relative to the guest root).
     Capture {

@@ -93,7 +93,7 @@ fn every_record() -> Vec<Record> {
             source: "numad".into(),
             text: "Advising pid 412 (qemu-kvm) move from nodes (0-3) to nodes (1)".into(),
         },
-        Record::Summary(summary()),
+        Record::Summary(Box::new(summary())),
         Record::Capture {
             path: "proc/412/numa_maps".into(),
             data: "7f00 default anon=3 N0=3 kernelpagesize_kB=4\n".into(),
@@ -178,7 +178,7 @@ fn wire_format_is_stable() {
             r#"{"type":"event","source":"s","text":"t"}"#,
         ),
         (
-            Record::Summary(sum),
+            Record::Summary(Box::new(sum)),
             concat!(
                 r#"{"type":"summary","balancer":"vmbalancer","kernel":"6.1","vms":2,"#,
                 r#""locality":[[0.0,0.5]],"time_to_090_s":10.0,"time_to_095_s":null,"#,
@@ -284,7 +284,7 @@ fn per_page_truth_is_optional_on_the_wire() {
 #[test]
 fn access_weighted_fields_travel_and_are_optional() {
     // With the fields: written under their names and read back.
-    let line = Record::Summary(summary()).line();
+    let line = Record::Summary(Box::new(summary())).line();
     for key in [
         r#""access_locality":[[0.0,0.25],[5.0,0.859375]]"#,
         r#""hot_time_to_095_s":10.0"#,
@@ -293,7 +293,10 @@ fn access_weighted_fields_travel_and_are_optional() {
         assert!(line.contains(key), "{key} in {line}");
     }
     assert!(!line.contains("first_cpu_move_status_s"), "{line}");
-    assert_eq!(parse_line(&line).unwrap(), Some(Record::Summary(summary())));
+    assert_eq!(
+        parse_line(&line).unwrap(),
+        Some(Record::Summary(Box::new(summary())))
+    );
     let line = Record::Sample(sample()).line();
     assert!(
         line.contains(r#""access_locality_mean":0.859375"#),

@@ -212,7 +212,7 @@ impl Lab {
         for line in &boot.lines {
             match results::parse_line(line) {
                 Ok(Some(results::Record::Done { ok: o, .. })) => ok = Some(o),
-                Ok(Some(results::Record::Summary(s))) => summary = Some(s),
+                Ok(Some(results::Record::Summary(s))) => summary = Some(*s),
                 Ok(Some(results::Record::Capture { path, data })) => captures.push((path, data)),
                 Ok(Some(results::Record::Sample(s))) => samples.push(s),
                 Ok(Some(results::Record::MoverBench(b))) => bench.push(b),

@@ -423,7 +423,7 @@ fn run() -> anyhow::Result<bool> {
             .and_then(serde_json::Value::as_u64)
             .map(|ns| ns as f64 / 1e9);
     }
-    emit(&Record::Summary(summary.clone()));
+    emit(&Record::Summary(Box::new(summary.clone())));
     for a in scenario.assertions.iter().filter(|a| !a.is_boot_time()) {
         if a.needs_vmbalancer()
             && balancer != Balancer::Vmbalancer
