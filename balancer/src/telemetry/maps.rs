@@ -64,16 +64,9 @@ impl Telemetry {
             },
             ..ThreadState::default()
         };
-        let name = names::THREADS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
-        let mut threads: Array<_, ThreadState> =
-            Array::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
-        threads
+        self.array_mut::<ThreadState>(names::THREADS)?
             .set(slot, state, 0)
-            .map_err(|e| TelemetryError::map(name, e))?;
+            .map_err(|e| TelemetryError::map(names::THREADS, e))?;
         let entry = entry_of_slot(slot);
         let map = self
             .ebpf
@@ -118,12 +111,7 @@ impl Telemetry {
     /// in the hash.
     fn set_slot_entry(&mut self, tid: u32, entry: u32) -> Result<(), TelemetryError> {
         let name = names::TRACKED_SLOTS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
-        let mut words: Array<_, u64> =
-            Array::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
+        let mut words = self.array_mut::<u64>(name)?;
         let (word, shift) = tracked_slot_entry(tid);
         if word >= words.len() {
             return Ok(());
@@ -166,18 +154,10 @@ impl Telemetry {
     /// vectors have one entry per NUMA node of the host.
     pub fn read_thread(&self, tid: u32) -> Result<ThreadTelemetry, TelemetryError> {
         let s = match self.slots.get(tid) {
-            Some(held) => {
-                let name = names::THREADS;
-                let map = self
-                    .ebpf
-                    .map(name)
-                    .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
-                let threads: Array<_, ThreadState> =
-                    Array::try_from(map).map_err(|e| TelemetryError::map(name, e))?;
-                threads
-                    .get(&held.slot, 0)
-                    .map_err(|e| TelemetryError::map(name, e))?
-            }
+            Some(held) => self
+                .array::<ThreadState>(names::THREADS)?
+                .get(&held.slot, 0)
+                .map_err(|e| TelemetryError::map(names::THREADS, e))?,
             None => ThreadState::default(),
         };
         let (m, c, f) = (s.migrations, s.on_cpu, s.numa_faults);
@@ -278,6 +258,28 @@ impl Telemetry {
         }
         out.sort_by(|a, b| a.program.cmp(&b.program));
         Ok(out)
+    }
+
+    fn array<V: aya::Pod>(
+        &self,
+        name: &str,
+    ) -> Result<Array<&aya::maps::MapData, V>, TelemetryError> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
+        Array::try_from(map).map_err(|e| TelemetryError::map(name, e))
+    }
+
+    fn array_mut<V: aya::Pod>(
+        &mut self,
+        name: &str,
+    ) -> Result<Array<&mut aya::maps::MapData, V>, TelemetryError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or_else(|| TelemetryError::map(name, "missing from the object"))?;
+        Array::try_from(map).map_err(|e| TelemetryError::map(name, e))
     }
 
     fn per_cpu<K: aya::Pod, V: aya::Pod>(
