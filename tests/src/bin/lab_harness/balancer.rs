@@ -362,6 +362,11 @@ pub fn start(kind: Balancer, scenario: &Scenario) -> anyhow::Result<Guard> {
     })
 }
 
+/// numad's pid, from the file it writes when it daemonises.
+fn numad_pid() -> Option<i32> {
+    std::fs::read_to_string(NUMAD_PID).ok()?.trim().parse().ok()
+}
+
 fn report_log(source: &str, path: &str, max_lines: usize, keep: impl Fn(&str) -> bool) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
@@ -557,11 +562,7 @@ impl Guard {
     /// balancers, or when the process cannot be read.
     pub fn cpu_s(&self) -> Option<f64> {
         let pid: i32 = match self.kind {
-            Balancer::Numad => std::fs::read_to_string(NUMAD_PID)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?,
+            Balancer::Numad => numad_pid()?,
             Balancer::Vmbalancer if self.service => {
                 let out = Command::new("systemctl")
                     .args(["show", "--property=MainPID", "--value", "vmbalancer"])
@@ -586,10 +587,7 @@ impl Guard {
                 let _ = std::fs::write("/proc/sys/kernel/numa_balancing", "0");
             }
             Balancer::Numad => {
-                if let Some(pid) = std::fs::read_to_string(NUMAD_PID)
-                    .ok()
-                    .and_then(|p| p.trim().parse::<i32>().ok())
-                {
+                if let Some(pid) = numad_pid() {
                     // SAFETY: signalling a pid numad itself recorded.
                     unsafe { libc::kill(pid, libc::SIGTERM) };
                 }
