@@ -14,17 +14,16 @@
 //!   record, at offsets from its format file.
 //!
 //! In each, an untracked thread costs its thread id and its entry of the slot
-//! table; a tracked one its slot's owner and counters, array lookups all. A cross-node move of a tracked thread also wakes the daemon when it
-//! listens ([`crate::send_wake`]): its vCPUs left the node its memory was put on.
+//! table; a tracked one its slot's owner and counters, array lookups all. A
+//! cross-node move of a tracked thread also wakes the daemon when it listens
+//! ([`crate::send_wake`]): its vCPUs left the node its memory was put on.
 
 use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
-use balancer_common::{wake, SchedMigrateLayout, TaskMigrateLayout, WakeEvent};
-
-use balancer_common::ThreadState;
+use balancer_common::{wake, SchedMigrateLayout, TaskMigrateLayout, ThreadState, WakeEvent};
 
 use crate::{btf_field, kernel_field, node_of, send_wake, tracked};
 
